@@ -1,0 +1,45 @@
+//! The command line. These names are a contract with users and scripts: keep them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Mode;
+
+#[derive(Debug, Parser)]
+#[command(name = "forwarder", version, about = "TCP port forwarder: eBPF sockmap fast path, splice(2) fallback")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Forward connections: one rule from --listen/--upstream, or the rules of a config file.
+    Run(RunArgs),
+    /// Validate a config file and exit: 0 when valid, 2 with the offending key otherwise.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address to accept connections on, HOST:PORT (port 0 picks a free port; the log says which).
+    #[arg(long, value_name = "HOST:PORT", requires = "upstream", conflicts_with = "config")]
+    pub listen: Option<String>,
+    /// Where to forward to, HOST:PORT; repeat for failover, tried in order.
+    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    pub upstream: Vec<String>,
+    /// Relay path for every rule (overrides the config file's mode keys).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// TOML config file.
+    #[arg(short = 'c', long, value_name = "FILE", required_unless_present = "listen")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// TOML config file.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: PathBuf,
+}

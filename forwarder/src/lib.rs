@@ -1,0 +1,11 @@
+//! forwarder: a Linux TCP port forwarder.
+//!
+//! `cli` and `config` describe what to do, `server` owns listeners, limits and shutdown,
+//! `connection` owns one pair's lifecycle, and `relay` holds the two ways bytes move.
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod relay;
+pub mod server;
+pub mod sys;

@@ -1,0 +1,174 @@
+//! epoll + splice(2): bytes go socket -> pipe -> socket inside the kernel, one pipe per
+//! direction, driven by tokio's (edge-triggered epoll) readiness on the two sockets.
+//!
+//! The pipes are never polled: we count the bytes we put in each pipe ourselves, so
+//! an EAGAIN from `splice(pipe -> socket)` can only mean "socket send buffer full".
+//! The other EAGAIN is ambiguous: `splice(socket -> pipe)` also fails with EAGAIN when
+//! the pipe has no free slot, even if our byte count says there is room (slots hold
+//! partial pages). Clearing the socket's readiness on that EAGAIN would lose the edge
+//! and stall the direction, so we only let tokio clear it when the pipe is empty, where
+//! EAGAIN can only mean "socket empty".
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::{reset_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+
+/// Pipe capacity we ask for; bounds the bytes held per direction in userspace-owned
+/// kernel memory. Larger pipes mean fewer syscalls per byte.
+pub const PIPE_SIZE: usize = 1 << 20;
+
+pub struct SpliceRelay;
+
+impl Relay for SpliceRelay {
+    fn path(&self) -> &'static str {
+        "splice"
+    }
+
+    fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        Box::pin(async move { relay(pair, &progress).await })
+    }
+}
+
+/// Which end of a direction failed.
+enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
+    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            reset_on_close(&pair.client);
+            return RelayEnd::Failed { side: Side::Client, error: io::Error::new(e.kind(), format!("cannot create pipe: {e}")) };
+        }
+    };
+    let (c, u) = (&pair.client, &pair.upstream);
+    let up = pump(c, u, &up_pipe, &progress.to_upstream);
+    let down = pump(u, c, &down_pipe, &progress.to_client);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let failure = loop {
+        let (result, from, to) = tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; (r, Side::Client, Side::Upstream) }
+            r = &mut down, if !down_done => { down_done = true; (r, Side::Upstream, Side::Client) }
+        };
+        match result {
+            Ok(()) if up_done && down_done => return RelayEnd::Closed,
+            Ok(()) => {}
+            Err(PumpError::Read(e)) => break (from, e),
+            Err(PumpError::Write(e)) => break (to, e),
+        }
+    };
+    let (side, error) = failure;
+    // Pass the failure on as a reset, the way a direct connection would have shown it.
+    reset_on_close(match side {
+        Side::Client => &pair.upstream,
+        Side::Upstream => &pair.client,
+    });
+    RelayEnd::Failed { side, error }
+}
+
+/// Moves one direction until EOF (then passes the FIN on) or an error.
+async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, moved: &AtomicU64) -> Result<(), PumpError> {
+    let mut in_pipe = 0usize;
+    let mut eof = false;
+    loop {
+        // A busy pair never has to wait for readiness: yield now and then so it
+        // cannot starve the other connections on this worker thread.
+        tokio::task::consume_budget().await;
+        // Fill the pipe from the socket.
+        while !eof && in_pipe < pipe.size {
+            let want = pipe.size - in_pipe;
+            let r = if in_pipe == 0 {
+                src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want))
+            } else {
+                splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want)
+            };
+            match r {
+                Ok(0) => eof = true,
+                Ok(n) => in_pipe += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Read(e)),
+            }
+        }
+        // Drain the pipe into the other socket.
+        while in_pipe > 0 {
+            match dst.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), in_pipe)) {
+                Ok(n) => {
+                    in_pipe -= n;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+        }
+        if in_pipe > 0 {
+            dst.writable().await.map_err(PumpError::Write)?;
+        } else if eof {
+            // Every byte before the FIN is in dst's send queue: pass the FIN on.
+            return match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+                Err(e) => Err(PumpError::Write(e)),
+            };
+        } else {
+            src.readable().await.map_err(PumpError::Read)?;
+        }
+    }
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A bigger pipe is an optimisation only: unprivileged users over
+        // pipe-user-pages-soft get EPERM, and the default 64 KiB still works.
+        // SAFETY: plain fcntl on a pipe fd we own.
+        let size = unsafe {
+            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
+            libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        let size = if size > 0 { size as usize } else { 65536 };
+        Ok(Pipe { r, w, size })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call; null offsets mean
+    // "current position", as required for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}

@@ -1,0 +1,125 @@
+//! Listeners, connection limits, signals and graceful shutdown.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::{Config, Mode};
+use crate::connection::{serve, Permits, RuleRuntime};
+use crate::relay::splice::SpliceRelay;
+use crate::relay::Relay;
+
+/// Runs until a signal and the drain that follows it. Errors are startup failures.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Bind everything before serving anything: a bad address fails the whole start.
+    let mut listeners = Vec::with_capacity(config.rules.len());
+    for rule in &config.rules {
+        let listener = TcpListener::bind(rule.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))?;
+        listeners.push(listener);
+    }
+
+    let global = Arc::new(Semaphore::new(config.max_connections));
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let mut accept_tasks = Vec::new();
+    for (rule, listener) in config.rules.iter().zip(listeners) {
+        let (relay, why) = choose_relay(rule.mode)?;
+        let local = listener.local_addr()?;
+        tracing::info!(
+            "listening rule={} listen={} upstream={} mode={} ({})",
+            rule.name,
+            local,
+            rule.upstreams.join(","),
+            relay.path(),
+            why
+        );
+        let rt = Arc::new(RuleRuntime { rule: rule.clone(), relay, abort: abort_rx.clone() });
+        let per_rule = Arc::new(Semaphore::new(rule.max_connections));
+        accept_tasks.push(tokio::spawn(accept_loop(listener, rt, global.clone(), per_rule)));
+    }
+
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // Stop accepting: dropping the listeners makes new connections be refused.
+    for t in &accept_tasks {
+        t.abort();
+    }
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    let active = config.max_connections - global.available_permits();
+    tracing::info!(
+        "shutdown: stopped accepting, draining {active} connection(s) for up to {:?}",
+        config.shutdown_grace
+    );
+    let deadline = Instant::now() + config.shutdown_grace;
+    let drained = async {
+        // Every connection holds one global permit until it is fully closed.
+        let _all = global.acquire_many(config.max_connections as u32).await;
+    };
+    tokio::select! {
+        _ = drained => tracing::info!("shutdown: all connections closed"),
+        _ = tokio::time::sleep_until(deadline.into()) => {
+            let left = config.max_connections - global.available_permits();
+            tracing::info!("shutdown: grace period over, closing {left} connection(s)");
+            let _ = abort_tx.send(true);
+            // Let the aborted connections log their close line.
+            let _ = tokio::time::timeout(Duration::from_secs(1), global.acquire_many(config.max_connections as u32)).await;
+        }
+        _ = term.recv() => tracing::info!("shutdown: second signal, exiting now"),
+        _ = int.recv() => tracing::info!("shutdown: second signal, exiting now"),
+    }
+    Ok(())
+}
+
+/// Picks the relay for a rule and says why, for the startup line.
+fn choose_relay(mode: Mode) -> anyhow::Result<(Arc<dyn Relay>, String)> {
+    match mode {
+        Mode::Splice => Ok((Arc::new(SpliceRelay), "requested".into())),
+        Mode::Auto => Ok((Arc::new(SpliceRelay), "auto: kernel path not built into this binary".into())),
+        Mode::Ebpf => anyhow::bail!("mode ebpf: kernel path not built into this binary"),
+    }
+}
+
+async fn accept_loop(listener: TcpListener, rt: Arc<RuleRuntime>, global: Arc<Semaphore>, per_rule: Arc<Semaphore>) {
+    let mut last_fd_warning: Option<Instant> = None;
+    loop {
+        // Taking the slots before accept() leaves clients over the limit in the
+        // kernel's accept backlog, as HAProxy does, instead of accepting and dropping them.
+        let Ok(rule_permit) = per_rule.clone().acquire_owned().await else { return };
+        let Ok(global_permit) = global.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let permits = Permits { _global: global_permit, _rule: rule_permit };
+                tokio::spawn(serve(rt.clone(), client, peer, permits));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                // Out of fds or memory: back off and retry instead of spinning; the
+                // pending client waits in the backlog until something closes.
+                if last_fd_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!("accept rule={} failed: {e}; backing off", rt.rule.name);
+                    last_fd_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => tracing::debug!("accept rule={} failed: {e}", rt.rule.name),
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
+}
