@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Mode;
 
 #[derive(Debug, Parser)]
-#[command(name = "forwarder", version, about = "TCP port forwarder: eBPF sockmap fast path, splice(2) fallback")]
+#[command(
+    name = "forwarder",
+    version,
+    about = "TCP port forwarder: eBPF sockmap fast path, splice(2) fallback"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -24,7 +28,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Address to accept connections on, HOST:PORT (port 0 picks a free port; the log says which).
-    #[arg(long, value_name = "HOST:PORT", requires = "upstream", conflicts_with = "config")]
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        requires = "upstream",
+        conflicts_with = "config"
+    )]
     pub listen: Option<String>,
     /// Where to forward to, HOST:PORT; repeat for failover, tried in order.
     #[arg(long, value_name = "HOST:PORT", requires = "listen")]
@@ -33,7 +42,12 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// TOML config file.
-    #[arg(short = 'c', long, value_name = "FILE", required_unless_present = "listen")]
+    #[arg(
+        short = 'c',
+        long,
+        value_name = "FILE",
+        required_unless_present = "listen"
+    )]
     pub config: Option<PathBuf>,
 }
 

@@ -79,6 +79,7 @@ struct RuleSettingsFile {
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    inflight_limit: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +96,7 @@ struct FileRule {
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    inflight_limit: Option<u64>,
 }
 
 impl FileRule {
@@ -104,6 +106,7 @@ impl FileRule {
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_connections: self.max_connections,
+            inflight_limit: self.inflight_limit,
         }
     }
 }
@@ -135,12 +138,17 @@ pub struct Rule {
     /// `None` means never.
     pub idle_timeout: Option<Duration>,
     pub max_connections: usize,
+    /// eBPF path: bytes one direction may have redirected but not yet accepted by the
+    /// peer socket before that direction leaves the redirect path (the kernel applies
+    /// no backpressure there).
+    pub inflight_limit: u64,
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_GLOBAL_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_RULE_MAX_CONNECTIONS: usize = 1_000;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_INFLIGHT_LIMIT: u64 = 4 << 20;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What `forwarder run --listen ... --upstream ...` asks for, before validation.
@@ -181,6 +189,7 @@ impl Config {
                 connect_timeout: None,
                 idle_timeout: None,
                 max_connections: None,
+                inflight_limit: None,
             }],
             ..FileConfig::default()
         })
@@ -216,14 +225,18 @@ impl Config {
             if rules.iter().any(|o| o.name == name) {
                 return Err(err(format!("{}: duplicate rule name", at("name"))));
             }
-            let listen = resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
+            let listen =
+                resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
             let s = &r.settings();
             let upstreams = match r.upstream {
                 Upstreams::One(u) => vec![u],
                 Upstreams::Many(v) => v,
             };
             if upstreams.is_empty() {
-                return Err(err(format!("{}: at least one upstream is required", at("upstream"))));
+                return Err(err(format!(
+                    "{}: at least one upstream is required",
+                    at("upstream")
+                )));
             }
             for (j, u) in upstreams.iter().enumerate() {
                 check_host_port(u)
@@ -235,16 +248,35 @@ impl Config {
                 .or(d.max_connections)
                 .unwrap_or(DEFAULT_RULE_MAX_CONNECTIONS);
             if max_conns == 0 {
-                return Err(err(format!("{}: must be at least 1", at("max_connections"))));
+                return Err(err(format!(
+                    "{}: must be at least 1",
+                    at("max_connections")
+                )));
             }
             let connect_timeout = s
                 .connect_timeout
                 .or(d.connect_timeout)
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
             if connect_timeout.is_zero() {
-                return Err(err(format!("{}: must be more than 0s", at("connect_timeout"))));
+                return Err(err(format!(
+                    "{}: must be more than 0s",
+                    at("connect_timeout")
+                )));
             }
-            let idle = s.idle_timeout.or(d.idle_timeout).unwrap_or(DEFAULT_IDLE_TIMEOUT);
+            let inflight_limit = s
+                .inflight_limit
+                .or(d.inflight_limit)
+                .unwrap_or(DEFAULT_INFLIGHT_LIMIT);
+            if inflight_limit < 65536 {
+                return Err(err(format!(
+                    "{}: must be at least 65536 bytes",
+                    at("inflight_limit")
+                )));
+            }
+            let idle = s
+                .idle_timeout
+                .or(d.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT);
             rules.push(Rule {
                 name,
                 listen,
@@ -253,6 +285,7 @@ impl Config {
                 connect_timeout,
                 idle_timeout: (!idle.is_zero()).then_some(idle),
                 max_connections: max_conns,
+                inflight_limit,
             });
         }
         Ok(Config {

@@ -76,14 +76,25 @@ pub async fn serve(rt: Arc<RuleRuntime>, client: TcpStream, peer: SocketAddr, pe
 /// per attempt. Names are resolved here, per connection, so DNS changes are followed.
 async fn connect_upstream(rule: &Rule, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
     for upstream in &rule.upstreams {
-        let addrs = match tokio::time::timeout(rule.connect_timeout, tokio::net::lookup_host(upstream.as_str())).await {
+        let addrs = match tokio::time::timeout(
+            rule.connect_timeout,
+            tokio::net::lookup_host(upstream.as_str()),
+        )
+        .await
+        {
             Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
             Ok(Err(e)) => {
-                tracing::warn!("connect rule={} client={peer} upstream={upstream} failed: cannot resolve: {e}", rule.name);
+                tracing::warn!(
+                    "connect rule={} client={peer} upstream={upstream} failed: cannot resolve: {e}",
+                    rule.name
+                );
                 continue;
             }
             Err(_) => {
-                tracing::warn!("connect rule={} client={peer} upstream={upstream} failed: resolve timed out", rule.name);
+                tracing::warn!(
+                    "connect rule={} client={peer} upstream={upstream} failed: resolve timed out",
+                    rule.name
+                );
                 continue;
             }
         };

@@ -19,7 +19,10 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             let config = match (&args.config, args.listen) {
                 (Some(path), _) => Config::from_file(path),
-                (None, Some(listen)) => Config::from_cli(CliRule { listen, upstreams: args.upstream }),
+                (None, Some(listen)) => Config::from_cli(CliRule {
+                    listen,
+                    upstreams: args.upstream,
+                }),
                 (None, None) => unreachable!("clap requires --config or --listen"),
             };
             let mut config = match config {
@@ -30,7 +33,10 @@ fn main() -> ExitCode {
                 config.override_mode(mode);
             }
             forwarder::sys::raise_fd_limit();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => return failure(anyhow::anyhow!("cannot start the runtime: {e}")),
             };

@@ -39,9 +39,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             relay.path(),
             why
         );
-        let rt = Arc::new(RuleRuntime { rule: rule.clone(), relay, abort: abort_rx.clone() });
+        let rt = Arc::new(RuleRuntime {
+            rule: rule.clone(),
+            relay,
+            abort: abort_rx.clone(),
+        });
         let per_rule = Arc::new(Semaphore::new(rule.max_connections));
-        accept_tasks.push(tokio::spawn(accept_loop(listener, rt, global.clone(), per_rule)));
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            rt,
+            global.clone(),
+            per_rule,
+        )));
     }
 
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
@@ -86,21 +95,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 fn choose_relay(mode: Mode) -> anyhow::Result<(Arc<dyn Relay>, String)> {
     match mode {
         Mode::Splice => Ok((Arc::new(SpliceRelay), "requested".into())),
-        Mode::Auto => Ok((Arc::new(SpliceRelay), "auto: kernel path not built into this binary".into())),
+        Mode::Auto => Ok((
+            Arc::new(SpliceRelay),
+            "auto: kernel path not built into this binary".into(),
+        )),
         Mode::Ebpf => anyhow::bail!("mode ebpf: kernel path not built into this binary"),
     }
 }
 
-async fn accept_loop(listener: TcpListener, rt: Arc<RuleRuntime>, global: Arc<Semaphore>, per_rule: Arc<Semaphore>) {
+async fn accept_loop(
+    listener: TcpListener,
+    rt: Arc<RuleRuntime>,
+    global: Arc<Semaphore>,
+    per_rule: Arc<Semaphore>,
+) {
     let mut last_fd_warning: Option<Instant> = None;
     loop {
         // Taking the slots before accept() leaves clients over the limit in the
         // kernel's accept backlog, as HAProxy does, instead of accepting and dropping them.
-        let Ok(rule_permit) = per_rule.clone().acquire_owned().await else { return };
-        let Ok(global_permit) = global.clone().acquire_owned().await else { return };
+        let Ok(rule_permit) = per_rule.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok(global_permit) = global.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((client, peer)) => {
-                let permits = Permits { _global: global_permit, _rule: rule_permit };
+                let permits = Permits {
+                    _global: global_permit,
+                    _rule: rule_permit,
+                };
                 tokio::spawn(serve(rt.clone(), client, peer, permits));
             }
             Err(e) if is_resource_exhaustion(&e) => {

@@ -1,1 +1,120 @@
-fn main() {}
+//! Developer tasks: `cargo xtask build-ebpf | run | test | bench`.
+//!
+//! Each task provisions what it needs (apt packages, bpf-linker) when it is missing, so
+//! the same two commands work on a fresh machine and in CI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod build_ebpf;
+mod provision;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object (installing its toolchain when missing and we are root).
+    BuildEbpf,
+    /// Build forwarder (release, with the kernel path when it can be built) and run it.
+    Run {
+        /// Arguments for forwarder, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests and the integration suite in both relay modes.
+    Test {
+        /// Extra arguments for the test harness (a test name filter, --nocapture, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure direct vs splice vs ebpf on loopback and print the table.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf => {
+            let obj = build_ebpf::build()?;
+            println!("{}", obj.display());
+            Ok(())
+        }
+        Task::Run { args } => {
+            let bin = build_forwarder()?;
+            let err = exec(Command::new(&bin).args(&args));
+            bail!("cannot run {}: {err}", bin.display())
+        }
+        Task::Test { args } => test(&args),
+        Task::Bench(args) => {
+            let bin = build_forwarder()?;
+            bench::run(&bin, args)
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds the release binary, with the eBPF object embedded when it can be built.
+/// Returns the binary's path.
+pub fn build_forwarder() -> Result<PathBuf> {
+    let mut cargo = Command::new(cargo_bin());
+    cargo
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "forwarder"]);
+    match build_ebpf::build() {
+        Ok(obj) => {
+            cargo.env("FORWARDER_EBPF_OBJ", &obj);
+        }
+        Err(e) => {
+            eprintln!("xtask: building forwarder WITHOUT the kernel path (splice only): {e:#}");
+            cargo.env_remove("FORWARDER_EBPF_OBJ");
+        }
+    }
+    run(&mut cargo)?;
+    Ok(workspace_root().join("target/release/forwarder"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    provision::test_tools()?;
+    let bin = build_forwarder()?;
+    let mut cargo = Command::new(cargo_bin());
+    cargo
+        .current_dir(workspace_root())
+        .args(["test", "-p", "forwarder", "-p", "forwarder-tests", "--"])
+        .args(extra)
+        .env("FORWARDER_BIN", &bin);
+    run(&mut cargo)
+}
+
+/// The cargo that invoked us (rustup's), not Debian's that the eBPF build uses.
+pub fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn exec(cmd: &mut Command) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    cmd.exec()
+}

@@ -46,7 +46,10 @@ pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             reset_on_close(&pair.client);
-            return RelayEnd::Failed { side: Side::Client, error: io::Error::new(e.kind(), format!("cannot create pipe: {e}")) };
+            return RelayEnd::Failed {
+                side: Side::Client,
+                error: io::Error::new(e.kind(), format!("cannot create pipe: {e}")),
+            };
         }
     };
     let (c, u) = (&pair.client, &pair.upstream);
@@ -76,7 +79,12 @@ pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
 }
 
 /// Moves one direction until EOF (then passes the FIN on) or an error.
-async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, moved: &AtomicU64) -> Result<(), PumpError> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    moved: &AtomicU64,
+) -> Result<(), PumpError> {
     let mut in_pipe = 0usize;
     let mut eof = false;
     loop {
@@ -87,7 +95,9 @@ async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, moved: &AtomicU64) 
         while !eof && in_pipe < pipe.size {
             let want = pipe.size - in_pipe;
             let r = if in_pipe == 0 {
-                src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want))
+                src.try_io(Interest::READABLE, || {
+                    splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want)
+                })
             } else {
                 splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want)
             };
@@ -101,7 +111,9 @@ async fn pump(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, moved: &AtomicU64) 
         }
         // Drain the pipe into the other socket.
         while in_pipe > 0 {
-            match dst.try_io(Interest::WRITABLE, || splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), in_pipe)) {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), in_pipe)
+            }) {
                 Ok(n) => {
                     in_pipe -= n;
                     moved.fetch_add(n as u64, Ordering::Relaxed);

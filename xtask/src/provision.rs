@@ -1,0 +1,119 @@
+//! Installs what the build and the tests need, idempotently, saying what it does.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Once;
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+const EBPF_APT: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+];
+const TEST_APT: &[&str] = &["curl", "python3", "iproute2", "procps"];
+
+/// Tools the integration tests start as real peers.
+pub fn test_tools() -> Result<()> {
+    apt_install(TEST_APT)
+}
+
+/// Debian's BPF-capable rustc and LLVM 22, then bpf-linker built against them.
+/// Returns the bpf-linker binary.
+pub fn ebpf_toolchain() -> Result<PathBuf> {
+    apt_install(EBPF_APT)?;
+    let root = tools_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}"));
+    let linker = root.join("bin/bpf-linker");
+    if linker.is_file() {
+        return Ok(linker);
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 into {} (about 1-2 minutes, once)", root.display());
+    let started = std::time::Instant::now();
+    run(Command::new(crate::cargo_bin())
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--root",
+        ])
+        .arg(&root))
+    .context("building bpf-linker")?;
+    eprintln!(
+        "xtask: bpf-linker built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(linker)
+}
+
+/// Where built tools live between runs: outside the work tree, so fresh clones reuse them.
+fn tools_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FORWARDER_TOOLS_DIR") {
+        return d.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
+    home.join(".cache/forwarder-tools")
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let line = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}: run `sudo apt-get update && sudo {line}`");
+    }
+    static UPDATE: Once = Once::new();
+    UPDATE.call_once(|| {
+        eprintln!("xtask: apt-get update");
+        let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+    });
+    eprintln!("xtask: {line}");
+    let started = std::time::Instant::now();
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))?;
+    eprintln!(
+        "xtask: installed {missing:?} in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
