@@ -61,6 +61,10 @@ pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
         let (result, from, to) = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; (r, Side::Client, Side::Upstream) }
             r = &mut down, if !down_done => { down_done = true; (r, Side::Upstream, Side::Client) }
+            // A side we no longer read from would only show its reset on our next write
+            // to it, which may never come: watch it for errors directly.
+            e = socket_error(c), if up_done => break (Side::Client, e),
+            e = socket_error(u), if down_done => break (Side::Upstream, e),
         };
         match result {
             Ok(()) if up_done && down_done => return RelayEnd::Closed,
@@ -76,6 +80,25 @@ pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
         Side::Upstream => &pair.client,
     });
     RelayEnd::Failed { side, error }
+}
+
+/// Resolves with the socket's pending error (a reset, say) once epoll reports one.
+async fn socket_error(sock: &TcpStream) -> io::Error {
+    loop {
+        if let Err(e) = sock.ready(Interest::ERROR).await {
+            return e;
+        }
+        match sock.take_error() {
+            Ok(Some(e)) => return e,
+            Err(e) => return e,
+            // Spurious, or already taken by a failing splice: clear it and keep watching.
+            Ok(None) => {
+                let _ = sock.try_io(Interest::ERROR, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
+    }
 }
 
 /// Moves one direction until EOF (then passes the FIN on) or an error.
