@@ -8,7 +8,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
+
+use crate::policy::schedule::Schedule;
 
 /// Which relay moves the bytes of a connection pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -30,6 +33,26 @@ impl fmt::Display for Mode {
             Mode::Splice => "splice",
         })
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// The first healthy upstream in the listed order (failover only); the default.
+    First,
+    RoundRobin,
+    LeastConn,
+    /// Power of two random choices, by active connections.
+    Random,
+    /// Rendezvous hashing of the client address: sticky and consistent.
+    SourceHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 /// A config error: exit code 2, message names the key and (for file syntax) the line.
@@ -67,55 +90,92 @@ struct FileGlobal {
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
     max_connections: Option<usize>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
 }
 
-/// Per-rule settings that `[defaults]` provides and each `[[rule]]` may override.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RuleSettingsFile {
-    mode: Option<Mode>,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
-    max_connections: Option<usize>,
-    inflight_limit: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRule {
-    name: Option<String>,
-    listen: String,
-    upstream: Upstreams,
-    // Same keys as RuleSettingsFile: serde cannot combine `flatten` with
-    // `deny_unknown_fields`, and rejecting unknown keys matters more.
-    mode: Option<Mode>,
-    #[serde(default, with = "humantime_serde")]
-    connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    idle_timeout: Option<Duration>,
-    max_connections: Option<usize>,
-    inflight_limit: Option<u64>,
-}
-
-impl FileRule {
-    fn settings(&self) -> RuleSettingsFile {
-        RuleSettingsFile {
-            mode: self.mode,
-            connect_timeout: self.connect_timeout,
-            idle_timeout: self.idle_timeout,
-            max_connections: self.max_connections,
-            inflight_limit: self.inflight_limit,
+/// Declares the per-rule keys once: `[defaults]` takes them all, `[[rule]]` takes them
+/// plus its own. (serde cannot combine `flatten` with `deny_unknown_fields`, and
+/// rejecting unknown keys matters more.)
+macro_rules! rule_settings {
+    ($($(#[$attr:meta])* $field:ident: $ty:ty,)*) => {
+        #[derive(Debug, Default, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RuleSettingsFile {
+            $($(#[$attr])* $field: Option<$ty>,)*
         }
-    }
+
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileRule {
+            name: Option<String>,
+            listen: String,
+            upstream: OneOrMany<FileUpstream>,
+            $($(#[$attr])* $field: Option<$ty>,)*
+        }
+
+        impl FileRule {
+            /// This rule's settings, falling back to `[defaults]` key by key.
+            fn settings(&self, defaults: &RuleSettingsFile) -> RuleSettingsFile {
+                RuleSettingsFile { $($field: self.$field.clone().or_else(|| defaults.$field.clone()),)* }
+            }
+        }
+    };
 }
 
-#[derive(Debug, Deserialize)]
+rule_settings! {
+    mode: Mode,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Duration,
+    max_connections: usize,
+    inflight_limit: u64,
+    balance: Balance,
+    #[serde(default, with = "humantime_serde")]
+    check_interval: Duration,
+    rise: u32,
+    fall: u32,
+    allow: Vec<String>,
+    deny: Vec<String>,
+    schedule: Vec<String>,
+    timezone: String,
+    #[serde(default, with = "humantime_serde")]
+    max_connection_duration: Duration,
+    max_connections_per_source: usize,
+    rate_per_source: String,
+    proxy_protocol: ProxyProtocol,
+    accept_proxy_protocol: bool,
+    #[serde(default, with = "humantime_serde")]
+    proxy_protocol_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum Upstreams {
-    One(String),
-    Many(Vec<String>),
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum FileUpstream {
+    Addr(String),
+    Full(FileUpstreamFull),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstreamFull {
+    addr: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    backup: bool,
+}
+
+fn one() -> u32 {
+    1
 }
 
 // ---- the validated form the server runs from ----
@@ -124,15 +184,40 @@ enum Upstreams {
 pub struct Config {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// Checked for every rule before the rule's own lists.
+    pub access: Access,
     pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port`, resolved at connect time so DNS changes are followed.
+    pub addr: String,
+    pub weight: u32,
+    /// Used only when every primary upstream is down.
+    pub backup: bool,
+}
+
+/// Allow/deny lists of networks: with a non-empty allow list only matching clients
+/// pass; deny always wins.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+/// New connections per second per source address, with a burst of one second's worth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
 }
 
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub name: String,
     pub listen: SocketAddr,
-    /// `host:port` strings, resolved at connect time so DNS changes are followed.
-    pub upstreams: Vec<String>,
+    pub upstreams: Vec<Upstream>,
     pub mode: Mode,
     pub connect_timeout: Duration,
     /// `None` means never.
@@ -142,6 +227,34 @@ pub struct Rule {
     /// peer socket before that direction leaves the redirect path (the kernel applies
     /// no backpressure there).
     pub inflight_limit: u64,
+    pub balance: Balance,
+    /// Active TCP connect checks; `None` = passive detection only.
+    pub check_interval: Option<Duration>,
+    pub rise: u32,
+    pub fall: u32,
+    pub access: Access,
+    pub schedule: Option<Schedule>,
+    pub max_connection_duration: Option<Duration>,
+    pub max_connections_per_source: Option<usize>,
+    pub rate_per_source: Option<Rate>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub accept_proxy_protocol: bool,
+    pub proxy_protocol_timeout: Duration,
+}
+
+impl Rule {
+    pub fn upstream_list(&self) -> String {
+        let list: Vec<String> = self
+            .upstreams
+            .iter()
+            .map(|u| match (u.weight, u.backup) {
+                (1, false) => u.addr.clone(),
+                (w, false) => format!("{}*{w}", u.addr),
+                (w, true) => format!("{}*{w}(backup)", u.addr),
+            })
+            .collect();
+        list.join(",")
+    }
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -150,6 +263,7 @@ pub const DEFAULT_RULE_MAX_CONNECTIONS: usize = 1_000;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_INFLIGHT_LIMIT: u64 = 4 << 20;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What `forwarder run --listen ... --upstream ...` asks for, before validation.
 pub struct CliRule {
@@ -180,19 +294,15 @@ impl Config {
     }
 
     pub fn from_cli(rule: CliRule) -> Result<Config, ConfigError> {
-        Self::validate(FileConfig {
-            rule: vec![FileRule {
-                name: Some("cli".into()),
-                listen: rule.listen,
-                upstream: Upstreams::Many(rule.upstreams),
-                mode: None,
-                connect_timeout: None,
-                idle_timeout: None,
-                max_connections: None,
-                inflight_limit: None,
-            }],
-            ..FileConfig::default()
-        })
+        let mut file = FileConfig::default();
+        let rule: FileRule = FileRule {
+            name: Some("cli".into()),
+            listen: rule.listen,
+            upstream: OneOrMany::Many(rule.upstreams.into_iter().map(FileUpstream::Addr).collect()),
+            ..toml::from_str("listen = \"\"\nupstream = []").expect("an empty rule parses")
+        };
+        file.rule.push(rule);
+        Self::validate(file)
     }
 
     /// Forces every rule onto one mode (the `--mode` flag).
@@ -217,83 +327,203 @@ impl Config {
                 "config error at key `global.max_connections`: must be at least 1",
             ));
         }
-        let defaults = file.defaults;
+        let access = Access {
+            allow: parse_nets(file.global.allow.as_deref(), "global.allow")?,
+            deny: parse_nets(file.global.deny.as_deref(), "global.deny")?,
+        };
         let mut rules: Vec<Rule> = Vec::with_capacity(file.rule.len());
-        for (i, r) in file.rule.into_iter().enumerate() {
-            let name = r.name.clone().unwrap_or_else(|| format!("rule{i}"));
-            let at = |key: &str| format!("config error at key `rule[{i}].{key}` (rule {name:?})");
-            if rules.iter().any(|o| o.name == name) {
-                return Err(err(format!("{}: duplicate rule name", at("name"))));
-            }
-            let listen =
-                resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
-            let s = &r.settings();
-            let upstreams = match r.upstream {
-                Upstreams::One(u) => vec![u],
-                Upstreams::Many(v) => v,
-            };
-            if upstreams.is_empty() {
+        for (i, r) in file.rule.iter().enumerate() {
+            let rule = validate_rule(i, r, &file.defaults)?;
+            if rules.iter().any(|o| o.name == rule.name) {
                 return Err(err(format!(
-                    "{}: at least one upstream is required",
-                    at("upstream")
+                    "config error at key `rule[{i}].name`: duplicate rule name {:?}",
+                    rule.name
                 )));
             }
-            for (j, u) in upstreams.iter().enumerate() {
-                check_host_port(u)
-                    .map_err(|e| err(format!("{}: {u:?}: {e}", at(&format!("upstream[{j}]")))))?;
-            }
-            let d = &defaults;
-            let max_conns = s
-                .max_connections
-                .or(d.max_connections)
-                .unwrap_or(DEFAULT_RULE_MAX_CONNECTIONS);
-            if max_conns == 0 {
-                return Err(err(format!(
-                    "{}: must be at least 1",
-                    at("max_connections")
-                )));
-            }
-            let connect_timeout = s
-                .connect_timeout
-                .or(d.connect_timeout)
-                .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-            if connect_timeout.is_zero() {
-                return Err(err(format!(
-                    "{}: must be more than 0s",
-                    at("connect_timeout")
-                )));
-            }
-            let inflight_limit = s
-                .inflight_limit
-                .or(d.inflight_limit)
-                .unwrap_or(DEFAULT_INFLIGHT_LIMIT);
-            if inflight_limit < 65536 {
-                return Err(err(format!(
-                    "{}: must be at least 65536 bytes",
-                    at("inflight_limit")
-                )));
-            }
-            let idle = s
-                .idle_timeout
-                .or(d.idle_timeout)
-                .unwrap_or(DEFAULT_IDLE_TIMEOUT);
-            rules.push(Rule {
-                name,
-                listen,
-                upstreams,
-                mode: s.mode.or(d.mode).unwrap_or(Mode::Auto),
-                connect_timeout,
-                idle_timeout: (!idle.is_zero()).then_some(idle),
-                max_connections: max_conns,
-                inflight_limit,
-            });
+            rules.push(rule);
         }
         Ok(Config {
             shutdown_grace: file.global.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             max_connections,
+            access,
             rules,
         })
     }
+}
+
+fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<Rule, ConfigError> {
+    let name = r.name.clone().unwrap_or_else(|| format!("rule{i}"));
+    let key = |k: &str| format!("rule[{i}].{k}");
+    let at = |k: &str| format!("config error at key `{}` (rule {name:?})", key(k));
+    let s = r.settings(defaults);
+
+    let listen = resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
+    let upstreams: Vec<Upstream> = match &r.upstream {
+        OneOrMany::One(u) => vec![u.clone()],
+        OneOrMany::Many(v) => v.clone(),
+    }
+    .into_iter()
+    .map(|u| match u {
+        FileUpstream::Addr(addr) => Upstream {
+            addr,
+            weight: 1,
+            backup: false,
+        },
+        FileUpstream::Full(f) => Upstream {
+            addr: f.addr,
+            weight: f.weight,
+            backup: f.backup,
+        },
+    })
+    .collect();
+    if upstreams.is_empty() {
+        return Err(err(format!(
+            "{}: at least one upstream is required",
+            at("upstream")
+        )));
+    }
+    for (j, u) in upstreams.iter().enumerate() {
+        let bad = |e: String| {
+            err(format!(
+                "{}: {:?}: {e}",
+                at(&format!("upstream[{j}]")),
+                u.addr
+            ))
+        };
+        check_host_port(&u.addr).map_err(bad)?;
+        if u.weight == 0 {
+            return Err(bad("weight must be at least 1".into()));
+        }
+    }
+    if upstreams.iter().all(|u| u.backup) {
+        return Err(err(format!(
+            "{}: every upstream is a backup; at least one must not be",
+            at("upstream")
+        )));
+    }
+
+    let positive = |v: Option<usize>, k: &str, default: usize| -> Result<usize, ConfigError> {
+        match v.unwrap_or(default) {
+            0 => Err(err(format!("{}: must be at least 1", at(k)))),
+            n => Ok(n),
+        }
+    };
+    let max_connections = positive(
+        s.max_connections,
+        "max_connections",
+        DEFAULT_RULE_MAX_CONNECTIONS,
+    )?;
+    let max_connections_per_source = s
+        .max_connections_per_source
+        .map(|v| positive(Some(v), "max_connections_per_source", 1))
+        .transpose()?;
+    let connect_timeout = s.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    if connect_timeout.is_zero() {
+        return Err(err(format!(
+            "{}: must be more than 0s",
+            at("connect_timeout")
+        )));
+    }
+    let inflight_limit = s.inflight_limit.unwrap_or(DEFAULT_INFLIGHT_LIMIT);
+    if inflight_limit < 65536 {
+        return Err(err(format!(
+            "{}: must be at least 65536 bytes",
+            at("inflight_limit")
+        )));
+    }
+    let nonzero = |d: Option<Duration>| d.filter(|d| !d.is_zero());
+    let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(3));
+    if rise == 0 || fall == 0 {
+        let k = if rise == 0 { "rise" } else { "fall" };
+        return Err(err(format!("{}: must be at least 1", at(k))));
+    }
+    let schedule = match &s.schedule {
+        None => None,
+        Some(windows) => Some(
+            Schedule::parse(windows, s.timezone.as_deref().unwrap_or("UTC"))
+                .map_err(|e| err(format!("{}: {e}", at(e.key()))))?,
+        ),
+    };
+    if s.timezone.is_some() && s.schedule.is_none() {
+        return Err(err(format!(
+            "{}: only meaningful with `schedule`",
+            at("timezone")
+        )));
+    }
+    let rate_per_source = s
+        .rate_per_source
+        .as_deref()
+        .map(parse_rate)
+        .transpose()
+        .map_err(|e| err(format!("{}: {e}", at("rate_per_source"))))?;
+
+    Ok(Rule {
+        name: name.clone(),
+        listen,
+        upstreams,
+        mode: s.mode.unwrap_or(Mode::Auto),
+        connect_timeout,
+        idle_timeout: nonzero(Some(s.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT))),
+        max_connections,
+        inflight_limit,
+        balance: s.balance.unwrap_or(Balance::First),
+        check_interval: nonzero(s.check_interval),
+        rise,
+        fall,
+        access: Access {
+            allow: parse_nets(s.allow.as_deref(), &key("allow"))?,
+            deny: parse_nets(s.deny.as_deref(), &key("deny"))?,
+        },
+        schedule,
+        max_connection_duration: nonzero(s.max_connection_duration),
+        max_connections_per_source,
+        rate_per_source,
+        proxy_protocol: s.proxy_protocol,
+        accept_proxy_protocol: s.accept_proxy_protocol.unwrap_or(false),
+        proxy_protocol_timeout: nonzero(s.proxy_protocol_timeout)
+            .unwrap_or(DEFAULT_PROXY_PROTOCOL_TIMEOUT),
+    })
+}
+
+/// CIDRs (`10.0.0.0/8`, `::1/128`) or bare addresses (a /32 or /128).
+fn parse_nets(list: Option<&[String]>, key: &str) -> Result<Vec<IpNet>, ConfigError> {
+    list.unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    err(format!(
+                        "config error at key `{key}[{j}]`: {s:?} is not an address or CIDR network"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// `20/s`, `300/m`, `1000/h`.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected N/s, N/m or N/h"))?;
+    let n: f64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {n:?} is not a number"))?;
+    let secs = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?}, expected s, m or h")),
+    };
+    if n.is_nan() || n <= 0.0 {
+        return Err(format!("{s:?}: must be more than 0"));
+    }
+    Ok(Rate {
+        per_second: n / secs,
+        burst: n.max(1.0),
+    })
 }
 
 /// Listen addresses are resolved once, at startup (`localhost:80` is fine).
@@ -338,48 +568,80 @@ mod tests {
             [global]
             shutdown_grace = "2s"
             max_connections = 50
+            deny = ["10.0.0.0/8"]
             [defaults]
             mode = "splice"
             connect_timeout = "250ms"
             idle_timeout = "0s"
             max_connections = 7
+            balance = "least_conn"
             [[rule]]
             name = "web"
             listen = "127.0.0.1:0"
             upstream = "192.168.1.25:8005"
             [[rule]]
             listen = "[::1]:0"
-            upstream = ["a.example:1", "[::1]:2"]
+            upstream = ["a.example:1", { addr = "[::1]:2", weight = 3 }, { addr = "b:3", backup = true }]
             idle_timeout = "1h"
             mode = "auto"
+            balance = "source_hash"
+            allow = ["127.0.0.1", "::1/128"]
+            schedule = ["Mon-Fri 09:00-17:00"]
+            timezone = "Europe/Berlin"
+            rate_per_source = "20/s"
+            proxy_protocol = "v2"
             "#,
         )
         .unwrap();
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
         assert_eq!(c.max_connections, 50);
-        assert_eq!(c.rules[0].name, "web");
-        assert_eq!(c.rules[0].mode, Mode::Splice);
-        assert_eq!(c.rules[0].idle_timeout, None);
-        assert_eq!(c.rules[0].connect_timeout, Duration::from_millis(250));
-        assert_eq!(c.rules[0].max_connections, 7);
-        assert_eq!(c.rules[1].name, "rule1");
-        assert_eq!(c.rules[1].upstreams.len(), 2);
-        assert_eq!(c.rules[1].idle_timeout, Some(Duration::from_secs(3600)));
-        assert_eq!(c.rules[1].mode, Mode::Auto);
+        assert_eq!(c.access.deny.len(), 1);
+        let (web, r1) = (&c.rules[0], &c.rules[1]);
+        assert_eq!(web.name, "web");
+        assert_eq!(web.mode, Mode::Splice);
+        assert_eq!(web.idle_timeout, None);
+        assert_eq!(web.connect_timeout, Duration::from_millis(250));
+        assert_eq!(web.max_connections, 7);
+        assert_eq!(web.balance, Balance::LeastConn);
+        assert_eq!(r1.name, "rule1");
+        assert_eq!(
+            r1.upstreams[1],
+            Upstream {
+                addr: "[::1]:2".into(),
+                weight: 3,
+                backup: false
+            }
+        );
+        assert!(r1.upstreams[2].backup);
+        assert_eq!(r1.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(r1.mode, Mode::Auto);
+        assert_eq!(r1.balance, Balance::SourceHash);
+        assert_eq!(r1.access.allow.len(), 2);
+        assert!(r1.schedule.is_some());
+        assert_eq!(
+            r1.rate_per_source,
+            Some(Rate {
+                per_second: 20.0,
+                burst: 20.0
+            })
+        );
+        assert_eq!(r1.proxy_protocol, Some(ProxyProtocol::V2));
     }
 
     fn error_of(text: &str) -> String {
         Config::from_toml(text).unwrap_err().0
     }
 
+    const RULE: &str = "[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"a:1\"\n";
+
     #[test]
     fn errors_name_the_key_and_line() {
-        let e = error_of("[defaults]\nconnect_timeout = \"5x\"\n[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"a:1\"\n");
+        let e = error_of(&format!("[defaults]\nconnect_timeout = \"5x\"\n{RULE}"));
         assert!(e.contains("defaults.connect_timeout"), "{e}");
         assert!(e.contains("line 2"), "{e}");
         let e = error_of("[global]\nbogus = 1\n");
         assert!(e.contains("bogus"), "{e}");
-        let e = error_of("[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"a:1\"\nfoo=2\n");
+        let e = error_of(&format!("{RULE}foo=2\n"));
         assert!(e.contains("foo"), "{e}");
         let e = error_of("[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"nope\"\n");
         assert!(e.contains("upstream"), "{e}");
@@ -387,5 +649,28 @@ mod tests {
         assert!(e.contains("line 1"), "{e}");
         let e = error_of("[[rule]]\nlisten=\"127.0.0.1:99999\"\nupstream=\"a:1\"\n");
         assert!(e.contains("listen"), "{e}");
+        let e = error_of(&format!("{RULE}allow=[\"10.0.0.0/33\"]\n"));
+        assert!(e.contains("rule[0].allow[0]"), "{e}");
+        let e = error_of(&format!("{RULE}rate_per_source=\"20/fortnight\"\n"));
+        assert!(e.contains("rate_per_source"), "{e}");
+        let e = error_of(&format!("{RULE}balance=\"fastest\"\n"));
+        assert!(e.contains("balance"), "{e}");
+        let e = error_of(&format!("{RULE}schedule=[\"Mon-Fri 09:00-25:00\"]\n"));
+        assert!(e.contains("schedule"), "{e}");
+        let e = error_of(&format!(
+            "{RULE}schedule=[\"Mon 09:00-10:00\"]\ntimezone=\"Mars/Olympus\"\n"
+        ));
+        assert!(e.contains("timezone"), "{e}");
+    }
+
+    #[test]
+    fn cli_rule() {
+        let c = Config::from_cli(CliRule {
+            listen: "127.0.0.1:0".into(),
+            upstreams: vec!["a:1".into(), "b:2".into()],
+        })
+        .unwrap();
+        assert_eq!(c.rules[0].upstreams.len(), 2);
+        assert_eq!(c.rules[0].balance, Balance::First);
     }
 }

@@ -1,22 +1,53 @@
-//! The one place that owns a connection pair's lifecycle: connect to an upstream,
-//! hand the pair to a relay, enforce idle timeout and forced shutdown, log how it ended.
+//! The one place that owns a connection pair's lifecycle: admission (PROXY header,
+//! access lists, schedule, per-source limits), connect with failover, the PROXY header
+//! to the upstream, the relay, idle timeout / max duration / forced shutdown, and the
+//! close log line.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::config::Rule;
-use crate::relay::{describe, Pair, Progress, Relay, RelayEnd};
+use crate::config::{Access, Rule};
+use crate::policy::balance::{ActiveGuard, Upstreams};
+use crate::policy::sources::{Refusal, SourceLimits};
+use crate::policy::{clock, health, proxy_protocol};
+use crate::relay::{describe, reset_on_close, Pair, Progress, Relay, RelayEnd};
 
 /// Everything a connection of one rule needs, shared by all its connections.
 pub struct RuleRuntime {
     pub rule: Rule,
     pub relay: Arc<dyn Relay>,
+    /// Process-wide allow/deny, checked before the rule's own lists.
+    pub global_access: Access,
+    pub upstreams: Arc<Upstreams>,
+    pub sources: Arc<SourceLimits>,
+    pub refused: RefusalLog,
     /// Becomes true when the shutdown grace period is over: drop the pair now.
     pub abort: watch::Receiver<bool>,
+}
+
+impl RuleRuntime {
+    pub fn new(
+        rule: Rule,
+        relay: Arc<dyn Relay>,
+        global_access: Access,
+        abort: watch::Receiver<bool>,
+    ) -> Self {
+        RuleRuntime {
+            upstreams: Upstreams::new(&rule),
+            sources: SourceLimits::new(rule.max_connections_per_source, rule.rate_per_source),
+            refused: RefusalLog::default(),
+            rule,
+            relay,
+            global_access,
+            abort,
+        }
+    }
 }
 
 /// Held for the whole life of a connection; dropping it frees the connection slots.
@@ -25,25 +56,65 @@ pub struct Permits {
     pub _rule: OwnedSemaphorePermit,
 }
 
-pub async fn serve(rt: Arc<RuleRuntime>, client: TcpStream, peer: SocketAddr, permits: Permits) {
+pub async fn serve(
+    rt: Arc<RuleRuntime>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    permits: Permits,
+) {
     let _permits = permits;
     let started = Instant::now();
     let rule = &rt.rule;
     let _ = client.set_nodelay(true);
-    let (upstream, upstream_addr) = match connect_upstream(rule, peer).await {
-        Some(u) => u,
-        None => {
-            // Closing without reading: the client sees the connection end at once.
-            tracing::info!(
-                "close rule={} client={} upstream=none bytes_up=0 bytes_down=0 duration={:.3}s path=none end=connect_failed",
-                rule.name,
-                peer,
-                started.elapsed().as_secs_f64()
-            );
-            return;
+    let local = client.local_addr().unwrap_or(rule.listen);
+
+    // Who the client really is: the socket's peer, or what a front balancer says.
+    let (peer, local) = if rule.accept_proxy_protocol {
+        match proxy_protocol::read(&mut client, rule.proxy_protocol_timeout).await {
+            Ok(proxy_protocol::Header::Proxied { src, dst }) => (src, dst),
+            Ok(proxy_protocol::Header::Local) => (peer, local),
+            Err(e) => return rt.refuse(client, peer, &format!("bad_proxy_header ({e})")),
         }
+    } else {
+        (peer, local)
+    };
+
+    if !rt.global_access.permits(peer.ip()) || !rule.access.permits(peer.ip()) {
+        return rt.refuse(client, peer, "acl");
+    }
+    if let Some(schedule) = &rule.schedule {
+        if !schedule.is_open(clock::now()) {
+            return rt.refuse(client, peer, "schedule");
+        }
+    }
+    let _source_slot = match rt.sources.admit(peer.ip(), Instant::now()) {
+        Ok(slot) => slot,
+        Err(Refusal::TooManyConnections) => {
+            return rt.refuse(client, peer, "max_connections_per_source")
+        }
+        Err(Refusal::RateLimited) => return rt.refuse(client, peer, "rate_per_source"),
+    };
+
+    let Some((mut upstream, upstream_addr, _active)) = connect_upstream(&rt, peer).await else {
+        // Closing without reading: the client sees the connection end at once.
+        tracing::info!(
+            "close rule={} client={} upstream=none bytes_up=0 bytes_down=0 duration={:.3}s path=none end=connect_failed",
+            rule.name,
+            peer,
+            started.elapsed().as_secs_f64()
+        );
+        return;
     };
     let _ = upstream.set_nodelay(true);
+    if let Some(version) = rule.proxy_protocol {
+        // Written before the relay starts: on the kernel path nothing we write after
+        // the pair is handed over is ordered with the redirected bytes.
+        let header = proxy_protocol::encode(version, peer, local);
+        if let Err(e) = upstream.write_all(&header).await {
+            tracing::info!("close rule={} client={peer} upstream={upstream_addr} path=none end=upstream_error (writing PROXY header: {e})", rule.name);
+            return;
+        }
+    }
 
     let progress = Arc::new(Progress::default());
     let pair = Pair { client, upstream };
@@ -57,6 +128,7 @@ pub async fn serve(rt: Arc<RuleRuntime>, client: TcpStream, peer: SocketAddr, pe
             }
         },
         _ = idle(rule.idle_timeout, &progress) => "idle_timeout".to_string(),
+        _ = sleep_or_never(rule.max_connection_duration) => "max_connection_duration".to_string(),
         _ = abort.wait_for(|a| *a) => "shutdown".to_string(),
     };
     tracing::info!(
@@ -64,56 +136,92 @@ pub async fn serve(rt: Arc<RuleRuntime>, client: TcpStream, peer: SocketAddr, pe
         rule.name,
         peer,
         upstream_addr,
-        progress.to_upstream.load(std::sync::atomic::Ordering::Relaxed),
-        progress.to_client.load(std::sync::atomic::Ordering::Relaxed),
+        progress.to_upstream.load(Ordering::Relaxed),
+        progress.to_client.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
         rt.relay.path(),
         end
     );
 }
 
-/// Tries each upstream in order (each of its addresses in turn), with connect_timeout
-/// per attempt. Names are resolved here, per connection, so DNS changes are followed.
-async fn connect_upstream(rule: &Rule, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
-    for upstream in &rule.upstreams {
-        let addrs = match tokio::time::timeout(
-            rule.connect_timeout,
-            tokio::net::lookup_host(upstream.as_str()),
-        )
-        .await
-        {
-            Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    "connect rule={} client={peer} upstream={upstream} failed: cannot resolve: {e}",
-                    rule.name
-                );
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "connect rule={} client={peer} upstream={upstream} failed: resolve timed out",
-                    rule.name
-                );
-                continue;
-            }
-        };
-        for addr in addrs {
-            match tokio::time::timeout(rule.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => return Some((stream, addr)),
-                Ok(Err(e)) => tracing::warn!(
-                    "connect rule={} client={peer} upstream={upstream} addr={addr} failed: {e}",
-                    rule.name
-                ),
-                Err(_) => tracing::warn!(
-                    "connect rule={} client={peer} upstream={upstream} addr={addr} failed: timed out after {:?}",
-                    rule.name,
-                    rule.connect_timeout
-                ),
-            }
+impl RuleRuntime {
+    /// Closes a client we will not serve at once (a reset, so nothing lingers), counts
+    /// it, and logs it at most once a second per rule.
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, reason: &str) {
+        reset_on_close(&client);
+        drop(client);
+        self.refused.record(&self.rule.name, peer, reason);
+    }
+}
+
+#[derive(Default)]
+pub struct RefusalLog {
+    pub total: AtomicU64,
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl RefusalLog {
+    fn record(&self, rule: &str, peer: SocketAddr, reason: &str) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last.lock().unwrap();
+        let logged_at = last.map_or(0, |(_, n)| n);
+        if last.is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(1)) {
+            let suppressed = total - logged_at - 1;
+            tracing::info!("refused rule={rule} client={peer} reason={reason} total_refused={total} (+{suppressed} not logged)");
+            *last = Some((Instant::now(), total));
+        }
+    }
+}
+
+/// Tries the upstreams in the balancer's order (each resolved address in turn), with
+/// connect_timeout per attempt. Names are resolved here, per connection, so DNS
+/// changes are followed. Failures feed passive health detection.
+async fn connect_upstream(
+    rt: &Arc<RuleRuntime>,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr, ActiveGuard)> {
+    let rule = &rt.rule;
+    let ups = &rt.upstreams;
+    for i in ups.order(peer.ip()) {
+        let upstream = &ups.list[i].cfg.addr;
+        let result = connect_one(upstream, rule.connect_timeout).await;
+        let why = result.as_ref().err().cloned().unwrap_or_default();
+        if let Some(up) = ups.report(i, result.is_ok()) {
+            health::log_transition(&rule.name, upstream, up, "traffic", &why);
+        }
+        match result {
+            Ok((stream, addr)) => return Some((stream, addr, ups.connected(i))),
+            Err(e) => tracing::warn!(
+                "connect rule={} client={peer} upstream={upstream} failed: {e}",
+                rule.name
+            ),
         }
     }
     None
+}
+
+async fn connect_one(upstream: &str, timeout: Duration) -> Result<(TcpStream, SocketAddr), String> {
+    let addrs = match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
+        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+        Ok(Err(e)) => return Err(format!("cannot resolve: {e}")),
+        Err(_) => return Err("resolve timed out".into()),
+    };
+    let mut errors = Vec::new();
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok((stream, addr)),
+            Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+            Err(_) => errors.push(format!("{addr}: timed out after {timeout:?}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when no byte has moved either way for `timeout`; never when it is `None`.

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod sys;

@@ -11,6 +11,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Config, Mode};
 use crate::connection::{serve, Permits, RuleRuntime};
+use crate::policy::health;
 use crate::relay::splice::SpliceRelay;
 use crate::relay::Relay;
 
@@ -35,15 +36,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "listening rule={} listen={} upstream={} mode={} ({})",
             rule.name,
             local,
-            rule.upstreams.join(","),
+            rule.upstream_list(),
             relay.path(),
             why
         );
-        let rt = Arc::new(RuleRuntime {
-            rule: rule.clone(),
+        let rt = Arc::new(RuleRuntime::new(
+            rule.clone(),
             relay,
-            abort: abort_rx.clone(),
-        });
+            config.access.clone(),
+            abort_rx.clone(),
+        ));
+        if rule.check_interval.is_some() {
+            tokio::spawn(health::run(rule.clone(), rt.upstreams.clone()));
+        }
         let per_rule = Arc::new(Semaphore::new(rule.max_connections));
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,

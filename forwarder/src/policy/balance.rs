@@ -1,0 +1,312 @@
+//! Choosing upstreams: balancing, health (active checks and passive failures), backups.
+//!
+//! `order()` gives the whole list of attempts for one client: the balancer's pick
+//! first, then the other healthy primaries, healthy backups, and only then upstreams
+//! marked down (checks can be stale). A refused or timed-out connect moves on to the
+//! next entry, so a client never sees a dead upstream while a healthy one exists.
+
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{Balance, Rule, Upstream};
+
+/// Without active checks nothing would ever bring a passively failed upstream back:
+/// after this long it gets real traffic again as a trial.
+const PASSIVE_RETRY: Duration = Duration::from_secs(10);
+
+pub struct Upstreams {
+    pub list: Vec<UpstreamState>,
+    balance: Balance,
+    rise: u32,
+    fall: u32,
+    active_checks: bool,
+    /// Smooth weighted round robin (nginx's): current weight per upstream.
+    rr: Mutex<Vec<i64>>,
+}
+
+pub struct UpstreamState {
+    pub cfg: Upstream,
+    up: AtomicBool,
+    successes: AtomicU32,
+    failures: AtomicU32,
+    down_since: Mutex<Option<Instant>>,
+    /// Open connections, for least_conn and random.
+    active: AtomicUsize,
+}
+
+/// Counts a connection against its upstream while it lives.
+pub struct ActiveGuard(Arc<Upstreams>, usize);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.list[self.1].active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Upstreams {
+    pub fn new(rule: &Rule) -> Arc<Upstreams> {
+        Arc::new(Upstreams {
+            list: rule
+                .upstreams
+                .iter()
+                .map(|u| UpstreamState {
+                    cfg: u.clone(),
+                    up: AtomicBool::new(true),
+                    successes: AtomicU32::new(0),
+                    failures: AtomicU32::new(0),
+                    down_since: Mutex::new(None),
+                    active: AtomicUsize::new(0),
+                })
+                .collect(),
+            balance: rule.balance,
+            rise: rule.rise,
+            fall: rule.fall,
+            active_checks: rule.check_interval.is_some(),
+            rr: Mutex::new(vec![0; rule.upstreams.len()]),
+        })
+    }
+
+    pub fn is_up(&self, i: usize) -> bool {
+        let u = &self.list[i];
+        u.up.load(Ordering::Relaxed)
+            || (!self.active_checks
+                && u.down_since
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| t.elapsed() >= PASSIVE_RETRY))
+    }
+
+    /// The upstreams to try for this client, best first.
+    pub fn order(&self, client: IpAddr) -> Vec<usize> {
+        let up: Vec<usize> = (0..self.list.len()).filter(|&i| self.is_up(i)).collect();
+        let primaries: Vec<usize> = up
+            .iter()
+            .copied()
+            .filter(|&i| !self.list[i].cfg.backup)
+            .collect();
+        let candidates = if primaries.is_empty() {
+            up.iter()
+                .copied()
+                .filter(|&i| self.list[i].cfg.backup)
+                .collect()
+        } else {
+            primaries
+        };
+        let mut order = Vec::with_capacity(self.list.len());
+        if let Some(first) = self.pick(&candidates, client) {
+            order.push(first);
+        }
+        // The rest: healthy primaries, healthy backups, then the ones marked down.
+        let rest = |backup: bool, healthy: bool| {
+            (0..self.list.len())
+                .filter(move |&i| self.list[i].cfg.backup == backup && self.is_up(i) == healthy)
+        };
+        for i in rest(false, true)
+            .chain(rest(true, true))
+            .chain(rest(false, false))
+            .chain(rest(true, false))
+        {
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        if self.balance == Balance::SourceHash {
+            // Keep failover consistent too: a source's next choice is its next-best score.
+            let healthy = order.iter().take_while(|&&i| self.is_up(i)).count();
+            order[..healthy]
+                .sort_by(|&a, &b| self.score(client, a).total_cmp(&self.score(client, b)));
+        }
+        order
+    }
+
+    fn pick(&self, candidates: &[usize], client: IpAddr) -> Option<usize> {
+        let weight = |i: usize| self.list[i].cfg.weight as u64;
+        let load = |i: usize| self.list[i].active.load(Ordering::Relaxed) as u64;
+        match (self.balance, candidates) {
+            (_, []) => None,
+            (_, [only]) => Some(*only),
+            (Balance::First, c) => c.first().copied(),
+            (Balance::RoundRobin, c) => {
+                let mut rr = self.rr.lock().unwrap();
+                let total: i64 = c.iter().map(|&i| weight(i) as i64).sum();
+                for &i in c {
+                    rr[i] += weight(i) as i64;
+                }
+                let best = *c
+                    .iter()
+                    .max_by_key(|&&i| (rr[i], std::cmp::Reverse(i)))
+                    .unwrap();
+                rr[best] -= total;
+                Some(best)
+            }
+            // Fewest open connections per unit of weight; ties go round robin.
+            (Balance::LeastConn, c) => {
+                let start = fastrand::usize(..c.len());
+                c.iter()
+                    .cycle()
+                    .skip(start)
+                    .take(c.len())
+                    .min_by(|&&a, &&b| (load(a) * weight(b)).cmp(&(load(b) * weight(a))))
+                    .copied()
+            }
+            (Balance::Random, c) => {
+                let total: u64 = c.iter().map(|&i| weight(i)).sum();
+                let draw = || {
+                    let mut x = fastrand::u64(..total);
+                    for &i in c {
+                        if x < weight(i) {
+                            return i;
+                        }
+                        x -= weight(i);
+                    }
+                    c[c.len() - 1]
+                };
+                let (a, b) = (draw(), draw());
+                Some(if load(b) * weight(a) < load(a) * weight(b) {
+                    b
+                } else {
+                    a
+                })
+            }
+            (Balance::SourceHash, c) => c
+                .iter()
+                .copied()
+                .min_by(|&a, &b| self.score(client, a).total_cmp(&self.score(client, b))),
+        }
+    }
+
+    /// Weighted rendezvous hashing: the lowest score wins. Adding or removing an
+    /// upstream only moves the clients whose best score it has or had.
+    fn score(&self, client: IpAddr, i: usize) -> f64 {
+        let mut h = std::hash::DefaultHasher::new();
+        client.to_canonical().hash(&mut h);
+        self.list[i].cfg.addr.hash(&mut h);
+        // Map to (0, 1], then -ln(u)/w is exponentially distributed with rate w.
+        let u = ((h.finish() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        -u.ln() / self.list[i].cfg.weight as f64
+    }
+
+    pub fn connected(self: &Arc<Self>, i: usize) -> ActiveGuard {
+        self.list[i].active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone(), i)
+    }
+
+    /// Records a connect or check result; returns the new state when it changed.
+    pub fn report(&self, i: usize, ok: bool) -> Option<bool> {
+        let u = &self.list[i];
+        let was_up = u.up.load(Ordering::Relaxed);
+        let trial = !was_up && self.is_up(i);
+        if ok {
+            u.failures.store(0, Ordering::Relaxed);
+            if was_up {
+                return None;
+            }
+            // A passive trial that worked is as good as `rise` checks.
+            if trial || u.successes.fetch_add(1, Ordering::Relaxed) + 1 >= self.rise {
+                u.successes.store(0, Ordering::Relaxed);
+                u.up.store(true, Ordering::Relaxed);
+                *u.down_since.lock().unwrap() = None;
+                return Some(true);
+            }
+        } else {
+            u.successes.store(0, Ordering::Relaxed);
+            if trial {
+                *u.down_since.lock().unwrap() = Some(Instant::now());
+            }
+            if was_up && u.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.fall {
+                u.failures.store(0, Ordering::Relaxed);
+                u.up.store(false, Ordering::Relaxed);
+                *u.down_since.lock().unwrap() = Some(Instant::now());
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn upstreams(balance: &str, list: &str) -> Arc<Upstreams> {
+        let c = Config::from_toml(&format!(
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = {list}\nbalance = \"{balance}\"\nrise = 2\nfall = 2\ncheck_interval = \"1s\"\n"
+        ))
+        .unwrap();
+        Upstreams::new(&c.rules[0])
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::from((0x7f00_0000u32 + n).to_be_bytes())
+    }
+
+    fn counts(u: &Upstreams, n: u32) -> Vec<usize> {
+        let mut c = vec![0; u.list.len()];
+        for k in 0..n {
+            c[u.order(ip(k))[0]] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_with_weights() {
+        let u = upstreams("round_robin", r#"["a:1", "b:1", "c:1"]"#);
+        assert_eq!(counts(&u, 300), vec![100, 100, 100]);
+        let u = upstreams("round_robin", r#"[{ addr = "a:1", weight = 3 }, "b:1"]"#);
+        assert_eq!(counts(&u, 400), vec![300, 100]);
+        // Smooth: never three of the same in a row out of weight 2:1.
+        let u = upstreams("round_robin", r#"[{ addr = "a:1", weight = 2 }, "b:1"]"#);
+        let seq: Vec<usize> = (0..6).map(|k| u.order(ip(k))[0]).collect();
+        assert_eq!(seq, vec![0, 1, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn least_conn_and_random_follow_load() {
+        for balance in ["least_conn", "random"] {
+            let u = upstreams(balance, r#"["a:1", "b:1"]"#);
+            let _busy: Vec<ActiveGuard> = (0..10).map(|_| u.connected(0)).collect();
+            let c = counts(&u, 100);
+            assert!(c[1] > 60, "{balance}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn source_hash_sticky_and_consistent() {
+        let three = upstreams("source_hash", r#"["a:1", "b:1", "c:1"]"#);
+        let two = upstreams("source_hash", r#"["a:1", "b:1"]"#);
+        let mut moved = 0;
+        for k in 0..1000 {
+            let first = three.order(ip(k))[0];
+            assert_eq!(first, three.order(ip(k))[0]);
+            let now = two.order(ip(k))[0];
+            if first != 2 {
+                assert_eq!(first, now, "client {k} moved although its upstream stayed");
+            } else {
+                moved += 1;
+            }
+        }
+        assert!((250..420).contains(&moved), "{moved}");
+    }
+
+    #[test]
+    fn health_rise_fall_and_backups() {
+        let u = upstreams(
+            "round_robin",
+            r#"["a:1", "b:1", { addr = "c:1", backup = true }]"#,
+        );
+        assert_eq!(u.report(0, false), None);
+        assert_eq!(u.report(0, false), Some(false));
+        assert!((0..10).all(|k| u.order(ip(k))[0] == 1));
+        assert_eq!(u.order(ip(0)), vec![1, 2, 0]);
+        u.report(1, false);
+        u.report(1, false);
+        assert_eq!(u.order(ip(0)), vec![2, 0, 1]);
+        assert_eq!(u.report(0, true), None);
+        assert_eq!(u.report(0, true), Some(true));
+        assert_eq!(u.order(ip(0))[0], 0);
+    }
+}

@@ -1,0 +1,64 @@
+//! Active health checks: a TCP connect to every upstream each `check_interval`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::balance::Upstreams;
+use crate::config::Rule;
+
+/// Runs for the life of the process; spawned once per rule that has `check_interval`.
+pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
+    let Some(interval) = rule.check_interval else {
+        return;
+    };
+    let timeout = rule.connect_timeout.min(interval);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let checks = upstreams.list.iter().enumerate().map(|(i, u)| {
+            let addr = u.cfg.addr.clone();
+            async move { (i, check(&addr, timeout).await) }
+        });
+        for (i, result) in futures_join_all(checks).await {
+            let why = result.as_ref().err().cloned().unwrap_or_default();
+            if let Some(up) = upstreams.report(i, result.is_ok()) {
+                log_transition(&rule.name, &upstreams.list[i].cfg.addr, up, "check", &why);
+            }
+        }
+    }
+}
+
+pub fn log_transition(rule: &str, addr: &str, up: bool, by: &str, why: &str) {
+    if up {
+        tracing::info!("upstream rule={rule} addr={addr} is UP ({by})");
+    } else {
+        tracing::warn!("upstream rule={rule} addr={addr} is DOWN ({by}: {why})");
+    }
+}
+
+async fn check(addr: &str, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+/// All checks of one round run concurrently so one slow upstream delays none.
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}

@@ -1,0 +1,349 @@
+//! PROXY protocol v1 (text) and v2 (binary), as specified by HAProxy: written to an
+//! upstream so it sees the real client address, and read strictly from a front load
+//! balancer on listeners that ask for it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::config::ProxyProtocol;
+
+const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+const V1_MAX: usize = 107;
+/// Addresses and a few TLVs; anything bigger from a front balancer is refused.
+const V2_MAX_PAYLOAD: usize = 1024;
+
+/// The header to write to an upstream for a client `src` that connected to `dst`.
+pub fn encode(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (src, dst) = same_family(src, dst);
+    match version {
+        ProxyProtocol::V1 => {
+            let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {fam} {} {} {} {}\r\n",
+                src.ip(),
+                dst.ip(),
+                src.port(),
+                dst.port()
+            )
+            .into_bytes()
+        }
+        ProxyProtocol::V2 => {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.push(0x21); // version 2, command PROXY
+            match (src.ip(), dst.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    h.push(0x11); // AF_INET, STREAM
+                    h.extend_from_slice(&12u16.to_be_bytes());
+                    h.extend_from_slice(&s.octets());
+                    h.extend_from_slice(&d.octets());
+                }
+                (s, d) => {
+                    h.push(0x21); // AF_INET6, STREAM
+                    h.extend_from_slice(&36u16.to_be_bytes());
+                    h.extend_from_slice(&to_v6(s).octets());
+                    h.extend_from_slice(&to_v6(d).octets());
+                }
+            }
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+            h
+        }
+    }
+}
+
+fn to_v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    }
+}
+
+/// Both addresses in one family: IPv4 when both can be, mapped IPv6 otherwise.
+fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let (s, d) = (src.ip().to_canonical(), dst.ip().to_canonical());
+    if s.is_ipv4() == d.is_ipv4() {
+        return (
+            SocketAddr::new(s, src.port()),
+            SocketAddr::new(d, dst.port()),
+        );
+    }
+    (
+        SocketAddr::new(IpAddr::V6(to_v6(s)), src.port()),
+        SocketAddr::new(IpAddr::V6(to_v6(d)), dst.port()),
+    )
+}
+
+/// What a received header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// The real client and the address it connected to.
+    Proxied { src: SocketAddr, dst: SocketAddr },
+    /// `PROXY UNKNOWN`, v2 LOCAL or AF_UNSPEC: use the connection's own addresses.
+    Local,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse {
+    /// The header is `len` bytes long.
+    Complete { header: Header, len: usize },
+    /// At least this many more bytes are needed (never more than the header holds, so
+    /// reading exactly that many never consumes payload).
+    Need(usize),
+}
+
+/// Strict parser over the bytes received so far.
+pub fn parse(buf: &[u8]) -> Result<Parse, String> {
+    let v1_prefix = b"PROXY ";
+    let n = buf.len().min(12);
+    if buf[..n] == V2_SIGNATURE[..n] {
+        return parse_v2(buf);
+    }
+    let n = buf.len().min(v1_prefix.len());
+    if buf[..n] == v1_prefix[..n] {
+        return parse_v1(buf);
+    }
+    Err("not a PROXY protocol header".into())
+}
+
+fn parse_v1(buf: &[u8]) -> Result<Parse, String> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        if buf.len() >= V1_MAX || buf.contains(&b'\n') {
+            return Err("v1 header has no CRLF within 107 bytes".into());
+        }
+        return Ok(Parse::Need(1));
+    };
+    let line = std::str::from_utf8(&buf[..end]).map_err(|_| "v1 header is not ASCII")?;
+    let fields: Vec<&str> = line.split(' ').collect();
+    let header = match fields.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => Header::Local,
+        ["PROXY", fam @ ("TCP4" | "TCP6"), src, dst, sport, dport] => {
+            let ip = |s: &str| -> Result<IpAddr, String> {
+                let ip: IpAddr = match *fam {
+                    "TCP4" => s.parse::<Ipv4Addr>().map(IpAddr::V4),
+                    _ => s.parse::<Ipv6Addr>().map(IpAddr::V6),
+                }
+                .map_err(|_| format!("v1 header: {s:?} is not a {fam} address"))?;
+                Ok(ip)
+            };
+            Header::Proxied {
+                src: SocketAddr::new(ip(src)?, port(sport)?),
+                dst: SocketAddr::new(ip(dst)?, port(dport)?),
+            }
+        }
+        _ => return Err(format!("malformed v1 header {line:?}")),
+    };
+    Ok(Parse::Complete {
+        header,
+        len: end + 2,
+    })
+}
+
+/// Decimal 0..=65535, no sign, no leading zeros (as the spec requires).
+fn port(s: &str) -> Result<u16, String> {
+    let ok =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    s.parse::<u16>()
+        .ok()
+        .filter(|_| ok)
+        .ok_or_else(|| format!("v1 header: bad port {s:?}"))
+}
+
+fn parse_v2(buf: &[u8]) -> Result<Parse, String> {
+    if buf.len() < 16 {
+        return Ok(Parse::Need(16 - buf.len()));
+    }
+    let (ver_cmd, fam) = (buf[12], buf[13]);
+    let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+    if ver_cmd >> 4 != 2 {
+        return Err(format!("v2 header: version {} is not 2", ver_cmd >> 4));
+    }
+    if len > V2_MAX_PAYLOAD {
+        return Err(format!("v2 header: {len} byte payload is too long"));
+    }
+    if buf.len() < 16 + len {
+        return Ok(Parse::Need(16 + len - buf.len()));
+    }
+    let body = &buf[16..16 + len];
+    let header = match (ver_cmd & 0xf, fam) {
+        (0, _) => Header::Local,
+        (1, 0x00) => Header::Local,
+        (1, 0x11) if len >= 12 => {
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    body[o],
+                    body[o + 1],
+                    body[o + 2],
+                    body[o + 3],
+                ))
+            };
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            Header::Proxied {
+                src: SocketAddr::new(ip(0), port(8)),
+                dst: SocketAddr::new(ip(4), port(10)),
+            }
+        }
+        (1, 0x21) if len >= 36 => {
+            let ip = |o: usize| {
+                IpAddr::V6(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(&body[o..o + 16]).unwrap(),
+                ))
+            };
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            Header::Proxied {
+                src: SocketAddr::new(ip(0), port(32)),
+                dst: SocketAddr::new(ip(16), port(34)),
+            }
+        }
+        (1, f) => return Err(format!(
+            "v2 header: unsupported family/protocol 0x{f:02x} or short address block ({len} bytes)"
+        )),
+        (c, _) => return Err(format!("v2 header: unknown command {c}")),
+    };
+    Ok(Parse::Complete {
+        header,
+        len: 16 + len,
+    })
+}
+
+/// Reads exactly one header from a fresh connection, consuming nothing after it.
+pub async fn read(stream: &mut TcpStream, timeout: Duration) -> Result<Header, String> {
+    let read = async {
+        let mut buf = Vec::with_capacity(64);
+        let mut need = 8;
+        loop {
+            let have = buf.len();
+            buf.resize(have + need, 0);
+            stream
+                .read_exact(&mut buf[have..])
+                .await
+                .map_err(|e| format!("reading PROXY header: {e}"))?;
+            match parse(&buf)? {
+                Parse::Complete { header, len } => {
+                    debug_assert_eq!(len, buf.len());
+                    return Ok(header);
+                }
+                Parse::Need(n) => need = n,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| format!("no complete PROXY header within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v1_known_answers() {
+        let h = encode(
+            ProxyProtocol::V1,
+            sa("192.168.0.1:56324"),
+            sa("192.168.0.11:443"),
+        );
+        assert_eq!(h, b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n");
+        let h = encode(ProxyProtocol::V1, sa("[::1]:5"), sa("127.0.0.1:6"));
+        assert_eq!(h, b"PROXY TCP6 ::1 ::ffff:127.0.0.1 5 6\r\n");
+        assert_eq!(
+            parse(b"PROXY UNKNOWN\r\nGET /"),
+            Ok(Parse::Complete {
+                header: Header::Local,
+                len: 15
+            })
+        );
+        for bad in [
+            &b"PROXY TCP4 1.2.3.4 5.6.7.8 1 02\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",
+            b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+            b"GET / HTTP/1.1\r\n",
+        ] {
+            assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(parse(b"PROXY TCP4 1.2"), Ok(Parse::Need(1)));
+        assert!(parse(&[b'P'; 2]).is_err());
+    }
+
+    #[test]
+    fn v2_known_answer() {
+        let h = encode(ProxyProtocol::V2, sa("1.2.3.4:1000"), sa("5.6.7.8:80"));
+        let mut want = V2_SIGNATURE.to_vec();
+        want.extend_from_slice(&[0x21, 0x11, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8, 0x03, 0xe8, 0, 80]);
+        assert_eq!(h, want);
+        assert_eq!(parse(&h[..10]), Ok(Parse::Need(6)));
+        assert_eq!(parse(&h[..16]), Ok(Parse::Need(12)));
+        let mut local = V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        assert_eq!(
+            parse(&local),
+            Ok(Parse::Complete {
+                header: Header::Local,
+                len: 16
+            })
+        );
+        let mut v3 = h.clone();
+        v3[12] = 0x31;
+        assert!(parse(&v3).is_err());
+    }
+
+    fn any_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), p)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_with_payload_untouched(v2 in any::<bool>(), src in any_addr(), dst in any_addr(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let version = if v2 { ProxyProtocol::V2 } else { ProxyProtocol::V1 };
+            let mut bytes = encode(version, src, dst);
+            let len = bytes.len();
+            bytes.extend_from_slice(&tail);
+            let (s, d) = same_family(src, dst);
+            prop_assert_eq!(parse(&bytes), Ok(Parse::Complete { header: Header::Proxied { src: s, dst: d }, len }));
+            // Fed byte by byte as the reader does, it never asks for more than the header.
+            let mut have = 0;
+            let mut need = 8.min(len);
+            loop {
+                have += need;
+                prop_assert!(have <= len);
+                match parse(&bytes[..have]) {
+                    Ok(Parse::Need(n)) => need = n,
+                    Ok(Parse::Complete { len: l, .. }) => { prop_assert_eq!(l, have); break; }
+                    Err(e) => prop_assert!(false, "{}", e),
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_or_overread(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            match parse(&bytes) {
+                Ok(Parse::Complete { len, .. }) => prop_assert!(len <= bytes.len()),
+                Ok(Parse::Need(n)) => prop_assert!(n >= 1),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn mutated_headers_never_panic(v2 in any::<bool>(), src in any_addr(), dst in any_addr(), at in any::<usize>(), byte in any::<u8>()) {
+            let version = if v2 { ProxyProtocol::V2 } else { ProxyProtocol::V1 };
+            let mut bytes = encode(version, src, dst);
+            let i = at % bytes.len();
+            bytes[i] = byte;
+            let _ = parse(&bytes);
+        }
+    }
+}
