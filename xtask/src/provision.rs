@@ -15,7 +15,14 @@ const EBPF_APT: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
 ];
-const TEST_APT: &[&str] = &["curl", "python3", "iproute2", "procps"];
+const TEST_APT: &[&str] = &[
+    "curl",
+    "python3",
+    "iproute2",
+    "procps",
+    "nginx",
+    "util-linux",
+];
 
 /// Tools the integration tests start as real peers.
 pub fn test_tools() -> Result<()> {
