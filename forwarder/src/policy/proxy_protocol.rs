@@ -197,9 +197,11 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, String> {
                 dst: SocketAddr::new(ip(16), port(34)),
             }
         }
-        (1, f) => return Err(format!(
+        (1, f) => {
+            return Err(format!(
             "v2 header: unsupported family/protocol 0x{f:02x} or short address block ({len} bytes)"
-        )),
+        ))
+        }
         (c, _) => return Err(format!("v2 header: unknown command {c}")),
     };
     Ok(Parse::Complete {
