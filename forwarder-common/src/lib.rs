@@ -1,2 +1,48 @@
 //! Types shared by the kernel programs (`forwarder-ebpf`) and userspace (`forwarder`).
+//!
+//! Every map is keyed by the socket cookie (`u64`) of the socket the bytes come FROM,
+//! so one key names one direction of one pair.
 #![no_std]
+
+/// SOCKHASH: cookie(A) -> socket B, cookie(B) -> socket A.
+pub const SOCKS_MAP: &str = "SOCKS";
+/// HASH cookie -> [`DirState`], written by the verdict program only.
+pub const STATE_MAP: &str = "STATE";
+/// HASH cookie -> [`DirControl`], written by userspace only.
+pub const CONTROL_MAP: &str = "CONTROL";
+/// Name of the sk_skb verdict program in the object.
+pub const VERDICT_PROG: &str = "forwarder_verdict";
+/// Room for this many pairs (two sockets, two directions each).
+pub const MAX_PAIRS: u32 = 65536;
+
+/// What the verdict program did with one direction's bytes (its byte counters).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirState {
+    /// Bytes redirected to the peer socket's egress.
+    pub redirected: u64,
+    /// Bytes left on the source socket (SK_PASS) for userspace to `recv()` and send.
+    pub passed: u64,
+}
+
+/// Userspace's side of the bargain for one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirControl {
+    /// Bytes of `passed` that userspace has written to the peer so far.
+    pub consumed: u64,
+    /// Redirect only while `redirected + len <= limit`; 0 means "not paired yet".
+    pub limit: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both types are #[repr(C)], made of u64s only: no padding, any bit
+    // pattern is valid.
+    unsafe impl aya::Pod for super::DirState {}
+    unsafe impl aya::Pod for super::DirControl {}
+    unsafe impl bytemuck::Zeroable for super::DirState {}
+    unsafe impl bytemuck::Pod for super::DirState {}
+    unsafe impl bytemuck::Zeroable for super::DirControl {}
+    unsafe impl bytemuck::Pod for super::DirControl {}
+}

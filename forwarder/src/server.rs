@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, Rule};
 use crate::connection::{serve, Permits, RuleRuntime};
 use crate::policy::health;
+use crate::relay::ebpf::EbpfRelay;
 use crate::relay::splice::SpliceRelay;
 use crate::relay::Relay;
 
@@ -30,7 +31,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (abort_tx, abort_rx) = watch::channel(false);
     let mut accept_tasks = Vec::new();
     for (rule, listener) in config.rules.iter().zip(listeners) {
-        let (relay, why) = choose_relay(rule.mode)?;
+        let (relay, why) = choose_relay(rule).await?;
         let local = listener.local_addr()?;
         tracing::info!(
             "listening rule={} listen={} upstream={} mode={} ({})",
@@ -96,15 +97,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Picks the relay for a rule and says why, for the startup line.
-fn choose_relay(mode: Mode) -> anyhow::Result<(Arc<dyn Relay>, String)> {
-    match mode {
-        Mode::Splice => Ok((Arc::new(SpliceRelay), "requested".into())),
-        Mode::Auto => Ok((
-            Arc::new(SpliceRelay),
-            "auto: kernel path not built into this binary".into(),
-        )),
-        Mode::Ebpf => anyhow::bail!("mode ebpf: kernel path not built into this binary"),
+/// Picks the relay for a rule and says why, for the startup line. The kernel path is
+/// probed once per process (load, attach, one real pair end to end); `auto` falls back
+/// to splice when it fails, `ebpf` refuses to start.
+async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
+    if rule.mode == Mode::Splice {
+        return Ok((Arc::new(SpliceRelay), "requested".into()));
+    }
+    match EbpfRelay::new(rule.inflight_limit).await {
+        Ok(relay) => {
+            let why = format!(
+                "{}: probed ok, attach={}, inflight_limit={}",
+                if rule.mode == Mode::Auto {
+                    "auto"
+                } else {
+                    "requested"
+                },
+                relay.attach_kind(),
+                rule.inflight_limit
+            );
+            Ok((Arc::new(relay), why))
+        }
+        Err(why) if rule.mode == Mode::Auto => Ok((Arc::new(SpliceRelay), format!("auto: {why}"))),
+        Err(why) => anyhow::bail!("mode ebpf: {why}"),
     }
 }
 

@@ -18,11 +18,13 @@ pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let checks = upstreams.list.iter().enumerate().map(|(i, u)| {
+        // All checks of one round run at once, so one slow upstream delays none.
+        let mut checks = tokio::task::JoinSet::new();
+        for (i, u) in upstreams.list.iter().enumerate() {
             let addr = u.cfg.addr.clone();
-            async move { (i, check(&addr, timeout).await) }
-        });
-        for (i, result) in futures_join_all(checks).await {
+            checks.spawn(async move { (i, check(&addr, timeout).await) });
+        }
+        while let Some(Ok((i, result))) = checks.join_next().await {
             let why = result.as_ref().err().cloned().unwrap_or_default();
             if let Some(up) = upstreams.report(i, result.is_ok()) {
                 log_transition(&rule.name, &upstreams.list[i].cfg.addr, up, "check", &why);
@@ -45,20 +47,4 @@ async fn check(addr: &str, timeout: Duration) -> Result<(), String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("timed out after {timeout:?}")),
     }
-}
-
-/// All checks of one round run concurrently so one slow upstream delays none.
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+pub mod ebpf;
 pub mod splice;
 
 /// Byte counters a relay keeps current while it runs (read by idle timeout and logs).

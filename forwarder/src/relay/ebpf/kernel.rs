@@ -1,0 +1,217 @@
+//! The loaded kernel side: one program and its maps per process, shared by all rules.
+//!
+//! Nothing is pinned: the program stays attached to the SOCKHASH only while this
+//! process holds the map's fd, so exit (clean or not) leaves nothing behind.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::Ebpf;
+use forwarder_common::{DirControl, DirState, CONTROL_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG};
+
+#[cfg(has_ebpf)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/forwarder-ebpf.o"
+)));
+#[cfg(not(has_ebpf))]
+static OBJECT: Option<&[u8]> = None;
+
+pub const NOT_BUILT: &str = "kernel path not built into this binary";
+
+pub struct Kernel {
+    pub socks: Mutex<SockHash<MapData, u64>>,
+    pub state: Mutex<HashMap<MapData, u64, DirState>>,
+    pub control: Mutex<HashMap<MapData, u64, DirControl>>,
+    /// How the verdict program is attached, for the startup line.
+    pub attach: &'static str,
+    // Owns the program (and with aya's attach, its link): keep last.
+    _ebpf: Ebpf,
+}
+
+impl Kernel {
+    /// Loads and attaches the program. Must run inside the tokio runtime (log reader).
+    pub fn load() -> Result<Kernel, String> {
+        let object = OBJECT.ok_or(NOT_BUILT)?;
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut ebpf = Ebpf::load(object).map_err(|e| {
+            let hint = if root {
+                ""
+            } else {
+                " (needs root, or CAP_BPF + CAP_NET_ADMIN)"
+            };
+            format!("cannot load the eBPF object: {e}{hint}")
+        })?;
+        spawn_logger(&mut ebpf);
+        let socks: SockHash<MapData, u64> = take(&mut ebpf, SOCKS_MAP)?;
+        let state: HashMap<MapData, u64, DirState> = take(&mut ebpf, STATE_MAP)?;
+        let control: HashMap<MapData, u64, DirControl> = take(&mut ebpf, CONTROL_MAP)?;
+        let prog: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROG)
+            .ok_or_else(|| format!("program {VERDICT_PROG} missing from the object"))?
+            .try_into()
+            .map_err(|e| format!("program {VERDICT_PROG}: {e}"))?;
+        prog.load()
+            .map_err(|e| format!("the kernel rejected the verdict program: {e:#}"))?;
+        let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd();
+        let attach = match attach_sk_skb_verdict(prog_fd, socks.fd().as_fd().as_raw_fd()) {
+            Ok(()) => "sk_skb_verdict",
+            Err(e) => {
+                tracing::debug!("BPF_SK_SKB_VERDICT attach failed ({e}); trying stream_verdict");
+                prog.attach(socks.fd())
+                    .map_err(|e| format!("cannot attach the verdict program: {e:#}"))?;
+                "sk_skb_stream_verdict"
+            }
+        };
+        Ok(Kernel {
+            socks: Mutex::new(socks),
+            state: Mutex::new(state),
+            control: Mutex::new(control),
+            attach,
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn dir_state(&self, cookie: u64) -> io::Result<DirState> {
+        let map = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&cookie, 0).map_err(io::Error::other)
+    }
+
+    pub fn set_control(&self, cookie: u64, c: DirControl) -> io::Result<()> {
+        let mut map = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(cookie, c, 0).map_err(io::Error::other)
+    }
+
+    pub fn init_dir(&self, cookie: u64) -> io::Result<()> {
+        let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(cookie, DirState::default(), 0)
+            .map_err(io::Error::other)?;
+        drop(map);
+        self.set_control(cookie, DirControl::default())
+    }
+
+    /// Puts `peer` under key `cookie`: bytes arriving on the socket with that cookie
+    /// go to `peer`. This also makes `peer` join the map (and get the verdict program).
+    pub fn insert_sock(&self, cookie: u64, peer: &impl AsRawFd) -> io::Result<()> {
+        let mut map = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(cookie, peer.as_raw_fd(), 0)
+            .map_err(map_error_to_io)
+    }
+
+    pub fn remove_sock(&self, cookie: u64) {
+        let mut map = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&cookie);
+    }
+
+    pub fn remove_dir(&self, cookie: u64) {
+        let _ = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cookie);
+        let _ = self
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cookie);
+    }
+}
+
+fn map_error_to_io(e: aya::maps::MapError) -> io::Error {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error,
+        other => io::Error::other(other),
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| format!("map {name} missing from the object"))?;
+    T::try_from(map).map_err(|e| format!("map {name}: {e}"))
+}
+
+/// Attaches `prog` to the sockmap `map` as BPF_SK_SKB_VERDICT (kernel 5.13+).
+///
+/// aya 0.14 only knows the older STREAM_PARSER/STREAM_VERDICT attach types, so this is
+/// the one raw `bpf(BPF_PROG_ATTACH)` call. The attachment belongs to the map: it goes
+/// away with the map's last fd, there is no link to detach.
+fn attach_sk_skb_verdict(prog: i32, map: i32) -> io::Result<()> {
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_SK_SKB_VERDICT: u32 = 38;
+    /// The BPF_PROG_ATTACH member of `union bpf_attr` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct ProgAttachAttr {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        replace_bpf_fd: u32,
+        relative_fd: u32,
+        expected_revision: u64,
+    }
+    let attr = ProgAttachAttr {
+        target_fd: map as u32,
+        attach_bpf_fd: prog as u32,
+        attach_type: BPF_SK_SKB_VERDICT,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+        relative_fd: 0,
+        expected_revision: 0,
+    };
+    // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr and the
+    // size passed is its size; the kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const ProgAttachAttr,
+            std::mem::size_of::<ProgAttachAttr>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Forwards the program's aya-log records to `log` (bridged to tracing by the
+/// subscriber), read whenever the ring buffer has something.
+fn spawn_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("eBPF logs not available: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's fd, open and unchanged until dropped
+    // together with the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!("eBPF logs not available: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = afd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

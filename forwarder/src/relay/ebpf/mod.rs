@@ -1,0 +1,139 @@
+//! The sockmap relay: the kernel moves each pair's bytes socket to socket.
+//!
+//! Both sockets of a pair go into one SOCKHASH keyed by socket cookie (B under
+//! cookie(A), A under cookie(B)); the verdict program in `forwarder-ebpf` redirects
+//! every skb to the peer's egress. Userspace only watches: it raises each direction's
+//! in-flight limit as the peer socket accepts bytes, relays the bytes the program
+//! leaves behind when that limit is reached, passes FINs on once every byte is in the
+//! peer socket, and turns errors into resets. See docs/ebpf.md.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{Pair, Progress, Relay, RelayEnd, RelayFuture};
+
+mod kernel;
+mod pair;
+mod sys;
+
+use kernel::Kernel;
+
+pub use kernel::NOT_BUILT;
+
+pub struct EbpfRelay {
+    kernel: &'static Kernel,
+    inflight_limit: u64,
+}
+
+impl EbpfRelay {
+    /// The relay for one rule; the program and maps are shared by every rule.
+    /// Call [`probe`] first: only a probed kernel path is handed out.
+    pub async fn new(inflight_limit: u64) -> Result<EbpfRelay, String> {
+        let kernel = probe().await?;
+        Ok(EbpfRelay {
+            kernel,
+            inflight_limit,
+        })
+    }
+
+    /// How the program is attached, for the startup line.
+    pub fn attach_kind(&self) -> &'static str {
+        self.kernel.attach
+    }
+}
+
+impl Relay for EbpfRelay {
+    fn path(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        Box::pin(async move {
+            pair::relay(self.kernel, self.inflight_limit, pair, &progress, true).await
+        })
+    }
+}
+
+fn kernel() -> Result<&'static Kernel, String> {
+    static KERNEL: OnceLock<Result<Kernel, String>> = OnceLock::new();
+    KERNEL
+        .get_or_init(Kernel::load)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Loads and attaches the program, then forwards a real loopback pair through it end
+/// to end (bytes queued before pairing, both directions, both FINs). Runs once per
+/// process; every later call returns the first answer.
+pub async fn probe() -> Result<&'static Kernel, String> {
+    static PROBE: tokio::sync::OnceCell<Result<&'static Kernel, String>> =
+        tokio::sync::OnceCell::const_new();
+    PROBE
+        .get_or_init(|| async {
+            let k = kernel()?;
+            match tokio::time::timeout(Duration::from_secs(3), probe_pair(k)).await {
+                Ok(Ok(())) => Ok(k),
+                Ok(Err(e)) => Err(format!("probe pair failed: {e}")),
+                Err(_) => Err("probe pair timed out after 3s".into()),
+            }
+        })
+        .await
+        .clone()
+}
+
+async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
+    let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+    let front = TcpListener::bind("127.0.0.1:0").await.map_err(io("bind"))?;
+    let back = TcpListener::bind("127.0.0.1:0").await.map_err(io("bind"))?;
+    let mut client = TcpStream::connect(front.local_addr().map_err(io("addr"))?)
+        .await
+        .map_err(io("connect"))?;
+    let (a, _) = front.accept().await.map_err(io("accept"))?;
+    let b = TcpStream::connect(back.local_addr().map_err(io("addr"))?)
+        .await
+        .map_err(io("connect"))?;
+    let (mut server, _) = back.accept().await.map_err(io("accept"))?;
+    // Queued before pairing: exercises the kick.
+    client.write_all(b"early-up ").await.map_err(io("write"))?;
+    server
+        .write_all(b"early-down ")
+        .await
+        .map_err(io("write"))?;
+    let progress = Progress::default();
+    let relay = pair::relay(
+        k,
+        65536,
+        Pair {
+            client: a,
+            upstream: b,
+        },
+        &progress,
+        false,
+    );
+    let talk = async {
+        client.write_all(b"ping").await.map_err(io("write"))?;
+        client.shutdown().await.map_err(io("shutdown"))?;
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.map_err(io("read"))?;
+        if got != b"early-up ping" {
+            return Err(format!("upstream got {:?}", String::from_utf8_lossy(&got)));
+        }
+        server.write_all(b"pong").await.map_err(io("write"))?;
+        server.shutdown().await.map_err(io("shutdown"))?;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.map_err(io("read"))?;
+        if got != b"early-down pong" {
+            return Err(format!("client got {:?}", String::from_utf8_lossy(&got)));
+        }
+        Ok(())
+    };
+    let (end, talked) = tokio::join!(relay, talk);
+    talked?;
+    match end {
+        RelayEnd::Closed => Ok(()),
+        RelayEnd::Failed { side, error } => Err(format!("{} side: {error}", side.as_str())),
+    }
+}

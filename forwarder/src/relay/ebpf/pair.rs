@@ -1,0 +1,561 @@
+//! One pair on the sockmap path: pairing, watching, FINs, errors, teardown.
+
+use std::io;
+use std::net::{Shutdown, TcpStream as StdTcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use forwarder_common::{DirControl, MAX_PAIRS};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncWriteExt, Interest};
+
+use super::kernel::Kernel;
+use super::sys::{self, Epoll};
+use crate::relay::{Pair, Progress, RelayEnd, Side};
+
+/// Fastest and slowest period of the bookkeeping tick. Fast while bytes move (the
+/// in-flight limit is raised on each tick), slower and slower while the pair is idle.
+const MIN_TICK: Duration = Duration::from_millis(1);
+const MAX_TICK: Duration = Duration::from_millis(250);
+/// Userspace copy buffer, allocated only for a direction that leaves the redirect path.
+const COPY_BUF: usize = 128 * 1024;
+/// Bytes one step may copy before yielding to the rest of the loop.
+const COPY_BUDGET: u64 = 4 << 20;
+
+/// Pairs currently in the maps, so an insert never fails for lack of room midway.
+static PAIRS: AtomicU32 = AtomicU32::new(0);
+
+const CLIENT: usize = 0;
+const UPSTREAM: usize = 1;
+const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
+
+/// Runs one pair. With `allow_fallback`, a pair the maps refuse is relayed by splice.
+pub async fn relay(
+    k: &'static Kernel,
+    inflight_limit: u64,
+    pair: Pair,
+    progress: &Progress,
+    allow_fallback: bool,
+) -> RelayEnd {
+    match setup(k, inflight_limit, pair).await {
+        Ok(mut paired) => paired.run(progress).await,
+        Err(Setup::Fallback { pair, carry, why }) if allow_fallback => {
+            tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
+            let Pair {
+                client,
+                mut upstream,
+            } = pair;
+            if !carry.is_empty() {
+                if let Err(e) = upstream.write_all(&carry).await {
+                    super::super::reset_on_close(&client);
+                    return RelayEnd::Failed {
+                        side: Side::Upstream,
+                        error: e,
+                    };
+                }
+                progress
+                    .to_upstream
+                    .fetch_add(carry.len() as u64, Ordering::Relaxed);
+            }
+            crate::relay::splice::relay(Pair { client, upstream }, progress).await
+        }
+        Err(Setup::Fallback { pair, why, .. }) => {
+            super::super::reset_on_close(&pair.client);
+            RelayEnd::Failed {
+                side: Side::Client,
+                error: io::Error::other(why),
+            }
+        }
+        Err(Setup::Failed { side, error }) => RelayEnd::Failed { side, error },
+    }
+}
+
+enum Setup {
+    /// The pair cannot use the maps; nothing was lost, `carry` goes to upstream first.
+    Fallback {
+        pair: Pair,
+        carry: Vec<u8>,
+        why: String,
+    },
+    /// Half-paired and bytes may have been lost: both sockets have been reset.
+    Failed { side: Side, error: io::Error },
+}
+
+/// Removes a pair from the maps when dropped (the relay future dropped on idle timeout
+/// or shutdown, or the pair finished). Declared before the sockets in [`Paired`], so
+/// the sockets leave the maps before they close.
+struct MapEntries {
+    k: &'static Kernel,
+    cookies: [u64; 2],
+    socks_in: [bool; 2],
+}
+
+impl Drop for MapEntries {
+    fn drop(&mut self) {
+        for (i, c) in self.cookies.iter().enumerate() {
+            if self.socks_in[i] {
+                self.k.remove_sock(*c);
+            }
+        }
+        for c in self.cookies {
+            self.k.remove_dir(c);
+        }
+        PAIRS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One direction: bytes arriving on `src`, going out of `dst`.
+struct Dir {
+    src: usize,
+    dst: usize,
+    /// cookie(src): the key of this direction in STATE and CONTROL.
+    key: u64,
+    /// `bytes_sent_into(dst)` when paired: nothing was written to dst before.
+    sent_base: u64,
+    /// Bytes read from src by anyone before pairing (0 for fresh sockets).
+    recv_base: u64,
+    /// Passed bytes we have written to dst.
+    consumed: u64,
+    /// Last limit written to CONTROL.
+    limit: u64,
+    /// Bytes dst accepted so far (from redirect and from us).
+    accepted: u64,
+    buf: Vec<u8>,
+    off: usize,
+    fin: bool,
+    shut: bool,
+    want_in: bool,
+    want_out: bool,
+}
+
+impl Dir {
+    fn buffered(&self) -> bool {
+        self.off < self.buf.len()
+    }
+}
+
+struct Paired {
+    entries: MapEntries,
+    socks: [StdTcpStream; 2],
+    dirs: [Dir; 2],
+    inflight_limit: u64,
+}
+
+async fn setup(k: &'static Kernel, inflight_limit: u64, pair: Pair) -> Result<Paired, Setup> {
+    let fallback = |pair: Pair, why: String| Setup::Fallback {
+        pair,
+        carry: Vec::new(),
+        why,
+    };
+    let fds = [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()];
+    let mut cookies = [0u64; 2];
+    let mut sent_base = [0u64; 2];
+    let mut recv_base = [0u64; 2];
+    for i in 0..2 {
+        let probe = (|| -> io::Result<(u64, u64, u64, u8)> {
+            Ok((
+                sys::cookie(fds[i])?,
+                sys::bytes_sent_into(fds[i])?,
+                read_before_pairing(fds[i])?,
+                sys::tcp_counters(fds[i])?.state,
+            ))
+        })();
+        match probe {
+            Ok((c, s, r, state)) if state == sys::TCP_ESTABLISHED => {
+                cookies[i] = c;
+                sent_base[i] = s;
+                recv_base[i] = r;
+            }
+            Ok((.., state)) => {
+                let why = format!("{} socket in TCP state {state}", SIDES[i].as_str());
+                return Err(fallback(pair, why));
+            }
+            Err(e) => return Err(fallback(pair, format!("{}: {e}", SIDES[i].as_str()))),
+        }
+    }
+    if PAIRS.fetch_add(1, Ordering::Relaxed) >= MAX_PAIRS {
+        PAIRS.fetch_sub(1, Ordering::Relaxed);
+        return Err(fallback(pair, format!("maps full ({MAX_PAIRS} pairs)")));
+    }
+    let mut entries = MapEntries {
+        k,
+        cookies,
+        socks_in: [false; 2],
+    };
+    // limit 0: until both sockets are in, the program passes everything (counted).
+    for c in cookies {
+        if let Err(e) = k.init_dir(c) {
+            return Err(fallback(pair, format!("map update: {e}")));
+        }
+    }
+    // The client joins the map first (under the upstream's cookie): a client that
+    // already sent its FIN cannot join, and then nothing has happened yet.
+    if let Err(e) = k.insert_sock(cookies[UPSTREAM], &pair.client) {
+        return Err(fallback(pair, format!("client socket: {e}")));
+    }
+    entries.socks_in[UPSTREAM] = true;
+    if let Err(e) = k.insert_sock(cookies[CLIENT], &pair.upstream) {
+        // The client is in and may have bytes on its psock queue already, which
+        // leaving the map would purge: read them out first, then leave.
+        return Err(salvage(entries, pair, e).await);
+    }
+    entries.socks_in[CLIENT] = true;
+
+    let client = pair.client.into_std();
+    let upstream = pair.upstream.into_std();
+    let (client, upstream) = match (client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(Setup::Failed {
+                side: Side::Client,
+                error: e,
+            })
+        }
+    };
+    let dir = |src: usize, dst: usize| Dir {
+        src,
+        dst,
+        key: cookies[src],
+        sent_base: sent_base[dst],
+        recv_base: recv_base[src],
+        consumed: 0,
+        limit: 0,
+        accepted: 0,
+        buf: Vec::new(),
+        off: 0,
+        fin: false,
+        shut: false,
+        want_in: false,
+        want_out: false,
+    };
+    let mut paired = Paired {
+        entries,
+        socks: [client, upstream],
+        dirs: [dir(CLIENT, UPSTREAM), dir(UPSTREAM, CLIENT)],
+        inflight_limit,
+    };
+    for d in &mut paired.dirs {
+        d.limit = inflight_limit;
+        let c = DirControl {
+            consumed: 0,
+            limit: d.limit,
+        };
+        if let Err(e) = k.set_control(d.key, c) {
+            return Err(Setup::Failed {
+                side: SIDES[d.src],
+                error: e,
+            });
+        }
+    }
+    // Bytes queued before the sockets joined are not run through the program until
+    // something pokes it: this recv does (it returns EAGAIN).
+    for s in &paired.socks {
+        let _ = sys::recv(
+            s.as_raw_fd(),
+            &mut [0u8; 1],
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        );
+    }
+    Ok(paired)
+}
+
+/// Bytes someone read from the socket before it reached us (tcp_info counts every
+/// byte received, SIOCINQ the unread ones, and a received FIN counts as one byte).
+fn read_before_pairing(fd: RawFd) -> io::Result<u64> {
+    for _ in 0..10 {
+        let before = sys::tcp_counters(fd)?;
+        let inq = sys::inq(fd)?;
+        let after = sys::tcp_counters(fd)?;
+        if before.bytes_received == after.bytes_received {
+            let fin = matches!(
+                after.state,
+                sys::TCP_CLOSE_WAIT | sys::TCP_LAST_ACK | sys::TCP_CLOSING | sys::TCP_CLOSE
+            ) as u64;
+            return Ok(after.bytes_received.saturating_sub(inq + fin));
+        }
+    }
+    Err(io::Error::other("receive counters kept moving"))
+}
+
+/// Takes the client back out of the map without losing what the program passed to
+/// its queue meanwhile. If bytes were passed after our last read, they are gone:
+/// say so with resets instead of relaying a corrupted stream.
+async fn salvage(entries: MapEntries, pair: Pair, insert_error: io::Error) -> Setup {
+    let k = entries.k;
+    let key = entries.cookies[CLIENT];
+    let fd = pair.client.as_raw_fd();
+    let mut carry = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let mut buf = vec![0u8; COPY_BUF];
+    let complete = loop {
+        let passed = k.dir_state(key).map(|s| s.passed).unwrap_or(u64::MAX);
+        while let Ok(n @ 1..) = sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
+            carry.extend_from_slice(&buf[..n]);
+        }
+        if carry.len() as u64 == passed {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(MIN_TICK).await;
+    };
+    k.remove_sock(entries.cookies[UPSTREAM]);
+    let passed_after = k.dir_state(key).map(|s| s.passed).unwrap_or(u64::MAX);
+    drop(entries);
+    if complete && passed_after == carry.len() as u64 {
+        return Setup::Fallback {
+            pair,
+            carry,
+            why: format!("upstream socket: {insert_error}"),
+        };
+    }
+    super::super::reset_on_close(&pair.client);
+    super::super::reset_on_close(&pair.upstream);
+    Setup::Failed {
+        side: Side::Upstream,
+        error: io::Error::other(format!(
+            "cannot pair upstream socket ({insert_error}) and bytes already passed were lost"
+        )),
+    }
+}
+
+impl Paired {
+    async fn run(&mut self, progress: &Progress) -> RelayEnd {
+        let result = self.watch(progress).await;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let k = self.entries.k;
+            let s = |d: &Dir| k.dir_state(d.key).unwrap_or_default();
+            let (up, down) = (s(&self.dirs[0]), s(&self.dirs[1]));
+            tracing::debug!(
+                "ebpf pair done: up redirected={} passed={}, down redirected={} passed={}",
+                up.redirected,
+                up.passed,
+                down.redirected,
+                down.passed
+            );
+        }
+        match result {
+            Ok(()) => RelayEnd::Closed,
+            Err((i, error)) => {
+                // Pass the failure on as a reset, like a direct connection would show it.
+                let other = 1 - i;
+                let _ = socket2::SockRef::from(&self.socks[other]).set_linger(Some(Duration::ZERO));
+                RelayEnd::Failed {
+                    side: SIDES[i],
+                    error,
+                }
+            }
+        }
+    }
+
+    /// The watch loop: returns when both FINs are passed on, or which side failed.
+    #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
+    async fn watch(&mut self, progress: &Progress) -> Result<(), (usize, io::Error)> {
+        let epoll = Epoll::new().map_err(|e| (CLIENT, e))?;
+        let base = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+        let mut masks = [0u32; 2];
+        for i in 0..2 {
+            epoll
+                .add(self.socks[i].as_raw_fd(), base, i as u64)
+                .map_err(|e| (i, e))?;
+            masks[i] = base;
+        }
+        // SAFETY: Epoll owns its fd, which stays open and the same until it is dropped
+        // together with the AsyncFd.
+        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+            .map_err(|e| (CLIENT, io::Error::from(e)))?;
+        let mut events = Vec::new();
+        let mut tick = MIN_TICK;
+        let counters = [&progress.to_upstream, &progress.to_client];
+        loop {
+            epoll.get_ref().poll(&mut events).map_err(|e| (CLIENT, e))?;
+            for &(token, ev) in &events {
+                self.on_event(token as usize, ev)?;
+            }
+            let mut moved = false;
+            for d in 0..2 {
+                moved |= self.step(d, counters[d])?;
+            }
+            if self.dirs.iter().all(|d| d.shut) {
+                return Ok(());
+            }
+            let waiting = self.dirs.iter().any(|d| d.fin && !d.shut);
+            tick = if moved || waiting {
+                MIN_TICK
+            } else {
+                (tick * 2).min(MAX_TICK)
+            };
+            // Idle: let the first new byte wake us (EPOLLIN is raised for every
+            // redirected skb, so it is only wanted while nothing moves).
+            let idle = tick > MIN_TICK * 4;
+            for i in 0..2 {
+                let src_dir = &self.dirs[i];
+                let dst_dir = &self.dirs[1 - i];
+                let mut m = base;
+                if src_dir.want_in || (idle && !src_dir.fin) {
+                    m |= libc::EPOLLIN as u32;
+                }
+                if dst_dir.want_out {
+                    m |= libc::EPOLLOUT as u32;
+                }
+                if m != masks[i] {
+                    epoll
+                        .get_ref()
+                        .modify(self.socks[i].as_raw_fd(), m, i as u64)
+                        .map_err(|e| (i, e))?;
+                    masks[i] = m;
+                }
+            }
+            tokio::select! {
+                r = epoll.readable() => {
+                    if let Ok(mut guard) = r {
+                        guard.clear_ready();
+                    }
+                }
+                _ = tokio::time::sleep(tick) => {}
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, ev: u32) -> Result<(), (usize, io::Error)> {
+        let fd = self.socks[i].as_raw_fd();
+        if ev & libc::EPOLLERR as u32 != 0 {
+            match sys::take_error(fd) {
+                Ok(0) => {}
+                // A FIN that arrived alone on the other socket is redirected here too,
+                // and the kernel reports the empty send as EPIPE: not an end of this
+                // socket (a reset shows up as ECONNRESET or as the closed state).
+                Ok(libc::EPIPE) => tracing::debug!("ebpf: EPIPE on {} ignored", SIDES[i].as_str()),
+                Ok(e) => return Err((i, io::Error::from_raw_os_error(e))),
+                Err(e) => return Err((i, e)),
+            }
+        }
+        if ev & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
+            self.dirs[i].fin = true;
+        }
+        if ev & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+            // Closed without our FIN having been passed on: the peer reset it.
+            let state = sys::tcp_counters(fd).map(|t| t.state).map_err(|e| (i, e))?;
+            if state == sys::TCP_CLOSE && !self.dirs[1 - i].shut {
+                return Err((i, io::Error::from_raw_os_error(libc::ECONNRESET)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping for one direction; returns whether any byte moved.
+    fn step(&mut self, d: usize, counter: &AtomicU64) -> Result<bool, (usize, io::Error)> {
+        let k = self.entries.k;
+        let limit_bytes = self.inflight_limit;
+        let dir = &mut self.dirs[d];
+        let (src, dst) = (&self.socks[dir.src], &self.socks[dir.dst]);
+        let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+        dir.want_in = false;
+        dir.want_out = false;
+        if dir.shut {
+            return Ok(false);
+        }
+        let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+        let accepted = sys::bytes_sent_into(dst_fd)
+            .map_err(|e| (dir.dst, e))?
+            .saturating_sub(dir.sent_base);
+        let mut moved = accepted != dir.accepted;
+        dir.accepted = accepted;
+        counter.store(accepted, Ordering::Relaxed);
+        let from_redirect = accepted.saturating_sub(dir.consumed);
+        let inflight = st.redirected.saturating_sub(from_redirect);
+        let consumed_before = dir.consumed;
+        if st.passed > dir.consumed || dir.buffered() {
+            if inflight > 0 {
+                // Passed bytes must not overtake redirected ones still on their way
+                // into dst: wait until dst took them all (dst writable = progress).
+                dir.want_out = true;
+            } else {
+                moved |= copy(dir, src_fd, dst_fd)?;
+            }
+        }
+        let limit = from_redirect + limit_bytes;
+        if limit != dir.limit || dir.consumed != consumed_before {
+            dir.limit = limit;
+            let c = DirControl {
+                consumed: dir.consumed,
+                limit,
+            };
+            k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
+        }
+        if dir.fin && !dir.buffered() {
+            // Every byte received before the FIN must be in dst's send queue before the
+            // FIN is passed on: shutdown drops whatever is still queued for dst.
+            let received = sys::tcp_counters(src_fd)
+                .map_err(|e| (dir.src, e))?
+                .bytes_received;
+            let target = received.saturating_sub(1 + dir.recv_base);
+            let accepted = sys::bytes_sent_into(dst_fd)
+                .map_err(|e| (dir.dst, e))?
+                .saturating_sub(dir.sent_base);
+            counter.store(accepted, Ordering::Relaxed);
+            if accepted >= target && st.passed <= dir.consumed {
+                if accepted > target {
+                    tracing::debug!("ebpf: dst accepted {accepted} > {target} received");
+                }
+                match dst.shutdown(Shutdown::Write) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+                    Err(e) => return Err((dir.dst, e)),
+                }
+                dir.shut = true;
+                dir.buf = Vec::new();
+            }
+        }
+        Ok(moved)
+    }
+}
+
+/// Relays bytes the program passed (left on src's queue) with recv/send, stopping when
+/// dst is full: then they stay charged to src's receive buffer and its window closes.
+fn copy(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (usize, io::Error)> {
+    let mut copied = 0u64;
+    while copied < COPY_BUDGET {
+        if !dir.buffered() {
+            if dir.buf.len() < COPY_BUF {
+                dir.buf.resize(COPY_BUF, 0);
+            }
+            match sys::recv(src_fd, &mut dir.buf[..COPY_BUF], libc::MSG_DONTWAIT) {
+                Ok(0) => {
+                    // EOF, or passed bytes still on the kernel's backlog: they raise
+                    // EPOLLIN when they land.
+                    dir.buf.clear();
+                    dir.off = 0;
+                    dir.want_in = true;
+                    break;
+                }
+                Ok(n) => {
+                    dir.buf.truncate(n);
+                    dir.off = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dir.buf.clear();
+                    dir.off = 0;
+                    dir.want_in = true;
+                    break;
+                }
+                Err(e) => return Err((dir.src, e)),
+            }
+        }
+        match sys::send(dst_fd, &dir.buf[dir.off..]) {
+            Ok(n) => {
+                dir.off += n;
+                dir.consumed += n as u64;
+                copied += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dir.want_out = true;
+                break;
+            }
+            Err(e) => return Err((dir.dst, e)),
+        }
+    }
+    Ok(copied > 0)
+}
