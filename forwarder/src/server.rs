@@ -21,8 +21,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Bind everything before serving anything: a bad address fails the whole start.
     let mut listeners = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
-        let listener = TcpListener::bind(rule.listen)
-            .await
+        let listener = bind(rule.listen)
             .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))?;
         listeners.push(listener);
     }
@@ -131,16 +130,18 @@ async fn accept_loop(
 ) {
     let mut last_fd_warning: Option<Instant> = None;
     loop {
-        // Taking the slots before accept() leaves clients over the limit in the
-        // kernel's accept backlog, as HAProxy does, instead of accepting and dropping them.
+        // Taking the rule's slot before accept() leaves clients over the limit in the
+        // kernel's accept backlog, as HAProxy does, instead of accepting and dropping
+        // them. The global slot is taken after accept(): a rule idling in accept()
+        // must not hold a slot another rule could use.
         let Ok(rule_permit) = per_rule.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok(global_permit) = global.clone().acquire_owned().await else {
             return;
         };
         match listener.accept().await {
             Ok((client, peer)) => {
+                let Ok(global_permit) = global.clone().acquire_owned().await else {
+                    return;
+                };
                 let permits = Permits {
                     _global: global_permit,
                     _rule: rule_permit,
@@ -159,6 +160,21 @@ async fn accept_loop(
             Err(e) => tracing::debug!("accept rule={} failed: {e}", rt.rule.name),
         }
     }
+}
+
+/// Listens with a deep backlog: bursts of connects (and clients over max_connections)
+/// wait there instead of being dropped into SYN retransmits.
+fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

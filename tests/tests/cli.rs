@@ -1,0 +1,161 @@
+//! Mode-independent behaviour of the command line: config validation and start-up
+//! failures, with their exit codes (2: what the user asked for is wrong, 1: cannot run).
+
+mod cli {
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    use forwarder_tests::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(20);
+
+    fn check(toml: &str) -> Output {
+        let dir = TempDir::new("check");
+        let path = dir.write("c.toml", toml);
+        let mut cmd = forwarder_command();
+        cmd.arg("check").arg("--config").arg(path);
+        run_to_exit(cmd, TIMEOUT)
+    }
+
+    /// `run --config` on the same text; a bad file must fail before anything listens.
+    fn run_config(toml: &str) -> Output {
+        let dir = TempDir::new("run");
+        let path = dir.write("c.toml", toml);
+        let mut cmd = forwarder_command();
+        cmd.arg("run")
+            .arg("-c")
+            .arg(path)
+            .args(["--mode", "splice"]);
+        run_to_exit(cmd, TIMEOUT)
+    }
+
+    /// Both `check` and `run` exit 2 and name every one of `needles` on stderr.
+    fn assert_config_error(toml: &str, needles: &[&str]) {
+        for (what, o) in [("check", check(toml)), ("run", run_config(toml))] {
+            assert_eq!(
+                o.code(),
+                Some(2),
+                "{what}: {} (want exit 2); stderr:\n{}",
+                describe_status(&o.status),
+                o.stderr
+            );
+            for n in needles {
+                assert!(
+                    o.stderr.contains(n),
+                    "{what}: stderr does not mention {n:?}:\n{}",
+                    o.stderr
+                );
+            }
+        }
+    }
+
+    const RULE: &str = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    #[test]
+    fn syntax_error_exits_2_naming_the_line() {
+        let toml = format!("[global]\nshutdown_grace = \"1s\"\n[[rule]\n{RULE}");
+        assert_config_error(&toml, &["line 3"]);
+    }
+
+    #[test]
+    fn unknown_key_exits_2_naming_the_key() {
+        let toml = format!("[defaults]\nmode = \"splice\"\nconect_timeout = \"1s\"\n{RULE}");
+        assert_config_error(&toml, &["conect_timeout", "line 3"]);
+        let toml = format!("{RULE}colour = \"blue\"\n");
+        assert_config_error(&toml, &["colour", "line 4"]);
+        let toml = format!("[global]\nbogus_limit = 3\n{RULE}");
+        assert_config_error(&toml, &["bogus_limit", "line 2"]);
+    }
+
+    #[test]
+    fn bad_duration_exits_2_naming_the_key() {
+        let toml = format!("[defaults]\nconnect_timeout = \"5x\"\n{RULE}");
+        assert_config_error(&toml, &["defaults.connect_timeout", "line 2"]);
+        let toml = format!("[global]\nshutdown_grace = \"soon\"\n{RULE}");
+        assert_config_error(&toml, &["global.shutdown_grace", "line 2"]);
+        let toml = format!("{RULE}idle_timeout = \"-1s\"\n");
+        assert_config_error(&toml, &["idle_timeout", "line 4"]);
+    }
+
+    #[test]
+    fn check_accepts_a_valid_file() {
+        let toml = r#"
+[global]
+shutdown_grace = "2s"
+max_connections = 100
+
+[defaults]
+mode = "splice"
+connect_timeout = "250ms"
+idle_timeout = "0s"
+max_connections = 10
+inflight_limit = 1048576
+
+[[rule]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:8005"
+
+[[rule]]
+name = "v6-failover"
+listen = "[::1]:0"
+upstream = ["[::1]:8006", "localhost:8007"]
+mode = "auto"
+idle_timeout = "1h"
+"#;
+        let o = check(toml);
+        assert_eq!(
+            o.code(),
+            Some(0),
+            "{}; stdout:\n{}\nstderr:\n{}",
+            describe_status(&o.status),
+            o.stdout,
+            o.stderr
+        );
+    }
+
+    #[test]
+    fn listen_address_in_use_exits_1_naming_it() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let mut cmd = forwarder_command();
+        cmd.args(["run", "--listen"]).arg(addr.to_string()).args([
+            "--upstream",
+            "127.0.0.1:9",
+            "--mode",
+            "splice",
+        ]);
+        let o = run_to_exit(cmd, TIMEOUT);
+        assert_eq!(
+            o.code(),
+            Some(1),
+            "{} (want exit 1); stderr:\n{}",
+            describe_status(&o.status),
+            o.stderr
+        );
+        assert!(
+            o.stderr.contains(&addr.to_string()),
+            "stderr does not name {addr}:\n{}",
+            o.stderr
+        );
+
+        // The same from a config file whose second rule collides.
+        let dir = TempDir::new("inuse");
+        let path = dir.write(
+            "c.toml",
+            &format!(
+                "[[rule]]\nname = \"free\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+                 [[rule]]\nname = \"taken\"\nlisten = \"{addr}\"\nupstream = \"127.0.0.1:9\"\n"
+            ),
+        );
+        let mut cmd = forwarder_command();
+        cmd.arg("run")
+            .arg("--config")
+            .arg(path)
+            .args(["--mode", "splice"]);
+        let o = run_to_exit(cmd, TIMEOUT);
+        assert_eq!(o.code(), Some(1), "stderr:\n{}", o.stderr);
+        assert!(o.stderr.contains(&addr.to_string()), "{}", o.stderr);
+        drop(taken);
+    }
+}

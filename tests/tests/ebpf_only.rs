@@ -1,0 +1,127 @@
+//! Tests that only make sense for the eBPF path (root only): `ebpf::NAME`.
+
+mod ebpf {
+    use std::ffi::OsString;
+    use std::net::Shutdown;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    use forwarder_tests::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// The payload never passes through the forwarder's userspace: moving 1 GiB costs
+    /// the process (utime + stime) less than 0.1 CPU seconds.
+    #[test]
+    fn payload_bypasses_userspace_cpu_per_gib() {
+        if !ebpf_can_run("ebpf::payload_bypasses_userspace_cpu_per_gib") {
+            return;
+        }
+        let _load = heavy();
+        let (up, rx) = Server::recorder();
+        let fwd = Forwarder::cli(Mode::Ebpf, &[up.addr()]);
+        fwd.assert_mode(Mode::Ebpf);
+        let p = Payload::new(1024, GIB);
+        let s = connect(fwd.addr());
+        // Let the connection's set-up (control-plane work) finish before measuring.
+        std::thread::sleep(Duration::from_millis(300));
+        let cpu_before = fwd.cpu_seconds();
+        let start = Instant::now();
+        p.write_to(&s, Instant::now() + secs(120))
+            .expect("send 1 GiB");
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = rx
+            .recv_timeout(secs(120))
+            .expect("upstream result")
+            .expect("upstream read");
+        let took = start.elapsed();
+        let cpu = fwd.cpu_seconds() - cpu_before;
+        drop(s);
+        assert_eq!(got, Digested::of(&p), "upstream got different bytes");
+        let per_gib = cpu / (p.len as f64 / GIB as f64);
+        println!(
+            "ebpf: 1 GiB in {took:.2?}; forwarder used {cpu:.3} CPU s ({per_gib:.3} s per GiB)"
+        );
+        assert!(
+            per_gib < 0.1,
+            "forwarder used {per_gib:.3} CPU seconds per GiB: payload goes through userspace"
+        );
+    }
+
+    /// Without capabilities: `--mode auto` starts on splice, says why, and forwards;
+    /// `--mode ebpf` refuses to start (exit 1).
+    #[test]
+    fn auto_falls_back_to_splice_without_capabilities() {
+        if !ebpf_can_run("ebpf::auto_falls_back_to_splice_without_capabilities") {
+            return;
+        }
+        let _load = light();
+        let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("setpriv (util-linux) is required");
+        // A copy the unprivileged user can surely execute.
+        let dir = TempDir::new("nocaps");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.path().join("forwarder");
+        std::fs::copy(forwarder_bin(), &bin).expect("copy the forwarder binary");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let prefix: Vec<OsString> = [
+            setpriv,
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+
+        let up = Server::echo();
+        let args = |mode: &str| -> Vec<OsString> {
+            [
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                &up.addr().to_string(),
+                "--mode",
+                mode,
+            ]
+            .iter()
+            .map(OsString::from)
+            .collect()
+        };
+
+        let fwd = Forwarder::spawn_bin(&prefix, &bin, args("auto"), 1, None);
+        let l = &fwd.listening[0];
+        assert_eq!(l.mode, "splice", "auto without capabilities: {}", l.line);
+        let reason = l
+            .line
+            .split_once(" (")
+            .map(|(_, r)| r.trim_end_matches(')').trim())
+            .unwrap_or("");
+        assert!(!reason.is_empty(), "no reason given: {}", l.line);
+        println!("fallback line: {}", l.line);
+        echo_check(fwd.addr(), Payload::new(5, 2 * MIB), secs(20));
+        drop(fwd);
+
+        let mut cmd = command(prefix[0].clone());
+        cmd.args(&prefix[1..]).arg(&bin).args(args("ebpf"));
+        cmd.env("FORWARDER_LOG", "info");
+        let o = run_to_exit(cmd, secs(20));
+        assert_eq!(
+            o.code(),
+            Some(1),
+            "--mode ebpf without capabilities: {} (want exit 1); stderr:\n{}",
+            describe_status(&o.status),
+            o.stderr
+        );
+        assert!(!o.stderr.trim().is_empty(), "exit 1 without a message");
+    }
+}

@@ -1,0 +1,671 @@
+//! Relay behaviour, written once and run in both relay modes: `splice::NAME` and
+//! `ebpf::NAME` (the latter only as root, where it runs with `--mode ebpf`).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forwarder_tests::*;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// `[[rule]]` text for one rule.
+fn rule(name: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!("[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n")
+}
+
+/// Parses an answer-after-EOF server's reply.
+fn parse_answer(reply: &[u8]) -> Digested {
+    let text = std::str::from_utf8(reply).expect("utf-8 answer");
+    let (sha, len) = text
+        .trim_end()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("bad answer {text:?}"));
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&sha[2 * i..2 * i + 2], 16).expect("hex");
+    }
+    Digested {
+        len: len.parse().expect("count"),
+        sha: out,
+    }
+}
+
+/// Sends `p`, shuts the write side right after the last byte, then reads the answer
+/// the server sends only after EOF.
+fn half_close_upload(addr: SocketAddr, p: Payload, timeout: Duration) -> Digested {
+    let deadline = Instant::now() + timeout;
+    let s = connect(addr);
+    p.write_to(&s, deadline)
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    s.shutdown(Shutdown::Write).expect("shutdown write");
+    let reply = read_to_end(&s, 1024, deadline).expect("read answer after EOF");
+    parse_answer(&reply)
+}
+
+relay_tests! {
+    /// A browser-like download: curl through the forwarder from `python3 -m http.server`.
+    fn http_download_with_curl(mode) {
+        let _load = light();
+        let dir = TempDir::new("www");
+        let file = Payload::new(7, 20 * MIB + 12345);
+        std::fs::write(dir.path().join("blob.bin"), file.to_vec()).unwrap();
+        let mut py = command("python3");
+        py.args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut http = ChildGuard::spawn(py, "python3 -m http.server");
+        let out = Lines::collect(http.child_mut().stdout.take().unwrap());
+        let errs = Lines::collect(http.child_mut().stderr.take().unwrap());
+        let line = out
+            .wait_for(secs(15), |l| l.contains("Serving HTTP on"))
+            .unwrap_or_else(|| panic!("http.server did not start: {}", errs.text()));
+        let port: u16 = line
+            .split(" port ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+        let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+        let fwd = Forwarder::cli(mode, &[upstream]);
+        fwd.assert_mode(mode);
+        let saved = dir.path().join("downloaded.bin");
+        let index = dir.path().join("index.html");
+        let mut curl = command("curl");
+        curl.args(["-sS", "--fail", "--max-time", "60", "-w", "%{http_code} %{size_download}\\n"])
+            .arg(format!("http://{}/", fwd.addr()))
+            .arg("-o")
+            .arg(&index)
+            .arg(format!("http://{}/blob.bin", fwd.addr()))
+            .arg("-o")
+            .arg(&saved);
+        let o = run_to_exit(curl, secs(90));
+        assert_eq!(o.code(), Some(0), "curl failed: {} {}", o.stdout, o.stderr);
+        let listing = std::fs::read_to_string(&index).unwrap();
+        assert!(listing.contains("blob.bin"), "directory listing: {listing}");
+        let got = std::fs::read(&saved).unwrap();
+        assert_eq!(got.len() as u64, file.len, "downloaded size");
+        assert_eq!(hex(&sha256(&got)), hex(&file.sha256()), "downloaded sha256");
+        let closes = fwd.wait_close_lines(2, secs(5));
+        assert!(closes.len() >= 2, "close lines: {closes:?}");
+        assert!(
+            closes.iter().any(|l| field(l, "bytes_down")
+                .and_then(|b| b.parse::<u64>().ok())
+                .is_some_and(|b| b > file.len)),
+            "no close line counts the download: {closes:?}"
+        );
+    }
+
+    /// 256 MiB upload; the client shuts its write side right after its last byte and
+    /// the server answers (sha256 of what it got) only after EOF.
+    fn bulk_upload_256mib_half_close(mode) {
+        let _load = heavy();
+        let (up, rx) = Server::answer_after_eof();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let p = Payload::new(256, 256 * MIB);
+        let start = Instant::now();
+        let answer = half_close_upload(fwd.addr(), p, secs(90));
+        let took = start.elapsed();
+        let want = Digested::of(&p);
+        assert_eq!(answer, want, "server got different bytes");
+        let server_side = rx.recv_timeout(secs(5)).expect("server result").expect("server read");
+        assert_eq!(server_side, want);
+        println!("256 MiB upload in {took:.2?} ({:.0} MiB/s)", 256.0 / took.as_secs_f64());
+        let close = fwd.wait_close_lines(1, secs(5));
+        assert!(
+            close.first().is_some_and(|l| field(l, "bytes_up") == Some(&p.len.to_string())
+                && field(l, "end") == Some("closed")),
+            "close line: {close:?}"
+        );
+    }
+
+    /// 256 MiB download: the server sends, then closes; the client hashes.
+    fn bulk_download_256mib(mode) {
+        let _load = heavy();
+        let p = Payload::new(512, 256 * MIB);
+        let up = Server::source(p);
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let s = connect(fwd.addr());
+        let start = Instant::now();
+        let got = read_digest(&s, Instant::now() + secs(90)).expect("download");
+        let took = start.elapsed();
+        drop(s);
+        assert_eq!(got, Digested::of(&p), "downloaded bytes differ");
+        println!("256 MiB download in {took:.2?} ({:.0} MiB/s)", 256.0 / took.as_secs_f64());
+    }
+
+    /// 0, 1 and 65537 bytes through an echo server, each checked by sha256.
+    fn payload_sizes_0_1_65537(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        for (i, len) in [0u64, 1, 65537].into_iter().enumerate() {
+            echo_check(fwd.addr(), Payload::new(100 + i as u64, len), secs(20));
+        }
+        let closes = fwd.wait_close_lines(3, secs(5));
+        assert_eq!(closes.len(), 3, "{closes:?}");
+        for (l, len) in closes.iter().zip([0u64, 1, 65537]) {
+            assert_eq!(field(l, "bytes_up"), Some(len.to_string().as_str()), "{l}");
+            assert_eq!(field(l, "bytes_down"), Some(len.to_string().as_str()), "{l}");
+        }
+    }
+
+    /// 200 connections open at once, each echoing its own data (distinct seed and size).
+    fn concurrent_200_distinct_echo(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let payloads: Vec<Payload> = (0..200)
+            .map(|i| Payload::new(10_000 + i, 1000 + i * 1531))
+            .collect();
+        drive_echo_clients(fwd.addr(), &payloads, Instant::now() + secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(up.accepted(), 200);
+    }
+
+    /// The client sends a request and shuts its write side; the server answers only
+    /// after it sees EOF.
+    fn half_close_request_response(mode) {
+        let _load = light();
+        let (up, _rx) = Server::answer_after_eof();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        for (seed, len) in [(1u64, 0u64), (2, 5), (3, 300 * KIB)] {
+            let p = Payload::new(seed, len);
+            assert_eq!(half_close_upload(fwd.addr(), p, secs(20)), Digested::of(&p));
+        }
+    }
+
+    /// The upstream speaks first: its greeting reaches a client that has sent nothing.
+    fn server_speaks_first(mode) {
+        let _load = light();
+        const HELLO: &[u8] = b"220 upstream ready, you have not said anything yet\r\n";
+        let up = Server::greeting(HELLO);
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        for _ in 0..5 {
+            let s = connect(fwd.addr());
+            let got = read_exact_timeout(&s, HELLO.len(), secs(3)).expect("greeting");
+            assert_eq!(got, HELLO);
+            ping(&s, b"EHLO test\r\n", secs(3)).expect("echo after greeting");
+            s.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(wait_closed(&s, secs(3)).map(|e| e.0), Ok(Ending::Eof));
+        }
+    }
+
+    /// The only upstream refuses: each client is closed promptly; the forwarder lives on.
+    fn upstream_refused(mode) {
+        let _load = light();
+        let (_reserved, dead) = refused_port(LOCALHOST);
+        let mut fwd = Forwarder::cli(mode, &[dead]);
+        fwd.assert_mode(mode);
+        for i in 0..3 {
+            let mut s = connect(fwd.addr());
+            let _ = s.write_all(b"anyone there?");
+            let (how, after) = wait_closed(&s, secs(3))
+                .unwrap_or_else(|e| panic!("client #{i} not closed: {e}"));
+            assert!(after < secs(2), "client #{i} closed ({how:?}) only after {after:?}");
+        }
+        let closes = fwd.wait_close_lines(3, secs(3));
+        assert_eq!(closes.len(), 3, "{closes:?}");
+        assert!(closes.iter().all(|l| l.contains("end=connect_failed")), "{closes:?}");
+        fwd.assert_running();
+        // Still accepting.
+        let s = connect(fwd.addr());
+        drop(s);
+        fwd.assert_running();
+    }
+
+    /// Failover: the first upstream refuses, the second is used.
+    fn upstream_failover(mode) {
+        let _load = light();
+        let (_reserved, dead) = refused_port(LOCALHOST);
+        let up = Server::echo();
+        let fwd = Forwarder::cli(mode, &[dead, up.addr()]);
+        fwd.assert_mode(mode);
+        for i in 0..3 {
+            echo_check(fwd.addr(), Payload::new(40 + i, 100 * KIB), secs(10));
+        }
+        let closes = fwd.wait_close_lines(3, secs(5));
+        assert_eq!(closes.len(), 3, "{closes:?}");
+        for l in &closes {
+            assert_eq!(field(l, "upstream"), Some(up.addr().to_string().as_str()), "{l}");
+            assert_eq!(field(l, "end"), Some("closed"), "{l}");
+        }
+    }
+
+    /// The client resets (SO_LINGER 0 + close): the upstream's read fails with
+    /// ECONNRESET promptly.
+    fn rst_from_client_reaches_upstream(mode) {
+        let _load = light();
+        let (tx, rx) = mpsc::channel::<(std::io::Result<usize>, Instant)>();
+        let up = Server::start(LOCALHOST, move |mut s| {
+            let mut buf = [0u8; 1024];
+            let _ = s.set_read_timeout(Some(secs(10)));
+            // First the hello, then whatever the next read brings.
+            for _ in 0..2 {
+                let r = s.read(&mut buf);
+                let _ = tx.send((r, Instant::now()));
+            }
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let mut c = connect(fwd.addr());
+        c.write_all(b"hello").unwrap();
+        let (first, _) = rx.recv_timeout(secs(5)).expect("upstream got nothing");
+        assert_eq!(first.expect("first read"), 5);
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        let reset_at = Instant::now();
+        drop(c);
+        let (second, when) = rx.recv_timeout(secs(5)).expect("upstream read did not end");
+        let after = when.duration_since(reset_at);
+        match second {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("upstream read gave {other:?} instead of ECONNRESET"),
+        }
+        assert!(after < secs(2), "reset reached the upstream after {after:?}");
+        let close = fwd.wait_close_lines(1, secs(3));
+        assert!(close.first().is_some_and(|l| l.contains("end=client_")), "{close:?}");
+    }
+
+    /// The upstream resets: the client sees a reset (or EOF) promptly.
+    fn rst_from_upstream_reaches_client(mode) {
+        let _load = light();
+        let (tx, rx) = mpsc::channel::<Instant>();
+        let up = Server::start(LOCALHOST, move |mut s| {
+            let mut buf = [0u8; 5];
+            if s.read_exact(&mut buf).is_ok() {
+                socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                let _ = tx.send(Instant::now());
+                drop(s);
+            }
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let mut c = connect(fwd.addr());
+        c.write_all(b"hello").unwrap();
+        let (how, _) = wait_closed(&c, secs(5)).expect("client not closed");
+        let reset_at = rx.recv_timeout(secs(1)).expect("upstream did not reset");
+        let after = reset_at.elapsed();
+        assert!(after < secs(2), "client saw {how:?} {after:?} after the upstream reset");
+        println!("client saw {how:?}");
+        let close = fwd.wait_close_lines(1, secs(3));
+        assert!(close.first().is_some_and(|l| l.contains("end=upstream_")), "{close:?}");
+    }
+
+    /// idle_timeout = 1s: an idle connection is closed within ~3 s; one that sends a
+    /// byte every 200 ms is not.
+    fn idle_timeout(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let fwd = Forwarder::config(
+            Some(mode),
+            &format!("[defaults]\nidle_timeout = \"1s\"\n{}", rule("idle", up.addr(), "")),
+            1,
+        );
+        fwd.assert_mode(mode);
+        let active = thread::scope(|scope| {
+            let active = scope.spawn(|| -> Result<u32, String> {
+                let s = connect(fwd.addr());
+                let end = Instant::now() + Duration::from_millis(3500);
+                let mut n = 0;
+                while Instant::now() < end {
+                    ping(&s, b"k", secs(1)).map_err(|e| format!("after {n} pings: {e}"))?;
+                    n += 1;
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Ok(n)
+            });
+            let idle = connect(fwd.addr());
+            ping(&idle, b"first and last", secs(2)).expect("idle conn works at first");
+            let (how, after) = wait_closed(&idle, secs(4)).expect("idle connection not closed");
+            assert!(after >= Duration::from_millis(800), "closed too early ({after:?})");
+            assert!(after <= secs(3), "closed ({how:?}) only after {after:?}");
+            active.join().unwrap()
+        });
+        let pings = active.expect("active connection was cut");
+        assert!(pings >= 10, "only {pings} pings");
+        let closes = fwd.wait_close_lines(1, secs(2));
+        assert!(closes.first().is_some_and(|l| l.contains("end=idle_timeout")), "{closes:?}");
+    }
+
+    /// max_connections = 2 on the rule: a third client waits (connected, unserved)
+    /// until one of the first two closes.
+    fn max_connections_per_rule(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let fwd = Forwarder::config(Some(mode), &rule("lim", up.addr(), "max_connections = 2"), 1);
+        fwd.assert_mode(mode);
+        let addr = fwd.addr();
+        let c1 = connect(addr);
+        ping(&c1, b"one", secs(3)).unwrap();
+        let c2 = connect(addr);
+        ping(&c2, b"two", secs(3)).unwrap();
+        let mut c3 = connect(addr);
+        c3.write_all(b"three").unwrap();
+        let early = read_exact_timeout(&c3, 5, Duration::from_millis(1500));
+        assert!(early.as_ref().is_err_and(is_timeout), "third client was served: {early:?}");
+        assert_eq!(up.accepted(), 2);
+        drop(c1);
+        let got = read_exact_timeout(&c3, 5, secs(5)).expect("third client served after a close");
+        assert_eq!(got, b"three");
+        ping(&c2, b"two again", secs(3)).unwrap();
+    }
+
+    /// global max_connections = 2 across two rules: a third client on either rule waits
+    /// until a connection of the other rule closes.
+    fn max_connections_global(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let toml = format!(
+            "[global]\nmax_connections = 2\n{}{}",
+            rule("a", up.addr(), ""),
+            rule("b", up.addr(), "")
+        );
+        let fwd = Forwarder::config(Some(mode), &toml, 2);
+        fwd.assert_mode(mode);
+        let (a, b) = (fwd.rule_addr("a"), fwd.rule_addr("b"));
+        let c1 = connect(a);
+        ping(&c1, b"one", secs(3)).unwrap();
+        let c2 = connect(b);
+        ping(&c2, b"two", secs(3)).unwrap();
+        let mut c3 = connect(a);
+        c3.write_all(b"three").unwrap();
+        let early = read_exact_timeout(&c3, 5, Duration::from_millis(1500));
+        assert!(early.as_ref().is_err_and(is_timeout), "third client was served: {early:?}");
+        drop(c2);
+        let got = read_exact_timeout(&c3, 5, secs(5)).expect("third client served after a close");
+        assert_eq!(got, b"three");
+        ping(&c1, b"one again", secs(3)).unwrap();
+    }
+
+    /// global max_connections = 1 across two rules: with nothing else open, a client
+    /// is served on either rule, again and again. (An accept loop that holds a global
+    /// slot while it merely waits for clients starves the other rule.)
+    fn max_connections_global_idle_rule_holds_no_slot(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let toml = format!(
+            "[global]\nmax_connections = 1\n{}{}",
+            rule("a", up.addr(), ""),
+            rule("b", up.addr(), "")
+        );
+        let fwd = Forwarder::config(Some(mode), &toml, 2);
+        fwd.assert_mode(mode);
+        for (i, r) in ["a", "a", "b", "a", "b", "b"].into_iter().enumerate() {
+            let c = connect(fwd.rule_addr(r));
+            ping(&c, b"hello", secs(3)).unwrap_or_else(|e| {
+                panic!("client #{i} on rule {r} not served with no other connection open: {e}")
+            });
+            c.shutdown(Shutdown::Write).unwrap();
+            wait_closed(&c, secs(3)).expect("closed");
+            // Its slot is free once the forwarder has logged the close.
+            assert_eq!(fwd.wait_close_lines(i + 1, secs(3)).len(), i + 1);
+        }
+    }
+
+    /// The upstream reads nothing for 5 s while the client writes as fast as it can:
+    /// the client's writes block (little is buffered), memory stays flat; then the
+    /// upstream reads everything and it is intact.
+    fn slow_reader_bounded_memory(mode) {
+        let _load = heavy();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate_rx);
+        let (res_tx, res_rx) = mpsc::channel();
+        let up = Server::start(LOCALHOST, move |s| {
+            // Read nothing until the test opens the gate.
+            let _ = gate.lock().unwrap().recv_timeout(secs(30));
+            let _ = res_tx.send(read_digest(&s, Instant::now() + secs(60)));
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let mut s = connect(fwd.addr());
+        let p = Payload::new(77, u64::MAX);
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 256 * KIB as usize];
+        let mut written = 0u64;
+        let mut blocked = 0u32;
+        // MemAvailable is system-wide, so other processes move it too: compare medians
+        // (before the writes, and over the last 2 s, when every buffer on the path is
+        // full) instead of single samples.
+        let median = |mut v: Vec<u64>| -> u64 {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let mut baseline = Vec::new();
+        for _ in 0..5 {
+            baseline.push(mem_available());
+            thread::sleep(Duration::from_millis(50));
+        }
+        let before = median(baseline);
+        let rss_before = proc_rss(fwd.pid());
+        let mut late = Vec::new();
+        let mut lowest = before;
+        s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+        let start = Instant::now();
+        let end = start + secs(5);
+        let mut buffered_at_1s = None;
+        while Instant::now() < end {
+            p.fill(written, &mut buf);
+            match s.write(&buf) {
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    written += n as u64;
+                }
+                Err(e) if is_timeout(&e) => blocked += 1,
+                Err(e) => panic!("write after {written} bytes: {e}"),
+            }
+            let m = mem_available();
+            lowest = lowest.min(m);
+            if start.elapsed() >= secs(3) {
+                late.push(m);
+            }
+            if buffered_at_1s.is_none() && start.elapsed() >= secs(1) {
+                buffered_at_1s = Some(written);
+            }
+        }
+        let fell = before.saturating_sub(median(late));
+        let rss_grew = proc_rss(fwd.pid()).saturating_sub(rss_before);
+        let mib = |b: u64| b as f64 / MIB as f64;
+        println!(
+            "slow reader: client wrote {:.1} MiB in 5 s ({:.1} MiB after 1 s), {blocked} writes timed out; \
+             MemAvailable fell by {:.1} MiB (median; {:.1} MiB at the lowest sample); \
+             forwarder RSS grew {:.1} MiB; TCP socket memory now {:.1} MiB (system-wide)",
+            mib(written),
+            mib(buffered_at_1s.unwrap_or(0)),
+            mib(fell),
+            mib(before.saturating_sub(lowest)),
+            mib(rss_grew),
+            mib(tcp_socket_memory()),
+        );
+        assert!(blocked > 0, "the client's writes never blocked");
+        assert!(written < 64 * MIB, "{written} bytes accepted while the upstream read nothing");
+        assert!(fell < 128 * MIB, "MemAvailable fell by {fell} bytes");
+        assert!(rss_grew < 64 * MIB, "forwarder RSS grew by {rss_grew} bytes");
+        // Now let the upstream read everything.
+        gate_tx.send(()).unwrap();
+        s.set_write_timeout(Some(secs(30))).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let want = Digested { len: written, sha: hasher.finish() };
+        let got = res_rx.recv_timeout(secs(60)).expect("upstream result").expect("upstream read");
+        assert_eq!(got, want, "upstream got different bytes");
+    }
+
+    /// SIGTERM while a transfer is in flight: it completes intact, new connections are
+    /// refused from the signal on, and the forwarder exits 0.
+    fn sigterm_drains_inflight_transfer(mode) {
+        let _load = light();
+        let p = Payload::new(99, 48 * MIB);
+        let up = Server::source(p);
+        let mut fwd = Forwarder::config(
+            Some(mode),
+            &format!("[global]\nshutdown_grace = \"10s\"\n{}", rule("drain", up.addr(), "")),
+            1,
+        );
+        fwd.assert_mode(mode);
+        let addr = fwd.addr();
+        let progress = Arc::new(AtomicU64::new(0));
+        let result = thread::scope(|scope| {
+            let reader = scope.spawn(|| -> std::io::Result<Digested> {
+                // Read at ~40 MiB/s so the transfer spans the signal.
+                let mut s = connect(addr);
+                let deadline = Instant::now() + secs(30);
+                let mut h = Hasher::new();
+                let mut len = 0u64;
+                let mut buf = vec![0u8; 256 * KIB as usize];
+                loop {
+                    set_read_deadline(&s, deadline)?;
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                    len += n as u64;
+                    progress.store(len, Ordering::SeqCst);
+                    thread::sleep(Duration::from_millis(6));
+                }
+                Ok(Digested { len, sha: h.finish() })
+            });
+            let wait_until = Instant::now() + secs(10);
+            while progress.load(Ordering::SeqCst) < 4 * MIB && Instant::now() < wait_until {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let at_signal = progress.load(Ordering::SeqCst);
+            assert!(at_signal >= 4 * MIB, "transfer did not start");
+            fwd.proc.signal(libc::SIGTERM);
+            let signalled = Instant::now();
+            // New connections must be refused (bounded probe loop).
+            let mut refused = None;
+            for _ in 0..300 {
+                match std::net::TcpStream::connect_timeout(&addr, secs(1)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        refused = Some(signalled.elapsed());
+                        break;
+                    }
+                    _ => thread::sleep(Duration::from_millis(10)),
+                }
+                if signalled.elapsed() > secs(3) {
+                    break;
+                }
+            }
+            let refused = refused.expect("new connections still accepted 3 s after SIGTERM");
+            assert!(
+                progress.load(Ordering::SeqCst) < p.len,
+                "transfer finished before the refusal check; nothing was in flight"
+            );
+            println!("SIGTERM at {at_signal} bytes; refusing new connections after {refused:?}");
+            reader.join().unwrap()
+        });
+        let got = result.expect("in-flight transfer failed");
+        assert_eq!(got, Digested::of(&p), "in-flight transfer damaged");
+        let status = fwd.proc.wait_timeout(secs(12)).expect("forwarder did not exit after draining");
+        assert_eq!(status.code(), Some(0), "exit {}", describe_status(&status));
+        let closes = fwd.close_lines();
+        assert!(closes.iter().any(|l| l.contains("end=closed")
+            && field(l, "bytes_down") == Some(p.len.to_string().as_str())), "{closes:?}");
+    }
+
+    /// A second signal during the drain exits at once, even with connections open.
+    fn second_signal_exits_at_once(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let mut fwd = Forwarder::config(
+            Some(mode),
+            &format!("[global]\nshutdown_grace = \"60s\"\n{}", rule("twice", up.addr(), "")),
+            1,
+        );
+        fwd.assert_mode(mode);
+        let c = connect(fwd.addr());
+        ping(&c, b"open", secs(3)).unwrap();
+        fwd.proc.signal(libc::SIGTERM);
+        fwd.stderr
+            .wait_for(secs(5), |l| l.contains("shutdown"))
+            .expect("no shutdown line after SIGTERM");
+        // The open connection keeps the forwarder draining.
+        assert!(fwd.proc.wait_timeout(Duration::from_millis(500)).is_none(), "exited without draining");
+        ping(&c, b"still served while draining", secs(3)).unwrap();
+        fwd.proc.signal(libc::SIGINT);
+        let t = Instant::now();
+        let status = fwd.proc.wait_timeout(secs(3)).expect("second signal did not end the forwarder");
+        println!("second signal: {} after {:.2?}", describe_status(&status), t.elapsed());
+        drop(c);
+    }
+
+    /// Half-close 20 times: 4 MiB up, write side shut right after the last byte, the
+    /// server's answer (after EOF) names exactly those bytes.
+    fn half_close_repeated_20x4mib(mode) {
+        let _load = light();
+        let (up, _rx) = Server::answer_after_eof();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        for i in 0..20 {
+            let p = Payload::new(2000 + i, 4 * MIB + i);
+            let got = half_close_upload(fwd.addr(), p, secs(20));
+            assert_eq!(got, Digested::of(&p), "round {i}");
+        }
+    }
+
+    /// close() right after write(), 20 times: the server still receives every byte.
+    fn close_right_after_write_20x4mib(mode) {
+        let _load = light();
+        let (up, rx) = Server::recorder();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        for i in 0..20 {
+            let p = Payload::new(3000 + i, 4 * MIB + 3 * i);
+            let s = connect(fwd.addr());
+            p.write_to(&s, Instant::now() + secs(20)).expect("write");
+            drop(s);
+            let got = rx
+                .recv_timeout(secs(20))
+                .unwrap_or_else(|_| panic!("round {i}: server saw no EOF"))
+                .unwrap_or_else(|e| panic!("round {i}: server read failed: {e}"));
+            assert_eq!(got, Digested::of(&p), "round {i}");
+        }
+    }
+
+    /// 1,000 connection pairs open at once, 1 MiB each way per pair, sha256 checked.
+    fn thousand_concurrent_pairs_1mib(mode) {
+        let _load = heavy();
+        let nofile = raise_nofile();
+        assert!(nofile >= 4000, "RLIMIT_NOFILE {nofile} is too low for 1000 pairs");
+        let up = Server::echo();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let payloads: Vec<Payload> = (0..1000).map(|i| Payload::new(50_000 + i, MIB)).collect();
+        let start = Instant::now();
+        drive_echo_clients(fwd.addr(), &payloads, Instant::now() + secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!("1000 x 1 MiB echoed in {:.2?}", start.elapsed());
+        assert_eq!(up.accepted(), 1000);
+        let closes = fwd.wait_close_lines(1000, secs(10));
+        assert_eq!(closes.len(), 1000);
+        assert!(closes.iter().all(|l| l.contains("end=closed")), "{:?}",
+            closes.iter().find(|l| !l.contains("end=closed")));
+    }
+
+    /// IPv6: listen on [::1], forward to an upstream on [::1].
+    fn ipv6_loopback(mode) {
+        let _load = light();
+        let up = Server::echo_on(LOCALHOST6);
+        let fwd = Forwarder::cli_listen(mode, "[::1]:0", &[up.addr().to_string()]);
+        fwd.assert_mode(mode);
+        assert!(fwd.addr().is_ipv6(), "{}", fwd.listening[0].line);
+        echo_check(fwd.addr(), Payload::new(6, 3 * MIB + 1), secs(20));
+        let close = fwd.wait_close_lines(1, secs(3));
+        assert!(close.first().is_some_and(|l| field(l, "client").is_some_and(|c| c.starts_with("[::1]:"))
+            && field(l, "upstream") == Some(up.addr().to_string().as_str())), "{close:?}");
+    }
+}
