@@ -42,19 +42,9 @@ enum PumpError {
 }
 
 pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
-    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            reset_on_close(&pair.client);
-            return RelayEnd::Failed {
-                side: Side::Client,
-                error: io::Error::new(e.kind(), format!("cannot create pipe: {e}")),
-            };
-        }
-    };
     let (c, u) = (&pair.client, &pair.upstream);
-    let up = pump(c, u, &up_pipe, &progress.to_upstream);
-    let down = pump(u, c, &down_pipe, &progress.to_client);
+    let up = pump(c, u, &progress.to_upstream);
+    let down = pump(u, c, &progress.to_client);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let failure = loop {
@@ -102,12 +92,11 @@ async fn socket_error(sock: &TcpStream) -> io::Error {
 }
 
 /// Moves one direction until EOF (then passes the FIN on) or an error.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &Pipe,
-    moved: &AtomicU64,
-) -> Result<(), PumpError> {
+async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
+    // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): make it
+    // when the first bytes, or the EOF, arrive.
+    src.readable().await.map_err(PumpError::Read)?;
+    let pipe = Pipe::new().map_err(PumpError::Read)?;
     let mut in_pipe = 0usize;
     let mut eof = false;
     loop {
