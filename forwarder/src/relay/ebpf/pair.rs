@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use forwarder_common::{DirControl, MAX_PAIRS};
+use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWriteExt, Interest};
 
@@ -115,6 +115,8 @@ struct Dir {
     sent_base: u64,
     /// Bytes read from src by anyone before pairing (0 for fresh sockets).
     recv_base: u64,
+    /// Bytes we relayed ourselves before pairing (see `relay_partly_read`).
+    carried: u64,
     /// Passed bytes we have written to dst.
     consumed: u64,
     /// Last limit written to CONTROL.
@@ -142,11 +144,21 @@ struct Paired {
     inflight_limit: u64,
 }
 
-async fn setup(k: &'static Kernel, inflight_limit: u64, pair: Pair) -> Result<Paired, Setup> {
+async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Result<Paired, Setup> {
     let fallback = |pair: Pair, why: String| Setup::Fallback {
         pair,
         carry: Vec::new(),
         why,
+    };
+    let carried = match relay_partly_read(&mut pair).await {
+        Ok(c) => c,
+        Err((side, error)) => {
+            super::super::reset_on_close(match side {
+                Side::Client => &pair.upstream,
+                Side::Upstream => &pair.client,
+            });
+            return Err(Setup::Failed { side, error });
+        }
     };
     let fds = [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()];
     let mut cookies = [0u64; 2];
@@ -216,6 +228,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, pair: Pair) -> Result<Pa
     let dir = |src: usize, dst: usize| Dir {
         src,
         dst,
+        carried: carried[src],
         key: cookies[src],
         sent_base: sent_base[dst],
         recv_base: recv_base[src],
@@ -258,6 +271,39 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, pair: Pair) -> Result<Pa
         );
     }
     Ok(paired)
+}
+
+/// A socket that was read from before pairing (a PROXY header, say) can hold a partly
+/// read skb, and the program is then handed all of it: measured on 6.18, the bytes
+/// already read reach the peer a second time. So relay whatever such a socket has
+/// queued ourselves, before pairing (our own writes must precede pairing anyway).
+/// Returns the bytes relayed per side.
+async fn relay_partly_read(pair: &mut Pair) -> Result<[u64; 2], (Side, io::Error)> {
+    let mut carried = [0u64; 2];
+    for i in 0..2 {
+        let (src, dst) = match i {
+            CLIENT => (&pair.client, &mut pair.upstream),
+            _ => (&pair.upstream, &mut pair.client),
+        };
+        let fd = src.as_raw_fd();
+        if read_before_pairing(fd).map_err(|e| (SIDES[i], e))? == 0 {
+            continue;
+        }
+        let mut buf = vec![0u8; COPY_BUF];
+        loop {
+            match sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
+                Ok(0) => break,
+                Ok(n) => {
+                    dst.write_all(&buf[..n]).await.map_err(|e| (SIDES[1 - i], e))?;
+                    carried[i] += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err((SIDES[i], e)),
+            }
+        }
+    }
+    Ok(carried)
 }
 
 /// Bytes someone read from the socket before it reached us (tcp_info counts every
@@ -458,12 +504,13 @@ impl Paired {
             return Ok(false);
         }
         let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+        verify_no_duplication(st, dir, src_fd)?;
         let accepted = sys::bytes_sent_into(dst_fd)
             .map_err(|e| (dir.dst, e))?
             .saturating_sub(dir.sent_base);
         let mut moved = accepted != dir.accepted;
         dir.accepted = accepted;
-        counter.store(accepted, Ordering::Relaxed);
+        counter.store(dir.carried + accepted, Ordering::Relaxed);
         let from_redirect = accepted.saturating_sub(dir.consumed);
         let inflight = st.redirected.saturating_sub(from_redirect);
         let consumed_before = dir.consumed;
@@ -473,7 +520,7 @@ impl Paired {
                 // into dst: wait until dst took them all (dst writable = progress).
                 dir.want_out = true;
             } else {
-                moved |= copy(dir, src_fd, dst_fd)?;
+                moved |= copy(k, dir, src_fd, dst_fd)?;
             }
         }
         let limit = from_redirect + limit_bytes;
@@ -495,7 +542,7 @@ impl Paired {
             let accepted = sys::bytes_sent_into(dst_fd)
                 .map_err(|e| (dir.dst, e))?
                 .saturating_sub(dir.sent_base);
-            counter.store(accepted, Ordering::Relaxed);
+            counter.store(dir.carried + accepted, Ordering::Relaxed);
             if accepted >= target && st.passed <= dir.consumed {
                 if accepted > target {
                     tracing::debug!("ebpf: dst accepted {accepted} > {target} received");
@@ -513,9 +560,35 @@ impl Paired {
     }
 }
 
+/// Fails the pair when the program has seen more bytes than TCP received on `src`.
+///
+/// Measured on kernel 6.18: when bytes are SK_PASSed, the verdict program now and then
+/// runs twice on one skb (about 1 run in 8 of 1 GiB with the bound often reached), and
+/// the copy reaches the peer twice. Forwarding a corrupted stream silently is the worst
+/// outcome; a reset on both sides is what a broken network would show. `st` must be
+/// read before the TCP counters: the program counts bytes after TCP has received them.
+fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (usize, io::Error)> {
+    let received = sys::tcp_counters(src_fd)
+        .map_err(|e| (dir.src, e))?
+        .bytes_received
+        .saturating_sub(dir.recv_base);
+    let seen = st.redirected + st.passed;
+    if seen > received {
+        tracing::error!(
+            "ebpf: the kernel handed the program {} bytes more than TCP received (redirected={} passed={} received={}); resetting the pair",
+            seen - received,
+            st.redirected,
+            st.passed,
+            received
+        );
+        return Err((dir.src, io::Error::other("kernel duplicated bytes on the sockmap path")));
+    }
+    Ok(())
+}
+
 /// Relays bytes the program passed (left on src's queue) with recv/send, stopping when
 /// dst is full: then they stay charged to src's receive buffer and its window closes.
-fn copy(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (usize, io::Error)> {
+fn copy(k: &Kernel, dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (usize, io::Error)> {
     let mut copied = 0u64;
     while copied < COPY_BUDGET {
         if !dir.buffered() {
@@ -534,6 +607,10 @@ fn copy(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (usize, io:
                 Ok(n) => {
                     dir.buf.truncate(n);
                     dir.off = 0;
+                    // The program counted these bytes before they became readable, so
+                    // a duplicate among them shows now, before we send any of it.
+                    let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+                    verify_no_duplication(st, dir, src_fd)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dir.buf.clear();
