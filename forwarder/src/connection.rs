@@ -132,7 +132,7 @@ pub async fn serve(
         _ = abort.wait_for(|a| *a) => "shutdown".to_string(),
     };
     tracing::info!(
-        "close rule={} client={} upstream={} bytes_up={} bytes_down={} duration={:.3}s path={} end={}",
+        "close rule={} client={} upstream={} bytes_up={} bytes_down={} duration={:.3}s path={} userspace_bytes={} end={}",
         rule.name,
         peer,
         upstream_addr,
@@ -140,6 +140,7 @@ pub async fn serve(
         progress.to_client.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
         rt.relay.path(),
+        progress.via_userspace.load(Ordering::Relaxed),
         end
     );
 }

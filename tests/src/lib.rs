@@ -544,7 +544,9 @@ impl Forwarder {
                 c
             }
         };
-        cmd.env("FORWARDER_LOG", "info");
+        // FORWARDER_TEST_LOG=info,forwarder=debug shows the relays' own statistics.
+        let log = std::env::var("FORWARDER_TEST_LOG").unwrap_or_else(|_| "info".into());
+        cmd.env("FORWARDER_LOG", log);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -608,6 +610,11 @@ impl Forwarder {
 
     pub fn pid(&self) -> i32 {
         self.proc.pid()
+    }
+
+    /// Every line logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.stderr.snapshot()
     }
 
     /// `close ...` lines logged so far.
@@ -847,9 +854,24 @@ impl Payload {
 
     /// Writes the whole payload to `w` in 256 KiB chunks, giving up at `deadline`.
     pub fn write_to(&self, w: &TcpStream, deadline: Instant) -> io::Result<()> {
+        self.write_paced(w, deadline, None)
+    }
+
+    /// Like `write_to`, at most `bytes_per_sec` when given.
+    pub fn write_paced(
+        &self,
+        w: &TcpStream,
+        deadline: Instant,
+        bytes_per_sec: Option<u64>,
+    ) -> io::Result<()> {
         let mut buf = vec![0u8; 256 * KIB as usize];
         let mut off = 0;
+        let started = Instant::now();
         while off < self.len {
+            if let Some(rate) = bytes_per_sec {
+                let due = started + Duration::from_secs_f64(off as f64 / rate as f64);
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
             let n = (self.len - off).min(buf.len() as u64) as usize;
             self.fill(off, &mut buf[..n]);
             set_write_deadline(w, deadline)?;

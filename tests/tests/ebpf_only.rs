@@ -29,7 +29,11 @@ mod ebpf {
         std::thread::sleep(Duration::from_millis(300));
         let cpu_before = fwd.cpu_seconds();
         let start = Instant::now();
-        p.write_to(&s, Instant::now() + secs(120))
+        // At a pace the kernel's redirect worker keeps up with. At full speed on a
+        // 2-core host the worker falls behind, the in-flight bound engages and bytes
+        // are relayed in userspace by design (docs/ebpf.md): that is what `cargo xtask
+        // bench` measures. Here we prove the normal path moves no byte through us.
+        p.write_paced(&s, Instant::now() + secs(120), Some(200 * MIB))
             .expect("send 1 GiB");
         s.shutdown(Shutdown::Write).unwrap();
         let got = rx
@@ -41,11 +45,28 @@ mod ebpf {
         drop(s);
         assert_eq!(got, Digested::of(&p), "upstream got different bytes");
         let per_gib = cpu / (p.len as f64 / GIB as f64);
+        let close = fwd.wait_close_lines(1, secs(5));
+        let copied: u64 = close
+            .first()
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("userspace_bytes="))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no userspace_bytes in {close:?}"));
         println!(
-            "ebpf: 1 GiB in {took:.2?}; forwarder used {cpu:.3} CPU s ({per_gib:.3} s per GiB)"
+            "ebpf: 1 GiB in {took:.2?}; {copied} bytes through userspace; forwarder used {cpu:.3} CPU s ({per_gib:.3} s per GiB)"
         );
+        // The forwarder's own read/write syscalls touched under 1% of the payload...
         assert!(
-            per_gib < 0.1,
+            copied < p.len / 100,
+            "{copied} of {} bytes went through userspace",
+            p.len
+        );
+        // ...and its CPU, all control plane (a wake-up per ms while bytes move), stays
+        // far under a userspace relay's (splice here: ~0.4 s per GiB).
+        assert!(
+            per_gib < 0.25,
             "forwarder used {per_gib:.3} CPU seconds per GiB: payload goes through userspace"
         );
     }

@@ -21,6 +21,10 @@ pub mod splice;
 pub struct Progress {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
+    /// Of those, bytes that went through our own memory (recv/send) rather than
+    /// staying in the kernel: 0 on splice; on ebpf, what the in-flight bound and
+    /// pre-pairing reads made us relay.
+    pub via_userspace: AtomicU64,
 }
 
 impl Progress {

@@ -294,7 +294,9 @@ async fn relay_partly_read(pair: &mut Pair) -> Result<[u64; 2], (Side, io::Error
             match sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
                 Ok(0) => break,
                 Ok(n) => {
-                    dst.write_all(&buf[..n]).await.map_err(|e| (SIDES[1 - i], e))?;
+                    dst.write_all(&buf[..n])
+                        .await
+                        .map_err(|e| (SIDES[1 - i], e))?;
                     carried[i] += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -370,6 +372,8 @@ async fn salvage(entries: MapEntries, pair: Pair, insert_error: io::Error) -> Se
 impl Paired {
     async fn run(&mut self, progress: &Progress) -> RelayEnd {
         let result = self.watch(progress).await;
+        let copied: u64 = self.dirs.iter().map(|d| d.consumed + d.carried).sum();
+        progress.via_userspace.store(copied, Ordering::Relaxed);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let k = self.entries.k;
             let s = |d: &Dir| k.dir_state(d.key).unwrap_or_default();
@@ -581,14 +585,22 @@ fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (
             st.passed,
             received
         );
-        return Err((dir.src, io::Error::other("kernel duplicated bytes on the sockmap path")));
+        return Err((
+            dir.src,
+            io::Error::other("kernel duplicated bytes on the sockmap path"),
+        ));
     }
     Ok(())
 }
 
 /// Relays bytes the program passed (left on src's queue) with recv/send, stopping when
 /// dst is full: then they stay charged to src's receive buffer and its window closes.
-fn copy(k: &Kernel, dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (usize, io::Error)> {
+fn copy(
+    k: &Kernel,
+    dir: &mut Dir,
+    src_fd: RawFd,
+    dst_fd: RawFd,
+) -> Result<bool, (usize, io::Error)> {
     let mut copied = 0u64;
     while copied < COPY_BUDGET {
         if !dir.buffered() {
