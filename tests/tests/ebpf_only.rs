@@ -31,7 +31,7 @@ mod ebpf {
         let start = Instant::now();
         // At a pace the kernel's redirect worker keeps up with. At full speed on a
         // 2-core host the worker falls behind, the in-flight bound engages and bytes
-        // are relayed in userspace by design (docs/ebpf.md): that is what `cargo xtask
+        // are relayed in userspace by design (docs/ARCHITECTURE.md): that is what `cargo xtask
         // bench` measures. Here we prove the normal path moves no byte through us.
         p.write_paced(&s, Instant::now() + secs(120), Some(200 * MIB))
             .expect("send 1 GiB");

@@ -93,7 +93,15 @@ fn test(extra: &[String]) -> Result<()> {
     let mut cargo = Command::new(cargo_bin());
     cargo
         .current_dir(workspace_root())
-        .args(["test", "--no-fail-fast", "-p", "forwarder", "-p", "forwarder-tests", "--"])
+        .args([
+            "test",
+            "--no-fail-fast",
+            "-p",
+            "forwarder",
+            "-p",
+            "forwarder-tests",
+            "--",
+        ])
         .args(extra)
         .env("FORWARDER_BIN", &bin);
     run(&mut cargo)

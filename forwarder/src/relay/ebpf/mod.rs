@@ -5,7 +5,7 @@
 //! every skb to the peer's egress. Userspace only watches: it raises each direction's
 //! in-flight limit as the peer socket accepts bytes, relays the bytes the program
 //! leaves behind when that limit is reached, passes FINs on once every byte is in the
-//! peer socket, and turns errors into resets. See docs/ebpf.md.
+//! peer socket, and turns errors into resets. See docs/ARCHITECTURE.md.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -39,7 +39,18 @@ pub async fn relay(
     allow_fallback: bool,
 ) -> RelayEnd {
     match setup(k, inflight_limit, pair).await {
-        Ok(mut paired) => paired.run(progress).await,
+        Ok(mut paired) => match paired.run(progress).await {
+            Ok(end) => end,
+            // The in-flight bound was reached: the pair left the maps without loss
+            // and goes on in splice, which has TCP's own backpressure.
+            Err(Handoff) => match paired.into_pair() {
+                Ok(pair) => crate::relay::splice::relay(pair, progress).await,
+                Err(error) => RelayEnd::Failed {
+                    side: Side::Client,
+                    error,
+                },
+            },
+        },
         Err(Setup::Fallback { pair, carry, why }) if allow_fallback => {
             tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
             let Pair {
@@ -126,6 +137,11 @@ struct Dir {
     buf: Vec<u8>,
     off: usize,
     fin: bool,
+    /// From the last step: redirected bytes not yet in dst, whether passed bytes wait
+    /// for us, and redirected + passed (to see that nothing moved while leaving).
+    inflight: u64,
+    pending: bool,
+    seen: u64,
     shut: bool,
     want_in: bool,
     want_out: bool,
@@ -142,7 +158,12 @@ struct Paired {
     socks: [StdTcpStream; 2],
     dirs: [Dir; 2],
     inflight_limit: u64,
+    /// Holding new bytes in TCP's queues until the maps are empty of ours.
+    leaving: bool,
 }
+
+/// The pair has left the maps; relay it in userspace from here.
+struct Handoff;
 
 async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Result<Paired, Setup> {
     let fallback = |pair: Pair, why: String| Setup::Fallback {
@@ -238,6 +259,9 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         buf: Vec::new(),
         off: 0,
         fin: false,
+        inflight: 0,
+        pending: false,
+        seen: 0,
         shut: false,
         want_in: false,
         want_out: false,
@@ -247,6 +271,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         socks: [client, upstream],
         dirs: [dir(CLIENT, UPSTREAM), dir(UPSTREAM, CLIENT)],
         inflight_limit,
+        leaving: false,
     };
     for d in &mut paired.dirs {
         d.limit = inflight_limit;
@@ -370,7 +395,7 @@ async fn salvage(entries: MapEntries, pair: Pair, insert_error: io::Error) -> Se
 }
 
 impl Paired {
-    async fn run(&mut self, progress: &Progress) -> RelayEnd {
+    async fn run(&mut self, progress: &Progress) -> Result<RelayEnd, Handoff> {
         let result = self.watch(progress).await;
         let copied: u64 = self.dirs.iter().map(|d| d.consumed + d.carried).sum();
         progress.via_userspace.store(copied, Ordering::Relaxed);
@@ -387,22 +412,120 @@ impl Paired {
             );
         }
         match result {
-            Ok(()) => RelayEnd::Closed,
+            Ok(Some(Handoff)) => Err(Handoff),
+            Ok(None) => Ok(RelayEnd::Closed),
             Err((i, error)) => {
                 // Pass the failure on as a reset, like a direct connection would show it.
                 let other = 1 - i;
                 let _ = socket2::SockRef::from(&self.socks[other]).set_linger(Some(Duration::ZERO));
-                RelayEnd::Failed {
+                Ok(RelayEnd::Failed {
                     side: SIDES[i],
                     error,
-                }
+                })
             }
         }
     }
 
+    /// The sockets as tokio streams again, after `leave_maps`.
+    fn into_pair(self) -> io::Result<Pair> {
+        let Paired { entries, socks, .. } = self;
+        drop(entries);
+        let [client, upstream] = socks;
+        client.set_nonblocking(true)?;
+        upstream.set_nonblocking(true)?;
+        Ok(Pair {
+            client: tokio::net::TcpStream::from_std(client)?,
+            upstream: tokio::net::TcpStream::from_std(upstream)?,
+        })
+    }
+
+    /// Starts leaving the maps once a direction is half way to its in-flight bound:
+    /// new bytes then stay in TCP's receive queues (the senders see a closing window)
+    /// instead of reaching the program, which past the bound could only pass them to
+    /// us (SK_PASS, a path on which this kernel has been seen to duplicate skbs).
+    fn maybe_start_leaving(&mut self) -> Result<(), (usize, io::Error)> {
+        let fin = self.dirs.iter().any(|d| d.fin);
+        let crowded = self
+            .dirs
+            .iter()
+            .any(|d| d.inflight >= self.inflight_limit / 2);
+        // Start when crowded; stop only if a FIN came (the pair then ends on the
+        // kernel path, and a held queue would hold the other direction up).
+        let start = !self.leaving && crowded && !fin;
+        let stop = self.leaving && fin;
+        if !start && !stop {
+            return Ok(());
+        }
+        let lowat = if stop { 1 } else { libc::c_int::MAX };
+        for (i, s) in self.socks.iter().enumerate() {
+            sys::set_rcvlowat(s.as_raw_fd(), lowat).map_err(|e| (i, e))?;
+        }
+        self.leaving = !self.leaving;
+        Ok(())
+    }
+
+    /// Leaves the maps if nothing of ours is in the kernel's sockmap queues any more;
+    /// returns whether it did. Bytes that reached the program meanwhile would be lost
+    /// with its queues: that is checked, and fails the pair rather than corrupt it.
+    async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
+        let quiet = self
+            .dirs
+            .iter()
+            .all(|d| d.inflight == 0 && !d.pending && !d.buffered() && !d.fin);
+        if !self.leaving || !quiet {
+            return Ok(false);
+        }
+        let k = self.entries.k;
+        let seen = |dirs: &[Dir; 2]| -> Result<[u64; 2], (usize, io::Error)> {
+            let mut out = [0; 2];
+            for (i, d) in dirs.iter().enumerate() {
+                let st = k.dir_state(d.key).map_err(|e| (d.src, e))?;
+                out[i] = st.redirected + st.passed;
+            }
+            Ok(out)
+        };
+        let before = seen(&self.dirs)?;
+        if before != [self.dirs[0].seen, self.dirs[1].seen] {
+            return Ok(false);
+        }
+        for c in self.entries.cookies {
+            k.remove_sock(c);
+        }
+        self.entries.socks_in = [false; 2];
+        // A verdict already running on another CPU finishes within its RCU section.
+        tokio::time::sleep(MIN_TICK).await;
+        if seen(&self.dirs)? != before {
+            return Err((
+                CLIENT,
+                io::Error::other("bytes reached the sockmap while the pair left it"),
+            ));
+        }
+        for (i, d) in self.dirs.iter().enumerate() {
+            let fd = self.socks[i].as_raw_fd();
+            // What TCP holds for us must be exactly what the program never saw: a
+            // receive sequence the sockmap code left behind would make TCP skip data.
+            let received = sys::tcp_counters(fd).map_err(|e| (i, e))?.bytes_received;
+            let held = received.saturating_sub(d.recv_base + before[i]);
+            let inq = sys::inq(fd).map_err(|e| (i, e))?;
+            if inq != held {
+                return Err((
+                    i,
+                    io::Error::other(format!(
+                        "after leaving the sockmap TCP reports {inq} unread bytes, {held} expected"
+                    )),
+                ));
+            }
+            sys::set_rcvlowat(fd, 1).map_err(|e| (i, e))?;
+        }
+        tracing::debug!(
+            "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
+        );
+        Ok(true)
+    }
+
     /// The watch loop: returns when both FINs are passed on, or which side failed.
     #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
-    async fn watch(&mut self, progress: &Progress) -> Result<(), (usize, io::Error)> {
+    async fn watch(&mut self, progress: &Progress) -> Result<Option<Handoff>, (usize, io::Error)> {
         let epoll = Epoll::new().map_err(|e| (CLIENT, e))?;
         let base = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         let mut masks = [0u32; 2];
@@ -429,9 +552,13 @@ impl Paired {
                 moved |= self.step(d, counters[d])?;
             }
             if self.dirs.iter().all(|d| d.shut) {
-                return Ok(());
+                return Ok(None);
             }
-            let waiting = self.dirs.iter().any(|d| d.fin && !d.shut);
+            self.maybe_start_leaving()?;
+            if self.leave_maps().await? {
+                return Ok(Some(Handoff));
+            }
+            let waiting = self.leaving || self.dirs.iter().any(|d| d.fin && !d.shut);
             tick = if moved || waiting {
                 MIN_TICK
             } else {
@@ -527,6 +654,9 @@ impl Paired {
                 moved |= copy(k, dir, src_fd, dst_fd)?;
             }
         }
+        dir.inflight = inflight;
+        dir.pending = st.passed > dir.consumed;
+        dir.seen = st.redirected + st.passed;
         let limit = from_redirect + limit_bytes;
         if limit != dir.limit || dir.consumed != consumed_before {
             dir.limit = limit;
