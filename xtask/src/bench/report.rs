@@ -155,17 +155,39 @@ enum Goal {
     Max(f64),
 }
 
-const TARGETS: &[(&str, Goal)] = &[
+/// Issue 5's targets, per relay path (ratios are to direct in the same run).
+const SPLICE_TARGETS: &[(&str, Goal)] = &[
     ("up1_gbps", Goal::RatioMin(0.65)),
     ("up8_gbps", Goal::RatioMin(0.65)),
     ("down1_gbps", Goal::RatioMin(0.65)),
     ("down8_gbps", Goal::RatioMin(0.65)),
     ("rr_p50_us", Goal::RatioMax(2.0)),
+    ("rr_p99_us", Goal::RatioMax(3.0)),
     ("conn_per_s", Goal::RatioMin(0.55)),
     ("fwd_cpu_s_per_gib", Goal::Max(0.40)),
     ("fwd_base_rss_mib", Goal::Max(8.0)),
     ("idle_rss_per_conn_b", Goal::Max(2048.0)),
 ];
+
+const EBPF_TARGETS: &[(&str, Goal)] = &[
+    ("up1_gbps", Goal::RatioMin(0.85)),
+    ("up8_gbps", Goal::RatioMin(0.85)),
+    ("down1_gbps", Goal::RatioMin(0.85)),
+    ("down8_gbps", Goal::RatioMin(0.85)),
+    ("rr_p50_us", Goal::RatioMax(1.3)),
+    ("rr_p99_us", Goal::RatioMax(1.6)),
+    ("conn_per_s", Goal::RatioMin(0.55)),
+    ("fwd_cpu_s_per_gib", Goal::Max(0.05)),
+    ("fwd_base_rss_mib", Goal::Max(8.0)),
+    ("idle_rss_per_conn_b", Goal::Max(2048.0)),
+];
+
+fn targets(mode: Mode) -> &'static [(&'static str, Goal)] {
+    match mode {
+        Mode::Ebpf => EBPF_TARGETS,
+        _ => SPLICE_TARGETS,
+    }
+}
 
 fn metric(key: &str) -> &'static Metric {
     METRICS.iter().find(|m| m.key == key).expect("known metric")
@@ -234,7 +256,7 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
         if r.unavailable.is_some() {
             continue;
         }
-        for (key, goal) in TARGETS {
+        for (key, goal) in targets(r.mode) {
             let m = metric(key);
             let Some(v) = r.median(key) else { continue };
             let base = direct.and_then(|d| d.median(key));
