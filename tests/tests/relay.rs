@@ -1,8 +1,9 @@
 //! Relay behaviour, written once and run in both relay modes: `splice::NAME` and
 //! `ebpf::NAME` (the latter only as root, where it runs with `--mode ebpf`).
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -225,6 +226,51 @@ relay_tests! {
         // Still accepting.
         let s = connect(fwd.addr());
         drop(s);
+        fwd.assert_running();
+    }
+
+    /// Out of file descriptors (hard limit 64): clients beyond what fits are closed or
+    /// wait, the forwarder neither spins nor exits, and serves again once fds free up.
+    fn survives_fd_exhaustion(mode) {
+        let _load = light();
+        let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("prlimit (util-linux) is required");
+        let up = Server::echo();
+        let prefix: Vec<OsString> = [prlimit, "--nofile=64:64", "--"].iter().map(OsString::from).collect();
+        let args: Vec<OsString> = ["run", "--listen", "127.0.0.1:0", "--upstream", &up.addr().to_string(), "--mode", mode.as_str()]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let mut fwd = Forwarder::spawn_bin(&prefix, &forwarder_bin(), args, 1, None);
+        fwd.assert_mode(mode);
+        // Each pair costs at least two fds: 60 pairs cannot all fit.
+        let mut held = Vec::new();
+        for _ in 0..60 {
+            if let Ok(s) = TcpStream::connect_timeout(&fwd.addr(), secs(2)) {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = (&s).write_all(b"x");
+                held.push(s);
+            }
+        }
+        thread::sleep(Duration::from_millis(500));
+        fwd.assert_running();
+        let cpu_before = fwd.cpu_seconds();
+        thread::sleep(Duration::from_secs(1));
+        let busy = fwd.cpu_seconds() - cpu_before;
+        assert!(busy < 0.5, "forwarder spun at {busy:.2} CPU s/s while out of fds");
+        drop(held);
+        // Recovered: new clients are served in full.
+        let deadline = Instant::now() + secs(10);
+        loop {
+            let r = std::panic::catch_unwind(|| echo_check(fwd.addr(), Payload::new(77, 64 * KIB), secs(3)));
+            if r.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not serving again after fds were freed");
+            thread::sleep(Duration::from_millis(200));
+        }
         fwd.assert_running();
     }
 

@@ -439,7 +439,7 @@ impl Paired {
         })
     }
 
-    /// Starts leaving the maps once a direction is half way to its in-flight bound:
+    /// Starts leaving the maps once a direction is a quarter way to its in-flight bound:
     /// new bytes then stay in TCP's receive queues (the senders see a closing window)
     /// instead of reaching the program, which past the bound could only pass them to
     /// us (SK_PASS, a path on which this kernel has been seen to duplicate skbs).
@@ -448,7 +448,7 @@ impl Paired {
         let crowded = self
             .dirs
             .iter()
-            .any(|d| d.inflight >= self.inflight_limit / 2);
+            .any(|d| d.inflight >= self.inflight_limit / 4);
         // Start when crowded; stop only if a FIN came (the pair then ends on the
         // kernel path, and a held queue would hold the other direction up).
         let start = !self.leaving && crowded && !fin;
@@ -655,6 +655,12 @@ impl Paired {
             }
         }
         dir.inflight = inflight;
+        // After a copy, look again: leaving needs the state as of now.
+        let st = if dir.consumed != consumed_before {
+            k.dir_state(dir.key).map_err(|e| (dir.src, e))?
+        } else {
+            st
+        };
         dir.pending = st.passed > dir.consumed;
         dir.seen = st.redirected + st.passed;
         let limit = from_redirect + limit_bytes;
