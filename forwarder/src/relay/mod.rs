@@ -76,7 +76,7 @@ pub trait Relay: Send + Sync {
 }
 
 /// Makes the peer see a reset rather than a clean FIN when we close `sock`.
-pub fn reset_on_close(sock: &TcpStream) {
+pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }
 

@@ -59,7 +59,7 @@ pub async fn relay(
             } = pair;
             if !carry.is_empty() {
                 if let Err(e) = upstream.write_all(&carry).await {
-                    super::super::reset_on_close(&client);
+                    crate::relay::reset_on_close(&client);
                     return RelayEnd::Failed {
                         side: Side::Upstream,
                         error: e,
@@ -72,7 +72,7 @@ pub async fn relay(
             crate::relay::splice::relay(Pair { client, upstream }, progress).await
         }
         Err(Setup::Fallback { pair, why, .. }) => {
-            super::super::reset_on_close(&pair.client);
+            crate::relay::reset_on_close(&pair.client);
             RelayEnd::Failed {
                 side: Side::Client,
                 error: io::Error::other(why),
@@ -174,7 +174,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
     let carried = match relay_partly_read(&mut pair).await {
         Ok(c) => c,
         Err((side, error)) => {
-            super::super::reset_on_close(match side {
+            crate::relay::reset_on_close(match side {
                 Side::Client => &pair.upstream,
                 Side::Upstream => &pair.client,
             });
@@ -384,8 +384,8 @@ async fn salvage(entries: MapEntries, pair: Pair, insert_error: io::Error) -> Se
             why: format!("upstream socket: {insert_error}"),
         };
     }
-    super::super::reset_on_close(&pair.client);
-    super::super::reset_on_close(&pair.upstream);
+    crate::relay::reset_on_close(&pair.client);
+    crate::relay::reset_on_close(&pair.upstream);
     Setup::Failed {
         side: Side::Upstream,
         error: io::Error::other(format!(
@@ -417,7 +417,7 @@ impl Paired {
             Err((i, error)) => {
                 // Pass the failure on as a reset, like a direct connection would show it.
                 let other = 1 - i;
-                let _ = socket2::SockRef::from(&self.socks[other]).set_linger(Some(Duration::ZERO));
+                crate::relay::reset_on_close(&self.socks[other]);
                 Ok(RelayEnd::Failed {
                     side: SIDES[i],
                     error,
