@@ -96,7 +96,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
     // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): make it
     // when the first bytes, or the EOF, arrive.
     src.readable().await.map_err(PumpError::Read)?;
-    let pipe = Pipe::new().map_err(PumpError::Read)?;
+    let pipe = Pipe::take().map_err(PumpError::Read)?;
     let mut in_pipe = 0usize;
     let mut eof = false;
     loop {
@@ -139,6 +139,8 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
             dst.writable().await.map_err(PumpError::Write)?;
         } else if eof {
             // Every byte before the FIN is in dst's send queue: pass the FIN on.
+            // The pipe is empty: the next connection on this thread can have it.
+            pipe.give_back();
             return match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
                 Ok(()) => Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
@@ -156,7 +158,32 @@ struct Pipe {
     size: usize,
 }
 
+/// Empty pipes kept per worker thread: a connection's two pipes cost ten syscalls to
+/// make, size and close, a large share of a short connection's cost.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Pipe {
+    fn take() -> io::Result<Pipe> {
+        match POOL.with(|p| p.borrow_mut().pop()) {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Only for an empty pipe: whatever it held would reach the next connection.
+    fn give_back(self) {
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(self);
+            }
+        });
+    }
+
     fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: fds is a valid array of two ints for pipe2 to fill.
