@@ -202,10 +202,15 @@ async fn connect_upstream(
 }
 
 async fn connect_one(upstream: &str, timeout: Duration) -> Result<(TcpStream, SocketAddr), String> {
-    let addrs = match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
-        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
-        Ok(Err(e)) => return Err(format!("cannot resolve: {e}")),
-        Err(_) => return Err("resolve timed out".into()),
+    // A literal address needs no resolver: tokio's runs on the blocking pool, a
+    // thread hop per connection that costs connection rate.
+    let addrs = match upstream.parse::<SocketAddr>() {
+        Ok(addr) => vec![addr],
+        Err(_) => match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
+            Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+            Ok(Err(e)) => return Err(format!("cannot resolve: {e}")),
+            Err(_) => return Err("resolve timed out".into()),
+        },
     };
     let mut errors = Vec::new();
     for addr in addrs {
