@@ -66,17 +66,17 @@ pub async fn serve(
     let started = Instant::now();
     let rule = &rt.rule;
     let _ = client.set_nodelay(true);
-    let local = client.local_addr().unwrap_or(rule.listen);
 
-    // Who the client really is: the socket's peer, or what a front balancer says.
-    let (peer, local) = if rule.accept_proxy_protocol {
+    // Who the client really is, and what it connected to: the socket's own addresses,
+    // or what a front balancer says (`None` = ask the socket, only if needed).
+    let (peer, proxied_dst) = if rule.accept_proxy_protocol {
         match proxy_protocol::read(&mut client, rule.proxy_protocol_timeout).await {
-            Ok(proxy_protocol::Header::Proxied { src, dst }) => (src, dst),
-            Ok(proxy_protocol::Header::Local) => (peer, local),
+            Ok(proxy_protocol::Header::Proxied { src, dst }) => (src, Some(dst)),
+            Ok(proxy_protocol::Header::Local) => (peer, None),
             Err(e) => return rt.refuse(client, peer, &format!("bad_proxy_header ({e})")),
         }
     } else {
-        (peer, local)
+        (peer, None)
     };
 
     if !rt.global_access.permits(peer.ip()) || !rule.access.permits(peer.ip()) {
@@ -109,6 +109,7 @@ pub async fn serve(
     if let Some(version) = rule.proxy_protocol {
         // Written before the relay starts: on the kernel path nothing we write after
         // the pair is handed over is ordered with the redirected bytes.
+        let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen));
         let header = proxy_protocol::encode(version, peer, local);
         if let Err(e) = upstream.write_all(&header).await {
             tracing::info!("close rule={} client={peer} upstream={upstream_addr} path=none end=upstream_error (writing PROXY header: {e})", rule.name);
