@@ -333,22 +333,10 @@ async fn relay_partly_read(pair: &mut Pair) -> Result<[u64; 2], (Side, io::Error
     Ok(carried)
 }
 
-/// Bytes someone read from the socket before it reached us (tcp_info counts every
-/// byte received, SIOCINQ the unread ones, and a received FIN counts as one byte).
+/// Bytes someone read from the socket before it reached us.
 fn read_before_pairing(fd: RawFd) -> io::Result<u64> {
-    for _ in 0..10 {
-        let before = sys::tcp_counters(fd)?;
-        let inq = sys::inq(fd)?;
-        let after = sys::tcp_counters(fd)?;
-        if before.bytes_received == after.bytes_received {
-            let fin = matches!(
-                after.state,
-                sys::TCP_CLOSE_WAIT | sys::TCP_LAST_ACK | sys::TCP_CLOSING | sys::TCP_CLOSE
-            ) as u64;
-            return Ok(after.bytes_received.saturating_sub(inq + fin));
-        }
-    }
-    Err(io::Error::other("receive counters kept moving"))
+    let r = sys::received(fd)?;
+    Ok(r.data.saturating_sub(r.unread))
 }
 
 /// Takes the client back out of the map without losing what the program passed to
@@ -504,9 +492,10 @@ impl Paired {
             let fd = self.socks[i].as_raw_fd();
             // What TCP holds for us must be exactly what the program never saw: a
             // receive sequence the sockmap code left behind would make TCP skip data.
-            let received = sys::tcp_counters(fd).map_err(|e| (i, e))?.bytes_received;
-            let held = received.saturating_sub(d.recv_base + before[i]);
-            let inq = sys::inq(fd).map_err(|e| (i, e))?;
+            // The peer may still be sending (and may send its FIN) while we look.
+            let r = sys::received(fd).map_err(|e| (i, e))?;
+            let held = r.data.saturating_sub(d.recv_base + before[i]);
+            let inq = r.unread;
             if inq != held {
                 return Err((
                     i,

@@ -89,6 +89,35 @@ pub fn inq(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
 
+/// Payload bytes TCP has received on a socket, and how many of those are unread.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub data: u64,
+    pub unread: u64,
+}
+
+/// Reads [`Received`] consistently: tcp_info counts a received FIN as one byte and
+/// SIOCINQ does not, and segments may land between the two calls, so retry until
+/// the counter stands still around the SIOCINQ.
+pub fn received(fd: RawFd) -> io::Result<Received> {
+    for _ in 0..10 {
+        let before = tcp_counters(fd)?;
+        let unread = inq(fd)?;
+        let after = tcp_counters(fd)?;
+        if before.bytes_received == after.bytes_received {
+            let fin = matches!(
+                after.state,
+                TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE
+            ) as u64;
+            return Ok(Received {
+                data: after.bytes_received.saturating_sub(fin),
+                unread,
+            });
+        }
+    }
+    Err(io::Error::other("receive counters kept moving"))
+}
+
 /// Total bytes ever queued into the socket for sending: bytes_acked + SIOCOUTQ.
 /// tcp_info is read first, so concurrent ACKs can only make this an underestimate.
 pub fn bytes_sent_into(fd: RawFd) -> io::Result<u64> {
