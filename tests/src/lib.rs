@@ -651,6 +651,17 @@ impl Forwarder {
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.proc.kill();
+        // FORWARDER_TEST_DUMP=FILE keeps every forwarder's whole stderr, for debugging.
+        if let Some(path) = std::env::var_os("FORWARDER_TEST_DUMP") {
+            let text = self.stderr.snapshot().join("\n") + "\n";
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = std::io::Write::write_all(&mut f, text.as_bytes());
+            }
+        }
         if thread::panicking() {
             let lines = self.stderr.snapshot();
             let skip = lines.len().saturating_sub(60);

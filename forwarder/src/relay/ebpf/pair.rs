@@ -138,10 +138,11 @@ struct Dir {
     off: usize,
     fin: bool,
     /// From the last step: redirected bytes not yet in dst, whether passed bytes wait
-    /// for us, and redirected + passed (to see that nothing moved while leaving).
+    /// for us.
     inflight: u64,
     pending: bool,
-    seen: u64,
+    /// This direction's in-flight bytes made the pair leave the maps.
+    crowded: bool,
     shut: bool,
     want_in: bool,
     want_out: bool,
@@ -158,7 +159,7 @@ struct Paired {
     socks: [StdTcpStream; 2],
     dirs: [Dir; 2],
     inflight_limit: u64,
-    /// Holding new bytes in TCP's queues until the maps are empty of ours.
+    /// The in-flight bound was approached: the pair is on its way to splice.
     leaving: bool,
 }
 
@@ -261,7 +262,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         fin: false,
         inflight: 0,
         pending: false,
-        seen: 0,
+        crowded: false,
         shut: false,
         want_in: false,
         want_out: false,
@@ -427,89 +428,132 @@ impl Paired {
         })
     }
 
-    /// Starts leaving the maps once a direction is a quarter way to its in-flight bound:
-    /// new bytes then stay in TCP's receive queues (the senders see a closing window)
-    /// instead of reaching the program, which past the bound could only pass them to
-    /// us (SK_PASS, a path on which this kernel has been seen to duplicate skbs).
-    fn maybe_start_leaving(&mut self) -> Result<(), (usize, io::Error)> {
-        let fin = self.dirs.iter().any(|d| d.fin);
-        let crowded = self
-            .dirs
-            .iter()
-            .any(|d| d.inflight >= self.inflight_limit / 4);
-        // Start when crowded; stop only if a FIN came (the pair then ends on the
-        // kernel path, and a held queue would hold the other direction up).
-        let start = !self.leaving && crowded && !fin;
-        let stop = self.leaving && fin;
-        if !start && !stop {
-            return Ok(());
-        }
-        let lowat = if stop { 1 } else { libc::c_int::MAX };
-        for (i, s) in self.socks.iter().enumerate() {
-            sys::set_rcvlowat(s.as_raw_fd(), lowat).map_err(|e| (i, e))?;
-        }
-        self.leaving = !self.leaving;
-        Ok(())
+    /// Whether socket `s` is still in SOCKS (it sits there under its peer's cookie).
+    fn in_map(&self, s: usize) -> bool {
+        self.entries.socks_in[1 - s]
     }
 
-    /// Leaves the maps if nothing of ours is in the kernel's sockmap queues any more;
-    /// returns whether it did. Bytes that reached the program meanwhile would be lost
-    /// with its queues: that is checked, and fails the pair rather than corrupt it.
+    /// Starts leaving the maps once a direction is a quarter way to its in-flight
+    /// bound: the kernel's redirect worker is not keeping up with this pair, and
+    /// splice, with TCP's own backpressure, serves it better. Past the bound the
+    /// program could only pass bytes to us (SK_PASS, a path on which this kernel has
+    /// been seen to duplicate skbs), so the pair leaves long before.
+    fn maybe_start_leaving(&mut self) {
+        let fin = self.dirs.iter().any(|d| d.fin);
+        for d in &mut self.dirs {
+            if d.inflight >= self.inflight_limit / 16 && (self.leaving || !fin) {
+                d.crowded = true;
+                self.leaving = true;
+            }
+        }
+    }
+
+    /// Takes each socket out of the map as soon as its psock queues hold nothing of
+    /// ours: no bytes redirected into it still on their way, no passed bytes unread.
+    /// Its peer may still be draining what was redirected to it; the socket's own new
+    /// bytes wait in TCP's queue. Returns whether both have left and the pair can go
+    /// on in splice. Bytes that reached a leaving socket's queues in the meantime
+    /// would be lost with them: that is checked, and fails the pair rather than
+    /// corrupt it.
     async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
-        let quiet = self
-            .dirs
-            .iter()
-            .all(|d| d.inflight == 0 && !d.pending && !d.buffered() && !d.fin);
-        if !self.leaving || !quiet {
+        if !self.leaving {
             return Ok(false);
         }
-        let k = self.entries.k;
-        let seen = |dirs: &[Dir; 2]| -> Result<[u64; 2], (usize, io::Error)> {
-            let mut out = [0; 2];
-            for (i, d) in dirs.iter().enumerate() {
-                let st = k.dir_state(d.key).map_err(|e| (d.src, e))?;
-                out[i] = st.redirected + st.passed;
+        for s in 0..2 {
+            let p = 1 - s;
+            // The source of a crowded direction leaves first: its new bytes then wait
+            // in TCP's queue. Its peer leaving first would make the program pass
+            // every byte of that direction to us until it could leave too.
+            if !self.in_map(s) || (self.in_map(p) && !self.dirs[s].crowded) {
+                continue;
             }
-            Ok(out)
-        };
-        let before = seen(&self.dirs)?;
-        if before != [self.dirs[0].seen, self.dirs[1].seen] {
+            if !self.dirs[s].pending && self.dirs[p].inflight == 0 {
+                self.leave_map(s).await?;
+            }
+        }
+        if self.in_map(CLIENT) || self.in_map(UPSTREAM) || self.dirs.iter().any(Dir::buffered) {
             return Ok(false);
         }
-        for c in self.entries.cookies {
-            k.remove_sock(c);
-        }
-        self.entries.socks_in = [false; 2];
-        // A verdict already running on another CPU finishes within its RCU section.
-        tokio::time::sleep(MIN_TICK).await;
-        if seen(&self.dirs)? != before {
-            return Err((
-                CLIENT,
-                io::Error::other("bytes reached the sockmap while the pair left it"),
-            ));
-        }
-        for (i, d) in self.dirs.iter().enumerate() {
-            let fd = self.socks[i].as_raw_fd();
-            // What TCP holds for us must be exactly what the program never saw: a
-            // receive sequence the sockmap code left behind would make TCP skip data.
-            // The peer may still be sending (and may send its FIN) while we look.
-            let r = sys::received(fd).map_err(|e| (i, e))?;
-            let held = r.data.saturating_sub(d.recv_base + before[i]);
-            let inq = r.unread;
-            if inq != held {
-                return Err((
-                    i,
-                    io::Error::other(format!(
-                        "after leaving the sockmap TCP reports {inq} unread bytes, {held} expected"
-                    )),
-                ));
-            }
-            sys::set_rcvlowat(fd, 1).map_err(|e| (i, e))?;
+        for (i, s) in self.socks.iter().enumerate() {
+            sys::set_rcvlowat(s.as_raw_fd(), 1).map_err(|e| (i, e))?;
         }
         tracing::debug!(
             "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
         );
         Ok(true)
+    }
+
+    /// Takes socket `s` out of the map if, with its new bytes held back, its psock
+    /// queues are still empty of ours.
+    async fn leave_map(&mut self, s: usize) -> Result<(), (usize, io::Error)> {
+        let k = self.entries.k;
+        let p = 1 - s;
+        let fd = self.socks[s].as_raw_fd();
+        // SO_RCVLOWAT keeps new bytes in TCP's queue, away from the program (up to
+        // half of tcp_rmem[2], or until a FIN): then look again. Not for longer:
+        // held bytes count against the receive buffer, and passed bytes waiting on
+        // the psock's backlog for room there would wait forever.
+        sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(|e| (s, e))?;
+        let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+        let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
+        let delivered = self.delivered(p)?;
+        if own.passed != self.dirs[s].consumed || delivered < into.redirected {
+            return sys::set_rcvlowat(fd, 1).map_err(|e| (s, e));
+        }
+        k.remove_sock(self.entries.cookies[p]);
+        self.entries.socks_in[p] = false;
+        // A verdict already running on another CPU finishes within its RCU section.
+        tokio::time::sleep(MIN_TICK).await;
+        let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+        if own.passed != self.dirs[s].consumed {
+            return Err((
+                s,
+                io::Error::other("bytes passed while the socket left the sockmap were lost"),
+            ));
+        }
+        let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
+        self.wait_delivered(p, into.redirected).await?;
+        // What TCP holds for us must be exactly what the program never saw: a
+        // receive sequence the sockmap code left behind would make TCP skip data.
+        let r = sys::received(fd).map_err(|e| (s, e))?;
+        let held = r
+            .data
+            .saturating_sub(self.dirs[s].recv_base + own.redirected + own.passed);
+        if r.unread != held {
+            return Err((
+                s,
+                io::Error::other(format!(
+                    "after leaving the sockmap TCP reports {} unread bytes, {held} expected",
+                    r.unread
+                )),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Redirected bytes of direction `d` that its dst has accepted.
+    fn delivered(&self, d: usize) -> Result<u64, (usize, io::Error)> {
+        let dir = &self.dirs[d];
+        let accepted = sys::bytes_sent_into(self.socks[dir.dst].as_raw_fd())
+            .map_err(|e| (dir.dst, e))?
+            .saturating_sub(dir.sent_base);
+        Ok(accepted.saturating_sub(dir.consumed))
+    }
+
+    /// Waits briefly until dst of direction `d` has taken every redirected byte: the
+    /// program redirected more just before dst left the map, and whatever was still
+    /// on dst's psock queue then is gone.
+    async fn wait_delivered(&self, d: usize, redirected: u64) -> Result<(), (usize, io::Error)> {
+        for _ in 0..20 {
+            if self.delivered(d)? >= redirected {
+                return Ok(());
+            }
+            tokio::time::sleep(MIN_TICK).await;
+        }
+        Err((
+            self.dirs[d].dst,
+            io::Error::other("bytes reached the sockmap while the pair left it"),
+        ))
     }
 
     /// The watch loop: returns when both FINs are passed on, or which side failed.
@@ -543,8 +587,15 @@ impl Paired {
             if self.dirs.iter().all(|d| d.shut) {
                 return Ok(None);
             }
-            self.maybe_start_leaving()?;
+            self.maybe_start_leaving();
             if self.leave_maps().await? {
+                // Splice counts on from what dst accepted by now, which includes
+                // redirected bytes that landed since the last step.
+                for d in 0..2 {
+                    let dir = &self.dirs[d];
+                    let delivered = self.delivered(d)?;
+                    counters[d].store(dir.carried + dir.consumed + delivered, Ordering::Relaxed);
+                }
                 return Ok(Some(Handoff));
             }
             let waiting = self.leaving || self.dirs.iter().any(|d| d.fin && !d.shut);
@@ -615,6 +666,7 @@ impl Paired {
     fn step(&mut self, d: usize, counter: &AtomicU64) -> Result<bool, (usize, io::Error)> {
         let k = self.entries.k;
         let limit_bytes = self.inflight_limit;
+        let src_in_map = self.in_map(d);
         let dir = &mut self.dirs[d];
         let (src, dst) = (&self.socks[dir.src], &self.socks[dir.dst]);
         let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
@@ -640,7 +692,7 @@ impl Paired {
                 // into dst: wait until dst took them all (dst writable = progress).
                 dir.want_out = true;
             } else {
-                moved |= copy(k, dir, src_fd, dst_fd)?;
+                moved |= copy(k, dir, st.passed, src_fd, dst_fd)?;
             }
         }
         dir.inflight = inflight;
@@ -651,7 +703,6 @@ impl Paired {
             st
         };
         dir.pending = st.passed > dir.consumed;
-        dir.seen = st.redirected + st.passed;
         let limit = from_redirect + limit_bytes;
         if limit != dir.limit || dir.consumed != consumed_before {
             dir.limit = limit;
@@ -661,7 +712,9 @@ impl Paired {
             };
             k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
         }
-        if dir.fin && !dir.buffered() {
+        // Once src left the map its FIN waits behind bytes in TCP's queue: splice
+        // passes it on after them.
+        if dir.fin && !dir.buffered() && src_in_map {
             // Every byte received before the FIN must be in dst's send queue before the
             // FIN is passed on: shutdown drops whatever is still queued for dst.
             let received = sys::tcp_counters(src_fd)
@@ -720,19 +773,31 @@ fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (
 
 /// Relays bytes the program passed (left on src's queue) with recv/send, stopping when
 /// dst is full: then they stay charged to src's receive buffer and its window closes.
+///
+/// Never asks for more than the program passed: when the psock queue is empty, this
+/// kernel's recvmsg reads TCP's own receive queue instead, bytes the program has not
+/// seen yet and may still be handed whole (a partly read skb then arrives twice).
 fn copy(
     k: &Kernel,
     dir: &mut Dir,
+    passed: u64,
     src_fd: RawFd,
     dst_fd: RawFd,
 ) -> Result<bool, (usize, io::Error)> {
     let mut copied = 0u64;
     while copied < COPY_BUDGET {
         if !dir.buffered() {
-            if dir.buf.len() < COPY_BUF {
-                dir.buf.resize(COPY_BUF, 0);
+            let want = passed.saturating_sub(dir.consumed).min(COPY_BUF as u64) as usize;
+            if want == 0 {
+                dir.buf.clear();
+                dir.off = 0;
+                dir.want_in = true;
+                break;
             }
-            match sys::recv(src_fd, &mut dir.buf[..COPY_BUF], libc::MSG_DONTWAIT) {
+            if dir.buf.len() < want {
+                dir.buf.resize(want, 0);
+            }
+            match sys::recv(src_fd, &mut dir.buf[..want], libc::MSG_DONTWAIT) {
                 Ok(0) => {
                     // EOF, or passed bytes still on the kernel's backlog: they raise
                     // EPOLLIN when they land.
