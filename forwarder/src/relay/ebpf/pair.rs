@@ -441,7 +441,7 @@ impl Paired {
     fn maybe_start_leaving(&mut self) {
         let fin = self.dirs.iter().any(|d| d.fin);
         for d in &mut self.dirs {
-            if d.inflight >= self.inflight_limit / 16 && (self.leaving || !fin) {
+            if d.inflight >= self.inflight_limit / 4 && (self.leaving || !fin) {
                 d.crowded = true;
                 self.leaving = true;
             }
