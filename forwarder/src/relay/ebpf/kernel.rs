@@ -86,12 +86,12 @@ impl Kernel {
         map.insert(cookie, c, 0).map_err(io::Error::other)
     }
 
-    pub fn init_dir(&self, cookie: u64) -> io::Result<()> {
+    pub fn init_dir(&self, cookie: u64, limit: u64) -> io::Result<()> {
         let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(cookie, DirState::default(), 0)
             .map_err(io::Error::other)?;
         drop(map);
-        self.set_control(cookie, DirControl::default())
+        self.set_control(cookie, DirControl { consumed: 0, limit })
     }
 
     /// Puts `peer` under key `cookie`: bytes arriving on the socket with that cookie

@@ -23,6 +23,13 @@ const COPY_BUF: usize = 128 * 1024;
 /// Bytes one step may copy before yielding to the rest of the loop.
 const COPY_BUDGET: u64 = 4 << 20;
 
+/// The program redirects up to this many times `inflight_limit` before it passes
+/// bytes to us instead. The pair leaves the maps at a quarter of the limit; this
+/// margin covers the burst before the control loop reacts (a new connection at
+/// loopback speed reaches several MiB in the first milliseconds), because the
+/// pass path is slow and, on this kernel, now and then duplicates an skb.
+const PROGRAM_CAP: u64 = 4;
+
 /// Pairs currently in the maps, so an insert never fails for lack of room midway.
 static PAIRS: AtomicU32 = AtomicU32::new(0);
 
@@ -161,6 +168,8 @@ struct Paired {
     inflight_limit: u64,
     /// The in-flight bound was approached: the pair is on its way to splice.
     leaving: bool,
+    /// Sockets whose new bytes are held in TCP's queue while they leave the map.
+    held: [bool; 2],
 }
 
 /// The pair has left the maps; relay it in userspace from here.
@@ -217,9 +226,12 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         cookies,
         socks_in: [false; 2],
     };
-    // limit 0: until both sockets are in, the program passes everything (counted).
+    // The limit is set before the sockets join: bytes arriving meanwhile on the
+    // client, whose peer is not in yet, are passed (counted); the upstream's go
+    // straight to the client. Passing them all until the pair is set up would start
+    // every download in the slow mode.
     for c in cookies {
-        if let Err(e) = k.init_dir(c) {
+        if let Err(e) = k.init_dir(c, PROGRAM_CAP * inflight_limit) {
             return Err(fallback(pair, format!("map update: {e}")));
         }
     }
@@ -273,19 +285,10 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         dirs: [dir(CLIENT, UPSTREAM), dir(UPSTREAM, CLIENT)],
         inflight_limit,
         leaving: false,
+        held: [false; 2],
     };
     for d in &mut paired.dirs {
-        d.limit = inflight_limit;
-        let c = DirControl {
-            consumed: 0,
-            limit: d.limit,
-        };
-        if let Err(e) = k.set_control(d.key, c) {
-            return Err(Setup::Failed {
-                side: SIDES[d.src],
-                error: e,
-            });
-        }
+        d.limit = PROGRAM_CAP * inflight_limit;
     }
     // Bytes queued before the sockets joined are not run through the program until
     // something pokes it: this recv does (it returns EAGAIN).
@@ -467,7 +470,24 @@ impl Paired {
             if !self.in_map(s) || (self.in_map(p) && !self.dirs[s].crowded) {
                 continue;
             }
-            if !self.dirs[s].pending && self.dirs[p].inflight == 0 {
+            let fd = self.socks[s].as_raw_fd();
+            if self.dirs[p].inflight > 0 {
+                // Bytes passed on s would now queue on its psock's backlog behind
+                // those, waiting for room in a receive buffer the held bytes fill.
+                if self.held[s] {
+                    sys::set_rcvlowat(fd, 1).map_err(|e| (s, e))?;
+                    self.held[s] = false;
+                }
+                continue;
+            }
+            if !self.held[s] {
+                // SO_RCVLOWAT keeps new bytes in TCP's queue, away from the program
+                // (up to half of tcp_rmem[2], or until a FIN), while we read what it
+                // passed already; the sender sees its window close.
+                sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(|e| (s, e))?;
+                self.held[s] = true;
+            }
+            if !self.dirs[s].pending {
                 self.leave_map(s).await?;
             }
         }
@@ -483,22 +503,16 @@ impl Paired {
         Ok(true)
     }
 
-    /// Takes socket `s` out of the map if, with its new bytes held back, its psock
-    /// queues are still empty of ours.
+    /// Takes held socket `s` out of the map if its psock queues are empty of ours.
     async fn leave_map(&mut self, s: usize) -> Result<(), (usize, io::Error)> {
         let k = self.entries.k;
         let p = 1 - s;
         let fd = self.socks[s].as_raw_fd();
-        // SO_RCVLOWAT keeps new bytes in TCP's queue, away from the program (up to
-        // half of tcp_rmem[2], or until a FIN): then look again. Not for longer:
-        // held bytes count against the receive buffer, and passed bytes waiting on
-        // the psock's backlog for room there would wait forever.
-        sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(|e| (s, e))?;
         let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
         let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
         let delivered = self.delivered(p)?;
         if own.passed != self.dirs[s].consumed || delivered < into.redirected {
-            return sys::set_rcvlowat(fd, 1).map_err(|e| (s, e));
+            return Ok(());
         }
         k.remove_sock(self.entries.cookies[p]);
         self.entries.socks_in[p] = false;
@@ -593,6 +607,10 @@ impl Paired {
                 // redirected bytes that landed since the last step.
                 for d in 0..2 {
                     let dir = &self.dirs[d];
+                    if dir.shut {
+                        // Final already; dst's counters now include our FIN.
+                        continue;
+                    }
                     let delivered = self.delivered(d)?;
                     counters[d].store(dir.carried + dir.consumed + delivered, Ordering::Relaxed);
                 }
@@ -665,8 +683,12 @@ impl Paired {
     /// Bookkeeping for one direction; returns whether any byte moved.
     fn step(&mut self, d: usize, counter: &AtomicU64) -> Result<bool, (usize, io::Error)> {
         let k = self.entries.k;
-        let limit_bytes = self.inflight_limit;
+        let limit_bytes = PROGRAM_CAP * self.inflight_limit;
         let src_in_map = self.in_map(d);
+        // A held socket's TCP queue is not empty, and a recv that finds its psock
+        // queue empty reads that instead: read passed bytes only while none can be
+        // waiting on the psock's backlog, behind bytes redirected into the socket.
+        let backlogged = self.held[d] && self.dirs[1 - d].inflight > 0;
         let dir = &mut self.dirs[d];
         let (src, dst) = (&self.socks[dir.src], &self.socks[dir.dst]);
         let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
@@ -687,7 +709,7 @@ impl Paired {
         let inflight = st.redirected.saturating_sub(from_redirect);
         let consumed_before = dir.consumed;
         if st.passed > dir.consumed || dir.buffered() {
-            if inflight > 0 {
+            if inflight > 0 || backlogged {
                 // Passed bytes must not overtake redirected ones still on their way
                 // into dst: wait until dst took them all (dst writable = progress).
                 dir.want_out = true;
