@@ -464,30 +464,25 @@ impl Paired {
         }
         for s in 0..2 {
             let p = 1 - s;
+            if !self.in_map(s) {
+                continue;
+            }
+            // SO_RCVLOWAT keeps s's new bytes in TCP's queue, away from the program
+            // (up to half of tcp_rmem[2], or until a FIN), so nothing more is passed
+            // or redirected while it leaves; the sender sees its window close. But
+            // bytes already passed, or to be passed behind bytes redirected into s,
+            // wait on s's psock backlog for receive-buffer room that the held queue
+            // fills: never hold s then, it would deadlock.
+            let hold = self.dirs[p].inflight == 0 && !self.dirs[s].pending;
+            if hold != self.held[s] {
+                let lowat = if hold { libc::c_int::MAX } else { 1 };
+                sys::set_rcvlowat(self.socks[s].as_raw_fd(), lowat).map_err(|e| (s, e))?;
+                self.held[s] = hold;
+            }
             // The source of a crowded direction leaves first: its new bytes then wait
             // in TCP's queue. Its peer leaving first would make the program pass
             // every byte of that direction to us until it could leave too.
-            if !self.in_map(s) || (self.in_map(p) && !self.dirs[s].crowded) {
-                continue;
-            }
-            let fd = self.socks[s].as_raw_fd();
-            if self.dirs[p].inflight > 0 {
-                // Bytes passed on s would now queue on its psock's backlog behind
-                // those, waiting for room in a receive buffer the held bytes fill.
-                if self.held[s] {
-                    sys::set_rcvlowat(fd, 1).map_err(|e| (s, e))?;
-                    self.held[s] = false;
-                }
-                continue;
-            }
-            if !self.held[s] {
-                // SO_RCVLOWAT keeps new bytes in TCP's queue, away from the program
-                // (up to half of tcp_rmem[2], or until a FIN), while we read what it
-                // passed already; the sender sees its window close.
-                sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(|e| (s, e))?;
-                self.held[s] = true;
-            }
-            if !self.dirs[s].pending {
+            if hold && (!self.in_map(p) || self.dirs[s].crowded) {
                 self.leave_map(s).await?;
             }
         }
@@ -527,6 +522,7 @@ impl Paired {
         }
         let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
         self.wait_delivered(p, into.redirected).await?;
+        self.dirs[p].inflight = 0;
         // What TCP holds for us must be exactly what the program never saw: a
         // receive sequence the sockmap code left behind would make TCP skip data.
         let r = sys::received(fd).map_err(|e| (s, e))?;
