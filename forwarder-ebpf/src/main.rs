@@ -14,7 +14,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod prog {
-    use aya_ebpf::bindings::sk_action::SK_PASS;
+    use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
     use aya_ebpf::helpers::bpf_get_socket_cookie;
     use aya_ebpf::macros::{map, stream_verdict};
     use aya_ebpf::maps::{HashMap, SockHash};
@@ -35,6 +35,13 @@ mod prog {
         // SAFETY: the helper only reads the skb's socket.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let len = ctx.len() as u64;
+        if len == 0 {
+            // A FIN alone. TCP has already taken note of it (userspace sees RDHUP); the
+            // skb itself carries nothing. Redirected, the kernel would "send" it to
+            // the peer, fail with EPIPE and disable the peer's psock for good: every
+            // byte later passed on that socket would then be dropped.
+            return SK_DROP;
+        }
         let Some(state) = STATE.get_ptr_mut(cookie) else {
             debug!(
                 &ctx,

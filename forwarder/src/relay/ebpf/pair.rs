@@ -538,6 +538,15 @@ impl Paired {
                 )),
             ));
         }
+        tracing::debug!(
+            "ebpf: {} left the sockmap: redirected={} passed={} received={} unread={}; into it: redirected={}",
+            SIDES[s].as_str(),
+            own.redirected,
+            own.passed,
+            r.data,
+            r.unread,
+            into.redirected
+        );
         Ok(())
     }
 
@@ -608,6 +617,13 @@ impl Paired {
                         continue;
                     }
                     let delivered = self.delivered(d)?;
+                    tracing::debug!(
+                        "ebpf: handoff {}: consumed={} delivered={} fin={}",
+                        SIDES[d].as_str(),
+                        dir.consumed,
+                        delivered,
+                        dir.fin
+                    );
                     counters[d].store(dir.carried + dir.consumed + delivered, Ordering::Relaxed);
                 }
                 return Ok(Some(Handoff));
@@ -655,10 +671,10 @@ impl Paired {
         if ev & libc::EPOLLERR as u32 != 0 {
             match sys::take_error(fd) {
                 Ok(0) => {}
-                // A FIN that arrived alone on the other socket is redirected here too,
-                // and the kernel reports the empty send as EPIPE: not an end of this
-                // socket (a reset shows up as ECONNRESET or as the closed state).
-                Ok(libc::EPIPE) => tracing::debug!("ebpf: EPIPE on {} ignored", SIDES[i].as_str()),
+                // EPIPE too is an end: the kernel failed to send redirected bytes into
+                // this socket and stopped its psock, which from now on drops whatever
+                // is redirected into it or passed on it. (The program drops FIN-only
+                // skbs, which used to cause exactly this.)
                 Ok(e) => return Err((i, io::Error::from_raw_os_error(e))),
                 Err(e) => return Err((i, e)),
             }
