@@ -2,7 +2,7 @@
 //! `ebpf::NAME` (the latter only as root, where it runs with `--mode ebpf`).
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -679,6 +679,71 @@ relay_tests! {
                 .unwrap_or_else(|_| panic!("round {i}: server saw no EOF"))
                 .unwrap_or_else(|e| panic!("round {i}: server read failed: {e}"));
             assert_eq!(got, Digested::of(&p), "round {i}");
+        }
+    }
+
+    /// Both directions at full speed at once, each side shutting its write side when
+    /// its last byte is out (which FIN comes first varies): 4 pairs at a time, 4
+    /// rounds, 32 MiB each way, sha256 both ways. On the kernel path this once lost
+    /// megabytes: the first FIN, redirected alone, disabled the other socket's psock.
+    fn simultaneous_bidirectional_4x4x32mib(mode) {
+        let _load = heavy();
+        const LEN: u64 = 32 * MIB;
+        let down = Payload::new(4100, LEN);
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let up = Server::start(LOCALHOST, move |s| {
+            let deadline = Instant::now() + secs(60);
+            let got = thread::scope(|t| {
+                t.spawn(|| {
+                    if down.write_to(&s, deadline).is_ok() {
+                        let _ = s.shutdown(Shutdown::Write);
+                    }
+                });
+                read_digest(&s, deadline)
+            });
+            let _ = tx.lock().unwrap().send(got);
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        for round in 0..4u64 {
+            let results: Vec<(Payload, io::Result<Digested>)> = thread::scope(|t| {
+                let clients: Vec<_> = (0..4u64)
+                    .map(|i| {
+                        let p = Payload::new(4200 + round * 4 + i, LEN + i);
+                        let addr = fwd.addr();
+                        t.spawn(move || {
+                            let deadline = Instant::now() + secs(60);
+                            let s = connect(addr);
+                            let got = thread::scope(|t2| {
+                                t2.spawn(|| {
+                                    p.write_to(&s, deadline).expect("upload");
+                                    s.shutdown(Shutdown::Write).expect("shutdown write");
+                                });
+                                read_digest(&s, deadline)
+                            });
+                            (p, got)
+                        })
+                    })
+                    .collect();
+                clients.into_iter().map(|c| c.join().unwrap()).collect()
+            });
+            let mut uploads: Vec<Digested> = (0..4)
+                .map(|_| {
+                    rx.recv_timeout(secs(60))
+                        .expect("server result")
+                        .expect("server read")
+                })
+                .collect();
+            for (p, got) in results {
+                let got = got.unwrap_or_else(|e| panic!("round {round}: download: {e}"));
+                assert_eq!(got, Digested::of(&down), "round {round}: download");
+                let want = Digested::of(&p);
+                let pos = uploads.iter().position(|d| *d == want).unwrap_or_else(|| {
+                    panic!("round {round}: upload of {want} not received intact; server got {uploads:?}")
+                });
+                uploads.remove(pos);
+            }
         }
     }
 
