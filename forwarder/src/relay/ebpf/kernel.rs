@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{DirControl, DirState, CONTROL_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG};
 
 #[cfg(has_ebpf)]
@@ -38,7 +38,9 @@ impl Kernel {
         let object = OBJECT.ok_or(NOT_BUILT)?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        let mut ebpf = Ebpf::load(object).map_err(|e| {
+        // No kernel BTF: the program uses no CO-RE relocations, and parsing vmlinux's
+        // BTF cost 16 MiB of RSS for the life of the process.
+        let mut ebpf = EbpfLoader::new().btf(None).load(object).map_err(|e| {
             let hint = if root {
                 ""
             } else {
