@@ -767,6 +767,32 @@ relay_tests! {
             closes.iter().find(|l| !l.contains("end=closed")));
     }
 
+    /// 200 open pairs that went quiet cost (almost) no CPU: on the kernel path the
+    /// sockets raise spurious EPOLLIN, which must not make the forwarder spin.
+    fn idle_pairs_do_not_spin(mode) {
+        let _load = heavy();
+        let up = Server::echo();
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        let conns: Vec<TcpStream> = (0..200)
+            .map(|i| {
+                let s = connect(fwd.addr());
+                ping(&s, format!("hello {i}").as_bytes(), secs(10)).expect("echo");
+                s
+            })
+            .collect();
+        // Let the control loops back off to their idle tick first.
+        thread::sleep(Duration::from_millis(1500));
+        let before = fwd.cpu_seconds();
+        thread::sleep(secs(3));
+        let used = fwd.cpu_seconds() - before;
+        println!("200 idle pairs: forwarder used {used:.3} CPU seconds in 3 s");
+        assert!(used < 0.3, "{used:.3} CPU seconds in 3 s with 200 idle pairs: spinning");
+        for (i, s) in conns.iter().enumerate() {
+            ping(s, format!("still there {i}").as_bytes(), secs(10)).expect("echo after idle");
+        }
+    }
+
     /// IPv6: listen on [::1], forward to an upstream on [::1].
     fn ipv6_loopback(mode) {
         let _load = light();
