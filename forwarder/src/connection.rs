@@ -128,7 +128,7 @@ pub async fn serve(
                 format!("{}_{} ({error})", side.as_str(), describe(&error).replace(' ', "_"))
             }
         },
-        _ = idle(rule.idle_timeout, &progress) => "idle_timeout".to_string(),
+        _ = idle(rule.idle_timeout, rt.relay.progress_lag(), &progress) => "idle_timeout".to_string(),
         _ = sleep_or_never(rule.max_connection_duration) => "max_connection_duration".to_string(),
         _ = abort.wait_for(|a| *a) => "shutdown".to_string(),
     };
@@ -232,7 +232,7 @@ async fn sleep_or_never(d: Option<Duration>) {
 }
 
 /// Resolves when no byte has moved either way for `timeout`; never when it is `None`.
-async fn idle(timeout: Option<Duration>, progress: &Progress) {
+async fn idle(timeout: Option<Duration>, lag: Duration, progress: &Progress) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
@@ -248,7 +248,7 @@ async fn idle(timeout: Option<Duration>, progress: &Progress) {
         if total != last_total {
             last_total = total;
             last_change = Instant::now();
-        } else if last_change.elapsed() >= timeout {
+        } else if last_change.elapsed() >= timeout + lag {
             return;
         }
     }

@@ -370,7 +370,8 @@ relay_tests! {
                 while Instant::now() < end {
                     ping(&s, b"k", secs(1)).map_err(|e| format!("after {n} pings: {e}"))?;
                     n += 1;
-                    thread::sleep(Duration::from_millis(200));
+                    // Close to the timeout: counters that lag must not cut this pair.
+                    thread::sleep(Duration::from_millis(750));
                 }
                 Ok(n)
             });
@@ -382,7 +383,7 @@ relay_tests! {
             active.join().unwrap()
         });
         let pings = active.expect("active connection was cut");
-        assert!(pings >= 10, "only {pings} pings");
+        assert!(pings >= 4, "only {pings} pings");
         let closes = fwd.wait_close_lines(1, secs(2));
         assert!(closes.first().is_some_and(|l| l.contains("end=idle_timeout")), "{closes:?}");
     }

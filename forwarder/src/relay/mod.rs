@@ -73,6 +73,11 @@ pub trait Relay: Send + Sync {
     /// `splice` or `ebpf`, as it appears in logs.
     fn path(&self) -> &'static str;
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a>;
+    /// How long after bytes moved `Progress` may still not show them (the idle timeout
+    /// waits this much longer, so a pair is never cut while its bytes are being counted).
+    fn progress_lag(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Makes the peer see a reset rather than a clean FIN when we close `sock`.

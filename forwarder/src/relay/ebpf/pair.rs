@@ -17,7 +17,7 @@ use crate::relay::{Pair, Progress, RelayEnd, Side};
 /// Fastest and slowest period of the bookkeeping tick. Fast while bytes move (the
 /// in-flight limit is raised on each tick), slower and slower while the pair is idle.
 const MIN_TICK: Duration = Duration::from_millis(1);
-const MAX_TICK: Duration = Duration::from_millis(250);
+pub const MAX_TICK: Duration = Duration::from_millis(250);
 /// Userspace copy buffer, allocated only for a direction that leaves the redirect path.
 const COPY_BUF: usize = 128 * 1024;
 /// Bytes one step may copy before yielding to the rest of the loop.
