@@ -634,8 +634,10 @@ impl Paired {
             } else {
                 (tick * 2).min(MAX_TICK)
             };
-            // Idle: let the first new byte wake us (EPOLLIN is raised for every
-            // redirected skb, so it is only wanted while nothing moves).
+            // Idle: ask for EPOLLIN too, which is all a socket whose skbs the program
+            // consumes can raise (spuriously, so not while bytes move). On 6.18 a
+            // redirected skb wakes nobody: the idle tick bounds how late we see it
+            // (`EbpfRelay::progress_lag`).
             let idle = tick > MIN_TICK * 4;
             for i in 0..2 {
                 let src_dir = &self.dirs[i];
