@@ -362,28 +362,33 @@ relay_tests! {
             1,
         );
         fwd.assert_mode(mode);
-        let active = thread::scope(|scope| {
-            let active = scope.spawn(|| -> Result<u32, String> {
-                let s = connect(fwd.addr());
-                let end = Instant::now() + Duration::from_millis(3500);
-                let mut n = 0;
-                while Instant::now() < end {
-                    ping(&s, b"k", secs(1)).map_err(|e| format!("after {n} pings: {e}"))?;
-                    n += 1;
-                    // Close to the timeout: counters that lag must not cut this pair.
-                    thread::sleep(Duration::from_millis(750));
-                }
-                Ok(n)
-            });
+        // A pair that keeps talking, every `gap`, is never cut; returns its ping count.
+        let talk = |gap: Duration| -> Result<u32, String> {
+            let s = connect(fwd.addr());
+            let end = Instant::now() + Duration::from_millis(3500);
+            let mut n = 0;
+            while Instant::now() < end {
+                ping(&s, b"k", secs(1)).map_err(|e| format!("after {n} pings: {e}"))?;
+                n += 1;
+                thread::sleep(gap);
+            }
+            Ok(n)
+        };
+        let (often, sparse) = thread::scope(|scope| {
+            let often = scope.spawn(|| talk(Duration::from_millis(200)));
+            // Close to the timeout: counters that lag must not cut this pair.
+            let sparse = scope.spawn(|| talk(Duration::from_millis(750)));
             let idle = connect(fwd.addr());
             ping(&idle, b"first and last", secs(2)).expect("idle conn works at first");
             let (how, after) = wait_closed(&idle, secs(4)).expect("idle connection not closed");
             assert!(after >= Duration::from_millis(800), "closed too early ({after:?})");
             assert!(after <= secs(3), "closed ({how:?}) only after {after:?}");
-            active.join().unwrap()
+            (often.join().unwrap(), sparse.join().unwrap())
         });
-        let pings = active.expect("active connection was cut");
-        assert!(pings >= 4, "only {pings} pings");
+        let pings = often.expect("active connection was cut");
+        assert!(pings >= 10, "only {pings} pings");
+        let pings = sparse.expect("connection talking every 750 ms was cut");
+        assert!(pings >= 4, "only {pings} pings every 750 ms");
         let closes = fwd.wait_close_lines(1, secs(2));
         assert!(closes.first().is_some_and(|l| l.contains("end=idle_timeout")), "{closes:?}");
     }

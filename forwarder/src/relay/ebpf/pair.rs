@@ -267,7 +267,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         sent_base: sent_base[dst],
         recv_base: recv_base[src],
         consumed: 0,
-        limit: 0,
+        limit: PROGRAM_CAP * inflight_limit,
         accepted: 0,
         buf: Vec::new(),
         off: 0,
@@ -279,7 +279,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         want_in: false,
         want_out: false,
     };
-    let mut paired = Paired {
+    let paired = Paired {
         entries,
         socks: [client, upstream],
         dirs: [dir(CLIENT, UPSTREAM), dir(UPSTREAM, CLIENT)],
@@ -287,9 +287,6 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         leaving: false,
         held: [false; 2],
     };
-    for d in &mut paired.dirs {
-        d.limit = PROGRAM_CAP * inflight_limit;
-    }
     // Bytes queued before the sockets joined are not run through the program until
     // something pokes it: this recv does (it returns EAGAIN).
     for s in &paired.socks {
