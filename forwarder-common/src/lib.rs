@@ -4,8 +4,13 @@
 //! so one key names one direction of one pair.
 #![no_std]
 
-/// SOCKHASH: cookie(A) -> socket B, cookie(B) -> socket A.
+/// SOCKHASH: cookie(A) -> socket B, cookie(B) -> socket A: where each socket's bytes
+/// are redirected. No program is attached to it, so joining it runs nothing.
 pub const SOCKS_MAP: &str = "SOCKS";
+/// SOCKHASH: cookie(A) -> socket A. The verdict program is attached here: a socket
+/// runs it from the moment it joins this map. Pairs join SOCKS first, then this map,
+/// so every verdict already finds its peer and no byte is passed while pairing.
+pub const MEMBERS_MAP: &str = "MEMBERS";
 /// HASH cookie -> [`DirState`], written by the verdict program only.
 pub const STATE_MAP: &str = "STATE";
 /// HASH cookie -> [`DirControl`], written by userspace only.

@@ -23,8 +23,12 @@ mod prog {
     use aya_log_ebpf::debug;
     use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 
+    /// Redirect targets: the peer of the socket with this cookie.
     #[map(name = "SOCKS")]
     static SOCKS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_PAIRS, 0);
+    /// The sockets that run this program (it is attached to this map, by userspace).
+    #[map(name = "MEMBERS")]
+    static MEMBERS: SockHash<u64> = SockHash::with_max_entries(2 * MAX_PAIRS, 0);
     #[map(name = "STATE")]
     static STATE: HashMap<u64, DirState> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
     #[map(name = "CONTROL")]

@@ -140,7 +140,7 @@ pub async fn serve(
         progress.to_upstream.load(Ordering::Relaxed),
         progress.to_client.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
-        rt.relay.path(),
+        progress.path(),
         progress.via_userspace.load(Ordering::Relaxed),
         end
     );

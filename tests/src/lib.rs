@@ -53,14 +53,24 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Whether an eBPF test can run here; prints the SKIP line when it cannot.
+/// Set to 1 to let the eBPF tests skip where they cannot run (not root). Without it
+/// they fail: a suite that reports "ok" for a kernel path it never ran proves nothing.
+pub const SKIP_EBPF_ENV: &str = "FORWARDER_TESTS_SKIP_EBPF";
+
+/// Whether an eBPF test can run here. As root, always. Otherwise the test fails,
+/// unless [`SKIP_EBPF_ENV`] asks for a skip (then it says so on stderr and returns false).
 pub fn ebpf_can_run(test: &str) -> bool {
     if is_root() {
-        true
-    } else {
-        println!("SKIP {test}: not root (eBPF needs CAP_BPF+CAP_NET_ADMIN)");
-        false
+        return true;
     }
+    if std::env::var(SKIP_EBPF_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("SKIP {test}: not root (eBPF needs CAP_BPF+CAP_NET_ADMIN), {SKIP_EBPF_ENV}=1");
+        return false;
+    }
+    panic!(
+        "{test}: the kernel path needs root (CAP_BPF + CAP_NET_ADMIN). Run the suite as root, \
+         or set {SKIP_EBPF_ENV}=1 to skip the eBPF cases explicitly."
+    );
 }
 
 /// Writes each relay test once and generates `splice::NAME` and `ebpf::NAME`.
@@ -484,7 +494,38 @@ pub struct Forwarder {
     pub proc: ChildGuard,
     pub stderr: Lines,
     pub listening: Vec<Listening>,
+    paths: Mutex<PathCheck>,
     _dir: Option<TempDir>,
+}
+
+/// What the close lines must show about how a forwarder's pairs moved their bytes.
+/// Checked when the [`Forwarder`] is dropped (unless the test already panicked), so
+/// every test asserts it; tests loosen or tighten it with the `expect_*` methods.
+///
+/// By default every relayed pair's `path=` is exactly its rule's startup `mode=`
+/// (an ebpf pair that fell back to splice, or left the maps, fails the test), it
+/// moved no byte through userspace, and at least one pair started on that mode.
+#[derive(Debug, Clone)]
+struct PathCheck {
+    /// Allowed `path=` values besides the rule's mode; `None`: only the mode.
+    paths: Option<Vec<String>>,
+    /// Per pair, the most `userspace_bytes=` may say.
+    max_userspace: u64,
+    /// Pairs that started on the rule's mode (`path=MODE` or `MODE>...`) at the least.
+    min_pairs: usize,
+    /// Close lines that must show a path other than the mode alone (`ebpf>splice`).
+    min_moved: usize,
+}
+
+impl Default for PathCheck {
+    fn default() -> Self {
+        PathCheck {
+            paths: None,
+            max_userspace: 0,
+            min_pairs: 1,
+            min_moved: 0,
+        }
+    }
 }
 
 impl Forwarder {
@@ -584,8 +625,99 @@ impl Forwarder {
             proc,
             stderr,
             listening,
+            paths: Mutex::new(PathCheck::default()),
             _dir: dir,
         }
+    }
+
+    /// Pairs may also end with one of these `path=` values (e.g. `ebpf>splice` for a
+    /// bulk transfer that leaves the maps at the in-flight bound).
+    pub fn expect_paths(&self, paths: &[&str]) -> &Self {
+        self.paths.lock().unwrap().paths = Some(paths.iter().map(|p| p.to_string()).collect());
+        self
+    }
+
+    /// Each pair may move up to `bytes` through the forwarder's own memory.
+    pub fn expect_userspace_at_most(&self, bytes: u64) -> &Self {
+        self.paths.lock().unwrap().max_userspace = bytes;
+        self
+    }
+
+    /// At least `n` pairs must have started on the rule's mode by the time the test
+    /// ends (0 for a test whose clients are all refused).
+    pub fn expect_pairs(&self, n: usize) -> &Self {
+        self.paths.lock().unwrap().min_pairs = n;
+        self
+    }
+
+    /// At least `n` pairs must have switched paths (a `>` in `path=`).
+    pub fn expect_moved(&self, n: usize) -> &Self {
+        self.paths.lock().unwrap().min_moved = n;
+        self
+    }
+
+    /// The rule's relay (`mode=` of its listening line) for a close line.
+    fn rule_mode(&self, close: &str) -> Option<&str> {
+        let rule = field(close, "rule")?;
+        self.listening
+            .iter()
+            .find(|l| l.rule == rule)
+            .map(|l| l.mode.as_str())
+    }
+
+    /// Asserts the [`PathCheck`] on the close lines logged so far (waiting up to 5 s
+    /// for the pairs it requires). Runs on drop; call it earlier to check mid-test.
+    pub fn check_paths(&self) {
+        let check = self.paths.lock().unwrap().clone();
+        let relayed = |l: &str| l.contains(" close rule=") && field(l, "path") != Some("none");
+        self.stderr.wait_for_n(
+            check.min_pairs.max(check.min_moved),
+            Duration::from_secs(5),
+            relayed,
+        );
+        let closes: Vec<String> = self
+            .close_lines()
+            .into_iter()
+            .filter(|l| relayed(l))
+            .collect();
+        let mut moved = 0;
+        let mut on_mode = 0;
+        for l in &closes {
+            let path = field(l, "path").unwrap_or_else(|| panic!("no path= in {l}"));
+            let mode = self
+                .rule_mode(l)
+                .unwrap_or_else(|| panic!("close line of an unknown rule: {l}"));
+            let allowed = path == mode
+                || check
+                    .paths
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|a| a == path));
+            assert!(
+                allowed,
+                "pair took path={path}, the rule runs mode={mode} (also allowed: {:?}): {l}",
+                check.paths
+            );
+            moved += usize::from(path.contains('>'));
+            on_mode += usize::from(path.split('>').next() == Some(mode));
+            let userspace: u64 = field(l, "userspace_bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no userspace_bytes= in {l}"));
+            assert!(
+                userspace <= check.max_userspace,
+                "{userspace} bytes went through userspace, at most {} allowed: {l}",
+                check.max_userspace
+            );
+        }
+        assert!(
+            on_mode >= check.min_pairs,
+            "{on_mode} pair(s) started on their rule's mode, the test needs at least {}: {closes:#?}",
+            check.min_pairs
+        );
+        assert!(
+            moved >= check.min_moved,
+            "{moved} pair(s) switched paths, at least {} expected: {closes:#?}",
+            check.min_moved
+        );
     }
 
     /// The address of the first (or only) rule.
@@ -650,6 +782,13 @@ impl Forwarder {
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
+        // The path check is the test's last assertion: run it while the forwarder still
+        // logs, and fail the test with it (after the usual clean-up) if it does not hold.
+        let failed_check = if thread::panicking() {
+            None
+        } else {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.check_paths())).err()
+        };
         self.proc.kill();
         // FORWARDER_TEST_DUMP=FILE keeps every forwarder's whole stderr, for debugging.
         if let Some(path) = std::env::var_os("FORWARDER_TEST_DUMP") {
@@ -662,7 +801,7 @@ impl Drop for Forwarder {
                 let _ = std::io::Write::write_all(&mut f, text.as_bytes());
             }
         }
-        if thread::panicking() {
+        if thread::panicking() || failed_check.is_some() {
             let lines = self.stderr.snapshot();
             let skip = lines.len().saturating_sub(60);
             eprintln!(
@@ -672,6 +811,9 @@ impl Drop for Forwarder {
             for l in &lines[skip..] {
                 eprintln!("{l}");
             }
+        }
+        if let Some(e) = failed_check {
+            std::panic::resume_unwind(e);
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -25,11 +25,63 @@ pub struct Progress {
     /// staying in the kernel: 0 on splice; on ebpf, what the in-flight bound and
     /// pre-pairing reads made us relay.
     pub via_userspace: AtomicU64,
+    /// The ways bytes actually moved, in order (see [`Progress::enter`]).
+    hops: AtomicU32,
 }
+
+/// One way of moving a pair's bytes, as the close line's `path=` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    Splice = 1,
+    Ebpf = 2,
+}
+
+/// Hops kept per pair (4 bits each); later switches are not recorded.
+const MAX_HOPS: u32 = 8;
 
 impl Progress {
     pub fn total(&self) -> u64 {
         self.to_upstream.load(Ordering::Relaxed) + self.to_client.load(Ordering::Relaxed)
+    }
+
+    /// Records that the pair's bytes now move by `hop`. Called by a relay when it really
+    /// starts moving bytes, so `path=` is what happened, not what was configured: an
+    /// ebpf pair the maps refused says `splice`, one that left them `ebpf>splice`.
+    pub fn enter(&self, hop: Hop) {
+        let _ = self
+            .hops
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                let n = (32 - h.leading_zeros()).div_ceil(4);
+                let last = if n == 0 {
+                    0
+                } else {
+                    (h >> (4 * (n - 1))) & 0xf
+                };
+                (n < MAX_HOPS && last != hop as u32).then(|| h | (hop as u32) << (4 * n))
+            });
+    }
+
+    /// `splice`, `ebpf`, `ebpf>splice`, ...; `none` when no relay started.
+    pub fn path(&self) -> String {
+        let mut h = self.hops.load(Ordering::Relaxed);
+        if h == 0 {
+            return "none".into();
+        }
+        let mut out = String::new();
+        let mut first = true;
+        while h != 0 {
+            if !first {
+                out.push('>');
+            }
+            out.push_str(match h & 0xf {
+                1 => "splice",
+                2 => "ebpf",
+                _ => "?",
+            });
+            h >>= 4;
+            first = false;
+        }
+        out
     }
 }
 
@@ -93,5 +145,27 @@ pub fn describe(error: &io::Error) -> &'static str {
         Some(libc::ETIMEDOUT) => "timed out",
         Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => "unreachable",
         _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_names_every_hop_in_order() {
+        let p = Progress::default();
+        assert_eq!(p.path(), "none");
+        p.enter(Hop::Ebpf);
+        p.enter(Hop::Ebpf);
+        assert_eq!(p.path(), "ebpf");
+        p.enter(Hop::Splice);
+        p.enter(Hop::Ebpf);
+        assert_eq!(p.path(), "ebpf>splice>ebpf");
+        for _ in 0..10 {
+            p.enter(Hop::Splice);
+            p.enter(Hop::Ebpf);
+        }
+        assert_eq!(p.path().split('>').count(), MAX_HOPS as usize);
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{reset_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use super::{reset_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
 
 /// Pipe capacity we ask for; bounds the bytes held per direction in userspace-owned
 /// kernel memory. Larger pipes mean fewer syscalls per byte.
@@ -42,6 +42,7 @@ enum PumpError {
 }
 
 pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
+    progress.enter(Hop::Splice);
     let (c, u) = (&pair.client, &pair.upstream);
     let up = pump(c, u, &progress.to_upstream);
     let down = pump(u, c, &progress.to_client);
@@ -93,25 +94,32 @@ async fn socket_error(sock: &TcpStream) -> io::Error {
 
 /// Moves one direction until EOF (then passes the FIN on) or an error.
 async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
-    // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): make it
-    // when the first bytes, or the EOF, arrive.
-    src.readable().await.map_err(PumpError::Read)?;
-    let pipe = Pipe::take().map_err(PumpError::Read)?;
+    // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): it takes
+    // one from the pool when bytes (or the EOF) arrive and hands it back as soon as it
+    // is empty again, as HAProxy does. An idle pair then holds just its two sockets.
+    let mut pipe: Option<Pipe> = None;
     let mut in_pipe = 0usize;
     let mut eof = false;
     loop {
+        let p = match &mut pipe {
+            Some(p) => p,
+            None => {
+                src.readable().await.map_err(PumpError::Read)?;
+                pipe.insert(Pipe::take().map_err(PumpError::Read)?)
+            }
+        };
         // A busy pair never has to wait for readiness: yield now and then so it
         // cannot starve the other connections on this worker thread.
         tokio::task::consume_budget().await;
         // Fill the pipe from the socket.
-        while !eof && in_pipe < pipe.size {
-            let want = pipe.size - in_pipe;
+        while !eof && in_pipe < p.size {
+            let want = p.size - in_pipe;
             let r = if in_pipe == 0 {
                 src.try_io(Interest::READABLE, || {
-                    splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want)
+                    splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
                 })
             } else {
-                splice(src.as_raw_fd(), pipe.w.as_raw_fd(), want)
+                splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
             };
             match r {
                 Ok(0) => eof = true,
@@ -124,7 +132,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
         // Drain the pipe into the other socket.
         while in_pipe > 0 {
             match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), in_pipe)
+                splice(p.r.as_raw_fd(), dst.as_raw_fd(), in_pipe)
             }) {
                 Ok(n) => {
                     in_pipe -= n;
@@ -137,17 +145,20 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
         }
         if in_pipe > 0 {
             dst.writable().await.map_err(PumpError::Write)?;
-        } else if eof {
+            continue;
+        }
+        // The pipe is empty: the next direction (or connection) on this thread can
+        // have it while this one waits.
+        if let Some(p) = pipe.take() {
+            p.give_back();
+        }
+        if eof {
             // Every byte before the FIN is in dst's send queue: pass the FIN on.
-            // The pipe is empty: the next connection on this thread can have it.
-            pipe.give_back();
             return match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
                 Ok(()) => Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
                 Err(e) => Err(PumpError::Write(e)),
             };
-        } else {
-            src.readable().await.map_err(PumpError::Read)?;
         }
     }
 }

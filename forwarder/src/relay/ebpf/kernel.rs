@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::{DirControl, DirState, CONTROL_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG};
+use forwarder_common::{
+    DirControl, DirState, CONTROL_MAP, MEMBERS_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG,
+};
 
 #[cfg(has_ebpf)]
 static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
@@ -23,7 +25,10 @@ static OBJECT: Option<&[u8]> = None;
 pub const NOT_BUILT: &str = "kernel path not built into this binary";
 
 pub struct Kernel {
+    /// Redirect targets (no program attached).
     pub socks: Mutex<SockHash<MapData, u64>>,
+    /// Sockets running the verdict program (attached to this map).
+    pub members: Mutex<SockHash<MapData, u64>>,
     pub state: Mutex<HashMap<MapData, u64, DirState>>,
     pub control: Mutex<HashMap<MapData, u64, DirControl>>,
     /// How the verdict program is attached, for the startup line.
@@ -50,6 +55,7 @@ impl Kernel {
         })?;
         spawn_logger(&mut ebpf);
         let socks: SockHash<MapData, u64> = take(&mut ebpf, SOCKS_MAP)?;
+        let members: SockHash<MapData, u64> = take(&mut ebpf, MEMBERS_MAP)?;
         let state: HashMap<MapData, u64, DirState> = take(&mut ebpf, STATE_MAP)?;
         let control: HashMap<MapData, u64, DirControl> = take(&mut ebpf, CONTROL_MAP)?;
         let prog: &mut SkSkb = ebpf
@@ -60,17 +66,18 @@ impl Kernel {
         prog.load()
             .map_err(|e| format!("the kernel rejected the verdict program: {e:#}"))?;
         let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd();
-        let attach = match attach_sk_skb_verdict(prog_fd, socks.fd().as_fd().as_raw_fd()) {
+        let attach = match attach_sk_skb_verdict(prog_fd, members.fd().as_fd().as_raw_fd()) {
             Ok(()) => "sk_skb_verdict",
             Err(e) => {
                 tracing::debug!("BPF_SK_SKB_VERDICT attach failed ({e}); trying stream_verdict");
-                prog.attach(socks.fd())
+                prog.attach(members.fd())
                     .map_err(|e| format!("cannot attach the verdict program: {e:#}"))?;
                 "sk_skb_stream_verdict"
             }
         };
         Ok(Kernel {
             socks: Mutex::new(socks),
+            members: Mutex::new(members),
             state: Mutex::new(state),
             control: Mutex::new(control),
             attach,
@@ -96,8 +103,8 @@ impl Kernel {
         self.set_control(cookie, DirControl { consumed: 0, limit })
     }
 
-    /// Puts `peer` under key `cookie`: bytes arriving on the socket with that cookie
-    /// go to `peer`. This also makes `peer` join the map (and get the verdict program).
+    /// Puts `peer` under key `cookie` in SOCKS: bytes arriving on the socket with that
+    /// cookie go to `peer`. `peer` gets a psock but runs no program yet.
     pub fn insert_sock(&self, cookie: u64, peer: &impl AsRawFd) -> io::Result<()> {
         let mut map = self.socks.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(cookie, peer.as_raw_fd(), 0)
@@ -106,6 +113,20 @@ impl Kernel {
 
     pub fn remove_sock(&self, cookie: u64) {
         let mut map = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&cookie);
+    }
+
+    /// Makes `sock` (whose cookie is `cookie`) run the verdict program on its bytes.
+    pub fn join(&self, cookie: u64, sock: &impl AsRawFd) -> io::Result<()> {
+        let mut map = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(cookie, sock.as_raw_fd(), 0)
+            .map_err(map_error_to_io)
+    }
+
+    /// Stops running the program for the socket with this cookie (its psock, and
+    /// what is queued on it, stays while it is still in SOCKS).
+    pub fn part(&self, cookie: u64) {
+        let mut map = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let _ = map.remove(&cookie);
     }
 

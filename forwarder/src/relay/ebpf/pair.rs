@@ -12,7 +12,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 
 use super::kernel::Kernel;
 use super::sys::{self, Epoll};
-use crate::relay::{Pair, Progress, RelayEnd, Side};
+use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 
 /// Fastest and slowest period of the bookkeeping tick. Fast while bytes move (the
 /// in-flight limit is raised on each tick), slower and slower while the pair is idle.
@@ -46,24 +46,40 @@ pub async fn relay(
     allow_fallback: bool,
 ) -> RelayEnd {
     match setup(k, inflight_limit, pair).await {
-        Ok(mut paired) => match paired.run(progress).await {
-            Ok(end) => end,
-            // The in-flight bound was reached: the pair left the maps without loss
-            // and goes on in splice, which has TCP's own backpressure.
-            Err(Handoff) => match paired.into_pair() {
-                Ok(pair) => crate::relay::splice::relay(pair, progress).await,
-                Err(error) => RelayEnd::Failed {
-                    side: Side::Client,
-                    error,
+        Ok(mut paired) => {
+            progress.enter(Hop::Ebpf);
+            match paired.run(progress).await {
+                Ok(end) => end,
+                // The in-flight bound was reached: the pair left the maps without loss
+                // and goes on in splice, which has TCP's own backpressure.
+                Err(Handoff) => match paired.into_pair() {
+                    Ok(pair) => crate::relay::splice::relay(pair, progress).await,
+                    Err(error) => RelayEnd::Failed {
+                        side: Side::Client,
+                        error,
+                    },
                 },
-            },
-        },
-        Err(Setup::Fallback { pair, carry, why }) if allow_fallback => {
+            }
+        }
+        Err(Setup::Fallback {
+            pair,
+            carry,
+            moved,
+            by_us,
+            why,
+        }) if allow_fallback => {
             tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
             let Pair {
                 client,
                 mut upstream,
             } = pair;
+            progress
+                .to_upstream
+                .fetch_add(moved[CLIENT], Ordering::Relaxed);
+            progress
+                .to_client
+                .fetch_add(moved[UPSTREAM], Ordering::Relaxed);
+            progress.via_userspace.fetch_add(by_us, Ordering::Relaxed);
             if !carry.is_empty() {
                 if let Err(e) = upstream.write_all(&carry).await {
                     crate::relay::reset_on_close(&client);
@@ -72,9 +88,9 @@ pub async fn relay(
                         error: e,
                     };
                 }
-                progress
-                    .to_upstream
-                    .fetch_add(carry.len() as u64, Ordering::Relaxed);
+                let n = carry.len() as u64;
+                progress.to_upstream.fetch_add(n, Ordering::Relaxed);
+                progress.via_userspace.fetch_add(n, Ordering::Relaxed);
             }
             crate::relay::splice::relay(Pair { client, upstream }, progress).await
         }
@@ -90,10 +106,14 @@ pub async fn relay(
 }
 
 enum Setup {
-    /// The pair cannot use the maps; nothing was lost, `carry` goes to upstream first.
+    /// The pair cannot use the maps; nothing was lost: `moved` bytes per direction
+    /// reached their destination already (`by_us` of them through our memory), and
+    /// `carry` goes to the upstream next.
     Fallback {
         pair: Pair,
         carry: Vec<u8>,
+        moved: [u64; 2],
+        by_us: u64,
         why: String,
     },
     /// Half-paired and bytes may have been lost: both sockets have been reset.
@@ -106,11 +126,20 @@ enum Setup {
 struct MapEntries {
     k: &'static Kernel,
     cookies: [u64; 2],
+    /// SOCKS holds the peer of side i under cookies[i].
     socks_in: [bool; 2],
+    /// MEMBERS holds side i (it runs the program).
+    members_in: [bool; 2],
 }
 
 impl Drop for MapEntries {
     fn drop(&mut self) {
+        // Program first, so no verdict looks for a target that is gone.
+        for (i, c) in self.cookies.iter().enumerate() {
+            if self.members_in[i] {
+                self.k.part(*c);
+            }
+        }
         for (i, c) in self.cookies.iter().enumerate() {
             if self.socks_in[i] {
                 self.k.remove_sock(*c);
@@ -148,8 +177,6 @@ struct Dir {
     /// for us.
     inflight: u64,
     pending: bool,
-    /// This direction's in-flight bytes made the pair leave the maps.
-    crowded: bool,
     shut: bool,
     want_in: bool,
     want_out: bool,
@@ -168,19 +195,14 @@ struct Paired {
     inflight_limit: u64,
     /// The in-flight bound was approached: the pair is on its way to splice.
     leaving: bool,
-    /// Sockets whose new bytes are held in TCP's queue while they leave the map.
-    held: [bool; 2],
+    /// Both sockets stopped running the program (the first step of leaving).
+    parted: bool,
 }
 
 /// The pair has left the maps; relay it in userspace from here.
 struct Handoff;
 
 async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Result<Paired, Setup> {
-    let fallback = |pair: Pair, why: String| Setup::Fallback {
-        pair,
-        carry: Vec::new(),
-        why,
-    };
     let carried = match relay_partly_read(&mut pair).await {
         Ok(c) => c,
         Err((side, error)) => {
@@ -190,6 +212,13 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
             });
             return Err(Setup::Failed { side, error });
         }
+    };
+    let fallback = |pair: Pair, why: String| Setup::Fallback {
+        pair,
+        carry: Vec::new(),
+        moved: carried,
+        by_us: carried.iter().sum(),
+        why,
     };
     let fds = [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()];
     let mut cookies = [0u64; 2];
@@ -225,28 +254,41 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         k,
         cookies,
         socks_in: [false; 2],
+        members_in: [false; 2],
     };
-    // The limit is set before the sockets join: bytes arriving meanwhile on the
-    // client, whose peer is not in yet, are passed (counted); the upstream's go
-    // straight to the client. Passing them all until the pair is set up would start
-    // every download in the slow mode.
+    // The limits are set before any socket runs the program.
     for c in cookies {
         if let Err(e) = k.init_dir(c, PROGRAM_CAP * inflight_limit) {
             return Err(fallback(pair, format!("map update: {e}")));
         }
     }
-    // The client joins the map first (under the upstream's cookie): a client that
-    // already sent its FIN cannot join, and then nothing has happened yet.
-    if let Err(e) = k.insert_sock(cookies[UPSTREAM], &pair.client) {
+    // First both sockets become redirect targets (SOCKS runs no program: nothing
+    // happens to their bytes yet), then each starts running the program (MEMBERS),
+    // whose first verdict already finds its peer. With one map, the socket that
+    // joined first had no peer for a moment and the program passed its bytes to us
+    // (and, to keep order, every byte after them until we caught up: megabytes).
+    // A socket that already received its FIN cannot join: nothing has happened yet.
+    for key in [UPSTREAM, CLIENT] {
+        let target = if key == UPSTREAM {
+            &pair.client
+        } else {
+            &pair.upstream
+        };
+        if let Err(e) = k.insert_sock(cookies[key], target) {
+            let who = SIDES[1 - key].as_str();
+            return Err(fallback(pair, format!("{who} socket: {e}")));
+        }
+        entries.socks_in[key] = true;
+    }
+    if let Err(e) = k.join(cookies[CLIENT], &pair.client) {
         return Err(fallback(pair, format!("client socket: {e}")));
     }
-    entries.socks_in[UPSTREAM] = true;
-    if let Err(e) = k.insert_sock(cookies[CLIENT], &pair.upstream) {
-        // The client is in and may have bytes on its psock queue already, which
-        // leaving the map would purge: read them out first, then leave.
-        return Err(salvage(entries, pair, e).await);
+    entries.members_in[CLIENT] = true;
+    if let Err(e) = k.join(cookies[UPSTREAM], &pair.upstream) {
+        // The client runs the program and may have redirected bytes already.
+        return Err(salvage(entries, pair, sent_base[UPSTREAM], carried, e).await);
     }
-    entries.socks_in[CLIENT] = true;
+    entries.members_in[UPSTREAM] = true;
 
     let client = pair.client.into_std();
     let upstream = pair.upstream.into_std();
@@ -274,7 +316,6 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         fin: false,
         inflight: 0,
         pending: false,
-        crowded: false,
         shut: false,
         want_in: false,
         want_out: false,
@@ -285,7 +326,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         dirs: [dir(CLIENT, UPSTREAM), dir(UPSTREAM, CLIENT)],
         inflight_limit,
         leaving: false,
-        held: [false; 2],
+        parted: false,
     };
     // Bytes queued before the sockets joined are not run through the program until
     // something pokes it: this recv does (it returns EAGAIN).
@@ -340,37 +381,56 @@ fn read_before_pairing(fd: RawFd) -> io::Result<u64> {
     Ok(r.data.saturating_sub(r.unread))
 }
 
-/// Takes the client back out of the map without losing what the program passed to
-/// its queue meanwhile. If bytes were passed after our last read, they are gone:
-/// say so with resets instead of relaying a corrupted stream.
-async fn salvage(entries: MapEntries, pair: Pair, insert_error: io::Error) -> Setup {
+/// The upstream could not join MEMBERS after the client did: stops the client's
+/// program and falls back to splice without losing what it already did. Its
+/// redirected bytes must reach the upstream's send queue (they sit on the upstream's
+/// psock, which leaving SOCKS would purge); bytes it passed are read out and go to
+/// the upstream first. If that does not settle, both sides are reset instead.
+async fn salvage(
+    mut entries: MapEntries,
+    pair: Pair,
+    up_base: u64,
+    carried: [u64; 2],
+    join_error: io::Error,
+) -> Setup {
     let k = entries.k;
     let key = entries.cookies[CLIENT];
+    k.part(key);
+    entries.members_in[CLIENT] = false;
     let fd = pair.client.as_raw_fd();
+    let up_fd = pair.upstream.as_raw_fd();
     let mut carry = Vec::new();
     let deadline = Instant::now() + Duration::from_millis(200);
     let mut buf = vec![0u8; COPY_BUF];
-    let complete = loop {
-        let passed = k.dir_state(key).map(|s| s.passed).unwrap_or(u64::MAX);
-        while let Ok(n @ 1..) = sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
-            carry.extend_from_slice(&buf[..n]);
+    let settled = loop {
+        let st = k.dir_state(key).unwrap_or(DirState {
+            redirected: u64::MAX,
+            passed: u64::MAX,
+        });
+        while carry.len() as u64 != st.passed {
+            let want = (st.passed - carry.len() as u64).min(COPY_BUF as u64) as usize;
+            match sys::recv(fd, &mut buf[..want], libc::MSG_DONTWAIT) {
+                Ok(n @ 1..) => carry.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
         }
-        if carry.len() as u64 == passed {
-            break true;
+        let delivered = sys::bytes_sent_into(up_fd).map_or(0, |b| b.saturating_sub(up_base));
+        if carry.len() as u64 == st.passed && delivered >= st.redirected {
+            break Some(st.redirected);
         }
         if Instant::now() > deadline {
-            break false;
+            break None;
         }
         tokio::time::sleep(MIN_TICK).await;
     };
-    k.remove_sock(entries.cookies[UPSTREAM]);
-    let passed_after = k.dir_state(key).map(|s| s.passed).unwrap_or(u64::MAX);
     drop(entries);
-    if complete && passed_after == carry.len() as u64 {
+    if let Some(redirected) = settled {
         return Setup::Fallback {
+            moved: [carried[CLIENT] + redirected, carried[UPSTREAM]],
+            by_us: carried.iter().sum(),
             pair,
             carry,
-            why: format!("upstream socket: {insert_error}"),
+            why: format!("upstream socket: {join_error}"),
         };
     }
     crate::relay::reset_on_close(&pair.client);
@@ -378,7 +438,7 @@ async fn salvage(entries: MapEntries, pair: Pair, insert_error: io::Error) -> Se
     Setup::Failed {
         side: Side::Upstream,
         error: io::Error::other(format!(
-            "cannot pair upstream socket ({insert_error}) and bytes already passed were lost"
+            "cannot pair upstream socket ({join_error}) and the client's bytes did not settle"
         )),
     }
 }
@@ -428,7 +488,8 @@ impl Paired {
         })
     }
 
-    /// Whether socket `s` is still in SOCKS (it sits there under its peer's cookie).
+    /// Whether socket `s` is still in the maps (in SOCKS it sits under its peer's
+    /// cookie; both entries go together once paired).
     fn in_map(&self, s: usize) -> bool {
         self.entries.socks_in[1 - s]
     }
@@ -440,54 +501,47 @@ impl Paired {
     /// been seen to duplicate skbs), so the pair leaves long before.
     fn maybe_start_leaving(&mut self) {
         let fin = self.dirs.iter().any(|d| d.fin);
-        for d in &mut self.dirs {
+        for d in &self.dirs {
             if d.inflight >= self.inflight_limit / 4 && (self.leaving || !fin) {
-                d.crowded = true;
                 self.leaving = true;
             }
         }
     }
 
-    /// Takes each socket out of the map as soon as its psock queues hold nothing of
-    /// ours: no bytes redirected into it still on their way, no passed bytes unread.
-    /// Its peer may still be draining what was redirected to it; the socket's own new
-    /// bytes wait in TCP's queue. Returns whether both have left and the pair can go
-    /// on in splice. Bytes that reached a leaving socket's queues in the meantime
-    /// would be lost with them: that is checked, and fails the pair rather than
-    /// corrupt it.
+    /// Leaves the maps in two steps. First both sockets stop running the program at
+    /// once (MEMBERS): from then on their new bytes wait in TCP's own queues, under
+    /// TCP's backpressure, instead of being redirected or passed. Then each socket
+    /// leaves SOCKS, and with its last map its psock, as soon as that psock holds
+    /// nothing of ours (see [`Paired::leave_map`]). Returns whether both are out and
+    /// the pair can go on in splice.
+    ///
+    /// (With one map, a socket left while its peer still ran the program: the peer's
+    /// verdict found no target and passed every byte of that direction to us, up to
+    /// the whole rest of a 1 MiB echo, and sockets were held with SO_RCVLOWAT, which
+    /// the kernel overrides under memory pressure.)
     async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
         if !self.leaving {
             return Ok(false);
         }
+        if !self.parted {
+            let k = self.entries.k;
+            for s in 0..2 {
+                k.part(self.entries.cookies[s]);
+                self.entries.members_in[s] = false;
+            }
+            self.parted = true;
+            // A verdict already running on another CPU finishes within its RCU
+            // section: go on from counters read after it.
+            tokio::time::sleep(MIN_TICK).await;
+            return Ok(false);
+        }
         for s in 0..2 {
-            let p = 1 - s;
-            if !self.in_map(s) {
-                continue;
-            }
-            // SO_RCVLOWAT keeps s's new bytes in TCP's queue, away from the program
-            // (up to half of tcp_rmem[2], or until a FIN), so nothing more is passed
-            // or redirected while it leaves; the sender sees its window close. But
-            // bytes already passed, or to be passed behind bytes redirected into s,
-            // wait on s's psock backlog for receive-buffer room that the held queue
-            // fills: never hold s then, it would deadlock.
-            let hold = self.dirs[p].inflight == 0 && !self.dirs[s].pending;
-            if hold != self.held[s] {
-                let lowat = if hold { libc::c_int::MAX } else { 1 };
-                sys::set_rcvlowat(self.socks[s].as_raw_fd(), lowat).map_err(|e| (s, e))?;
-                self.held[s] = hold;
-            }
-            // The source of a crowded direction leaves first: its new bytes then wait
-            // in TCP's queue. Its peer leaving first would make the program pass
-            // every byte of that direction to us until it could leave too.
-            if hold && (!self.in_map(p) || self.dirs[s].crowded) {
-                self.leave_map(s).await?;
+            if self.in_map(s) {
+                self.leave_map(s)?;
             }
         }
         if self.in_map(CLIENT) || self.in_map(UPSTREAM) || self.dirs.iter().any(Dir::buffered) {
             return Ok(false);
-        }
-        for (i, s) in self.socks.iter().enumerate() {
-            sys::set_rcvlowat(s.as_raw_fd(), 1).map_err(|e| (i, e))?;
         }
         tracing::debug!(
             "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
@@ -495,30 +549,21 @@ impl Paired {
         Ok(true)
     }
 
-    /// Takes held socket `s` out of the map if its psock queues are empty of ours.
-    async fn leave_map(&mut self, s: usize) -> Result<(), (usize, io::Error)> {
+    /// Takes parted socket `s` out of SOCKS once its psock holds nothing of ours:
+    /// every byte redirected into it accepted by its send queue, every byte it passed
+    /// read and sent on. Leaving purges the psock's queues, so anything else there
+    /// would be lost: that is checked, and fails the pair rather than corrupt it.
+    fn leave_map(&mut self, s: usize) -> Result<(), (usize, io::Error)> {
         let k = self.entries.k;
         let p = 1 - s;
         let fd = self.socks[s].as_raw_fd();
         let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
         let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
-        let delivered = self.delivered(p)?;
-        if own.passed != self.dirs[s].consumed || delivered < into.redirected {
+        if own.passed != self.dirs[s].consumed || self.delivered(p)? < into.redirected {
             return Ok(());
         }
         k.remove_sock(self.entries.cookies[p]);
         self.entries.socks_in[p] = false;
-        // A verdict already running on another CPU finishes within its RCU section.
-        tokio::time::sleep(MIN_TICK).await;
-        let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
-        if own.passed != self.dirs[s].consumed {
-            return Err((
-                s,
-                io::Error::other("bytes passed while the socket left the sockmap were lost"),
-            ));
-        }
-        let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
-        self.wait_delivered(p, into.redirected).await?;
         self.dirs[p].inflight = 0;
         // What TCP holds for us must be exactly what the program never saw: a
         // receive sequence the sockmap code left behind would make TCP skip data.
@@ -554,22 +599,6 @@ impl Paired {
             .map_err(|e| (dir.dst, e))?
             .saturating_sub(dir.sent_base);
         Ok(accepted.saturating_sub(dir.consumed))
-    }
-
-    /// Waits briefly until dst of direction `d` has taken every redirected byte: the
-    /// program redirected more just before dst left the map, and whatever was still
-    /// on dst's psock queue then is gone.
-    async fn wait_delivered(&self, d: usize, redirected: u64) -> Result<(), (usize, io::Error)> {
-        for _ in 0..20 {
-            if self.delivered(d)? >= redirected {
-                return Ok(());
-            }
-            tokio::time::sleep(MIN_TICK).await;
-        }
-        Err((
-            self.dirs[d].dst,
-            io::Error::other("bytes reached the sockmap while the pair left it"),
-        ))
     }
 
     /// The watch loop: returns when both FINs are passed on, or which side failed.
@@ -696,10 +725,10 @@ impl Paired {
         let k = self.entries.k;
         let limit_bytes = PROGRAM_CAP * self.inflight_limit;
         let src_in_map = self.in_map(d);
-        // A held socket's TCP queue is not empty, and a recv that finds its psock
-        // queue empty reads that instead: read passed bytes only while none can be
-        // waiting on the psock's backlog, behind bytes redirected into the socket.
-        let backlogged = self.held[d] && self.dirs[1 - d].inflight > 0;
+        // Once parted, a socket's recvmsg is the base one, which reads TCP's own queue
+        // (newer bytes) when the psock's queue is empty: read passed bytes only while
+        // none can be waiting on the psock's backlog, behind bytes redirected into it.
+        let backlogged = self.parted && self.dirs[1 - d].inflight > 0;
         let dir = &mut self.dirs[d];
         let (src, dst) = (&self.socks[dir.src], &self.socks[dir.dst]);
         let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());

@@ -125,24 +125,6 @@ pub fn bytes_sent_into(fd: RawFd) -> io::Result<u64> {
     Ok(acked + outq(fd)?)
 }
 
-/// SO_RCVLOWAT. TCP runs the socket's data_ready callback, and so our verdict
-/// program, only once this many bytes are queued (or the receive buffer is under
-/// pressure, or a FIN came): a high value keeps new bytes in TCP's own receive queue,
-/// where they stay when the socket leaves the map.
-pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
-    // SAFETY: the value is a c_int of the size given.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
-}
-
 /// Pending socket error (SO_ERROR), which reading clears.
 pub fn take_error(fd: RawFd) -> io::Result<i32> {
     let mut v: libc::c_int = 0;
