@@ -187,41 +187,71 @@ async fn connect_upstream(
     for i in ups.order(peer.ip()) {
         let upstream = &ups.list[i].cfg.addr;
         let result = connect_one(upstream, rule.connect_timeout).await;
-        let why = result.as_ref().err().cloned().unwrap_or_default();
-        if let Some(up) = ups.report(i, result.is_ok()) {
-            health::log_transition(&rule.name, upstream, up, "traffic", &why);
+        // Out of fds or memory here says nothing about the upstream: passive health
+        // hears only of failures the upstream (or the way to it) caused.
+        let local = matches!(&result, Err(e) if e.local);
+        if !local {
+            let why = result
+                .as_ref()
+                .err()
+                .map(|e| e.why.clone())
+                .unwrap_or_default();
+            if let Some(up) = ups.report(i, result.is_ok()) {
+                health::log_transition(&rule.name, upstream, up, "traffic", &why);
+            }
         }
         match result {
             Ok((stream, addr)) => return Some((stream, addr, ups.connected(i))),
             Err(e) => tracing::warn!(
-                "connect rule={} client={peer} upstream={upstream} failed: {e}",
-                rule.name
+                "connect rule={} client={peer} upstream={upstream} failed: {}",
+                rule.name,
+                e.why
             ),
         }
     }
     None
 }
 
-async fn connect_one(upstream: &str, timeout: Duration) -> Result<(TcpStream, SocketAddr), String> {
+struct ConnectError {
+    why: String,
+    /// The failure is ours (EMFILE, ENOMEM, ...), not the upstream's.
+    local: bool,
+}
+
+async fn connect_one(
+    upstream: &str,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    let remote = |why: String| ConnectError { why, local: false };
     // A literal address needs no resolver: tokio's runs on the blocking pool, a
     // thread hop per connection that costs connection rate.
     let addrs = match upstream.parse::<SocketAddr>() {
         Ok(addr) => vec![addr],
         Err(_) => match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
             Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
-            Ok(Err(e)) => return Err(format!("cannot resolve: {e}")),
-            Err(_) => return Err("resolve timed out".into()),
+            Ok(Err(e)) => return Err(remote(format!("cannot resolve: {e}"))),
+            Err(_) => return Err(remote("resolve timed out".into())),
         },
     };
     let mut errors = Vec::new();
+    let mut local = true;
     for addr in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => return Ok((stream, addr)),
-            Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
-            Err(_) => errors.push(format!("{addr}: timed out after {timeout:?}")),
+            Ok(Err(e)) => {
+                local &= crate::server::is_resource_exhaustion(&e);
+                errors.push(format!("{addr}: {e}"));
+            }
+            Err(_) => {
+                local = false;
+                errors.push(format!("{addr}: timed out after {timeout:?}"));
+            }
         }
     }
-    Err(errors.join("; "))
+    Err(ConnectError {
+        why: errors.join("; "),
+        local: local && !errors.is_empty(),
+    })
 }
 
 async fn sleep_or_never(d: Option<Duration>) {

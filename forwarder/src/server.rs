@@ -177,7 +177,8 @@ fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Out of fds or memory: our problem, not the peer's.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)

@@ -1233,8 +1233,22 @@ pub fn exchange(s: &TcpStream, p: Payload, deadline: Instant) -> io::Result<Dige
 }
 
 /// Connects to `addr`, echoes `p` through it and checks the bytes that come back.
+/// A FIN that reaches the forwarder before it paired the sockets makes an ebpf pair
+/// fall back to splice (a socket that got its FIN cannot join a sockmap), so for a
+/// kernel-path test use [`echo_check_paired`].
 pub fn echo_check(addr: SocketAddr, p: Payload, timeout: Duration) {
     let s = connect(addr);
+    let got = exchange(&s, p, Instant::now() + timeout)
+        .unwrap_or_else(|e| panic!("echo of {} bytes via {addr}: {e}", p.len));
+    assert_eq!(got, Digested::of(&p), "echoed bytes differ");
+}
+
+/// [`echo_check`] after a one-byte round trip (`!`), which the forwarder can only
+/// answer once the pair is relayed: the payload and its FIN then surely travel on
+/// the pair's path, not on a fallback. The pair moves `p.len + 1` bytes each way.
+pub fn echo_check_paired(addr: SocketAddr, p: Payload, timeout: Duration) {
+    let s = connect(addr);
+    ping(&s, b"!", timeout).unwrap_or_else(|e| panic!("first round trip via {addr}: {e}"));
     let got = exchange(&s, p, Instant::now() + timeout)
         .unwrap_or_else(|e| panic!("echo of {} bytes via {addr}: {e}", p.len));
     assert_eq!(got, Digested::of(&p), "echoed bytes differ");
@@ -1540,9 +1554,32 @@ pub fn drive_echo_clients(
     payloads: &[Payload],
     deadline: Instant,
 ) -> Result<(), String> {
+    drive_echo(addr, payloads, false, deadline)
+}
+
+/// [`drive_echo_clients`], each client first making a one-byte round trip (`!`) so
+/// that its payload and FIN travel on the pair's own path (see [`echo_check_paired`]).
+pub fn drive_paired_echo_clients(
+    addr: SocketAddr,
+    payloads: &[Payload],
+    deadline: Instant,
+) -> Result<(), String> {
+    drive_echo(addr, payloads, true, deadline)
+}
+
+fn drive_echo(
+    addr: SocketAddr,
+    payloads: &[Payload],
+    paired: bool,
+    deadline: Instant,
+) -> Result<(), String> {
     let mut clients = Vec::with_capacity(payloads.len());
     for (i, p) in payloads.iter().enumerate() {
         let s = try_connect(addr).map_err(|e| format!("connect #{i} to {addr}: {e}"))?;
+        if paired {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ping(&s, b"!", left).map_err(|e| format!("first round trip of #{i}: {e}"))?;
+        }
         s.set_nonblocking(true).unwrap();
         clients.push(EchoClient {
             s,
