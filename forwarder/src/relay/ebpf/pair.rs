@@ -63,36 +63,16 @@ pub async fn relay(
         }
         Err(Setup::Fallback {
             pair,
-            carry,
             moved,
             by_us,
             why,
         }) if allow_fallback => {
             tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
-            let Pair {
-                client,
-                mut upstream,
-            } = pair;
-            progress
-                .to_upstream
-                .fetch_add(moved[CLIENT], Ordering::Relaxed);
-            progress
-                .to_client
-                .fetch_add(moved[UPSTREAM], Ordering::Relaxed);
-            progress.via_userspace.fetch_add(by_us, Ordering::Relaxed);
-            if !carry.is_empty() {
-                if let Err(e) = upstream.write_all(&carry).await {
-                    crate::relay::reset_on_close(&client);
-                    return RelayEnd::Failed {
-                        side: Side::Upstream,
-                        error: e,
-                    };
-                }
-                let n = carry.len() as u64;
-                progress.to_upstream.fetch_add(n, Ordering::Relaxed);
-                progress.via_userspace.fetch_add(n, Ordering::Relaxed);
-            }
-            crate::relay::splice::relay(Pair { client, upstream }, progress).await
+            let p = progress;
+            p.to_upstream.fetch_add(moved[CLIENT], Ordering::Relaxed);
+            p.to_client.fetch_add(moved[UPSTREAM], Ordering::Relaxed);
+            p.via_userspace.fetch_add(by_us, Ordering::Relaxed);
+            crate::relay::splice::relay(pair, progress).await
         }
         Err(Setup::Fallback { pair, why, .. }) => {
             crate::relay::reset_on_close(&pair.client);
@@ -107,11 +87,9 @@ pub async fn relay(
 
 enum Setup {
     /// The pair cannot use the maps; nothing was lost: `moved` bytes per direction
-    /// reached their destination already (`by_us` of them through our memory), and
-    /// `carry` goes to the upstream next.
+    /// reached their destination already (`by_us` of them through our memory).
     Fallback {
         pair: Pair,
-        carry: Vec<u8>,
         moved: [u64; 2],
         by_us: u64,
         why: String,
@@ -170,6 +148,8 @@ struct Dir {
     limit: u64,
     /// Bytes dst accepted so far (from redirect and from us).
     accepted: u64,
+    /// Bytes the program has seen so far (redirected + passed).
+    seen: u64,
     buf: Vec<u8>,
     off: usize,
     fin: bool,
@@ -195,8 +175,8 @@ struct Paired {
     inflight_limit: u64,
     /// The in-flight bound was approached: the pair is on its way to splice.
     leaving: bool,
-    /// Both sockets stopped running the program (the first step of leaving).
-    parted: bool,
+    /// Sockets that stopped running the program (the first step of leaving).
+    parted: [bool; 2],
 }
 
 /// The pair has left the maps; relay it in userspace from here.
@@ -215,7 +195,6 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
     };
     let fallback = |pair: Pair, why: String| Setup::Fallback {
         pair,
-        carry: Vec::new(),
         moved: carried,
         by_us: carried.iter().sum(),
         why,
@@ -311,6 +290,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         consumed: 0,
         limit: PROGRAM_CAP * inflight_limit,
         accepted: 0,
+        seen: 0,
         buf: Vec::new(),
         off: 0,
         fin: false,
@@ -326,18 +306,24 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         dirs: [dir(CLIENT, UPSTREAM), dir(UPSTREAM, CLIENT)],
         inflight_limit,
         leaving: false,
-        parted: false,
+        parted: [false; 2],
     };
     // Bytes queued before the sockets joined are not run through the program until
     // something pokes it: this recv does (it returns EAGAIN).
     for s in &paired.socks {
-        let _ = sys::recv(
-            s.as_raw_fd(),
-            &mut [0u8; 1],
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        );
+        kick(s);
     }
     Ok(paired)
+}
+
+/// Bytes queued on a socket before it ran the program are not handed to it until
+/// something pokes it: this recv does (it returns EAGAIN).
+fn kick(sock: &StdTcpStream) {
+    let _ = sys::recv(
+        sock.as_raw_fd(),
+        &mut [0u8; 1],
+        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+    );
 }
 
 /// A socket that was read from before pairing (a PROXY header, say) can hold a partly
@@ -384,8 +370,9 @@ fn read_before_pairing(fd: RawFd) -> io::Result<u64> {
 /// The upstream could not join MEMBERS after the client did: stops the client's
 /// program and falls back to splice without losing what it already did. Its
 /// redirected bytes must reach the upstream's send queue (they sit on the upstream's
-/// psock, which leaving SOCKS would purge); bytes it passed are read out and go to
-/// the upstream first. If that does not settle, both sides are reset instead.
+/// psock, which leaving SOCKS would purge). Bytes it passed could only be read now
+/// without TCP counting them (see [`Paired::leave_maps`]): if there are any, or the
+/// redirected ones do not arrive, both sides are reset instead.
 async fn salvage(
     mut entries: MapEntries,
     pair: Pair,
@@ -397,31 +384,22 @@ async fn salvage(
     let key = entries.cookies[CLIENT];
     k.part(key);
     entries.members_in[CLIENT] = false;
-    let fd = pair.client.as_raw_fd();
     let up_fd = pair.upstream.as_raw_fd();
-    let mut carry = Vec::new();
     let deadline = Instant::now() + Duration::from_millis(200);
-    let mut buf = vec![0u8; COPY_BUF];
     let settled = loop {
-        let st = k.dir_state(key).unwrap_or(DirState {
-            redirected: u64::MAX,
-            passed: u64::MAX,
-        });
-        while carry.len() as u64 != st.passed {
-            let want = (st.passed - carry.len() as u64).min(COPY_BUF as u64) as usize;
-            match sys::recv(fd, &mut buf[..want], libc::MSG_DONTWAIT) {
-                Ok(n @ 1..) => carry.extend_from_slice(&buf[..n]),
-                _ => break,
-            }
-        }
+        // Also lets a verdict that was running when the client parted finish.
+        tokio::time::sleep(MIN_TICK).await;
+        let st = match k.dir_state(key) {
+            Ok(st) if st.passed == 0 => st,
+            _ => break None,
+        };
         let delivered = sys::bytes_sent_into(up_fd).map_or(0, |b| b.saturating_sub(up_base));
-        if carry.len() as u64 == st.passed && delivered >= st.redirected {
+        if delivered >= st.redirected {
             break Some(st.redirected);
         }
         if Instant::now() > deadline {
             break None;
         }
-        tokio::time::sleep(MIN_TICK).await;
     };
     drop(entries);
     if let Some(redirected) = settled {
@@ -429,7 +407,6 @@ async fn salvage(
             moved: [carried[CLIENT] + redirected, carried[UPSTREAM]],
             by_us: carried.iter().sum(),
             pair,
-            carry,
             why: format!("upstream socket: {join_error}"),
         };
     }
@@ -495,44 +472,69 @@ impl Paired {
     }
 
     /// Starts leaving the maps once a direction is a quarter way to its in-flight
-    /// bound: the kernel's redirect worker is not keeping up with this pair, and
-    /// splice, with TCP's own backpressure, serves it better. Past the bound the
-    /// program could only pass bytes to us (SK_PASS, a path on which this kernel has
-    /// been seen to duplicate skbs), so the pair leaves long before.
+    /// bound (the kernel's redirect worker is not keeping up with this pair, and
+    /// splice, with TCP's own backpressure, serves it better), or once the program
+    /// passed bytes to us (the bound was exceeded before we could raise it: to keep
+    /// order, every later byte of that direction now comes through us until we catch
+    /// up).
     fn maybe_start_leaving(&mut self) {
         let fin = self.dirs.iter().any(|d| d.fin);
         for d in &self.dirs {
-            if d.inflight >= self.inflight_limit / 4 && (self.leaving || !fin) {
+            if (d.inflight >= self.inflight_limit / 4 || d.pending) && (self.leaving || !fin) {
                 self.leaving = true;
             }
         }
     }
 
-    /// Leaves the maps in two steps. First both sockets stop running the program at
-    /// once (MEMBERS): from then on their new bytes wait in TCP's own queues, under
-    /// TCP's backpressure, instead of being redirected or passed. Then each socket
-    /// leaves SOCKS, and with its last map its psock, as soon as that psock holds
-    /// nothing of ours (see [`Paired::leave_map`]). Returns whether both are out and
-    /// the pair can go on in splice.
+    /// Leaves the maps in two steps. First each socket stops running the program
+    /// (MEMBERS) as soon as every byte it passed has been read and sent on: from then
+    /// on its new bytes wait in TCP's own queue, under TCP's backpressure. Then, with
+    /// both parted, each leaves SOCKS, and with its last map its psock, once that
+    /// psock holds nothing of ours (see [`Paired::leave_map`]). Returns whether both
+    /// are out and the pair can go on in splice.
     ///
-    /// (With one map, a socket left while its peer still ran the program: the peer's
-    /// verdict found no target and passed every byte of that direction to us, up to
-    /// the whole rest of a 1 MiB echo, and sockets were held with SO_RCVLOWAT, which
-    /// the kernel overrides under memory pressure.)
+    /// Passed bytes must be read while the socket runs the program: only that
+    /// recvmsg (`tcp_bpf_recvmsg_parser`) advances TCP's `copied_seq` for them; read
+    /// after parting, TCP would count them as unread forever. A verdict that was
+    /// running on another CPU as the socket parted may still pass bytes: then the
+    /// socket joins again, and parts once those are read too.
     async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
         if !self.leaving {
             return Ok(false);
         }
-        if !self.parted {
-            let k = self.entries.k;
-            for s in 0..2 {
+        let k = self.entries.k;
+        let mut parted_now = [None; 2];
+        for s in 0..2 {
+            let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+            if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
                 k.part(self.entries.cookies[s]);
                 self.entries.members_in[s] = false;
+                self.parted[s] = true;
+                parted_now[s] = Some(own.passed);
             }
-            self.parted = true;
-            // A verdict already running on another CPU finishes within its RCU
-            // section: go on from counters read after it.
+        }
+        if parted_now.iter().any(Option::is_some) {
+            // A verdict already running on another CPU finishes within its RCU section.
             tokio::time::sleep(MIN_TICK).await;
+            for (s, passed) in parted_now.into_iter().enumerate() {
+                let Some(passed) = passed else { continue };
+                if k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?.passed == passed {
+                    continue;
+                }
+                k.join(self.entries.cookies[s], &self.socks[s])
+                    .map_err(|e| (s, e))?;
+                self.entries.members_in[s] = true;
+                self.parted[s] = false;
+                // Bytes that reached TCP's queue meanwhile wait for a verdict: poke it.
+                kick(&self.socks[s]);
+                tracing::debug!(
+                    "ebpf: {} passed bytes while parting; joined again",
+                    SIDES[s].as_str()
+                );
+            }
+            return Ok(false);
+        }
+        if self.parted != [true, true] {
             return Ok(false);
         }
         for s in 0..2 {
@@ -725,10 +727,8 @@ impl Paired {
         let k = self.entries.k;
         let limit_bytes = PROGRAM_CAP * self.inflight_limit;
         let src_in_map = self.in_map(d);
-        // Once parted, a socket's recvmsg is the base one, which reads TCP's own queue
-        // (newer bytes) when the psock's queue is empty: read passed bytes only while
-        // none can be waiting on the psock's backlog, behind bytes redirected into it.
-        let backlogged = self.parted && self.dirs[1 - d].inflight > 0;
+        // Passed bytes are read only while src runs the program (see `leave_maps`).
+        let parted = self.parted[d];
         let dir = &mut self.dirs[d];
         let (src, dst) = (&self.socks[dir.src], &self.socks[dir.dst]);
         let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
@@ -742,14 +742,21 @@ impl Paired {
         let accepted = sys::bytes_sent_into(dst_fd)
             .map_err(|e| (dir.dst, e))?
             .saturating_sub(dir.sent_base);
-        let mut moved = accepted != dir.accepted;
+        // Bytes the program redirected count as movement too: when the kernel's
+        // redirect worker falls behind, dst accepts nothing while the in-flight bytes
+        // grow, and the tick must stay fast to see them reach the leaving threshold.
+        let seen = st.redirected + st.passed;
+        let mut moved = accepted != dir.accepted || seen != dir.seen;
         dir.accepted = accepted;
+        dir.seen = seen;
         counter.store(dir.carried + accepted, Ordering::Relaxed);
         let from_redirect = accepted.saturating_sub(dir.consumed);
         let inflight = st.redirected.saturating_sub(from_redirect);
         let consumed_before = dir.consumed;
         if st.passed > dir.consumed || dir.buffered() {
-            if inflight > 0 || backlogged {
+            if parted {
+                // Its passed bytes are read once it joins again.
+            } else if inflight > 0 {
                 // Passed bytes must not overtake redirected ones still on their way
                 // into dst: wait until dst took them all (dst writable = progress).
                 dir.want_out = true;
