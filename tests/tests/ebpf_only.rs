@@ -12,8 +12,9 @@ mod ebpf {
         Duration::from_secs(s)
     }
 
-    /// The payload never passes through the forwarder's userspace: moving 1 GiB costs
-    /// the process (utime + stime) less than 0.1 CPU seconds.
+    /// The payload never passes through the forwarder's userspace: at a pace the kernel
+    /// keeps up with, the pair stays on the kernel path (path=ebpf, userspace_bytes=0)
+    /// and moving 1 GiB costs the process (utime + stime) under 0.25 CPU seconds.
     #[test]
     fn payload_bypasses_userspace_cpu_per_gib() {
         if !ebpf_can_run("ebpf::payload_bypasses_userspace_cpu_per_gib") {
@@ -46,23 +47,18 @@ mod ebpf {
         assert_eq!(got, Digested::of(&p), "upstream got different bytes");
         let per_gib = cpu / (p.len as f64 / GIB as f64);
         let close = fwd.wait_close_lines(1, secs(5));
-        let copied: u64 = close
-            .first()
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("userspace_bytes="))
-            })
+        let close = close.first().expect("no close line");
+        let path = field(close, "path");
+        let copied: u64 = field(close, "userspace_bytes")
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no userspace_bytes in {close:?}"));
+            .unwrap_or_else(|| panic!("no userspace_bytes in {close}"));
         println!(
-            "ebpf: 1 GiB in {took:.2?}; {copied} bytes through userspace; forwarder used {cpu:.3} CPU s ({per_gib:.3} s per GiB)"
+            "ebpf: 1 GiB in {took:.2?}; path={path:?}, {copied} bytes through userspace; forwarder used {cpu:.3} CPU s ({per_gib:.3} s per GiB)"
         );
-        // The forwarder's own read/write syscalls touched under 1% of the payload...
-        assert!(
-            copied < p.len / 100,
-            "{copied} of {} bytes went through userspace",
-            p.len
-        );
+        // At this pace the in-flight bound is never approached: the pair stays in the
+        // maps from start to end and the forwarder reads or writes no byte itself.
+        assert_eq!(path, Some("ebpf"), "the pair left the kernel path: {close}");
+        assert_eq!(copied, 0, "bytes went through userspace: {close}");
         // ...and its CPU, all control plane (a wake-up per ms while bytes move), stays
         // far under a userspace relay's (splice here: ~0.4 s per GiB).
         assert!(

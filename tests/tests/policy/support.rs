@@ -1,6 +1,7 @@
 //! Peers the policy tests need beyond the harness: clients from chosen source
 //! addresses, nginx speaking PROXY protocol.
 
+use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -59,13 +60,44 @@ pub fn echo_once(to: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, St
     Ok(s)
 }
 
+/// The request `http_get` sends.
+pub const HTTP_GET: &[u8] = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n";
+
 /// Sends a GET and returns the body (the connection is closed by the server).
 pub fn http_get(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(HTTP_GET).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
+
+/// Reads one HTTP response on a connection the server keeps open (HTTP/1.1): the
+/// head up to the blank line, then `Content-Length` bytes of body, which it returns.
+/// Bounded: 5 s per read, 64 KiB in all.
+pub fn read_response(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+            let body = end + 4;
+            if got.len() >= body + len {
+                return String::from_utf8_lossy(&got[body..body + len]).into_owned();
+            }
+        }
+        assert!(got.len() < 64 * 1024, "response too long");
+        let n = s.read(&mut buf).expect("reading the response");
+        let partial = String::from_utf8_lossy(&got);
+        assert!(n > 0, "closed before the whole response: {partial}");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 /// Debian's nginx answering `$proxy_protocol_addr:$proxy_protocol_port`.
@@ -76,14 +108,13 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start() -> Option<Nginx> {
+    /// Starts nginx; panics if it is not installed or does not start (the test it
+    /// serves must fail, not pass without it).
+    pub fn start() -> Nginx {
         let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
-            .find(|p| std::path::Path::new(p).exists());
-        let Some(bin) = bin else {
-            eprintln!("SKIP: nginx is not installed (cargo xtask test installs it)");
-            return None;
-        };
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nginx is not installed (/usr/sbin/nginx): `cargo xtask test` installs it, or `apt-get install nginx`");
         let dir = TempDir::new("nginx");
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -106,18 +137,46 @@ impl Nginx {
             .arg(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = ChildGuard::spawn(cmd, "nginx");
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
+        let mut child = ChildGuard::spawn(cmd, "nginx");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not start");
-            thread::sleep(Duration::from_millis(50));
+            let why = match child.try_status() {
+                Some(status) => format!("it exited: {status}"),
+                None if Instant::now() >= deadline => "still not listening after 10 s".into(),
+                None => {
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let log = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+            panic!(
+                "nginx did not start on {addr}: {why}; stderr:\n{}\nerror.log:\n{}",
+                log("stderr"),
+                log("error.log")
+            );
         }
-        Some(Nginx {
+        Nginx {
             addr,
             _child: child,
             _dir: dir,
-        })
+        }
     }
+}
+
+/// The upstream (index into `upstreams`, the config's `addr` strings, all of weight 1)
+/// that `balance = "source_hash"` picks for `client`: the lowest weighted rendezvous
+/// score, computed exactly as `score` in forwarder/src/policy/balance.rs does.
+pub fn source_hash_pick(client: IpAddr, upstreams: &[String]) -> usize {
+    let score = |addr: &String| {
+        let mut h = std::hash::DefaultHasher::new();
+        client.to_canonical().hash(&mut h);
+        addr.hash(&mut h);
+        let u = ((h.finish() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        -u.ln()
+    };
+    (0..upstreams.len())
+        .min_by(|&a, &b| score(&upstreams[a]).total_cmp(&score(&upstreams[b])))
+        .expect("at least one upstream")
 }

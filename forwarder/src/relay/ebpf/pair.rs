@@ -498,6 +498,7 @@ impl Paired {
     /// after parting, TCP would count them as unread forever. A verdict that was
     /// running on another CPU as the socket parted may still pass bytes: then the
     /// socket joins again, and parts once those are read too.
+    #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
     async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
         if !self.leaving {
             return Ok(false);
