@@ -814,11 +814,13 @@ impl Paired {
 
 /// Fails the pair when the program has seen more bytes than TCP received on `src`.
 ///
-/// Measured on kernel 6.18: when bytes are SK_PASSed, the verdict program now and then
-/// runs twice on one skb (about 1 run in 8 of 1 GiB with the bound often reached), and
-/// the copy reaches the peer twice. Forwarding a corrupted stream silently is the worst
-/// outcome; a reset on both sides is what a broken network would show. `st` must be
-/// read before the TCP counters: the program counts bytes after TCP has received them.
+/// `tcp_read_skb` hands the program a retransmitted segment that overlaps bytes TCP
+/// already had whole (TCP's own readers skip the overlap by `copied_seq`): under
+/// receive-memory pressure this happened in about 1 run in 8 of 1 GiB, and the overlap
+/// reached the peer twice (docs/ARCHITECTURE.md). Forwarding a corrupted stream silently
+/// is the worst outcome; a reset on both sides is what a broken network would show.
+/// `st` must be read before the TCP counters: the program counts bytes after TCP has
+/// received them.
 fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (usize, io::Error)> {
     let received = sys::tcp_counters(src_fd)
         .map_err(|e| (dir.src, e))?
@@ -844,9 +846,8 @@ fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (
 /// Relays bytes the program passed (left on src's queue) with recv/send, stopping when
 /// dst is full: then they stay charged to src's receive buffer and its window closes.
 ///
-/// Never asks for more than the program passed: when the psock queue is empty, this
-/// kernel's recvmsg reads TCP's own receive queue instead, bytes the program has not
-/// seen yet and may still be handed whole (a partly read skb then arrives twice).
+/// Only while src runs the program (its recvmsg, `tcp_bpf_recvmsg_parser`, reads just
+/// the psock queue and advances `copied_seq`), and never more than the program passed.
 fn copy(
     k: &Kernel,
     dir: &mut Dir,
