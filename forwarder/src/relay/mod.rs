@@ -137,6 +137,15 @@ pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// A relay that fails resets BOTH sides when it closes them: the side it blames may
+/// not know anything went wrong (our own error: out of fds, a failed check), and a
+/// clean FIN would show it a cut stream as complete. A side whose peer already reset
+/// loses nothing by it.
+pub fn reset_both_on_close(a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
+    reset_on_close(a);
+    reset_on_close(b);
+}
+
 /// Errors that mean "the peer is gone", as opposed to a local failure.
 pub fn describe(error: &io::Error) -> &'static str {
     match error.raw_os_error() {

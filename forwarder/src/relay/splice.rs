@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{reset_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use super::{reset_both_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
 
 /// Pipe capacity we ask for; bounds the bytes held per direction in userspace-owned
 /// kernel memory. Larger pipes mean fewer syscalls per byte.
@@ -65,11 +65,7 @@ pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
         }
     };
     let (side, error) = failure;
-    // Pass the failure on as a reset, the way a direct connection would have shown it.
-    reset_on_close(match side {
-        Side::Client => &pair.upstream,
-        Side::Upstream => &pair.client,
-    });
+    reset_both_on_close(&pair.client, &pair.upstream);
     RelayEnd::Failed { side, error }
 }
 
@@ -98,6 +94,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
     // one from the pool when bytes (or the EOF) arrive and hands it back as soon as it
     // is empty again, as HAProxy does. An idle pair then holds just its two sockets.
     let mut pipe: Option<Pipe> = None;
+    let mut no_pipe_since: Option<std::time::Instant> = None;
     let mut in_pipe = 0usize;
     let mut eof = false;
     loop {
@@ -105,7 +102,28 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
             Some(p) => p,
             None => {
                 src.readable().await.map_err(PumpError::Read)?;
-                pipe.insert(Pipe::take().map_err(PumpError::Read)?)
+                match Pipe::take() {
+                    Ok(p) => {
+                        no_pipe_since = None;
+                        pipe.insert(p)
+                    }
+                    Err(e) if crate::server::is_resource_exhaustion(&e) => {
+                        // Out of fds: an EOF needs no pipe, and bytes wait in the
+                        // socket (TCP's backpressure) a while for one to free up. Not
+                        // for ever: pairs that all wait, each holding its sockets,
+                        // would keep every fd taken.
+                        if src.peek(&mut [0u8; 1]).await.map_err(PumpError::Read)? == 0 {
+                            return pass_fin(dst);
+                        }
+                        let since = *no_pipe_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= NO_PIPE_PATIENCE {
+                            return Err(PumpError::Read(e));
+                        }
+                        tokio::time::sleep(NO_PIPE_RETRY).await;
+                        continue;
+                    }
+                    Err(e) => return Err(PumpError::Read(e)),
+                }
             }
         };
         // A busy pair never has to wait for readiness: yield now and then so it
@@ -154,12 +172,21 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
         }
         if eof {
             // Every byte before the FIN is in dst's send queue: pass the FIN on.
-            return match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
-                Ok(()) => Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-                Err(e) => Err(PumpError::Write(e)),
-            };
+            return pass_fin(dst);
         }
+    }
+}
+
+/// How often, and how long, a direction that needs a pipe tries again while none can
+/// be made (out of fds).
+const NO_PIPE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+const NO_PIPE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn pass_fin(dst: &TcpStream) -> Result<(), PumpError> {
+    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        Err(e) => Err(PumpError::Write(e)),
     }
 }
 

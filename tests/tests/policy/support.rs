@@ -60,13 +60,10 @@ pub fn echo_once(to: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, St
     Ok(s)
 }
 
-/// The request `http_get` sends.
-pub const HTTP_GET: &[u8] = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n";
-
 /// Sends a GET and returns the body (the connection is closed by the server).
 pub fn http_get(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(HTTP_GET).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()

@@ -184,12 +184,17 @@ struct Handoff;
 
 async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Result<Paired, Setup> {
     let carried = match relay_partly_read(&mut pair).await {
-        Ok(c) => c,
+        Ok((c, true)) => c,
+        Ok((c, false)) => {
+            return Err(Setup::Fallback {
+                pair,
+                moved: c,
+                by_us: c.iter().sum(),
+                why: "bytes keep arriving behind a read (PROXY header)".into(),
+            })
+        }
         Err((side, error)) => {
-            crate::relay::reset_on_close(match side {
-                Side::Client => &pair.upstream,
-                Side::Upstream => &pair.client,
-            });
+            crate::relay::reset_both_on_close(&pair.client, &pair.upstream);
             return Err(Setup::Failed { side, error });
         }
     };
@@ -326,12 +331,20 @@ fn kick(sock: &StdTcpStream) {
     );
 }
 
+/// At most this many bytes queued behind a read we relay ourselves before pairing;
+/// a socket with more (a PROXY header, then an upload at full speed) goes to splice.
+const PARTLY_READ_MAX: u64 = 64 * 1024;
+
 /// A socket that was read from before pairing (a PROXY header, say) can hold a partly
-/// read skb, and the program is then handed all of it: measured on 6.18, the bytes
-/// already read reach the peer a second time. So relay whatever such a socket has
-/// queued ourselves, before pairing (our own writes must precede pairing anyway).
-/// Returns the bytes relayed per side.
-async fn relay_partly_read(pair: &mut Pair) -> Result<[u64; 2], (Side, io::Error)> {
+/// read skb, and `tcp_read_skb` would hand the program all of it: the bytes already
+/// read would reach the peer a second time. So such a socket may only start running
+/// the program with an empty receive queue (an skb read to its end is freed; new ones
+/// arrive whole): relay what it has queued ourselves, before pairing (our own writes
+/// must precede pairing anyway). Only a little, a few times: copying a continuous
+/// stream here would never end, and would block on a peer that answers while we do
+/// not read its answers. Returns the bytes relayed per side, and whether the sockets
+/// drained (if not, the pair goes to splice).
+async fn relay_partly_read(pair: &mut Pair) -> Result<([u64; 2], bool), (Side, io::Error)> {
     let mut carried = [0u64; 2];
     for i in 0..2 {
         let (src, dst) = match i {
@@ -342,23 +355,31 @@ async fn relay_partly_read(pair: &mut Pair) -> Result<[u64; 2], (Side, io::Error
         if read_before_pairing(fd).map_err(|e| (SIDES[i], e))? == 0 {
             continue;
         }
-        let mut buf = vec![0u8; COPY_BUF];
-        loop {
-            match sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
-                Ok(0) => break,
-                Ok(n) => {
-                    dst.write_all(&buf[..n])
-                        .await
-                        .map_err(|e| (SIDES[1 - i], e))?;
-                    carried[i] += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err((SIDES[i], e)),
+        let mut buf = Vec::new();
+        for _ in 0..4 {
+            let queued = sys::inq(fd).map_err(|e| (SIDES[i], e))?;
+            if queued == 0 {
+                break;
             }
+            if carried[i] + queued > PARTLY_READ_MAX {
+                return Ok((carried, false));
+            }
+            buf.resize(queued as usize, 0);
+            let n = match sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err((SIDES[i], e)),
+            };
+            dst.write_all(&buf[..n])
+                .await
+                .map_err(|e| (SIDES[1 - i], e))?;
+            carried[i] += n as u64;
+        }
+        if sys::inq(fd).map_err(|e| (SIDES[i], e))? != 0 {
+            return Ok((carried, false));
         }
     }
-    Ok(carried)
+    Ok((carried, true))
 }
 
 /// Bytes someone read from the socket before it reached us.
@@ -410,8 +431,7 @@ async fn salvage(
             why: format!("upstream socket: {join_error}"),
         };
     }
-    crate::relay::reset_on_close(&pair.client);
-    crate::relay::reset_on_close(&pair.upstream);
+    crate::relay::reset_both_on_close(&pair.client, &pair.upstream);
     Setup::Failed {
         side: Side::Upstream,
         error: io::Error::other(format!(
@@ -441,9 +461,7 @@ impl Paired {
             Ok(Some(Handoff)) => Err(Handoff),
             Ok(None) => Ok(RelayEnd::Closed),
             Err((i, error)) => {
-                // Pass the failure on as a reset, like a direct connection would show it.
-                let other = 1 - i;
-                crate::relay::reset_on_close(&self.socks[other]);
+                crate::relay::reset_both_on_close(&self.socks[0], &self.socks[1]);
                 Ok(RelayEnd::Failed {
                     side: SIDES[i],
                     error,

@@ -1,0 +1,518 @@
+//! Peers and checks the kernel-path tests need beyond the harness: servers that hash
+//! what they receive while sending, clients that check every byte as it arrives, and
+//! helpers to read close lines and a process's file descriptors.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forwarder_tests::*;
+
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// `[[rule]]` text for one rule listening on 127.0.0.1 (an ephemeral port).
+pub fn rule(name: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n"
+    )
+}
+
+/// The number after `key=` in a log line.
+pub fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line}"))
+}
+
+/// The close line of the pair of rule `rule` whose client connected from `client`
+/// (a client port may be reused towards another rule's listener).
+pub fn close_of<'a>(closes: &'a [String], rule: &str, client: SocketAddr) -> Option<&'a str> {
+    let c = client.to_string();
+    closes
+        .iter()
+        .find(|l| field(l, "rule") == Some(rule) && field(l, "client") == Some(c.as_str()))
+        .map(String::as_str)
+}
+
+/// Waits up to `timeout` for the close line of the pair of rule `rule` whose client
+/// is `client`.
+pub fn wait_close_of(fwd: &Forwarder, rule: &str, client: SocketAddr, timeout: Duration) -> String {
+    let c = client.to_string();
+    fwd.stderr
+        .wait_for(timeout, |l| {
+            l.contains(" close rule=")
+                && field(l, "rule") == Some(rule)
+                && field(l, "client") == Some(c.as_str())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no close line for rule {rule} client {client} within {timeout:?}; close lines: {:#?}",
+                fwd.close_lines()
+            )
+        })
+}
+
+/// What the close lines of a run say about the paths the pairs took.
+#[derive(Debug, Default)]
+pub struct PathStats {
+    pub pairs: usize,
+    pub by_path: BTreeMap<String, usize>,
+    /// Pairs whose `path=` has a `>`: they left the kernel path.
+    pub moved: usize,
+    /// Pairs with `userspace_bytes > 0` (SK_PASS, or bytes relayed before pairing).
+    pub via_userspace: usize,
+    pub userspace_bytes: u64,
+    pub by_end: BTreeMap<String, usize>,
+}
+
+pub fn path_stats(closes: &[String]) -> PathStats {
+    let mut s = PathStats::default();
+    for l in closes {
+        let path = field(l, "path").unwrap_or("?").to_string();
+        if path == "none" {
+            continue;
+        }
+        s.pairs += 1;
+        s.moved += usize::from(path.contains('>'));
+        *s.by_path.entry(path).or_default() += 1;
+        let u = field(l, "userspace_bytes")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        s.via_userspace += usize::from(u > 0);
+        s.userspace_bytes += u;
+        *s.by_end
+            .entry(field(l, "end").unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    s
+}
+
+/// Errors that are a peer's reset showing, as opposed to a stall or a local failure.
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+// ---------------------------------------------------------------------------------
+// Servers
+// ---------------------------------------------------------------------------------
+
+/// Echoes every byte back while hashing what it received; at EOF shuts its write side
+/// (after the last echoed byte) and reports the digest, or the error that ended it.
+/// The client's echo checks the download direction, the report the upload direction.
+pub fn digest_echo(ip: IpAddr) -> (Server, mpsc::Receiver<io::Result<Digested>>) {
+    let (tx, rx) = mpsc::channel();
+    let server = Server::start(ip, move |s| {
+        let _ = tx.send(echo_hashing(&s, Instant::now() + secs(60)));
+    });
+    (server, rx)
+}
+
+fn echo_hashing(s: &TcpStream, deadline: Instant) -> io::Result<Digested> {
+    let (mut r, mut w) = (s, s);
+    let mut h = Hasher::new();
+    let mut len = 0u64;
+    let mut buf = vec![0u8; 64 * KIB as usize];
+    loop {
+        set_read_deadline(s, deadline)?;
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        len += n as u64;
+        set_write_deadline(s, deadline)?;
+        w.write_all(&buf[..n])?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    Ok(Digested {
+        len,
+        sha: h.finish(),
+    })
+}
+
+/// What a [`duplex_server`] connection saw.
+#[derive(Debug)]
+pub struct ServerSide {
+    /// The seed of the client's payload (from its first block's header), if it came.
+    pub seed: Option<u64>,
+    /// The client's bytes, read to EOF, or the error that ended the read.
+    pub read: io::Result<Digested>,
+    /// Whether our download was written whole (and our write side shut after it).
+    pub wrote: io::Result<()>,
+}
+
+/// Both directions at once: reads the seed of the client's payload from its first 16
+/// bytes (every [`Payload`] block starts with its seed and index), then sends
+/// `down(seed)` while reading the rest, shuts its write side after its last byte, and
+/// reports what it got.
+pub fn duplex_server(down: fn(u64) -> Payload) -> (Server, mpsc::Receiver<ServerSide>) {
+    let (tx, rx) = mpsc::channel();
+    let server = Server::start(LOCALHOST, move |s| {
+        let deadline = Instant::now() + secs(60);
+        let head = match read_exact_timeout(&s, 16, secs(60)) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = tx.send(ServerSide {
+                    seed: None,
+                    read: Err(e),
+                    wrote: Ok(()),
+                });
+                return;
+            }
+        };
+        let seed = u64::from_le_bytes(head[..8].try_into().unwrap());
+        let d = down(seed);
+        let s: &TcpStream = &s;
+        let (read, wrote) = thread::scope(|t| {
+            let writer = t.spawn(move || -> io::Result<()> {
+                d.write_to(s, deadline)?;
+                s.shutdown(Shutdown::Write)
+            });
+            let mut h = Hasher::new();
+            h.update(&head);
+            let read = hash_to_eof(s, h, 16, deadline);
+            if read.is_err() {
+                // Unblock the writer so the scope can end.
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            (read, writer.join().expect("server writer panicked"))
+        });
+        let _ = tx.send(ServerSide {
+            seed: Some(seed),
+            read,
+            wrote,
+        });
+    });
+    (server, rx)
+}
+
+/// Reads to EOF, continuing hash `h` over `len` bytes already read.
+fn hash_to_eof(
+    s: &TcpStream,
+    mut h: Hasher,
+    mut len: u64,
+    deadline: Instant,
+) -> io::Result<Digested> {
+    let mut r = s;
+    let mut buf = vec![0u8; 256 * KIB as usize];
+    loop {
+        set_read_deadline(s, deadline)?;
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("reading after {len} bytes: {e}"),
+                ))
+            }
+        }
+    }
+    Ok(Digested {
+        len,
+        sha: h.finish(),
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------
+
+/// What a [`duplex`] client saw.
+#[derive(Debug)]
+pub struct ClientSide {
+    pub local: SocketAddr,
+    /// Whether the upload was written whole and the write side shut after it.
+    pub wrote: io::Result<()>,
+    /// The download, read to EOF, or the error that ended it.
+    pub read: io::Result<Digested>,
+}
+
+/// Connects, sends `up` (shutting the write side after its last byte) while reading
+/// the other direction to EOF.
+pub fn duplex(addr: SocketAddr, up: Payload, deadline: Instant) -> io::Result<ClientSide> {
+    let s = try_connect(addr)?;
+    let local = s.local_addr()?;
+    let s = &s;
+    let (wrote, read) = thread::scope(|t| {
+        let writer = t.spawn(move || -> io::Result<()> {
+            up.write_to(s, deadline)?;
+            s.shutdown(Shutdown::Write)
+        });
+        let read = read_digest(s, deadline);
+        if read.is_err() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        (writer.join().expect("client writer panicked"), read)
+    });
+    Ok(ClientSide { local, wrote, read })
+}
+
+/// Writes `bytes` with ONE write(2) (a blocking socket takes it all at once) while
+/// reading the echo of its last `p.len` bytes (checked against `p`); then shuts the
+/// write side and reads to EOF. Returns what came back (the echo and anything after
+/// it up to EOF) and how much the one write took.
+pub fn one_write_then_half_close(
+    s: &TcpStream,
+    bytes: &[u8],
+    p: Payload,
+    deadline: Instant,
+) -> io::Result<(Checked, usize)> {
+    let (echo, first) = thread::scope(|t| {
+        let writer = t.spawn(move || -> io::Result<usize> {
+            set_write_deadline(s, deadline)?;
+            let mut w = s;
+            let first = w.write(bytes)?;
+            w.write_all(&bytes[first..])?;
+            Ok(first)
+        });
+        let echo = read_checked(s, p, Some(p.len), deadline);
+        if !matches!(echo.end, End::Count) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        (echo, writer.join().expect("writer panicked"))
+    });
+    if !matches!(echo.end, End::Count) {
+        // The echo stalled or broke: that is the finding (the writer's error, if any,
+        // only follows from our shutdown).
+        return Ok((echo, first.unwrap_or(0)));
+    }
+    let first = first?;
+    s.shutdown(Shutdown::Write)?;
+    // Nothing more may come: the upstream's FIN, passed on, is all.
+    let rest = read_checked(s, Payload::new(0, 0), None, deadline);
+    let mut all = echo;
+    all.intact &= rest.intact && rest.got == 0;
+    all.got += rest.got;
+    all.end = rest.end;
+    all.at = rest.at;
+    Ok((all, first))
+}
+
+/// How a [`read_checked`] ended.
+#[derive(Debug)]
+pub enum End {
+    /// Stopped after the number of bytes asked for.
+    Count,
+    Eof,
+    Error(io::Error),
+}
+
+/// What [`read_checked`] got.
+#[derive(Debug)]
+pub struct Checked {
+    pub got: u64,
+    /// sha256 of the bytes received.
+    pub sha: Sha,
+    /// Every byte received so far is the payload's byte at that offset.
+    pub intact: bool,
+    pub end: End,
+    pub at: Instant,
+}
+
+impl Checked {
+    /// What was received, as a digest to compare with [`Digested::of`].
+    pub fn digest(&self) -> Digested {
+        Digested {
+            len: self.got,
+            sha: self.sha,
+        }
+    }
+
+    pub fn is_reset(&self) -> bool {
+        matches!(&self.end, End::Error(e) if is_reset(e))
+    }
+}
+
+/// Reads until `stop_after` bytes (if given), EOF, an error or `deadline`, checking
+/// every byte against `p` as it arrives: a prefix of `p` must arrive, nothing else.
+pub fn read_checked(
+    s: &TcpStream,
+    p: Payload,
+    stop_after: Option<u64>,
+    deadline: Instant,
+) -> Checked {
+    let mut r = CheckedReader::new(p);
+    let end = r.read(s, stop_after, deadline);
+    r.finish(end)
+}
+
+/// The state of a [`read_checked`] that may go on over several calls.
+struct CheckedReader {
+    p: Payload,
+    got: u64,
+    intact: bool,
+    h: Hasher,
+    buf: Vec<u8>,
+    want: Vec<u8>,
+}
+
+impl CheckedReader {
+    fn new(p: Payload) -> CheckedReader {
+        CheckedReader {
+            p,
+            got: 0,
+            intact: true,
+            h: Hasher::new(),
+            buf: vec![0u8; 256 * KIB as usize],
+            want: vec![0u8; 256 * KIB as usize],
+        }
+    }
+
+    /// Reads on until `stop_after` bytes in all (if given), EOF, an error or `deadline`.
+    fn read(&mut self, s: &TcpStream, stop_after: Option<u64>, deadline: Instant) -> End {
+        let mut r = s;
+        loop {
+            let room = match stop_after {
+                Some(n) if self.got >= n => return End::Count,
+                Some(n) => (n - self.got).min(self.buf.len() as u64) as usize,
+                None => self.buf.len(),
+            };
+            if let Err(e) = set_read_deadline(s, deadline) {
+                return End::Error(e);
+            }
+            match r.read(&mut self.buf[..room]) {
+                Ok(0) => return End::Eof,
+                Ok(n) => {
+                    let expect = (self.p.len.saturating_sub(self.got)).min(n as u64) as usize;
+                    self.p.fill(self.got, &mut self.want[..expect]);
+                    if expect < n || self.buf[..n] != self.want[..n] {
+                        self.intact = false;
+                    }
+                    self.h.update(&self.buf[..n]);
+                    self.got += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return End::Error(e),
+            }
+        }
+    }
+
+    fn finish(self, end: End) -> Checked {
+        Checked {
+            got: self.got,
+            sha: self.h.finish(),
+            intact: self.intact,
+            end,
+            at: Instant::now(),
+        }
+    }
+}
+
+/// Echoes `p` through `s` with the write side shut after its last byte, like
+/// [`exchange`], but its first `head` bytes make a round trip first: the pair is set
+/// up (on the kernel path, in the maps) before the client's FIN can reach the
+/// forwarder. A client half-closed before pairing is one the sockmap refuses, and that
+/// pair would run on splice. Every echoed byte is checked against `p`.
+pub fn paired_exchange(s: &TcpStream, p: Payload, head: u64, deadline: Instant) -> Checked {
+    let head = head.min(p.len);
+    let mut r = CheckedReader::new(p);
+    let mut first = vec![0u8; head as usize];
+    p.fill(0, &mut first);
+    if let Err(e) = set_write_deadline(s, deadline).and_then(|()| (&*s).write_all(&first)) {
+        return r.finish(End::Error(e));
+    }
+    let end = r.read(s, Some(head), deadline);
+    if !matches!(end, End::Count) {
+        return r.finish(end);
+    }
+    let (end, wrote) = thread::scope(|t| {
+        let writer = t.spawn(move || -> io::Result<()> {
+            let mut buf = vec![0u8; 256 * KIB as usize];
+            let mut off = head;
+            while off < p.len {
+                let n = (p.len - off).min(buf.len() as u64) as usize;
+                p.fill(off, &mut buf[..n]);
+                set_write_deadline(s, deadline)?;
+                (&*s).write_all(&buf[..n])?;
+                off += n as u64;
+            }
+            s.shutdown(Shutdown::Write)
+        });
+        let end = r.read(s, None, deadline);
+        if !matches!(end, End::Eof) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        (end, writer.join().expect("writer panicked"))
+    });
+    match (end, wrote) {
+        (End::Eof, Err(e)) => r.finish(End::Error(e)),
+        (end, _) => r.finish(end),
+    }
+}
+
+/// Closes `s` with a reset (SO_LINGER 0); returns when.
+pub fn reset(s: TcpStream) -> Instant {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    let at = Instant::now();
+    drop(s);
+    at
+}
+
+// ---------------------------------------------------------------------------------
+// File descriptors
+// ---------------------------------------------------------------------------------
+
+pub fn prlimit_bin() -> &'static str {
+    ["/usr/bin/prlimit", "/bin/prlimit"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("prlimit (util-linux) is required")
+}
+
+/// The fd numbers `pid` has open.
+pub fn open_fds(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Sets RLIMIT_NOFILE of the running process `pid` (soft and hard) so that exactly
+/// `free` more descriptors can be opened; returns the limit. The kernel hands out the
+/// lowest free number and refuses numbers at or above the limit.
+pub fn leave_free_fds(pid: i32, free: usize) -> u64 {
+    let open = open_fds(pid);
+    let mut n = 0i32;
+    let mut left = free;
+    loop {
+        if open.binary_search(&n).is_err() {
+            if left == 0 {
+                break;
+            }
+            left -= 1;
+        }
+        n += 1;
+    }
+    let limit = n as u64;
+    let mut cmd = command(prlimit_bin());
+    cmd.args([
+        OsString::from("--pid"),
+        pid.to_string().into(),
+        format!("--nofile={limit}:{limit}").into(),
+    ]);
+    let o = run_to_exit(cmd, secs(10));
+    assert_eq!(o.code(), Some(0), "prlimit --pid failed: {}", o.stderr);
+    limit
+}
