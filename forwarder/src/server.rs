@@ -103,17 +103,22 @@ async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
     if rule.mode == Mode::Splice {
         return Ok((Arc::new(SpliceRelay), "requested".into()));
     }
-    match EbpfRelay::new(rule.inflight_limit).await {
+    let auto = rule.mode == Mode::Auto;
+    match EbpfRelay::new(rule.inflight_limit, auto).await {
         Ok(relay) => {
             let why = format!(
-                "{}: probed ok, attach={}, inflight_limit={}",
-                if rule.mode == Mode::Auto {
-                    "auto"
-                } else {
-                    "requested"
-                },
+                "{}: probed ok, attach={}, inflight_limit={}{}",
+                if auto { "auto" } else { "requested" },
                 relay.attach_kind(),
-                rule.inflight_limit
+                rule.inflight_limit,
+                if auto {
+                    format!(
+                        ", pairs start on splice and move after {} bursts",
+                        crate::relay::splice::PROMOTE_AFTER_BURSTS
+                    )
+                } else {
+                    String::new()
+                }
             );
             Ok((Arc::new(relay), why))
         }

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::Interest;
@@ -41,14 +41,63 @@ enum PumpError {
     Write(io::Error),
 }
 
+/// How a direction's pump stopped without failing.
+enum PumpEnd {
+    /// EOF passed on after every byte.
+    Eof,
+    /// The pair is worth the kernel path and both directions are quiet now.
+    Promote,
+}
+
 pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
+    match relay_until(pair, progress, None).await {
+        Ok(end) => end,
+        Err(_) => unreachable!("no promotion asked for"),
+    }
+}
+
+/// Bursts (a direction waking up to move bytes, then going quiet again) a pair must
+/// have made before it is moved to the kernel path: an interactive pair, which is what
+/// that path is good at. A short request/response or an idle pair never pays for the
+/// maps; a bulk pair rarely goes quiet and would leave again at the in-flight bound.
+pub const PROMOTE_AFTER_BURSTS: u32 = 16;
+
+/// Relays until both directions are finished, or, with `promote`, until the pair has
+/// made [`PROMOTE_AFTER_BURSTS`] bursts and both directions are quiet with empty
+/// pipes: then it hands the pair back (`Err`), nothing of it held by us. Both sockets
+/// were read to EAGAIN then (no partly read skb: whatever arrived since came whole),
+/// so the pair may join a sockmap at once.
+pub async fn relay_until(
+    pair: Pair,
+    progress: &Progress,
+    promote: Option<u32>,
+) -> Result<RelayEnd, Pair> {
     progress.enter(Hop::Splice);
+    let quiet = Quiet {
+        waiting: [AtomicBool::new(false), AtomicBool::new(false)],
+        bursts: AtomicU32::new(0),
+        promote_after: promote.unwrap_or(u32::MAX),
+    };
+    match pumps(&pair, progress, &quiet).await {
+        // The other pump waited for readiness with no pipe: dropping it lost nothing
+        // (bytes that just arrived stay in its socket).
+        None => Err(pair),
+        Some(RelayEnd::Failed { side, error }) => {
+            reset_both_on_close(&pair.client, &pair.upstream);
+            Ok(RelayEnd::Failed { side, error })
+        }
+        Some(end) => Ok(end),
+    }
+}
+
+/// Runs both directions: `None` when one of them asks for promotion.
+async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayEnd> {
     let (c, u) = (&pair.client, &pair.upstream);
-    let up = pump(c, u, &progress.to_upstream);
-    let down = pump(u, c, &progress.to_client);
+    let up = pump(c, u, &progress.to_upstream, quiet, 0);
+    let down = pump(u, c, &progress.to_client, quiet, 1);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
-    let failure = loop {
+    let (side, error) = loop {
         let (result, from, to) = tokio::select! {
             r = &mut up, if !up_done => { up_done = true; (r, Side::Client, Side::Upstream) }
             r = &mut down, if !down_done => { down_done = true; (r, Side::Upstream, Side::Client) }
@@ -58,15 +107,32 @@ pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
             e = socket_error(u), if down_done => break (Side::Upstream, e),
         };
         match result {
-            Ok(()) if up_done && down_done => return RelayEnd::Closed,
-            Ok(()) => {}
+            Ok(PumpEnd::Promote) => return None,
+            Ok(PumpEnd::Eof) if up_done && down_done => return Some(RelayEnd::Closed),
+            Ok(PumpEnd::Eof) => {}
             Err(PumpError::Read(e)) => break (from, e),
             Err(PumpError::Write(e)) => break (to, e),
         }
     };
-    let (side, error) = failure;
-    reset_both_on_close(&pair.client, &pair.upstream);
-    RelayEnd::Failed { side, error }
+    Some(RelayEnd::Failed { side, error })
+}
+
+/// What the two pumps of a pair tell each other for promotion.
+struct Quiet {
+    /// Direction d waits for bytes with no pipe (nothing of it held by us) on a socket
+    /// it read to EAGAIN.
+    waiting: [AtomicBool; 2],
+    bursts: AtomicU32,
+    promote_after: u32,
+}
+
+impl Quiet {
+    /// Direction `d` is about to wait for bytes: whether the pair should be promoted
+    /// instead (enough bursts, and the other direction waits too).
+    fn going_quiet(&self, d: usize) -> bool {
+        let bursts = self.bursts.fetch_add(1, Ordering::Relaxed) + 1;
+        bursts >= self.promote_after && self.waiting[1 - d].load(Ordering::Relaxed)
+    }
 }
 
 /// Resolves with the socket's pending error (a reset, say) once epoll reports one.
@@ -89,11 +155,20 @@ async fn socket_error(sock: &TcpStream) -> io::Error {
 }
 
 /// Moves one direction until EOF (then passes the FIN on) or an error.
-async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(), PumpError> {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    quiet: &Quiet,
+    d: usize,
+) -> Result<PumpEnd, PumpError> {
     // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): it takes
     // one from the pool when bytes (or the EOF) arrive and hands it back as soon as it
     // is empty again, as HAProxy does. An idle pair then holds just its two sockets.
     let mut pipe: Option<Pipe> = None;
+    // The last read found the socket empty (or none was made): no skb of it is
+    // partly read.
+    let mut drained = true;
     let mut no_pipe_since: Option<std::time::Instant> = None;
     let mut in_pipe = 0usize;
     let mut eof = false;
@@ -101,7 +176,9 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
         let p = match &mut pipe {
             Some(p) => p,
             None => {
+                quiet.waiting[d].store(drained, Ordering::Relaxed);
                 src.readable().await.map_err(PumpError::Read)?;
+                quiet.waiting[d].store(false, Ordering::Relaxed);
                 match Pipe::take() {
                     Ok(p) => {
                         no_pipe_since = None;
@@ -113,7 +190,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
                         // for ever: pairs that all wait, each holding its sockets,
                         // would keep every fd taken.
                         if src.peek(&mut [0u8; 1]).await.map_err(PumpError::Read)? == 0 {
-                            return pass_fin(dst);
+                            return pass_fin(dst).map(|()| PumpEnd::Eof);
                         }
                         let since = *no_pipe_since.get_or_insert_with(std::time::Instant::now);
                         if since.elapsed() >= NO_PIPE_PATIENCE {
@@ -139,10 +216,14 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
             } else {
                 splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
             };
+            drained = false;
             match r {
                 Ok(0) => eof = true,
                 Ok(n) => in_pipe += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = in_pipe == 0;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(PumpError::Read(e)),
             }
@@ -172,7 +253,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> Result<(),
         }
         if eof {
             // Every byte before the FIN is in dst's send queue: pass the FIN on.
-            return pass_fin(dst);
+            return pass_fin(dst).map(|()| PumpEnd::Eof);
+        }
+        if drained && quiet.going_quiet(d) {
+            return Ok(PumpEnd::Promote);
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Pair, Progress, Relay, RelayEnd, RelayFuture};
+use super::{splice, Pair, Progress, Relay, RelayEnd, RelayFuture};
 
 mod kernel;
 mod pair;
@@ -26,16 +26,21 @@ pub use kernel::NOT_BUILT;
 pub struct EbpfRelay {
     kernel: &'static Kernel,
     inflight_limit: u64,
+    /// `auto`: every pair starts on splice (which costs nothing until bytes come) and
+    /// moves to the kernel path once it proves interactive
+    /// ([`splice::PROMOTE_AFTER_BURSTS`]); short and idle pairs never pay for the maps.
+    start_on_splice: bool,
 }
 
 impl EbpfRelay {
     /// The relay for one rule; the program and maps are shared by every rule.
     /// Call [`probe`] first: only a probed kernel path is handed out.
-    pub async fn new(inflight_limit: u64) -> Result<EbpfRelay, String> {
+    pub async fn new(inflight_limit: u64, start_on_splice: bool) -> Result<EbpfRelay, String> {
         let kernel = probe().await?;
         Ok(EbpfRelay {
             kernel,
             inflight_limit,
+            start_on_splice,
         })
     }
 
@@ -52,7 +57,17 @@ impl Relay for EbpfRelay {
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         Box::pin(async move {
-            pair::relay(self.kernel, self.inflight_limit, pair, &progress, true).await
+            let (pair, drained) = if self.start_on_splice {
+                let promote = Some(splice::PROMOTE_AFTER_BURSTS);
+                match splice::relay_until(pair, &progress, promote).await {
+                    Ok(end) => return end,
+                    Err(pair) => (pair, true),
+                }
+            } else {
+                (pair, false)
+            };
+            let limit = self.inflight_limit;
+            pair::relay(self.kernel, limit, pair, &progress, true, drained).await
         })
     }
 
@@ -116,6 +131,7 @@ async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
             upstream: b,
         },
         &progress,
+        false,
         false,
     );
     let talk = async {

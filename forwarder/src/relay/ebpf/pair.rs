@@ -38,14 +38,17 @@ const UPSTREAM: usize = 1;
 const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 
 /// Runs one pair. With `allow_fallback`, a pair the maps refuse is relayed by splice.
+/// `drained`: its sockets were read to EAGAIN by us (a promoted splice pair), so
+/// nothing queued on them is partly read.
 pub async fn relay(
     k: &'static Kernel,
     inflight_limit: u64,
     pair: Pair,
     progress: &Progress,
     allow_fallback: bool,
+    drained: bool,
 ) -> RelayEnd {
-    match setup(k, inflight_limit, pair).await {
+    match setup(k, inflight_limit, pair, drained).await {
         Ok(mut paired) => {
             progress.enter(Hop::Ebpf);
             match paired.run(progress).await {
@@ -142,6 +145,9 @@ struct Dir {
     recv_base: u64,
     /// Bytes we relayed ourselves before pairing (see `relay_partly_read`).
     carried: u64,
+    /// What `Progress` counted for this direction before the pair joined (bytes a
+    /// splice relay moved before it was promoted).
+    before: u64,
     /// Passed bytes we have written to dst.
     consumed: u64,
     /// Last limit written to CONTROL.
@@ -182,15 +188,26 @@ struct Paired {
 /// The pair has left the maps; relay it in userspace from here.
 struct Handoff;
 
-async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Result<Paired, Setup> {
-    let carried = match relay_partly_read(&mut pair).await {
+async fn setup(
+    k: &'static Kernel,
+    inflight_limit: u64,
+    mut pair: Pair,
+    drained: bool,
+) -> Result<Paired, Setup> {
+    let partly_read = if drained {
+        // Read to EAGAIN by the splice relay: nothing queued is partly read.
+        Ok(([0; 2], true))
+    } else {
+        relay_partly_read(&mut pair).await
+    };
+    let carried = match partly_read {
         Ok((c, true)) => c,
         Ok((c, false)) => {
             return Err(Setup::Fallback {
                 pair,
                 moved: c,
                 by_us: c.iter().sum(),
-                why: "bytes keep arriving behind a read (PROXY header)".into(),
+                why: "bytes keep arriving behind bytes read before pairing".into(),
             })
         }
         Err((side, error)) => {
@@ -289,6 +306,7 @@ async fn setup(k: &'static Kernel, inflight_limit: u64, mut pair: Pair) -> Resul
         src,
         dst,
         carried: carried[src],
+        before: 0,
         key: cookies[src],
         sent_base: sent_base[dst],
         recv_base: recv_base[src],
@@ -444,7 +462,7 @@ impl Paired {
     async fn run(&mut self, progress: &Progress) -> Result<RelayEnd, Handoff> {
         let result = self.watch(progress).await;
         let copied: u64 = self.dirs.iter().map(|d| d.consumed + d.carried).sum();
-        progress.via_userspace.store(copied, Ordering::Relaxed);
+        progress.via_userspace.fetch_add(copied, Ordering::Relaxed);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let k = self.entries.k;
             let s = |d: &Dir| k.dir_state(d.key).unwrap_or_default();
@@ -641,6 +659,9 @@ impl Paired {
         let mut events = Vec::new();
         let mut tick = MIN_TICK;
         let counters = [&progress.to_upstream, &progress.to_client];
+        for (dir, counter) in self.dirs.iter_mut().zip(counters) {
+            dir.before = counter.load(Ordering::Relaxed);
+        }
         loop {
             epoll.get_ref().poll(&mut events).map_err(|e| (CLIENT, e))?;
             for &(token, ev) in &events {
@@ -671,7 +692,10 @@ impl Paired {
                         delivered,
                         dir.fin
                     );
-                    counters[d].store(dir.carried + dir.consumed + delivered, Ordering::Relaxed);
+                    counters[d].store(
+                        dir.before + dir.carried + dir.consumed + delivered,
+                        Ordering::Relaxed,
+                    );
                 }
                 return Ok(Some(Handoff));
             }
@@ -768,7 +792,7 @@ impl Paired {
         let mut moved = accepted != dir.accepted || seen != dir.seen;
         dir.accepted = accepted;
         dir.seen = seen;
-        counter.store(dir.carried + accepted, Ordering::Relaxed);
+        counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
         let from_redirect = accepted.saturating_sub(dir.consumed);
         let inflight = st.redirected.saturating_sub(from_redirect);
         let consumed_before = dir.consumed;
@@ -812,7 +836,7 @@ impl Paired {
             let accepted = sys::bytes_sent_into(dst_fd)
                 .map_err(|e| (dir.dst, e))?
                 .saturating_sub(dir.sent_base);
-            counter.store(dir.carried + accepted, Ordering::Relaxed);
+            counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
             if accepted >= target && st.passed <= dir.consumed {
                 if accepted > target {
                     tracing::debug!("ebpf: dst accepted {accepted} > {target} received");

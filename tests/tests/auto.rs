@@ -1,0 +1,156 @@
+//! `--mode auto` with the kernel path available: every pair starts on splice and moves
+//! to the kernel path once it proves interactive (16 bursts), and leaves it again at
+//! its in-flight bound. The close line's `path=` names every path a pair took.
+
+mod ebpf {
+    use std::io::Read;
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use forwarder_tests::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn auto_forwarder(upstream: SocketAddr, extra: &str) -> Forwarder {
+        let toml = format!(
+            "[[rule]]\nname = \"auto\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"auto\"\n{extra}\n"
+        );
+        let fwd = Forwarder::config(None, &toml, 1);
+        assert!(
+            fwd.listening[0].line.contains("pairs start on splice"),
+            "auto did not choose the kernel path: {}",
+            fwd.listening[0].line
+        );
+        fwd
+    }
+
+    /// `n` small round trips on `s` through an echo (each a burst each way).
+    fn chat(s: &TcpStream, n: usize) {
+        for i in 0..n {
+            ping(s, format!("msg {i:04}").as_bytes(), secs(5))
+                .unwrap_or_else(|e| panic!("round trip {i}: {e}"));
+        }
+    }
+
+    /// Short request/response pairs never touch the maps: they stay on splice (the
+    /// connection rate of the kernel path is then splice's), and so does a pair that
+    /// says one thing and goes quiet. No byte goes through userspace.
+    #[test]
+    fn short_and_idle_pairs_stay_on_splice() {
+        if !ebpf_can_run("ebpf::short_and_idle_pairs_stay_on_splice") {
+            return;
+        }
+        let _load = light();
+        let up = Server::echo();
+        let fwd = auto_forwarder(up.addr(), "");
+        // The listening line says mode=ebpf (the rule may use the kernel path); these
+        // pairs must not.
+        fwd.expect_paths(&["splice"]).expect_pairs(0);
+        for i in 0..20 {
+            echo_check(fwd.addr(), Payload::new(500 + i, 1000 + i * 7), secs(5));
+        }
+        let quiet = connect(fwd.addr());
+        chat(&quiet, 3);
+        thread::sleep(Duration::from_millis(300));
+        chat(&quiet, 1);
+        drop(quiet);
+        let closes = fwd.wait_close_lines(21, secs(5));
+        assert_eq!(closes.len(), 21, "{closes:#?}");
+        for l in &closes {
+            assert_eq!(field(l, "path"), Some("splice"), "{l}");
+        }
+    }
+
+    /// 100 pairs, each: 20 round trips (it moves to the kernel path: splice>ebpf),
+    /// then both directions at full speed at once through an echo, 2 MiB each way with
+    /// a 64 KiB in-flight bound (it leaves again: ...>splice), then 4 more round trips
+    /// and a half-close. Every byte checked by sha256 both ways, every pair's moves
+    /// read from its close line. Pairs run 4 at a time.
+    #[test]
+    fn pairs_move_both_ways_mid_transfer_100x() {
+        if !ebpf_can_run("ebpf::pairs_move_both_ways_mid_transfer_100x") {
+            return;
+        }
+        let _load = heavy();
+        let up = Server::echo();
+        let fwd = auto_forwarder(up.addr(), "inflight_limit = 65536");
+        // Bytes the program passes before the pair leaves (past 4 x 64 KiB in flight)
+        // go through userspace: at most the 2 MiB of each direction.
+        fwd.expect_paths(&["splice>ebpf", "splice>ebpf>splice"])
+            .expect_pairs(0)
+            .expect_userspace_at_most(2 * (2 * MIB + 200));
+        const PAIRS: u64 = 100;
+        let started = Instant::now();
+        for round in 0..PAIRS / 4 {
+            thread::scope(|t| {
+                for i in 0..4 {
+                    let addr = fwd.addr();
+                    t.spawn(move || {
+                        let n = round * 4 + i;
+                        let s = connect(addr);
+                        chat(&s, 20);
+                        let p = Payload::new(70_000 + n, 2 * MIB + n);
+                        let deadline = Instant::now() + secs(30);
+                        // Both directions at once: the echo streams back while we send.
+                        let got = thread::scope(|t2| {
+                            t2.spawn(|| p.write_to(&s, deadline).expect("upload"));
+                            let mut h = Hasher::new();
+                            let mut left = p.len;
+                            let mut buf = vec![0u8; 256 * 1024];
+                            set_read_deadline(&s, deadline).unwrap();
+                            while left > 0 {
+                                let want = left.min(buf.len() as u64) as usize;
+                                let k = (&s).read(&mut buf[..want]).expect("echo");
+                                assert!(k > 0, "pair {n}: EOF after {} bytes", p.len - left);
+                                h.update(&buf[..k]);
+                                left -= k as u64;
+                            }
+                            Digested {
+                                len: p.len,
+                                sha: h.finish(),
+                            }
+                        });
+                        assert_eq!(got, Digested::of(&p), "pair {n}: echo differs");
+                        chat(&s, 4);
+                        s.shutdown(Shutdown::Write).unwrap();
+                        let mut rest = Vec::new();
+                        (&s).read_to_end(&mut rest)
+                            .expect("EOF after the half-close");
+                        assert!(
+                            rest.is_empty(),
+                            "pair {n}: {} bytes after the last echo",
+                            rest.len()
+                        );
+                    });
+                }
+            });
+        }
+        let closes = fwd.wait_close_lines(PAIRS as usize, secs(10));
+        assert_eq!(closes.len(), PAIRS as usize);
+        let promoted = closes
+            .iter()
+            .filter(|l| field(l, "path").is_some_and(|p| p.starts_with("splice>ebpf")))
+            .count();
+        let back = closes
+            .iter()
+            .filter(|l| field(l, "path") == Some("splice>ebpf>splice"))
+            .count();
+        println!(
+            "{PAIRS} pairs in {:.1?}: {promoted} moved splice>ebpf, {back} of them back to splice",
+            started.elapsed()
+        );
+        for l in &closes {
+            assert_eq!(field(l, "end"), Some("closed"), "{l}");
+        }
+        assert_eq!(promoted, PAIRS as usize, "every pair made 20 round trips");
+        // Leaving needs the pair to be seen 16 KiB or more behind, or passing bytes:
+        // certain with 2 MiB each way at full speed, but it is read on a 1 ms tick.
+        assert!(
+            back >= 90,
+            "only {back} of {PAIRS} pairs left the kernel path"
+        );
+    }
+}
