@@ -118,6 +118,7 @@ pub async fn serve(
     }
 
     let progress = Arc::new(Progress::default());
+    progress.touch();
     let pair = Pair { client, upstream };
     let relay = rt.relay.relay(pair, progress.clone());
     let mut abort = rt.abort.clone();
@@ -261,25 +262,19 @@ async fn sleep_or_never(d: Option<Duration>) {
     }
 }
 
-/// Resolves when no byte has moved either way for `timeout`; never when it is `None`.
+/// Resolves when no byte has moved either way for `timeout` (plus the relay's counter
+/// lag); never when it is `None`. It sleeps until the moment the timeout would expire
+/// and looks again, so an idle pair wakes once per timeout, not on a tick.
 async fn idle(timeout: Option<Duration>, lag: Duration, progress: &Progress) {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };
-    // Checking a counter on a tick keeps the relays' hot paths free of timer resets;
-    // the tick bounds how late the timeout fires (a tenth of it, at most 30 s: idle
-    // pairs under the default 1 h wake twice a minute, not every second).
-    let tick = (timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(30));
-    let mut last_total = progress.total();
-    let mut last_change = Instant::now();
+    let limit = timeout + lag;
     loop {
-        tokio::time::sleep(tick).await;
-        let total = progress.total();
-        if total != last_total {
-            last_total = total;
-            last_change = Instant::now();
-        } else if last_change.elapsed() >= timeout + lag {
+        let quiet = progress.idle_for();
+        if quiet >= limit {
             return;
         }
+        tokio::time::sleep(limit - quiet).await;
     }
 }

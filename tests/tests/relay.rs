@@ -949,7 +949,10 @@ relay_tests! {
         thread::sleep(secs(3));
         let used = fwd.cpu_seconds() - before;
         println!("200 idle pairs: forwarder used {used:.3} CPU seconds in 3 s");
-        assert!(used < 0.3, "{used:.3} CPU seconds in 3 s with 200 idle pairs: spinning");
+        // splice: an idle pair wakes nobody (its idle timer sleeps for the whole
+        // timeout). ebpf: each pair's bookkeeping tick still runs 4 times a second.
+        let bound = if mode == Mode::Splice { 0.03 } else { 0.3 };
+        assert!(used < bound, "{used:.3} CPU seconds in 3 s with 200 idle pairs: spinning");
         for (i, s) in conns.iter().enumerate() {
             ping(s, format!("still there {i}").as_bytes(), secs(10)).expect("echo after idle");
         }

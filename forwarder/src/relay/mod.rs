@@ -27,6 +27,14 @@ pub struct Progress {
     pub via_userspace: AtomicU64,
     /// The ways bytes actually moved, in order (see [`Progress::enter`]).
     hops: AtomicU32,
+    /// When bytes last moved, in ms since [`epoch`] (see [`Progress::touch`]).
+    last_active_ms: AtomicU64,
+}
+
+/// A process-wide origin for the coarse timestamps in [`Progress`].
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
 }
 
 /// One way of moving a pair's bytes, as the close line's `path=` names it.
@@ -40,8 +48,18 @@ pub enum Hop {
 const MAX_HOPS: u32 = 8;
 
 impl Progress {
-    pub fn total(&self) -> u64 {
-        self.to_upstream.load(Ordering::Relaxed) + self.to_client.load(Ordering::Relaxed)
+    /// Notes that bytes moved now. Relays call it once per burst, so the idle timeout
+    /// can sleep until exactly when it would expire instead of polling the counters.
+    pub fn touch(&self) {
+        let now = epoch().elapsed().as_millis() as u64;
+        self.last_active_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last moved (or since the pair was made).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let now = epoch().elapsed().as_millis() as u64;
+        let last = self.last_active_ms.load(Ordering::Relaxed);
+        std::time::Duration::from_millis(now.saturating_sub(last))
     }
 
     /// Records that the pair's bytes now move by `hop`. Called by a relay when it really

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use tokio::io::Interest;
@@ -93,8 +93,8 @@ pub async fn relay_until(
 /// Runs both directions: `None` when one of them asks for promotion.
 async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayEnd> {
     let (c, u) = (&pair.client, &pair.upstream);
-    let up = pump(c, u, &progress.to_upstream, quiet, 0);
-    let down = pump(u, c, &progress.to_client, quiet, 1);
+    let up = pump(c, u, progress, quiet, 0);
+    let down = pump(u, c, progress, quiet, 1);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let (side, error) = loop {
@@ -158,10 +158,11 @@ async fn socket_error(sock: &TcpStream) -> io::Error {
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    moved: &AtomicU64,
+    progress: &Progress,
     quiet: &Quiet,
     d: usize,
 ) -> Result<PumpEnd, PumpError> {
+    let moved = [&progress.to_upstream, &progress.to_client][d];
     // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): it takes
     // one from the pool when bytes (or the EOF) arrive and hands it back as soon as it
     // is empty again, as HAProxy does. An idle pair then holds just its two sockets.
@@ -242,6 +243,7 @@ async fn pump(
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
+        progress.touch();
         if in_pipe > 0 {
             dst.writable().await.map_err(PumpError::Write)?;
             continue;

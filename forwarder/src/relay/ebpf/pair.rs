@@ -671,6 +671,9 @@ impl Paired {
             for d in 0..2 {
                 moved |= self.step(d, counters[d])?;
             }
+            if moved {
+                progress.touch();
+            }
             if self.dirs.iter().all(|d| d.shut) {
                 return Ok(None);
             }
