@@ -15,6 +15,9 @@ pub const MEMBERS_MAP: &str = "MEMBERS";
 pub const STATE_MAP: &str = "STATE";
 /// HASH cookie -> [`DirControl`], written by userspace only.
 pub const CONTROL_MAP: &str = "CONTROL";
+/// RINGBUF of cookies (u64): the program posts a direction's cookie on its first skb
+/// after userspace put the pair to sleep ([`DirControl::sleep`]).
+pub const WAKES_MAP: &str = "WAKES";
 /// Name of the sk_skb verdict program in the object.
 pub const VERDICT_PROG: &str = "forwarder_verdict";
 /// Room for this many pairs (two sockets, two directions each).
@@ -28,6 +31,8 @@ pub struct DirState {
     pub redirected: u64,
     /// Bytes left on the source socket (SK_PASS) for userspace to `recv()` and send.
     pub passed: u64,
+    /// The last [`DirControl::sleep`] the program answered with a wake-up.
+    pub woken: u64,
 }
 
 /// Userspace's side of the bargain for one direction.
@@ -38,6 +43,9 @@ pub struct DirControl {
     pub consumed: u64,
     /// Redirect only while `redirected + len <= limit`; 0 means "not paired yet".
     pub limit: u64,
+    /// Raised by userspace when it stops watching an idle pair: while it differs from
+    /// [`DirState::woken`], the next skb posts this direction's cookie to WAKES.
+    pub sleep: u64,
 }
 
 #[cfg(feature = "user")]

@@ -17,7 +17,7 @@ mod prog {
     use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
     use aya_ebpf::helpers::bpf_get_socket_cookie;
     use aya_ebpf::macros::{map, stream_verdict};
-    use aya_ebpf::maps::{HashMap, SockHash};
+    use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
     use aya_ebpf::programs::SkBuffContext;
     use aya_ebpf::EbpfContext;
     use aya_log_ebpf::debug;
@@ -33,6 +33,9 @@ mod prog {
     static STATE: HashMap<u64, DirState> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
     #[map(name = "CONTROL")]
     static CONTROL: HashMap<u64, DirControl> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
+    /// Wake-ups for pairs whose userspace side sleeps (cookies, 8 bytes each).
+    #[map(name = "WAKES")]
+    static WAKES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
     #[stream_verdict]
     pub fn forwarder_verdict(ctx: SkBuffContext) -> u32 {
@@ -65,6 +68,7 @@ mod prog {
             let verdict = SOCKS.redirect_skb(&ctx, cookie, 0) as u32;
             if verdict == SK_PASS {
                 state.redirected += len;
+                wake_if_asleep(cookie, state);
                 return SK_PASS;
             }
             // The peer is gone from the map: keep the bytes here instead of dropping them.
@@ -74,7 +78,24 @@ mod prog {
             );
         }
         state.passed += len;
+        wake_if_asleep(cookie, state);
         SK_PASS
+    }
+
+    /// Redirected bytes wake nobody in userspace: when it sleeps (CONTROL.sleep moved
+    /// on since our last wake-up), tell it bytes moved. Read after the counters were
+    /// updated, so userspace, which raises `sleep` and then reads the counters, sees
+    /// either the bytes or the wake-up.
+    fn wake_if_asleep(cookie: u64, state: &mut DirState) {
+        // SAFETY: read-only access to a value userspace updates with whole-u64 writes.
+        let sleep = match unsafe { CONTROL.get(cookie) } {
+            Some(c) => c.sleep,
+            None => return,
+        };
+        if sleep != state.woken {
+            state.woken = sleep;
+            let _ = WAKES.output::<u64>(&cookie, 0);
+        }
     }
 
     #[panic_handler]

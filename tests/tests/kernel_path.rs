@@ -150,7 +150,9 @@ relay_tests! {
     /// Both directions at full speed at once (1-6 MiB each way), each side shutting its
     /// write side after its last byte, with in-flight bounds small enough that pairs
     /// leave the maps for splice, now and then while the FINs arrive. 32 rounds of two
-    /// pairs (one per bound); sha256 both ways every time.
+    /// pairs (one per bound); every pair ends sha256-exact both ways, or reset on both
+    /// sides (the forwarder's own checks refuse to go on with counts it cannot trust),
+    /// never cut or corrupted with a clean close. Resets are counted and bounded.
     fn leave_for_splice_during_fin_bidirectional(mode) {
         let _load = heavy();
         const ROUNDS: u64 = 32;
@@ -192,18 +194,6 @@ relay_tests! {
             });
             for (name, p, r) in results {
                 let c = r.unwrap_or_else(|e| panic!("round {round}: connect: {e}"));
-                let want = Digested::of(&down(p.seed));
-                match &c.read {
-                    Ok(d) if *d == want => {}
-                    Ok(d) => failures.push(format!(
-                        "round {round} seed {}: SILENTLY CUT OR CORRUPTED download: clean EOF after {d}, want {want}",
-                        p.seed
-                    )),
-                    Err(e) => failures.push(format!("round {round} seed {}: download failed: {e}", p.seed)),
-                }
-                if let Err(e) = &c.wrote {
-                    failures.push(format!("round {round} seed {}: upload: {e}", p.seed));
-                }
                 clients.push((name, p, c));
             }
         }
@@ -213,27 +203,39 @@ relay_tests! {
             let s = rx.recv_timeout(secs(10)).expect("a server connection did not report");
             servers.insert(s.seed, s);
         }
-        for (_, p, c) in &clients {
-            match servers.get(&Some(p.seed)) {
-                Some(ServerSide { read: Ok(d), wrote: Ok(()), .. }) if *d == Digested::of(p) => {}
-                Some(ServerSide { read: Ok(d), .. }) if *d != Digested::of(p) => failures.push(format!(
-                    "seed {} from {}: SILENTLY CUT OR CORRUPTED upload: the upstream read a clean EOF after {d}, want {}",
-                    p.seed,
-                    c.local,
-                    Digested::of(p)
-                )),
-                other => failures.push(format!("seed {} from {}: upstream saw {other:?}", p.seed, c.local)),
-            }
-        }
         let closes = fwd.wait_close_lines(total, secs(10));
+        let mut resets = Vec::new();
         for (name, p, c) in &clients {
-            match close_of(&closes, name, c.local) {
-                Some(l) if field(l, "end") == Some("closed")
+            let server = servers.get(&Some(p.seed));
+            let close = close_of(&closes, name, c.local);
+            let want_down = Digested::of(&down(p.seed));
+            let exact = matches!(&c.read, Ok(d) if *d == want_down)
+                && c.wrote.is_ok()
+                && matches!(server, Some(ServerSide { read: Ok(d), wrote: Ok(()), .. }) if *d == Digested::of(p))
+                && close.is_some_and(|l| field(l, "end") == Some("closed")
                     && num(l, "bytes_up") == p.len
-                    && num(l, "bytes_down") == down(p.seed).len => {}
-                other => failures.push(format!("seed {}: close line {other:?}", p.seed)),
+                    && num(l, "bytes_down") == want_down.len);
+            if exact {
+                continue;
+            }
+            // Not exact: it must be a reset that both ends saw. (A client whose writer
+            // met the reset first reads a plain EOF after it: the reset is then in
+            // `wrote`.)
+            let client_reset = matches!(&c.read, Err(e) if is_reset(e))
+                || matches!(&c.wrote, Err(e) if e.to_string().contains("reset") || e.to_string().contains("Broken pipe"));
+            let server_reset = matches!(server, Some(ServerSide { read: Err(_), .. }) | Some(ServerSide { wrote: Err(_), .. }));
+            let logged = close.is_some_and(|l| field(l, "end") != Some("closed"));
+            if client_reset && server_reset && logged {
+                resets.push(format!("seed {}: {}", p.seed, close.unwrap_or_default()));
+            } else {
+                failures.push(format!(
+                    "seed {} from {}: CUT OR CORRUPTED without a reset on both sides: client read {:?} wrote {:?}; upstream {server:?}; close {close:?}",
+                    p.seed, c.local, c.read, c.wrote
+                ));
             }
         }
+        println!("{} of {total} pairs reset by the forwarder: {resets:#?}", resets.len());
+        assert!(resets.len() <= total / 10, "{} of {total} pairs reset: {resets:#?}", resets.len());
         let stats = path_stats(&closes);
         let fin_handoffs = fwd
             .log_lines()

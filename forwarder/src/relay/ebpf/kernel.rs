@@ -3,16 +3,18 @@
 //! Nothing is pinned: the program stays attached to the SOCKHASH only while this
 //! process holds the map's fd, so exit (clean or not) leaves nothing behind.
 
+use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{
-    DirControl, DirState, CONTROL_MAP, MEMBERS_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG,
+    DirControl, DirState, CONTROL_MAP, MEMBERS_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG, WAKES_MAP,
 };
+use tokio::sync::Notify;
 
 #[cfg(has_ebpf)]
 static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
@@ -33,6 +35,8 @@ pub struct Kernel {
     pub control: Mutex<HashMap<MapData, u64, DirControl>>,
     /// How the verdict program is attached, for the startup line.
     pub attach: &'static str,
+    /// Sleeping pairs, by the cookies of their two directions (see [`Kernel::wake_on`]).
+    wakers: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
     // Owns the program (and with aya's attach, its link): keep last.
     _ebpf: Ebpf,
 }
@@ -58,6 +62,9 @@ impl Kernel {
         let members: SockHash<MapData, u64> = take(&mut ebpf, MEMBERS_MAP)?;
         let state: HashMap<MapData, u64, DirState> = take(&mut ebpf, STATE_MAP)?;
         let control: HashMap<MapData, u64, DirControl> = take(&mut ebpf, CONTROL_MAP)?;
+        let wakes: RingBuf<MapData> = take(&mut ebpf, WAKES_MAP)?;
+        let wakers = Arc::new(Mutex::new(StdHashMap::new()));
+        spawn_waker(wakes, wakers.clone())?;
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or_else(|| format!("program {VERDICT_PROG} missing from the object"))?
@@ -81,8 +88,25 @@ impl Kernel {
             state: Mutex::new(state),
             control: Mutex::new(control),
             attach,
+            wakers,
             _ebpf: ebpf,
         })
+    }
+
+    /// `notify` is woken whenever the program posts `cookie` (a sleeping direction saw
+    /// bytes), until [`Kernel::forget`].
+    pub fn wake_on(&self, cookie: u64, notify: Arc<Notify>) {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, notify);
+    }
+
+    pub fn forget(&self, cookie: u64) {
+        self.wakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cookie);
     }
 
     pub fn dir_state(&self, cookie: u64) -> io::Result<DirState> {
@@ -100,7 +124,12 @@ impl Kernel {
         map.insert(cookie, DirState::default(), 0)
             .map_err(io::Error::other)?;
         drop(map);
-        self.set_control(cookie, DirControl { consumed: 0, limit })
+        let c = DirControl {
+            consumed: 0,
+            limit,
+            sleep: 0,
+        };
+        self.set_control(cookie, c)
     }
 
     /// Puts `peer` under key `cookie` in SOCKS: bytes arriving on the socket with that
@@ -237,4 +266,42 @@ fn spawn_logger(ebpf: &mut Ebpf) {
             guard.clear_ready();
         }
     });
+}
+
+/// Reads the program's wake-ups (cookies) whenever the ring buffer has some, and wakes
+/// the pairs they belong to. One task for every pair: a sleeping pair costs nothing.
+fn spawn_waker(
+    wakes: RingBuf<MapData>,
+    wakers: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
+) -> Result<(), String> {
+    // SAFETY: the ring buffer owns its fd, open and unchanged until it is dropped
+    // together with the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(wakes, tokio::io::Interest::READABLE)
+    };
+    let mut afd = registered.map_err(|e| format!("cannot watch the WAKES ring buffer: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = afd.readable_mut().await else {
+                return;
+            };
+            let rb = guard.get_inner_mut();
+            while let Some(item) = rb.next() {
+                let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) else {
+                    continue;
+                };
+                let cookie = u64::from_ne_bytes(bytes);
+                let notify = wakers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&cookie)
+                    .cloned();
+                if let Some(n) = notify {
+                    n.notify_one();
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }

@@ -4,11 +4,13 @@ use std::io;
 use std::net::{Shutdown, TcpStream as StdTcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWriteExt, Interest};
+use tokio::sync::Notify;
 
 use super::kernel::Kernel;
 use super::sys::{self, Epoll};
@@ -18,6 +20,12 @@ use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 /// in-flight limit is raised on each tick), slower and slower while the pair is idle.
 const MIN_TICK: Duration = Duration::from_millis(1);
 pub const MAX_TICK: Duration = Duration::from_millis(250);
+/// A pair quiet for this long (its tick backed off to it) goes to sleep: no tick, the
+/// program wakes it on the next skb (see `fall_asleep`).
+const SLEEP_AFTER: Duration = Duration::from_millis(16);
+/// A sleeping pair still looks at its counters this often, in case a wake-up was lost
+/// (the ring buffer full, say).
+const SLEEP_CHECK: Duration = Duration::from_secs(60);
 /// Userspace copy buffer, allocated only for a direction that leaves the redirect path.
 const COPY_BUF: usize = 128 * 1024;
 /// Bytes one step may copy before yielding to the rest of the loop.
@@ -115,6 +123,9 @@ struct MapEntries {
 
 impl Drop for MapEntries {
     fn drop(&mut self) {
+        for c in self.cookies {
+            self.k.forget(c);
+        }
         // Program first, so no verdict looks for a target that is gone.
         for (i, c) in self.cookies.iter().enumerate() {
             if self.members_in[i] {
@@ -156,6 +167,8 @@ struct Dir {
     accepted: u64,
     /// Bytes the program has seen so far (redirected + passed).
     seen: u64,
+    /// The last `DirControl::sleep` written (raised each time the pair goes to sleep).
+    sleep: u64,
     buf: Vec<u8>,
     off: usize,
     fin: bool,
@@ -183,6 +196,8 @@ struct Paired {
     leaving: bool,
     /// Sockets that stopped running the program (the first step of leaving).
     parted: [bool; 2],
+    /// Woken when the program posts one of our cookies (see `fall_asleep`).
+    wake: Arc<Notify>,
 }
 
 /// The pair has left the maps; relay it in userspace from here.
@@ -263,6 +278,10 @@ async fn setup(
             return Err(fallback(pair, format!("map update: {e}")));
         }
     }
+    let wake = Arc::new(Notify::new());
+    for c in cookies {
+        k.wake_on(c, wake.clone());
+    }
     // First both sockets become redirect targets (SOCKS runs no program: nothing
     // happens to their bytes yet), then each starts running the program (MEMBERS),
     // whose first verdict already finds its peer. With one map, the socket that
@@ -314,6 +333,7 @@ async fn setup(
         limit: PROGRAM_CAP * inflight_limit,
         accepted: 0,
         seen: 0,
+        sleep: 0,
         buf: Vec::new(),
         off: 0,
         fin: false,
@@ -330,6 +350,7 @@ async fn setup(
         inflight_limit,
         leaving: false,
         parted: [false; 2],
+        wake,
     };
     // Bytes queued before the sockets joined are not run through the program until
     // something pokes it: this recv does (it returns EAGAIN).
@@ -731,15 +752,50 @@ impl Paired {
                     masks[i] = m;
                 }
             }
+            // Quiet for a while with nothing of ours in flight: sleep until the
+            // program posts a wake-up (or epoll reports an end), instead of ticking.
+            let quiet = !waiting
+                && tick >= SLEEP_AFTER
+                && self
+                    .dirs
+                    .iter()
+                    .all(|d| d.inflight == 0 && !d.pending && !d.buffered());
+            let asleep = quiet && self.fall_asleep()?;
             tokio::select! {
                 r = epoll.readable() => {
                     if let Ok(mut guard) = r {
                         guard.clear_ready();
                     }
                 }
-                _ = tokio::time::sleep(tick) => {}
+                _ = self.wake.notified(), if asleep => {}
+                _ = tokio::time::sleep(if asleep { SLEEP_CHECK } else { tick }) => {}
             }
         }
+    }
+
+    /// Asks the program to post a wake-up on either direction's next skb, then looks
+    /// at the counters once more: bytes that slipped in before it saw the request are
+    /// there. Returns whether the pair may sleep. (The program updates its counters
+    /// before it reads the request; we write the request before we read them: one of
+    /// the two sees the other.)
+    fn fall_asleep(&mut self) -> Result<bool, (usize, io::Error)> {
+        let k = self.entries.k;
+        for dir in &mut self.dirs {
+            dir.sleep += 1;
+            let c = DirControl {
+                consumed: dir.consumed,
+                limit: dir.limit,
+                sleep: dir.sleep,
+            };
+            k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
+        }
+        for dir in &self.dirs {
+            let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+            if st.redirected + st.passed != dir.seen {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn on_event(&mut self, i: usize, ev: u32) -> Result<(), (usize, io::Error)> {
@@ -824,6 +880,7 @@ impl Paired {
             let c = DirControl {
                 consumed: dir.consumed,
                 limit,
+                sleep: dir.sleep,
             };
             k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
         }
