@@ -294,10 +294,10 @@ relay_tests! {
         thread::sleep(Duration::from_millis(300));
         let before = open_fds(pid).len();
 
-        // 1. Room for the client's socket and the upstream's, nothing more. The kernel
-        // path needs one more fd per pair (its epoll), so every client is refused; splice
-        // needs pipes only while bytes wait in them, and takes them from its per-thread
-        // pool first, so its clients may well be served.
+        // 1. Room for the client's socket and the upstream's, nothing more. Neither path
+        // needs more fds for a pair (the kernel path watches it in a shared epoll set;
+        // splice takes pipes only while bytes wait, from its per-thread pool first), so
+        // its clients may well be served; any that are not must be reset.
         let limit = leave_free_fds(pid, 2);
         println!("{mode:?}: {before} fds open with {HELD} pairs; RLIMIT_NOFILE now {limit}");
         let mut pairing_failed = 0;
@@ -356,9 +356,6 @@ relay_tests! {
                 "client {i}: refused, but not for want of fds while pairing: {l}"
             );
             pairing_failed += 1;
-        }
-        if mode == Mode::Ebpf {
-            assert_eq!(pairing_failed, 3, "every kernel-path pair needs an epoll fd");
         }
         println!("  {pairing_failed} of 3 pairs failed for want of fds while pairing");
 

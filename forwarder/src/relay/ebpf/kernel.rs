@@ -6,6 +6,7 @@
 use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, MapData, RingBuf, SockHash};
@@ -15,6 +16,8 @@ use forwarder_common::{
     DirControl, DirState, CONTROL_MAP, MEMBERS_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG, WAKES_MAP,
 };
 use tokio::sync::Notify;
+
+use super::sys::Epoll;
 
 #[cfg(has_ebpf)]
 static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
@@ -35,8 +38,11 @@ pub struct Kernel {
     pub control: Mutex<HashMap<MapData, u64, DirControl>>,
     /// How the verdict program is attached, for the startup line.
     pub attach: &'static str,
-    /// Sleeping pairs, by the cookies of their two directions (see [`Kernel::wake_on`]).
-    wakers: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
+    /// Every paired socket, by its cookie: where its epoll events and the program's
+    /// wake-ups for it go (see [`Kernel::watch`]).
+    watched: Arc<Mutex<StdHashMap<u64, Watched>>>,
+    /// One epoll set for every paired socket (a pair holds no fd but its sockets).
+    epoll: Arc<Epoll>,
     // Owns the program (and with aya's attach, its link): keep last.
     _ebpf: Ebpf,
 }
@@ -63,8 +69,10 @@ impl Kernel {
         let state: HashMap<MapData, u64, DirState> = take(&mut ebpf, STATE_MAP)?;
         let control: HashMap<MapData, u64, DirControl> = take(&mut ebpf, CONTROL_MAP)?;
         let wakes: RingBuf<MapData> = take(&mut ebpf, WAKES_MAP)?;
-        let wakers = Arc::new(Mutex::new(StdHashMap::new()));
-        spawn_waker(wakes, wakers.clone())?;
+        let watched = Arc::new(Mutex::new(StdHashMap::new()));
+        spawn_waker(wakes, watched.clone())?;
+        let epoll = Arc::new(Epoll::new().map_err(|e| format!("epoll_create: {e}"))?);
+        spawn_epoll_reader(epoll.clone(), watched.clone())?;
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or_else(|| format!("program {VERDICT_PROG} missing from the object"))?
@@ -88,22 +96,36 @@ impl Kernel {
             state: Mutex::new(state),
             control: Mutex::new(control),
             attach,
-            wakers,
+            watched,
+            epoll,
             _ebpf: ebpf,
         })
     }
 
-    /// `notify` is woken whenever the program posts `cookie` (a sleeping direction saw
-    /// bytes), until [`Kernel::forget`].
-    pub fn wake_on(&self, cookie: u64, notify: Arc<Notify>) {
-        self.wakers
+    /// Starts delivering `sock`'s epoll events (for `events`) and the program's
+    /// wake-ups for its direction to `signals`, as side `side`, until [`Kernel::unwatch`].
+    pub fn watch(
+        &self,
+        cookie: u64,
+        sock: &impl AsRawFd,
+        side: usize,
+        events: u32,
+        signals: Arc<PairSignals>,
+    ) -> io::Result<()> {
+        self.watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, notify);
+            .insert(cookie, Watched { signals, side });
+        self.epoll.add(sock.as_raw_fd(), events, cookie)
     }
 
-    pub fn forget(&self, cookie: u64) {
-        self.wakers
+    pub fn rewatch(&self, cookie: u64, sock: &impl AsRawFd, events: u32) -> io::Result<()> {
+        self.epoll.modify(sock.as_raw_fd(), events, cookie)
+    }
+
+    pub fn unwatch(&self, cookie: u64, sock: &impl AsRawFd) {
+        let _ = self.epoll.delete(sock.as_raw_fd());
+        self.watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&cookie);
@@ -268,12 +290,24 @@ fn spawn_logger(ebpf: &mut Ebpf) {
     });
 }
 
+/// What the shared tasks tell one pair's watch loop: the epoll events of each of its
+/// sockets, and that it should look (an event, or the program's wake-up).
+#[derive(Default)]
+pub struct PairSignals {
+    pub notify: Notify,
+    pub events: [AtomicU32; 2],
+}
+
+struct Watched {
+    signals: Arc<PairSignals>,
+    side: usize,
+}
+
+type Registry = Arc<Mutex<StdHashMap<u64, Watched>>>;
+
 /// Reads the program's wake-ups (cookies) whenever the ring buffer has some, and wakes
 /// the pairs they belong to. One task for every pair: a sleeping pair costs nothing.
-fn spawn_waker(
-    wakes: RingBuf<MapData>,
-    wakers: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
-) -> Result<(), String> {
+fn spawn_waker(wakes: RingBuf<MapData>, watched: Registry) -> Result<(), String> {
     // SAFETY: the ring buffer owns its fd, open and unchanged until it is dropped
     // together with the AsyncFd.
     let registered = unsafe {
@@ -291,13 +325,41 @@ fn spawn_waker(
                     continue;
                 };
                 let cookie = u64::from_ne_bytes(bytes);
-                let notify = wakers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&cookie)
-                    .cloned();
-                if let Some(n) = notify {
-                    n.notify_one();
+                let map = watched.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(w) = map.get(&cookie) {
+                    w.signals.notify.notify_one();
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Reads the shared epoll set and hands each socket's events to its pair.
+fn spawn_epoll_reader(epoll: Arc<Epoll>, watched: Registry) -> Result<(), String> {
+    // SAFETY: the Epoll owns its fd, open and unchanged while this Arc (and so the
+    // AsyncFd) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+    };
+    let afd = registered.map_err(|e| format!("cannot watch the epoll set: {e}"))?;
+    tokio::spawn(async move {
+        let mut events = Vec::new();
+        loop {
+            let Ok(mut guard) = afd.readable().await else {
+                return;
+            };
+            loop {
+                if afd.get_ref().poll(&mut events).is_err() || events.is_empty() {
+                    break;
+                }
+                let map = watched.lock().unwrap_or_else(|e| e.into_inner());
+                for &(cookie, ev) in &events {
+                    if let Some(w) = map.get(&cookie) {
+                        w.signals.events[w.side].fetch_or(ev, Ordering::Relaxed);
+                        w.signals.notify.notify_one();
+                    }
                 }
             }
             guard.clear_ready();

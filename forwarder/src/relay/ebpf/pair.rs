@@ -8,12 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forwarder_common::{DirControl, DirState, MAX_PAIRS};
-use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncWriteExt, Interest};
-use tokio::sync::Notify;
+use tokio::io::AsyncWriteExt;
 
-use super::kernel::Kernel;
-use super::sys::{self, Epoll};
+use super::kernel::{Kernel, PairSignals};
+use super::sys;
 use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 
 /// Fastest and slowest period of the bookkeeping tick. Fast while bytes move (the
@@ -123,9 +121,6 @@ struct MapEntries {
 
 impl Drop for MapEntries {
     fn drop(&mut self) {
-        for c in self.cookies {
-            self.k.forget(c);
-        }
         // Program first, so no verdict looks for a target that is gone.
         for (i, c) in self.cookies.iter().enumerate() {
             if self.members_in[i] {
@@ -189,6 +184,9 @@ impl Dir {
 
 struct Paired {
     entries: MapEntries,
+    /// Keeps the sockets in the shared epoll set; declared before `socks`, so it lets
+    /// go of them before they close (their fd numbers may be reused at once).
+    watching: Option<Watching>,
     socks: [StdTcpStream; 2],
     dirs: [Dir; 2],
     inflight_limit: u64,
@@ -196,12 +194,28 @@ struct Paired {
     leaving: bool,
     /// Sockets that stopped running the program (the first step of leaving).
     parted: [bool; 2],
-    /// Woken when the program posts one of our cookies (see `fall_asleep`).
-    wake: Arc<Notify>,
+    /// Our sockets' epoll events and the program's wake-ups (see `fall_asleep`), from
+    /// the kernel path's shared tasks.
+    signals: Arc<PairSignals>,
 }
 
 /// The pair has left the maps; relay it in userspace from here.
 struct Handoff;
+
+/// A pair's two sockets in the kernel path's shared epoll set, until dropped.
+struct Watching {
+    k: &'static Kernel,
+    cookies: [u64; 2],
+    fds: [RawFd; 2],
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        for (c, fd) in self.cookies.iter().zip(self.fds) {
+            self.k.unwatch(*c, &fd);
+        }
+    }
+}
 
 async fn setup(
     k: &'static Kernel,
@@ -278,10 +292,6 @@ async fn setup(
             return Err(fallback(pair, format!("map update: {e}")));
         }
     }
-    let wake = Arc::new(Notify::new());
-    for c in cookies {
-        k.wake_on(c, wake.clone());
-    }
     // First both sockets become redirect targets (SOCKS runs no program: nothing
     // happens to their bytes yet), then each starts running the program (MEMBERS),
     // whose first verdict already finds its peer. With one map, the socket that
@@ -350,7 +360,8 @@ async fn setup(
         inflight_limit,
         leaving: false,
         parted: [false; 2],
-        wake,
+        signals: Arc::new(PairSignals::default()),
+        watching: None,
     };
     // Bytes queued before the sockets joined are not run through the program until
     // something pokes it: this recv does (it returns EAGAIN).
@@ -511,7 +522,13 @@ impl Paired {
 
     /// The sockets as tokio streams again, after `leave_maps`.
     fn into_pair(self) -> io::Result<Pair> {
-        let Paired { entries, socks, .. } = self;
+        let Paired {
+            entries,
+            watching,
+            socks,
+            ..
+        } = self;
+        drop(watching);
         drop(entries);
         let [client, upstream] = socks;
         client.set_nonblocking(true)?;
@@ -664,29 +681,33 @@ impl Paired {
     /// The watch loop: returns when both FINs are passed on, or which side failed.
     #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
     async fn watch(&mut self, progress: &Progress) -> Result<Option<Handoff>, (usize, io::Error)> {
-        let epoll = Epoll::new().map_err(|e| (CLIENT, e))?;
         let base = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         let mut masks = [0u32; 2];
+        let k = self.entries.k;
+        let cookies = self.entries.cookies;
+        // The guard first: if a registration fails, it takes out what was made.
+        let watching = Watching {
+            k,
+            cookies,
+            fds: [self.socks[0].as_raw_fd(), self.socks[1].as_raw_fd()],
+        };
         for i in 0..2 {
-            epoll
-                .add(self.socks[i].as_raw_fd(), base, i as u64)
+            k.watch(cookies[i], &self.socks[i], i, base, self.signals.clone())
                 .map_err(|e| (i, e))?;
             masks[i] = base;
         }
-        // SAFETY: Epoll owns its fd, which stays open and the same until it is dropped
-        // together with the AsyncFd.
-        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-            .map_err(|e| (CLIENT, io::Error::from(e)))?;
-        let mut events = Vec::new();
+        self.watching = Some(watching);
         let mut tick = MIN_TICK;
         let counters = [&progress.to_upstream, &progress.to_client];
         for (dir, counter) in self.dirs.iter_mut().zip(counters) {
             dir.before = counter.load(Ordering::Relaxed);
         }
         loop {
-            epoll.get_ref().poll(&mut events).map_err(|e| (CLIENT, e))?;
-            for &(token, ev) in &events {
-                self.on_event(token as usize, ev)?;
+            for i in 0..2 {
+                let ev = self.signals.events[i].swap(0, Ordering::Relaxed);
+                if ev != 0 {
+                    self.on_event(i, ev)?;
+                }
             }
             let mut moved = false;
             for d in 0..2 {
@@ -745,9 +766,7 @@ impl Paired {
                     m |= libc::EPOLLOUT as u32;
                 }
                 if m != masks[i] {
-                    epoll
-                        .get_ref()
-                        .modify(self.socks[i].as_raw_fd(), m, i as u64)
+                    k.rewatch(cookies[i], &self.socks[i], m)
                         .map_err(|e| (i, e))?;
                     masks[i] = m;
                 }
@@ -761,13 +780,10 @@ impl Paired {
                     .iter()
                     .all(|d| d.inflight == 0 && !d.pending && !d.buffered());
             let asleep = quiet && self.fall_asleep()?;
+            // Epoll events and wake-ups both arrive as a notification (a permit is
+            // kept if none is awaited, so none is missed).
             tokio::select! {
-                r = epoll.readable() => {
-                    if let Ok(mut guard) = r {
-                        guard.clear_ready();
-                    }
-                }
-                _ = self.wake.notified(), if asleep => {}
+                _ = self.signals.notify.notified() => {}
                 _ = tokio::time::sleep(if asleep { SLEEP_CHECK } else { tick }) => {}
             }
         }

@@ -210,12 +210,16 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
     }
 
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
     /// Non-blocking: the events ready now, as (token, events).
     pub fn poll(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
         out.clear();
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
-        // SAFETY: evs is valid for 8 entries.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 8, 0) };
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: evs is valid for 64 entries.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 64, 0) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
