@@ -1,16 +1,23 @@
-//! `cargo xtask bench`: direct vs splice vs ebpf on loopback.
+//! `cargo xtask bench`: direct vs our forwarder (splice, ebpf, auto) vs real peers
+//! (nginx stream, HAProxy) on loopback.
 //!
 //! The upstream servers (bulk sink/source, echo, idle holder) and the load generators run
-//! in this process on threads; the forwarder runs as a child with one rule per server.
-//! For each repetition, each mode in turn: idle-connection memory, 64 B ping-pong
-//! latency, connection rate, then bulk throughput one way and the other with 1 and 8
-//! streams (forwarder and machine CPU are read around the bulk windows). The table gives
-//! the medians over the repetitions; target/bench/latest.{md,json} keep them, and the
-//! JSON keeps every sample.
+//! in this process on threads; an nginx serves a 1 KiB file as the HTTP origin. Each
+//! relay (the forwarder, nginx stream or HAProxy) runs as a child with one rule per
+//! server. For each repetition, each mode in turn: idle pairs (one byte each way, then
+//! silence: the relay's CPU, fds and RSS per pair, kernel slab), 64 B ping-pong latency,
+//! connection rate, HTTP request/response with wrk (keep-alive, then Connection: close),
+//! then bulk throughput one way and the other with 1 and 8 streams (relay and machine CPU
+//! are read around the bulk windows). The table gives the medians over the repetitions
+//! and the per-repetition ratios to direct and to the better peer;
+//! target/bench/latest.{md,json} keep them, and the JSON keeps every sample.
 
 mod forwarder;
+mod http;
 mod load;
+mod peers;
 mod procfs;
+mod relay;
 mod report;
 mod servers;
 
@@ -21,8 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use forwarder::{Forwarder, Unavailable};
-use load::{CpuSnap, Direction};
+use load::{CpuSnap, Direction, RelayMem};
+use peers::Peer;
+use relay::{Relay, Unavailable};
 use report::{ModeResult, Sample};
 use servers::Servers;
 
@@ -38,16 +46,24 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,splice,ebpf",
+        default_value = "direct,splice,ebpf,auto,nginx,haproxy",
         value_name = "MODE,..."
     )]
     pub modes: Vec<Mode>,
-    /// Seconds per bulk window and per connection-rate run [default: 3, 1 with --quick].
+    /// Seconds per bulk window and per connection-rate run [default: 2, 0.5 with --quick].
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Idle connections held open for the per-connection memory figures.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    pub idle_conns: usize,
+    /// Idle pairs held open for the per-pair figures [default: 10000, 1000 with --quick;
+    /// fewer when RLIMIT_NOFILE does not allow them].
+    #[arg(long, value_name = "N")]
+    pub idle_conns: Option<usize>,
+    /// Seconds over which the relay's CPU is read while the pairs idle [default: 10, 3
+    /// with --quick].
+    #[arg(long, value_name = "SECS")]
+    pub idle_secs: Option<f64>,
+    /// Seconds per wrk run [default: 3, 2 with --quick].
+    #[arg(long, value_name = "SECS")]
+    pub http_secs: Option<f64>,
     /// Also write the JSON here (target/bench/latest.json is always written).
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -64,6 +80,12 @@ pub enum Mode {
     Splice,
     /// forwarder --mode ebpf.
     Ebpf,
+    /// forwarder --mode auto (ebpf when the kernel allows it, else splice).
+    Auto,
+    /// nginx `stream` proxy (Debian nginx + libnginx-mod-stream).
+    Nginx,
+    /// HAProxy `mode tcp` with `option splice-auto`.
+    Haproxy,
 }
 
 impl Mode {
@@ -72,7 +94,14 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Splice => "splice",
             Mode::Ebpf => "ebpf",
+            Mode::Auto => "auto",
+            Mode::Nginx => "nginx",
+            Mode::Haproxy => "haproxy",
         }
+    }
+
+    pub fn is_peer(self) -> bool {
+        matches!(self, Mode::Nginx | Mode::Haproxy)
     }
 }
 
@@ -85,14 +114,24 @@ struct Plan {
     rr_warmup: usize,
     rr_count: usize,
     idle_conns: usize,
+    idle_cpu: Duration,
+    http: Duration,
     forwarder_log: Option<String>,
 }
+
+/// Fds per idle pair the relay gets room for (2 sockets, plus what our forwarder may keep
+/// per pair: 3 in ebpf mode in the runs so far).
+const RELAY_FDS_PER_PAIR: u64 = 4;
+
+/// wrk connections: keep-alive, then Connection: close.
+const HTTP_KA_CONNS: usize = 50;
+const HTTP_CLOSE_CONNS: usize = 20;
 
 impl Plan {
     fn new(args: &BenchArgs) -> Plan {
         let dur = Duration::from_secs_f64(
             args.duration
-                .unwrap_or(if args.quick { 1.0 } else { 3.0 })
+                .unwrap_or(if args.quick { 0.5 } else { 2.0 })
                 .max(0.1),
         );
         Plan {
@@ -103,7 +142,19 @@ impl Plan {
             conn_threads: 4,
             rr_warmup: if args.quick { 200 } else { 1000 },
             rr_count: if args.quick { 2_000 } else { 20_000 },
-            idle_conns: args.idle_conns,
+            idle_conns: args
+                .idle_conns
+                .unwrap_or(if args.quick { 1_000 } else { 10_000 }),
+            idle_cpu: Duration::from_secs_f64(
+                args.idle_secs
+                    .unwrap_or(if args.quick { 3.0 } else { 10.0 })
+                    .max(0.1),
+            ),
+            http: Duration::from_secs_f64(
+                args.http_secs
+                    .unwrap_or(if args.quick { 2.0 } else { 3.0 })
+                    .max(1.0),
+            ),
             forwarder_log: args.forwarder_log.clone(),
         }
     }
@@ -117,24 +168,60 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
     let mut modes = args.modes.clone();
     modes.dedup();
 
-    // Idle test: our client ends plus the server ends, and the forwarder (which inherits
-    // this limit) holds two sockets and four pipe fds per pair.
-    let want_fds = (plan.idle_conns as u64 * 6 + 4096).max(65_536);
+    // Idle test: this process holds the client and the server end of every pair (2 fds),
+    // and the relay, which inherits this limit (without CAP_SYS_RESOURCE nothing goes
+    // past the hard limit), two sockets per pair and maybe a pipe or an eventfd: room
+    // for RELAY_FDS_PER_PAIR.
+    let want_fds = (plan.idle_conns as u64 * RELAY_FDS_PER_PAIR + 4096).max(65_536);
     let nofile = procfs::raise_nofile(want_fds);
-    let fit = (nofile.saturating_sub(1024) / 6) as usize;
+    let fit = (nofile.saturating_sub(1024) / RELAY_FDS_PER_PAIR) as usize;
+    let mut limit_note = None;
     if plan.idle_conns > fit {
-        eprintln!(
-            "bench: RLIMIT_NOFILE is {nofile}: idle connections cut from {} to {fit}",
+        let line = format!(
+            "RLIMIT_NOFILE is {nofile} (the hard limit; room for {RELAY_FDS_PER_PAIR} relay fds \
+             per pair): idle pairs cut from {} to {fit}",
             plan.idle_conns
         );
+        eprintln!("bench: {line}");
+        limit_note = Some(line);
         plan.idle_conns = fit;
     }
 
     let out_dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let servers = servers::start()?;
+    let mut servers = servers::start()?;
     let mut results: Vec<ModeResult> = modes.iter().map(|m| ModeResult::new(*m)).collect();
+
+    // The peers and the HTTP tools: installed when missing (and we may); a peer that
+    // cannot be is n/a in the table, and the run goes on.
+    for r in results.iter_mut() {
+        let pkgs: &[&str] = match r.mode {
+            Mode::Nginx => &["nginx", "libnginx-mod-stream"],
+            Mode::Haproxy => &["haproxy"],
+            _ => continue,
+        };
+        if let Err(e) = crate::provision::bench_tools(pkgs) {
+            let why = format!("cannot install {pkgs:?}: {e:#}");
+            eprintln!("bench: {} n/a: {why}", r.mode.name());
+            r.unavailable = Some(why);
+        }
+    }
+    let mut http_note = None;
+    let origin = match crate::provision::bench_tools(&["nginx", "wrk"])
+        .and_then(|()| http::start_origin(&out_dir))
+    {
+        Ok(o) => {
+            servers.addrs.http = Some(o.addr);
+            Some(o)
+        }
+        Err(e) => {
+            let line = format!("no HTTP (wrk) figures: {e:#}");
+            eprintln!("bench: {line}");
+            http_note = Some(line);
+            None
+        }
+    };
 
     for rep in 1..=plan.reps {
         for r in results.iter_mut() {
@@ -148,7 +235,10 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
             match run_mode(r, forwarder, &servers, &plan, &out_dir) {
-                Ok(sample) => r.samples.push(sample),
+                Ok(mut sample) => {
+                    sample.insert("rep", rep as f64);
+                    r.samples.push(sample);
+                }
                 Err(Unavailable(why)) => {
                     eprintln!("bench:   {} n/a: {why}", r.mode.name());
                     r.unavailable = Some(why);
@@ -157,6 +247,12 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
         }
     }
 
+    if let Some(o) = origin {
+        let how = o.relay.stop(Duration::from_secs(5));
+        if !how.starts_with("exited") {
+            eprintln!("bench: HTTP origin (nginx) {how}");
+        }
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -167,14 +263,19 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
         lines: vec![
             format!(
                 "**forwarder bench** ({}): {} rep(s), medians; bulk {:.1} s windows with 256 KiB \
-                 writes; {} ping-pongs; connection rate {:.1} s x {} threads; {} idle connections",
+                 writes; {} ping-pongs; connection rate {:.1} s x {} threads; {} idle pairs \
+                 (1 B each way), relay CPU over {:.0} s; wrk -t{} {:.0} s x {HTTP_KA_CONNS} \
+                 keep-alive / {HTTP_CLOSE_CONNS} Connection: close conns, 1 KiB from nginx",
                 if args.quick { "quick" } else { "full" },
                 plan.reps,
                 plan.bulk.as_secs_f64(),
                 plan.rr_count,
                 plan.conn_rate.as_secs_f64(),
                 plan.conn_threads,
-                plan.idle_conns
+                plan.idle_conns,
+                plan.idle_cpu.as_secs_f64(),
+                http::WRK_THREADS,
+                plan.http.as_secs_f64(),
             ),
             format!(
                 "{cpus} CPU(s), {}, Linux {}; took {elapsed:.0} s",
@@ -183,6 +284,9 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
             ),
         ],
     };
+    let mut header = header;
+    header.lines.extend(limit_note.clone());
+    header.lines.extend(http_note.clone());
     let md = report::markdown(&header, &results);
     println!("{md}");
     let meta = json!({
@@ -195,6 +299,15 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
         "conn_rate_secs": plan.conn_rate.as_secs_f64(),
         "conn_threads": plan.conn_threads,
         "idle_conns": plan.idle_conns,
+        "idle_cpu_secs": plan.idle_cpu.as_secs_f64(),
+        "nofile": nofile,
+        "nofile_note": limit_note,
+        "http_secs": plan.http.as_secs_f64(),
+        "http_note": http_note,
+        "wrk_threads": http::WRK_THREADS,
+        "http_keepalive_conns": HTTP_KA_CONNS,
+        "http_close_conns": HTTP_CLOSE_CONNS,
+        "http_body_bytes": http::BODY,
         "cpus": cpus,
         "cpu_model": procfs::cpu_model(),
         "kernel": procfs::kernel_release(),
@@ -222,8 +335,8 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One repetition of every test in one mode. `Err` only when the forwarder will not
-/// start; a failing test leaves its metrics out and adds a note.
+/// One repetition of every test in one mode. `Err` only when the relay will not start;
+/// a failing test leaves its metrics out and adds a note.
 fn run_mode(
     r: &mut ModeResult,
     bin: &Path,
@@ -231,15 +344,28 @@ fn run_mode(
     plan: &Plan,
     out_dir: &Path,
 ) -> std::result::Result<Sample, Unavailable> {
-    let fwd = match r.mode {
+    let max_pairs = (plan.idle_conns + 1000).max(20_000);
+    // Declared before the relay so that it goes after it.
+    let mut _peer_dir = None;
+    let fwd: Option<Relay> = match r.mode {
         Mode::Direct => None,
+        Mode::Nginx | Mode::Haproxy => {
+            let peer = if r.mode == Mode::Nginx {
+                Peer::Nginx
+            } else {
+                Peer::Haproxy
+            };
+            let p = peers::start(peer, &servers.addrs, plan.idle_conns + 1000, out_dir)?;
+            _peer_dir = Some(p.dir);
+            r.path = Some(p.relay.path.clone());
+            Some(p.relay)
+        }
         mode => {
-            let max_conns = (plan.idle_conns + 1000).max(20_000);
-            let f = Forwarder::start(
+            let f = forwarder::start(
                 bin,
                 mode.name(),
                 &servers.addrs,
-                max_conns,
+                max_pairs,
                 out_dir,
                 plan.forwarder_log.as_deref(),
             )?;
@@ -270,17 +396,36 @@ fn run_mode(
         }
     }
 
-    // Memory per idle connection.
-    let rss = || fwd.as_ref().and_then(|f| f.rss_kib());
-    match load::idle(addrs.idle, &servers.idle, plan.idle_conns, &rss) {
+    // Idle pairs: memory, fds and CPU per pair.
+    let mut mem = || RelayMem {
+        rss_kib: fwd.as_ref().and_then(|f| f.rss_kib()),
+        fds: fwd.as_ref().and_then(|f| f.fds()),
+    };
+    match load::idle(addrs.idle, &servers.idle, plan.idle_conns, &mut mem) {
         Ok((m, conns)) => {
             let n = m.conns as f64;
             eprintln!(
-                "bench:   {} idle connections open in {:.1} s",
+                "bench:   {} idle pairs open in {:.1} s",
                 m.conns, m.open_secs
             );
-            if let Some((a, b)) = m.forwarder_rss_kib {
+            s.insert("idle_pairs", n);
+            s.insert("idle_failed", m.failed as f64);
+            if m.failed > 0 {
+                note(
+                    r,
+                    "idle pairs",
+                    anyhow::anyhow!(
+                        "{} of {} pairs did not carry their byte each way",
+                        m.failed,
+                        plan.idle_conns
+                    ),
+                );
+            }
+            if let Some((a, b)) = m.relay_rss_kib {
                 s.insert("idle_rss_per_conn_b", (b as f64 - a as f64) * 1024.0 / n);
+            }
+            if let Some((a, b)) = m.relay_fds {
+                s.insert("idle_fds_per_pair", (b as f64 - a as f64) / n);
             }
             if let Some((a, b)) = m.slab_active {
                 s.insert("idle_slab_per_conn_b", (b as f64 - a as f64) / n);
@@ -298,10 +443,8 @@ fn run_mode(
                     .take(8)
                     .map(|(k, d)| format!("{k} {d:.0}"))
                     .collect();
-                r.notes.push(format!(
-                    "slab growth per idle connection (B): {}",
-                    top.join(", ")
-                ));
+                r.notes
+                    .push(format!("slab growth per idle pair (B): {}", top.join(", ")));
             }
             let (a, b) = m.slab_meminfo_kib;
             s.insert(
@@ -312,11 +455,28 @@ fn run_mode(
                 // Not root: fall back to meminfo for the table row.
                 s.insert("idle_slab_per_conn_b", (b as f64 - a as f64) * 1024.0 / n);
             }
+            // The relay's CPU while the pairs sit idle (none to read without a relay).
+            if let Some(f) = &fwd {
+                let t = Instant::now();
+                match f.cpu_ticks() {
+                    Ok(a) => {
+                        thread::sleep(plan.idle_cpu);
+                        match f.cpu_ticks() {
+                            Ok(b) => {
+                                let secs = (b - a) as f64 / procfs::clk_tck();
+                                s.insert("idle_cpu_cores", secs / t.elapsed().as_secs_f64());
+                            }
+                            Err(e) => note(r, "idle CPU", e),
+                        }
+                    }
+                    Err(e) => note(r, "idle CPU", e),
+                }
+            }
             conns.close(&servers.idle);
-            // Let the forwarder tear the pairs down before timing anything.
+            // Let the relay tear the pairs down before timing anything.
             thread::sleep(Duration::from_millis(500));
         }
-        Err(e) => note(r, "idle connections", e),
+        Err(e) => note(r, "idle pairs", e),
     }
 
     // Latency.
@@ -339,6 +499,47 @@ fn run_mode(
         Err(e) => note(r, "connection rate", e),
     }
     thread::sleep(Duration::from_millis(200));
+
+    // HTTP request/response through the relay to the nginx origin.
+    if let Some(http_addr) = addrs.http {
+        for (prefix, conns, close) in [
+            ("http_ka", HTTP_KA_CONNS, false),
+            ("http_close", HTTP_CLOSE_CONNS, true),
+        ] {
+            match http::wrk(http_addr, conns, plan.http, close) {
+                Ok(w) => {
+                    let key = |k: &str| -> &'static str {
+                        match (prefix, k) {
+                            ("http_ka", "rps") => "http_ka_rps",
+                            ("http_ka", "p50") => "http_ka_p50_us",
+                            ("http_ka", "p99") => "http_ka_p99_us",
+                            ("http_ka", _) => "http_ka_errors",
+                            (_, "rps") => "http_close_rps",
+                            (_, "p50") => "http_close_p50_us",
+                            (_, "p99") => "http_close_p99_us",
+                            _ => "http_close_errors",
+                        }
+                    };
+                    s.insert(key("rps"), w.req_per_s);
+                    s.insert(key("p50"), w.p50_us);
+                    s.insert(key("p99"), w.p99_us);
+                    s.insert(key("errors"), w.errors as f64);
+                    if w.errors > 0 {
+                        let line = format!(
+                            "{prefix}: {} of {} requests had socket errors or non-2xx",
+                            w.errors, w.requests
+                        );
+                        eprintln!("bench:   {line}");
+                        if !r.notes.iter().any(|n| n.starts_with(prefix)) {
+                            r.notes.push(line);
+                        }
+                    }
+                }
+                Err(e) => note(r, prefix, e),
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
 
     // Bulk, with CPU accounting over the measurement windows.
     let tck = procfs::clk_tck();
@@ -390,7 +591,11 @@ fn run_mode(
         }
         let how = f.stop(Duration::from_secs(5));
         if !how.starts_with("exited") {
-            note(r, "clean shutdown", anyhow::anyhow!("forwarder {how}"));
+            note(
+                r,
+                "clean shutdown",
+                anyhow::anyhow!("{} {how}", r.mode.name()),
+            );
         }
     }
     Ok(s)

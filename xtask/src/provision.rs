@@ -124,3 +124,9 @@ fn dpkg_installed(pkg: &str) -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         .unwrap_or(false)
 }
+
+/// Packages `cargo xtask bench` needs for its peers (nginx stream, HAProxy) and its HTTP
+/// client (wrk); the bench goes on without them, saying why.
+pub fn bench_tools(pkgs: &[&str]) -> Result<()> {
+    apt_install(pkgs)
+}

@@ -1,171 +1,110 @@
-//! Starting the forwarder under test, finding its ports, and stopping it.
+//! Starting the forwarder under test and finding its ports.
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 
+use super::relay::{Relay, Unavailable};
 use super::servers::Addrs;
 
-pub struct Forwarder {
-    child: Child,
-    pub pid: u32,
-    /// Where each rule listens, pointing at the same-named server.
-    pub addrs: Addrs,
-    /// What the forwarder said about its relay path for the bulk rule, e.g. "splice (requested)".
-    pub path: String,
-    pub log: PathBuf,
+/// Starts `bin` with one rule per bench server in `mode` ("splice", "ebpf" or "auto");
+/// the config and the log go to `dir`. `Err(Unavailable)` when it exits during startup.
+pub fn start(
+    bin: &Path,
+    mode: &str,
+    upstreams: &Addrs,
+    max_conns: usize,
+    dir: &Path,
+    log_filter: Option<&str>,
+) -> std::result::Result<Relay, Unavailable> {
+    start_inner(bin, mode, upstreams, max_conns, dir, log_filter)
+        .map_err(|e| Unavailable(format!("{e:#}")))
 }
 
-/// Why a forwarder did not come up: shown in the table instead of numbers.
-#[derive(Debug)]
-pub struct Unavailable(pub String);
-
-impl Forwarder {
-    /// Starts `bin` with one rule per bench server in `mode` ("splice" or "ebpf"); the
-    /// config and the log go to `dir`. `Err(Unavailable)` when it exits during startup.
-    pub fn start(
-        bin: &Path,
-        mode: &str,
-        upstreams: &Addrs,
-        max_conns: usize,
-        dir: &Path,
-        log_filter: Option<&str>,
-    ) -> std::result::Result<Forwarder, Unavailable> {
-        Self::start_inner(bin, mode, upstreams, max_conns, dir, log_filter)
-            .map_err(|e| Unavailable(format!("{e:#}")))
-    }
-
-    fn start_inner(
-        bin: &Path,
-        mode: &str,
-        up: &Addrs,
-        max_conns: usize,
-        dir: &Path,
-        log_filter: Option<&str>,
-    ) -> Result<Forwarder> {
-        let config = dir.join(format!("forwarder-{mode}.toml"));
-        let mut text = format!(
-            "# written by cargo xtask bench\n\
-             [global]\nmax_connections = {max_conns}\n\n\
-             [defaults]\nmax_connections = {max_conns}\n"
+fn start_inner(
+    bin: &Path,
+    mode: &str,
+    up: &Addrs,
+    max_conns: usize,
+    dir: &Path,
+    log_filter: Option<&str>,
+) -> Result<Relay> {
+    let config = dir.join(format!("forwarder-{mode}.toml"));
+    let mut text = format!(
+        "# written by cargo xtask bench\n\
+         [global]\nmax_connections = {max_conns}\n\n\
+         [defaults]\nmax_connections = {max_conns}\n"
+    );
+    for (name, addr) in up.rules() {
+        text += &format!(
+            "\n[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"{addr}\"\nmode = \"{mode}\"\n"
         );
-        for (name, addr) in [("bulk", up.bulk), ("echo", up.echo), ("idle", up.idle)] {
-            text += &format!(
-                "\n[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
-                 upstream = \"{addr}\"\nmode = \"{mode}\"\n"
-            );
+    }
+    fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+    let log = dir.join(format!("forwarder-{mode}.log"));
+    let log_file =
+        fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    if let Some(f) = log_filter {
+        cmd.env("FORWARDER_LOG", f);
+    }
+    super::relay::die_with_parent(&mut cmd);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut fwd = Relay::new(child, *up, log);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = fs::read_to_string(&fwd.log).unwrap_or_default();
+        let listening = parse_listening(&text);
+        let find = |rule: &str| listening.iter().find(|l| l.rule == rule).map(|l| l.listen);
+        let mut addrs = *up;
+        let mut all = true;
+        for (name, _) in up.rules() {
+            match find(name) {
+                Some(a) => addrs.set(name, a),
+                None => all = false,
+            }
         }
-        fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
-        let log = dir.join(format!("forwarder-{mode}.log"));
-        let log_file =
-            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        if let Some(f) = log_filter {
-            cmd.env("FORWARDER_LOG", f);
+        if all {
+            fwd.addrs = addrs;
+            fwd.path = listening
+                .iter()
+                .find(|l| l.rule == "bulk")
+                .map(|l| l.path.clone())
+                .unwrap_or_default();
+            return Ok(fwd);
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child.id();
-        let mut fwd = Forwarder {
-            child,
-            pid,
-            addrs: *up,
-            path: String::new(),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        if let Some(status) = fwd.exited() {
             let text = fs::read_to_string(&fwd.log).unwrap_or_default();
-            let listening = parse_listening(&text);
-            let find = |rule: &str| listening.iter().find(|l| l.rule == rule);
-            if let (Some(b), Some(e), Some(i)) = (find("bulk"), find("echo"), find("idle")) {
-                fwd.addrs = Addrs {
-                    bulk: b.listen,
-                    echo: e.listen,
-                    idle: i.listen,
-                };
-                fwd.path = b.path.clone();
-                return Ok(fwd);
-            }
-            if let Some(status) = fwd.child.try_wait()? {
-                // Give the last lines a moment to land in the file.
-                let text = fs::read_to_string(&fwd.log).unwrap_or_default();
-                let reason = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("(no output)")
-                    .trim()
-                    .to_string();
-                return Err(anyhow!("{reason} [exit {status}]"));
-            }
-            if Instant::now() > deadline {
-                return Err(anyhow!(
-                    "no `listening` line for all rules after 15 s (see {})",
-                    fwd.log.display()
-                ));
-            }
-            thread::sleep(Duration::from_millis(20));
+            let reason = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("(no output)")
+                .trim()
+                .to_string();
+            return Err(anyhow!("{reason} [exit {status}]"));
         }
-    }
-
-    pub fn rss_kib(&self) -> Option<u64> {
-        super::procfs::status_kib(self.pid, "VmRSS").ok()
-    }
-
-    pub fn hwm_kib(&self) -> Option<u64> {
-        super::procfs::status_kib(self.pid, "VmHWM").ok()
-    }
-
-    pub fn cpu_ticks(&self) -> Result<u64> {
-        super::procfs::process_cpu_ticks(self.pid)
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`; always reaps. Returns how it ended.
-    pub fn stop(mut self, grace: Duration) -> String {
-        self.stop_inner(grace)
-    }
-
-    fn stop_inner(&mut self, grace: Duration) -> String {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("had already exited: {status}");
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "no `listening` line for all rules after 15 s (see {})",
+                fwd.log.display()
+            ));
         }
-        // SAFETY: kill(2) on our own child, which we have not reaped yet.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return format!("exited: {status}"),
-                Ok(None) => thread::sleep(Duration::from_millis(10)),
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        match self.child.wait() {
-            Ok(status) => format!("killed after {grace:?}: {status}"),
-            Err(e) => format!("cannot reap: {e}"),
-        }
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

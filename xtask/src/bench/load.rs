@@ -217,10 +217,15 @@ fn one_conn(addr: SocketAddr) -> std::io::Result<()> {
 }
 
 pub struct IdleResult {
+    /// Pairs that carried their byte each way.
     pub conns: usize,
-    /// How long opening them took.
+    /// Pairs that did not (the byte did not arrive either way in time).
+    pub failed: usize,
+    /// How long opening them (and the byte each way) took.
     pub open_secs: f64,
-    pub forwarder_rss_kib: Option<(u64, u64)>,
+    /// The relay's RSS and fds (before, after).
+    pub relay_rss_kib: Option<(u64, u64)>,
+    pub relay_fds: Option<(u64, u64)>,
     pub slab_active: Option<(u64, u64)>,
     /// Per slab cache (before, after), for the breakdown.
     pub slab_caches: Option<(BTreeMap<String, u64>, BTreeMap<String, u64>)>,
@@ -235,39 +240,49 @@ pub struct IdleConns {
 impl IdleConns {
     pub fn close(self, holder: &IdleHolder) {
         holder.close_all();
-        // Let the closes reach the clients (and the forwarder) before ours go out.
+        // Let the closes reach the clients (and the relay) before ours go out.
         thread::sleep(Duration::from_millis(100));
         drop(self.clients);
     }
 }
 
-/// Opens `n` connections that carry no data and waits until the idle server holds all of
-/// them, then reads memory (before and after) again. The caller closes them with
-/// `IdleConns::close`.
+/// What the relay holds: RSS (KiB) and open fds, summed over its processes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RelayMem {
+    pub rss_kib: Option<u64>,
+    pub fds: Option<u64>,
+}
+
+/// How many connections the client may be ahead of the server's accepts.
 const AHEAD: usize = 64;
 
+/// Opens `n` connections that each carry one byte each way (the client sends, the idle
+/// server answers) and then nothing, waits until the idle server holds all of them, then
+/// reads memory and fds (before and after). The caller closes them with
+/// `IdleConns::close`.
 pub fn idle(
     addr: SocketAddr,
     holder: &IdleHolder,
     n: usize,
-    forwarder_rss: &dyn Fn() -> Option<u64>,
+    relay: &mut dyn FnMut() -> RelayMem,
 ) -> Result<(IdleResult, IdleConns)> {
     holder.close_all();
     let settle = Duration::from_millis(300);
     thread::sleep(settle);
-    let rss0 = forwarder_rss();
     let caches0 = super::procfs::slab_by_cache();
     let meminfo0 = super::procfs::meminfo_kib("Slab")?;
+    let m0 = relay();
 
     let mut conns = IdleConns {
         clients: Vec::with_capacity(n),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    let wait_accepted = |want: usize| -> Result<()> {
-        while holder.accepted.load(Ordering::SeqCst) < want {
+    let done = || holder.accepted.load(Ordering::SeqCst) + holder.failed.load(Ordering::SeqCst);
+    let wait_done = |want: usize| -> Result<()> {
+        while done() < want {
             if Instant::now() > deadline {
                 bail!(
-                    "idle: server accepted only {} of {want} connections in time",
+                    "idle: server got only {} of {want} connections in time",
                     holder.accepted.load(Ordering::SeqCst)
                 );
             }
@@ -276,33 +291,55 @@ pub fn idle(
         Ok(())
     };
     let t0 = Instant::now();
+    let mut client_failed = 0usize;
     let result = (|| -> Result<()> {
         for i in 0..n {
-            let c = TcpStream::connect(addr)
+            let mut c = TcpStream::connect(addr)
                 .with_context(|| format!("idle: connection {} of {n} to {addr}", i + 1))?;
+            if c.write_all(b"i").is_err() {
+                client_failed += 1;
+            }
             conns.clients.push(c);
             // Stay close behind the far end's accepts: an accept queue that overflows
-            // (the forwarder's backlog may be as short as 128) costs a 1 s SYN retransmit.
+            // (a relay's backlog may be as short as 128) costs a 1 s SYN retransmit.
             if i >= AHEAD {
-                wait_accepted(i - AHEAD)?;
+                wait_done(i - AHEAD)?;
             }
         }
-        wait_accepted(n)
+        wait_done(n)?;
+        // The answers: each client end reads its byte back.
+        let mut b = [0u8; 1];
+        for c in &mut conns.clients {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            if Instant::now() > deadline || c.read_exact(&mut b).is_err() {
+                client_failed += 1;
+            }
+        }
+        Ok(())
     })();
     if let Err(e) = result {
         conns.close(holder);
         return Err(e);
     }
     let open_secs = t0.elapsed().as_secs_f64();
+    let server_failed = holder.failed.load(Ordering::SeqCst);
+    let accepted = holder.accepted.load(Ordering::SeqCst);
     thread::sleep(settle);
-    let rss1 = forwarder_rss();
+    // Slab first: listing /proc/PID/fd allocates proc inodes and dentries per fd.
     let caches1 = super::procfs::slab_by_cache();
     let meminfo1 = super::procfs::meminfo_kib("Slab")?;
+    let m1 = relay();
+    if accepted == 0 {
+        conns.close(holder);
+        bail!("idle: no connection carried its byte each way");
+    }
     Ok((
         IdleResult {
-            conns: n,
+            conns: accepted,
+            failed: server_failed.max(client_failed),
             open_secs,
-            forwarder_rss_kib: rss0.zip(rss1),
+            relay_rss_kib: m0.rss_kib.zip(m1.rss_kib),
+            relay_fds: m0.fds.zip(m1.fds),
             slab_active: caches0
                 .as_ref()
                 .zip(caches1.as_ref())

@@ -145,3 +145,32 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_default()
 }
+
+/// The parent PID from /proc/PID/stat.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.rsplit_once(')')?.1;
+    // rest starts at field 3 (state); ppid is field 4.
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Entries in /proc/PID/fd.
+pub fn fd_count(pid: u32) -> Option<u64> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// Local ports of IPv4 TCP sockets in LISTEN state (/proc/net/tcp).
+pub fn listening_ports() -> std::collections::BTreeSet<u16> {
+    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(3) != Some(&"0A") {
+                return None;
+            }
+            let port = f.get(1)?.rsplit_once(':')?.1;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect()
+}

@@ -12,9 +12,11 @@ pub type Sample = BTreeMap<&'static str, f64>;
 pub struct ModeResult {
     pub mode: Mode,
     pub samples: Vec<Sample>,
-    /// Set when the forwarder would not start in this mode: the table says n/a.
+    /// Set when the relay would not start (or, for a peer, could not be installed): the
+    /// table says n/a.
     pub unavailable: Option<String>,
-    /// The forwarder's own word on its relay path, e.g. "splice (requested)".
+    /// The forwarder's own word on its relay path, e.g. "splice (requested)"; for a peer,
+    /// its version and setup.
     pub path: Option<String>,
     /// Failures of single tests, and anything else worth a line under the table.
     pub notes: Vec<String>,
@@ -38,16 +40,7 @@ impl ModeResult {
             .filter_map(|s| s.get(key).copied())
             .filter(|x| x.is_finite())
             .collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        })
+        median(&mut v)
     }
 }
 
@@ -58,6 +51,9 @@ pub struct Metric {
     pub decimals: usize,
     /// Shown in the table (the others only go to the JSON).
     pub table: bool,
+    /// More is better (throughput, rates); else less is (latency, CPU, memory). Picks
+    /// the best peer.
+    pub higher: bool,
 }
 
 const fn m(
@@ -66,6 +62,7 @@ const fn m(
     unit: &'static str,
     decimals: usize,
     table: bool,
+    higher: bool,
 ) -> Metric {
     Metric {
         key,
@@ -73,32 +70,109 @@ const fn m(
         unit,
         decimals,
         table,
+        higher,
     }
 }
 
+const UP: bool = true;
+const DOWN: bool = false;
+
 pub const METRICS: &[Metric] = &[
-    m("up1_gbps", "upload, 1 stream", "Gbit/s", 2, true),
-    m("up8_gbps", "upload, 8 streams", "Gbit/s", 2, true),
-    m("down1_gbps", "download, 1 stream", "Gbit/s", 2, true),
-    m("down8_gbps", "download, 8 streams", "Gbit/s", 2, true),
-    m("rr_p50_us", "64 B ping-pong p50", "µs", 1, true),
-    m("rr_p99_us", "64 B ping-pong p99", "µs", 1, true),
-    m("rr_p999_us", "64 B ping-pong p99.9", "µs", 1, true),
-    m("rr_max_us", "64 B ping-pong max", "µs", 0, true),
+    m("up1_gbps", "upload, 1 stream", "Gbit/s", 2, true, UP),
+    m("up8_gbps", "upload, 8 streams", "Gbit/s", 2, true, UP),
+    m("down1_gbps", "download, 1 stream", "Gbit/s", 2, true, UP),
+    m("down8_gbps", "download, 8 streams", "Gbit/s", 2, true, UP),
+    m("rr_p50_us", "64 B ping-pong p50", "µs", 1, true, DOWN),
+    m("rr_p99_us", "64 B ping-pong p99", "µs", 1, true, DOWN),
+    m("rr_p999_us", "64 B ping-pong p99.9", "µs", 1, true, DOWN),
+    m("rr_max_us", "64 B ping-pong max", "µs", 0, true, DOWN),
     m(
         "conn_per_s",
         "connections/s (64 B req + resp)",
         "1/s",
         0,
         true,
+        UP,
     ),
-    m("conn_errors", "connection-rate failures", "", 0, false),
+    m(
+        "conn_errors",
+        "connection-rate failures",
+        "",
+        0,
+        false,
+        DOWN,
+    ),
+    m(
+        "http_ka_rps",
+        "HTTP 1 KiB GET, 50 keep-alive conns (wrk)",
+        "req/s",
+        0,
+        true,
+        UP,
+    ),
+    m(
+        "http_ka_p50_us",
+        "HTTP 1 KiB GET, 50 keep-alive conns p50",
+        "µs",
+        0,
+        false,
+        DOWN,
+    ),
+    m(
+        "http_ka_p99_us",
+        "HTTP 1 KiB GET, 50 keep-alive conns p99",
+        "µs",
+        0,
+        true,
+        DOWN,
+    ),
+    m(
+        "http_ka_errors",
+        "HTTP keep-alive errors (socket errors + non-2xx)",
+        "",
+        0,
+        false,
+        DOWN,
+    ),
+    m(
+        "http_close_rps",
+        "HTTP 1 KiB GET, Connection: close, 20 conns",
+        "req/s",
+        0,
+        true,
+        UP,
+    ),
+    m(
+        "http_close_p50_us",
+        "HTTP 1 KiB GET, Connection: close p50",
+        "µs",
+        0,
+        false,
+        DOWN,
+    ),
+    m(
+        "http_close_p99_us",
+        "HTTP 1 KiB GET, Connection: close p99",
+        "µs",
+        0,
+        true,
+        DOWN,
+    ),
+    m(
+        "http_close_errors",
+        "HTTP Connection: close errors (socket errors + non-2xx)",
+        "",
+        0,
+        false,
+        DOWN,
+    ),
     m(
         "fwd_cpu_s_per_gib",
-        "forwarder CPU per GiB (bulk)",
+        "relay CPU per GiB (bulk)",
         "s",
         3,
         true,
+        DOWN,
     ),
     m(
         "machine_cpu_s_per_gib",
@@ -106,36 +180,80 @@ pub const METRICS: &[Metric] = &[
         "s",
         3,
         true,
+        DOWN,
     ),
-    m("bulk_gib", "GiB moved in the bulk windows", "GiB", 2, false),
-    m("fwd_base_rss_mib", "forwarder RSS at start", "MiB", 2, true),
     m(
-        "fwd_peak_rss_mib",
-        "forwarder peak RSS (VmHWM)",
+        "bulk_gib",
+        "GiB moved in the bulk windows",
+        "GiB",
+        2,
+        false,
+        UP,
+    ),
+    m(
+        "fwd_base_rss_mib",
+        "relay RSS at start",
         "MiB",
         2,
         true,
+        DOWN,
+    ),
+    m(
+        "fwd_peak_rss_mib",
+        "relay peak RSS (VmHWM)",
+        "MiB",
+        2,
+        true,
+        DOWN,
+    ),
+    m(
+        "idle_cpu_cores",
+        "relay CPU while pairs idle",
+        "cores",
+        4,
+        true,
+        DOWN,
+    ),
+    m(
+        "idle_fds_per_pair",
+        "relay fds per idle pair",
+        "",
+        2,
+        true,
+        DOWN,
     ),
     m(
         "idle_rss_per_conn_b",
-        "forwarder RSS per idle connection",
+        "relay RSS per idle pair",
         "B",
         0,
         true,
+        DOWN,
     ),
     m(
         "idle_slab_per_conn_b",
-        "kernel slab per idle connection",
+        "kernel slab per idle pair",
         "B",
         0,
         true,
+        DOWN,
     ),
     m(
         "idle_meminfo_slab_per_conn_b",
-        "meminfo Slab growth per idle connection",
+        "meminfo Slab growth per idle pair",
         "B",
         0,
         false,
+        DOWN,
+    ),
+    m("idle_pairs", "idle pairs measured", "", 0, false, UP),
+    m(
+        "idle_failed",
+        "idle pairs without their byte each way",
+        "",
+        0,
+        false,
+        DOWN,
     ),
     m(
         "background_cpu_pct",
@@ -143,6 +261,7 @@ pub const METRICS: &[Metric] = &[
         "%",
         0,
         false,
+        DOWN,
     ),
 ];
 
@@ -182,10 +301,13 @@ const EBPF_TARGETS: &[(&str, Goal)] = &[
     ("idle_rss_per_conn_b", Goal::Max(2048.0)),
 ];
 
+/// Issue 5's targets for our paths (auto may end up on either: it gets splice's);
+/// none for direct and the peers.
 fn targets(mode: Mode) -> &'static [(&'static str, Goal)] {
     match mode {
         Mode::Ebpf => EBPF_TARGETS,
-        _ => SPLICE_TARGETS,
+        Mode::Splice | Mode::Auto => SPLICE_TARGETS,
+        Mode::Direct | Mode::Nginx | Mode::Haproxy => &[],
     }
 }
 
@@ -204,6 +326,57 @@ pub struct Header {
     pub lines: Vec<String>,
 }
 
+/// Median over the repetitions both ran of `r`'s value over `base`'s, rep by rep.
+fn paired_ratio(r: &ModeResult, base: &dyn Fn(usize) -> Option<f64>, key: &str) -> Option<f64> {
+    let mut v: Vec<f64> = r
+        .samples
+        .iter()
+        .filter_map(|s| {
+            let rep = *s.get("rep")? as usize;
+            let (x, b) = (*s.get(key)?, base(rep)?);
+            (x.is_finite() && b.is_finite() && b != 0.0).then_some(x / b)
+        })
+        .collect();
+    median(&mut v)
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// The value of `key` in repetition `rep`.
+fn value(r: &ModeResult, rep: usize, key: &str) -> Option<f64> {
+    r.samples
+        .iter()
+        .find(|s| s.get("rep").map(|x| *x as usize) == Some(rep))
+        .and_then(|s| s.get(key).copied())
+        .filter(|x| x.is_finite())
+}
+
+/// The better peer's value in one repetition, and its name.
+fn best_peer(peers: &[&ModeResult], m: &Metric, rep: usize) -> Option<(f64, Mode)> {
+    peers
+        .iter()
+        .filter_map(|p| Some((value(p, rep, m.key)?, p.mode)))
+        .reduce(|a, b| {
+            let b_better = if m.higher { b.0 > a.0 } else { b.0 < a.0 };
+            if b_better {
+                b
+            } else {
+                a
+            }
+        })
+}
+
 pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
     let mut out = String::new();
     for l in &header.lines {
@@ -212,11 +385,25 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
     out += "\n";
     let direct = results.iter().find(|r| r.mode == Mode::Direct);
     let others: Vec<&ModeResult> = results.iter().filter(|r| r.mode != Mode::Direct).collect();
+    let peers: Vec<&ModeResult> = results
+        .iter()
+        .filter(|r| r.mode.is_peer() && r.unavailable.is_none() && !r.samples.is_empty())
+        .collect();
+    // Ours against the best peer; with both peers there, each peer against the better
+    // one too (one of them is 1.00× by definition).
+    let vs_peer: Vec<&ModeResult> = results
+        .iter()
+        .filter(|r| r.mode != Mode::Direct && (!r.mode.is_peer() || peers.len() > 1))
+        .collect();
 
     let mut head = vec!["metric".to_string()];
     head.extend(results.iter().map(|r| r.mode.name().to_string()));
     if direct.is_some() {
         head.extend(others.iter().map(|r| format!("{}/direct", r.mode.name())));
+    }
+    if !peers.is_empty() {
+        head.push("best peer".into());
+        head.extend(vs_peer.iter().map(|r| format!("{}/peer", r.mode.name())));
     }
     out += &format!("| {} |\n", head.join(" | "));
     out += &format!(
@@ -226,6 +413,10 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
             .map(|(i, _)| if i == 0 { "---|" } else { "---:|" })
             .collect::<String>()
     );
+    let ratio = |v: Option<f64>| match v {
+        Some(v) => format!("{v:.2}×"),
+        None => "–".into(),
+    };
     for m in METRICS.iter().filter(|m| m.table) {
         let label = if m.unit.is_empty() {
             m.label.to_string()
@@ -234,7 +425,7 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
         };
         let mut row = vec![label];
         for r in results {
-            row.push(if r.unavailable.is_some() {
+            row.push(if r.unavailable.is_some() && r.samples.is_empty() {
                 "n/a".into()
             } else {
                 fmt_num(r.median(m.key), m.decimals)
@@ -242,30 +433,53 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
         }
         if let Some(d) = direct {
             for r in &others {
-                row.push(match (r.median(m.key), d.median(m.key)) {
-                    (Some(v), Some(b)) if b != 0.0 => format!("{:.2}×", v / b),
-                    _ => "–".into(),
-                });
+                row.push(ratio(paired_ratio(r, &|rep| value(d, rep, m.key), m.key)));
+            }
+        }
+        if !peers.is_empty() {
+            // Which peer was better, over the repetitions.
+            let mut winners: Vec<&str> = Vec::new();
+            for rep in reps(results) {
+                if let Some((v, p)) = best_peer(&peers, m, rep) {
+                    let tie =
+                        peers.len() > 1 && peers.iter().all(|q| value(q, rep, m.key) == Some(v));
+                    let name = if tie { "tie" } else { p.name() };
+                    if !winners.contains(&name) {
+                        winners.push(name);
+                    }
+                }
+            }
+            row.push(if winners.is_empty() {
+                "–".into()
+            } else {
+                winners.join("/")
+            });
+            for r in &vs_peer {
+                let base = |rep| best_peer(&peers, m, rep).map(|(v, _)| v);
+                row.push(ratio(paired_ratio(r, &base, m.key)));
             }
         }
         out += &format!("| {} |\n", row.join(" | "));
     }
+    out += "\nRatios are medians of per-repetition ratios (each repetition runs every path \
+            back to back); \"best peer\" is, per metric and repetition, the better of nginx \
+            stream and HAProxy.\n";
 
     let mut checks = Vec::new();
     for r in &others {
-        if r.unavailable.is_some() {
+        if r.samples.is_empty() {
             continue;
         }
         for (key, goal) in targets(r.mode) {
             let m = metric(key);
             let Some(v) = r.median(key) else { continue };
-            let base = direct.and_then(|d| d.median(key));
+            // The same paired ratio as in the table.
+            let paired = direct.and_then(|d| paired_ratio(r, &|rep| value(d, rep, key), key));
             let (ok, text) = match *goal {
                 Goal::RatioMin(t) | Goal::RatioMax(t) => {
-                    let Some(b) = base.filter(|b| *b != 0.0) else {
+                    let Some(ratio) = paired else {
                         continue;
                     };
-                    let ratio = v / b;
                     let min = matches!(goal, Goal::RatioMin(_));
                     let ok = if min { ratio >= t } else { ratio <= t };
                     let op = if min { "≥" } else { "≤" };
@@ -290,7 +504,7 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
         }
     }
     if !checks.is_empty() {
-        out += "\nTargets (issue 5), on the medians:\n\n";
+        out += "\nTargets (issue 5), on the medians (ratios as in the table):\n\n";
         out += &checks.join("\n");
         out += "\n";
     }
@@ -301,7 +515,11 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
             notes.push(format!("- {}: n/a: {why}", r.mode.name()));
         }
         if let Some(p) = &r.path {
-            notes.push(format!("- {}: forwarder reported mode={p}", r.mode.name()));
+            if r.mode.is_peer() {
+                notes.push(format!("- {}: {p}", r.mode.name()));
+            } else {
+                notes.push(format!("- {}: forwarder reported mode={p}", r.mode.name()));
+            }
         }
         for n in &r.notes {
             notes.push(format!("- {}: {n}", r.mode.name()));
@@ -315,6 +533,21 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
     out
 }
 
+/// Every repetition number any sample has.
+fn reps(results: &[ModeResult]) -> Vec<usize> {
+    let mut v: Vec<usize> = results
+        .iter()
+        .flat_map(|r| {
+            r.samples
+                .iter()
+                .filter_map(|s| s.get("rep").map(|x| *x as usize))
+        })
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 pub fn json(meta: Value, results: &[ModeResult]) -> Value {
     let mut modes = serde_json::Map::new();
     for r in results {
@@ -323,6 +556,21 @@ pub fn json(meta: Value, results: &[ModeResult]) -> Value {
             .filter_map(|m| Some((m.key.to_string(), json!(r.median(m.key)?))))
             .collect();
         let samples: Vec<Value> = r.samples.iter().map(|s| json!(s)).collect();
+        let direct = results.iter().find(|d| d.mode == Mode::Direct);
+        let peers: Vec<&ModeResult> = results.iter().filter(|p| p.mode.is_peer()).collect();
+        let mut to_direct = serde_json::Map::new();
+        let mut to_peer = serde_json::Map::new();
+        for m in METRICS {
+            if let Some(d) = direct.filter(|_| r.mode != Mode::Direct) {
+                if let Some(v) = paired_ratio(r, &|rep| value(d, rep, m.key), m.key) {
+                    to_direct.insert(m.key.to_string(), json!(v));
+                }
+            }
+            let base = |rep| best_peer(&peers, m, rep).map(|(v, _)| v);
+            if let Some(v) = paired_ratio(r, &base, m.key) {
+                to_peer.insert(m.key.to_string(), json!(v));
+            }
+        }
         modes.insert(
             r.mode.name().to_string(),
             json!({
@@ -330,6 +578,8 @@ pub fn json(meta: Value, results: &[ModeResult]) -> Value {
                 "reason": r.unavailable,
                 "forwarder_mode": r.path,
                 "median": median,
+                "ratio_to_direct": to_direct,
+                "ratio_to_best_peer": to_peer,
                 "samples": samples,
                 "notes": r.notes,
             }),
@@ -337,7 +587,49 @@ pub fn json(meta: Value, results: &[ModeResult]) -> Value {
     }
     let metrics: Vec<Value> = METRICS
         .iter()
-        .map(|m| json!({"key": m.key, "label": m.label, "unit": m.unit}))
+        .map(|m| json!({"key": m.key, "label": m.label, "unit": m.unit, "higher_is_better": m.higher}))
         .collect();
     json!({ "meta": meta, "metrics": metrics, "modes": modes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(mode: Mode, reps: &[(usize, f64)]) -> ModeResult {
+        let mut r = ModeResult::new(mode);
+        for (rep, v) in reps {
+            let mut s = Sample::new();
+            s.insert("rep", *rep as f64);
+            s.insert("up1_gbps", *v);
+            s.insert("rr_p50_us", *v);
+            r.samples.push(s);
+        }
+        r
+    }
+
+    #[test]
+    fn ratios_are_paired_and_pick_the_better_peer_per_metric() {
+        let direct = result(Mode::Direct, &[(1, 10.0), (2, 20.0)]);
+        let splice = result(Mode::Splice, &[(1, 5.0), (2, 10.0)]);
+        let nginx = result(Mode::Nginx, &[(1, 2.0), (2, 8.0)]);
+        let haproxy = result(Mode::Haproxy, &[(1, 4.0), (2, 4.0)]);
+        let peers = [&nginx, &haproxy];
+        let up = metric("up1_gbps");
+        let p50 = metric("rr_p50_us");
+        // Per repetition: 0.5 and 0.5, where the ratio of medians would be 7.5 / 15.
+        let d = |rep| value(&direct, rep, "up1_gbps");
+        assert_eq!(paired_ratio(&splice, &d, "up1_gbps"), Some(0.5));
+        // Throughput: the higher peer per rep (haproxy 4, then nginx 8).
+        assert_eq!(best_peer(&peers, up, 1), Some((4.0, Mode::Haproxy)));
+        assert_eq!(best_peer(&peers, up, 2), Some((8.0, Mode::Nginx)));
+        // Latency: the lower one (nginx 2, then haproxy 4).
+        assert_eq!(best_peer(&peers, p50, 1), Some((2.0, Mode::Nginx)));
+        assert_eq!(best_peer(&peers, p50, 2), Some((4.0, Mode::Haproxy)));
+        let b = |rep| best_peer(&peers, up, rep).map(|(v, _)| v);
+        // 5/4 and 10/8.
+        assert_eq!(paired_ratio(&splice, &b, "up1_gbps"), Some(1.25));
+        let md = markdown(&Header { lines: vec![] }, &[direct, splice, nginx, haproxy]);
+        assert!(md.contains("| best peer | splice/peer | nginx/peer | haproxy/peer |"));
+    }
 }

@@ -1,5 +1,6 @@
 //! The upstream side, in-process: a bulk sink/source, an echo server and an idle holder,
-//! each on its own loopback port so one forwarder rule can point at each.
+//! each on its own loopback port so one relay rule can point at each (the HTTP origin is
+//! an nginx: see http.rs).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,6 +31,31 @@ pub struct Addrs {
     pub bulk: SocketAddr,
     pub echo: SocketAddr,
     pub idle: SocketAddr,
+    /// The HTTP origin (an nginx the bench starts), when it could be started.
+    pub http: Option<SocketAddr>,
+}
+
+impl Addrs {
+    /// (rule name, address) of every server a relay forwards to.
+    pub fn rules(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut v = vec![
+            ("bulk", self.bulk),
+            ("echo", self.echo),
+            ("idle", self.idle),
+        ];
+        v.extend(self.http.map(|a| ("http", a)));
+        v
+    }
+
+    pub fn set(&mut self, rule: &str, addr: SocketAddr) {
+        match rule {
+            "bulk" => self.bulk = addr,
+            "echo" => self.echo = addr,
+            "idle" => self.idle = addr,
+            "http" => self.http = Some(addr),
+            _ => {}
+        }
+    }
 }
 
 pub struct Servers {
@@ -39,10 +65,17 @@ pub struct Servers {
     pub idle: Arc<IdleHolder>,
 }
 
-/// Accepts connections and keeps them open, never reading.
+/// How long the idle server waits for a connection's first byte.
+const IDLE_BYTE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Accepts connections, answers their first byte with one byte and then keeps them open,
+/// reading nothing more.
 #[derive(Default)]
 pub struct IdleHolder {
+    /// Connections that passed their byte each way and are held.
     pub accepted: AtomicUsize,
+    /// Connections whose first byte did not arrive in time (or that closed first).
+    pub failed: AtomicUsize,
     held: Mutex<Vec<TcpStream>>,
 }
 
@@ -53,6 +86,7 @@ impl IdleHolder {
         let held = std::mem::take(&mut *self.held.lock().unwrap());
         drop(held);
         self.accepted.store(0, Ordering::SeqCst);
+        self.failed.store(0, Ordering::SeqCst);
     }
 }
 
@@ -93,7 +127,15 @@ pub fn start() -> Result<Servers> {
     thread::Builder::new()
         .name("bench-idle".into())
         .spawn(move || {
-            for conn in idle_l.incoming().flatten() {
+            for mut conn in idle_l.incoming().flatten() {
+                // One byte each way, then silence: the pair has carried data (a relay
+                // may set up per-pair state, such as pipes, only then).
+                let mut b = [0u8; 1];
+                let _ = conn.set_read_timeout(Some(IDLE_BYTE_WAIT));
+                if conn.read_exact(&mut b).is_err() || conn.write_all(&b).is_err() {
+                    h.failed.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 h.held.lock().unwrap().push(conn);
                 h.accepted.fetch_add(1, Ordering::SeqCst);
             }
@@ -104,6 +146,7 @@ pub fn start() -> Result<Servers> {
             bulk: bulk_addr,
             echo: echo_addr,
             idle: idle_addr,
+            http: None,
         },
         sunk,
         idle,
