@@ -535,6 +535,24 @@ impl Forwarder {
         Self::cli_listen(mode, "127.0.0.1:0", &ups)
     }
 
+    /// [`Forwarder::cli`] with one upstream, started under a wrapper command
+    /// (`prlimit ... --`, `setpriv ... --`, `env ...`).
+    pub fn cli_under(prefix: &[&str], mode: Mode, upstream: SocketAddr) -> Forwarder {
+        let prefix: Vec<OsString> = prefix.iter().map(OsString::from).collect();
+        let up = upstream.to_string();
+        let args = [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up,
+            "--mode",
+            mode.as_str(),
+        ];
+        let args = args.iter().map(OsString::from).collect();
+        Self::spawn(&prefix, args, 1, None)
+    }
+
     pub fn cli_listen(mode: Mode, listen: &str, upstreams: &[String]) -> Forwarder {
         let mut args: Vec<OsString> = vec!["run".into(), "--listen".into(), listen.into()];
         for u in upstreams {
@@ -1106,9 +1124,17 @@ pub fn is_timeout(e: &io::Error) -> bool {
 
 /// Reads to EOF, hashing; fails at `deadline`.
 pub fn read_digest(s: &TcpStream, deadline: Instant) -> io::Result<Digested> {
+    read_digest_from(s, Hasher::new(), 0, deadline)
+}
+
+/// [`read_digest`] continuing a hash `h` over `len` bytes already read.
+pub fn read_digest_from(
+    s: &TcpStream,
+    mut h: Hasher,
+    mut len: u64,
+    deadline: Instant,
+) -> io::Result<Digested> {
     let mut s = s;
-    let mut h = Hasher::new();
-    let mut len = 0u64;
     let mut buf = vec![0u8; 256 * KIB as usize];
     loop {
         set_read_deadline(s, deadline)?;

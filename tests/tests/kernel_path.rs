@@ -269,15 +269,7 @@ relay_tests! {
         let up = Server::echo();
         // Started under a modest limit (the forwarder may raise it at startup); the
         // limit that matters is set on the running process below.
-        let prefix: Vec<OsString> = [prlimit_bin(), "--nofile=1024:1024", "--"]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let args: Vec<OsString> = ["run", "--listen", "127.0.0.1:0", "--upstream", &up.addr().to_string(), "--mode", mode.as_str()]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let mut fwd = Forwarder::spawn_bin(&prefix, &forwarder_bin(), args, 1, None);
+        let mut fwd = Forwarder::cli_under(&[prlimit_bin(), "--nofile=1024:1024", "--"], mode, up.addr());
         fwd.assert_mode(mode);
         // The 1 MiB echoes at the end may outrun the redirect worker and leave the maps
         // at the in-flight bound (a quarter of 4 MiB).

@@ -1,7 +1,6 @@
 //! Relay behaviour, written once and run in both relay modes: `splice::NAME` and
 //! `ebpf::NAME` (the latter only as root, where it runs with `--mode ebpf`).
 
-use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -280,7 +279,7 @@ relay_tests! {
         let up = Server::echo();
         // As root the forwarder raises even the hard limit (up to fs.nr_open): without
         // CAP_SYS_RESOURCE it cannot, and 64 is what it gets.
-        let prefix: Vec<OsString> = [
+        let prefix = [
             prlimit,
             "--nofile=64:64",
             "--",
@@ -288,15 +287,8 @@ relay_tests! {
             "--inh-caps=-sys_resource",
             "--bounding-set=-sys_resource",
             "--",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
-        let args: Vec<OsString> = ["run", "--listen", "127.0.0.1:0", "--upstream", &up.addr().to_string(), "--mode", mode.as_str()]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let mut fwd = Forwarder::spawn_bin(&prefix, &forwarder_bin(), args, 1, None);
+        ];
+        let mut fwd = Forwarder::cli_under(&prefix, mode, up.addr());
         fwd.assert_mode(mode);
         // Clients left waiting in the backlog are closed by the test before they are
         // paired: those fall back to splice. The recovery echo must be on the mode.
@@ -360,15 +352,8 @@ relay_tests! {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("prlimit (util-linux) is required");
-        let prefix: Vec<OsString> = [prlimit, "--nofile=1024:4096", "--", "/usr/bin/env", "FORWARDER_LOG=info,forwarder=debug"]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let args: Vec<OsString> = ["run", "--listen", "127.0.0.1:0", "--upstream", &up.addr().to_string(), "--mode", mode.as_str()]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let fwd = Forwarder::spawn_bin(&prefix, &forwarder_bin(), args, 1, None);
+        let prefix = [prlimit, "--nofile=1024:4096", "--", "/usr/bin/env", "FORWARDER_LOG=info,forwarder=debug"];
+        let fwd = Forwarder::cli_under(&prefix, mode, up.addr());
         fwd.assert_mode(mode);
         echo_check_paired(fwd.addr(), Payload::new(78, 4 * KIB), secs(5));
         let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").unwrap().trim().parse().unwrap();

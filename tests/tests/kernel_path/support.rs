@@ -183,7 +183,7 @@ pub fn duplex_server(down: fn(u64) -> Payload) -> (Server, mpsc::Receiver<Server
             });
             let mut h = Hasher::new();
             h.update(&head);
-            let read = hash_to_eof(s, h, 16, deadline);
+            let read = read_digest_from(s, h, 16, deadline);
             if read.is_err() {
                 // Unblock the writer so the scope can end.
                 let _ = s.shutdown(Shutdown::Both);
@@ -197,38 +197,6 @@ pub fn duplex_server(down: fn(u64) -> Payload) -> (Server, mpsc::Receiver<Server
         });
     });
     (server, rx)
-}
-
-/// Reads to EOF, continuing hash `h` over `len` bytes already read.
-fn hash_to_eof(
-    s: &TcpStream,
-    mut h: Hasher,
-    mut len: u64,
-    deadline: Instant,
-) -> io::Result<Digested> {
-    let mut r = s;
-    let mut buf = vec![0u8; 256 * KIB as usize];
-    loop {
-        set_read_deadline(s, deadline)?;
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                len += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("reading after {len} bytes: {e}"),
-                ))
-            }
-        }
-    }
-    Ok(Digested {
-        len,
-        sha: h.finish(),
-    })
 }
 
 // ---------------------------------------------------------------------------------
