@@ -582,6 +582,16 @@ impl Paired {
         for s in 0..2 {
             let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
             if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
+                // Hold s first: taking the program off a socket while TCP hands it skbs
+                // drops them (`sk_psock_verdict_recv` finds no program and its default
+                // verdict is drop, after `tcp_eat_skb` counted them read: measured as
+                // 30-64 KB that TCP let go of and nobody sent, caught by the check in
+                // `leave_map`). With SO_RCVLOWAT at its maximum TCP hands nothing over
+                // (but under memory pressure, with a tiny window or at a FIN). Nothing
+                // of ours waits on s's psock for receive-buffer room (passed == read),
+                // so holding cannot stall it. Released once s is out of the maps.
+                sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
+                    .map_err(|e| (s, e))?;
                 k.part(self.entries.cookies[s]);
                 self.entries.members_in[s] = false;
                 self.parted[s] = true;
@@ -600,8 +610,8 @@ impl Paired {
                     .map_err(|e| (s, e))?;
                 self.entries.members_in[s] = true;
                 self.parted[s] = false;
-                // Bytes that reached TCP's queue meanwhile wait for a verdict: poke it.
-                kick(&self.socks[s]);
+                // Releasing the hold hands bytes queued meanwhile to the program.
+                sys::set_rcvlowat(self.socks[s].as_raw_fd(), 1).map_err(|e| (s, e))?;
                 tracing::debug!(
                     "ebpf: {} passed bytes while parting; joined again",
                     SIDES[s].as_str()
@@ -641,6 +651,8 @@ impl Paired {
         }
         k.remove_sock(self.entries.cookies[p]);
         self.entries.socks_in[p] = false;
+        // Plain TCP again: release the hold (this wakes whoever reads s next).
+        sys::set_rcvlowat(fd, 1).map_err(|e| (s, e))?;
         self.dirs[p].inflight = 0;
         // What TCP holds for us must be exactly what the program never saw: a
         // receive sequence the sockmap code left behind would make TCP skip data.

@@ -118,6 +118,23 @@ pub fn received(fd: RawFd) -> io::Result<Received> {
     Err(io::Error::other("receive counters kept moving"))
 }
 
+/// SO_RCVLOWAT. TCP hands a socket's bytes to its data_ready callback, and so to our
+/// verdict program, only once this many are queued (or the receive buffer is under
+/// pressure, the window is tiny, or a FIN came).
+pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: the value is a c_int of the size given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 /// Total bytes ever queued into the socket for sending: bytes_acked + SIOCOUTQ.
 /// tcp_info is read first, so concurrent ACKs can only make this an underestimate.
 pub fn bytes_sent_into(fd: RawFd) -> io::Result<u64> {
