@@ -87,16 +87,8 @@ fn start_inner(
                 .unwrap_or_default();
             return Ok(fwd);
         }
-        if let Some(status) = fwd.exited() {
-            let text = fs::read_to_string(&fwd.log).unwrap_or_default();
-            let reason = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("(no output)")
-                .trim()
-                .to_string();
-            return Err(anyhow!("{reason} [exit {status}]"));
+        if let Some(e) = fwd.exit_error() {
+            return Err(e);
         }
         if Instant::now() > deadline {
             return Err(anyhow!(

@@ -44,6 +44,19 @@ impl Relay {
         }
     }
 
+    /// If the child has exited: why, as the last line of its log and its status.
+    pub fn exit_error(&mut self) -> Option<anyhow::Error> {
+        let status = self.exited()?;
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let reason = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("(no output)")
+            .trim();
+        Some(anyhow::anyhow!("{reason} [{status}]"))
+    }
+
     /// `Some(status)` once the child has exited.
     pub fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
@@ -227,16 +240,8 @@ pub fn wait_listening(relay: &mut Relay, ports: &[u16], limit: Duration) -> Resu
         if ports.iter().all(|p| listening.contains(p)) {
             return Ok(());
         }
-        if let Some(status) = relay.exited() {
-            let text = fs::read_to_string(&relay.log).unwrap_or_default();
-            let reason = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("(no output)")
-                .trim()
-                .to_string();
-            anyhow::bail!("{reason} [{status}]");
+        if let Some(e) = relay.exit_error() {
+            return Err(e);
         }
         if Instant::now() > deadline {
             anyhow::bail!(

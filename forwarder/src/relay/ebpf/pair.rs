@@ -77,10 +77,13 @@ pub async fn relay(
             why,
         }) if allow_fallback => {
             tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
-            let p = progress;
-            p.to_upstream.fetch_add(moved[CLIENT], Ordering::Relaxed);
-            p.to_client.fetch_add(moved[UPSTREAM], Ordering::Relaxed);
-            p.via_userspace.fetch_add(by_us, Ordering::Relaxed);
+            progress
+                .to_upstream
+                .fetch_add(moved[CLIENT], Ordering::Relaxed);
+            progress
+                .to_client
+                .fetch_add(moved[UPSTREAM], Ordering::Relaxed);
+            progress.via_userspace.fetch_add(by_us, Ordering::Relaxed);
             crate::relay::splice::relay(pair, progress).await
         }
         Err(Setup::Fallback { pair, why, .. }) => {
