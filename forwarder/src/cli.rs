@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Mode;
+use crate::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +42,9 @@ pub struct RunArgs {
     /// Relay path for every rule (overrides the config file's mode keys).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+    /// Log lines as text (default) or one JSON object per line (overrides global.log_format).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// TOML config file.
     #[arg(
         short = 'c',

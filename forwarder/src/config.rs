@@ -11,6 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::logging::LogFormat;
 use crate::policy::schedule::Schedule;
 
 /// Which relay moves the bytes of a connection pair.
@@ -92,6 +93,10 @@ struct FileGlobal {
     max_connections: Option<usize>,
     allow: Option<Vec<String>>,
     deny: Option<Vec<String>>,
+    metrics: Option<String>,
+    log_format: Option<LogFormat>,
+    user: Option<String>,
+    group: Option<String>,
 }
 
 /// Declares the per-rule keys once: `[defaults]` takes them all, `[[rule]]` takes them
@@ -187,6 +192,19 @@ pub struct Config {
     /// Checked for every rule before the rule's own lists.
     pub access: Access,
     pub rules: Vec<Rule>,
+    /// Where `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// Who to run as once listeners are bound and the kernel program is loaded.
+    pub user: Option<RunAs>,
+}
+
+/// `[global] user`/`group`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +261,13 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Whether a reload leaves this rule as it is. Every field is plain data with a
+    /// faithful `Debug` (the schedule's parsed windows included), so comparing that
+    /// is comparing the settings, and a key added later cannot be forgotten here.
+    pub fn same_settings(&self, other: &Rule) -> bool {
+        format!("{self:?}") == format!("{other:?}")
+    }
+
     pub fn upstream_list(&self) -> String {
         let list: Vec<String> = self
             .upstreams
@@ -342,11 +367,21 @@ impl Config {
             }
             rules.push(rule);
         }
+        let metrics = file
+            .global
+            .metrics
+            .as_deref()
+            .map(resolve_listen)
+            .transpose()
+            .map_err(|e| err(format!("config error at key `global.metrics`: {e}")))?;
         Ok(Config {
             shutdown_grace: file.global.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             max_connections,
             access,
             rules,
+            metrics,
+            log_format: file.global.log_format.unwrap_or_default(),
+            user: run_as(file.global.user.as_deref(), file.global.group.as_deref())?,
         })
     }
 }
@@ -483,6 +518,43 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         proxy_protocol_timeout: nonzero(s.proxy_protocol_timeout)
             .unwrap_or(DEFAULT_PROXY_PROTOCOL_TIMEOUT),
     })
+}
+
+/// Looks the user (and group, by default the user's own) up in the system databases.
+fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, ConfigError> {
+    use nix::unistd::{Group, User};
+    let Some(name) = user else {
+        return match group {
+            Some(_) => Err(err(
+                "config error at key `global.group`: needs `global.user` as well",
+            )),
+            None => Ok(None),
+        };
+    };
+    let u = User::from_name(name)
+        .map_err(|e| err(format!("config error at key `global.user`: {name:?}: {e}")))?
+        .ok_or_else(|| {
+            err(format!(
+                "config error at key `global.user`: no user {name:?}"
+            ))
+        })?;
+    let gid = match group {
+        None => u.gid.as_raw(),
+        Some(g) => Group::from_name(g)
+            .map_err(|e| err(format!("config error at key `global.group`: {g:?}: {e}")))?
+            .ok_or_else(|| {
+                err(format!(
+                    "config error at key `global.group`: no group {g:?}"
+                ))
+            })?
+            .gid
+            .as_raw(),
+    };
+    Ok(Some(RunAs {
+        user: name.to_string(),
+        uid: u.uid.as_raw(),
+        gid,
+    }))
 }
 
 /// CIDRs (`10.0.0.0/8`, `::1/128`) or bare addresses (a /32 or /128).

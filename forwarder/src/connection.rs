@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -13,6 +13,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::config::{Access, Rule};
+use crate::event;
+use crate::metrics::RuleStats;
 use crate::policy::balance::{ActiveGuard, Upstreams};
 use crate::policy::sources::{Refusal, SourceLimits};
 use crate::policy::{clock, health, proxy_protocol};
@@ -22,11 +24,14 @@ use crate::relay::{describe, reset_on_close, Pair, Progress, Relay, RelayEnd};
 pub struct RuleRuntime {
     pub rule: Rule,
     pub relay: Arc<dyn Relay>,
-    /// Process-wide allow/deny, checked before the rule's own lists.
-    pub global_access: Access,
+    /// Process-wide allow/deny, checked before the rule's own lists (a reload
+    /// replaces it in place).
+    pub global_access: Arc<RwLock<Access>>,
     pub upstreams: Arc<Upstreams>,
     pub sources: Arc<SourceLimits>,
     pub refused: RefusalLog,
+    /// This rule's metrics, shared with the runtimes it had before a reload.
+    pub stats: Arc<RuleStats>,
     /// Becomes true when the shutdown grace period is over: drop the pair now.
     pub abort: watch::Receiver<bool>,
 }
@@ -35,11 +40,15 @@ impl RuleRuntime {
     pub fn new(
         rule: Rule,
         relay: Arc<dyn Relay>,
-        global_access: Access,
+        global_access: Arc<RwLock<Access>>,
         abort: watch::Receiver<bool>,
     ) -> Self {
+        let upstreams = Upstreams::new(&rule);
+        let stats = crate::metrics::global().rule(&rule.name);
+        stats.serve_upstreams(&upstreams);
         RuleRuntime {
-            upstreams: Upstreams::new(&rule),
+            upstreams,
+            stats,
             sources: SourceLimits::new(rule.max_connections_per_source, rule.rate_per_source),
             refused: RefusalLog::default(),
             rule,
@@ -73,37 +82,33 @@ pub async fn serve(
         match proxy_protocol::read(&mut client, rule.proxy_protocol_timeout).await {
             Ok(proxy_protocol::Header::Proxied { src, dst }) => (src, Some(dst)),
             Ok(proxy_protocol::Header::Local) => (peer, None),
-            Err(e) => return rt.refuse(client, peer, &format!("bad_proxy_header ({e})")),
+            Err(e) => return rt.refuse(client, peer, "bad_proxy_header", &format!(" ({e})")),
         }
     } else {
         (peer, None)
     };
 
-    if !rt.global_access.permits(peer.ip()) || !rule.access.permits(peer.ip()) {
-        return rt.refuse(client, peer, "acl");
+    let global_ok = rt.global_access.read().unwrap().permits(peer.ip());
+    if !global_ok || !rule.access.permits(peer.ip()) {
+        return rt.refuse(client, peer, "acl", "");
     }
     if let Some(schedule) = &rule.schedule {
         if !schedule.is_open(clock::now()) {
-            return rt.refuse(client, peer, "schedule");
+            return rt.refuse(client, peer, "schedule", "");
         }
     }
     let _source_slot = match rt.sources.admit(peer.ip(), Instant::now()) {
         Ok(slot) => slot,
         Err(Refusal::TooManyConnections) => {
-            return rt.refuse(client, peer, "max_connections_per_source")
+            return rt.refuse(client, peer, "max_connections_per_source", "")
         }
-        Err(Refusal::RateLimited) => return rt.refuse(client, peer, "rate_per_source"),
+        Err(Refusal::RateLimited) => return rt.refuse(client, peer, "rate_per_source", ""),
     };
 
     let Some((mut upstream, upstream_addr, _active)) = connect_upstream(&rt, peer).await else {
         // Closing without reading: the client sees the connection end at once.
-        tracing::info!(
-            "close rule={} client={} upstream=none bytes_up=0 bytes_down=0 duration={:.3}s path=none end=connect_failed",
-            rule.name,
-            peer,
-            started.elapsed().as_secs_f64()
-        );
-        return;
+        let progress = Progress::default();
+        return log_close(rule, peer, "none", started, &progress, "connect_failed");
     };
     let _ = upstream.set_nodelay(true);
     if let Some(version) = rule.proxy_protocol {
@@ -112,13 +117,15 @@ pub async fn serve(
         let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen));
         let header = proxy_protocol::encode(version, peer, local);
         if let Err(e) = upstream.write_all(&header).await {
-            tracing::info!("close rule={} client={peer} upstream={upstream_addr} path=none end=upstream_error (writing PROXY header: {e})", rule.name);
-            return;
+            let end = format!("upstream_error (writing PROXY header: {e})");
+            let upstream = upstream_addr.to_string();
+            return log_close(rule, peer, &upstream, started, &Progress::default(), &end);
         }
     }
 
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
     progress.touch();
+    let _open = rt.stats.open(progress.clone());
     let pair = Pair { client, upstream };
     let relay = rt.relay.relay(pair, progress.clone());
     let mut abort = rt.abort.clone();
@@ -133,27 +140,60 @@ pub async fn serve(
         _ = sleep_or_never(rule.max_connection_duration) => "max_connection_duration".to_string(),
         _ = abort.wait_for(|a| *a) => "shutdown".to_string(),
     };
-    tracing::info!(
-        "close rule={} client={} upstream={} bytes_up={} bytes_down={} duration={:.3}s path={} userspace_bytes={} end={}",
-        rule.name,
+    log_close(
+        rule,
         peer,
-        upstream_addr,
-        progress.to_upstream.load(Ordering::Relaxed),
-        progress.to_client.load(Ordering::Relaxed),
-        started.elapsed().as_secs_f64(),
-        progress.path(),
-        progress.via_userspace.load(Ordering::Relaxed),
-        end
+        &upstream_addr.to_string(),
+        started,
+        &progress,
+        &end,
+    );
+}
+
+/// The `close` line: one per accepted client that got past admission.
+fn log_close(
+    rule: &Rule,
+    peer: SocketAddr,
+    upstream: &str,
+    started: Instant,
+    progress: &Progress,
+    end: &str,
+) {
+    let bytes_up = progress.to_upstream.load(Ordering::Relaxed);
+    let bytes_down = progress.to_client.load(Ordering::Relaxed);
+    let duration = started.elapsed().as_secs_f64();
+    let path = progress.path();
+    let userspace = progress.via_userspace.load(Ordering::Relaxed);
+    event!(
+        info,
+        "close",
+        text = (
+            "close rule={} client={peer} upstream={upstream} bytes_up={bytes_up} bytes_down={bytes_down} duration={duration:.3}s path={path} userspace_bytes={userspace} end={end}",
+            rule.name
+        ),
+        rule = %rule.name,
+        client = %peer,
+        upstream = %upstream,
+        bytes_up,
+        bytes_down,
+        // Milliseconds are what the text line shows; JSON gets the same number.
+        duration_s = (duration * 1000.0).round() / 1000.0,
+        path = %path,
+        userspace_bytes = userspace,
+        end = %end,
     );
 }
 
 impl RuleRuntime {
     /// Closes a client we will not serve at once (a reset, so nothing lingers), counts
     /// it, and logs it at most once a second per rule.
-    fn refuse(&self, client: TcpStream, peer: SocketAddr, reason: &str) {
+    /// `reason` is one of [`crate::metrics::REFUSAL_REASONS`]; `detail` follows it
+    /// in the text line.
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, reason: &str, detail: &str) {
         reset_on_close(&client);
         drop(client);
-        self.refused.record(&self.rule.name, peer, reason);
+        self.stats.refused(reason);
+        self.refused.record(&self.rule.name, peer, reason, detail);
     }
 }
 
@@ -164,13 +204,23 @@ pub struct RefusalLog {
 }
 
 impl RefusalLog {
-    fn record(&self, rule: &str, peer: SocketAddr, reason: &str) {
+    fn record(&self, rule: &str, peer: SocketAddr, reason: &str, detail: &str) {
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self.last.lock().unwrap();
         let logged_at = last.map_or(0, |(_, n)| n);
         if last.is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(1)) {
             let suppressed = total - logged_at - 1;
-            tracing::info!("refused rule={rule} client={peer} reason={reason} total_refused={total} (+{suppressed} not logged)");
+            event!(
+                info,
+                "refused",
+                text = ("refused rule={rule} client={peer} reason={reason}{detail} total_refused={total} (+{suppressed} not logged)"),
+                rule = %rule,
+                client = %peer,
+                reason = %reason,
+                detail = %detail.trim().trim_start_matches('(').trim_end_matches(')'),
+                total_refused = total,
+                not_logged = suppressed,
+            );
             *last = Some((Instant::now(), total));
         }
     }
@@ -191,6 +241,9 @@ async fn connect_upstream(
         // Out of fds or memory here says nothing about the upstream: passive health
         // hears only of failures the upstream (or the way to it) caused.
         let local = matches!(&result, Err(e) if e.local);
+        if result.is_err() {
+            rt.stats.connect_error(upstream);
+        }
         if !local {
             let why = result
                 .as_ref()

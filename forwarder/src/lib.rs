@@ -6,7 +6,11 @@
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod logging;
+pub mod metrics;
 pub mod policy;
+pub mod privileges;
 pub mod relay;
 pub mod server;
 pub mod sys;
+pub mod systemd;

@@ -1,66 +1,92 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use forwarder::cli::{Cli, Command};
+use forwarder::cli::{Cli, Command, RunArgs};
 use forwarder::config::{CliRule, Config, ConfigError};
+use forwarder::logging::{self, LogFormat};
+use forwarder::server::{ConfigSource, Startup};
 
 /// Exit codes: 2 for anything wrong in what the user asked for, 1 for failures to run.
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     match cli.command {
-        Command::Check(args) => match Config::from_file(&args.config) {
-            Ok(c) => {
-                println!("{}: ok, {} rule(s)", args.config.display(), c.rules.len());
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_error(e),
-        },
-        Command::Run(args) => {
-            let config = match (&args.config, args.listen) {
-                (Some(path), _) => Config::from_file(path),
-                (None, Some(listen)) => Config::from_cli(CliRule {
-                    listen,
-                    upstreams: args.upstream,
-                }),
-                (None, None) => unreachable!("clap requires --config or --listen"),
-            };
-            let mut config = match config {
-                Ok(c) => c,
-                Err(e) => return config_error(e),
-            };
-            if let Some(mode) = args.mode {
-                config.override_mode(mode);
-            }
-            forwarder::sys::raise_fd_limit();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => return failure(anyhow::anyhow!("cannot start the runtime: {e}")),
-            };
-            match runtime.block_on(forwarder::server::run(config)) {
-                Ok(()) => {
-                    // Connections still open after a forced stop are closed by exit.
-                    runtime.shutdown_background();
+        Command::Check(args) => {
+            logging::init(LogFormat::Text);
+            match Config::from_file(&args.config) {
+                Ok(c) => {
+                    println!("{}: ok, {} rule(s)", args.config.display(), c.rules.len());
                     ExitCode::SUCCESS
                 }
-                Err(e) => failure(e),
+                Err(e) => config_error(e),
             }
         }
+        Command::Run(args) => run(args),
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FORWARDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .init();
+fn run(args: RunArgs) -> ExitCode {
+    let source = args.config.clone().map(|path| ConfigSource {
+        path,
+        mode: args.mode,
+    });
+    let config = match (&source, args.listen) {
+        (Some(source), _) => source.load(),
+        (None, Some(listen)) => Config::from_cli(CliRule {
+            listen,
+            upstreams: args.upstream,
+        })
+        .map(|mut c| {
+            if let Some(mode) = args.mode {
+                c.override_mode(mode);
+            }
+            c
+        }),
+        (None, None) => unreachable!("clap requires --config or --listen"),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    logging::init(args.log_format.unwrap_or(config.log_format));
+    forwarder::sys::raise_fd_limit();
+
+    // Everything that needs privileges beyond those kept happens here, while the
+    // process has one thread (see `privileges`).
+    let listeners = match forwarder::server::bind_all(&config.rules) {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let metrics = match config.metrics.map(forwarder::metrics::bind).transpose() {
+        Ok(m) => m,
+        Err(e) => return failure(e),
+    };
+    if let Some(who) = &config.user {
+        if let Err(e) = forwarder::privileges::drop_to(who) {
+            return failure(e.context(format!("cannot drop privileges to user {:?}", who.user)));
+        }
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return failure(anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    let startup = Startup {
+        config,
+        source,
+        listeners,
+        metrics,
+    };
+    match runtime.block_on(forwarder::server::run(startup)) {
+        Ok(()) => {
+            // Connections still open after a forced stop are closed by exit.
+            runtime.shutdown_background();
+            ExitCode::SUCCESS
+        }
+        Err(e) => failure(e),
+    }
 }
 
 fn config_error(e: ConfigError) -> ExitCode {

@@ -1,76 +1,143 @@
-//! Listeners, connection limits, signals and graceful shutdown.
+//! Listeners, connection limits, signals: reload in place on SIGHUP, graceful
+//! shutdown on SIGTERM/SIGINT.
 
+use std::collections::HashSet;
 use std::io;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
 
-use crate::config::{Config, Mode, Rule};
+use crate::config::{Access, Config, Mode, Rule};
 use crate::connection::{serve, Permits, RuleRuntime};
+use crate::logging::List;
 use crate::policy::health;
 use crate::relay::ebpf::EbpfRelay;
 use crate::relay::splice::SpliceRelay;
 use crate::relay::Relay;
+use crate::{event, metrics, systemd};
+
+/// Where the running config came from, so SIGHUP can read it again.
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// `--mode`, applied to every reloaded config as to the first.
+    pub mode: Option<Mode>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        let mut config = Config::from_file(&self.path)?;
+        if let Some(mode) = self.mode {
+            config.override_mode(mode);
+        }
+        Ok(config)
+    }
+}
+
+/// What `main` prepares before the runtime starts (and before privileges drop).
+pub struct Startup {
+    pub config: Config,
+    /// `None` when the rules came from `--listen/--upstream`.
+    pub source: Option<ConfigSource>,
+    /// One per rule, in the config's order.
+    pub listeners: Vec<std::net::TcpListener>,
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+/// Binds every rule's listener: a bad address fails the whole start (or reload).
+pub fn bind_all(rules: &[Rule]) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    rules
+        .iter()
+        .map(|rule| {
+            bind(rule.listen)
+                .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))
+        })
+        .collect()
+}
+
+/// One rule being served.
+struct Running {
+    rule: Rule,
+    listener: Arc<TcpListener>,
+    /// Tells the accept loop to stop (between accepts, so no accepted client is lost).
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    health: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn stop(self) -> Arc<TcpListener> {
+        let _ = self.stop.send(true);
+        if let Some(h) = &self.health {
+            h.abort();
+        }
+        self.listener
+    }
+}
+
+struct Server {
+    config: Config,
+    rules: Vec<Running>,
+    global: Arc<Semaphore>,
+    /// Global allow/deny, shared by every rule and replaced in place on reload.
+    access: Arc<RwLock<Access>>,
+    abort_rx: watch::Receiver<bool>,
+}
 
 /// Runs until a signal and the drain that follows it. Errors are startup failures.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    // Bind everything before serving anything: a bad address fails the whole start.
-    let mut listeners = Vec::with_capacity(config.rules.len());
-    for rule in &config.rules {
-        let listener = bind(rule.listen)
-            .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))?;
-        listeners.push(listener);
+pub async fn run(startup: Startup) -> anyhow::Result<()> {
+    let Startup {
+        config,
+        source,
+        listeners,
+        metrics: metrics_listener,
+    } = startup;
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::serve(l, metrics::global().clone()));
     }
-
-    let global = Arc::new(Semaphore::new(config.max_connections));
     let (abort_tx, abort_rx) = watch::channel(false);
-    let mut accept_tasks = Vec::new();
+    let mut server = Server {
+        global: Arc::new(Semaphore::new(config.max_connections)),
+        access: Arc::new(RwLock::new(config.access.clone())),
+        rules: Vec::new(),
+        config: config.clone(),
+        abort_rx,
+    };
     for (rule, listener) in config.rules.iter().zip(listeners) {
-        let (relay, why) = choose_relay(rule).await?;
-        let local = listener.local_addr()?;
-        tracing::info!(
-            "listening rule={} listen={} upstream={} mode={} ({})",
-            rule.name,
-            local,
-            rule.upstream_list(),
-            relay.path(),
-            why
-        );
-        let rt = Arc::new(RuleRuntime::new(
-            rule.clone(),
-            relay,
-            config.access.clone(),
-            abort_rx.clone(),
-        ));
-        if rule.check_interval.is_some() {
-            tokio::spawn(health::run(rule.clone(), rt.upstreams.clone()));
-        }
-        let per_rule = Arc::new(Semaphore::new(rule.max_connections));
-        accept_tasks.push(tokio::spawn(accept_loop(
-            listener,
-            rt,
-            global.clone(),
-            per_rule,
-        )));
+        let listener = Arc::new(TcpListener::from_std(listener)?);
+        let running = server.start(rule, listener).await?;
+        server.rules.push(running);
     }
+    systemd::ready();
+    systemd::spawn_watchdog();
 
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    // Reloads run one at a time in this loop; SIGHUPs that arrive meanwhile collapse
+    // into one pending signal, so a burst causes one reload running and one queued.
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match &source {
+                Some(source) => server.reload(source).await,
+                None => tracing::warn!(
+                    "reload: nothing to reload, the rules came from --listen/--upstream (no -c FILE)"
+                ),
+            },
+        }
     }
-    // Stop accepting: dropping the listeners makes new connections be refused.
-    for t in &accept_tasks {
-        t.abort();
-    }
-    for t in accept_tasks {
-        let _ = t.await;
-    }
+    systemd::stopping();
+    let config = server.config.clone();
+    let global = server.global.clone();
+    server.stop_accepting().await;
     let active = config.max_connections - global.available_permits();
     tracing::info!(
         "shutdown: stopped accepting, draining {active} connection(s) for up to {:?}",
@@ -94,6 +161,228 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("shutdown: second signal, exiting now"),
     }
     Ok(())
+}
+
+/// What a reload will do with each rule of the new config.
+enum Plan {
+    Keep,
+    /// New settings; the listener of the rule it replaces when the address is the same.
+    Start(Option<usize>),
+}
+
+impl Server {
+    /// Starts serving `rule` on `listener`, logging its `listening` line.
+    async fn start(&self, rule: &Rule, listener: Arc<TcpListener>) -> anyhow::Result<Running> {
+        let (relay, why) = choose_relay(rule).await?;
+        let local = listener.local_addr()?;
+        event!(
+            info,
+            "listening",
+            text = (
+                "listening rule={} listen={} upstream={} mode={} ({})",
+                rule.name,
+                local,
+                rule.upstream_list(),
+                relay.path(),
+                why
+            ),
+            rule = %rule.name,
+            listen = %local,
+            upstream = %rule.upstream_list(),
+            mode = relay.path(),
+            detail = %why,
+        );
+        let rt = Arc::new(RuleRuntime::new(
+            rule.clone(),
+            relay,
+            self.access.clone(),
+            self.abort_rx.clone(),
+        ));
+        let health = rule
+            .check_interval
+            .is_some()
+            .then(|| tokio::spawn(health::run(rule.clone(), rt.upstreams.clone())));
+        let per_rule = Arc::new(Semaphore::new(rule.max_connections));
+        let (stop, stop_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(
+            listener.clone(),
+            rt,
+            self.global.clone(),
+            per_rule,
+            stop_rx,
+        ));
+        Ok(Running {
+            rule: rule.clone(),
+            listener,
+            stop,
+            accept,
+            health,
+        })
+    }
+
+    /// Re-reads the config file and applies it in place, or changes nothing.
+    async fn reload(&mut self, source: &ConfigSource) {
+        systemd::reloading();
+        let result = self.apply(source).await;
+        metrics::global().reloaded(result.is_ok());
+        if let Err(e) = result {
+            event!(
+                error,
+                "reload failed",
+                text = ("reload failed: {e:#}; the running config is unchanged"),
+                error = %format!("{e:#}"),
+            );
+        }
+        systemd::ready();
+    }
+
+    async fn apply(&mut self, source: &ConfigSource) -> anyhow::Result<()> {
+        let mut new = source.load()?;
+        self.keep_fixed_globals(&mut new);
+
+        // Decide everything, and bind every new address, before touching anything:
+        // a reload that cannot be completed must change nothing.
+        let mut plans = Vec::with_capacity(new.rules.len());
+        let mut claimed = HashSet::new();
+        for rule in &new.rules {
+            let old = self.rules.iter().position(|r| r.rule.name == rule.name);
+            let plan = match old {
+                Some(i) if self.rules[i].rule.same_settings(rule) => Plan::Keep,
+                // The same address keeps its socket: its own rule's first, else that
+                // of a rule going away (a fixed port; port 0 means "a new one").
+                _ => Plan::Start(
+                    old.filter(|&i| self.rules[i].rule.listen == rule.listen)
+                        .or_else(|| {
+                            self.rules.iter().position(|r| {
+                                rule.listen.port() != 0
+                                    && r.rule.listen == rule.listen
+                                    && !new
+                                        .rules
+                                        .iter()
+                                        .any(|n| n.name == r.rule.name && n.same_settings(&r.rule))
+                            })
+                        })
+                        .filter(|i| claimed.insert(*i)),
+                ),
+            };
+            plans.push(plan);
+        }
+        let mut fresh = Vec::new();
+        for (rule, plan) in new.rules.iter().zip(&plans) {
+            if let Plan::Start(None) = plan {
+                let l = bind(rule.listen).with_context(|| {
+                    format!("cannot listen on {} (rule {:?})", rule.listen, rule.name)
+                })?;
+                fresh.push(Arc::new(TcpListener::from_std(l.into())?));
+            }
+        }
+
+        // Start the new and changed rules (their accept loops run alongside the old
+        // ones for a moment: a client may be accepted by either, none is refused).
+        let mut fresh = fresh.into_iter();
+        let mut started = Vec::new();
+        let (mut added, mut changed) = (Vec::new(), Vec::new());
+        for (rule, plan) in new.rules.iter().zip(&plans) {
+            let Plan::Start(reuse) = plan else {
+                continue;
+            };
+            let listener = match reuse {
+                Some(i) => self.rules[*i].listener.clone(),
+                None => fresh.next().expect("bound above"),
+            };
+            match self.start(rule, listener).await {
+                Ok(r) => started.push(r),
+                Err(e) => {
+                    for r in started {
+                        let _ = r.stop();
+                    }
+                    return Err(e);
+                }
+            }
+            if self.rules.iter().any(|r| r.rule.name == rule.name) {
+                changed.push(rule.name.clone());
+            } else {
+                added.push(rule.name.clone());
+            }
+        }
+
+        // Then retire what the new config no longer runs as it was.
+        let mut kept = Vec::new();
+        let mut removed = Vec::new();
+        for running in std::mem::take(&mut self.rules) {
+            let still = new.rules.iter().find(|r| r.name == running.rule.name);
+            match still {
+                Some(r) if r.same_settings(&running.rule) => kept.push(running),
+                Some(_) => drop(running.stop()),
+                None => {
+                    removed.push(running.rule.name.clone());
+                    drop(running.stop());
+                }
+            }
+        }
+        let unchanged = kept.len();
+        kept.extend(started);
+        // In the new config's order, for the next reload's bookkeeping.
+        kept.sort_by_key(|r| new.rules.iter().position(|n| n.name == r.rule.name));
+        self.rules = kept;
+        *self.access.write().unwrap() = new.access.clone();
+        self.config = new;
+
+        event!(
+            info,
+            "reload ok",
+            text = (
+                "reload ok: added={} removed={} changed={} unchanged={unchanged}",
+                List(&added),
+                List(&removed),
+                List(&changed)
+            ),
+            added = %List(&added),
+            removed = %List(&removed),
+            changed = %List(&changed),
+            unchanged = unchanged as u64,
+        );
+        Ok(())
+    }
+
+    /// `[global]` keys that only take effect at startup keep their running values,
+    /// with one warning per key that the new file changes.
+    fn keep_fixed_globals(&self, new: &mut Config) {
+        let old = &self.config;
+        let keep = |key: &str, differs: bool| {
+            if differs {
+                tracing::warn!(
+                    "reload: global.{key} cannot change while running; keeping the running value (restart to apply)"
+                );
+            }
+        };
+        keep(
+            "max_connections",
+            old.max_connections != new.max_connections,
+        );
+        keep("metrics", old.metrics != new.metrics);
+        keep("log_format", old.log_format != new.log_format);
+        keep("user", old.user != new.user);
+        new.max_connections = old.max_connections;
+        new.metrics = old.metrics;
+        new.log_format = old.log_format;
+        new.user = old.user.clone();
+    }
+
+    /// Stops every accept loop and closes the listeners: new connects are refused.
+    async fn stop_accepting(&mut self) {
+        let mut tasks = Vec::new();
+        for running in std::mem::take(&mut self.rules) {
+            let _ = running.stop.send(true);
+            if let Some(h) = &running.health {
+                h.abort();
+            }
+            tasks.push(running.accept);
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 /// Picks the relay for a rule and says why, for the startup line. The kernel path is
@@ -128,10 +417,11 @@ async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     rt: Arc<RuleRuntime>,
     global: Arc<Semaphore>,
     per_rule: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut last_fd_warning: Option<Instant> = None;
     loop {
@@ -139,10 +429,21 @@ async fn accept_loop(
         // kernel's accept backlog, as HAProxy does, instead of accepting and dropping
         // them. The global slot is taken after accept(): a rule idling in accept()
         // must not hold a slot another rule could use.
-        let Ok(rule_permit) = per_rule.clone().acquire_owned().await else {
-            return;
+        let rule_permit = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            permit = per_rule.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
         };
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            // Cancel-safe: a stop between accepts loses no client.
+            r = listener.accept() => r,
+        };
+        match accepted {
             Ok((client, peer)) => {
                 let Ok(global_permit) = global.clone().acquire_owned().await else {
                     return;
@@ -169,7 +470,7 @@ async fn accept_loop(
 
 /// Listens with a deep backlog: bursts of connects (and clients over max_connections)
 /// wait there instead of being dropped into SYN retransmits.
-fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -179,7 +480,7 @@ fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
 }
 
 /// Out of fds or memory: our problem, not the peer's.

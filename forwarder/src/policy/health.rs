@@ -35,9 +35,26 @@ pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
 
 pub fn log_transition(rule: &str, addr: &str, up: bool, by: &str, why: &str) {
     if up {
-        tracing::info!("upstream rule={rule} addr={addr} is UP ({by})");
+        crate::event!(
+            info,
+            "upstream is UP",
+            text = ("upstream rule={rule} addr={addr} is UP ({by})"),
+            rule = %rule,
+            addr = %addr,
+            state = "UP",
+            by = %by,
+        );
     } else {
-        tracing::warn!("upstream rule={rule} addr={addr} is DOWN ({by}: {why})");
+        crate::event!(
+            warn,
+            "upstream is DOWN",
+            text = ("upstream rule={rule} addr={addr} is DOWN ({by}: {why})"),
+            rule = %rule,
+            addr = %addr,
+            state = "DOWN",
+            by = %by,
+            error = %why,
+        );
     }
 }
 

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use crate::metrics::RuleStats;
+
 pub mod ebpf;
 pub mod splice;
 
@@ -29,6 +31,8 @@ pub struct Progress {
     hops: AtomicU32,
     /// When bytes last moved, in ms since [`epoch`] (see [`Progress::touch`]).
     last_active_ms: AtomicU64,
+    /// Told the first path the pair's bytes take (`forwarder_connections_total`).
+    stats: Option<Arc<RuleStats>>,
 }
 
 /// A process-wide origin for the coarse timestamps in [`Progress`].
@@ -44,10 +48,29 @@ pub enum Hop {
     Ebpf = 2,
 }
 
+impl Hop {
+    pub const ALL: [Hop; 2] = [Hop::Splice, Hop::Ebpf];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hop::Splice => "splice",
+            Hop::Ebpf => "ebpf",
+        }
+    }
+}
+
 /// Hops kept per pair (4 bits each); later switches are not recorded.
 const MAX_HOPS: u32 = 8;
 
 impl Progress {
+    /// Progress for a pair of a rule whose metrics count it once it starts.
+    pub fn counted_in(stats: Arc<RuleStats>) -> Progress {
+        Progress {
+            stats: Some(stats),
+            ..Default::default()
+        }
+    }
+
     /// Notes that bytes moved now. Relays call it once per burst, so the idle timeout
     /// can sleep until exactly when it would expire instead of polling the counters.
     pub fn touch(&self) {
@@ -66,7 +89,7 @@ impl Progress {
     /// starts moving bytes, so `path=` is what happened, not what was configured: an
     /// ebpf pair the maps refused says `splice`, one that left them `ebpf>splice`.
     pub fn enter(&self, hop: Hop) {
-        let _ = self
+        let before = self
             .hops
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
                 let n = (32 - h.leading_zeros()).div_ceil(4);
@@ -77,6 +100,9 @@ impl Progress {
                 };
                 (n < MAX_HOPS && last != hop as u32).then(|| h | (hop as u32) << (4 * n))
             });
+        if let (Ok(0), Some(stats)) = (before, &self.stats) {
+            stats.started(hop);
+        }
     }
 
     /// `splice`, `ebpf`, `ebpf>splice`, ...; `none` when no relay started.
@@ -91,11 +117,12 @@ impl Progress {
             if !first {
                 out.push('>');
             }
-            out.push_str(match h & 0xf {
-                1 => "splice",
-                2 => "ebpf",
-                _ => "?",
-            });
+            out.push_str(
+                Hop::ALL
+                    .iter()
+                    .find(|hop| **hop as u32 == h & 0xf)
+                    .map_or("?", |hop| hop.as_str()),
+            );
             h >>= 4;
             first = false;
         }

@@ -29,6 +29,11 @@ static OBJECT: Option<&[u8]> = None;
 
 pub const NOT_BUILT: &str = "kernel path not built into this binary";
 
+/// Whether this binary carries the kernel program.
+pub fn built_in() -> bool {
+    OBJECT.is_some()
+}
+
 pub struct Kernel {
     /// Redirect targets (no program attached).
     pub socks: Mutex<SockHash<MapData, u64>>,

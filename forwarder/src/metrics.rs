@@ -1,0 +1,404 @@
+//! Prometheus metrics: per-rule counters kept by the connections themselves, read
+//! when a scrape arrives (a prometheus-client `Collector`), so bytes in flight show
+//! up without any per-pair timer; and the `/metrics` endpoint that serves them.
+//!
+//! A rule's series live in its [`RuleStats`], shared by every runtime of that rule
+//! name across reloads (so a changed rule's counters go on), and dropped with the
+//! last runtime that holds it: a removed rule's series vanish once its last
+//! connection ends.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use anyhow::Context;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::policy::balance::Upstreams;
+use crate::relay::{Hop, Progress};
+
+/// `reason=` values of the `refused` line (and of `forwarder_refused_total`).
+pub const REFUSAL_REASONS: &[&str] = &[
+    "acl",
+    "schedule",
+    "max_connections_per_source",
+    "rate_per_source",
+    "bad_proxy_header",
+];
+
+/// Everything `/metrics` shows. One per process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    rules: Mutex<BTreeMap<String, Weak<RuleStats>>>,
+    reloads_ok: AtomicU64,
+    reloads_error: AtomicU64,
+}
+
+pub fn global() -> &'static Arc<Metrics> {
+    static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+    METRICS.get_or_init(Default::default)
+}
+
+impl Metrics {
+    /// The stats of rule `name`: the live ones if a runtime of that name still runs.
+    pub fn rule(&self, name: &str) -> Arc<RuleStats> {
+        let mut rules = self.rules.lock().unwrap();
+        rules.retain(|_, w| w.strong_count() > 0);
+        if let Some(s) = rules.get(name).and_then(Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(RuleStats::default());
+        rules.insert(name.to_string(), Arc::downgrade(&s));
+        s
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        let c = if ok {
+            &self.reloads_ok
+        } else {
+            &self.reloads_error
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn live_rules(&self) -> Vec<(String, Arc<RuleStats>)> {
+        let rules = self.rules.lock().unwrap();
+        rules
+            .iter()
+            .filter_map(|(n, w)| Some((n.clone(), w.upgrade()?)))
+            .collect()
+    }
+}
+
+/// One rule's counters.
+#[derive(Debug, Default)]
+pub struct RuleStats {
+    /// Pairs by the path they started on, indexed by [`Hop`].
+    started: [AtomicU64; Hop::ALL.len() + 1],
+    live: Mutex<LivePairs>,
+    refused: [AtomicU64; REFUSAL_REASONS.len()],
+    connect_errors: Mutex<BTreeMap<String, u64>>,
+    /// The newest runtime's upstreams (the ones new connections use).
+    upstreams: Mutex<Weak<Upstreams>>,
+}
+
+#[derive(Debug, Default)]
+struct LivePairs {
+    next_id: u64,
+    pairs: BTreeMap<u64, Arc<Progress>>,
+    /// Bytes of pairs that have closed, [to_upstream, to_client].
+    closed: [u64; 2],
+}
+
+/// A pair counted as open; dropping it folds its final byte counts into the totals.
+pub struct OpenPair {
+    stats: Arc<RuleStats>,
+    id: u64,
+}
+
+impl Drop for OpenPair {
+    fn drop(&mut self) {
+        let mut live = self.stats.live.lock().unwrap();
+        if let Some(p) = live.pairs.remove(&self.id) {
+            let [up, down] = bytes_of(&p);
+            live.closed[0] += up;
+            live.closed[1] += down;
+        }
+    }
+}
+
+fn bytes_of(p: &Progress) -> [u64; 2] {
+    [
+        p.to_upstream.load(Ordering::Relaxed),
+        p.to_client.load(Ordering::Relaxed),
+    ]
+}
+
+impl RuleStats {
+    /// Called once per pair, with the first path its bytes took.
+    pub fn started(&self, hop: Hop) {
+        self.started[hop as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts the pair as open and its bytes as live until the guard drops.
+    pub fn open(self: &Arc<Self>, progress: Arc<Progress>) -> OpenPair {
+        let mut live = self.live.lock().unwrap();
+        let id = live.next_id;
+        live.next_id += 1;
+        live.pairs.insert(id, progress);
+        OpenPair {
+            stats: self.clone(),
+            id,
+        }
+    }
+
+    pub fn refused(&self, reason: &str) {
+        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn connect_error(&self, upstream: &str) {
+        *self
+            .connect_errors
+            .lock()
+            .unwrap()
+            .entry(upstream.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn serve_upstreams(&self, upstreams: &Arc<Upstreams>) {
+        *self.upstreams.lock().unwrap() = Arc::downgrade(upstreams);
+    }
+
+    /// (open pairs, [to_upstream, to_client] including open pairs' bytes so far).
+    fn bytes(&self) -> (usize, [u64; 2]) {
+        let live = self.live.lock().unwrap();
+        let mut total = live.closed;
+        for p in live.pairs.values() {
+            let [up, down] = bytes_of(p);
+            total[0] += up;
+            total[1] += down;
+        }
+        (live.pairs.len(), total)
+    }
+}
+
+#[derive(Debug)]
+struct Collect(Arc<Metrics>);
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// Writes one metric family: `samples` are (labels, value).
+fn family<'a, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    samples: impl IntoIterator<Item = (Labels<'a>, M)>,
+) -> std::fmt::Result {
+    let mut m = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in samples {
+        value.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Collect {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let rules = self.0.live_rules();
+        let counter = |v: u64| ConstCounter::new(v);
+        let gauge = |v: i64| ConstGauge::new(v);
+
+        let mut started = Vec::new();
+        let mut active = Vec::new();
+        let mut bytes = Vec::new();
+        let mut refused = Vec::new();
+        let mut errors = Vec::new();
+        let mut up = Vec::new();
+        let snapshots: Vec<_> = rules
+            .iter()
+            .map(|(name, s)| {
+                let errs = s.connect_errors.lock().unwrap().clone();
+                let ups = s.upstreams.lock().unwrap().upgrade();
+                (name, s, s.bytes(), errs, ups)
+            })
+            .collect();
+        for (name, s, (open, [to_up, to_client]), errs, ups) in &snapshots {
+            let name = name.as_str();
+            for hop in Hop::ALL {
+                let n = s.started[hop as usize].load(Ordering::Relaxed);
+                started.push((vec![("rule", name), ("path", hop.as_str())], counter(n)));
+            }
+            active.push((vec![("rule", name)], gauge(*open as i64)));
+            bytes.push((
+                vec![("rule", name), ("direction", "to_upstream")],
+                counter(*to_up),
+            ));
+            bytes.push((
+                vec![("rule", name), ("direction", "to_client")],
+                counter(*to_client),
+            ));
+            for (i, reason) in REFUSAL_REASONS.iter().enumerate() {
+                let n = s.refused[i].load(Ordering::Relaxed);
+                refused.push((vec![("rule", name), ("reason", *reason)], counter(n)));
+            }
+            // Every configured upstream has a series from the start (0 errors), and
+            // one removed by a reload keeps its count while the rule lives.
+            let mut per_upstream: BTreeMap<&str, u64> =
+                errs.iter().map(|(u, n)| (u.as_str(), *n)).collect();
+            if let Some(ups) = ups {
+                for (i, u) in ups.list.iter().enumerate() {
+                    per_upstream.entry(u.cfg.addr.as_str()).or_default();
+                    let v = i64::from(ups.is_up(i));
+                    up.push((
+                        vec![("rule", name), ("upstream", u.cfg.addr.as_str())],
+                        gauge(v),
+                    ));
+                }
+            }
+            for (u, n) in per_upstream {
+                errors.push((vec![("rule", name), ("upstream", u)], counter(n)));
+            }
+        }
+        family(
+            &mut e,
+            "forwarder_connections",
+            "Pairs relayed, by the path they started on",
+            MetricType::Counter,
+            started,
+        )?;
+        family(
+            &mut e,
+            "forwarder_connections_active",
+            "Pairs open now",
+            MetricType::Gauge,
+            active,
+        )?;
+        family(
+            &mut e,
+            "forwarder_bytes",
+            "Bytes relayed, including those of open pairs",
+            MetricType::Counter,
+            bytes,
+        )?;
+        family(
+            &mut e,
+            "forwarder_refused",
+            "Clients refused, by reason",
+            MetricType::Counter,
+            refused,
+        )?;
+        family(
+            &mut e,
+            "forwarder_upstream_connect_errors",
+            "Failed connects to an upstream",
+            MetricType::Counter,
+            errors,
+        )?;
+        family(
+            &mut e,
+            "forwarder_upstream_up",
+            "1 if the upstream is up, 0 if it is marked down",
+            MetricType::Gauge,
+            up,
+        )?;
+        let ok = self.0.reloads_ok.load(Ordering::Relaxed);
+        let failed = self.0.reloads_error.load(Ordering::Relaxed);
+        family(
+            &mut e,
+            "forwarder_config_reloads",
+            "Config reloads (SIGHUP), by result",
+            MetricType::Counter,
+            [
+                (vec![("result", "ok")], counter(ok)),
+                (vec![("result", "error")], counter(failed)),
+            ],
+        )?;
+        let ebpf = if crate::relay::ebpf::built_in() {
+            "true"
+        } else {
+            "false"
+        };
+        family(
+            &mut e,
+            "forwarder_build_info",
+            "Always 1: the version and whether the kernel path is built in",
+            MetricType::Gauge,
+            [(
+                vec![("version", env!("CARGO_PKG_VERSION")), ("ebpf", ebpf)],
+                gauge(1),
+            )],
+        )
+    }
+}
+
+/// The exposition in the format the scraper asked for (`Accept`), with its
+/// content type: OpenMetrics when it says so, Prometheus text 0.0.4 otherwise.
+pub fn render(metrics: &Arc<Metrics>, accept: &str) -> (String, &'static str) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Collect(metrics.clone())));
+    let mut out = String::new();
+    if accept.contains("application/openmetrics-text") {
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        (
+            out,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        (
+            out,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )
+    }
+}
+
+/// Binds the metrics endpoint (before privileges are dropped) ...
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} (global.metrics)"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// ... and serves `GET /metrics` on it for the life of the process; anything else 404.
+pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Method, Request, Response, StatusCode};
+
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("metrics: cannot serve: {e}"),
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::debug!("metrics: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let handler = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let metrics = metrics.clone();
+            async move {
+                let resp = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                    let accept = req
+                        .headers()
+                        .get(hyper::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let (body, content_type) = render(&metrics, accept);
+                    Response::builder()
+                        .header(hyper::header::CONTENT_TYPE, content_type)
+                        .body(Full::new(Bytes::from(body)))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"not found: try /metrics\n")))
+                };
+                Ok::<_, std::convert::Infallible>(resp.expect("a valid response"))
+            }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, handler)
+                .await
+            {
+                tracing::debug!("metrics: connection failed: {e}");
+            }
+        });
+    }
+}
