@@ -52,13 +52,12 @@ pub struct Startup {
 
 /// Binds every rule's listener: a bad address fails the whole start (or reload).
 pub fn bind_all(rules: &[Rule]) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    rules
-        .iter()
-        .map(|rule| {
-            bind(rule.listen)
-                .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))
-        })
-        .collect()
+    rules.iter().map(bind_rule).collect()
+}
+
+fn bind_rule(rule: &Rule) -> anyhow::Result<std::net::TcpListener> {
+    bind(rule.listen)
+        .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))
 }
 
 /// One rule being served.
@@ -270,10 +269,7 @@ impl Server {
         let mut fresh = Vec::new();
         for (rule, plan) in new.rules.iter().zip(&plans) {
             if let Plan::Start(None) = plan {
-                let l = bind(rule.listen).with_context(|| {
-                    format!("cannot listen on {} (rule {:?})", rule.listen, rule.name)
-                })?;
-                fresh.push(Arc::new(TcpListener::from_std(l.into())?));
+                fresh.push(Arc::new(TcpListener::from_std(bind_rule(rule)?)?));
             }
         }
 
