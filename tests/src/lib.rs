@@ -479,7 +479,33 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.split(' ').next().unwrap_or(rest))
 }
 
+/// A `--log-format json` line as the text line's `key=value` shape (`rule=` first
+/// after the message), so [`field`] and the close-line checks read both formats;
+/// other lines are returned as they are.
+pub fn as_text(line: &str) -> String {
+    let Some(serde_json::Value::Object(obj)) = line
+        .starts_with('{')
+        .then(|| serde_json::from_str(line).ok())
+        .flatten()
+    else {
+        return line.to_string();
+    };
+    let plain = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let get = |k: &str| obj.get(k).map(plain).unwrap_or_default();
+    let mut out = format!("{} {} {}", get("timestamp"), get("level"), get("message"));
+    let skip = ["timestamp", "level", "message", "rule"];
+    let rest = obj.iter().filter(|(k, _)| !skip.contains(&k.as_str()));
+    for (k, v) in obj.get_key_value("rule").into_iter().chain(rest) {
+        out.push_str(&format!(" {k}={}", plain(v).replace(' ', "_")));
+    }
+    out
+}
+
 fn parse_listening(line: &str) -> Option<Listening> {
+    let line = &as_text(line);
     line.find("listening rule=")?;
     Some(Listening {
         rule: field(line, "rule")?.to_string(),
@@ -674,13 +700,52 @@ impl Forwarder {
         self
     }
 
-    /// The rule's relay (`mode=` of its listening line) for a close line.
-    fn rule_mode(&self, close: &str) -> Option<&str> {
+    /// The rule's relay (`mode=` of its latest listening line, a reload may have
+    /// started it again) for a close line.
+    fn rule_mode(&self, close: &str) -> Option<String> {
         let rule = field(close, "rule")?;
-        self.listening
+        self.log_lines()
             .iter()
+            .rev()
+            .filter_map(|l| parse_listening(l))
             .find(|l| l.rule == rule)
-            .map(|l| l.mode.as_str())
+            .map(|l| l.mode)
+    }
+
+    /// The config file given with `--config` (for tests that rewrite it and reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir
+            .as_ref()
+            .expect("started with Forwarder::config")
+            .path()
+            .join("forwarder.toml")
+    }
+
+    /// Writes `toml` over the config file, sends SIGHUP and waits for the `reload`
+    /// line that answers it; returns that line (as text).
+    pub fn reload(&mut self, toml: &str) -> String {
+        std::fs::write(self.config_path(), toml).expect("rewrite the config");
+        self.sighup()
+    }
+
+    /// Sends SIGHUP and waits for the next `reload ok`/`reload failed` line.
+    pub fn sighup(&mut self) -> String {
+        let is_reload = |l: &str| {
+            let t = as_text(l);
+            t.contains(" reload ok") || t.contains(" reload failed")
+        };
+        let before = self.stderr.snapshot().iter().filter(|l| is_reload(l)).count();
+        self.proc.signal(libc::SIGHUP);
+        let seen = self
+            .stderr
+            .wait_for_n(before + 1, Duration::from_secs(10), is_reload);
+        match seen.get(before) {
+            Some(l) => as_text(l),
+            None => panic!(
+                "no reload line within 10 s of SIGHUP; stderr:\n{}",
+                self.stderr.text()
+            ),
+        }
     }
 
     /// Asserts the [`PathCheck`] on the close lines logged so far (waiting up to 5 s
@@ -691,7 +756,7 @@ impl Forwarder {
         self.stderr.wait_for_n(
             check.min_pairs.max(check.min_moved),
             Duration::from_secs(5),
-            relayed,
+            |l| relayed(&as_text(l)),
         );
         let closes: Vec<String> = self
             .close_lines()
@@ -705,7 +770,7 @@ impl Forwarder {
             let mode = self
                 .rule_mode(l)
                 .unwrap_or_else(|| panic!("close line of an unknown rule: {l}"));
-            let allowed = path == mode
+            let allowed = path == mode.as_str()
                 || check
                     .paths
                     .as_ref()
@@ -716,7 +781,7 @@ impl Forwarder {
                 check.paths
             );
             moved += usize::from(path.contains('>'));
-            on_mode += usize::from(path.split('>').next() == Some(mode));
+            on_mode += usize::from(path.split('>').next() == Some(mode.as_str()));
             let userspace: u64 = field(l, "userspace_bytes")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("no userspace_bytes= in {l}"));
@@ -762,15 +827,14 @@ impl Forwarder {
         self.proc.pid()
     }
 
-    /// Every line logged so far.
+    /// Every line logged so far (JSON lines as text, see [`as_text`]).
     pub fn log_lines(&self) -> Vec<String> {
-        self.stderr.snapshot()
+        self.stderr.snapshot().iter().map(|l| as_text(l)).collect()
     }
 
     /// `close ...` lines logged so far.
     pub fn close_lines(&self) -> Vec<String> {
-        self.stderr
-            .snapshot()
+        self.log_lines()
             .into_iter()
             .filter(|l| l.contains(" close rule="))
             .collect()
@@ -779,7 +843,10 @@ impl Forwarder {
     /// Waits for `n` close lines; returns those seen (maybe fewer on timeout).
     pub fn wait_close_lines(&self, n: usize, timeout: Duration) -> Vec<String> {
         self.stderr
-            .wait_for_n(n, timeout, |l| l.contains(" close rule="))
+            .wait_for_n(n, timeout, |l| as_text(l).contains(" close rule="))
+            .iter()
+            .map(|l| as_text(l))
+            .collect()
     }
 
     /// Panics unless the forwarder is still running.
