@@ -22,6 +22,8 @@ const TEST_APT: &[&str] = &[
     "procps",
     "nginx",
     "util-linux",
+    // promtool and a real Prometheus server for the metrics tests.
+    "prometheus",
 ];
 
 /// Tools the integration tests start as real peers.
