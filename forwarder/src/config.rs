@@ -733,6 +733,47 @@ mod tests {
             "{RULE}schedule=[\"Mon 09:00-10:00\"]\ntimezone=\"Mars/Olympus\"\n"
         ));
         assert!(e.contains("timezone"), "{e}");
+        let e = error_of(&format!("[global]\nmetrics=\"nope\"\n{RULE}"));
+        assert!(e.contains("global.metrics"), "{e}");
+        let e = error_of(&format!("[global]\nlog_format=\"xml\"\n{RULE}"));
+        assert!(e.contains("global.log_format"), "{e}");
+        let e = error_of(&format!("[global]\nuser=\"no-such-user-xyz\"\n{RULE}"));
+        assert!(e.contains("global.user"), "{e}");
+        let e = error_of(&format!("[global]\ngroup=\"root\"\n{RULE}"));
+        assert!(e.contains("global.group"), "{e}");
+    }
+
+    #[test]
+    fn operations_keys() {
+        let c = Config::from_toml(&format!(
+            "[global]\nmetrics=\"127.0.0.1:9100\"\nlog_format=\"json\"\nuser=\"root\"\n{RULE}"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let root = c.user.unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+    }
+
+    #[test]
+    fn reload_compares_every_setting() {
+        let a = Config::from_toml(RULE).unwrap().rules.remove(0);
+        let b = Config::from_toml(RULE).unwrap().rules.remove(0);
+        assert!(a.same_settings(&b));
+        let c = Config::from_toml(&format!("{RULE}idle_timeout=\"5s\"\n"))
+            .unwrap()
+            .rules
+            .remove(0);
+        assert!(!a.same_settings(&c));
+        let d = Config::from_toml(&format!("{RULE}schedule=[\"Mon 09:00-10:00\"]\n"))
+            .unwrap()
+            .rules
+            .remove(0);
+        let e = Config::from_toml(&format!("{RULE}schedule=[\"Mon 09:00-11:00\"]\n"))
+            .unwrap()
+            .rules
+            .remove(0);
+        assert!(!d.same_settings(&e));
     }
 
     #[test]

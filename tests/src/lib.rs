@@ -734,7 +734,12 @@ impl Forwarder {
             let t = as_text(l);
             t.contains(" reload ok") || t.contains(" reload failed")
         };
-        let before = self.stderr.snapshot().iter().filter(|l| is_reload(l)).count();
+        let before = self
+            .stderr
+            .snapshot()
+            .iter()
+            .filter(|l| is_reload(l))
+            .count();
         self.proc.signal(libc::SIGHUP);
         let seen = self
             .stderr

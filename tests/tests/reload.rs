@@ -1,0 +1,561 @@
+//! Live reload (SIGHUP) through the real binary, on both relay paths: the same
+//! address keeps its socket (no connect refused during a reload), changed rules apply
+//! to new connections only, a broken file changes nothing, removed rules stop accepting
+//! while their transfers finish, and signals without a file or in bursts are handled.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forwarder_tests::*;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// `[[rule]]` text for one rule.
+fn rule(name: &str, listen: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}\n"
+    )
+}
+
+/// The exact `reload ok` summary a reload must log.
+fn reload_ok(added: &str, removed: &str, changed: &str, unchanged: usize) -> String {
+    format!(
+        "reload ok: added=[{added}] removed=[{removed}] changed=[{changed}] unchanged={unchanged}"
+    )
+}
+
+fn assert_reload_ok(line: &str, want: &str) {
+    assert!(
+        line.ends_with(&format!(" {want}")),
+        "reload line {line:?}, want {want:?}"
+    );
+}
+
+/// The address of the latest `listening` line of `rule` (a reload may have added it).
+fn listen_addr(fwd: &Forwarder, rule: &str) -> SocketAddr {
+    fwd.log_lines()
+        .iter()
+        .rev()
+        .filter(|l| l.contains(" listening rule=") && field(l, "rule") == Some(rule))
+        .find_map(|l| field(l, "listen").and_then(|a| a.parse().ok()))
+        .unwrap_or_else(|| panic!("no listening line for rule {rule}"))
+}
+
+fn listening_count(fwd: &Forwarder) -> usize {
+    fwd.log_lines()
+        .iter()
+        .filter(|l| l.contains(" listening rule="))
+        .count()
+}
+
+fn reload_lines(fwd: &Forwarder) -> Vec<String> {
+    fwd.log_lines()
+        .into_iter()
+        .filter(|l| l.contains(" reload ok") || l.contains(" reload failed"))
+        .collect()
+}
+
+/// A free loopback port (bound and released: nothing else here takes fixed ports).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server that answers a `?` with its name, then echoes. It speaks only after the
+/// client, so on the kernel path its bytes travel on the pair's own path.
+fn named(name: &'static [u8]) -> Server {
+    Server::start(LOCALHOST, move |mut s| {
+        let mut q = [0u8; 1];
+        if s.read_exact(&mut q).is_ok() && &q == b"?" && s.write_all(name).is_ok() {
+            let _ = echo_stream(&s);
+        }
+    })
+}
+
+/// Asks a `named` server (through the forwarder) for its name.
+fn ask_name(s: &TcpStream, len: usize) -> io::Result<Vec<u8>> {
+    (&*s).write_all(b"?")?;
+    read_exact_timeout(s, len, secs(10))
+}
+
+/// One echo connection driven in round trips, hashing all it sends and receives, so
+/// it can stay open across reloads and be checked (sha256 of both streams) at the end.
+struct Talk {
+    s: TcpStream,
+    p: Payload,
+    off: u64,
+    sent: Hasher,
+    recv: Hasher,
+    buf: Vec<u8>,
+}
+
+impl Talk {
+    fn open(addr: SocketAddr, seed: u64) -> io::Result<Talk> {
+        Ok(Talk::on(try_connect(addr)?, seed))
+    }
+
+    fn on(s: TcpStream, seed: u64) -> Talk {
+        Talk {
+            s,
+            p: Payload::new(seed, u64::MAX),
+            off: 0,
+            sent: Hasher::new(),
+            recv: Hasher::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends the next `len` bytes of the payload and reads their echo.
+    fn round(&mut self, len: usize) -> io::Result<()> {
+        self.buf.resize(len, 0);
+        self.p.fill(self.off, &mut self.buf);
+        (&self.s)
+            .write_all(&self.buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("write at byte {}: {e}", self.off)))?;
+        self.sent.update(&self.buf);
+        let got = read_exact_timeout(&self.s, len, secs(20))
+            .map_err(|e| io::Error::new(e.kind(), format!("read at byte {}: {e}", self.off)))?;
+        self.recv.update(&got);
+        if got != self.buf {
+            return Err(io::Error::other(format!(
+                "echo of bytes {}..{} differs",
+                self.off,
+                self.off + len as u64
+            )));
+        }
+        self.off += len as u64;
+        Ok(())
+    }
+
+    /// Half-closes, reads the rest to EOF and checks the echoed stream's sha256.
+    fn finish(self) -> Result<u64, String> {
+        let Talk {
+            s, off, sent, recv, ..
+        } = self;
+        s.shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        let got = read_digest_from(&s, recv, off, Instant::now() + secs(20))
+            .map_err(|e| format!("reading to EOF: {e}"))?;
+        let want = Digested {
+            len: off,
+            sha: sent.finish(),
+        };
+        if got != want {
+            return Err(format!("echoed {got}, sent {want}"));
+        }
+        Ok(off)
+    }
+}
+
+/// A round size between 1 byte and 64 KiB, varying with the client and the round.
+fn round_len(seed: u64, round: u64) -> usize {
+    let x = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(round.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    1 + ((x >> 17) % (64 * KIB)) as usize
+}
+
+/// `forwarder_config_reloads_total{result=...}` from /metrics, fetched with curl.
+fn reloads_metric(port: u16, result: &str) -> f64 {
+    let mut curl = command("curl");
+    curl.args(["-sS", "--fail", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}/metrics"));
+    let o = run_to_exit(curl, secs(20));
+    assert_eq!(o.code(), Some(0), "curl /metrics: {}", o.stderr);
+    let series = format!("forwarder_config_reloads_total{{result=\"{result}\"}} ");
+    o.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{}", o.stdout))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+/// The whole `reload failed` message (it may span lines, as check prints it) that
+/// starts at the stderr line `first`, without the prefix and the closing sentence.
+fn failed_message(fwd: &Forwarder, first: &str) -> String {
+    const END: &str = "; the running config is unchanged";
+    // The line reader may not have the message's last lines yet.
+    let deadline = Instant::now() + secs(5);
+    loop {
+        let lines = fwd.stderr.snapshot();
+        let start = lines
+            .iter()
+            .rposition(|l| l == first)
+            .unwrap_or_else(|| panic!("{first:?} not in stderr"));
+        let rest = &lines[start..];
+        if let Some(end) = rest.iter().take(50).position(|l| l.ends_with(END)) {
+            let text = rest[..=end].join("\n");
+            let body = text.split_once("reload failed: ").expect("prefix").1;
+            return body.strip_suffix(END).expect("suffix").to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reload failed message does not end with {END:?}: {rest:#?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `forwarder check -c FILE`'s exit code and its error text (without `forwarder: `).
+fn check(path: &std::path::Path) -> (Option<i32>, String) {
+    let mut cmd = forwarder_command();
+    cmd.arg("check").arg("-c").arg(path);
+    let o = run_to_exit(cmd, secs(20));
+    let text = o.stderr.trim_end();
+    (
+        o.code(),
+        text.strip_prefix("forwarder: ").unwrap_or(text).to_string(),
+    )
+}
+
+relay_tests! {
+    /// 50 echo transfers and a connect loop run while the rule is reloaded 20 times
+    /// (changed and unchanged in turn): no connect is refused, no byte lost.
+    fn transfers_and_connects_survive_20_reloads(mode) {
+        let _load = heavy();
+        const CLIENTS: u64 = 50;
+        const RELOADS: usize = 20;
+        let echo = Server::echo();
+        let config = |idle: u64| rule("t", "127.0.0.1:0", echo.addr(), &format!("idle_timeout = \"{idle}s\""));
+        let mut fwd = Forwarder::config(Some(mode), &config(60), 1);
+        let addr = fwd.addr();
+        let deadline = Instant::now() + secs(60);
+
+        // Reloads done so far, as the clients see it.
+        let reloads = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|seed| {
+                let (reloads, ready) = (reloads.clone(), ready.clone());
+                thread::spawn(move || -> Result<(u64, u64), String> {
+                    let mut t = Talk::open(addr, seed).map_err(|e| format!("#{seed}: connect: {e}"))?;
+                    // The first round trip pairs the connection before the reloads start.
+                    t.round(1).map_err(|e| format!("#{seed}: {e}"))?;
+                    ready.fetch_add(1, Ordering::SeqCst);
+                    let mut rounds = 0u64;
+                    // Until a round that started after the last reload.
+                    loop {
+                        let seen = reloads.load(Ordering::SeqCst);
+                        t.round(round_len(seed, rounds)).map_err(|e| format!("#{seed} round {rounds}: {e}"))?;
+                        rounds += 1;
+                        if seen == RELOADS {
+                            break;
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(format!("#{seed}: deadline after {rounds} rounds, {seen} reloads"));
+                        }
+                        thread::sleep(Duration::from_millis(3));
+                    }
+                    let bytes = t.finish().map_err(|e| format!("#{seed}: {e}"))?;
+                    Ok((rounds, bytes))
+                })
+            })
+            .collect();
+
+        // Connect, one round trip, close: as fast as it goes, counting every failure.
+        let stop = Arc::new(AtomicBool::new(false));
+        let connects = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let looper = {
+            let (stop, connects, failures) = (stop.clone(), connects.clone(), failures.clone());
+            thread::spawn(move || {
+                for i in 0..1_000_000u64 {
+                    if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                        break;
+                    }
+                    let r = try_connect(addr).and_then(|s| ping(&s, b"ping", secs(10)));
+                    match r {
+                        Ok(()) => {
+                            connects.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("#{i}: {e} ({:?})", e.kind())),
+                    }
+                }
+            })
+        };
+
+        let wait_ready = Instant::now() + secs(20);
+        while ready.load(Ordering::SeqCst) < CLIENTS as usize && Instant::now() < wait_ready {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(ready.load(Ordering::SeqCst), CLIENTS as usize, "clients not connected and paired in time");
+
+        let connects_before = connects.load(Ordering::SeqCst);
+        let started = Instant::now();
+        let mut times = Vec::new();
+        let mut idle = 60;
+        for i in 0..RELOADS {
+            let t0 = Instant::now();
+            if i % 2 == 0 {
+                idle = if idle == 60 { 90 } else { 60 };
+                let line = fwd.reload(&config(idle));
+                assert_reload_ok(&line, &reload_ok("", "", "t", 0));
+            } else {
+                let line = fwd.reload(&config(idle));
+                assert_reload_ok(&line, &reload_ok("", "", "", 1));
+            }
+            times.push(t0.elapsed());
+            reloads.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(40));
+        }
+        let reload_span = started.elapsed();
+        let during = connects.load(Ordering::SeqCst) - connects_before;
+
+        let mut total = 0;
+        let mut rounds = Vec::new();
+        for c in clients {
+            let (r, bytes) = c.join().expect("client thread").unwrap_or_else(|e| panic!("transfer failed: {e}"));
+            rounds.push(r);
+            total += bytes;
+        }
+        stop.store(true, Ordering::SeqCst);
+        looper.join().expect("connect loop");
+        let failures = failures.lock().unwrap().clone();
+        eprintln!(
+            "{RELOADS} reloads in {reload_span:?} (slowest {:?}); {during} connects during them, {} in all, {} failures; \
+             {CLIENTS} transfers: {total} bytes each way, {}..{} rounds",
+            times.iter().max().unwrap(),
+            connects.load(Ordering::SeqCst),
+            failures.len(),
+            rounds.iter().min().unwrap(),
+            rounds.iter().max().unwrap(),
+        );
+        assert!(failures.is_empty(), "{} connects failed during reloads: {:?}", failures.len(), &failures[..failures.len().min(10)]);
+        assert!(during >= 10, "only {during} connects during {RELOADS} reloads ({reload_span:?})");
+        assert_eq!(listen_addr(&fwd, "t"), addr, "the rule moved to another address");
+        fwd.assert_running();
+        echo_check_paired(addr, Payload::new(7, 100 * KIB), secs(20));
+        fwd.assert_running();
+    }
+
+    /// A connection open on upstream A keeps A after a reload points the rule at B;
+    /// new connections go to B.
+    fn changed_upstream_applies_to_new_connections_only(mode) {
+        let _load = light();
+        let (a, b) = (named(b"A"), named(b"B"));
+        let mut fwd = Forwarder::config(Some(mode), &rule("t", "127.0.0.1:0", a.addr(), ""), 1);
+        let addr = fwd.addr();
+
+        let s1 = connect(addr);
+        assert_eq!(ask_name(&s1, 1).unwrap(), b"A");
+        let c1_addr = s1.local_addr().unwrap();
+        let mut c1 = Talk::on(s1, 1);
+        for r in 0..8 {
+            c1.round(round_len(1, r)).unwrap();
+        }
+
+        let line = fwd.reload(&rule("t", "127.0.0.1:0", b.addr(), ""));
+        assert_reload_ok(&line, &reload_ok("", "", "t", 0));
+        assert_eq!(listen_addr(&fwd, "t"), addr, "a changed rule with the same listen keeps its address");
+
+        let s2 = connect(addr);
+        assert_eq!(ask_name(&s2, 1).unwrap(), b"B", "a new connection after the reload");
+        let c2_addr = s2.local_addr().unwrap();
+        let mut c2 = Talk::on(s2, 2);
+        for r in 0..8 {
+            c2.round(round_len(2, r)).unwrap();
+        }
+
+        // The old connection still works, on A.
+        for r in 8..24 {
+            c1.round(round_len(1, r)).unwrap();
+        }
+        c1.finish().unwrap();
+        c2.finish().unwrap();
+        assert_eq!((a.accepted(), b.accepted()), (1, 1), "connections accepted by A and B");
+
+        let closes = fwd.wait_close_lines(2, secs(10));
+        let close_of = |client: SocketAddr| {
+            closes
+                .iter()
+                .find(|l| field(l, "client") == Some(&client.to_string()))
+                .unwrap_or_else(|| panic!("no close line of {client}: {closes:#?}"))
+                .clone()
+        };
+        let l1 = close_of(c1_addr);
+        assert_eq!(field(&l1, "upstream"), Some(a.addr().to_string().as_str()), "{l1}");
+        let l2 = close_of(c2_addr);
+        assert_eq!(field(&l2, "upstream"), Some(b.addr().to_string().as_str()), "{l2}");
+        fwd.assert_running();
+    }
+
+    /// A syntax error, an unknown key and an unbindable address each fail the reload
+    /// with check's message, change nothing, and count as errors in /metrics.
+    fn broken_file_changes_nothing(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let port = free_port();
+        let global = format!("[global]\nmetrics = \"127.0.0.1:{port}\"\n");
+        let good = format!("{global}{}", rule("t", "127.0.0.1:0", echo.addr(), "idle_timeout = \"60s\""));
+        let mut fwd = Forwarder::config(Some(mode), &good, 1);
+        let addr = fwd.addr();
+        let path = fwd.config_path();
+        echo_check_paired(addr, Payload::new(1, 64 * KIB), secs(20));
+
+        // An address in use: a listening socket this test holds.
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let held_addr = held.local_addr().unwrap();
+        let broken = [
+            (
+                "syntax error",
+                format!("{global}[[rule]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\nidle_timeout = \"30s\"\n", echo.addr()),
+            ),
+            (
+                "unknown key",
+                format!("{global}{}", rule("t", "127.0.0.1:0", echo.addr(), "idle_timeut = \"30s\"")),
+            ),
+            (
+                "address in use",
+                format!(
+                    "{global}{}{}",
+                    rule("t", "127.0.0.1:0", echo.addr(), "idle_timeout = \"30s\""),
+                    rule("u", &held_addr.to_string(), echo.addr(), "")
+                ),
+            ),
+        ];
+        let listening = listening_count(&fwd);
+        for (i, (what, text)) in broken.iter().enumerate() {
+            let line = fwd.reload(text);
+            assert!(line.contains(" reload failed: "), "{what}: {line}");
+            let msg = failed_message(&fwd, &line);
+            let (code, check_msg) = check(&path);
+            eprintln!("{what}: reload failed: {msg}\n  check exit {code:?}: {check_msg}");
+            match i {
+                0 => {
+                    assert_eq!(code, Some(2), "{what}: check: {check_msg}");
+                    assert!(check_msg.contains("at line 6"), "{what}: check names no line: {check_msg}");
+                    assert_eq!(msg, check_msg, "{what}: the reload error is not check's");
+                }
+                1 => {
+                    assert_eq!(code, Some(2), "{what}: check: {check_msg}");
+                    assert!(check_msg.contains("rule[0].idle_timeut"), "{what}: check names no key: {check_msg}");
+                    assert_eq!(msg, check_msg, "{what}: the reload error is not check's");
+                }
+                _ => {
+                    assert!(
+                        msg.contains(&format!("cannot listen on {held_addr}")) && msg.contains("\"u\""),
+                        "{what}: the error names no address/rule: {msg}"
+                    );
+                }
+            }
+            // Nothing changed: no new listener, the rule still serves where it was.
+            assert_eq!(listening_count(&fwd), listening, "{what}: a listener was started");
+            echo_check_paired(addr, Payload::new(10 + i as u64, 64 * KIB), secs(20));
+            fwd.assert_running();
+        }
+        assert_eq!(reloads_metric(port, "error"), 3.0);
+        assert_eq!(reloads_metric(port, "ok"), 0.0);
+
+        // The original file again: the running rule is exactly as it was.
+        let line = fwd.reload(&good);
+        assert_reload_ok(&line, &reload_ok("", "", "", 1));
+        assert_eq!(reloads_metric(port, "ok"), 1.0);
+        assert_eq!(reloads_metric(port, "error"), 3.0);
+        echo_check_paired(addr, Payload::new(20, 64 * KIB), secs(20));
+        drop(held);
+    }
+
+    /// A rule dropped from the file stops accepting at once while its open transfer
+    /// runs to the end; a rule added in the same reload serves.
+    fn removed_rule_stops_accepting_running_transfer_finishes(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let two = format!("{}{}", rule("a", "127.0.0.1:0", echo.addr(), ""), rule("b", "127.0.0.1:0", echo.addr(), ""));
+        let mut fwd = Forwarder::config(Some(mode), &two, 2);
+        let (a_addr, b_addr) = (fwd.rule_addr("a"), fwd.rule_addr("b"));
+
+        let mut on_b = Talk::open(b_addr, 3).unwrap();
+        for r in 0..8 {
+            on_b.round(round_len(3, r)).unwrap();
+        }
+
+        let next = format!("{}{}", rule("a", "127.0.0.1:0", echo.addr(), ""), rule("c", "127.0.0.1:0", echo.addr(), ""));
+        let line = fwd.reload(&next);
+        let reloaded = Instant::now();
+        assert_reload_ok(&line, &reload_ok("c", "b", "", 1));
+
+        // New connects to b are refused within 1 s.
+        let mut accepted_late = 0;
+        let refused_after = loop {
+            match TcpStream::connect_timeout(&b_addr, secs(1)) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => break reloaded.elapsed(),
+                Err(e) => panic!("connect to removed rule b: {e} ({:?}), want ECONNREFUSED", e.kind()),
+                Ok(s) => {
+                    accepted_late += 1;
+                    // Paired or reset: either way it ends here.
+                    let _ = ping(&s, b"!", secs(2));
+                }
+            }
+            assert!(reloaded.elapsed() < secs(1), "rule b still accepts {:?} after it was removed ({accepted_late} connects)", reloaded.elapsed());
+            thread::sleep(Duration::from_millis(20));
+        };
+        eprintln!("removed rule b refuses connects {refused_after:?} after the reload line ({accepted_late} accepted before)");
+        assert_eq!(accepted_late, 0, "connects to b accepted after its removal was logged");
+
+        // The transfer on b runs to the end.
+        for r in 8..40 {
+            on_b.round(round_len(3, r)).unwrap();
+        }
+        on_b.finish().unwrap();
+
+        echo_check_paired(a_addr, Payload::new(4, 256 * KIB), secs(20));
+        let c_addr = listen_addr(&fwd, "c");
+        assert_ne!(c_addr, b_addr);
+        echo_check_paired(c_addr, Payload::new(5, 256 * KIB), secs(20));
+        let closes = fwd.wait_close_lines(3, secs(10));
+        for rule in ["a", "b", "c"] {
+            assert!(closes.iter().any(|l| field(l, "rule") == Some(rule)), "no close line of rule {rule}: {closes:#?}");
+        }
+        fwd.assert_running();
+    }
+
+    /// SIGHUP to a forwarder started from --listen/--upstream: a warning, nothing else.
+    fn sighup_without_config_file_is_logged(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let mut fwd = Forwarder::cli(mode, &[echo.addr()]);
+        echo_check_paired(fwd.addr(), Payload::new(1, 64 * KIB), secs(20));
+        for n in 1..=2 {
+            fwd.proc.signal(libc::SIGHUP);
+            let seen = fwd.stderr.wait_for_n(n, secs(10), |l| l.contains("nothing to reload"));
+            assert_eq!(seen.len(), n, "no 'nothing to reload' line after SIGHUP #{n}:\n{}", fwd.stderr.text());
+            assert!(seen[n - 1].contains("WARN"), "not a warning: {}", seen[n - 1]);
+            fwd.assert_running();
+            echo_check_paired(fwd.addr(), Payload::new(1 + n as u64, 64 * KIB), secs(20));
+        }
+        assert!(reload_lines(&fwd).is_empty(), "{:?}", reload_lines(&fwd));
+        fwd.assert_running();
+    }
+
+    /// Ten SIGHUPs back to back: one reload running and at most one queued.
+    fn sighup_burst_reloads_at_most_twice(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let mut fwd = Forwarder::config(Some(mode), &rule("t", "127.0.0.1:0", echo.addr(), ""), 1);
+        for _ in 0..10 {
+            fwd.proc.signal(libc::SIGHUP);
+        }
+        let first = fwd.stderr.wait_for(secs(10), |l| l.contains(" reload ok") || l.contains(" reload failed"));
+        assert!(first.is_some(), "no reload line after 10 SIGHUPs:\n{}", fwd.stderr.text());
+        thread::sleep(secs(3));
+        let lines = reload_lines(&fwd);
+        eprintln!("10 SIGHUPs: {} reloads", lines.len());
+        assert!((1..=2).contains(&lines.len()), "{} reloads for a burst of 10 SIGHUPs: {lines:#?}", lines.len());
+        for l in &lines {
+            assert_reload_ok(l, &reload_ok("", "", "", 1));
+        }
+        fwd.assert_running();
+        echo_check_paired(fwd.addr(), Payload::new(1, 64 * KIB), secs(20));
+    }
+}
