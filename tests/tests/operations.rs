@@ -526,7 +526,10 @@ relay_tests! {
 
             let failed = find_msg(&objs, "reload failed", |_| true);
             let error = str_of(failed, "error");
-            assert!(error.contains("bogus_key"), "{how}: reload error {error:?}");
+            assert!(
+                error.contains("rule[3].bogus_key"),
+                "{how}: the reload error does not name the key: {error:?}"
+            );
         }
 
         // The default text format: one connection's close line keeps its shape.
