@@ -71,12 +71,14 @@ struct Running {
 }
 
 impl Running {
-    fn stop(self) -> Arc<TcpListener> {
+    /// Asks the accept loop to stop (it ends on its own; the listening socket closes
+    /// when no other rule uses it) and ends the health checks.
+    fn stop(self) -> JoinHandle<()> {
         let _ = self.stop.send(true);
         if let Some(h) = &self.health {
             h.abort();
         }
-        self.listener
+        self.accept
     }
 }
 
@@ -290,7 +292,7 @@ impl Server {
                 Ok(r) => started.push(r),
                 Err(e) => {
                     for r in started {
-                        let _ = r.stop();
+                        drop(r.stop());
                     }
                     return Err(e);
                 }
@@ -366,14 +368,14 @@ impl Server {
     }
 
     /// Stops every accept loop and closes the listeners: new connects are refused.
+    /// (Aborted rather than asked: a loop may wait for a global slot with a client
+    /// in hand, and at shutdown that client is closed either way.)
     async fn stop_accepting(&mut self) {
         let mut tasks = Vec::new();
         for running in std::mem::take(&mut self.rules) {
-            let _ = running.stop.send(true);
-            if let Some(h) = &running.health {
-                h.abort();
-            }
-            tasks.push(running.accept);
+            let accept = running.stop();
+            accept.abort();
+            tasks.push(accept);
         }
         for t in tasks {
             let _ = t.await;
