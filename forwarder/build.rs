@@ -1,31 +1,60 @@
-//! Embeds the eBPF object when `FORWARDER_EBPF_OBJ` names one (`cargo xtask` sets it).
+//! Embeds the kernel program: by default the object committed in
+//! `forwarder-ebpf/prebuilt/` (so a plain `cargo build` on any distro, with rustup's
+//! stable toolchain, has the kernel path); `FORWARDER_EBPF_OBJ=FILE` embeds another
+//! object, `FORWARDER_EBPF_OBJ=none` builds splice-only. `cargo xtask build-ebpf`
+//! rebuilds the committed object from source; `cargo xtask check-ebpf` (CI) fails when
+//! it no longer matches the source.
 //!
-//! Without it the binary is built splice-only and says so at startup: userspace must
-//! build with plain `cargo build` on rustup's stable toolchain, which cannot build the
-//! kernel program.
+//! Also sets `FORWARDER_LONG_VERSION` for `--version`: whether the kernel path is built
+//! in, and the sha256 of the eBPF sources the object was built from.
 
 use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(has_ebpf)");
     println!("cargo::rerun-if-env-changed=FORWARDER_EBPF_OBJ");
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let prebuilt = manifest.join("../forwarder-ebpf/prebuilt");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dest = out.join("forwarder-ebpf.o");
-    let Some(obj) = std::env::var_os("FORWARDER_EBPF_OBJ").filter(|s| !s.is_empty()) else {
-        let _ = std::fs::remove_file(&dest);
-        return;
+    let version = env!("CARGO_PKG_VERSION");
+
+    let requested = std::env::var("FORWARDER_EBPF_OBJ").ok().filter(|s| !s.is_empty());
+    let (obj, source) = match requested.as_deref() {
+        Some("none") => (None, String::new()),
+        Some(path) => (Some(PathBuf::from(path)), "a custom object".to_string()),
+        None => {
+            let source_file = prebuilt.join("forwarder.bpf.source");
+            println!("cargo::rerun-if-changed={}", source_file.display());
+            let source = std::fs::read_to_string(&source_file)
+                .map(|s| format!("eBPF source {}", s.trim()))
+                .unwrap_or_else(|_| "eBPF source unknown".into());
+            (Some(prebuilt.join("forwarder.bpf.o")), source)
+        }
     };
-    let obj = Path::new(&obj);
+    let embedded = obj.is_some_and(|obj| embed(&obj, &dest));
+    if !embedded {
+        let _ = std::fs::remove_file(&dest);
+    }
+    let long = if embedded {
+        format!("{version} (kernel path built in, {source})")
+    } else {
+        format!("{version} (kernel path not built in: splice only)")
+    };
+    println!("cargo::rustc-env=FORWARDER_LONG_VERSION={long}");
+}
+
+fn embed(obj: &Path, dest: &Path) -> bool {
     println!("cargo::rerun-if-changed={}", obj.display());
     if !obj.is_file() {
         println!(
-            "cargo::warning=FORWARDER_EBPF_OBJ={} is not a file: building splice-only",
+            "cargo::warning=eBPF object {} is missing: building splice-only",
             obj.display()
         );
-        let _ = std::fs::remove_file(&dest);
-        return;
+        return false;
     }
-    std::fs::copy(obj, &dest)
+    std::fs::copy(obj, dest)
         .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", obj.display(), dest.display()));
     println!("cargo::rustc-cfg=has_ebpf");
+    true
 }

@@ -10,7 +10,7 @@ use crate::logging::LogFormat;
 #[derive(Debug, Parser)]
 #[command(
     name = "forwarder",
-    version,
+    version = env!("FORWARDER_LONG_VERSION"),
     about = "TCP port forwarder: eBPF sockmap fast path, splice(2) fallback"
 )]
 pub struct Cli {

@@ -22,8 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build the eBPF object (installing its toolchain when missing and we are root).
+    /// Rebuild the committed eBPF object from source (installing its toolchain when
+    /// missing and we are root): run it after changing forwarder-ebpf or forwarder-common.
     BuildEbpf,
+    /// Fail unless the committed eBPF object is what its source builds to (CI).
+    CheckEbpf,
     /// Build forwarder (release, with the kernel path when it can be built) and run it.
     Run {
         /// Arguments for forwarder, after `--`.
@@ -43,10 +46,11 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf => {
-            let obj = build_ebpf::build()?;
+            let obj = build_ebpf::build_and_install()?;
             println!("{}", obj.display());
             Ok(())
         }
+        Task::CheckEbpf => build_ebpf::check(),
         Task::Run { args } => {
             let bin = build_forwarder()?;
             let err = exec(Command::new(&bin).args(&args));
@@ -67,22 +71,13 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the release binary, with the eBPF object embedded when it can be built.
-/// Returns the binary's path.
+/// Builds the release binary, which embeds the committed eBPF object (see
+/// forwarder/build.rs). Returns the binary's path.
 pub fn build_forwarder() -> Result<PathBuf> {
     let mut cargo = Command::new(cargo_bin());
     cargo
         .current_dir(workspace_root())
         .args(["build", "--release", "-p", "forwarder"]);
-    match build_ebpf::build() {
-        Ok(obj) => {
-            cargo.env("FORWARDER_EBPF_OBJ", &obj);
-        }
-        Err(e) => {
-            eprintln!("xtask: building forwarder WITHOUT the kernel path (splice only): {e:#}");
-            cargo.env_remove("FORWARDER_EBPF_OBJ");
-        }
-    }
     run(&mut cargo)?;
     Ok(workspace_root().join("target/release/forwarder"))
 }
