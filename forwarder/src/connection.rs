@@ -190,9 +190,9 @@ impl RuleRuntime {
     /// `reason` is one of [`crate::metrics::REFUSAL_REASONS`]; `detail` follows it
     /// in the text line.
     fn refuse(&self, client: TcpStream, peer: SocketAddr, reason: &str, detail: &str) {
+        self.stats.refused(reason);
         reset_on_close(&client);
         drop(client);
-        self.stats.refused(reason);
         self.refused.record(&self.rule.name, peer, reason, detail);
     }
 }

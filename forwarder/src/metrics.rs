@@ -236,7 +236,7 @@ impl Collector for Collect {
             if let Some(ups) = ups {
                 for (i, u) in ups.list.iter().enumerate() {
                     per_upstream.entry(u.cfg.addr.as_str()).or_default();
-                    let v = i64::from(ups.is_up(i));
+                    let v = i64::from(ups.marked_up(i));
                     up.push((
                         vec![("rule", name), ("upstream", u.cfg.addr.as_str())],
                         gauge(v),
@@ -360,6 +360,9 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
         Ok(l) => l,
         Err(e) => return tracing::error!("metrics: cannot serve: {e}"),
     };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("metrics: serving http://{addr}/metrics");
+    }
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,

@@ -69,6 +69,12 @@ impl Upstreams {
         })
     }
 
+    /// Whether health checks or traffic last marked the upstream up (what metrics
+    /// show); [`Upstreams::is_up`] also lets a passively failed one take a trial.
+    pub fn marked_up(&self, i: usize) -> bool {
+        self.list[i].up.load(Ordering::Relaxed)
+    }
+
     pub fn is_up(&self, i: usize) -> bool {
         let u = &self.list[i];
         u.up.load(Ordering::Relaxed)
