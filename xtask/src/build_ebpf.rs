@@ -34,7 +34,10 @@ pub fn build_and_install() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let dest = dir.join(PREBUILT_OBJ);
     std::fs::copy(&obj, &dest).with_context(|| format!("cannot copy to {}", dest.display()))?;
-    std::fs::write(dir.join(PREBUILT_SOURCE), format!("sha256:{}\n", source_hash()?))?;
+    std::fs::write(
+        dir.join(PREBUILT_SOURCE),
+        format!("sha256:{}\n", source_hash()?),
+    )?;
     Ok(dest)
 }
 
@@ -50,7 +53,10 @@ pub fn check() -> Result<()> {
     let current = format!("sha256:{}", source_hash()?);
     let stale = "the committed eBPF object is stale: run `cargo xtask build-ebpf` and commit forwarder-ebpf/prebuilt/";
     if recorded.trim() != current {
-        bail!("{stale} (it was built from {}, the sources are {current})", recorded.trim());
+        bail!(
+            "{stale} (it was built from {}, the sources are {current})",
+            recorded.trim()
+        );
     }
     let built = disassemble(&build()?)?;
     let committed = disassemble(&dir.join(PREBUILT_OBJ))?;
@@ -74,11 +80,19 @@ fn disassemble(obj: &std::path::Path) -> Result<String> {
         .output()
         .context("cannot run llvm-objdump-22 (Debian package llvm-22)")?;
     if !out.status.success() {
-        bail!("llvm-objdump-22 {} failed: {}", obj.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "llvm-objdump-22 {} failed: {}",
+            obj.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // The first lines name the file; the program starts after them.
     let text = String::from_utf8(out.stdout)?;
-    Ok(text.lines().skip_while(|l| !l.starts_with("Disassembly")).collect::<Vec<_>>().join("\n"))
+    Ok(text
+        .lines()
+        .skip_while(|l| !l.starts_with("Disassembly"))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 /// sha256 over the eBPF sources: every file under [`SOURCE_DIRS`] but the prebuilt

@@ -41,6 +41,8 @@ enum Task {
     },
     /// Measure direct vs splice vs ebpf on loopback and print the table.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (cargo-deb) into target/debian/ and print its path.
+    Deb,
 }
 
 fn main() -> Result<()> {
@@ -57,6 +59,11 @@ fn main() -> Result<()> {
             bail!("cannot run {}: {err}", bin.display())
         }
         Task::Test { args } => test(&args),
+        Task::Deb => {
+            let deb = build_deb()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Bench(args) => {
             let bin = build_forwarder()?;
             bench::run(&bin, args)
@@ -82,8 +89,38 @@ pub fn build_forwarder() -> Result<PathBuf> {
     Ok(workspace_root().join("target/release/forwarder"))
 }
 
+/// The .deb of the release binary (cargo-deb metadata in forwarder/Cargo.toml).
+fn build_deb() -> Result<PathBuf> {
+    let cargo_deb = provision::cargo_deb()?;
+    build_forwarder()?;
+    let out = Command::new(&cargo_deb)
+        .current_dir(workspace_root())
+        .env("CARGO", cargo_bin())
+        .args(["-p", "forwarder", "--no-build"])
+        .output()
+        .with_context(|| format!("cannot run {}", cargo_deb.display()))?;
+    if !out.status.success() {
+        bail!(
+            "cargo-deb failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // cargo-deb prints the package's path last.
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if !path.ends_with(".deb") || !Path::new(&path).is_file() {
+        bail!("cargo-deb printed no package path: {:?}", out.stdout);
+    }
+    Ok(PathBuf::from(path))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     provision::test_tools()?;
+    let deb = build_deb()?;
     let bin = build_forwarder()?;
     let mut cargo = Command::new(cargo_bin());
     cargo
@@ -98,7 +135,8 @@ fn test(extra: &[String]) -> Result<()> {
             "--",
         ])
         .args(extra)
-        .env("FORWARDER_BIN", &bin);
+        .env("FORWARDER_BIN", &bin)
+        .env("FORWARDER_DEB", &deb);
     run(&mut cargo)
 }
 

@@ -35,33 +35,47 @@ pub fn test_tools() -> Result<()> {
 /// Returns the bpf-linker binary.
 pub fn ebpf_toolchain() -> Result<PathBuf> {
     apt_install(EBPF_APT)?;
-    let root = tools_dir().join(format!("bpf-linker-{BPF_LINKER_VERSION}"));
-    let linker = root.join("bin/bpf-linker");
-    if linker.is_file() {
-        return Ok(linker);
+    cargo_tool(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        &["--no-default-features", "--features", "llvm-22"],
+        &[("LLVM_PREFIX", "/usr/lib/llvm-22")],
+    )
+}
+
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// cargo-deb, for `cargo xtask deb`. Returns the binary.
+pub fn cargo_deb() -> Result<PathBuf> {
+    apt_install(&["dpkg-dev"])?;
+    cargo_tool("cargo-deb", CARGO_DEB_VERSION, &[], &[])
+}
+
+/// `cargo install NAME --version VERSION --locked` into the tools dir, once.
+fn cargo_tool(name: &str, version: &str, args: &[&str], env: &[(&str, &str)]) -> Result<PathBuf> {
+    let root = tools_dir().join(format!("{name}-{version}"));
+    let bin = root.join("bin").join(name);
+    if bin.is_file() {
+        return Ok(bin);
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 into {} (about 1-2 minutes, once)", root.display());
-    let started = std::time::Instant::now();
-    run(Command::new(crate::cargo_bin())
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-            "--root",
-        ])
-        .arg(&root))
-    .context("building bpf-linker")?;
     eprintln!(
-        "xtask: bpf-linker built in {:.0}s",
+        "xtask: building {name} {version} into {} (a few minutes, once)",
+        root.display()
+    );
+    let started = std::time::Instant::now();
+    let mut cargo = Command::new(crate::cargo_bin());
+    cargo
+        .envs(env.iter().copied())
+        .args(["install", name, "--version", version, "--locked"])
+        .args(args)
+        .arg("--root")
+        .arg(&root);
+    run(&mut cargo).with_context(|| format!("building {name}"))?;
+    eprintln!(
+        "xtask: {name} built in {:.0}s",
         started.elapsed().as_secs_f64()
     );
-    Ok(linker)
+    Ok(bin)
 }
 
 /// Where built tools live between runs: outside the work tree, so fresh clones reuse them.
