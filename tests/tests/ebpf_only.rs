@@ -147,6 +147,9 @@ mod ebpf {
             describe_status(&o.status),
             o.stderr
         );
-        assert!(!o.stderr.trim().is_empty(), "exit 1 without a message");
+        // One message naming what is missing and how to get it.
+        for needle in ["CAP_BPF", "CAP_NET_ADMIN", "setcap"] {
+            assert!(o.stderr.contains(needle), "no {needle:?} in: {}", o.stderr);
+        }
     }
 }

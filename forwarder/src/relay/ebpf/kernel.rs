@@ -64,7 +64,9 @@ impl Kernel {
             let hint = if root {
                 ""
             } else {
-                " (needs root, or CAP_BPF + CAP_NET_ADMIN)"
+                " (the kernel path needs CAP_BPF and CAP_NET_ADMIN: run as root, give the \
+                 binary both with `setcap cap_bpf,cap_net_admin+ep BINARY`, or grant them \
+                 with AmbientCapabilities= in its systemd unit)"
             };
             format!("cannot load the eBPF object: {e}{hint}")
         })?;
