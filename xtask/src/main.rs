@@ -96,7 +96,7 @@ fn build_deb() -> Result<PathBuf> {
     let out = Command::new(&cargo_deb)
         .current_dir(workspace_root())
         .env("CARGO", cargo_bin())
-        .args(["-p", "forwarder", "--no-build"])
+        .args(["-p", "forwarder", "--no-build", "--strip"])
         .output()
         .with_context(|| format!("cannot run {}", cargo_deb.display()))?;
     if !out.status.success() {
