@@ -99,6 +99,11 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         listeners,
         metrics: metrics_listener,
     } = startup;
+    // Before anything is announced: a SIGHUP sent as soon as a listening line (or
+    // READY=1) appears must find its handler, not the default action (exit).
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     if let Some(l) = metrics_listener {
         tokio::spawn(metrics::serve(l, metrics::global().clone()));
     }
@@ -118,9 +123,6 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     systemd::ready();
     systemd::spawn_watchdog();
 
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     // Reloads run one at a time in this loop; SIGHUPs that arrive meanwhile collapse
     // into one pending signal, so a burst causes one reload running and one queued.
     loop {
@@ -307,15 +309,28 @@ impl Server {
         // Then retire what the new config no longer runs as it was.
         let mut kept = Vec::new();
         let mut removed = Vec::new();
+        let mut stopping = Vec::new();
         for running in std::mem::take(&mut self.rules) {
             let still = new.rules.iter().find(|r| r.name == running.rule.name);
             match still {
                 Some(r) if r.same_settings(&running.rule) => kept.push(running),
-                Some(_) => drop(running.stop()),
+                Some(_) => stopping.push(running.stop()),
                 None => {
                     removed.push(running.rule.name.clone());
-                    drop(running.stop());
+                    stopping.push(running.stop());
                 }
+            }
+        }
+        // A retired loop ends at its next await; once it has, a listener no rule uses
+        // any more is closed, so the reload line means "refused from now on". (One
+        // waiting for a global slot with a client in hand is let go after 1 s: it
+        // serves that client with the old settings.)
+        for mut accept in stopping {
+            if tokio::time::timeout(Duration::from_secs(1), &mut accept)
+                .await
+                .is_err()
+            {
+                tracing::debug!("reload: an old accept loop is still waiting for a slot");
             }
         }
         let unchanged = kept.len();
