@@ -19,7 +19,9 @@ fn main() {
     let dest = out.join("forwarder-ebpf.o");
     let version = env!("CARGO_PKG_VERSION");
 
-    let requested = std::env::var("FORWARDER_EBPF_OBJ").ok().filter(|s| !s.is_empty());
+    let requested = std::env::var("FORWARDER_EBPF_OBJ")
+        .ok()
+        .filter(|s| !s.is_empty());
     let (obj, source) = match requested.as_deref() {
         Some("none") => (None, String::new()),
         Some(path) => (Some(PathBuf::from(path)), "a custom object".to_string()),
