@@ -45,6 +45,12 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let config = match config {
         Ok(c) => c,
+        // `--log-format json` is known before the file is read: keep the promise.
+        Err(e) if args.log_format == Some(LogFormat::Json) => {
+            logging::init(LogFormat::Json);
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
         Err(e) => return config_error(e),
     };
     logging::init(args.log_format.unwrap_or(config.log_format));
@@ -94,7 +100,12 @@ fn config_error(e: ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// After logging is set up, a JSON log stays JSON to the last line.
 fn failure(e: anyhow::Error) -> ExitCode {
-    eprintln!("forwarder: {e:#}");
+    if logging::json() {
+        tracing::error!("{e:#}");
+    } else {
+        eprintln!("forwarder: {e:#}");
+    }
     ExitCode::from(1)
 }

@@ -644,4 +644,27 @@ relay_tests! {
         assert!(text.contains("global.user"), "check does not name global.user: {text}");
         assert!(text.contains("no-such-user-xyz"), "check does not name the user: {text}");
     }
+
+    /// With `--log-format json`, even a config error that stops the start is one JSON
+    /// object (exit 2), naming the key.
+    fn json_startup_error_is_json(mode) {
+        let _g = light();
+        let dir = TempDir::new("badjson");
+        let upstream: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let path = dir.write(
+            "forwarder.toml",
+            &format!("{}bogus_key = 1\n", rule("t", "127.0.0.1:0", upstream, mode, "")),
+        );
+        let mut cmd = forwarder_command();
+        cmd.args(["run", "--log-format", "json", "-c"]).arg(&path);
+        let o = run_to_exit(cmd, secs(20));
+        assert_eq!(o.code(), Some(2), "stderr: {}", o.stderr);
+        let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one JSON line expected: {}", o.stderr);
+        let v: serde_json::Value = serde_json::from_str(lines[0])
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", lines[0]));
+        assert_eq!(v["level"], "ERROR", "{v}");
+        let msg = v["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("bogus_key"), "the error does not name the key: {msg}");
+    }
 }
