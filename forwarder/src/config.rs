@@ -49,6 +49,22 @@ pub enum Balance {
     SourceHash,
 }
 
+/// How `inspect` shows bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DumpFormat {
+    Text,
+    Hex,
+}
+
+/// A direction of a pair's bytes, as `rewrite` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    ToUpstream,
+    ToClient,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
@@ -153,6 +169,37 @@ rule_settings! {
     accept_proxy_protocol: bool,
     #[serde(default, with = "humantime_serde")]
     proxy_protocol_timeout: Duration,
+    inspect: FileInspect,
+    deny_pattern: Vec<String>,
+    inspect_window: usize,
+    rewrite: Vec<FileRewrite>,
+    max_match: usize,
+    http_auth: FileHttpAuth,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInspect {
+    bytes: Option<u64>,
+    format: Option<DumpFormat>,
+    to: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRewrite {
+    direction: Direction,
+    #[serde(rename = "match")]
+    pattern: String,
+    replace: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttpAuth {
+    header: String,
+    token_file: Option<String>,
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,9 +305,64 @@ pub struct Rule {
     pub proxy_protocol: Option<ProxyProtocol>,
     pub accept_proxy_protocol: bool,
     pub proxy_protocol_timeout: Duration,
+    /// Traffic inspection; see `crate::inspect`.
+    pub inspect: Option<Inspect>,
+    pub deny_patterns: Vec<String>,
+    pub inspect_window: usize,
+    pub rewrite: Vec<Rewrite>,
+    pub max_match: usize,
+    pub http_auth: Option<HttpAuth>,
 }
 
+/// `inspect = { bytes, format, to }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspect {
+    /// Shown per direction, from the start of the stream.
+    pub bytes: u64,
+    pub format: DumpFormat,
+    /// `None`: our log; else one file per connection in this directory.
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// One `rewrite` entry.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    pub direction: Direction,
+    pub pattern: regex::bytes::Regex,
+    pub replace: Vec<u8>,
+}
+
+/// `http_auth`: the token itself never appears in `Debug` (nor in logs); a hash of
+/// it does, so a reload that changes it changes the rule.
+#[derive(Clone)]
+pub struct HttpAuth {
+    pub header: String,
+    pub token: Vec<u8>,
+}
+
+impl fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.token.hash(&mut h);
+        write!(
+            f,
+            "HttpAuth({:?}, token hash {:x})",
+            self.header,
+            h.finish()
+        )
+    }
+}
+
+pub const DEFAULT_INSPECT_WINDOW: usize = 4096;
+pub const DEFAULT_MAX_MATCH: usize = 4096;
+
 impl Rule {
+    /// Whether any check or dump needs the first bytes in userspace.
+    pub fn inspects(&self) -> bool {
+        self.inspect.is_some() || !self.deny_patterns.is_empty() || self.http_auth.is_some()
+    }
+
     /// Whether a reload leaves this rule as it is. Every field is plain data with a
     /// faithful `Debug` (the schedule's parsed windows included), so comparing that
     /// is comparing the settings, and a key added later cannot be forgotten here.
@@ -491,12 +593,91 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         .map(parse_rate)
         .transpose()
         .map_err(|e| err(format!("{}: {e}", at("rate_per_source"))))?;
+    let mode = s.mode.unwrap_or(Mode::Auto);
+
+    let inspect = s.inspect.as_ref().map(|i| Inspect {
+        bytes: i.bytes.unwrap_or(4096),
+        format: i.format.unwrap_or(DumpFormat::Text),
+        dir: i.to.as_deref().filter(|t| *t != "log").map(Into::into),
+    });
+    if let Some(dir) = inspect.as_ref().and_then(|i| i.dir.as_ref()) {
+        if !dir.is_dir() {
+            return Err(err(format!(
+                "{}: {} is not a directory (or \"log\")",
+                at("inspect.to"),
+                dir.display()
+            )));
+        }
+    }
+    let deny_patterns = s.deny_pattern.clone().unwrap_or_default();
+    for (j, p) in deny_patterns.iter().enumerate() {
+        regex::bytes::Regex::new(p)
+            .map_err(|e| err(format!("{}: {e}", at(&format!("deny_pattern[{j}]")))))?;
+    }
+    let inspect_window = s.inspect_window.unwrap_or(DEFAULT_INSPECT_WINDOW);
+    let max_match = s.max_match.unwrap_or(DEFAULT_MAX_MATCH);
+    for (k, v) in [("inspect_window", inspect_window), ("max_match", max_match)] {
+        if v == 0 {
+            return Err(err(format!("{}: must be at least 1", at(k))));
+        }
+    }
+    let mut rewrite = Vec::new();
+    for (j, r) in s
+        .rewrite
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let pattern = regex::bytes::Regex::new(&r.pattern)
+            .map_err(|e| err(format!("{}: {e}", at(&format!("rewrite[{j}].match")))))?;
+        rewrite.push(Rewrite {
+            direction: r.direction,
+            pattern,
+            replace: r.replace.into_bytes(),
+        });
+    }
+    if !rewrite.is_empty() && mode == Mode::Ebpf {
+        return Err(err(format!(
+            "{}: rewriting needs every byte in userspace (path=copy), which mode \"ebpf\" \
+             cannot give; use mode \"auto\" or \"splice\" for this rule",
+            at("rewrite")
+        )));
+    }
+    let http_auth = match &s.http_auth {
+        None => None,
+        Some(a) => {
+            let token = match (&a.token, &a.token_file) {
+                (Some(t), None) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| err(format!("{}: {f}: {e}", at("http_auth.token_file"))))?
+                    .trim()
+                    .to_string(),
+                _ => {
+                    return Err(err(format!(
+                        "{}: give exactly one of token_file and token",
+                        at("http_auth")
+                    )))
+                }
+            };
+            if token.is_empty() || a.header.is_empty() {
+                return Err(err(format!(
+                    "{}: the header name and the token must not be empty",
+                    at("http_auth")
+                )));
+            }
+            Some(HttpAuth {
+                header: a.header.clone(),
+                token: token.into_bytes(),
+            })
+        }
+    };
 
     Ok(Rule {
         name: name.clone(),
         listen,
         upstreams,
-        mode: s.mode.unwrap_or(Mode::Auto),
+        mode,
         connect_timeout,
         idle_timeout: nonzero(Some(s.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT))),
         max_connections,
@@ -517,6 +698,12 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         accept_proxy_protocol: s.accept_proxy_protocol.unwrap_or(false),
         proxy_protocol_timeout: nonzero(s.proxy_protocol_timeout)
             .unwrap_or(DEFAULT_PROXY_PROTOCOL_TIMEOUT),
+        inspect,
+        deny_patterns,
+        inspect_window,
+        rewrite,
+        max_match,
+        http_auth,
     })
 }
 

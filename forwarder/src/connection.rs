@@ -135,6 +135,12 @@ pub async fn serve(
             RelayEnd::Failed { side, error } => {
                 format!("{}_{} ({error})", side.as_str(), describe(&error).replace(' ', "_"))
             }
+            RelayEnd::Refused { reason, detail } => {
+                let shown = if detail.is_empty() { String::new() } else { format!(" ({detail})") };
+                rt.stats.refused(reason);
+                rt.refused.record(&rule.name, peer, reason, &shown);
+                format!("refused_{reason}{shown}")
+            }
         },
         _ = idle(rule.idle_timeout, rt.relay.progress_lag(), &progress) => "idle_timeout".to_string(),
         _ = sleep_or_never(rule.max_connection_duration) => "max_connection_duration".to_string(),

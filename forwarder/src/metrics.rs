@@ -30,6 +30,8 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "max_connections_per_source",
     "rate_per_source",
     "bad_proxy_header",
+    "pattern",
+    "http_auth",
 ];
 
 /// Everything `/metrics` shows. One per process.

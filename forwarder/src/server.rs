@@ -16,8 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Access, Config, Mode, Rule};
 use crate::connection::{serve, Permits, RuleRuntime};
+use crate::inspect::InspectRelay;
 use crate::logging::List;
 use crate::policy::health;
+use crate::relay::copy::CopyRelay;
 use crate::relay::ebpf::EbpfRelay;
 use crate::relay::splice::SpliceRelay;
 use crate::relay::Relay;
@@ -398,10 +400,37 @@ impl Server {
     }
 }
 
-/// Picks the relay for a rule and says why, for the startup line. The kernel path is
-/// probed once per process (load, attach, one real pair end to end); `auto` falls back
-/// to splice when it fails, `ebpf` refuses to start.
+/// The relay for a rule, wrapped in the inspection prelude when the rule inspects
+/// (warning, once per rule started, that payload is being written out).
 async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
+    let (relay, why) = if rule.rewrite.is_empty() {
+        choose_path(rule).await?
+    } else {
+        let why = "rewrite: every byte through userspace".to_string();
+        (Arc::new(CopyRelay::new(rule)) as Arc<dyn Relay>, why)
+    };
+    if !rule.inspects() {
+        return Ok((relay, why));
+    }
+    if let Some(i) = &rule.inspect {
+        let to = i.dir.as_ref().map_or("the log".to_string(), |d| {
+            format!("files in {}", d.display())
+        });
+        tracing::warn!(
+            "inspect rule={}: the first {} bytes of each direction of every connection are written to {to}",
+            rule.name,
+            i.bytes
+        );
+    }
+    let wrapped = InspectRelay::new(rule, relay)
+        .map_err(|e| anyhow::anyhow!("rule {:?}: deny_pattern: {e}", rule.name))?;
+    Ok((Arc::new(wrapped), format!("{why}; inspected first")))
+}
+
+/// Picks the fast path for a rule and says why, for the startup line. The kernel path
+/// is probed once per process (load, attach, one real pair end to end); `auto` falls
+/// back to splice when it fails, `ebpf` refuses to start.
+async fn choose_path(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
     if rule.mode == Mode::Splice {
         return Ok((Arc::new(SpliceRelay), "requested".into()));
     }

@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use forwarder_tests::*;
+use prometheus_parse::{LineInfo, Value};
 
 // ---------------------------------------------------------------------------------
 // Addresses, clients, processes
@@ -216,70 +217,61 @@ struct Scrape {
     text: String,
 }
 
-/// Parses `name{k="v",...} value [timestamp]` lines (comments and blank lines
-/// skipped); panics on anything else, naming the line.
+/// Parses the exposition with `prometheus-parse`; panics, naming the line, on a
+/// line it would skip (it reports none), on labels it did not read whole, and on
+/// a duplicate series.
 fn parse_exposition(text: &str) -> Scrape {
+    let lines = text.lines().map(|l| Ok::<_, io::Error>(l.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("lines from memory");
+    let sample_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    // No histogram or summary here, so one sample per line, in the text's order.
+    assert_eq!(
+        parsed.samples.len(),
+        sample_lines.len(),
+        "prometheus-parse skipped or merged sample lines:\n{text}"
+    );
     let mut samples = BTreeMap::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
+    for (line, sample) in sample_lines.into_iter().zip(parsed.samples) {
         let bad = |why: &str| -> ! { panic!("bad sample line ({why}): {line:?}\n{text}") };
-        let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad("no value"));
-        let name = &line[..name_end];
-        let mut labels = Vec::new();
-        let mut rest = &line[name_end..];
-        if let Some(inner) = rest.strip_prefix('{') {
-            let mut chars = inner.char_indices().peekable();
-            let close;
-            // Bounded: every pass consumes at least one character of the line.
-            loop {
-                let Some((i, c)) = chars.next() else {
-                    bad("unterminated labels")
-                };
-                match c {
-                    '}' => {
-                        close = i;
-                        break;
-                    }
-                    ',' | ' ' => continue,
-                    _ => {}
-                }
-                let mut key = String::from(c);
-                for (_, c) in chars.by_ref() {
-                    if c == '=' {
-                        break;
-                    }
-                    key.push(c);
-                }
-                if chars.next().map(|(_, c)| c) != Some('"') {
-                    bad("label value not quoted");
-                }
-                let mut value = String::new();
-                loop {
-                    match chars.next() {
-                        None => bad("unterminated label value"),
-                        Some((_, '"')) => break,
-                        Some((_, '\\')) => match chars.next() {
-                            Some((_, 'n')) => value.push('\n'),
-                            Some((_, c)) => value.push(c),
-                            None => bad("dangling escape"),
-                        },
-                        Some((_, c)) => value.push(c),
-                    }
-                }
-                labels.push((key, value));
-            }
-            rest = &inner[close + 1..];
+        let LineInfo::Sample {
+            metric_name,
+            labels: label_text,
+            ..
+        } = LineInfo::parse(line)
+        else {
+            bad("not a sample")
+        };
+        if sample.metric != metric_name {
+            bad("parsed as another line");
         }
-        let value: f64 = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| bad("value is not a number"));
+        let value = match sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            other => bad(&format!("unexpected {other:?}")),
+        };
+        // The crate drops pairs it cannot split and does not need quotes: each pair
+        // must be in the text as `k="v"`, and together (with commas) fill it.
+        let label_text = label_text.map_or("", |t| t.strip_suffix(',').unwrap_or(t));
+        let pairs: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{v}\""))
+            .collect();
+        if pairs.iter().any(|p| !label_text.contains(p.as_str()))
+            || pairs.join(",").len() != label_text.len()
+        {
+            bad("labels not read whole");
+        }
+        let mut labels: Vec<(String, String)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         labels.sort();
         let series = Series {
-            name: name.to_string(),
+            name: sample.metric,
             labels,
         };
         if samples.insert(series, value).is_some() {

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::metrics::RuleStats;
 
+pub mod copy;
 pub mod ebpf;
 pub mod splice;
 
@@ -46,15 +47,18 @@ fn epoch() -> std::time::Instant {
 pub enum Hop {
     Splice = 1,
     Ebpf = 2,
+    /// Through our memory, for the whole life of the pair (`rewrite`).
+    Copy = 3,
 }
 
 impl Hop {
-    pub const ALL: [Hop; 2] = [Hop::Splice, Hop::Ebpf];
+    pub const ALL: [Hop; 3] = [Hop::Splice, Hop::Ebpf, Hop::Copy];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Hop::Splice => "splice",
             Hop::Ebpf => "ebpf",
+            Hop::Copy => "copy",
         }
     }
 }
@@ -153,6 +157,11 @@ pub enum RelayEnd {
     Closed,
     /// One side reset or failed; the other side has been reset too.
     Failed { side: Side, error: io::Error },
+    /// An inspection check refused the client (`reason` as in the `refused` line).
+    Refused {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 pub struct Pair {

@@ -156,5 +156,6 @@ async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
     match end {
         RelayEnd::Closed => Ok(()),
         RelayEnd::Failed { side, error } => Err(format!("{} side: {error}", side.as_str())),
+        RelayEnd::Refused { reason, .. } => Err(format!("refused: {reason}")),
     }
 }

@@ -1,0 +1,101 @@
+//! `http_auth`: the client's first HTTP/1.x request must carry a header with the
+//! token; the header is removed before the request goes on.
+
+use subtle::ConstantTimeEq;
+
+use crate::config::HttpAuth;
+
+pub const UNAUTHORIZED: &[u8] =
+    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request's headers are not complete yet.
+    NeedMore,
+    /// Authorized: forward these bytes (the held ones minus the auth header).
+    Pass(Vec<u8>),
+    /// Answer 401 and close; the reason is for the log.
+    Fail(&'static str),
+}
+
+/// Judges the bytes held so far (the start of the client's stream).
+pub fn check(held: &[u8], auth: &HttpAuth, window: usize) -> Outcome {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(held) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if held.len() < window => return Outcome::NeedMore,
+        Ok(httparse::Status::Partial) => {
+            return Outcome::Fail("request headers exceed inspect_window")
+        }
+        Err(_) => return Outcome::Fail("not an HTTP/1.x request"),
+    };
+    let mut ok = false;
+    // Byte ranges of the auth header lines, to cut out.
+    let mut cuts = Vec::new();
+    for h in req.headers.iter() {
+        if !h.name.eq_ignore_ascii_case(&auth.header) {
+            continue;
+        }
+        let value = h.value.trim_ascii();
+        ok |= bool::from(value.ct_eq(&auth.token));
+        let start = h.name.as_ptr() as usize - held.as_ptr() as usize;
+        let end = held[start..head_len]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(head_len, |p| start + p + 1);
+        cuts.push(start..end);
+    }
+    if !ok {
+        return Outcome::Fail(if cuts.is_empty() {
+            "no auth header"
+        } else {
+            "wrong token"
+        });
+    }
+    let mut out = Vec::with_capacity(held.len());
+    let mut at = 0;
+    for c in cuts {
+        out.extend_from_slice(&held[at..c.start]);
+        at = c.end;
+    }
+    out.extend_from_slice(&held[at..]);
+    Outcome::Pass(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> HttpAuth {
+        HttpAuth {
+            header: "X-Forwarder-Auth".into(),
+            token: b"s3cret".to_vec(),
+        }
+    }
+
+    #[test]
+    fn header_checked_and_removed() {
+        let a = auth();
+        let req =
+            b"GET / HTTP/1.1\r\nHost: x\r\nx-forwarder-auth: s3cret\r\nAccept: */*\r\n\r\nBODY";
+        assert_eq!(
+            check(req, &a, 4096),
+            Outcome::Pass(b"GET / HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nBODY".to_vec())
+        );
+        assert_eq!(
+            check(b"GET / HTTP/1.1\r\nHost: x\r\n", &a, 4096),
+            Outcome::NeedMore
+        );
+        let wrong = b"GET / HTTP/1.1\r\nX-Forwarder-Auth: nope\r\n\r\n";
+        assert_eq!(check(wrong, &a, 4096), Outcome::Fail("wrong token"));
+        assert_eq!(
+            check(b"GET / HTTP/1.1\r\n\r\n", &a, 4096),
+            Outcome::Fail("no auth header")
+        );
+        assert_eq!(
+            check(b"\x16\x03\x01", &a, 4096),
+            Outcome::Fail("not an HTTP/1.x request")
+        );
+    }
+}

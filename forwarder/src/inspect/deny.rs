@@ -1,0 +1,120 @@
+//! `deny_pattern`: byte regexes tested against the start of the client's stream as it
+//! arrives. A lazy DFA over all patterns is stepped byte by byte, so each decision is
+//! made as early as it can be: a match (deny), or a dead state (no pattern can match
+//! any more: release the held bytes and stop looking). Until then the bytes are held
+//! back, so none of a match reaches the upstream even when it arrives in pieces.
+
+use regex_automata::hybrid::dfa::{Cache, DFA};
+use regex_automata::hybrid::LazyStateID;
+use regex_automata::util::syntax;
+use regex_automata::{nfa::thompson, Input};
+
+/// The compiled patterns of a rule (shared by its connections).
+#[derive(Debug)]
+pub struct DenyPatterns(DFA);
+
+/// What one connection's bytes so far say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A pattern matched: refuse.
+    Deny,
+    /// No pattern can match any more.
+    Clear,
+    /// Could still go either way: hold the bytes.
+    Undecided,
+}
+
+impl DenyPatterns {
+    /// Same syntax as `regex::bytes::Regex` (Unicode classes, but any byte may match).
+    pub fn new(patterns: &[String]) -> Result<DenyPatterns, String> {
+        let dfa = DFA::builder()
+            .syntax(syntax::Config::new().utf8(false))
+            .thompson(thompson::Config::new().utf8(false))
+            .build_many(patterns)
+            .map_err(|e| e.to_string())?;
+        Ok(DenyPatterns(dfa))
+    }
+
+    pub fn scanner(&self) -> Scanner<'_> {
+        let mut cache = self.0.create_cache();
+        let state = self
+            .0
+            .start_state_forward(&mut cache, &Input::new(&[] as &[u8]))
+            .ok();
+        Scanner {
+            dfa: &self.0,
+            cache,
+            state,
+        }
+    }
+}
+
+/// One connection's position in the DFA.
+pub struct Scanner<'a> {
+    dfa: &'a DFA,
+    cache: Cache,
+    /// `None` once the DFA gave up (cache thrashing): decided as [`Verdict::Clear`].
+    state: Option<LazyStateID>,
+}
+
+impl Scanner<'_> {
+    /// Feeds the next bytes of the stream.
+    pub fn feed(&mut self, bytes: &[u8]) -> Verdict {
+        let Some(mut sid) = self.state else {
+            return Verdict::Clear;
+        };
+        for &b in bytes {
+            sid = match self.dfa.next_state(&mut self.cache, sid, b) {
+                Ok(s) => s,
+                Err(_) => return self.give_up(),
+            };
+            // Match states are entered one byte after the match ends.
+            if sid.is_match() {
+                return Verdict::Deny;
+            }
+            if sid.is_dead() {
+                self.state = None;
+                return Verdict::Clear;
+            }
+        }
+        self.state = Some(sid);
+        // A match ending exactly at the last byte so far.
+        match self.dfa.next_eoi_state(&mut self.cache, sid) {
+            Ok(eoi) if eoi.is_match() => Verdict::Deny,
+            Ok(_) => Verdict::Undecided,
+            Err(_) => self.give_up(),
+        }
+    }
+
+    fn give_up(&mut self) -> Verdict {
+        self.state = None;
+        Verdict::Clear
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(patterns: &[&str], chunks: &[&[u8]]) -> Vec<Verdict> {
+        let p: Vec<String> = patterns.iter().map(|s| s.to_string()).collect();
+        let d = DenyPatterns::new(&p).unwrap();
+        let mut s = d.scanner();
+        chunks.iter().map(|c| s.feed(c)).collect()
+    }
+
+    #[test]
+    fn decides_as_early_as_possible() {
+        use Verdict::*;
+        let p = &["^SSH-", r"^\x16\x03"];
+        assert_eq!(run(p, &[b"SS", b"H-2.0"]), vec![Undecided, Deny]);
+        assert_eq!(run(p, &[b"GET / HTTP/1.1\r\n"]), vec![Clear]);
+        assert_eq!(run(p, &[b"S", b"X"]), vec![Undecided, Clear]);
+        assert_eq!(run(p, &[b"\x16", b"\x03\x01"]), vec![Undecided, Deny]);
+        // Unanchored: a match may start anywhere, so it never clears early.
+        assert_eq!(
+            run(&["evil"], &[b"a good ev", b"il"]),
+            vec![Undecided, Deny]
+        );
+    }
+}

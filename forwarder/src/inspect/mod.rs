@@ -1,0 +1,289 @@
+//! Traffic inspection per rule: `inspect` (dumps), `deny_pattern`, `http_auth` and
+//! `rewrite`.
+//!
+//! [`InspectRelay`] wraps a rule's relay. It copies the first bytes of each direction
+//! through our memory (the *prelude*) until every check has seen what it needs, then
+//! hands the pair, with no byte read past that point, to the relay it wraps: the fast
+//! path (ebpf or splice), or the copy relay for `rewrite` rules. So inspection costs
+//! only the bytes it inspects, and `userspace_bytes` in the close line says how many.
+
+pub mod auth;
+pub mod deny;
+pub mod dump;
+pub mod rewrite;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::Rule;
+use crate::relay::{reset_both_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use deny::{DenyPatterns, Verdict};
+use dump::Dump;
+
+/// A `deny_pattern` that can still match only further in (an unanchored one) holds
+/// the client's first bytes at most this long, as HAProxy's `inspect-delay` does;
+/// then they go on and later bytes are still checked.
+const HOLD_MAX: Duration = Duration::from_secs(1);
+
+/// Connection numbers for dumps (`conn=`), process-wide.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+pub struct InspectRelay {
+    rule: Rule,
+    deny: Option<DenyPatterns>,
+    inner: Arc<dyn Relay>,
+}
+
+impl InspectRelay {
+    /// `inner` is the relay the pair continues on once the checks are done.
+    pub fn new(rule: &Rule, inner: Arc<dyn Relay>) -> Result<InspectRelay, String> {
+        let deny = match rule.deny_patterns.is_empty() {
+            true => None,
+            false => Some(DenyPatterns::new(&rule.deny_patterns)?),
+        };
+        Ok(InspectRelay {
+            rule: rule.clone(),
+            deny,
+            inner,
+        })
+    }
+}
+
+impl Relay for InspectRelay {
+    fn path(&self) -> &'static str {
+        self.inner.path()
+    }
+
+    fn progress_lag(&self) -> Duration {
+        self.inner.progress_lag()
+    }
+
+    fn relay<'a>(&'a self, mut pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        Box::pin(async move {
+            match self.prelude(&mut pair, &progress).await {
+                Ok(()) => self.inner.relay(pair, progress).await,
+                Err(end) => end,
+            }
+        })
+    }
+}
+
+/// Where the prelude stands.
+struct Prelude<'a> {
+    dump: Option<Dump>,
+    scanner: Option<deny::Scanner<'a>>,
+    auth_pending: bool,
+    /// Client bytes read but not yet passed on (a check is undecided).
+    held: Vec<u8>,
+    hold_until: Option<Instant>,
+    /// Client bytes read so far.
+    client_seen: usize,
+    eof: [bool; 2],
+}
+
+impl InspectRelay {
+    /// Runs the checks; `Ok` when the pair may go on to the inner relay.
+    async fn prelude(&self, pair: &mut Pair, progress: &Progress) -> Result<(), RelayEnd> {
+        let rule = &self.rule;
+        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+        let dump = rule.inspect.as_ref().and_then(|cfg| {
+            Dump::new(cfg, &rule.name, conn)
+                .map_err(|e| tracing::warn!("inspect rule={} conn={conn}: no dump: {e}", rule.name))
+                .ok()
+        });
+        let mut p = Prelude {
+            dump,
+            scanner: self.deny.as_ref().map(|d| d.scanner()),
+            auth_pending: rule.http_auth.is_some(),
+            held: Vec::new(),
+            hold_until: None,
+            client_seen: 0,
+            eof: [false; 2],
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let wants = |d: usize, p: &Prelude| p.dump.as_ref().map_or(0, |x| x.wants(d));
+            let checking = p.scanner.is_some() || p.auth_pending;
+            let client_needs = !p.eof[0] && (wants(0, &p) > 0 || checking);
+            // While the client's checks wait, the upstream's bytes flow (server-first
+            // protocols); after that, only as many as the dump still shows.
+            let upstream_needs = !p.eof[1] && (client_needs || wants(1, &p) > 0);
+            let client_done = !client_needs && p.held.is_empty();
+            if client_done && !upstream_needs {
+                return Ok(());
+            }
+            // The client's checks are done but the upstream's dump is not: wait for the
+            // upstream's first bytes (a response), unless the client speaks first: then
+            // the pair moves on and the rest of the upstream's bytes go uninspected, so
+            // a silent upstream never keeps a busy client off the fast path.
+            // Never read past what a check or the dump needs: the inner relay takes
+            // over at exactly that point.
+            let client_max = wants(0, &p)
+                .max(if checking {
+                    rule.inspect_window.saturating_sub(p.client_seen) as u64
+                } else {
+                    0
+                })
+                .clamp(1, buf.len() as u64) as usize;
+            let upstream_max = if client_needs {
+                buf.len()
+            } else {
+                (wants(1, &p) as usize).clamp(1, buf.len())
+            };
+            let hold_until = p.hold_until;
+            tokio::select! {
+                r = pair.client.readable(), if client_needs || client_done => {
+                    r.map_err(|e| fail(pair, Side::Client, e))?;
+                    if client_done {
+                        return Ok(());
+                    }
+                    let n = match pair.client.try_read(&mut buf[..client_max]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(fail(pair, Side::Client, e)),
+                    };
+                    self.client_bytes(pair, progress, &mut p, &buf[..n]).await?;
+                }
+                r = pair.upstream.readable(), if upstream_needs => {
+                    r.map_err(|e| fail(pair, Side::Upstream, e))?;
+                    let n = match pair.upstream.try_read(&mut buf[..upstream_max]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(fail(pair, Side::Upstream, e)),
+                    };
+                    if n == 0 {
+                        p.eof[1] = true;
+                        continue;
+                    }
+                    if let Some(d) = &mut p.dump {
+                        d.record(1, &buf[..n]);
+                    }
+                    pass_on(&mut pair.client, &buf[..n], &progress.to_client, progress)
+                        .await
+                        .map_err(|e| fail(pair, Side::Client, e))?;
+                }
+                _ = tokio::time::sleep_until(hold_until.unwrap_or_else(Instant::now)), if hold_until.is_some() => {
+                    p.hold_until = None;
+                    if !p.auth_pending {
+                        let held = std::mem::take(&mut p.held);
+                        pass_on(&mut pair.upstream, &held, &progress.to_upstream, progress)
+                            .await
+                            .map_err(|e| fail(pair, Side::Upstream, e))?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The client's next bytes (none: EOF) through the checks.
+    async fn client_bytes(
+        &self,
+        pair: &mut Pair,
+        progress: &Progress,
+        p: &mut Prelude<'_>,
+        data: &[u8],
+    ) -> Result<(), RelayEnd> {
+        let rule = &self.rule;
+        if data.is_empty() {
+            p.eof[0] = true;
+        }
+        if let Some(d) = &mut p.dump {
+            d.record(0, data);
+        }
+        p.client_seen += data.len();
+        p.held.extend_from_slice(data);
+        if let Some(scanner) = &mut p.scanner {
+            match scanner.feed(data) {
+                Verdict::Deny => {
+                    reset_both_on_close(&pair.client, &pair.upstream);
+                    return Err(RelayEnd::Refused {
+                        reason: "pattern",
+                        detail: String::new(),
+                    });
+                }
+                Verdict::Clear => p.scanner = None,
+                Verdict::Undecided if p.eof[0] || p.client_seen >= rule.inspect_window => {
+                    p.scanner = None
+                }
+                Verdict::Undecided => {}
+            }
+        }
+        if let (true, Some(a)) = (p.auth_pending, &rule.http_auth) {
+            let outcome = if p.eof[0] && !p.held.is_empty() {
+                match auth::check(&p.held, a, rule.inspect_window) {
+                    auth::Outcome::NeedMore => auth::Outcome::Fail("incomplete request"),
+                    o => o,
+                }
+            } else if p.eof[0] {
+                auth::Outcome::Fail("no request")
+            } else {
+                auth::check(&p.held, a, rule.inspect_window)
+            };
+            match outcome {
+                auth::Outcome::NeedMore => {}
+                auth::Outcome::Pass(request) => {
+                    p.held = request;
+                    p.auth_pending = false;
+                }
+                auth::Outcome::Fail(why) => return Err(unauthorized(pair, why).await),
+            }
+        }
+        if p.scanner.is_none() && !p.auth_pending {
+            let held = std::mem::take(&mut p.held);
+            p.hold_until = None;
+            pass_on(&mut pair.upstream, &held, &progress.to_upstream, progress)
+                .await
+                .map_err(|e| fail(pair, Side::Upstream, e))?;
+        } else if !p.held.is_empty() && p.hold_until.is_none() {
+            p.hold_until = Some(Instant::now() + HOLD_MAX);
+        }
+        Ok(())
+    }
+}
+
+async fn pass_on(
+    dst: &mut TcpStream,
+    data: &[u8],
+    counter: &AtomicU64,
+    progress: &Progress,
+) -> std::io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    dst.write_all(data).await?;
+    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+    progress
+        .via_userspace
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    progress.touch();
+    Ok(())
+}
+
+fn fail(pair: &Pair, side: Side, error: std::io::Error) -> RelayEnd {
+    reset_both_on_close(&pair.client, &pair.upstream);
+    RelayEnd::Failed { side, error }
+}
+
+/// Answers 401 and lets the client read it: a FIN after the answer, and what the
+/// client still sends is read and dropped (for up to a second) so that closing does
+/// not turn into a reset that could destroy the answer in flight.
+async fn unauthorized(pair: &mut Pair, why: &'static str) -> RelayEnd {
+    // The upstream gets a plain close: it has been sent nothing.
+    let _ = pair.upstream.shutdown().await;
+    let _ = pair.client.write_all(auth::UNAUTHORIZED).await;
+    let _ = pair.client.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        while matches!(pair.client.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    RelayEnd::Refused {
+        reason: "http_auth",
+        detail: why.to_string(),
+    }
+}

@@ -1,0 +1,106 @@
+//! The copy relay: read into our memory, maybe rewrite, write. The only path on which
+//! a rule may change bytes (`rewrite`), so every byte of its pairs is counted in
+//! `userspace_bytes`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{reset_both_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use crate::config::{Direction, Rule};
+use crate::inspect::rewrite::Rewriter;
+
+pub struct CopyRelay {
+    rule: Rule,
+}
+
+impl CopyRelay {
+    pub fn new(rule: &Rule) -> CopyRelay {
+        CopyRelay { rule: rule.clone() }
+    }
+
+    fn rewriter(&self, direction: Direction) -> Rewriter {
+        let rules: Vec<_> = self
+            .rule
+            .rewrite
+            .iter()
+            .filter(|r| r.direction == direction)
+            .collect();
+        Rewriter::new(&rules, self.rule.max_match)
+    }
+}
+
+impl Relay for CopyRelay {
+    fn path(&self) -> &'static str {
+        "copy"
+    }
+
+    fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        Box::pin(async move {
+            progress.enter(Hop::Copy);
+            let Pair {
+                mut client,
+                mut upstream,
+            } = pair;
+            let result = {
+                let (cr, cw) = client.split();
+                let (ur, uw) = upstream.split();
+                let up = pump(
+                    cr,
+                    uw,
+                    [Side::Client, Side::Upstream],
+                    self.rewriter(Direction::ToUpstream),
+                    &progress.to_upstream,
+                    &progress,
+                );
+                let down = pump(
+                    ur,
+                    cw,
+                    [Side::Upstream, Side::Client],
+                    self.rewriter(Direction::ToClient),
+                    &progress.to_client,
+                    &progress,
+                );
+                tokio::try_join!(up, down)
+            };
+            match result {
+                Ok(_) => RelayEnd::Closed,
+                Err((side, error)) => {
+                    reset_both_on_close(&client, &upstream);
+                    RelayEnd::Failed { side, error }
+                }
+            }
+        })
+    }
+}
+
+/// One direction until EOF, which it passes on (after the rewriter's tail).
+async fn pump(
+    mut src: tokio::net::tcp::ReadHalf<'_>,
+    mut dst: tokio::net::tcp::WriteHalf<'_>,
+    [src_side, dst_side]: [Side; 2],
+    mut rewriter: Rewriter,
+    counter: &AtomicU64,
+    progress: &Progress,
+) -> Result<(), (Side, std::io::Error)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = src.read(&mut buf).await.map_err(|e| (src_side, e))?;
+        let eof = n == 0;
+        let out = if rewriter.is_empty() {
+            buf[..n].to_vec()
+        } else {
+            rewriter.push(&buf[..n], eof)
+        };
+        dst.write_all(&out).await.map_err(|e| (dst_side, e))?;
+        counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+        progress
+            .via_userspace
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        progress.touch();
+        if eof {
+            return dst.shutdown().await.map_err(|e| (dst_side, e));
+        }
+    }
+}
