@@ -140,7 +140,17 @@ impl InspectRelay {
                 r = pair.client.readable(), if client_needs || client_done => {
                     r.map_err(|e| fail(pair, Side::Client, e))?;
                     if client_done {
-                        return Ok(());
+                        // Readiness may be stale (our last read did not drain the
+                        // socket to EAGAIN): look, clearing it if nothing is there.
+                        let peek = pair.client.try_io(tokio::io::Interest::READABLE, || {
+                            let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                            socket2::SockRef::from(&pair.client).peek(&mut b)
+                        });
+                        match peek {
+                            Ok(_) => return Ok(()),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                            Err(e) => return Err(fail(pair, Side::Client, e)),
+                        }
                     }
                     let n = match pair.client.try_read(&mut buf[..client_max]) {
                         Ok(n) => n,
