@@ -46,7 +46,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,splice,ebpf,auto,nginx,haproxy",
+        default_value = "direct,splice,ebpf,auto,copy,inspect,nginx,haproxy",
         value_name = "MODE,..."
     )]
     pub modes: Vec<Mode>,
@@ -86,6 +86,10 @@ pub enum Mode {
     Nginx,
     /// HAProxy `mode tcp` with `option splice-auto`.
     Haproxy,
+    /// forwarder on its copy path (a `rewrite` rule whose pattern never matches).
+    Copy,
+    /// forwarder --mode ebpf behind the inspection prelude (`deny_pattern`, a 64-byte dump).
+    Inspect,
 }
 
 impl Mode {
@@ -97,6 +101,28 @@ impl Mode {
             Mode::Auto => "auto",
             Mode::Nginx => "nginx",
             Mode::Haproxy => "haproxy",
+            Mode::Copy => "copy",
+            Mode::Inspect => "inspect",
+        }
+    }
+
+    /// The `mode` key and extra rule keys of the forwarder rows.
+    fn forwarder_rule(self) -> (&'static str, String) {
+        match self {
+            Mode::Copy => (
+                "splice",
+                "rewrite = [{ direction = \"to_upstream\", match = '\\x00never\\x00', replace = \"\" }]\n"
+                    .into(),
+            ),
+            // A check and a small dump to the log: per-file dumps of every connection
+            // of the connection-rate runs would be the bench's bottleneck.
+            Mode::Inspect => (
+                "ebpf",
+                "inspect = { bytes = 64, format = \"text\", to = \"log\" }\n\
+                 deny_pattern = ['^SSH-']\n"
+                    .into(),
+            ),
+            m => (m.name(), String::new()),
         }
     }
 
@@ -364,6 +390,7 @@ fn run_mode(
             let f = forwarder::start(
                 bin,
                 mode.name(),
+                mode.forwarder_rule(),
                 &servers.addrs,
                 max_pairs,
                 out_dir,

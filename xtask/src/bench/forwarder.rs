@@ -12,23 +12,26 @@ use anyhow::{anyhow, Context, Result};
 use super::relay::{Relay, Unavailable};
 use super::servers::Addrs;
 
-/// Starts `bin` with one rule per bench server in `mode` ("splice", "ebpf" or "auto");
-/// the config and the log go to `dir`. `Err(Unavailable)` when it exits during startup.
+/// Starts `bin` as the bench row `name`, with one rule per bench server whose keys are
+/// `mode = RULE_MODE` plus `extra` (`rule`); the config and the log go to `dir`.
+/// `Err(Unavailable)` when it exits during startup.
 pub fn start(
     bin: &Path,
-    mode: &str,
+    name: &str,
+    rule: (&str, String),
     upstreams: &Addrs,
     max_conns: usize,
     dir: &Path,
     log_filter: Option<&str>,
 ) -> std::result::Result<Relay, Unavailable> {
-    start_inner(bin, mode, upstreams, max_conns, dir, log_filter)
+    start_inner(bin, name, rule, upstreams, max_conns, dir, log_filter)
         .map_err(|e| Unavailable(format!("{e:#}")))
 }
 
 fn start_inner(
     bin: &Path,
     mode: &str,
+    (rule_mode, extra): (&str, String),
     up: &Addrs,
     max_conns: usize,
     dir: &Path,
@@ -43,7 +46,7 @@ fn start_inner(
     for (name, addr) in up.rules() {
         text += &format!(
             "\n[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n\
-             upstream = \"{addr}\"\nmode = \"{mode}\"\n"
+             upstream = \"{addr}\"\nmode = \"{rule_mode}\"\n{extra}"
         );
     }
     fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;

@@ -307,7 +307,7 @@ fn targets(mode: Mode) -> &'static [(&'static str, Goal)] {
     match mode {
         Mode::Ebpf => EBPF_TARGETS,
         Mode::Splice | Mode::Auto => SPLICE_TARGETS,
-        Mode::Direct | Mode::Nginx | Mode::Haproxy => &[],
+        Mode::Direct | Mode::Nginx | Mode::Haproxy | Mode::Copy | Mode::Inspect => &[],
     }
 }
 
