@@ -86,13 +86,25 @@ async fn pump(
 ) -> Result<(), (Side, std::io::Error)> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = src.read(&mut buf).await.map_err(|e| (src_side, e))?;
-        let eof = n == 0;
-        let out = if rewriter.is_empty() {
-            buf[..n].to_vec()
+        // A held beginning of a match waits a while for the rest, not forever.
+        let wait = if rewriter.holding() {
+            crate::inspect::rewrite::HOLD_MAX
         } else {
-            rewriter.push(&buf[..n], eof)
+            std::time::Duration::MAX
         };
+        let (n, out) = match tokio::time::timeout(wait, src.read(&mut buf)).await {
+            Err(_) => (None, rewriter.flush()),
+            Ok(r) => {
+                let n = r.map_err(|e| (src_side, e))?;
+                let out = if rewriter.is_empty() {
+                    buf[..n].to_vec()
+                } else {
+                    rewriter.push(&buf[..n], n == 0)
+                };
+                (Some(n), out)
+            }
+        };
+        let eof = n == Some(0);
         dst.write_all(&out).await.map_err(|e| (dst_side, e))?;
         counter.fetch_add(out.len() as u64, Ordering::Relaxed);
         progress
