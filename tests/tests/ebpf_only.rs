@@ -152,4 +152,79 @@ mod ebpf {
             assert!(o.stderr.contains(needle), "no {needle:?} in: {}", o.stderr);
         }
     }
+
+    /// A host where `bpf()` fails, as inside a container whose seccomp profile denies
+    /// it (EPERM, Docker's default) or on a kernel built without it (ENOSYS): the
+    /// filter is installed in the child before exec. `--mode ebpf` exits 1 with one
+    /// message naming what is missing and what to do; `--mode auto` serves on splice
+    /// and its listening line says the same.
+    #[test]
+    fn without_bpf_the_error_says_what_to_do() {
+        if !ebpf_can_run("ebpf::without_bpf_the_error_says_what_to_do") {
+            return;
+        }
+        let _load = light();
+        let up = Server::echo();
+        for (errno, needles) in [
+            (libc::EPERM, ["bpf()", "seccomp"]),
+            (libc::ENOSYS, ["bpf()", "CONFIG_BPF_SYSCALL"]),
+        ] {
+            let filter = deny_bpf(errno);
+            let run = |mode: &str| {
+                let mut cmd = forwarder_command();
+                cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+                    .arg(up.addr().to_string())
+                    .args(["--mode", mode]);
+                let filter = filter.clone();
+                // SAFETY: only async-signal-safe calls (prctl, seccomp) after fork.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        seccompiler::apply_filter(&filter)
+                            .map_err(|e| std::io::Error::other(e.to_string()))
+                    });
+                }
+                cmd
+            };
+            let o = run_to_exit(run("ebpf"), secs(20));
+            assert_eq!(o.code(), Some(1), "errno {errno}: {}", o.stderr);
+            for n in needles {
+                assert!(
+                    o.stderr.contains(n),
+                    "errno {errno}: no {n:?} in: {}",
+                    o.stderr
+                );
+            }
+            let mut cmd = run("auto");
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            let mut child = ChildGuard::spawn(cmd, "forwarder (auto, no bpf)");
+            let lines = Lines::collect(child.child_mut().stderr.take().unwrap());
+            let listening = lines
+                .wait_for(secs(15), |l| l.contains("listening rule="))
+                .unwrap_or_else(|| panic!("no listening line: {}", lines.text()));
+            assert!(listening.contains("mode=splice"), "{listening}");
+            for n in needles {
+                assert!(
+                    listening.contains(n),
+                    "errno {errno}: no {n:?} in: {listening}"
+                );
+            }
+            let addr: std::net::SocketAddr = field(&listening, "listen").unwrap().parse().unwrap();
+            echo_check(addr, Payload::new(7, 64 * KIB), secs(10));
+        }
+    }
+
+    /// A seccomp filter that fails `bpf()` with `errno` and allows everything else.
+    fn deny_bpf(errno: i32) -> seccompiler::BpfProgram {
+        let rules = [(libc::SYS_bpf, vec![])].into_iter().collect();
+        let filter = seccompiler::SeccompFilter::new(
+            rules,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Errno(errno as u32),
+            std::env::consts::ARCH.try_into().expect("a seccomp arch"),
+        )
+        .expect("a valid filter");
+        filter.try_into().expect("compiles")
+    }
 }

@@ -52,6 +52,40 @@ pub struct Kernel {
     _ebpf: Ebpf,
 }
 
+/// What a failed load means for the user, and what to do, from the errno under it.
+fn load_hint(e: &(dyn std::error::Error + 'static), root: bool) -> String {
+    let mut errno = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            errno = io.raw_os_error();
+        }
+        cur = err.source();
+    }
+    let why = match errno {
+        Some(libc::EPERM) | Some(libc::EACCES) if !root => {
+            "the kernel path needs CAP_BPF and CAP_NET_ADMIN: run as root, give the binary \
+             both with `setcap cap_bpf,cap_net_admin+ep BINARY`, or grant them with \
+             AmbientCapabilities= in its systemd unit"
+        }
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "bpf() is not permitted even to root here: a seccomp filter (a container's \
+             default profile) or kernel lockdown denies it; allow the bpf syscall \
+             (e.g. run the container with a seccomp profile that permits it) or run on the host"
+        }
+        Some(libc::ENOSYS) => {
+            "this kernel has no bpf() system call: it needs CONFIG_BPF_SYSCALL=y \
+             (and CONFIG_BPF_STREAM_PARSER=y for sockmap)"
+        }
+        Some(libc::EINVAL) => {
+            "this kernel rejects the sockmap maps or program: it needs \
+             CONFIG_BPF_STREAM_PARSER=y and 5.13 or later is tested (see docs/ARCHITECTURE.md)"
+        }
+        _ => return String::new(),
+    };
+    format!(" ({why})")
+}
+
 impl Kernel {
     /// Loads and attaches the program. Must run inside the tokio runtime (log reader).
     pub fn load() -> Result<Kernel, String> {
@@ -60,16 +94,10 @@ impl Kernel {
         let root = unsafe { libc::geteuid() } == 0;
         // No kernel BTF: the program uses no CO-RE relocations, and parsing vmlinux's
         // BTF cost 16 MiB of RSS for the life of the process.
-        let mut ebpf = EbpfLoader::new().btf(None).load(object).map_err(|e| {
-            let hint = if root {
-                ""
-            } else {
-                " (the kernel path needs CAP_BPF and CAP_NET_ADMIN: run as root, give the \
-                 binary both with `setcap cap_bpf,cap_net_admin+ep BINARY`, or grant them \
-                 with AmbientCapabilities= in its systemd unit)"
-            };
-            format!("cannot load the eBPF object: {e}{hint}")
-        })?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(object)
+            .map_err(|e| format!("cannot load the eBPF object: {e}{}", load_hint(&e, root)))?;
         spawn_logger(&mut ebpf);
         let socks: SockHash<MapData, u64> = take(&mut ebpf, SOCKS_MAP)?;
         let members: SockHash<MapData, u64> = take(&mut ebpf, MEMBERS_MAP)?;
