@@ -66,7 +66,7 @@ impl Relay for InspectRelay {
     fn relay<'a>(&'a self, mut pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         Box::pin(async move {
             match self.prelude(&mut pair, &progress).await {
-                Ok(()) => self.inner.relay(pair, progress).await,
+                Ok(()) => self.inner.relay_after_prelude(pair, progress).await,
                 Err(end) => end,
             }
         })

@@ -179,6 +179,11 @@ pub trait Relay: Send + Sync {
     /// `splice` or `ebpf`, as it appears in logs.
     fn path(&self) -> &'static str;
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a>;
+    /// [`Relay::relay`] for a pair whose sockets the inspection prelude has read from
+    /// (maybe partway through a segment).
+    fn relay_after_prelude<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        self.relay(pair, progress)
+    }
     /// How long after bytes moved `Progress` may still not show them (the idle timeout
     /// waits this much longer, so a pair is never cut while its bytes are being counted).
     fn progress_lag(&self) -> std::time::Duration {

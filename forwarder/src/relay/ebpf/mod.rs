@@ -56,24 +56,41 @@ impl Relay for EbpfRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        Box::pin(async move {
-            let (pair, drained) = if self.start_on_splice {
-                let promote = Some(splice::PROMOTE_AFTER_BURSTS);
-                match splice::relay_until(pair, &progress, promote).await {
-                    Ok(end) => return end,
-                    Err(pair) => (pair, true),
-                }
-            } else {
-                (pair, false)
-            };
-            let limit = self.inflight_limit;
-            pair::relay(self.kernel, limit, pair, &progress, true, drained).await
-        })
+        Box::pin(self.run(pair, progress, self.start_on_splice))
+    }
+
+    /// After an inspection prelude the sockets may hold partly read skbs, which the
+    /// program would see whole (docs/ARCHITECTURE.md). With nothing queued on either
+    /// socket, pair at once; otherwise (a stream still arriving) start on splice and
+    /// move at a quiet moment, as `auto` does: no byte beyond the inspected ones goes
+    /// through our memory either way.
+    fn relay_after_prelude<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        let queued = |s: &tokio::net::TcpStream| {
+            sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).map_or(1, |n| n)
+        };
+        let busy = queued(&pair.client) + queued(&pair.upstream) > 0;
+        Box::pin(self.run(pair, progress, self.start_on_splice || busy))
     }
 
     /// Redirected bytes wake nobody: an idle pair's counters are read on its slowest tick.
     fn progress_lag(&self) -> std::time::Duration {
         pair::MAX_TICK
+    }
+}
+
+impl EbpfRelay {
+    async fn run(&self, pair: Pair, progress: Arc<Progress>, start_on_splice: bool) -> RelayEnd {
+        let (pair, drained) = if start_on_splice {
+            let promote = Some(splice::PROMOTE_AFTER_BURSTS);
+            match splice::relay_until(pair, &progress, promote).await {
+                Ok(end) => return end,
+                Err(pair) => (pair, true),
+            }
+        } else {
+            (pair, false)
+        };
+        let limit = self.inflight_limit;
+        pair::relay(self.kernel, limit, pair, &progress, true, drained).await
     }
 }
 
