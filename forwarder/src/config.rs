@@ -432,11 +432,20 @@ impl Config {
         Self::validate(file)
     }
 
-    /// Forces every rule onto one mode (the `--mode` flag).
-    pub fn override_mode(&mut self, mode: Mode) {
-        for rule in &mut self.rules {
+    /// Forces every rule onto one mode (the `--mode` flag); as in the file, `ebpf`
+    /// cannot apply to a rule that rewrites.
+    pub fn override_mode(&mut self, mode: Mode) -> Result<(), ConfigError> {
+        for (i, rule) in self.rules.iter_mut().enumerate() {
+            if mode == Mode::Ebpf && !rule.rewrite.is_empty() {
+                return Err(err(format!(
+                    "config error at key `rule[{i}].rewrite` (rule {:?}): --mode ebpf cannot \
+                     apply: rewriting needs every byte in userspace (path=copy)",
+                    rule.name
+                )));
+            }
             rule.mode = mode;
         }
+        Ok(())
     }
 
     fn validate(file: FileConfig) -> Result<Config, ConfigError> {

@@ -35,11 +35,11 @@ fn run(args: RunArgs) -> ExitCode {
             listen,
             upstreams: args.upstream,
         })
-        .map(|mut c| {
+        .and_then(|mut c| {
             if let Some(mode) = args.mode {
-                c.override_mode(mode);
+                c.override_mode(mode)?;
             }
-            c
+            Ok(c)
         }),
         (None, None) => unreachable!("clap requires --config or --listen"),
     };

@@ -36,7 +36,7 @@ impl ConfigSource {
     pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
         let mut config = Config::from_file(&self.path)?;
         if let Some(mode) = self.mode {
-            config.override_mode(mode);
+            config.override_mode(mode)?;
         }
         Ok(config)
     }

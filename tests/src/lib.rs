@@ -450,6 +450,33 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> Output {
     }
 }
 
+/// `python3 -m http.server ARGS...` on a free loopback port serving `dir`; returns it
+/// (killed on drop), its address, and its stderr (the access log).
+pub fn python_http_server(dir: &Path, args: &[&str]) -> (ChildGuard, SocketAddr, Lines) {
+    let mut py = command("python3");
+    py.args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1"])
+        .args(args)
+        .arg("--directory")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut http = ChildGuard::spawn(py, "python3 -m http.server");
+    let out = Lines::collect(http.child_mut().stdout.take().unwrap());
+    let errs = Lines::collect(http.child_mut().stderr.take().unwrap());
+    // Importing http.server takes seconds on a slow (emulated) machine.
+    let line = out
+        .wait_for(Duration::from_secs(30), |l| l.contains("Serving HTTP on"))
+        .unwrap_or_else(|| panic!("http.server did not start: {}", errs.text()));
+    let port: u16 = line
+        .split(" port ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    (http, SocketAddr::from(([127, 0, 0, 1], port)), errs)
+}
+
 /// The forwarder binary as a `Command`, with logging at info.
 pub fn forwarder_command() -> Command {
     let mut cmd = command(forwarder_bin());

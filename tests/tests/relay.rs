@@ -60,25 +60,7 @@ relay_tests! {
         let dir = TempDir::new("www");
         let file = Payload::new(7, 20 * MIB + 12345);
         std::fs::write(dir.path().join("blob.bin"), file.to_vec()).unwrap();
-        let mut py = command("python3");
-        py.args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
-            .arg(dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut http = ChildGuard::spawn(py, "python3 -m http.server");
-        let out = Lines::collect(http.child_mut().stdout.take().unwrap());
-        let errs = Lines::collect(http.child_mut().stderr.take().unwrap());
-        let line = out
-            .wait_for(secs(15), |l| l.contains("Serving HTTP on"))
-            .unwrap_or_else(|| panic!("http.server did not start: {}", errs.text()));
-        let port: u16 = line
-            .split(" port ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("cannot parse {line:?}"));
-        let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (_http, upstream, _log) = python_http_server(dir.path(), &[]);
 
         let fwd = Forwarder::cli(mode, &[upstream]);
         fwd.assert_mode(mode);

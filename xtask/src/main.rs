@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod provision;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -35,6 +36,11 @@ enum Task {
     },
     /// Run every test: unit tests and the integration suite in both relay modes.
     Test {
+        /// Run only the integration suite, inside a QEMU VM booting Debian's kernel of
+        /// this series (only "6.1"); there, an argument naming a test binary selects
+        /// it. See xtask/src/vm.rs.
+        #[arg(long, value_name = "VERSION")]
+        kernel: Option<String>,
         /// Extra arguments for the test harness (a test name filter, --nocapture, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -58,7 +64,11 @@ fn main() -> Result<()> {
             let err = exec(Command::new(&bin).args(&args));
             bail!("cannot run {}: {err}", bin.display())
         }
-        Task::Test { args } => test(&args),
+        Task::Test {
+            kernel: Some(version),
+            args,
+        } => vm::test(&version, &args),
+        Task::Test { kernel: None, args } => test(&args),
         Task::Deb => {
             let deb = build_deb()?;
             println!("{}", deb.display());

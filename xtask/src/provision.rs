@@ -31,6 +31,11 @@ pub fn test_tools() -> Result<()> {
     apt_install(TEST_APT)
 }
 
+/// QEMU and what xtask/vm/build-initramfs.sh needs, for `cargo xtask test --kernel`.
+pub fn vm_tools() -> Result<()> {
+    apt_install(&["qemu-system-x86", "busybox-static", "kmod", "cpio"])
+}
+
 /// Debian's BPF-capable rustc and LLVM 22, then bpf-linker built against them.
 /// Returns the bpf-linker binary.
 pub fn ebpf_toolchain() -> Result<PathBuf> {
@@ -79,7 +84,7 @@ fn cargo_tool(name: &str, version: &str, args: &[&str], env: &[(&str, &str)]) ->
 }
 
 /// Where built tools live between runs: outside the work tree, so fresh clones reuse them.
-fn tools_dir() -> PathBuf {
+pub fn tools_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("FORWARDER_TOOLS_DIR") {
         return d.into();
     }

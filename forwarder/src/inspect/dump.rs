@@ -7,7 +7,8 @@
 //! ```
 //! `>` is client → upstream, `<` upstream → client; `from`/`to` are the first and last
 //! byte's offsets in that direction's stream. Text keeps printable ASCII and newlines
-//! and writes every other byte as `\xNN`; hex writes 16 bytes a line after the offset.
+//! and writes every other byte (and `\`) as `\xNN`; hex writes 16 bytes a line after
+//! the offset.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -100,7 +101,8 @@ pub fn render(
         DumpFormat::Text => {
             for &b in data {
                 match b {
-                    b'\n' | 0x20..=0x7e => out.push(b as char),
+                    // A backslash is escaped too, so every `\` in a dump starts an escape.
+                    b'\n' | 0x20..=0x5b | 0x5d..=0x7e => out.push(b as char),
                     _ => {
                         let _ = write!(out, "\\x{b:02x}");
                     }

@@ -59,17 +59,18 @@ impl Relay for EbpfRelay {
         Box::pin(self.run(pair, progress, self.start_on_splice))
     }
 
-    /// After an inspection prelude the sockets may hold partly read skbs, which the
-    /// program would see whole (docs/ARCHITECTURE.md). With nothing queued on either
-    /// socket, pair at once; otherwise (a stream still arriving) start on splice and
-    /// move at a quiet moment, as `auto` does: no byte beyond the inspected ones goes
-    /// through our memory either way.
+    /// After an inspection prelude a socket may hold a partly read skb, which the
+    /// program would see whole (docs/ARCHITECTURE.md): pairing relays the little that
+    /// is queued behind it first. A stream still pouring in (more queued than that)
+    /// would be copied for nothing and then sent to splice anyway: it starts on splice
+    /// and moves at a quiet moment, as `auto` does, with no byte beyond the inspected
+    /// ones through our memory.
     fn relay_after_prelude<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         let queued = |s: &tokio::net::TcpStream| {
-            sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).map_or(1, |n| n)
+            sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).unwrap_or(u64::MAX / 4)
         };
-        let busy = queued(&pair.client) + queued(&pair.upstream) > 0;
-        Box::pin(self.run(pair, progress, self.start_on_splice || busy))
+        let pouring = queued(&pair.client) + queued(&pair.upstream) > pair::PARTLY_READ_MAX;
+        Box::pin(self.run(pair, progress, self.start_on_splice || pouring))
     }
 
     /// Redirected bytes wake nobody: an idle pair's counters are read on its slowest tick.

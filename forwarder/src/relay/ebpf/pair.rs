@@ -386,7 +386,7 @@ fn kick(sock: &StdTcpStream) {
 
 /// At most this many bytes queued behind a read we relay ourselves before pairing;
 /// a socket with more (a PROXY header, then an upload at full speed) goes to splice.
-const PARTLY_READ_MAX: u64 = 64 * 1024;
+pub(super) const PARTLY_READ_MAX: u64 = 64 * 1024;
 
 /// A socket that was read from before pairing (a PROXY header, say) can hold a partly
 /// read skb, and `tcp_read_skb` would hand the program all of it: the bytes already

@@ -1,0 +1,937 @@
+//! Traffic inspection through the real binary (issue 11): `inspect` dumps parsed back
+//! and compared byte for byte, `deny_pattern` (split writes, server-first banners),
+//! `rewrite` (split writes, the copy path), `http_auth` with curl against
+//! `python3 -m http.server`, and the config error for `mode = "ebpf"` with `rewrite`.
+//! Each test runs on both relay paths (`splice::NAME`, `ebpf::NAME`): the rule's own
+//! `mode` is the test's mode, except for rewrite rules, which run on the copy path
+//! (`mode = "splice"` / `"auto"`; their listening line says `mode=copy`).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forwarder_tests::*;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// `[[rule]]` text for one rule.
+fn rule(name: &str, mode: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"{mode}\"\n{extra}\n"
+    )
+}
+
+/// The mode a `rewrite` rule runs with in a test of `mode`: `ebpf` with `rewrite` is
+/// a config error, so the kernel-path run uses `auto` (which must pick the copy path).
+fn rewrite_mode(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Splice => "splice",
+        Mode::Ebpf => "auto",
+    }
+}
+
+/// Waits for the close line of one pair of `rule` (the `n`th, counting from 1).
+fn wait_close(fwd: &Forwarder, rule: &str, n: usize) -> String {
+    let needle = format!(" close rule={rule} ");
+    let found = fwd
+        .stderr
+        .wait_for_n(n, secs(10), |l| as_text(l).contains(&needle));
+    match found.get(n - 1) {
+        Some(l) => as_text(l),
+        None => panic!(
+            "no close line #{n} for rule {rule} within 10 s; stderr:\n{}",
+            fwd.stderr.text()
+        ),
+    }
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line}"))
+}
+
+// ---------------------------------------------------------------------------------
+// Upstreams that record what they get
+// ---------------------------------------------------------------------------------
+
+/// What a recording upstream got on one connection, and how the connection ended.
+#[derive(Debug)]
+struct Recorded {
+    bytes: Vec<u8>,
+    /// `Ok` on EOF; the error kind otherwise (a reset).
+    end: Result<(), io::ErrorKind>,
+}
+
+/// An upstream that sends `greeting` as soon as a client connects, then records every
+/// byte it gets (echoing it back if `echo`) until EOF or an error, and reports each
+/// connection on the returned channel.
+fn recording_server(greeting: &'static [u8], echo: bool) -> (Server, mpsc::Receiver<Recorded>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = Server::start(LOCALHOST, move |mut s| {
+        let mut rec = Recorded {
+            bytes: Vec::new(),
+            end: Ok(()),
+        };
+        if let Err(e) = s.write_all(greeting) {
+            rec.end = Err(e.kind());
+        }
+        let mut buf = vec![0u8; 64 * KIB as usize];
+        // Bounded by the server's 60 s read timeout per read and the peer's EOF.
+        while rec.end.is_ok() {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    let _ = s.shutdown(Shutdown::Write);
+                    break;
+                }
+                Ok(n) => {
+                    rec.bytes.extend_from_slice(&buf[..n]);
+                    if echo {
+                        if let Err(e) = s.write_all(&buf[..n]) {
+                            rec.end = Err(e.kind());
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => rec.end = Err(e.kind()),
+            }
+        }
+        let _ = tx.lock().unwrap().send(rec);
+    });
+    (server, rx)
+}
+
+fn recorded(rx: &mpsc::Receiver<Recorded>, what: &str) -> Recorded {
+    rx.recv_timeout(secs(10))
+        .unwrap_or_else(|e| panic!("{what}: the upstream reported no connection: {e}"))
+}
+
+/// Reads until the peer ends the connection without sending anything; true if it
+/// ended with a reset, at once or (after an EOF) on the next write and read.
+fn ends_with_reset(s: &TcpStream) -> Result<(), String> {
+    match wait_closed(s, secs(5))? {
+        (Ending::Reset, _) => Ok(()),
+        (Ending::Eof, _) => {
+            // EOF first: the reset must follow, as our next write is answered by RST.
+            let mut w = s;
+            let _ = w.write_all(b"x");
+            thread::sleep(Duration::from_millis(50));
+            match w.write_all(b"x") {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("EOF without a reset: next writes gave {other:?}")),
+            }
+        }
+    }
+}
+
+/// The client's side of a small echo conversation: `msgs` one at a time, each echo
+/// read (and checked) before the next, then `tail` sha256-checked with the client's
+/// FIN. Returns everything it sent and received.
+fn converse(addr: SocketAddr, msgs: &[&[u8]], tail: Payload) -> (Vec<u8>, Vec<u8>) {
+    let mut s = connect(addr);
+    let (mut sent, mut received) = (Vec::new(), Vec::new());
+    for m in msgs {
+        s.write_all(m).expect("write a message");
+        sent.extend_from_slice(m);
+        let got = read_exact_timeout(&s, m.len(), secs(10))
+            .unwrap_or_else(|e| panic!("echo of {m:?} via {addr}: {e}"));
+        assert_eq!(&got, m, "echo differs");
+        received.extend_from_slice(&got);
+    }
+    let got = exchange(&s, tail, Instant::now() + secs(30))
+        .unwrap_or_else(|e| panic!("echo of {} bytes via {addr}: {e}", tail.len));
+    assert_eq!(got, Digested::of(&tail), "echoed tail differs");
+    sent.extend(tail.to_vec());
+    received.extend(tail.to_vec());
+    (sent, received)
+}
+
+// ---------------------------------------------------------------------------------
+// Dumps, parsed back
+// ---------------------------------------------------------------------------------
+
+/// One dump chunk: its header's fields and the bytes its body shows.
+#[derive(Debug)]
+struct Chunk {
+    /// `>` client to upstream, `<` upstream to client.
+    arrow: char,
+    rule: String,
+    conn: u64,
+    from: u64,
+    to: u64,
+    data: Vec<u8>,
+}
+
+/// The header's fields, exactly `A TIMESTAMP rule=R conn=N length=L from=F to=T`.
+fn parse_header(line: &str) -> Option<(char, String, u64, u64, u64, u64)> {
+    let t: Vec<&str> = line.split(' ').collect();
+    if t.len() != 7 || !(t[0] == ">" || t[0] == "<") {
+        return None;
+    }
+    let ts = t[1];
+    let ts_ok = ts.len() == 27
+        && ts.ends_with('Z')
+        && ts.as_bytes()[4] == b'-'
+        && ts.as_bytes()[10] == b'T'
+        && ts.as_bytes()[19] == b'.';
+    let kv = |s: &str, k: &str| s.strip_prefix(k)?.strip_prefix('=').map(str::to_string);
+    let n = |s: &str, k: &str| kv(s, k)?.parse::<u64>().ok();
+    if !ts_ok {
+        return None;
+    }
+    Some((
+        t[0].chars().next()?,
+        kv(t[2], "rule")?,
+        n(t[3], "conn")?,
+        n(t[4], "length")?,
+        n(t[5], "from")?,
+        n(t[6], "to")?,
+    ))
+}
+
+/// A line of the forwarder's own (text) log: `TIMESTAMP  LEVEL ...`.
+fn is_log_line(l: &str) -> bool {
+    let Some((ts, rest)) = l.split_once(' ') else {
+        return false;
+    };
+    let b = ts.as_bytes();
+    b.len() >= 20
+        && ts.ends_with('Z')
+        && b[4] == b'-'
+        && b[10] == b'T'
+        && ["TRACE ", "DEBUG ", "INFO ", "WARN ", "ERROR "]
+            .iter()
+            .any(|lvl| rest.trim_start().starts_with(lvl))
+}
+
+/// Decodes a text chunk's body: printable ASCII kept, `\xNN` a byte, lines joined
+/// by `\n`; the newlines the renderer may drop at the end (it adds one after data
+/// that lacks it, the log trims trailing ones) are restored from `length`.
+fn decode_text(body: &[&str], length: u64) -> Vec<u8> {
+    let joined = body.join("\n");
+    let b = joined.as_bytes();
+    for &c in b {
+        assert!(
+            c == b'\n' || (0x20..=0x7e).contains(&c),
+            "a raw byte {c:#04x} in a text dump: {body:?}"
+        );
+    }
+    let hexval = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && b.get(i + 1) == Some(&b'x') {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 2).copied().and_then(hexval),
+                b.get(i + 3).copied().and_then(hexval),
+            ) {
+                out.push(h << 4 | l);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    assert!(
+        out.len() as u64 <= length,
+        "text body decodes to {} bytes, the header says length={length}: {body:?}",
+        out.len()
+    );
+    out.resize(length as usize, b'\n');
+    out
+}
+
+/// Decodes a hex chunk's body: `{offset:08x} ` then ` {byte:02x}` per byte, 16 a line.
+fn decode_hex(body: &[&str], from: u64, length: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, line) in body.iter().enumerate() {
+        let (off, bytes) = line
+            .split_at_checked(8)
+            .unwrap_or_else(|| panic!("short hex line {line:?}"));
+        let off = u64::from_str_radix(off, 16)
+            .unwrap_or_else(|_| panic!("no offset in hex line {line:?}"));
+        assert_eq!(off, from + 16 * i as u64, "offset of hex line {line:?}");
+        let bytes = bytes
+            .strip_prefix(' ')
+            .unwrap_or_else(|| panic!("hex line {line:?}"));
+        let vals: Vec<u8> = bytes
+            .split(' ')
+            .skip(1)
+            .map(|h| {
+                assert_eq!(h.len(), 2, "hex byte {h:?} in {line:?}");
+                u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("hex byte {h:?}"))
+            })
+            .collect();
+        let rebuilt: String = vals.iter().map(|v| format!(" {v:02x}")).collect();
+        assert_eq!(bytes, rebuilt, "hex line layout {line:?}");
+        assert!(
+            !vals.is_empty() && vals.len() <= 16,
+            "hex line with {} bytes",
+            vals.len()
+        );
+        assert!(
+            i + 1 == body.len() || vals.len() == 16,
+            "a short hex line before the last: {body:?}"
+        );
+        out.extend(vals);
+    }
+    assert_eq!(out.len() as u64, length, "hex body length: {body:?}");
+    out
+}
+
+/// The chunks of `only_rule` in `lines`: a chunk starts at a header (found in the line by `header`,
+/// which returns the header text) and its body runs to the next header or log line.
+fn parse_chunks(
+    lines: &[&str],
+    header: fn(&str) -> Option<&str>,
+    only_rule: &str,
+    hex: bool,
+) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let Some((arrow, rule, conn, length, from, to)) = header(lines[i]).and_then(parse_header)
+        else {
+            i += 1;
+            continue;
+        };
+        let start = i + 1;
+        let mut end = start;
+        while end < lines.len()
+            && header(lines[end]).and_then(parse_header).is_none()
+            && !is_log_line(lines[end])
+        {
+            end += 1;
+        }
+        let body = &lines[start..end];
+        i = end;
+        if rule != only_rule {
+            continue;
+        }
+        let data = if hex {
+            decode_hex(body, from, length)
+        } else {
+            decode_text(body, length)
+        };
+        chunks.push(Chunk {
+            arrow,
+            rule,
+            conn,
+            from,
+            to,
+            data,
+        });
+    }
+    chunks
+}
+
+/// A dump file's header line is the header.
+fn file_header(l: &str) -> Option<&str> {
+    Some(l)
+}
+
+/// A log line carries the header after its timestamp and level.
+fn log_header(l: &str) -> Option<&str> {
+    is_log_line(l).then_some(())?;
+    Some(l.split_once(" INFO ")?.1)
+}
+
+/// The bytes one direction's chunks show, checking that they follow each other
+/// (`from` where the previous ended, `to` its last byte's offset).
+fn stream(chunks: &[Chunk], arrow: char) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in chunks.iter().filter(|c| c.arrow == arrow) {
+        assert_eq!(
+            c.from,
+            out.len() as u64,
+            "chunk does not continue the stream: {c:?}"
+        );
+        assert_eq!(c.to, c.from + c.data.len() as u64 - 1, "to= of {c:?}");
+        out.extend_from_slice(&c.data);
+    }
+    out
+}
+
+/// The dump files in `dir`: exactly one, `<rule>-<conn>.log`, mode 0600; its chunks.
+fn dump_file(dir: &Path, rule: &str, hex: bool) -> Vec<Chunk> {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one dump file per connection: {files:?}");
+    let path = &files[0];
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let conn: u64 = name
+        .strip_prefix(&format!("{rule}-"))
+        .and_then(|n| n.strip_suffix(".log"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("dump file {name:?} is not {rule}-<conn>.log"));
+    let meta = std::fs::metadata(path).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o600,
+        "mode of {}",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.ends_with('\n'), "dump file ends mid-line: {text:?}");
+    let lines: Vec<&str> = text[..text.len() - 1].split('\n').collect();
+    assert!(
+        lines.first().and_then(|l| parse_header(l)).is_some(),
+        "dump file does not start with a chunk header: {text:?}"
+    );
+    let chunks = parse_chunks(&lines, file_header, rule, hex);
+    let headers = lines.iter().filter(|l| parse_header(l).is_some()).count();
+    assert_eq!(headers, chunks.len(), "chunks of another rule in {name}");
+    for c in &chunks {
+        assert_eq!(
+            (c.rule.as_str(), c.conn),
+            (rule, conn),
+            "chunk of {name}: {c:?}"
+        );
+    }
+    chunks
+}
+
+/// The chunks of `rule` in the forwarder's log (each chunk a log event: the header
+/// after the log's own timestamp and level, the body on the lines after it).
+fn dump_log(fwd: &Forwarder, rule: &str, hex: bool) -> Vec<Chunk> {
+    let lines = fwd.stderr.snapshot();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let mine = parse_chunks(&lines, log_header, rule, hex);
+    let conns: std::collections::BTreeSet<u64> = mine.iter().map(|c| c.conn).collect();
+    assert_eq!(
+        conns.len(),
+        1,
+        "one connection's chunks for {rule}: {mine:?}"
+    );
+    mine
+}
+
+// ---------------------------------------------------------------------------------
+// HTTP helpers
+// ---------------------------------------------------------------------------------
+
+/// `python3 -m http.server` speaking HTTP/1.1 (so it waits for the client to close,
+/// as curl does after its response).
+fn http_server(dir: &Path) -> (ChildGuard, SocketAddr, Lines) {
+    python_http_server(dir, &["--protocol", "HTTP/1.1"])
+}
+
+/// curl `url` with `args`; returns (HTTP status, body, curl's stderr).
+fn curl(url: &str, args: &[&str]) -> (u16, Vec<u8>, String) {
+    let dir = TempDir::new("curl");
+    let body = dir.path().join("body");
+    let mut c = command("curl");
+    c.args(["-sS", "--max-time", "10", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url);
+    let o = run_to_exit(c, secs(20));
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "curl {url} {args:?}: {} {}",
+        o.stdout,
+        o.stderr
+    );
+    let status = o
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl status {:?}", o.stdout));
+    (status, std::fs::read(&body).unwrap_or_default(), o.stderr)
+}
+
+/// An upstream that reads one HTTP request head (to the blank line), answers 200
+/// `raw` and waits for the client to close first; reports the request's raw bytes.
+fn raw_http_recorder() -> (Server, mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = Server::start(LOCALHOST, move |mut s| {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Bounded: the server's 60 s read timeout, and 64 KiB at most.
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 64 * 1024 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        if req.is_empty() {
+            let _ = tx.lock().unwrap().send(req);
+            return;
+        }
+        let _ =
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nraw");
+        // Our FIN only after the client's: its close travels on the pair's path.
+        let _ = s.read(&mut buf);
+        let _ = tx.lock().unwrap().send(req);
+    });
+    (server, rx)
+}
+
+/// A loopback address whose port was free a moment ago (for `metrics`).
+fn free_addr() -> SocketAddr {
+    let ip = Ipv4Addr::new(127, 93, (std::process::id() % 250) as u8 + 1, 7);
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+/// The value of the first series `name{labels...}` matching every label in `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        (rest.starts_with('{') && labels.iter().all(|lb| rest.contains(lb)))
+            .then(|| value.parse().ok())?
+    })
+}
+
+relay_tests! {
+    /// A known conversation with non-printable bytes and CRLFs through four rules
+    /// (text and hex, to files and to the log), each dump parsed back and compared
+    /// byte for byte with what the client sent and received, capped at `bytes`.
+    fn dump_text_and_hex_match_the_bytes_sent(mode) {
+        let _load = light();
+        const CAP: usize = 64;
+        let up = Server::echo();
+        let (tdir, hdir) = (TempDir::new("dump-text"), TempDir::new("dump-hex"));
+        let inspect = |format: &str, to: &str| {
+            format!("inspect = {{ bytes = {CAP}, format = \"{format}\", to = \"{to}\" }}")
+        };
+        let dir_of = |d: &TempDir| d.path().to_str().unwrap().to_string();
+        let rules = [
+            ("tdir", inspect("text", &dir_of(&tdir))),
+            ("hdir", inspect("hex", &dir_of(&hdir))),
+            ("tlog", inspect("text", "log")),
+            ("hlog", inspect("hex", "log")),
+        ];
+        let toml: String = rules
+            .iter()
+            .map(|(n, x)| rule(n, mode.as_str(), up.addr(), x))
+            .collect();
+        let fwd = Forwarder::config(None, &toml, rules.len());
+        fwd.assert_mode(mode);
+        // Each pair moves its first CAP bytes each way through userspace (the
+        // inspection prelude), the rest on the rule's path. On the kernel path also
+        // what the client sent while the pair was being set up (the tail, sent once
+        // the prelude's last echo arrived): a socket read before pairing may only
+        // join the maps with an empty queue, so the forwarder relays that itself.
+        let tail_len = |i: usize| 3000 + i as u64;
+        // (And its echo, when that was queued on the upstream socket by then.)
+        let slack = if mode == Mode::Ebpf { 2 * tail_len(rules.len()) } else { 0 };
+        fwd.expect_userspace_at_most(2 * CAP as u64 + slack).expect_pairs(rules.len());
+        // When bytes keep arriving behind bytes the prelude read (the tail, its echo),
+        // the kernel path cannot take the sockets at a segment boundary and the pair
+        // goes on with splice (relay/ebpf/pair.rs, relay_partly_read).
+        // So on ebpf the pairs may all end on splice (`expect_pairs` counts pairs that
+        // started on the rule's own mode).
+        fwd.expect_paths(&["splice"]);
+        if mode == Mode::Ebpf {
+            fwd.expect_pairs(0);
+        }
+
+        // One warning per inspecting rule at startup, naming where payload goes.
+        let log = fwd.log_lines();
+        for (name, _) in &rules {
+            let to = match *name {
+                "tdir" => format!("files in {}", dir_of(&tdir)),
+                "hdir" => format!("files in {}", dir_of(&hdir)),
+                _ => "the log".to_string(),
+            };
+            let want = format!(
+                " WARN inspect rule={name}: the first {CAP} bytes of each direction of every connection are written to {to}"
+            );
+            assert!(log.iter().any(|l| l.contains(&want)), "no {want:?} in {log:#?}");
+        }
+
+        // The first message is shorter than CAP and the second fills it exactly (both
+        // echoed before the next is sent), so both directions' dumps end at CAP,
+        // where the pair leaves the prelude for the fast path: the third message
+        // and the FIN travel there and show up in no dump.
+        let m1: &[u8] = b"GET /\x00\x01\x7f\x80\xff\t\x1b[0m C:\\dir\r\nX: y\r\n\r\n";
+        let mut m2 = b"\xfe\xfd<=>\r\nz".to_vec();
+        m2.resize(CAP - m1.len() - 2, b'.');
+        m2.extend_from_slice(b"\n\n");
+        assert_eq!(m1.len() + m2.len(), CAP);
+        for (i, (name, _)) in rules.iter().enumerate() {
+            let tail = Payload::new(40 + i as u64, tail_len(i));
+            let (sent, received) = converse(fwd.rule_addr(name), &[m1, &m2], tail);
+            let close = wait_close(&fwd, name, 1);
+            assert_eq!(num(&close, "bytes_up"), CAP as u64 + tail.len, "{close}");
+            let userspace = num(&close, "userspace_bytes");
+            match mode {
+                Mode::Splice => assert_eq!(userspace, 2 * CAP as u64, "{close}"),
+                // The tail may have been queued when the pair joined the maps.
+                Mode::Ebpf => assert!(
+                    [0, 1, 2].contains(&((userspace - 2 * CAP as u64) / tail.len))
+                        && (userspace - 2 * CAP as u64).is_multiple_of(tail.len),
+                    "{close}"
+                ),
+            }
+            let hex = name.starts_with('h');
+            let chunks = match *name {
+                "tdir" => dump_file(tdir.path(), name, hex),
+                "hdir" => dump_file(hdir.path(), name, hex),
+                _ => dump_log(&fwd, name, hex),
+            };
+            assert!(chunks.len() >= 4, "{name}: chunks {chunks:?}");
+            let up_dump = stream(&chunks, '>');
+            let down_dump = stream(&chunks, '<');
+            assert_eq!(up_dump, sent[..CAP.min(sent.len())], "{name}: client-to-upstream dump");
+            assert_eq!(down_dump, received[..CAP.min(received.len())], "{name}: upstream-to-client dump");
+        }
+    }
+
+    /// `^SSH-` arriving as "SS" and, 50 ms later, "H-2.0-x": the client is reset and
+    /// the upstream gets none of it; other clients (also one whose first bytes could
+    /// have begun a match) pass with every byte.
+    fn deny_pattern_split_across_writes(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", true);
+        let fwd = Forwarder::config(
+            None,
+            &rule("deny", mode.as_str(), up.addr(), "deny_pattern = ['^SSH-']"),
+            1,
+        );
+        fwd.assert_mode(mode);
+        // The passing pairs move their first bytes (held until the pattern cannot
+        // match any more) through userspace: 16 and 17 bytes.
+        fwd.expect_userspace_at_most(18).expect_pairs(2);
+
+        let s = connect(fwd.addr());
+        (&s).write_all(b"SS").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        (&s).write_all(b"H-2.0-x\r\n").unwrap();
+        ends_with_reset(&s).unwrap_or_else(|e| panic!("denied client: {e}"));
+        let got = recorded(&rx, "denied client");
+        assert!(got.bytes.is_empty(), "the upstream got {:?} of a denied stream", got.bytes);
+        let refused = fwd
+            .stderr
+            .wait_for(secs(5), |l| as_text(l).contains(" refused rule=deny "))
+            .map(|l| as_text(&l))
+            .unwrap_or_else(|| panic!("no refused line: {}", fwd.stderr.text()));
+        assert_eq!(field(&refused, "reason"), Some("pattern"), "{refused}");
+        let close = wait_close(&fwd, "deny", 1);
+        assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
+        assert_eq!(field(&close, "path"), Some("none"), "{close}");
+        assert_eq!(num(&close, "bytes_up"), 0, "{close}");
+
+        // A request that never looked like the pattern, then a sha256-checked echo.
+        let tail = Payload::new(71, 300 * KIB + 7);
+        let first: &[u8] = b"GET / HTTP/1.1\r\n";
+        let (sent, _) = converse(fwd.addr(), &[first], tail);
+        let got = recorded(&rx, "passing client");
+        assert_eq!(got.end, Ok(()), "passing client's upstream end");
+        assert_eq!(got.bytes.len(), sent.len(), "bytes the upstream got");
+        assert!(got.bytes == sent, "the upstream got other bytes than sent");
+        let close = wait_close(&fwd, "deny", 2);
+        assert_eq!(num(&close, "userspace_bytes"), first.len() as u64, "{close}");
+
+        // "SSH" held for 50 ms (a match was still possible), then "_": the held bytes
+        // go on, none lost or doubled.
+        let s = connect(fwd.addr());
+        (&s).write_all(b"SSH").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let rest: &[u8] = b"_2.0-not-ssh\r\n";
+        (&s).write_all(rest).unwrap();
+        let echo = read_exact_timeout(&s, 3 + rest.len(), secs(10)).expect("echo of SSH_...");
+        assert_eq!(&echo[..], b"SSH_2.0-not-ssh\r\n");
+        let tail = Payload::new(72, 10 * KIB);
+        let back = exchange(&s, tail, Instant::now() + secs(20)).expect("tail echo");
+        assert_eq!(back, Digested::of(&tail));
+        let got = recorded(&rx, "SSH_ client");
+        assert_eq!(&got.bytes[..17], b"SSH_2.0-not-ssh\r\n");
+        assert_eq!(sha256(&got.bytes[17..]), tail.sha256());
+        let close = wait_close(&fwd, "deny", 3);
+        assert_eq!(field(&close, "end"), Some("closed"), "{close}");
+    }
+
+    /// A server-first protocol under `deny_pattern`: the banner reaches the client
+    /// before it sends anything (the pending client check blocks nothing the other
+    /// way), then a sha256-checked echo; a client sending the pattern after the
+    /// banner is refused and the upstream gets none of it.
+    fn server_first_banner_under_deny_pattern(mode) {
+        let _load = light();
+        const BANNER: &[u8] = b"SSH-2.0-OpenSSH_9.2\r\n";
+        let (up, rx) = recording_server(BANNER, true);
+        let fwd = Forwarder::config(
+            None,
+            &rule("ssh", mode.as_str(), up.addr(), r"deny_pattern = ['^\x16\x03']"),
+            1,
+        );
+        fwd.assert_mode(mode);
+        // The banner and the client's first message go through the prelude. On the
+        // kernel path also the first message's echo if it was queued on the upstream
+        // socket (read before, for the banner) when the pair joined the maps: such a
+        // socket may only join with an empty queue, so the forwarder relays it itself.
+        const FIRST: &[u8] = b"SSH-2.0-client\r\n";
+        let prelude = (BANNER.len() + FIRST.len()) as u64;
+        let slack = if mode == Mode::Ebpf { FIRST.len() as u64 } else { 0 };
+        fwd.expect_userspace_at_most(prelude + slack);
+
+        let s = connect(fwd.addr());
+        let banner = read_exact_timeout(&s, BANNER.len(), secs(5))
+            .unwrap_or_else(|e| panic!("no banner before the client spoke: {e}"));
+        assert_eq!(banner, BANNER);
+        ping(&s, FIRST, secs(10)).expect("first message echo");
+        let tail = Payload::new(81, 200 * KIB + 3);
+        let back = exchange(&s, tail, Instant::now() + secs(20)).expect("tail echo");
+        assert_eq!(back, Digested::of(&tail), "echoed tail differs");
+        let got = recorded(&rx, "ssh client");
+        assert_eq!(got.end, Ok(()));
+        assert_eq!(&got.bytes[..FIRST.len()], FIRST);
+        assert_eq!(sha256(&got.bytes[FIRST.len()..]), tail.sha256());
+        let close = wait_close(&fwd, "ssh", 1);
+        assert_eq!(num(&close, "bytes_down"), BANNER.len() as u64 + FIRST.len() as u64 + tail.len, "{close}");
+        let userspace = num(&close, "userspace_bytes");
+        assert!(userspace == prelude || userspace == prelude + slack, "{close}");
+
+        // A TLS ClientHello start, split, after the banner: refused.
+        let s = connect(fwd.addr());
+        let banner = read_exact_timeout(&s, BANNER.len(), secs(5)).expect("banner");
+        assert_eq!(banner, BANNER);
+        (&s).write_all(b"\x16").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        (&s).write_all(b"\x03\x01\x02\x00").unwrap();
+        ends_with_reset(&s).unwrap_or_else(|e| panic!("TLS client: {e}"));
+        let got = recorded(&rx, "TLS client");
+        assert!(got.bytes.is_empty(), "the upstream got {:?}", got.bytes);
+        let close = wait_close(&fwd, "ssh", 2);
+        assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
+    }
+
+    /// `Host: old.example` arriving as "Host: ol" and, 50 ms later, "d.example": the
+    /// upstream gets the rewritten stream exactly, on the copy path.
+    fn rewrite_split_across_writes(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", true);
+        let extra = r#"rewrite = [{ direction = "to_upstream", match = 'Host: old\.example', replace = "Host: new.example" }]"#;
+        let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), up.addr(), extra), 1);
+        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        let part1: &[u8] = b"GET / HTTP/1.1\r\nHost: ol";
+        let part2: &[u8] = b"d.example\r\nAccept: */*\r\nX-Host: old.example\r\n\r\nbody Host: old.example!";
+        let want: &[u8] = b"GET / HTTP/1.1\r\nHost: new.example\r\nAccept: */*\r\nX-Host: new.example\r\n\r\nbody Host: new.example!";
+        // The copy path moves every byte through userspace (the echo brings the
+        // rewritten bytes back, unchanged: the rewrite is to_upstream only).
+        fwd.expect_userspace_at_most(2 * want.len() as u64);
+
+        let s = connect(fwd.addr());
+        (&s).write_all(part1).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        (&s).write_all(part2).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let back = read_to_end(&s, 4096, Instant::now() + secs(10)).expect("read the echo");
+        let got = recorded(&rx, "rewrite client");
+        assert_eq!(got.end, Ok(()));
+        assert_eq!(
+            String::from_utf8_lossy(&got.bytes),
+            String::from_utf8_lossy(want),
+            "the upstream's bytes"
+        );
+        assert_eq!(got.bytes, want);
+        assert_eq!(back, want, "the echo (to_client is not rewritten)");
+        let close = wait_close(&fwd, "rw", 1);
+        assert_eq!(field(&close, "path"), Some("copy"), "{close}");
+        assert_eq!(num(&close, "bytes_up"), want.len() as u64, "{close}");
+        assert_eq!(num(&close, "userspace_bytes"), 2 * want.len() as u64, "{close}");
+    }
+
+    /// A request/response protocol through a rewrite rule: curl sends one request
+    /// (far shorter than `max_match`) and waits for the answer without closing its
+    /// side. The rewritten request must reach the upstream without waiting for more
+    /// bytes or the client's EOF (nothing in its tail can still begin a match).
+    fn rewrite_passes_a_request_without_waiting_for_eof(mode) {
+        let _load = light();
+        let (raw, raw_rx) = raw_http_recorder();
+        let extra = r#"rewrite = [{ direction = "to_upstream", match = 'Host: old\.example', replace = "Host: new.example" }]"#;
+        let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), raw.addr(), extra), 1);
+        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        // The copy path moves every byte (request and answer) through userspace.
+        fwd.expect_userspace_at_most(1024);
+        let url = format!("http://{}/r", fwd.addr());
+        let (status, body, verbose) = curl(&url, &["-v", "-H", "Host: old.example"]);
+        assert_eq!((status, body.as_slice()), (200, b"raw".as_slice()), "{verbose}");
+        let got = raw_rx.recv_timeout(secs(10)).expect("raw request");
+        let got = String::from_utf8(got).expect("utf-8 request");
+        assert!(got.contains("\r\nHost: new.example\r\n") && !got.contains("old.example"), "{got:?}");
+        let close = wait_close(&fwd, "rw", 1);
+        assert_eq!(field(&close, "path"), Some("copy"), "{close}");
+    }
+
+    /// A 256 MiB sha256-checked echo after a 4 KiB inspection to a file: only the
+    /// inspected bytes go through userspace, the rest on the rule's fast path.
+    fn bulk_after_inspection_stays_fast(mode) {
+        let _load = heavy();
+        let up = Server::echo();
+        let dumps = TempDir::new("bulk-dump");
+        let extra = format!("inspect = {{ bytes = 4096, to = \"{}\" }}", dumps.path().display());
+        let fwd = Forwarder::config(None, &rule("bulk", mode.as_str(), up.addr(), &extra), 1);
+        fwd.assert_mode(mode);
+        // At most 4 KiB each way through the prelude. A bulk transfer on the kernel
+        // path may outrun the redirect worker and leave the maps for splice at its
+        // in-flight bound (ebpf>splice), which moves no byte through userspace.
+        // A stream still pouring in when the prelude ends starts on splice and may move
+        // to the kernel path at a quiet moment (relay/ebpf/mod.rs, relay_after_prelude);
+        // splice moves no byte through userspace either.
+        let bulk_paths = ["ebpf>splice", "splice", "splice>ebpf", "splice>ebpf>splice"];
+        fwd.expect_userspace_at_most(8192)
+            .expect_paths(&bulk_paths)
+            .expect_pairs(0);
+        let p = Payload::new(256, 256 * MIB);
+        let start = Instant::now();
+        echo_check_paired(fwd.addr(), p, secs(120));
+        let took = start.elapsed();
+        println!("{mode:?}: 256 MiB echo after inspection in {took:.2?} ({:.0} MiB/s each way)", 256.0 / took.as_secs_f64());
+        let close = wait_close(&fwd, "bulk", 1);
+        println!("{close}");
+        assert_eq!(num(&close, "bytes_up"), p.len + 1, "{close}");
+        assert_eq!(num(&close, "bytes_down"), p.len + 1, "{close}");
+        let userspace = num(&close, "userspace_bytes");
+        assert!(userspace <= 8192, "{close}");
+        let path = field(&close, "path").unwrap();
+        assert!(path == mode.as_str() || (mode == Mode::Ebpf && bulk_paths.contains(&path)), "{close}");
+        // The dump: the ping and the payload's first bytes, byte for byte.
+        let chunks = dump_file(dumps.path(), "bulk", false);
+        let mut start_bytes = b"!".to_vec();
+        start_bytes.extend_from_slice(&Payload::new(256, 4095).to_vec());
+        let up_dump = stream(&chunks, '>');
+        let down_dump = stream(&chunks, '<');
+        assert_eq!(up_dump, start_bytes, "client-to-upstream dump");
+        assert!(!down_dump.is_empty() && start_bytes.starts_with(&down_dump), "upstream-to-client dump: {} bytes", down_dump.len());
+        assert_eq!((up_dump.len() + down_dump.len()) as u64, userspace, "{close}");
+    }
+
+    /// `http_auth` with curl against `python3 -m http.server`: without the header (or
+    /// with a wrong token) 401 and the server sees no request; with it 200 and the
+    /// file. A raw recorder behind a second rule shows the header was removed and
+    /// every other header kept, byte for byte.
+    fn http_auth_with_curl(mode) {
+        let _load = light();
+        let www = TempDir::new("auth-www");
+        let content = b"served through the forwarder\n";
+        std::fs::write(www.path().join("ok.txt"), content).unwrap();
+        let (_http, http_addr, access_log) = http_server(www.path());
+        let (raw, raw_rx) = raw_http_recorder();
+        let secret = TempDir::new("auth-token");
+        let token = format!("tok-{}-{}", std::process::id(), mode.as_str());
+        let token_file = secret.write("visitor.token", &format!("{token}\n"));
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let auth = format!(
+            "http_auth = {{ header = \"X-Forwarder-Auth\", token_file = \"{}\" }}",
+            token_file.display()
+        );
+        let maddr = free_addr();
+        let toml = format!(
+            "[global]\nmetrics = \"{maddr}\"\n{}{}",
+            rule("web", mode.as_str(), http_addr, &auth),
+            rule("raw", mode.as_str(), raw.addr(), &auth)
+        );
+        let fwd = Forwarder::config(None, &toml, 2);
+        fwd.assert_mode(mode);
+        // The authorized requests' heads go through the prelude (checked, header cut).
+        fwd.expect_userspace_at_most(1024).expect_pairs(2);
+        let web = format!("http://{}/ok.txt", fwd.rule_addr("web"));
+
+        let (status, body, _) = curl(&web, &[]);
+        assert_eq!(status, 401, "no header: {}", String::from_utf8_lossy(&body));
+        let (status, _, _) = curl(&web, &["-H", "X-Forwarder-Auth: wrong"]);
+        assert_eq!(status, 401, "wrong token");
+        let header = format!("X-Forwarder-Auth: {token}");
+        let (status, body, _) = curl(&web, &["-H", &header]);
+        assert_eq!(status, 200, "with the token");
+        assert_eq!(body, content, "the file through the forwarder");
+        // The server logged exactly one request: the authorized one (its line comes
+        // after any earlier connection's would have).
+        let logged = access_log.wait_for(secs(5), |l| l.contains("\"GET /ok.txt HTTP/1.1\" 200"));
+        assert!(logged.is_some(), "no access log line: {}", access_log.text());
+        thread::sleep(Duration::from_millis(300));
+        let requests: Vec<String> = access_log.snapshot().into_iter().filter(|l| l.contains('"') || l.contains("code ")).collect();
+        assert_eq!(requests.len(), 1, "http.server's log: {requests:#?}");
+
+        // Refused lines are rate limited (the next ones are summed up later): the
+        // first is there, the close lines and the counter show both.
+        let refused = fwd.log_lines().into_iter().find(|l| l.contains(" refused rule=web "));
+        let refused = refused.unwrap_or_else(|| panic!("no refused line: {}", fwd.stderr.text()));
+        assert_eq!(field(&refused, "reason"), Some("http_auth"), "{refused}");
+        for n in 1..=2 {
+            let close = wait_close(&fwd, "web", n);
+            assert!(close.contains(" end=refused_http_auth"), "{close}");
+            assert_eq!(num(&close, "bytes_up"), 0, "{close}");
+        }
+        assert_eq!(field(&wait_close(&fwd, "web", 3), "end"), Some("closed"));
+
+        // What the upstream gets: curl's request (as curl -v shows it) minus the
+        // auth header, byte for byte.
+        let raw_url = format!("http://{}/r?x=1", fwd.rule_addr("raw"));
+        let (status, body, verbose) = curl(&raw_url, &["-v", "-H", &header, "-H", "X-Other: keep"]);
+        assert_eq!((status, body.as_slice()), (200, b"raw".as_slice()));
+        let sent: Vec<&str> = verbose
+            .lines()
+            .filter_map(|l| l.strip_prefix("> ").or((l == ">").then_some("")))
+            .collect();
+        assert!(sent.len() >= 4 && sent.last() == Some(&""), "curl -v request: {verbose}");
+        assert!(sent.iter().any(|l| l.eq_ignore_ascii_case(&header)), "{sent:?}");
+        let want: String = sent
+            .iter()
+            .filter(|l| !l.to_ascii_lowercase().starts_with("x-forwarder-auth:"))
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        let got = raw_rx.recv_timeout(secs(10)).expect("raw request");
+        let got = String::from_utf8(got).expect("utf-8 request");
+        assert_eq!(got, want, "the request the upstream got");
+        assert!(!got.to_ascii_lowercase().contains("x-forwarder-auth") && !got.contains(&token), "{got}");
+        for h in ["Host: ", "User-Agent: curl/", "Accept: */*", "X-Other: keep"] {
+            assert!(got.contains(h), "{h:?} missing from {got:?}");
+        }
+
+        // Both refusals counted by reason.
+        let (_, text, _) = curl(&format!("http://{maddr}/metrics"), &[]);
+        let text = String::from_utf8(text).unwrap();
+        assert_eq!(
+            metric(&text, "forwarder_refused_total", &["rule=\"web\"", "reason=\"http_auth\""]),
+            Some(2.0),
+            "{text}"
+        );
+    }
+
+    /// `mode = "ebpf"` with `rewrite` is a config error `check` explains (and `run`
+    /// refuses); with the test's rewrite mode the same rule is fine.
+    fn ebpf_with_rewrite_is_a_config_error(mode) {
+        let _load = light();
+        let dir = TempDir::new("ebpf-rewrite");
+        let extra = r#"rewrite = [{ direction = "to_client", match = 'a', replace = "b" }]"#;
+        let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let bad = dir.write("bad.toml", &rule("rw", "ebpf", up, extra));
+        for args in [vec!["check", "-c"], vec!["run", "-c"]] {
+            let mut cmd = forwarder_command();
+            cmd.args(&args).arg(&bad);
+            let o = run_to_exit(cmd, secs(10));
+            let all = format!("{}\n{}", o.stdout, o.stderr);
+            assert_eq!(o.code(), Some(2), "{args:?}: {all}");
+            assert!(all.contains("rewrite") && all.contains("ebpf"), "{args:?} does not say why: {all}");
+            assert!(all.contains("rule[0].rewrite"), "{args:?} does not name the key: {all}");
+        }
+        let good = dir.write("good.toml", &rule("rw", rewrite_mode(mode), up, extra));
+        let mut cmd = forwarder_command();
+        cmd.args(["check", "-c"]).arg(&good);
+        let o = run_to_exit(cmd, secs(10));
+        assert_eq!(o.code(), Some(0), "{} {}", o.stdout, o.stderr);
+    }
+}
