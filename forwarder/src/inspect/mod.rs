@@ -108,47 +108,40 @@ impl InspectRelay {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let wants = |d: usize, p: &Prelude| p.dump.as_ref().map_or(0, |x| x.wants(d));
-            let checking = p.scanner.is_some() || p.auth_pending;
-            let client_needs = !p.eof[0] && (wants(0, &p) > 0 || checking);
-            // While the client's checks wait, the upstream's bytes flow (server-first
-            // protocols); after that, only as many as the dump still shows.
-            let upstream_needs = !p.eof[1] && (client_needs || wants(1, &p) > 0);
-            let client_done = !client_needs && p.held.is_empty();
-            if client_done && !upstream_needs {
+            let checking = p.scanner.is_some() || p.auth_pending || !p.held.is_empty();
+            // Once the checks have decided, a direction reads only for its dump, and a
+            // direction whose dump is full ends the prelude as soon as it has more to
+            // say: a stream in either direction moves on to the fast path at once,
+            // and only the dumped bytes went through our memory.
+            let full = |d: usize, p: &Prelude| p.eof[d] || wants(d, p) == 0;
+            if !checking && full(0, &p) && full(1, &p) {
                 return Ok(());
             }
-            // The client's checks are done but the upstream's dump is not: wait for the
-            // upstream's first bytes (a response), unless the client speaks first: then
-            // the pair moves on and the rest of the upstream's bytes go uninspected, so
-            // a silent upstream never keeps a busy client off the fast path.
             // Never read past what a check or the dump needs: the inner relay takes
-            // over at exactly that point.
-            let client_max = wants(0, &p)
-                .max(if checking {
-                    rule.inspect_window.saturating_sub(p.client_seen) as u64
-                } else {
-                    0
-                })
-                .clamp(1, buf.len() as u64) as usize;
-            let upstream_max = if client_needs {
-                buf.len()
+            // over at exactly that point. While the client's checks wait, the
+            // upstream's bytes flow (server-first protocols).
+            let client_max = if checking {
+                (rule.inspect_window.saturating_sub(p.client_seen) as u64).max(wants(0, &p))
             } else {
-                (wants(1, &p) as usize).clamp(1, buf.len())
+                wants(0, &p)
             };
+            let upstream_max = if checking {
+                buf.len() as u64
+            } else {
+                wants(1, &p)
+            };
+            let max = |m: u64| m.clamp(1, buf.len() as u64) as usize;
+            let (client_max, upstream_max) = (max(client_max), max(upstream_max));
+            let client_moves_on = !checking && wants(0, &p) == 0;
+            let upstream_moves_on = !checking && wants(1, &p) == 0;
             let hold_until = p.hold_until;
             tokio::select! {
-                r = pair.client.readable(), if client_needs || client_done => {
+                r = pair.client.readable(), if !p.eof[0] => {
                     r.map_err(|e| fail(pair, Side::Client, e))?;
-                    if client_done {
-                        // Readiness may be stale (our last read did not drain the
-                        // socket to EAGAIN): look, clearing it if nothing is there.
-                        let peek = pair.client.try_io(tokio::io::Interest::READABLE, || {
-                            let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-                            socket2::SockRef::from(&pair.client).peek(&mut b)
-                        });
-                        match peek {
-                            Ok(_) => return Ok(()),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    if client_moves_on {
+                        match has_bytes(&pair.client) {
+                            Ok(true) => return Ok(()),
+                            Ok(false) => continue,
                             Err(e) => return Err(fail(pair, Side::Client, e)),
                         }
                     }
@@ -159,8 +152,15 @@ impl InspectRelay {
                     };
                     self.client_bytes(pair, progress, &mut p, &buf[..n]).await?;
                 }
-                r = pair.upstream.readable(), if upstream_needs => {
+                r = pair.upstream.readable(), if !p.eof[1] => {
                     r.map_err(|e| fail(pair, Side::Upstream, e))?;
+                    if upstream_moves_on {
+                        match has_bytes(&pair.upstream) {
+                            Ok(true) => return Ok(()),
+                            Ok(false) => continue,
+                            Err(e) => return Err(fail(pair, Side::Upstream, e)),
+                        }
+                    }
                     let n = match pair.upstream.try_read(&mut buf[..upstream_max]) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -253,6 +253,20 @@ impl InspectRelay {
             p.hold_until = Some(Instant::now() + HOLD_MAX);
         }
         Ok(())
+    }
+}
+
+/// Whether `sock` has a byte (or its end) to read now. Readiness alone may be stale
+/// (our last read did not drain the socket); this looks, and clears it if not.
+fn has_bytes(sock: &TcpStream) -> std::io::Result<bool> {
+    let peek = sock.try_io(tokio::io::Interest::READABLE, || {
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        socket2::SockRef::from(sock).peek(&mut b)
+    });
+    match peek {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
