@@ -208,8 +208,10 @@ pub fn reset_both_on_close(a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsF
 /// Errors that mean "the peer is gone", as opposed to a local failure.
 pub fn describe(error: &io::Error) -> &'static str {
     match error.raw_os_error() {
-        Some(libc::ECONNRESET) => "reset",
-        Some(libc::EPIPE) => "broken pipe",
+        // EPIPE on a TCP socket we have not shut down is a reset too: the peer's RST
+        // is reported once (ECONNRESET) to whichever of our reads and writes meets it
+        // first, and every later write on that socket gets EPIPE.
+        Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset",
         Some(libc::ETIMEDOUT) => "timed out",
         Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => "unreachable",
         _ => "error",
