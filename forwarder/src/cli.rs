@@ -24,6 +24,25 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a config file and exit: 0 when valid, 2 with the offending key otherwise.
     Check(CheckArgs),
+    /// Tunnel agent: dial a forwarder's --tunnel-listen port and serve its visitors
+    /// from local targets (the private side of a reverse tunnel).
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The tunnel server's agent port, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub server: String,
+    /// A service to offer, NAME=HOST:PORT (its target); repeat for more.
+    #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
+    pub service: Vec<String>,
+    /// File holding the shared token (else the FORWARDER_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Log lines as text (default) or one JSON object per line.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Args)]
@@ -39,6 +58,12 @@ pub struct RunArgs {
     /// Where to forward to, HOST:PORT; repeat for failover, tried in order.
     #[arg(long, value_name = "HOST:PORT", requires = "listen")]
     pub upstream: Vec<String>,
+    /// Also accept tunnel agents here, HOST:PORT, for `--upstream agent:NAME`.
+    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    pub tunnel_listen: Option<String>,
+    /// File holding the tunnel token (else the FORWARDER_TOKEN environment variable).
+    #[arg(long, value_name = "FILE", requires = "tunnel_listen")]
+    pub token_file: Option<PathBuf>,
     /// Relay path for every rule (overrides the config file's mode keys).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,

@@ -99,6 +99,36 @@ struct FileConfig {
     defaults: RuleSettingsFile,
     #[serde(default)]
     rule: Vec<FileRule>,
+    tunnel_server: Option<FileTunnelServer>,
+    agent: Option<FileAgent>,
+    #[serde(default)]
+    service: Vec<FileService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTunnelServer {
+    listen: String,
+    token_file: Option<String>,
+    token: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    resume_grace: Option<Duration>,
+    resume_buffer: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    server: String,
+    token_file: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    target: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -244,7 +274,61 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Who to run as once listeners are bound and the kernel program is loaded.
     pub user: Option<RunAs>,
+    /// `[tunnel_server]`: agents connect here to serve `agent:NAME` upstreams.
+    pub tunnel_server: Option<TunnelServerConfig>,
+    /// `[agent]` + `[[service]]`: this process dials a tunnel server.
+    pub agent: Option<AgentConfig>,
 }
+
+/// A shared secret: never shown (`Debug` shows a hash, so a changed one is visible).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::ops::Deref for Secret {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.0.hash(&mut h);
+        write!(f, "Secret(hash {:x})", h.finish())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelServerConfig {
+    pub listen: SocketAddr,
+    pub token: Secret,
+    pub resume_grace: Duration,
+    pub resume_buffer: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// `host:port` of the server's agent port, resolved at each dial.
+    pub server: String,
+    pub token: Secret,
+    pub services: Vec<Service>,
+    /// Stays the same across restarts with the same services, so a restarted agent
+    /// takes its services over at once: a hash of the sorted `name=target` list.
+    pub identity: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub target: String,
+}
+
+pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(90);
+pub const DEFAULT_RESUME_BUFFER: usize = 1 << 20;
+/// The prefix of an upstream served by tunnel agents.
+pub const AGENT_PREFIX: &str = "agent:";
 
 /// `[global] user`/`group`, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -370,6 +454,14 @@ impl Rule {
         format!("{self:?}") == format!("{other:?}")
     }
 
+    /// `NAME` for a rule whose upstream is `agent:NAME`.
+    pub fn agent_service(&self) -> Option<&str> {
+        match self.upstreams.as_slice() {
+            [u] => u.addr.strip_prefix(AGENT_PREFIX),
+            _ => None,
+        }
+    }
+
     pub fn upstream_list(&self) -> String {
         let list: Vec<String> = self
             .upstreams
@@ -396,6 +488,34 @@ pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct CliRule {
     pub listen: String,
     pub upstreams: Vec<String>,
+    /// `--tunnel-listen`, with the token from `--token-file` or `FORWARDER_TOKEN`.
+    pub tunnel_listen: Option<String>,
+    pub token: CliToken,
+}
+
+/// Where a command line's tunnel token comes from: never the command line itself.
+#[derive(Debug, Clone, Default)]
+pub struct CliToken {
+    pub file: Option<String>,
+    /// `FORWARDER_TOKEN`, when set.
+    pub env: Option<String>,
+}
+
+impl CliToken {
+    pub fn from_env(file: Option<std::path::PathBuf>) -> CliToken {
+        CliToken {
+            file: file.map(|f| f.display().to_string()),
+            env: std::env::var("FORWARDER_TOKEN").ok(),
+        }
+    }
+
+    /// `(token_file, token)` as a config file would have them: the file wins.
+    fn keys(&self) -> (Option<String>, Option<String>) {
+        match &self.file {
+            Some(f) => (Some(f.clone()), None),
+            None => (None, self.env.clone()),
+        }
+    }
 }
 
 impl Config {
@@ -422,6 +542,7 @@ impl Config {
 
     pub fn from_cli(rule: CliRule) -> Result<Config, ConfigError> {
         let mut file = FileConfig::default();
+        let (rule_tunnel_listen, token) = (rule.tunnel_listen, rule.token);
         let rule: FileRule = FileRule {
             name: Some("cli".into()),
             listen: rule.listen,
@@ -429,6 +550,42 @@ impl Config {
             ..toml::from_str("listen = \"\"\nupstream = []").expect("an empty rule parses")
         };
         file.rule.push(rule);
+        if let Some(listen) = rule_tunnel_listen {
+            let (token_file, token) = token.keys();
+            file.tunnel_server = Some(FileTunnelServer {
+                listen,
+                token_file,
+                token,
+                ..Default::default()
+            });
+        }
+        Self::validate(file)
+    }
+
+    /// `forwarder agent --server ... --service NAME=ADDR ...`.
+    pub fn agent_from_cli(
+        server: String,
+        services: &[String],
+        token: CliToken,
+    ) -> Result<Config, ConfigError> {
+        let mut file = FileConfig::default();
+        for (i, s) in services.iter().enumerate() {
+            let Some((name, target)) = s.split_once('=') else {
+                return Err(err(format!(
+                    "--service[{i}] {s:?}: expected NAME=HOST:PORT"
+                )));
+            };
+            file.service.push(FileService {
+                name: name.into(),
+                target: target.into(),
+            });
+        }
+        let (token_file, token) = token.keys();
+        file.agent = Some(FileAgent {
+            server,
+            token_file,
+            token,
+        });
         Self::validate(file)
     }
 
@@ -449,9 +606,9 @@ impl Config {
     }
 
     fn validate(file: FileConfig) -> Result<Config, ConfigError> {
-        if file.rule.is_empty() {
+        if file.rule.is_empty() && file.agent.is_none() {
             return Err(err(
-                "config error at key `rule`: at least one [[rule]] is required",
+                "config error at key `rule`: at least one [[rule]] (or an [agent]) is required",
             ));
         }
         let max_connections = file
@@ -485,7 +642,25 @@ impl Config {
             .map(resolve_listen)
             .transpose()
             .map_err(|e| err(format!("config error at key `global.metrics`: {e}")))?;
+        let tunnel_server = file
+            .tunnel_server
+            .as_ref()
+            .map(validate_tunnel_server)
+            .transpose()?;
+        for (i, rule) in rules.iter().enumerate() {
+            if rule.agent_service().is_some() && tunnel_server.is_none() {
+                return Err(err(format!(
+                    "config error at key `rule[{i}].upstream` (rule {:?}): {} needs a [tunnel_server] \
+                     section (or --tunnel-listen) for agents to connect to",
+                    rule.name,
+                    rule.upstreams[0].addr
+                )));
+            }
+        }
+        let agent = validate_agent(file.agent.as_ref(), &file.service)?;
         Ok(Config {
+            tunnel_server,
+            agent,
             shutdown_grace: file.global.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             max_connections,
             access,
@@ -495,6 +670,119 @@ impl Config {
             user: run_as(file.global.user.as_deref(), file.global.group.as_deref())?,
         })
     }
+}
+
+/// A secret from `KEY.token_file` (trimmed) or `KEY.token`: exactly one of them.
+fn secret(section: &str, file: Option<&str>, inline: Option<&str>) -> Result<Secret, ConfigError> {
+    let token = match (file, inline) {
+        (Some(f), None) => std::fs::read_to_string(f)
+            .map_err(|e| {
+                err(format!(
+                    "config error at key `{section}.token_file`: {f}: {e}"
+                ))
+            })?
+            .trim()
+            .to_string(),
+        (None, Some(t)) => t.to_string(),
+        _ => {
+            return Err(err(format!(
+                "config error at key `{section}`: give exactly one of token_file and token \
+                 (on the command line: --token-file or FORWARDER_TOKEN)"
+            )))
+        }
+    };
+    if token.is_empty() {
+        return Err(err(format!(
+            "config error at key `{section}.token`: the token must not be empty"
+        )));
+    }
+    Ok(Secret(token.into_bytes()))
+}
+
+fn validate_tunnel_server(t: &FileTunnelServer) -> Result<TunnelServerConfig, ConfigError> {
+    let listen = resolve_listen(&t.listen)
+        .map_err(|e| err(format!("config error at key `tunnel_server.listen`: {e}")))?;
+    let resume_buffer = t.resume_buffer.unwrap_or(DEFAULT_RESUME_BUFFER);
+    if resume_buffer < 65536 {
+        return Err(err(
+            "config error at key `tunnel_server.resume_buffer`: must be at least 65536 bytes",
+        ));
+    }
+    let resume_grace = t.resume_grace.unwrap_or(DEFAULT_RESUME_GRACE);
+    if resume_grace.is_zero() {
+        return Err(err(
+            "config error at key `tunnel_server.resume_grace`: must be more than 0s",
+        ));
+    }
+    Ok(TunnelServerConfig {
+        listen,
+        token: secret("tunnel_server", t.token_file.as_deref(), t.token.as_deref())?,
+        resume_grace,
+        resume_buffer,
+    })
+}
+
+fn validate_agent(
+    agent: Option<&FileAgent>,
+    services: &[FileService],
+) -> Result<Option<AgentConfig>, ConfigError> {
+    let Some(a) = agent else {
+        if !services.is_empty() {
+            return Err(err(
+                "config error at key `service`: [[service]] needs an [agent] section",
+            ));
+        }
+        return Ok(None);
+    };
+    check_host_port(&a.server).map_err(|e| {
+        err(format!(
+            "config error at key `agent.server`: {:?}: {e}",
+            a.server
+        ))
+    })?;
+    if services.is_empty() {
+        return Err(err(
+            "config error at key `service`: an [agent] needs at least one [[service]]",
+        ));
+    }
+    let mut list = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        let at = |k: &str| format!("config error at key `service[{i}].{k}`");
+        if s.name.is_empty() || s.name.contains(|c: char| c == ',' || c.is_whitespace()) {
+            return Err(err(format!(
+                "{}: {:?}: must be non-empty, without commas or spaces",
+                at("name"),
+                s.name
+            )));
+        }
+        if list.iter().any(|o: &Service| o.name == s.name) {
+            return Err(err(format!(
+                "{}: duplicate service {:?}",
+                at("name"),
+                s.name
+            )));
+        }
+        check_host_port(&s.target)
+            .map_err(|e| err(format!("{}: {:?}: {e}", at("target"), s.target)))?;
+        list.push(Service {
+            name: s.name.clone(),
+            target: s.target.clone(),
+        });
+    }
+    let mut sorted: Vec<String> = list
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.target))
+        .collect();
+    sorted.sort();
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(sorted.join("\n").as_bytes());
+    let identity = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Ok(Some(AgentConfig {
+        server: a.server.clone(),
+        token: secret("agent", a.token_file.as_deref(), a.token.as_deref())?,
+        services: list,
+        identity,
+    }))
 }
 
 fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<Rule, ConfigError> {
@@ -536,6 +824,17 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
                 u.addr
             ))
         };
+        if let Some(name) = u.addr.strip_prefix(AGENT_PREFIX) {
+            if upstreams.len() > 1 {
+                return Err(bad("an agent: upstream must be the rule's only upstream (several agents offering it are balanced by `balance`)".into()));
+            }
+            if name.is_empty() || name.contains(|c: char| c == ',' || c.is_whitespace()) {
+                return Err(bad(
+                    "expected agent:NAME, NAME without commas or spaces".into()
+                ));
+            }
+            continue;
+        }
         check_host_port(&u.addr).map_err(bad)?;
         if u.weight == 0 {
             return Err(bad("weight must be at least 1".into()));
@@ -681,6 +980,15 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             })
         }
     };
+
+    let through_agent = upstreams[0].addr.starts_with(AGENT_PREFIX);
+    let inspects = inspect.is_some() || !deny_patterns.is_empty() || http_auth.is_some();
+    if through_agent && (inspects || !rewrite.is_empty()) {
+        return Err(err(format!(
+            "{}: inspect, deny_pattern, http_auth and rewrite cannot apply to an agent: upstream yet",
+            at("upstream")
+        )));
+    }
 
     Ok(Rule {
         name: name.clone(),

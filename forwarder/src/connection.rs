@@ -105,10 +105,20 @@ pub async fn serve(
         Err(Refusal::RateLimited) => return rt.refuse(client, peer, "rate_per_source", ""),
     };
 
+    if let Some(service) = rule.agent_service() {
+        return serve_through_agent(&rt, client, peer, proxied_dst, service, started).await;
+    }
     let Some((mut upstream, upstream_addr, _active)) = connect_upstream(&rt, peer).await else {
         // Closing without reading: the client sees the connection end at once.
         let progress = Progress::default();
-        return log_close(rule, peer, "none", started, &progress, "connect_failed");
+        return log_close(
+            &rule.name,
+            peer,
+            "none",
+            started,
+            &progress,
+            "connect_failed",
+        );
     };
     let _ = upstream.set_nodelay(true);
     if let Some(version) = rule.proxy_protocol {
@@ -119,46 +129,133 @@ pub async fn serve(
         if let Err(e) = upstream.write_all(&header).await {
             let end = format!("upstream_error (writing PROXY header: {e})");
             let upstream = upstream_addr.to_string();
-            return log_close(rule, peer, &upstream, started, &Progress::default(), &end);
+            return log_close(
+                &rule.name,
+                peer,
+                &upstream,
+                started,
+                &Progress::default(),
+                &end,
+            );
         }
     }
 
+    let pair = Pair {
+        client,
+        upstream,
+        tunnel: None,
+    };
+    relay_and_log(&rt, pair, peer, &upstream_addr.to_string(), started).await;
+}
+
+/// A rule whose upstream is `agent:NAME`: a data connection of an agent offering NAME
+/// (waiting up to connect_timeout for one), then the tunnel relay.
+async fn serve_through_agent(
+    rt: &Arc<RuleRuntime>,
+    client: TcpStream,
+    peer: SocketAddr,
+    proxied_dst: Option<SocketAddr>,
+    service: &str,
+    started: Instant,
+) {
+    let rule = &rt.rule;
+    let upstream = format!("{}{service}", crate::config::AGENT_PREFIX);
+    // The agent writes the PROXY header to the target: written here it would be
+    // bytes of the data connection the stream does not count.
+    let header = rule.proxy_protocol.map(|version| {
+        let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen));
+        proxy_protocol::encode(version, peer, local)
+    });
+    let opened = match crate::tunnel::server::registry() {
+        Some(reg) => {
+            reg.open(
+                service,
+                peer,
+                rule.balance,
+                rule.connect_timeout,
+                header.unwrap_or_default(),
+            )
+            .await
+        }
+        None => None,
+    };
+    let Some((data, link)) = opened else {
+        reset_on_close(&client);
+        return log_close(
+            &rule.name,
+            peer,
+            &upstream,
+            started,
+            &Progress::default(),
+            "no_agent",
+        );
+    };
+    let pair = Pair {
+        client,
+        upstream: data,
+        tunnel: Some(link),
+    };
+    relay_and_log(rt, pair, peer, &upstream, started).await;
+}
+
+/// Runs the rule's relay on a connected pair against the idle timeout, the maximum
+/// duration and forced shutdown, then logs the close line.
+async fn relay_and_log(
+    rt: &Arc<RuleRuntime>,
+    pair: Pair,
+    peer: SocketAddr,
+    upstream: &str,
+    started: Instant,
+) {
+    let rule = &rt.rule;
     let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
     progress.touch();
     let _open = rt.stats.open(progress.clone());
-    let pair = Pair { client, upstream };
     let relay = rt.relay.relay(pair, progress.clone());
     let mut abort = rt.abort.clone();
     let end = tokio::select! {
-        end = relay => match end {
-            RelayEnd::Closed => "closed".to_string(),
-            RelayEnd::Failed { side, error } => {
-                format!("{}_{} ({error})", side.as_str(), describe(&error).replace(' ', "_"))
-            }
-            RelayEnd::Refused { reason, detail } => {
+        end = relay => {
+            if let RelayEnd::Refused { reason, detail } = &end {
                 let shown = if detail.is_empty() { String::new() } else { format!(" ({detail})") };
                 rt.stats.refused(reason);
                 rt.refused.record(&rule.name, peer, reason, &shown);
-                format!("refused_{reason}{shown}")
             }
-        },
+            end_text(&end)
+        }
         _ = idle(rule.idle_timeout, rt.relay.progress_lag(), &progress) => "idle_timeout".to_string(),
         _ = sleep_or_never(rule.max_connection_duration) => "max_connection_duration".to_string(),
         _ = abort.wait_for(|a| *a) => "shutdown".to_string(),
     };
-    log_close(
-        rule,
-        peer,
-        &upstream_addr.to_string(),
-        started,
-        &progress,
-        &end,
-    );
+    log_close(&rule.name, peer, upstream, started, &progress, &end);
 }
 
-/// The `close` line: one per accepted client that got past admission.
-fn log_close(
-    rule: &Rule,
+/// How a relay's end reads in the close line's `end=`.
+pub fn end_text(end: &RelayEnd) -> String {
+    match end {
+        RelayEnd::Closed => "closed".to_string(),
+        RelayEnd::Failed { side, error } => {
+            format!(
+                "{}_{} ({error})",
+                side.as_str(),
+                describe(error).replace(' ', "_")
+            )
+        }
+        RelayEnd::Ended(why) => why.to_string(),
+        RelayEnd::Refused { reason, detail } => {
+            let shown = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({detail})")
+            };
+            format!("refused_{reason}{shown}")
+        }
+    }
+}
+
+/// The `close` line: one per accepted client that got past admission (and, on a
+/// tunnel agent, one per target connection, `rule` being the service).
+pub fn log_close(
+    rule: &str,
     peer: SocketAddr,
     upstream: &str,
     started: Instant,
@@ -174,10 +271,9 @@ fn log_close(
         info,
         "close",
         text = (
-            "close rule={} client={peer} upstream={upstream} bytes_up={bytes_up} bytes_down={bytes_down} duration={duration:.3}s path={path} userspace_bytes={userspace} end={end}",
-            rule.name
+            "close rule={rule} client={peer} upstream={upstream} bytes_up={bytes_up} bytes_down={bytes_down} duration={duration:.3}s path={path} userspace_bytes={userspace} end={end}"
         ),
-        rule = %rule.name,
+        rule = %rule,
         client = %peer,
         upstream = %upstream,
         bytes_up,

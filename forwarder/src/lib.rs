@@ -15,3 +15,4 @@ pub mod relay;
 pub mod server;
 pub mod sys;
 pub mod systemd;
+pub mod tunnel;

@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use forwarder::cli::{Cli, Command, RunArgs};
-use forwarder::config::{CliRule, Config, ConfigError};
+use forwarder::cli::{AgentArgs, Cli, Command, RunArgs};
+use forwarder::config::{CliRule, CliToken, Config, ConfigError};
 use forwarder::logging::{self, LogFormat};
 use forwarder::server::{ConfigSource, Startup};
 
@@ -14,14 +14,37 @@ fn main() -> ExitCode {
             logging::init(LogFormat::Text);
             match Config::from_file(&args.config) {
                 Ok(c) => {
-                    println!("{}: ok, {} rule(s)", args.config.display(), c.rules.len());
+                    let extra = match (&c.tunnel_server, &c.agent) {
+                        (Some(_), Some(a)) => format!(
+                            ", a tunnel server, an agent with {} service(s)",
+                            a.services.len()
+                        ),
+                        (Some(_), None) => ", a tunnel server".to_string(),
+                        (None, Some(a)) => {
+                            format!(", an agent with {} service(s)", a.services.len())
+                        }
+                        (None, None) => String::new(),
+                    };
+                    println!(
+                        "{}: ok, {} rule(s){extra}",
+                        args.config.display(),
+                        c.rules.len()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_error(e),
             }
         }
         Command::Run(args) => run(args),
+        Command::Agent(args) => agent(args),
     }
+}
+
+/// `forwarder agent`: the same process as `run`, with only an `[agent]`.
+fn agent(args: AgentArgs) -> ExitCode {
+    let token = CliToken::from_env(args.token_file);
+    let config = Config::agent_from_cli(args.server, &args.service, token);
+    start(config, None, args.log_format)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -34,6 +57,8 @@ fn run(args: RunArgs) -> ExitCode {
         (None, Some(listen)) => Config::from_cli(CliRule {
             listen,
             upstreams: args.upstream,
+            tunnel_listen: args.tunnel_listen,
+            token: CliToken::from_env(args.token_file),
         })
         .and_then(|mut c| {
             if let Some(mode) = args.mode {
@@ -43,17 +68,25 @@ fn run(args: RunArgs) -> ExitCode {
         }),
         (None, None) => unreachable!("clap requires --config or --listen"),
     };
+    start(config, source, args.log_format)
+}
+
+fn start(
+    config: Result<Config, ConfigError>,
+    source: Option<ConfigSource>,
+    log_format: Option<LogFormat>,
+) -> ExitCode {
     let config = match config {
         Ok(c) => c,
         // `--log-format json` is known before the file is read: keep the promise.
-        Err(e) if args.log_format == Some(LogFormat::Json) => {
+        Err(e) if log_format == Some(LogFormat::Json) => {
             logging::init(LogFormat::Json);
             tracing::error!("{e}");
             return ExitCode::from(2);
         }
         Err(e) => return config_error(e),
     };
-    logging::init(args.log_format.unwrap_or(config.log_format));
+    logging::init(log_format.unwrap_or(config.log_format));
     forwarder::sys::raise_fd_limit();
 
     // Everything that needs privileges beyond those kept happens here, while the
@@ -64,6 +97,15 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let metrics = match config.metrics.map(forwarder::metrics::bind).transpose() {
         Ok(m) => m,
+        Err(e) => return failure(e),
+    };
+    let tunnel = match config
+        .tunnel_server
+        .as_ref()
+        .map(|t| forwarder::server::bind_tunnel(t.listen))
+        .transpose()
+    {
+        Ok(t) => t,
         Err(e) => return failure(e),
     };
     if let Some(who) = &config.user {
@@ -84,6 +126,7 @@ fn run(args: RunArgs) -> ExitCode {
         source,
         listeners,
         metrics,
+        tunnel,
     };
     match runtime.block_on(forwarder::server::run(startup)) {
         Ok(()) => {

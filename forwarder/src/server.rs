@@ -50,6 +50,13 @@ pub struct Startup {
     /// One per rule, in the config's order.
     pub listeners: Vec<std::net::TcpListener>,
     pub metrics: Option<std::net::TcpListener>,
+    /// `[tunnel_server] listen`, bound.
+    pub tunnel: Option<std::net::TcpListener>,
+}
+
+/// Binds the tunnel server's agent port.
+pub fn bind_tunnel(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    bind(addr).with_context(|| format!("cannot listen on {addr} (tunnel_server.listen)"))
 }
 
 /// Binds every rule's listener: a bad address fails the whole start (or reload).
@@ -100,6 +107,7 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         source,
         listeners,
         metrics: metrics_listener,
+        tunnel,
     } = startup;
     // Before anything is announced: a SIGHUP sent as soon as a listening line (or
     // READY=1) appears must find its handler, not the default action (exit).
@@ -117,6 +125,13 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         config: config.clone(),
         abort_rx,
     };
+    if let (Some(cfg), Some(l)) = (&config.tunnel_server, tunnel) {
+        let services = crate::tunnel::server::services_of(&config.rules);
+        crate::tunnel::server::start(cfg.clone(), TcpListener::from_std(l)?, services);
+    }
+    if let Some(agent) = &config.agent {
+        tokio::spawn(crate::tunnel::agent::run(agent.clone()));
+    }
     for (rule, listener) in config.rules.iter().zip(listeners) {
         let listener = Arc::new(TcpListener::from_std(listener)?);
         let running = server.start(rule, listener).await?;
@@ -341,6 +356,9 @@ impl Server {
         kept.sort_by_key(|r| new.rules.iter().position(|n| n.name == r.rule.name));
         self.rules = kept;
         *self.access.write().unwrap() = new.access.clone();
+        if let Some(reg) = crate::tunnel::server::registry() {
+            reg.set_known(crate::tunnel::server::services_of(&new.rules));
+        }
         self.config = new;
 
         event!(
@@ -382,6 +400,18 @@ impl Server {
         new.metrics = old.metrics;
         new.log_format = old.log_format;
         new.user = old.user.clone();
+        for (section, differs) in [
+            ("tunnel_server", old.tunnel_server != new.tunnel_server),
+            ("agent", old.agent != new.agent),
+        ] {
+            if differs {
+                tracing::warn!(
+                    "reload: [{section}] cannot change while running; keeping the running one (restart to apply)"
+                );
+            }
+        }
+        new.tunnel_server = old.tunnel_server.clone();
+        new.agent = old.agent.clone();
     }
 
     /// Stops every accept loop and closes the listeners: new connects are refused.
@@ -403,6 +433,10 @@ impl Server {
 /// The relay for a rule, wrapped in the inspection prelude when the rule inspects
 /// (warning, once per rule started, that payload is being written out).
 async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
+    if rule.agent_service().is_some() {
+        let why = "tunnel: splice with retention, so streams survive a lost link".to_string();
+        return Ok((Arc::new(crate::tunnel::TunnelRelay), why));
+    }
     let (relay, why) = if rule.rewrite.is_empty() {
         choose_path(rule).await?
     } else {

@@ -42,6 +42,7 @@ impl Relay for CopyRelay {
             let Pair {
                 mut client,
                 mut upstream,
+                ..
             } = pair;
             let result = {
                 let (cr, cw) = client.split();

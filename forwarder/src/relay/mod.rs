@@ -157,6 +157,9 @@ pub enum RelayEnd {
     Closed,
     /// One side reset or failed; the other side has been reset too.
     Failed { side: Side, error: io::Error },
+    /// Ended for a reason of its own, named as the close line's `end=` (a tunnel
+    /// stream whose agent did not come back: `agent_lost`). Both sides were reset.
+    Ended(&'static str),
     /// An inspection check refused the client (`reason` as in the `refused` line).
     Refused {
         reason: &'static str,
@@ -167,6 +170,9 @@ pub enum RelayEnd {
 pub struct Pair {
     pub client: TcpStream,
     pub upstream: TcpStream,
+    /// For a tunnel stream: `upstream` is its first data connection, and this is the
+    /// rest of what the tunnel relay needs (see `crate::tunnel::stream`).
+    pub tunnel: Option<Box<crate::tunnel::stream::Link>>,
 }
 
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>>;

@@ -136,7 +136,7 @@ impl Quiet {
 }
 
 /// Resolves with the socket's pending error (a reset, say) once epoll reports one.
-async fn socket_error(sock: &TcpStream) -> io::Error {
+pub(crate) async fn socket_error(sock: &TcpStream) -> io::Error {
     loop {
         if let Err(e) = sock.ready(Interest::ERROR).await {
             return e;
@@ -276,10 +276,10 @@ fn pass_fin(dst: &TcpStream) -> Result<(), PumpError> {
     }
 }
 
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-    size: usize,
+pub(crate) struct Pipe {
+    pub(crate) r: OwnedFd,
+    pub(crate) w: OwnedFd,
+    pub(crate) size: usize,
 }
 
 /// Empty pipes kept per worker thread: a connection's two pipes cost ten syscalls to
@@ -291,7 +291,7 @@ thread_local! {
 }
 
 impl Pipe {
-    fn take() -> io::Result<Pipe> {
+    pub(crate) fn take() -> io::Result<Pipe> {
         match POOL.with(|p| p.borrow_mut().pop()) {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(),
@@ -299,7 +299,7 @@ impl Pipe {
     }
 
     /// Only for an empty pipe: whatever it held would reach the next connection.
-    fn give_back(self) {
+    pub(crate) fn give_back(self) {
         POOL.with(|p| {
             let mut pool = p.borrow_mut();
             if pool.len() < POOL_MAX {
@@ -309,6 +309,12 @@ impl Pipe {
     }
 
     fn new() -> io::Result<Pipe> {
+        Self::with_size(PIPE_SIZE)
+    }
+
+    /// A pipe of `size` bytes (rounded up by the kernel), or smaller when the system's
+    /// pipe limits refuse: callers read `size` back.
+    pub(crate) fn with_size(want: usize) -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: fds is a valid array of two ints for pipe2 to fill.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
@@ -320,7 +326,7 @@ impl Pipe {
         // pipe-user-pages-soft get EPERM, and the default 64 KiB still works.
         // SAFETY: plain fcntl on a pipe fd we own.
         let size = unsafe {
-            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
+            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int);
             libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ)
         };
         let size = if size > 0 { size as usize } else { 65536 };
@@ -328,7 +334,7 @@ impl Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both fds are open for the duration of the call; null offsets mean
     // "current position", as required for sockets and pipes.
     let n = unsafe {

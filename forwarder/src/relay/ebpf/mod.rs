@@ -147,6 +147,7 @@ async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
         Pair {
             client: a,
             upstream: b,
+            tunnel: None,
         },
         &progress,
         false,
@@ -175,5 +176,6 @@ async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
         RelayEnd::Closed => Ok(()),
         RelayEnd::Failed { side, error } => Err(format!("{} side: {error}", side.as_str())),
         RelayEnd::Refused { reason, .. } => Err(format!("refused: {reason}")),
+        RelayEnd::Ended(why) => Err(why.to_string()),
     }
 }

@@ -539,6 +539,7 @@ impl Paired {
         Ok(Pair {
             client: tokio::net::TcpStream::from_std(client)?,
             upstream: tokio::net::TcpStream::from_std(upstream)?,
+            tunnel: None,
         })
     }
 

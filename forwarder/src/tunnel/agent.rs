@@ -1,0 +1,425 @@
+//! The private side: dials the server, offers services, keeps a pool of idle data
+//! connections (so a visitor's first byte needs no dial), and for each `Open` connects
+//! the service's target and runs the stream.
+//!
+//! When the link is lost the agent keeps its targets and dials again with back-off
+//! (100 ms doubling to 5 s), resumes the session, and each stream dials a data
+//! connection to reattach itself. A session not resumed within the server's
+//! resume_grace is over: its streams are reset (`end=agent_lost`) and the next
+//! connection starts a new one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::auth;
+use super::control;
+use super::proto::{read_frame, write_frame, Frame, VERSION};
+use super::stream::{self, Event, Link};
+use crate::config::AgentConfig;
+use crate::event;
+use crate::relay::{reset_on_close, Pair, Progress, Side};
+
+/// Idle data connections kept open to the server.
+const POOL: usize = 8;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct AgentSession {
+    cfg: AgentConfig,
+    /// The session being served or resumed: id and key.
+    current: Mutex<Option<(u64, [u8; 32])>>,
+    control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    /// The live link's generation, 0 while down: streams reattach on a change.
+    link: watch::Sender<u64>,
+    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
+    /// The server's resume_buffer, which bounds what we retain too.
+    limit: AtomicU64,
+}
+
+impl stream::Session for AgentSession {
+    fn send(&self, frame: Frame) {
+        if let Some(tx) = &*self.control.lock().unwrap() {
+            let _ = tx.send(frame);
+        }
+    }
+
+    fn forget(&self, stream: u64) {
+        self.streams.lock().unwrap().remove(&stream);
+    }
+
+    fn dialer(&self) -> Option<(watch::Receiver<u64>, stream::Dial)> {
+        let server = self.cfg.server.clone();
+        let current = *self.current.lock().unwrap();
+        let dial: stream::Dial = Arc::new(move |stream| {
+            let server = server.clone();
+            Box::pin(async move {
+                let (session, key) = current.ok_or_else(|| std::io::Error::other("no session"))?;
+                dial_data(&server, session, &key, Some(stream)).await
+            })
+        });
+        Some((self.link.subscribe(), dial))
+    }
+}
+
+impl control::Streams for AgentSession {
+    fn deliver(&self, stream: u64, event: Event) {
+        if let Some(tx) = self.streams.lock().unwrap().get(&stream) {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+impl AgentSession {
+    fn expire_streams(&self) -> usize {
+        let streams: Vec<_> = self.streams.lock().unwrap().drain().collect();
+        for (_, tx) in &streams {
+            let _ = tx.send(Event::GraceExpired);
+        }
+        streams.len()
+    }
+}
+
+/// Runs the agent for the life of the process.
+pub async fn run(cfg: AgentConfig) {
+    let (link, _) = watch::channel(0u64);
+    let session = Arc::new(AgentSession {
+        cfg,
+        current: Mutex::new(None),
+        control: Mutex::new(None),
+        link,
+        streams: Mutex::new(HashMap::new()),
+        limit: AtomicU64::new(crate::config::DEFAULT_RESUME_BUFFER as u64),
+    });
+    let generation = AtomicU64::new(0);
+    let mut backoff = BACKOFF_FIRST;
+    let mut lost_since: Option<(Instant, Duration)> = None;
+    let services = session
+        .cfg
+        .services
+        .iter()
+        .map(|s| s.name.clone())
+        .collect::<Vec<_>>();
+    loop {
+        // A session not resumed within its grace is over.
+        if let Some((since, grace)) = lost_since {
+            if since.elapsed() >= grace && session.current.lock().unwrap().take().is_some() {
+                let n = session.expire_streams();
+                event!(
+                    warn,
+                    "grace expired",
+                    text = (
+                        "grace expired server={} streams_reset={n}",
+                        session.cfg.server
+                    ),
+                    streams_reset = n,
+                );
+                lost_since = None;
+            }
+        }
+        let attempt =
+            tokio::time::timeout(DIAL_TIMEOUT * 2, connect_control(&session, &services)).await;
+        let (conn, welcome) = match attempt {
+            Ok(Ok(c)) => c,
+            Ok(Err(Refusal::UnknownSession)) => {
+                // The server forgot the session (restarted, or grace over there).
+                let n = session.expire_streams();
+                *session.current.lock().unwrap() = None;
+                lost_since = None;
+                tracing::warn!("agent: server no longer knows our session; streams_reset={n}, starting a new one");
+                continue;
+            }
+            Ok(Err(Refusal::Other(why))) => {
+                tracing::warn!(
+                    "agent: cannot connect to {}: {why}; retrying in {backoff:?}",
+                    session.cfg.server
+                );
+                sleep_backoff(&mut backoff, lost_since).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "agent: connecting to {} timed out; retrying in {backoff:?}",
+                    session.cfg.server
+                );
+                sleep_backoff(&mut backoff, lost_since).await;
+                continue;
+            }
+        };
+        backoff = BACKOFF_FIRST;
+        let (sid, grace) = welcome;
+        let n = session.streams.lock().unwrap().len();
+        let (tx, rx) = mpsc::unbounded_channel();
+        *session.control.lock().unwrap() = Some(tx.clone());
+        let gen_now = generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = session.link.send(gen_now);
+        let server = conn
+            .peer_addr()
+            .map_or(session.cfg.server.clone(), |a| a.to_string());
+        let sid_text = format!("{sid:x}");
+        if n > 0 {
+            event!(info, "link resumed", text = ("link resumed server={server} session={sid_text} streams={n}"), server = %server, session = %sid_text, streams = n,);
+        } else {
+            event!(info, "agent connected", text = ("agent connected server={server} session={sid_text} services={}", services.join(",")), server = %server, session = %sid_text, services = %services.join(","),);
+        }
+        let pool = tokio::spawn(keep_pool(session.clone()));
+        let why = control::run(conn, rx, tx, &*session).await;
+        pool.abort();
+        *session.control.lock().unwrap() = None;
+        let _ = session.link.send(0);
+        let waiting = session.streams.lock().unwrap().len();
+        event!(warn, "link lost", text = ("link lost server={server} session={sid_text} streams_waiting={waiting} ({why}); reconnecting"), server = %server, session = %sid_text, streams_waiting = waiting, reason = %why,);
+        lost_since = Some((Instant::now(), grace));
+    }
+}
+
+async fn sleep_backoff(backoff: &mut Duration, lost: Option<(Instant, Duration)>) {
+    let mut wait = *backoff;
+    if let Some((since, grace)) = lost {
+        // Wake in time to expire the session when its grace ends.
+        wait = wait.min(grace.saturating_sub(since.elapsed()) + Duration::from_millis(10));
+    }
+    tokio::time::sleep(wait).await;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+}
+
+enum Refusal {
+    UnknownSession,
+    Other(String),
+}
+
+/// Dials, authenticates and resumes (or starts) the session.
+async fn connect_control(
+    session: &AgentSession,
+    services: &[String],
+) -> Result<(TcpStream, (u64, Duration)), Refusal> {
+    let other = |e: std::io::Error| Refusal::Other(e.to_string());
+    let mut conn = TcpStream::connect(&session.cfg.server)
+        .await
+        .map_err(other)?;
+    let _ = conn.set_nodelay(true);
+    let Frame::Challenge { nonce } = read_frame(&mut conn).await.map_err(other)? else {
+        return Err(Refusal::Other("server did not send a challenge".into()));
+    };
+    let agent_nonce = auth::nonce();
+    let list = services.join(",");
+    let identity = session.cfg.identity.clone();
+    let current = *session.current.lock().unwrap();
+    let resume = current.map(|(id, _)| {
+        (
+            id,
+            session.streams.lock().unwrap().keys().copied().collect(),
+        )
+    });
+    let hello = Frame::Hello {
+        version: VERSION,
+        nonce: agent_nonce,
+        mac: auth::sign(
+            &session.cfg.token,
+            &auth::hello_parts(&nonce, &agent_nonce, &identity, &list),
+        ),
+        identity,
+        services: services.to_vec(),
+        resume,
+    };
+    write_frame(&mut conn, &hello).await.map_err(other)?;
+    match read_frame(&mut conn).await.map_err(other)? {
+        Frame::Welcome {
+            session: id,
+            mac,
+            resumed,
+            grace_ms,
+            resume_buffer,
+        } => {
+            let sid = id.to_be_bytes();
+            if !auth::verify(
+                &session.cfg.token,
+                &auth::welcome_parts(&nonce, &agent_nonce, &sid),
+                &mac,
+            ) {
+                return Err(Refusal::Other(
+                    "the server's answer does not prove it has our token".into(),
+                ));
+            }
+            session.limit.store(resume_buffer, Ordering::Relaxed);
+            if !resumed {
+                // A new session: streams of an old one cannot come back.
+                let n = session.expire_streams();
+                if n > 0 {
+                    tracing::warn!("agent: new session, streams_reset={n}");
+                }
+                let key = auth::session_key(&session.cfg.token, &nonce, &agent_nonce);
+                *session.current.lock().unwrap() = Some((id, key));
+            }
+            Ok((conn, (id, Duration::from_millis(grace_ms))))
+        }
+        Frame::Refused { reason } if reason == "unknown_session" => Err(Refusal::UnknownSession),
+        Frame::Refused { reason } => {
+            Err(Refusal::Other(format!("refused by the server: {reason}")))
+        }
+        f => Err(Refusal::Other(format!("unexpected answer {f:?}"))),
+    }
+}
+
+/// A data connection with its `Data` header sent.
+async fn dial_data(
+    server: &str,
+    session: u64,
+    key: &[u8; 32],
+    attach: Option<u64>,
+) -> std::io::Result<TcpStream> {
+    let dial = async {
+        let mut conn = TcpStream::connect(server).await?;
+        let _ = conn.set_nodelay(true);
+        let Frame::Challenge { nonce } = read_frame(&mut conn).await? else {
+            return Err(std::io::Error::other("server did not send a challenge"));
+        };
+        let sid = session.to_be_bytes();
+        let a = auth::attach_bytes(attach);
+        let mac = auth::sign(key, &auth::data_parts(&nonce, &sid, &a));
+        write_frame(
+            &mut conn,
+            &Frame::Data {
+                session,
+                attach,
+                mac,
+            },
+        )
+        .await?;
+        Ok(conn)
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, dial)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "dial timed out"))?
+}
+
+/// Keeps [`POOL`] idle data connections waiting for `Open`, for as long as the link.
+async fn keep_pool(session: Arc<AgentSession>) {
+    let mut slots = tokio::task::JoinSet::new();
+    for _ in 0..POOL {
+        slots.spawn(pool_slot(session.clone()));
+    }
+    while slots.join_next().await.is_some() {}
+}
+
+async fn pool_slot(session: Arc<AgentSession>) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let Some((id, key)) = *session.current.lock().unwrap() else {
+            return;
+        };
+        let conn = dial_data(&session.cfg.server, id, &key, None).await;
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("agent: data connection failed: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_FIRST;
+        match read_frame(&mut conn).await {
+            Ok(Frame::Open {
+                stream,
+                service,
+                visitor,
+                proxy_header,
+            }) => {
+                tokio::spawn(serve_stream(
+                    session.clone(),
+                    conn,
+                    stream,
+                    service,
+                    visitor,
+                    proxy_header,
+                ));
+            }
+            Ok(Frame::Refused { reason }) => {
+                tracing::warn!("agent: data connection refused: {reason}");
+                tokio::time::sleep(BACKOFF_MAX).await;
+            }
+            Ok(other) => tracing::warn!("agent: unexpected frame on a data connection: {other:?}"),
+            // Closed by the server (a new link, or shutdown): the slot dials again.
+            Err(_) => tokio::time::sleep(BACKOFF_FIRST).await,
+        }
+    }
+}
+
+/// One visitor: connect the target and relay until the stream ends.
+async fn serve_stream(
+    session: Arc<AgentSession>,
+    data: TcpStream,
+    stream: u64,
+    service: String,
+    visitor: String,
+    proxy_header: Vec<u8>,
+) {
+    let started = Instant::now();
+    let target = session
+        .cfg
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map(|s| s.target.clone());
+    let visitor_addr: SocketAddr = visitor.parse().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    let progress = Arc::new(Progress::default());
+    let log = |upstream: &str, end: &str, progress: &Progress| {
+        crate::connection::log_close(&service, visitor_addr, upstream, started, progress, end)
+    };
+    let Some(target) = target else {
+        reset_on_close(&data);
+        stream::Session::send(&*session, Frame::Reset { stream });
+        return log("none", "unknown_service", &progress);
+    };
+    let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target)).await;
+    let mut local = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            reset_on_close(&data);
+            stream::Session::send(&*session, Frame::Reset { stream });
+            return log(&target, &format!("connect_failed ({e})"), &progress);
+        }
+        Err(_) => {
+            reset_on_close(&data);
+            stream::Session::send(&*session, Frame::Reset { stream });
+            return log(&target, "connect_failed (timed out)", &progress);
+        }
+    };
+    let _ = local.set_nodelay(true);
+    if !proxy_header.is_empty() {
+        if let Err(e) = local.write_all(&proxy_header).await {
+            reset_on_close(&data);
+            stream::Session::send(&*session, Frame::Reset { stream });
+            return log(
+                &target,
+                &format!("upstream_error (writing PROXY header: {e})"),
+                &progress,
+            );
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    session.streams.lock().unwrap().insert(stream, tx);
+    let link = Link {
+        stream,
+        events: rx,
+        session: session.clone(),
+        limit: session.limit.load(Ordering::Relaxed) as usize,
+        local_side: Side::Upstream,
+    };
+    let pair = Pair {
+        client: data,
+        upstream: local,
+        tunnel: Some(Box::new(link)),
+    };
+    let end = super::TunnelRelay::run(pair, &progress).await;
+    log(&target, &crate::connection::end_text(&end), &progress);
+}

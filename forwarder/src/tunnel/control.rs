@@ -1,0 +1,71 @@
+//! The control connection, the same on both sides: frames out from a queue, frames in
+//! dispatched to streams, and a heartbeat that declares the link lost when nothing
+//! arrives for [`DEAD_AFTER`] (a blackholed link never errors by itself).
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::proto::{read_frame, write_frame, Frame};
+use super::stream::Event;
+
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+pub const DEAD_AFTER: Duration = Duration::from_secs(4);
+
+/// Where incoming stream frames go.
+pub trait Streams: Send + Sync {
+    fn deliver(&self, stream: u64, event: Event);
+}
+
+/// Runs the link until it fails; returns why, for the `link lost` line.
+pub async fn run(
+    conn: TcpStream,
+    mut outgoing: mpsc::UnboundedReceiver<Frame>,
+    pong: mpsc::UnboundedSender<Frame>,
+    streams: &dyn Streams,
+) -> String {
+    let _ = conn.set_nodelay(true);
+    let (mut r, mut w) = conn.into_split();
+    let writer = async {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            let frame = tokio::select! {
+                f = outgoing.recv() => match f {
+                    Some(f) => f,
+                    None => return "closed locally".to_string(),
+                },
+                _ = ping.tick() => Frame::Ping,
+            };
+            if let Err(e) = write_frame(&mut w, &frame).await {
+                return format!("write: {e}");
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            let frame = match tokio::time::timeout(DEAD_AFTER, read_frame(&mut r)).await {
+                Err(_) => return format!("nothing heard for {DEAD_AFTER:?}"),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return "closed by peer".into()
+                }
+                Ok(Err(e)) => return format!("read: {e}"),
+                Ok(Ok(f)) => f,
+            };
+            match frame {
+                Frame::Ack { stream, received } => streams.deliver(stream, Event::Ack(received)),
+                Frame::Fin { stream, at } => streams.deliver(stream, Event::Fin(at)),
+                Frame::Reset { stream } => streams.deliver(stream, Event::Reset),
+                Frame::Ping => {
+                    let _ = pong.send(Frame::Pong);
+                }
+                Frame::Pong => {}
+                other => return format!("unexpected frame {other:?}"),
+            }
+        }
+    };
+    tokio::select! {
+        why = writer => why,
+        why = reader => why,
+    }
+}

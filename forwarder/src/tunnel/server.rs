@@ -1,0 +1,487 @@
+//! The public side: agents connect to `[tunnel_server] listen`; a rule whose upstream
+//! is `agent:NAME` takes a pooled data connection of a live agent session offering
+//! NAME for each visitor.
+//!
+//! A session outlives its control connection: when the link is lost, its streams keep
+//! their visitors (and retention) for resume_grace, waiting for the agent to resume
+//! the session and reattach them. Then they are reset (`end=agent_lost`).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+
+use super::auth;
+use super::control;
+use super::proto::{read_frame, write_frame, Frame, VERSION};
+use super::stream::{self, Event, Link};
+use crate::config::{Balance, TunnelServerConfig};
+use crate::event;
+use crate::relay::{reset_on_close, Side};
+
+/// A new connection must say what it is within this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Registry {
+    cfg: TunnelServerConfig,
+    /// Services some rule serves (`agent:NAME`); an agent offering another is refused.
+    known: RwLock<HashSet<String>>,
+    sessions: Mutex<HashMap<u64, Arc<ServerSession>>>,
+    /// A data connection was pooled, or an agent arrived.
+    arrived: Notify,
+    next_stream: AtomicU64,
+    turn: AtomicUsize,
+}
+
+static REGISTRY: OnceLock<Arc<Registry>> = OnceLock::new();
+
+/// The process's tunnel server, once `start` ran.
+pub fn registry() -> Option<&'static Arc<Registry>> {
+    REGISTRY.get()
+}
+
+/// Serves the agent port for the life of the process.
+pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<String>) {
+    let reg = Arc::new(Registry {
+        cfg,
+        known: RwLock::new(known),
+        sessions: Mutex::new(HashMap::new()),
+        arrived: Notify::new(),
+        next_stream: AtomicU64::new(1),
+        turn: AtomicUsize::new(0),
+    });
+    let _ = REGISTRY.set(reg.clone());
+    let local = listener.local_addr().map_or("?".into(), |a| a.to_string());
+    event!(
+        info,
+        "tunnel listening",
+        text = ("tunnel listening listen={local} resume_grace={:?} resume_buffer={}", reg.cfg.resume_grace, reg.cfg.resume_buffer),
+        listen = %local,
+    );
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => {
+                    tokio::spawn(reg.clone().handle(conn, peer));
+                }
+                Err(e) => {
+                    tracing::warn!("tunnel accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+}
+
+/// The services a config's rules serve through agents.
+pub fn services_of(rules: &[crate::config::Rule]) -> HashSet<String> {
+    rules
+        .iter()
+        .filter_map(|r| r.agent_service().map(str::to_string))
+        .collect()
+}
+
+pub struct ServerSession {
+    id: u64,
+    key: [u8; 32],
+    identity: String,
+    services: Vec<String>,
+    control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    /// Which control connection is current: a lost one must not mark a resumed session.
+    generation: AtomicU64,
+    pool: Mutex<Vec<TcpStream>>,
+    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
+    limit: usize,
+}
+
+impl stream::Session for ServerSession {
+    fn send(&self, frame: Frame) {
+        if let Some(tx) = &*self.control.lock().unwrap() {
+            let _ = tx.send(frame);
+        }
+    }
+
+    fn forget(&self, stream: u64) {
+        self.streams.lock().unwrap().remove(&stream);
+    }
+
+    fn dialer(&self) -> Option<(tokio::sync::watch::Receiver<u64>, stream::Dial)> {
+        None
+    }
+}
+
+impl control::Streams for ServerSession {
+    fn deliver(&self, stream: u64, event: Event) {
+        if let Some(tx) = self.streams.lock().unwrap().get(&stream) {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+impl ServerSession {
+    fn live(&self) -> bool {
+        self.control.lock().unwrap().is_some()
+    }
+
+    /// Resets every stream now (agent restarted, or grace over); returns how many.
+    fn expire_streams(&self) -> usize {
+        let streams: Vec<_> = self.streams.lock().unwrap().drain().collect();
+        for (_, tx) in &streams {
+            let _ = tx.send(Event::GraceExpired);
+        }
+        streams.len()
+    }
+}
+
+impl Registry {
+    pub fn set_known(&self, known: HashSet<String>) {
+        *self.known.write().unwrap() = known;
+    }
+
+    /// A data connection to an agent offering `service`, the Open frame sent, and the
+    /// stream's link; `None` when no agent offered one within `timeout`.
+    pub async fn open(
+        &self,
+        service: &str,
+        visitor: SocketAddr,
+        balance: Balance,
+        timeout: Duration,
+        proxy_header: Vec<u8>,
+    ) -> Option<(TcpStream, Box<Link>)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some((session, mut conn)) = self.take_conn(service, visitor, balance) {
+                let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = mpsc::unbounded_channel();
+                session.streams.lock().unwrap().insert(id, tx);
+                let open = Frame::Open {
+                    stream: id,
+                    service: service.to_string(),
+                    visitor: visitor.to_string(),
+                    proxy_header: proxy_header.clone(),
+                };
+                if write_frame(&mut conn, &open).await.is_err() {
+                    session.streams.lock().unwrap().remove(&id);
+                    continue;
+                }
+                let _ = conn.set_nodelay(true);
+                let limit = session.limit;
+                let link = Link {
+                    stream: id,
+                    events: rx,
+                    session,
+                    limit,
+                    local_side: Side::Client,
+                };
+                return Some((conn, Box::new(link)));
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn take_conn(
+        &self,
+        service: &str,
+        visitor: SocketAddr,
+        balance: Balance,
+    ) -> Option<(Arc<ServerSession>, TcpStream)> {
+        let sessions = self.sessions.lock().unwrap();
+        let mut offering: Vec<&Arc<ServerSession>> = sessions
+            .values()
+            .filter(|s| {
+                s.live()
+                    && s.services.iter().any(|n| n == service)
+                    && !s.pool.lock().unwrap().is_empty()
+            })
+            .collect();
+        if offering.is_empty() {
+            return None;
+        }
+        offering.sort_by_key(|s| s.id);
+        let pick = match balance {
+            Balance::First => 0,
+            Balance::RoundRobin => self.turn.fetch_add(1, Ordering::Relaxed) % offering.len(),
+            Balance::LeastConn | Balance::Random => {
+                let load = |s: &&Arc<ServerSession>| s.streams.lock().unwrap().len();
+                let (a, b) = (
+                    fastrand::usize(..offering.len()),
+                    fastrand::usize(..offering.len()),
+                );
+                match balance {
+                    Balance::Random if load(&offering[a]) <= load(&offering[b]) => a,
+                    Balance::Random => b,
+                    _ => (0..offering.len())
+                        .min_by_key(|i| load(&offering[*i]))
+                        .unwrap_or(0),
+                }
+            }
+            Balance::SourceHash => {
+                use std::hash::{Hash, Hasher};
+                (0..offering.len())
+                    .max_by_key(|i| {
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        (visitor.ip(), &offering[*i].identity).hash(&mut h);
+                        h.finish()
+                    })
+                    .unwrap_or(0)
+            }
+        };
+        let session = offering[pick].clone();
+        let conn = session.pool.lock().unwrap().pop()?;
+        Some((session, conn))
+    }
+
+    async fn handle(self: Arc<Self>, mut conn: TcpStream, peer: SocketAddr) {
+        let nonce = auth::nonce();
+        let first = async {
+            write_frame(&mut conn, &Frame::Challenge { nonce }).await?;
+            read_frame(&mut conn).await
+        };
+        let frame = match tokio::time::timeout(HEADER_TIMEOUT, first).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => return refused(peer, "bad_header", &e.to_string(), conn).await,
+            Err(_) => return refused(peer, "bad_header", "timed out", conn).await,
+        };
+        match frame {
+            Frame::Hello {
+                version,
+                nonce: agent_nonce,
+                mac,
+                identity,
+                services,
+                resume,
+            } => {
+                if version != VERSION {
+                    return refused(peer, "bad_version", &format!("version {version}"), conn).await;
+                }
+                let list = services.join(",");
+                if !auth::verify(
+                    &self.cfg.token,
+                    &auth::hello_parts(&nonce, &agent_nonce, &identity, &list),
+                    &mac,
+                ) {
+                    return refused(peer, "bad_token", "", conn).await;
+                }
+                let unknown: Vec<&String> = {
+                    let known = self.known.read().unwrap();
+                    services.iter().filter(|s| !known.contains(*s)).collect()
+                };
+                if !unknown.is_empty() || services.is_empty() {
+                    let what = format!("services {unknown:?} are served by no rule");
+                    return refused(peer, "unknown_service", &what, conn).await;
+                }
+                self.control(conn, peer, nonce, agent_nonce, identity, services, resume)
+                    .await;
+            }
+            Frame::Data {
+                session,
+                attach,
+                mac,
+            } => self.data(conn, peer, nonce, session, attach, mac).await,
+            other => refused(peer, "bad_header", &format!("{other:?}"), conn).await,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn control(
+        self: Arc<Self>,
+        mut conn: TcpStream,
+        peer: SocketAddr,
+        nonce: [u8; 32],
+        agent_nonce: [u8; 32],
+        identity: String,
+        services: Vec<String>,
+        resume: Option<(u64, Vec<u64>)>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (session, resumed) = match resume {
+            Some((id, agent_streams)) => {
+                let found = self.sessions.lock().unwrap().get(&id).cloned();
+                let Some(session) = found.filter(|s| s.identity == identity) else {
+                    return refused(peer, "unknown_session", &format!("session {id:x}"), conn)
+                        .await;
+                };
+                // Streams the agent no longer holds cannot resume.
+                let keep: HashSet<u64> = agent_streams.into_iter().collect();
+                let gone: Vec<_> = {
+                    let mut streams = session.streams.lock().unwrap();
+                    let ids: Vec<u64> = streams
+                        .keys()
+                        .filter(|s| !keep.contains(s))
+                        .copied()
+                        .collect();
+                    ids.iter().filter_map(|s| streams.remove(s)).collect()
+                };
+                for tx in gone {
+                    let _ = tx.send(Event::Reset);
+                }
+                (session, true)
+            }
+            None => {
+                // The same identity again is the same agent restarted: its old
+                // session's streams cannot come back, reset them now.
+                let old: Vec<Arc<ServerSession>> = {
+                    let mut sessions = self.sessions.lock().unwrap();
+                    let ids: Vec<u64> = sessions
+                        .values()
+                        .filter(|s| s.identity == identity)
+                        .map(|s| s.id)
+                        .collect();
+                    ids.iter().filter_map(|id| sessions.remove(id)).collect()
+                };
+                for s in old {
+                    *s.control.lock().unwrap() = None;
+                    s.pool.lock().unwrap().clear();
+                    let n = s.expire_streams();
+                    event!(info, "session replaced", text = ("session replaced session={:x} by a new session of the same agent: streams_reset={n}", s.id), session = %format!("{:x}", s.id), streams_reset = n,);
+                }
+                let mut id = [0u8; 8];
+                getrandom::getrandom(&mut id).expect("random source");
+                let session = Arc::new(ServerSession {
+                    id: u64::from_be_bytes(id),
+                    key: auth::session_key(&self.cfg.token, &nonce, &agent_nonce),
+                    identity,
+                    services,
+                    control: Mutex::new(None),
+                    generation: AtomicU64::new(0),
+                    pool: Mutex::new(Vec::new()),
+                    streams: Mutex::new(HashMap::new()),
+                    limit: self.cfg.resume_buffer,
+                });
+                self.sessions
+                    .lock()
+                    .unwrap()
+                    .insert(session.id, session.clone());
+                (session, false)
+            }
+        };
+        let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let sid = session.id.to_be_bytes();
+        let welcome = Frame::Welcome {
+            session: session.id,
+            mac: auth::sign(
+                &self.cfg.token,
+                &auth::welcome_parts(&nonce, &agent_nonce, &sid),
+            ),
+            resumed,
+            grace_ms: self.cfg.resume_grace.as_millis() as u64,
+            resume_buffer: self.cfg.resume_buffer as u64,
+        };
+        if write_frame(&mut conn, &welcome).await.is_err() {
+            return;
+        }
+        // Pooled connections of an older link went with it.
+        session.pool.lock().unwrap().clear();
+        *session.control.lock().unwrap() = Some(tx.clone());
+        let sid = format!("{:x}", session.id);
+        let services = session.services.join(",");
+        if resumed {
+            let n = session.streams.lock().unwrap().len();
+            event!(info, "link resumed", text = ("link resumed session={sid} agent={peer} streams={n}"), session = %sid, agent = %peer, streams = n,);
+        } else {
+            event!(info, "agent connected", text = ("agent connected session={sid} agent={peer} services={services}"), session = %sid, agent = %peer, services = %services,);
+        }
+        self.arrived.notify_waiters();
+
+        let why = control::run(conn, rx, tx, &*session).await;
+        if session.generation.load(Ordering::Relaxed) != generation {
+            return; // resumed (or replaced) on another connection meanwhile
+        }
+        *session.control.lock().unwrap() = None;
+        session.pool.lock().unwrap().clear();
+        if !self.sessions.lock().unwrap().contains_key(&session.id) {
+            return;
+        }
+        let waiting = session.streams.lock().unwrap().len();
+        event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={waiting} ({why}); waiting up to {:?} for it to resume", self.cfg.resume_grace), session = %sid, agent = %peer, streams_waiting = waiting, reason = %why,);
+        let since = Instant::now();
+        tokio::time::sleep(self.cfg.resume_grace).await;
+        if session.generation.load(Ordering::Relaxed) != generation || session.live() {
+            return;
+        }
+        self.sessions.lock().unwrap().remove(&session.id);
+        let n = session.expire_streams();
+        event!(warn, "grace expired", text = ("grace expired session={sid} streams_reset={n} after {:.1}s", since.elapsed().as_secs_f64()), session = %sid, streams_reset = n,);
+    }
+
+    async fn data(
+        &self,
+        mut conn: TcpStream,
+        peer: SocketAddr,
+        nonce: [u8; 32],
+        session: u64,
+        attach: Option<u64>,
+        mac: [u8; 32],
+    ) {
+        let found = self.sessions.lock().unwrap().get(&session).cloned();
+        let Some(s) = found else {
+            return refused(
+                peer,
+                "unknown_session",
+                &format!("data connection for session {session:x}"),
+                conn,
+            )
+            .await;
+        };
+        let sid = session.to_be_bytes();
+        let attach_b = auth::attach_bytes(attach);
+        if !auth::verify(&s.key, &auth::data_parts(&nonce, &sid, &attach_b), &mac) {
+            return refused(peer, "bad_data_mac", "", conn).await;
+        }
+        match attach {
+            None => {
+                if s.live() {
+                    s.pool.lock().unwrap().push(conn);
+                    self.arrived.notify_waiters();
+                }
+            }
+            Some(stream) => {
+                let tx = s.streams.lock().unwrap().get(&stream).cloned();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(Event::Attach(conn));
+                    }
+                    None => {
+                        let _ = write_frame(
+                            &mut conn,
+                            &Frame::Refused {
+                                reason: "unknown_stream".into(),
+                            },
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Logs and refuses a connection on the agent port; nothing of it reaches a target.
+async fn refused(peer: SocketAddr, reason: &str, detail: &str, mut conn: TcpStream) {
+    let shown = if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
+    };
+    event!(warn, "agent refused", text = ("agent refused agent={peer} reason={reason}{shown}"), agent = %peer, reason = %reason, detail = %detail,);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        write_frame(
+            &mut conn,
+            &Frame::Refused {
+                reason: reason.into(),
+            },
+        ),
+    )
+    .await;
+    reset_on_close(&conn);
+}

@@ -1,0 +1,730 @@
+//! One tunnel stream, the same on both sides: the local socket (the visitor on the
+//! server, the target on the agent) and the stream's current data connection, joined
+//! by splice(2) like any pair, plus what it takes to survive losing the data
+//! connection.
+//!
+//! **Retention.** Every byte read from the local socket is `tee`d into a retention
+//! pipe before it is spliced to the data connection, and stays there until the peer
+//! acknowledges it (over the control connection). A retention pipe holds page
+//! references, not copies, so bytes still never cross userspace. On reattach both
+//! ends first exchange how many bytes they have received (`Resume`), drop what the
+//! other already has, and replay the rest from the retention pipe (`tee` into a
+//! scratch pipe, then splice). At most `limit` (resume_buffer) bytes are held per
+//! direction; then the local socket is not read and TCP pushes back.
+//!
+//! **Ends.** The data connection's own FIN or reset means only "this data connection
+//! is gone": a stream's end travels as a `Fin { at }` (or `Reset`) control frame, and a
+//! half-close is passed on once exactly `at` bytes have been delivered. A stream is
+//! done when its local source ended and the peer acknowledged every byte of it, and
+//! the peer's FIN was delivered.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+
+use super::proto::{read_frame, write_frame, Frame};
+use crate::relay::splice::{socket_error, splice, Pipe};
+use crate::relay::{reset_on_close, Hop, Progress, RelayEnd, Side};
+
+/// What the session tells a stream.
+pub enum Event {
+    /// A new data connection for this stream, authenticated, before `Resume`.
+    Attach(TcpStream),
+    /// The peer received this many bytes of ours.
+    Ack(u64),
+    /// The peer's source ended after this many bytes.
+    Fin(u64),
+    /// The peer's end was reset, or the peer no longer knows the stream.
+    Reset,
+    /// The link was not back within resume_grace.
+    GraceExpired,
+}
+
+/// What a stream needs from its session (server or agent side).
+pub trait Session: Send + Sync {
+    /// Sends a control frame if the link is up; dropped otherwise (resume resyncs).
+    fn send(&self, frame: Frame);
+    /// The stream ended: forget it.
+    fn forget(&self, stream: u64);
+    /// Agent side: the live link's generation (0 while down), and how to dial a data
+    /// connection to reattach `stream` (the `Data` header sent). The server waits for
+    /// `Event::Attach` instead.
+    fn dialer(&self) -> Option<(watch::Receiver<u64>, Dial)>;
+}
+
+pub type Dial = Arc<
+    dyn Fn(
+            u64,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A tunnel stream's tie to its session, carried in `Pair::tunnel`.
+pub struct Link {
+    pub stream: u64,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub session: Arc<dyn Session>,
+    /// resume_buffer: bytes held per direction until acknowledged.
+    pub limit: usize,
+    /// Which side of the close line the local socket is.
+    pub local_side: Side,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.session.forget(self.stream);
+    }
+}
+
+/// Bytes held in retention pipes by every stream of the process. Above
+/// [`RETAINED_CAP`], streams stop reading their sources until acks free some.
+static RETAINED: AtomicU64 = AtomicU64::new(0);
+pub const RETAINED_CAP: u64 = 256 << 20;
+
+fn room_freed() -> &'static Notify {
+    static N: OnceLock<Notify> = OnceLock::new();
+    N.get_or_init(Notify::new)
+}
+
+/// How long the data connection's `Resume` exchange may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An ack is sent at once after this share of `limit`, else this long after bytes
+/// arrived (or at once when the peer's FIN is reached): acks cost nothing per message.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Agent side: first wait before dialing again for a stream whose data connection
+/// ended; doubles to 5 s. Its first value also lets a peer's completion arrive.
+const REDIAL_FIRST: Duration = Duration::from_millis(200);
+const REDIAL_MAX: Duration = Duration::from_secs(5);
+
+/// local → data.
+struct Out {
+    /// Holds [sent, read): bytes read from local, the first (teed - sent) also in `keep`.
+    pipe: Pipe,
+    keep: Pipe,
+    in_pipe: usize,
+    read: u64,
+    teed: u64,
+    sent: u64,
+    acked: u64,
+    eof: bool,
+    /// Read from local hit EAGAIN with bytes still in the pipe (maybe no free slot):
+    /// wait for the pipe to empty, not for readiness (which was not cleared).
+    read_blocked: bool,
+    /// Replaying [acked, teed) after a reattach: a scratch pipe and what is left in it.
+    replay: Option<(Pipe, usize)>,
+    fin_told: bool,
+}
+
+/// data → local.
+struct In {
+    pipe: Pipe,
+    in_pipe: usize,
+    received: u64,
+    ack_told: u64,
+    ack_due: Option<Instant>,
+    peer_fin: Option<u64>,
+    shut: bool,
+    read_blocked: bool,
+}
+
+enum Fault {
+    Local(io::Error),
+    /// The data connection failed or ended: wait for (or dial) another.
+    Data,
+    /// Something our own bookkeeping or the peer's numbers cannot explain.
+    Protocol(String),
+}
+
+pub async fn run(
+    local: TcpStream,
+    first: TcpStream,
+    link: Box<Link>,
+    progress: &Progress,
+) -> RelayEnd {
+    progress.enter(Hop::Splice);
+    let side = link.local_side;
+    let far = match side {
+        Side::Client => Side::Upstream,
+        Side::Upstream => Side::Client,
+    };
+    let mut engine = match Engine::new(link, side) {
+        Ok(e) => e,
+        Err(error) => {
+            reset_on_close(&local);
+            reset_on_close(&first);
+            return RelayEnd::Failed { side, error };
+        }
+    };
+    let end = engine.run(&local, first, progress).await;
+    engine.release();
+    match end {
+        Ok(()) => RelayEnd::Closed,
+        Err(end) => {
+            reset_on_close(&local);
+            match end {
+                End::Local(error) => {
+                    engine.link.session.send(Frame::Reset {
+                        stream: engine.link.stream,
+                    });
+                    RelayEnd::Failed { side, error }
+                }
+                End::PeerReset => RelayEnd::Failed {
+                    side: far,
+                    error: io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "reset at the far end of the tunnel",
+                    ),
+                },
+                End::Protocol(why) => {
+                    engine.link.session.send(Frame::Reset {
+                        stream: engine.link.stream,
+                    });
+                    RelayEnd::Failed {
+                        side: far,
+                        error: io::Error::new(io::ErrorKind::InvalidData, why),
+                    }
+                }
+                End::Lost => RelayEnd::Ended("agent_lost"),
+            }
+        }
+    }
+}
+
+enum End {
+    Local(io::Error),
+    PeerReset,
+    Protocol(String),
+    Lost,
+}
+
+struct Engine {
+    link: Box<Link>,
+    out: Out,
+    inn: In,
+    limit: u64,
+    side: Side,
+}
+
+impl Engine {
+    fn new(link: Box<Link>, side: Side) -> io::Result<Engine> {
+        let keep = Pipe::with_size(link.limit)?;
+        // A retention pipe smaller than asked (system pipe limits) bounds what we hold.
+        let limit = (link.limit.min(keep.size)) as u64;
+        Ok(Engine {
+            out: Out {
+                pipe: Pipe::take()?,
+                keep,
+                in_pipe: 0,
+                read: 0,
+                teed: 0,
+                sent: 0,
+                acked: 0,
+                eof: false,
+                read_blocked: false,
+                replay: None,
+                fin_told: false,
+            },
+            inn: In {
+                pipe: Pipe::take()?,
+                in_pipe: 0,
+                received: 0,
+                ack_told: 0,
+                ack_due: None,
+                peer_fin: None,
+                shut: false,
+                read_blocked: false,
+            },
+            link,
+            limit,
+            side,
+        })
+    }
+
+    /// Returns the retained bytes to the global count; empty pipes to the pool.
+    fn release(&mut self) {
+        RETAINED.fetch_sub(self.out.read - self.out.acked, Ordering::Relaxed);
+        self.out.acked = self.out.read;
+        room_freed().notify_waiters();
+    }
+
+    async fn run(
+        &mut self,
+        local: &TcpStream,
+        first: TcpStream,
+        progress: &Progress,
+    ) -> Result<(), End> {
+        let mut data = Some(first);
+        let dialer = self.link.session.dialer();
+        let mut link_gen = dialer.as_ref().map(|(g, _)| g.clone());
+        let mut attached_gen = link_gen.as_ref().map_or(0, |g| *g.borrow());
+        let mut redial_wait = REDIAL_FIRST;
+        let mut redial_at: Option<Instant> = None;
+        loop {
+            // Move what can move without waiting.
+            let quiet = match self.step(local, data.as_ref(), progress) {
+                Ok(quiet) => quiet,
+                Err(Fault::Local(e)) => return Err(End::Local(e)),
+                Err(Fault::Protocol(why)) => return Err(End::Protocol(why)),
+                Err(Fault::Data) => {
+                    drop_data(&mut data);
+                    redial_at.get_or_insert_with(|| Instant::now() + redial_wait);
+                    false
+                }
+            };
+            self.tell_peer(quiet);
+            if let Some(at) = self.inn.peer_fin {
+                if self.inn.received > at {
+                    return Err(End::Protocol(format!(
+                        "{} bytes received past the peer's FIN at {at}",
+                        self.inn.received - at
+                    )));
+                }
+                if self.inn.received == at && self.inn.in_pipe == 0 && !self.inn.shut {
+                    match socket2::SockRef::from(local).shutdown(std::net::Shutdown::Write) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+                        Err(e) => return Err(End::Local(e)),
+                    }
+                    self.inn.shut = true;
+                }
+            }
+            if self.out.eof && self.out.acked == self.out.read && self.inn.shut {
+                return Ok(());
+            }
+
+            let out_reads = !self.out.eof
+                && !self.out.read_blocked
+                && self.out.in_pipe < self.out.pipe.size
+                && self.out.read - self.out.acked < self.limit;
+            let capped = RETAINED.load(Ordering::Relaxed) >= RETAINED_CAP;
+            let out_sends = self.out.replay.as_ref().is_some_and(|(_, n)| *n > 0)
+                || self.out.sent < self.out.teed;
+            let in_reads = !self.inn.read_blocked && self.inn.in_pipe < self.inn.pipe.size;
+            let link_up = link_gen.as_ref().is_some_and(|g| *g.borrow() != 0);
+            let dial_at = match (&dialer, &data, link_up) {
+                (Some(_), None, true) => redial_at.or(Some(Instant::now())),
+                _ => None,
+            };
+            let room = room_freed().notified();
+            tokio::select! {
+                ev = self.link.events.recv() => match ev {
+                    None => return Err(End::Lost),
+                    Some(Event::Ack(n)) => self.acked(n).map_err(End::Protocol)?,
+                    Some(Event::Fin(at)) => self.inn.peer_fin = Some(at),
+                    Some(Event::Reset) => return Err(End::PeerReset),
+                    Some(Event::GraceExpired) => return Err(End::Lost),
+                    Some(Event::Attach(conn)) => {
+                        drop_data(&mut data);
+                        data = self.reattach(conn).await?;
+                    }
+                },
+                r = local.readable(), if out_reads && !capped => r.map_err(End::Local)?,
+                _ = room, if out_reads && capped => {}
+                r = local.writable(), if self.inn.in_pipe > 0 => r.map_err(End::Local)?,
+                e = socket_error(local) => return Err(End::Local(e)),
+                r = async { data.as_ref().unwrap().readable().await }, if data.is_some() && in_reads => {
+                    if r.is_err() { drop_data(&mut data); redial_at = Some(Instant::now() + redial_wait); }
+                }
+                r = async { data.as_ref().unwrap().writable().await }, if data.is_some() && out_sends => {
+                    if r.is_err() { drop_data(&mut data); redial_at = Some(Instant::now() + redial_wait); }
+                }
+                _ = sleep_until_opt(self.inn.ack_due) => self.send_ack(),
+                changed = async { link_gen.as_mut().unwrap().changed().await }, if link_gen.is_some() => {
+                    if changed.is_err() {
+                        link_gen = None;
+                    } else {
+                        let now = *link_gen.as_ref().unwrap().borrow();
+                        if now != 0 && now != attached_gen {
+                            // A new link: whatever data connection we hold went with the old one.
+                            drop_data(&mut data);
+                            redial_at = None;
+                            redial_wait = REDIAL_FIRST;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(dial_at) => {
+                    let (_, dial) = dialer.as_ref().unwrap();
+                    let gen_now = link_gen.as_ref().map_or(0, |g| *g.borrow());
+                    match dial(self.link.stream).await {
+                        Ok(conn) => {
+                            data = self.reattach(conn).await?;
+                            if data.is_some() {
+                                attached_gen = gen_now;
+                                redial_wait = REDIAL_FIRST;
+                                redial_at = None;
+                                continue;
+                            }
+                        }
+                        Err(e) => tracing::debug!("tunnel stream {}: dial failed: {e}", self.link.stream),
+                    }
+                    redial_wait = (redial_wait * 2).min(REDIAL_MAX);
+                    redial_at = Some(Instant::now() + redial_wait);
+                }
+            }
+        }
+    }
+
+    /// Non-blocking moves in both directions; `Ok(true)` when the data connection
+    /// was read to EAGAIN (a good moment to acknowledge).
+    fn step(
+        &mut self,
+        local: &TcpStream,
+        data: Option<&TcpStream>,
+        progress: &Progress,
+    ) -> Result<bool, Fault> {
+        let mut quiet = false;
+        loop {
+            let mut moved = false;
+            moved |= self.step_out(local, data, progress)?;
+            let (m, q) = self.step_in(local, data, progress)?;
+            moved |= m;
+            quiet |= q;
+            if !moved {
+                return Ok(quiet);
+            }
+            progress.touch();
+        }
+    }
+
+    fn step_out(
+        &mut self,
+        local: &TcpStream,
+        data: Option<&TcpStream>,
+        progress: &Progress,
+    ) -> Result<bool, Fault> {
+        let o = &mut self.out;
+        let mut moved = false;
+        if let Some(d) = data {
+            // The replay goes first: it is older than anything in `pipe`.
+            if let Some((scratch, left)) = &mut o.replay {
+                while *left > 0 {
+                    match d.try_io(Interest::WRITABLE, || {
+                        splice(scratch.r.as_raw_fd(), d.as_raw_fd(), *left)
+                    }) {
+                        Ok(n) => {
+                            *left -= n;
+                            o.sent += n as u64;
+                            moved = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return Err(Fault::Data),
+                    }
+                }
+                if let Some((scratch, _)) = o.replay.take() {
+                    scratch.give_back();
+                }
+            }
+            // Retained bytes at the head of `pipe` go out.
+            while o.sent < o.teed {
+                let want = (o.teed - o.sent) as usize;
+                match d.try_io(Interest::WRITABLE, || {
+                    splice(o.pipe.r.as_raw_fd(), d.as_raw_fd(), want)
+                }) {
+                    Ok(n) => {
+                        o.sent += n as u64;
+                        o.in_pipe -= n;
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Err(Fault::Data),
+                }
+            }
+            // Retain what was read since, once nothing un-retained is ahead of it in
+            // `pipe` (tee copies from the head).
+            if o.sent == o.teed && o.teed < o.read {
+                let want = (o.read - o.teed) as usize;
+                match tee(o.pipe.r.as_raw_fd(), o.keep.w.as_raw_fd(), want) {
+                    Ok(n) => {
+                        o.teed += n as u64;
+                        moved = true;
+                    }
+                    // The retention pipe has no free slot: wait for an ack.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                    Err(e) => return Err(Fault::Protocol(format!("tee: {e}"))),
+                }
+            }
+        }
+        if o.in_pipe == 0 {
+            o.read_blocked = false;
+        }
+        // Read from local while the pipe and the retention bound have room (also
+        // while detached: the bytes wait in the pipe).
+        let room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
+        if !o.eof && !o.read_blocked && room > 0 && RETAINED.load(Ordering::Relaxed) < RETAINED_CAP
+        {
+            let r = if o.in_pipe == 0 {
+                local.try_io(Interest::READABLE, || {
+                    splice(local.as_raw_fd(), o.pipe.w.as_raw_fd(), room)
+                })
+            } else {
+                splice(local.as_raw_fd(), o.pipe.w.as_raw_fd(), room)
+            };
+            match r {
+                Ok(0) => {
+                    o.eof = true;
+                    moved = true;
+                }
+                Ok(n) => {
+                    o.read += n as u64;
+                    o.in_pipe += n;
+                    RETAINED.fetch_add(n as u64, Ordering::Relaxed);
+                    counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => o.read_blocked = o.in_pipe > 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                Err(e) => return Err(Fault::Local(e)),
+            }
+        }
+        Ok(moved)
+    }
+
+    fn step_in(
+        &mut self,
+        local: &TcpStream,
+        data: Option<&TcpStream>,
+        progress: &Progress,
+    ) -> Result<(bool, bool), Fault> {
+        let i = &mut self.inn;
+        let mut moved = false;
+        let mut quiet = false;
+        while i.in_pipe > 0 {
+            match local.try_io(Interest::WRITABLE, || {
+                splice(i.pipe.r.as_raw_fd(), local.as_raw_fd(), i.in_pipe)
+            }) {
+                Ok(n) => {
+                    i.in_pipe -= n;
+                    counter(progress, self.side, false).fetch_add(n as u64, Ordering::Relaxed);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Fault::Local(e)),
+            }
+        }
+        if i.in_pipe == 0 {
+            i.read_blocked = false;
+        }
+        let Some(d) = data else {
+            return Ok((moved, quiet));
+        };
+        if !i.read_blocked && i.in_pipe < i.pipe.size {
+            let room = i.pipe.size - i.in_pipe;
+            let r = if i.in_pipe == 0 {
+                d.try_io(Interest::READABLE, || {
+                    splice(d.as_raw_fd(), i.pipe.w.as_raw_fd(), room)
+                })
+            } else {
+                splice(d.as_raw_fd(), i.pipe.w.as_raw_fd(), room)
+            };
+            match r {
+                // The peer closed this data connection: it is done with the stream, or
+                // dropped the connection to dial another. Either way wait for control.
+                Ok(0) => return Err(Fault::Data),
+                Ok(n) => {
+                    i.received += n as u64;
+                    i.in_pipe += n;
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    i.read_blocked = i.in_pipe > 0;
+                    quiet = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                Err(_) => return Err(Fault::Data),
+            }
+        }
+        Ok((moved, quiet))
+    }
+
+    /// Acks and our FIN, as the control link allows.
+    fn tell_peer(&mut self, quiet: bool) {
+        let i = &mut self.inn;
+        let unacked = i.received - i.ack_told;
+        if unacked > 0 {
+            let fin_reached = i.peer_fin == Some(i.received);
+            if unacked >= self.limit / 4 || fin_reached {
+                self.send_ack();
+            } else if quiet && i.ack_due.is_none() {
+                i.ack_due = Some(Instant::now() + ACK_DELAY);
+            }
+        }
+        if self.out.eof && !self.out.fin_told {
+            self.out.fin_told = true;
+            self.link.session.send(Frame::Fin {
+                stream: self.link.stream,
+                at: self.out.read,
+            });
+        }
+    }
+
+    fn send_ack(&mut self) {
+        self.inn.ack_due = None;
+        self.inn.ack_told = self.inn.received;
+        self.link.session.send(Frame::Ack {
+            stream: self.link.stream,
+            received: self.inn.received,
+        });
+    }
+
+    /// The peer has every byte up to `n`: let the retention pipe go of them.
+    fn acked(&mut self, n: u64) -> Result<(), String> {
+        let o = &mut self.out;
+        if n <= o.acked {
+            return Ok(());
+        }
+        if n > o.sent.max(o.teed) {
+            return Err(format!("peer acknowledged {n} bytes, only {} sent", o.sent));
+        }
+        discard(&o.keep, (n - o.acked) as usize).map_err(|e| format!("retention pipe: {e}"))?;
+        RETAINED.fetch_sub(n - o.acked, Ordering::Relaxed);
+        o.acked = n;
+        room_freed().notify_waiters();
+        Ok(())
+    }
+
+    /// Takes a new data connection: exchange `Resume`, drop what the peer has, queue
+    /// the replay of what it lacks. `Ok(None)` when the connection failed (try
+    /// another); an error when the peer no longer knows the stream.
+    async fn reattach(&mut self, mut conn: TcpStream) -> Result<Option<TcpStream>, End> {
+        let _ = conn.set_nodelay(true);
+        let received = self.inn.received;
+        let exchange = async {
+            write_frame(&mut conn, &Frame::Resume { received }).await?;
+            read_frame(&mut conn).await
+        };
+        let peer_received = match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
+            Ok(Ok(Frame::Resume { received })) => received,
+            Ok(Ok(Frame::Refused { reason })) => {
+                tracing::debug!(
+                    "tunnel stream {}: reattach refused: {reason}",
+                    self.link.stream
+                );
+                return Err(End::PeerReset);
+            }
+            Ok(Ok(other)) => return Err(End::Protocol(format!("expected Resume, got {other:?}"))),
+            Ok(Err(e)) => {
+                tracing::debug!("tunnel stream {}: reattach failed: {e}", self.link.stream);
+                reset_on_close(&conn);
+                return Ok(None);
+            }
+            Err(_) => {
+                reset_on_close(&conn);
+                return Ok(None);
+            }
+        };
+        self.acked(peer_received).map_err(End::Protocol)?;
+        let o = &mut self.out;
+        // What was teed but not sent is in both pipes: keep the retention copy.
+        let dup = (o.teed - o.sent) as usize;
+        discard(&o.pipe, dup).map_err(|e| End::Protocol(format!("pipe: {e}")))?;
+        o.in_pipe -= dup;
+        o.sent = o.acked;
+        let replay = (o.teed - o.acked) as usize;
+        if let Some((scratch, _)) = o.replay.take() {
+            drain(&scratch);
+        }
+        if replay > 0 {
+            let scratch = Pipe::with_size(o.keep.size).map_err(|e| End::Local(e))?;
+            match tee(o.keep.r.as_raw_fd(), scratch.w.as_raw_fd(), replay) {
+                Ok(n) if n == replay => o.replay = Some((scratch, n)),
+                r => {
+                    return Err(End::Protocol(format!(
+                        "replay tee of {replay} bytes: {r:?}"
+                    )))
+                }
+            }
+        }
+        o.fin_told = false;
+        o.read_blocked = false;
+        self.inn.read_blocked = false;
+        Ok(Some(conn))
+    }
+}
+
+fn counter(progress: &Progress, side: Side, from_local: bool) -> &AtomicU64 {
+    // From the visitor (server's local) is "up"; from the target (agent's local) "down".
+    match (side, from_local) {
+        (Side::Client, true) | (Side::Upstream, false) => &progress.to_upstream,
+        _ => &progress.to_client,
+    }
+}
+
+fn drop_data(data: &mut Option<TcpStream>) {
+    if let Some(d) = data.take() {
+        // A reset, so the peer's end of it fails at once instead of lingering.
+        reset_on_close(&d);
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both are pipe fds we own, open for the call.
+    let n = unsafe { libc::tee(from, to, len, libc::SPLICE_F_NONBLOCK) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn dev_null() -> RawFd {
+    static NULL: OnceLock<OwnedFd> = OnceLock::new();
+    NULL.get_or_init(|| {
+        let path = c"/dev/null";
+        // SAFETY: a valid C string; the fd is owned by the OnceLock for the process.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "cannot open /dev/null: {}",
+            io::Error::last_os_error()
+        );
+        // SAFETY: open succeeded.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+    .as_raw_fd()
+}
+
+/// Throws away exactly `n` bytes from the head of `pipe` (they are there).
+fn discard(pipe: &Pipe, mut n: usize) -> io::Result<()> {
+    while n > 0 {
+        match splice(pipe.r.as_raw_fd(), dev_null(), n) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "pipe emptier than counted",
+                ))
+            }
+            Ok(k) => n -= k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn drain(pipe: &Pipe) {
+    while let Ok(k) = splice(pipe.r.as_raw_fd(), dev_null(), 1 << 20) {
+        if k == 0 {
+            break;
+        }
+    }
+}
