@@ -315,7 +315,8 @@ pub struct AgentConfig {
     pub token: Secret,
     pub services: Vec<Service>,
     /// Stays the same across restarts with the same services, so a restarted agent
-    /// takes its services over at once: a hash of the sorted `name=target` list.
+    /// takes its services over at once: a hash of the host name and the sorted
+    /// `name=target` list.
     pub identity: String,
 }
 
@@ -774,6 +775,11 @@ fn validate_agent(
         .map(|s| format!("{}={}", s.name, s.target))
         .collect();
     sorted.sort();
+    // This host and what it serves: a restart is the same agent; a replica on another
+    // host, or one with other targets, is another agent (balanced, not replaced).
+    let host =
+        nix::unistd::gethostname().map_or(String::new(), |h| h.to_string_lossy().into_owned());
+    sorted.insert(0, host);
     use sha2::Digest;
     let digest = sha2::Sha256::digest(sorted.join("\n").as_bytes());
     let identity = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();

@@ -418,6 +418,9 @@ impl Server {
     /// (Aborted rather than asked: a loop may wait for a global slot with a client
     /// in hand, and at shutdown that client is closed either way.)
     async fn stop_accepting(&mut self) {
+        if let Some(reg) = crate::tunnel::server::registry() {
+            reg.stop_accepting();
+        }
         let mut tasks = Vec::new();
         for running in std::mem::take(&mut self.rules) {
             let accept = running.stop();

@@ -31,6 +31,9 @@ const POOL: usize = 8;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting and authenticating the control connection; short, so that once a lost
+/// link is back the agent notices within its back-off, not a SYN retransmit later.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct AgentSession {
@@ -43,7 +46,14 @@ struct AgentSession {
     streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
     /// The server's resume_buffer, which bounds what we retain too.
     limit: AtomicU64,
+    /// Control frames for streams whose `Open` has not been read yet: the two travel
+    /// on different connections, so a short stream's FIN can overtake its `Open`.
+    early: Mutex<HashMap<u64, (Instant, Vec<Event>)>>,
 }
+
+/// How long, and how many, early frames are kept for a stream not (yet) opened.
+const EARLY_KEEP: Duration = Duration::from_secs(30);
+const EARLY_MAX: usize = 65536;
 
 impl stream::Session for AgentSession {
     fn send(&self, frame: Frame) {
@@ -72,15 +82,45 @@ impl stream::Session for AgentSession {
 
 impl control::Streams for AgentSession {
     fn deliver(&self, stream: u64, event: Event) {
-        if let Some(tx) = self.streams.lock().unwrap().get(&stream) {
+        let streams = self.streams.lock().unwrap();
+        if let Some(tx) = streams.get(&stream) {
+            let _ = tx.send(event);
+            return;
+        }
+        // Not opened yet, or already ended (then it is dropped after EARLY_KEEP).
+        let mut early = self.early.lock().unwrap();
+        if early.len() >= EARLY_MAX {
+            early.retain(|_, (t, _)| t.elapsed() < EARLY_KEEP);
+        }
+        if early.len() < EARLY_MAX {
+            early
+                .entry(stream)
+                .or_insert_with(|| (Instant::now(), Vec::new()))
+                .1
+                .push(event);
+        }
+    }
+}
+
+impl AgentSession {
+    /// Starts taking a stream's control frames, with any that came before its `Open`.
+    fn register(&self, stream: u64) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut streams = self.streams.lock().unwrap();
+        let mut early = self.early.lock().unwrap();
+        for event in early.remove(&stream).map(|(_, e)| e).unwrap_or_default() {
             let _ = tx.send(event);
         }
+        early.retain(|_, (t, _)| t.elapsed() < EARLY_KEEP);
+        streams.insert(stream, tx);
+        rx
     }
 }
 
 impl AgentSession {
     fn expire_streams(&self) -> usize {
         let streams: Vec<_> = self.streams.lock().unwrap().drain().collect();
+        self.early.lock().unwrap().clear();
         for (_, tx) in &streams {
             let _ = tx.send(Event::GraceExpired);
         }
@@ -98,6 +138,7 @@ pub async fn run(cfg: AgentConfig) {
         link,
         streams: Mutex::new(HashMap::new()),
         limit: AtomicU64::new(crate::config::DEFAULT_RESUME_BUFFER as u64),
+        early: Mutex::new(HashMap::new()),
     });
     let generation = AtomicU64::new(0);
     let mut backoff = BACKOFF_FIRST;
@@ -126,7 +167,7 @@ pub async fn run(cfg: AgentConfig) {
             }
         }
         let attempt =
-            tokio::time::timeout(DIAL_TIMEOUT * 2, connect_control(&session, &services)).await;
+            tokio::time::timeout(CONTROL_TIMEOUT, connect_control(&session, &services)).await;
         let (conn, welcome) = match attempt {
             Ok(Ok(c)) => c,
             Ok(Err(Refusal::UnknownSession)) => {
@@ -364,6 +405,9 @@ async fn serve_stream(
     proxy_header: Vec<u8>,
 ) {
     let started = Instant::now();
+    // Registered before anything is awaited: the server may send this stream's FIN
+    // (or acks) right after Open, while the target is still being connected.
+    let rx = session.register(stream);
     let target = session
         .cfg
         .services
@@ -376,29 +420,25 @@ async fn serve_stream(
         crate::connection::log_close(&service, visitor_addr, upstream, started, progress, end)
     };
     let Some(target) = target else {
-        reset_on_close(&data);
-        stream::Session::send(&*session, Frame::Reset { stream });
+        refuse_stream(&session, &data, stream);
         return log("none", "unknown_service", &progress);
     };
     let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target)).await;
     let mut local = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            reset_on_close(&data);
-            stream::Session::send(&*session, Frame::Reset { stream });
+            refuse_stream(&session, &data, stream);
             return log(&target, &format!("connect_failed ({e})"), &progress);
         }
         Err(_) => {
-            reset_on_close(&data);
-            stream::Session::send(&*session, Frame::Reset { stream });
+            refuse_stream(&session, &data, stream);
             return log(&target, "connect_failed (timed out)", &progress);
         }
     };
     let _ = local.set_nodelay(true);
     if !proxy_header.is_empty() {
         if let Err(e) = local.write_all(&proxy_header).await {
-            reset_on_close(&data);
-            stream::Session::send(&*session, Frame::Reset { stream });
+            refuse_stream(&session, &data, stream);
             return log(
                 &target,
                 &format!("upstream_error (writing PROXY header: {e})"),
@@ -406,8 +446,6 @@ async fn serve_stream(
             );
         }
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    session.streams.lock().unwrap().insert(stream, tx);
     let link = Link {
         stream,
         events: rx,
@@ -422,4 +460,11 @@ async fn serve_stream(
     };
     let end = super::TunnelRelay::run(pair, &progress).await;
     log(&target, &crate::connection::end_text(&end), &progress);
+}
+
+/// A stream this agent cannot serve: the visitor is reset (through the server).
+fn refuse_stream(session: &AgentSession, data: &TcpStream, stream: u64) {
+    reset_on_close(data);
+    stream::Session::forget(session, stream);
+    stream::Session::send(session, Frame::Reset { stream });
 }

@@ -35,6 +35,7 @@ pub struct Registry {
     arrived: Notify,
     next_stream: AtomicU64,
     turn: AtomicUsize,
+    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 static REGISTRY: OnceLock<Arc<Registry>> = OnceLock::new();
@@ -53,6 +54,7 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
         arrived: Notify::new(),
         next_stream: AtomicU64::new(1),
         turn: AtomicUsize::new(0),
+        accept: Mutex::new(None),
     });
     let _ = REGISTRY.set(reg.clone());
     let local = listener.local_addr().map_or("?".into(), |a| a.to_string());
@@ -62,7 +64,9 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
         text = ("tunnel listening listen={local} resume_grace={:?} resume_buffer={}", reg.cfg.resume_grace, reg.cfg.resume_buffer),
         listen = %local,
     );
-    tokio::spawn(async move {
+    let accepting = reg.clone();
+    let task = tokio::spawn(async move {
+        let reg = accepting;
         loop {
             match listener.accept().await {
                 Ok((conn, peer)) => {
@@ -75,6 +79,7 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
             }
         }
     });
+    *reg.accept.lock().unwrap() = Some(task);
 }
 
 /// The services a config's rules serve through agents.
@@ -138,6 +143,14 @@ impl ServerSession {
 }
 
 impl Registry {
+    /// At shutdown: agents are not accepted any more (the port closes); sessions and
+    /// their streams drain with the rules' connections.
+    pub fn stop_accepting(&self) {
+        if let Some(task) = self.accept.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
     pub fn set_known(&self, known: HashSet<String>) {
         *self.known.write().unwrap() = known;
     }

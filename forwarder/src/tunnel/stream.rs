@@ -319,7 +319,10 @@ impl Engine {
                 ev = self.link.events.recv() => match ev {
                     None => return Err(End::Lost),
                     Some(Event::Ack(n)) => self.acked(n).map_err(End::Protocol)?,
-                    Some(Event::Fin(at)) => self.inn.peer_fin = Some(at),
+                    Some(Event::Fin(at)) => {
+                        tracing::debug!("tunnel stream {}: peer FIN at {at}, received {}", self.link.stream, self.inn.received);
+                        self.inn.peer_fin = Some(at);
+                    }
                     Some(Event::Reset) => return Err(End::PeerReset),
                     Some(Event::GraceExpired) => return Err(End::Lost),
                     Some(Event::Attach(conn)) => {
@@ -562,6 +565,11 @@ impl Engine {
             }
         }
         if self.out.eof && !self.out.fin_told {
+            tracing::debug!(
+                "tunnel stream {}: local EOF at {}",
+                self.link.stream,
+                self.out.read
+            );
             self.out.fin_told = true;
             self.link.session.send(Frame::Fin {
                 stream: self.link.stream,
