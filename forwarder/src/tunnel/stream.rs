@@ -107,9 +107,12 @@ const REDIAL_MAX: Duration = Duration::from_secs(5);
 
 /// local → data.
 struct Out {
-    /// Holds [sent, read): bytes read from local, the first (teed - sent) also in `keep`.
+    /// Holds [head, read): bytes read from local; those below `teed` also in `keep`.
+    /// `head` is `sent`, except after a reattach, when the bytes the replay sends
+    /// again were dropped from it (`head` = `teed` then).
     pipe: Pipe,
     keep: Pipe,
+    head: u64,
     in_pipe: usize,
     read: u64,
     teed: u64,
@@ -223,6 +226,7 @@ impl Engine {
             out: Out {
                 pipe: Pipe::take()?,
                 keep,
+                head: 0,
                 in_pipe: 0,
                 read: 0,
                 teed: 0,
@@ -409,32 +413,41 @@ impl Engine {
         if let Some(d) = data {
             // The replay goes first: it is older than anything in `pipe`.
             if let Some((scratch, left)) = &mut o.replay {
-                while *left > 0 {
+                // (A blocked replay must not skip the read below: the select waits
+                // on the local socket's readiness whenever a read is due.)
+                'replay: while *left > 0 {
                     match d.try_io(Interest::WRITABLE, || {
                         splice(scratch.r.as_raw_fd(), d.as_raw_fd(), *left)
                     }) {
+                        Ok(0) => {
+                            return Err(Fault::Protocol("replay pipe emptier than counted".into()))
+                        }
                         Ok(n) => {
                             *left -= n;
                             o.sent += n as u64;
                             moved = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(moved),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'replay,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(_) => return Err(Fault::Data),
                     }
                 }
-                if let Some((scratch, _)) = o.replay.take() {
-                    scratch.give_back();
+                if *left == 0 {
+                    if let Some((scratch, _)) = o.replay.take() {
+                        scratch.give_back();
+                    }
                 }
             }
             // Retained bytes at the head of `pipe` go out.
-            while o.sent < o.teed {
+            while o.sent < o.teed && o.head == o.sent {
                 let want = (o.teed - o.sent) as usize;
                 match d.try_io(Interest::WRITABLE, || {
                     splice(o.pipe.r.as_raw_fd(), d.as_raw_fd(), want)
                 }) {
+                    Ok(0) => return Err(Fault::Protocol("pipe emptier than counted".into())),
                     Ok(n) => {
                         o.sent += n as u64;
+                        o.head += n as u64;
                         o.in_pipe -= n;
                         moved = true;
                     }
@@ -445,7 +458,7 @@ impl Engine {
             }
             // Retain what was read since, once nothing un-retained is ahead of it in
             // `pipe` (tee copies from the head).
-            if o.sent == o.teed && o.teed < o.read {
+            if o.replay.is_none() && o.head == o.teed && o.teed < o.read {
                 let want = (o.read - o.teed) as usize;
                 match tee(o.pipe.r.as_raw_fd(), o.keep.w.as_raw_fd(), want) {
                     Ok(n) => {
@@ -636,9 +649,10 @@ impl Engine {
         self.acked(peer_received).map_err(End::Protocol)?;
         let o = &mut self.out;
         // What was teed but not sent is in both pipes: keep the retention copy.
-        let dup = (o.teed - o.sent) as usize;
+        let dup = (o.teed - o.head) as usize;
         discard(&o.pipe, dup).map_err(|e| End::Protocol(format!("pipe: {e}")))?;
         o.in_pipe -= dup;
+        o.head = o.teed;
         o.sent = o.acked;
         let replay = (o.teed - o.acked) as usize;
         if let Some((scratch, _)) = o.replay.take() {
