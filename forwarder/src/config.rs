@@ -1291,9 +1291,113 @@ mod tests {
         let c = Config::from_cli(CliRule {
             listen: "127.0.0.1:0".into(),
             upstreams: vec!["a:1".into(), "b:2".into()],
+            tunnel_listen: None,
+            token: CliToken::default(),
         })
         .unwrap();
         assert_eq!(c.rules[0].upstreams.len(), 2);
         assert_eq!(c.rules[0].balance, Balance::First);
+    }
+
+    const TUNNEL: &str = r#"
+        [tunnel_server]
+        listen = "127.0.0.1:0"
+        token = "0123456789abcdef"
+        resume_grace = "5s"
+        [[rule]]
+        name = "web"
+        listen = "127.0.0.1:0"
+        upstream = "agent:web"
+        [agent]
+        server = "127.0.0.1:9887"
+        token = "0123456789abcdef"
+        [[service]]
+        name = "web"
+        target = "127.0.0.1:3000"
+    "#;
+
+    #[test]
+    fn tunnel_sections() {
+        let c = Config::from_toml(TUNNEL).unwrap();
+        let t = c.tunnel_server.as_ref().unwrap();
+        assert_eq!(t.resume_grace, Duration::from_secs(5));
+        assert_eq!(t.resume_buffer, DEFAULT_RESUME_BUFFER);
+        assert_eq!(c.rules[0].agent_service(), Some("web"));
+        let a = c.agent.as_ref().unwrap();
+        assert_eq!(a.services[0].target, "127.0.0.1:3000");
+        // The token never shows in Debug (nor, so, in a reload diff or a log).
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        // An agent alone needs no rule.
+        let agent_only = &TUNNEL[TUNNEL.find("[agent]").unwrap()..];
+        let c = Config::from_toml(agent_only).unwrap();
+        assert!(c.rules.is_empty() && c.agent.is_some());
+    }
+
+    #[test]
+    fn tunnel_errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[tunnel_server]", "[tunnel_server_x]", "tunnel_server_x"),
+            (
+                "token = \"0123456789abcdef\"\n        resume_grace",
+                "resume_grace",
+                "tunnel_server",
+            ),
+            (
+                "resume_grace = \"5s\"",
+                "resume_grace = \"5s\"\nresume_buffer = 10",
+                "tunnel_server.resume_buffer",
+            ),
+            (
+                "resume_grace = \"5s\"",
+                "resume_grace = \"5s\"\nbogus = 1",
+                "tunnel_server",
+            ),
+            (
+                "upstream = \"agent:web\"",
+                "upstream = [\"agent:web\", \"a:1\"]",
+                "rule[0].upstream[0]",
+            ),
+            (
+                "target = \"127.0.0.1:3000\"",
+                "target = \"nope\"",
+                "service[0].target",
+            ),
+            (
+                "server = \"127.0.0.1:9887\"",
+                "server = \"\"",
+                "agent.server",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = TUNNEL.replacen(from, to, 1);
+            let e = Config::from_toml(&text).unwrap_err().0;
+            assert!(e.contains(&format!("`{key}")), "{key}: {e}");
+        }
+        // agent: needs a tunnel server to be served from.
+        let no_server = &TUNNEL[TUNNEL.find("[[rule]]").unwrap()..];
+        let e = Config::from_toml(no_server).unwrap_err().0;
+        assert!(
+            e.contains("`rule[0].upstream`") && e.contains("[tunnel_server]"),
+            "{e}"
+        );
+        let e = Config::agent_from_cli(
+            "h:1".into(),
+            &["web".into()],
+            CliToken {
+                file: None,
+                env: Some("t".into()),
+            },
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("NAME=HOST:PORT"), "{e}");
+        let e = Config::agent_from_cli(
+            "h:1".into(),
+            &["web=127.0.0.1:1".into()],
+            CliToken::default(),
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("FORWARDER_TOKEN"), "{e}");
     }
 }

@@ -18,6 +18,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, 
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;

@@ -10,7 +10,8 @@
 //! then bulk throughput one way and the other with 1 and 8 streams (relay and machine CPU
 //! are read around the bulk windows). The table gives the medians over the repetitions
 //! and the per-repetition ratios to direct and to the better peer;
-//! target/bench/latest.{md,json} keep them, and the JSON keeps every sample.
+//! target/bench/latest.{md,json} keep them, and the JSON keeps every sample. `--tunnel`
+//! measures the reverse tunnel against rathole and bore instead (bench/tunnel.rs).
 
 mod forwarder;
 mod http;
@@ -20,6 +21,7 @@ mod procfs;
 mod relay;
 mod report;
 mod servers;
+mod tunnel;
 
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -70,6 +72,11 @@ pub struct BenchArgs {
     /// FORWARDER_LOG for the forwarder under test [default: its own, which logs every close].
     #[arg(long, value_name = "FILTER")]
     pub forwarder_log: Option<String>,
+    /// Measure the reverse tunnel (server + agent, on each relay path) against direct,
+    /// rathole and bore instead (see bench/tunnel.rs); --modes and the idle and HTTP
+    /// options do not apply.
+    #[arg(long)]
+    pub tunnel: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -189,6 +196,9 @@ impl Plan {
 const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
+    if args.tunnel {
+        return tunnel::run(forwarder, &args);
+    }
     let started = Instant::now();
     let mut plan = Plan::new(&args);
     let mut modes = args.modes.clone();
@@ -213,7 +223,7 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
         plan.idle_conns = fit;
     }
 
-    let out_dir = crate::workspace_root().join("target/bench");
+    let out_dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut servers = servers::start()?;
@@ -249,29 +259,9 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
         }
     };
 
-    for rep in 1..=plan.reps {
-        for r in results.iter_mut() {
-            if r.unavailable.is_some() {
-                continue;
-            }
-            eprintln!(
-                "bench: rep {rep}/{} {} [{:.0}s]",
-                plan.reps,
-                r.mode.name(),
-                started.elapsed().as_secs_f64()
-            );
-            match run_mode(r, forwarder, &servers, &plan, &out_dir) {
-                Ok(mut sample) => {
-                    sample.insert("rep", rep as f64);
-                    r.samples.push(sample);
-                }
-                Err(Unavailable(why)) => {
-                    eprintln!("bench:   {} n/a: {why}", r.mode.name());
-                    r.unavailable = Some(why);
-                }
-            }
-        }
-    }
+    repeat(plan.reps, started, &mut results, |r| {
+        run_mode(r, forwarder, &servers, &plan, &out_dir)
+    });
 
     if let Some(o) = origin {
         let how = o.relay.stop(Duration::from_secs(5));
@@ -341,14 +331,31 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
         "forwarder_log": plan.forwarder_log,
         "elapsed_secs": elapsed,
     });
-    let js = serde_json::to_string_pretty(&report::json(meta, &results))? + "\n";
-    let mut json_paths = vec![out_dir.join("latest.json")];
-    json_paths.extend(args.json.clone());
+    write_results(
+        &out_dir,
+        "latest",
+        &md,
+        &report::json(meta, &results),
+        args.json.as_deref(),
+    )
+}
+
+/// Writes the table to OUT_DIR/STEM.md and the JSON to OUT_DIR/STEM.json (and to `also`).
+fn write_results(
+    out_dir: &Path,
+    stem: &str,
+    md: &str,
+    json: &serde_json::Value,
+    also: Option<&Path>,
+) -> Result<()> {
+    let js = serde_json::to_string_pretty(json)? + "\n";
+    let mut json_paths = vec![out_dir.join(format!("{stem}.json"))];
+    json_paths.extend(also.map(Path::to_path_buf));
     for p in &json_paths {
         std::fs::write(p, &js).with_context(|| format!("cannot write {}", p.display()))?;
     }
-    let md_path = out_dir.join("latest.md");
-    std::fs::write(&md_path, &md).with_context(|| format!("cannot write {}", md_path.display()))?;
+    let md_path = out_dir.join(format!("{stem}.md"));
+    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
     eprintln!(
         "bench: wrote {} and {}",
         md_path.display(),
@@ -359,6 +366,53 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
             .join(", ")
     );
     Ok(())
+}
+
+/// What the repetition loop needs of a column of a table: its name, why it is n/a, and
+/// its samples.
+trait Column {
+    fn parts(&mut self) -> (&str, &mut Option<String>, &mut Vec<Sample>);
+}
+
+impl Column for ModeResult {
+    fn parts(&mut self) -> (&str, &mut Option<String>, &mut Vec<Sample>) {
+        (self.mode.name(), &mut self.unavailable, &mut self.samples)
+    }
+}
+
+/// Every repetition, every column that is not n/a in turn: `run` gives its sample, or
+/// why the column is n/a from then on.
+fn repeat<C: Column>(
+    reps: usize,
+    started: Instant,
+    columns: &mut [C],
+    mut run: impl FnMut(&mut C) -> std::result::Result<Sample, Unavailable>,
+) {
+    for rep in 1..=reps {
+        for c in columns.iter_mut() {
+            let (name, unavailable, _) = c.parts();
+            if unavailable.is_some() {
+                continue;
+            }
+            let name = name.to_string();
+            eprintln!(
+                "bench: rep {rep}/{reps} {name} [{:.0}s]",
+                started.elapsed().as_secs_f64()
+            );
+            let result = run(c);
+            let (_, unavailable, samples) = c.parts();
+            match result {
+                Ok(mut sample) => {
+                    sample.insert("rep", rep as f64);
+                    samples.push(sample);
+                }
+                Err(Unavailable(why)) => {
+                    eprintln!("bench:   {name} n/a: {why}");
+                    *unavailable = Some(why);
+                }
+            }
+        }
+    }
 }
 
 /// One repetition of every test in one mode. `Err` only when the relay will not start;
@@ -569,48 +623,26 @@ fn run_mode(
     }
 
     // Bulk, with CPU accounting over the measurement windows.
-    let tck = procfs::clk_tck();
     let snap = || -> Result<CpuSnap> {
         Ok(CpuSnap {
             forwarder: fwd.as_ref().map(|f| f.cpu_ticks()).transpose()?,
             machine: procfs::machine_busy_ticks()?,
         })
     };
-    let (mut bytes, mut fwd_ticks, mut machine_ticks) = (0u64, 0u64, 0u64);
-    for (key, dir, streams) in [
-        ("up1_gbps", Direction::Upload, 1),
-        ("up8_gbps", Direction::Upload, 8),
-        ("down1_gbps", Direction::Download, 1),
-        ("down8_gbps", Direction::Download, 8),
-    ] {
-        match load::bulk(
-            addrs.bulk,
-            dir,
-            streams,
-            plan.bulk_warmup,
-            plan.bulk,
-            &servers.sunk,
-            &snap,
-        ) {
-            Ok(b) => {
-                s.insert(key, b.bytes as f64 * 8.0 / b.secs / 1e9);
-                bytes += b.bytes;
-                fwd_ticks += b.forwarder_ticks.unwrap_or(0);
-                machine_ticks += b.machine_ticks;
-            }
-            Err(e) => note(r, key, e),
-        }
-        // Let the streams wind down before the next window.
-        thread::sleep(Duration::from_millis(100));
-    }
-    if bytes > 0 {
-        let gib = bytes as f64 / GIB;
-        s.insert("bulk_gib", gib);
-        s.insert("machine_cpu_s_per_gib", machine_ticks as f64 / tck / gib);
-        if fwd.is_some() {
-            s.insert("fwd_cpu_s_per_gib", fwd_ticks as f64 / tck / gib);
-        }
-    }
+    bulk_windows(
+        &mut s,
+        addrs.bulk,
+        &[
+            ("up1_gbps", Direction::Upload, 1),
+            ("up8_gbps", Direction::Upload, 8),
+            ("down1_gbps", Direction::Download, 1),
+            ("down8_gbps", Direction::Download, 8),
+        ],
+        plan,
+        servers,
+        &snap,
+        &mut |key, e| note(r, key, e),
+    );
 
     if let Some(f) = fwd {
         if let Some(kib) = f.hwm_kib() {
@@ -626,6 +658,53 @@ fn run_mode(
         }
     }
     Ok(s)
+}
+
+/// The bulk windows (sample key, direction, streams) in turn through `addr`, with the CPU
+/// read by `snap` around each: each window's Gbit/s goes into `s`, then the GiB moved and
+/// the machine's CPU per GiB (and the relay's, when `snap` reads one). A window that
+/// fails leaves its key out and goes to `failed`.
+fn bulk_windows(
+    s: &mut Sample,
+    addr: std::net::SocketAddr,
+    windows: &[(&'static str, Direction, usize)],
+    plan: &Plan,
+    servers: &Servers,
+    snap: &dyn Fn() -> Result<CpuSnap>,
+    failed: &mut dyn FnMut(&str, anyhow::Error),
+) {
+    let (mut bytes, mut relay_ticks, mut machine_ticks) = (0u64, None, 0u64);
+    for &(key, dir, streams) in windows {
+        match load::bulk(
+            addr,
+            dir,
+            streams,
+            plan.bulk_warmup,
+            plan.bulk,
+            &servers.sunk,
+            snap,
+        ) {
+            Ok(b) => {
+                s.insert(key, b.bytes as f64 * 8.0 / b.secs / 1e9);
+                bytes += b.bytes;
+                if let Some(t) = b.forwarder_ticks {
+                    *relay_ticks.get_or_insert(0u64) += t;
+                }
+                machine_ticks += b.machine_ticks;
+            }
+            Err(e) => failed(key, e),
+        }
+        // Let the streams wind down before the next window.
+        thread::sleep(Duration::from_millis(100));
+    }
+    if bytes > 0 {
+        let (gib, tck) = (bytes as f64 / GIB, procfs::clk_tck());
+        s.insert("bulk_gib", gib);
+        s.insert("machine_cpu_s_per_gib", machine_ticks as f64 / tck / gib);
+        if let Some(t) = relay_ticks {
+            s.insert("fwd_cpu_s_per_gib", t as f64 / tck / gib);
+        }
+    }
 }
 
 fn note(r: &mut ModeResult, what: &str, e: anyhow::Error) {

@@ -45,7 +45,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Measure direct vs splice vs ebpf on loopback and print the table.
+    /// Measure direct vs splice vs ebpf on loopback and print the table (with --tunnel:
+    /// the reverse tunnel vs rathole and bore).
     Bench(bench::BenchArgs),
     /// Build the Debian package (cargo-deb) into target/debian/ and print its path.
     Deb,
@@ -96,7 +97,16 @@ pub fn build_forwarder() -> Result<PathBuf> {
         .current_dir(workspace_root())
         .args(["build", "--release", "-p", "forwarder"]);
     run(&mut cargo)?;
-    Ok(workspace_root().join("target/release/forwarder"))
+    Ok(target_dir().join("release/forwarder"))
+}
+
+/// Cargo's target directory: $CARGO_TARGET_DIR (relative to the workspace, where the
+/// builds run) or the workspace's target/.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || workspace_root().join("target"),
+        |d| workspace_root().join(d),
+    )
 }
 
 /// The .deb of the release binary (cargo-deb metadata in forwarder/Cargo.toml).

@@ -659,7 +659,7 @@ impl Engine {
             drain(&scratch);
         }
         if replay > 0 {
-            let scratch = Pipe::with_size(o.keep.size).map_err(|e| End::Local(e))?;
+            let scratch = Pipe::with_size(o.keep.size).map_err(End::Local)?;
             match tee(o.keep.r.as_raw_fd(), scratch.w.as_raw_fd(), replay) {
                 Ok(n) if n == replay => o.replay = Some((scratch, n)),
                 r => {

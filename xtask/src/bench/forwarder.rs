@@ -103,15 +103,15 @@ fn start_inner(
     }
 }
 
-struct Listening {
-    rule: String,
-    listen: SocketAddr,
+pub(crate) struct Listening {
+    pub(crate) rule: String,
+    pub(crate) listen: SocketAddr,
     /// "splice (requested)", "ebpf (...)".
-    path: String,
+    pub(crate) path: String,
 }
 
 /// `... listening rule=NAME listen=ADDR upstream=... mode=PATH (WHY)` lines.
-fn parse_listening(log: &str) -> Vec<Listening> {
+pub(crate) fn parse_listening(log: &str) -> Vec<Listening> {
     let mut out = Vec::new();
     for line in log.lines() {
         let Some(pos) = line.find("listening rule=") else {

@@ -193,7 +193,7 @@ fn write(path: &PathBuf, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn spawn(mut cmd: Command, up: &Addrs, log: PathBuf) -> Result<Relay> {
+pub(crate) fn spawn(mut cmd: Command, up: &Addrs, log: PathBuf) -> Result<Relay> {
     let out = fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = out.try_clone()?;
     relay::die_with_parent(&mut cmd);

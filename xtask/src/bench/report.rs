@@ -56,7 +56,7 @@ pub struct Metric {
     pub higher: bool,
 }
 
-const fn m(
+pub(crate) const fn m(
     key: &'static str,
     label: &'static str,
     unit: &'static str,
@@ -315,7 +315,7 @@ fn metric(key: &str) -> &'static Metric {
     METRICS.iter().find(|m| m.key == key).expect("known metric")
 }
 
-fn fmt_num(v: Option<f64>, decimals: usize) -> String {
+pub(crate) fn fmt_num(v: Option<f64>, decimals: usize) -> String {
     match v {
         Some(v) if v.is_finite() => format!("{v:.decimals$}"),
         _ => "–".into(),
@@ -340,7 +340,7 @@ fn paired_ratio(r: &ModeResult, base: &dyn Fn(usize) -> Option<f64>, key: &str) 
     median(&mut v)
 }
 
-fn median(v: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(v: &mut [f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

@@ -1,0 +1,1442 @@
+//! The reverse tunnel (issue 10), through the real binary on both relay paths
+//! (`splice::NAME`, `ebpf::NAME`): a public forwarder (`[tunnel_server]` and a rule
+//! with `upstream = "agent:web"`) that visitors connect to, and an agent that dials out
+//! to it and connects each visitor to its target.
+//!
+//! The link faults are real: the agent and its target run in a network namespace
+//! joined to the root namespace (server and visitors) by a veth pair, which the tests
+//! blackhole (a zero-length pfifo on both ends), reset (`ss -K`) or renumber.
+//!
+//! Every visitor speaks a small protocol to the targets written here: a 41-byte
+//! header (operation, the payload the visitor sends, the payload the target sends,
+//! a rate) and then the operation; targets hash what they receive and report it.
+
+use std::ffi::OsString;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use forwarder_tests::netns::{sh, wait_until, NetNs, Proc};
+use forwarder_tests::*;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const TOKEN: &str = "tunnel-test-token-6f1c2a9e4b7d";
+
+// ---------------------------------------------------------------------------------
+// The target protocol
+// ---------------------------------------------------------------------------------
+
+/// Both ways at once: each side sends its payload (paced at `rate` bytes/s when
+/// non-zero), shuts its write side, and reads the other's to EOF.
+const BOTH: u8 = b'B';
+/// The visitor sends its payload and shuts its write side; only after EOF the target
+/// answers `"<sha256 hex> <len>\n"`, then sends its payload and closes.
+const UPLOAD_FIRST: u8 = b'U';
+/// The target sends its payload and shuts its write side; the visitor reads to EOF,
+/// and only then sends its payload and shuts its write side.
+const DOWNLOAD_FIRST: u8 = b'D';
+/// The target echoes until the connection ends and reports how it ended.
+const HOLD: u8 = b'H';
+/// The target sends `+`, waits for a `k`, then resets the connection.
+const RESET: u8 = b'R';
+/// As [`UPLOAD_FIRST`], but the target reads nothing for `rate` milliseconds first.
+const SLOW: u8 = b'S';
+
+const HEADER_LEN: usize = 41;
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    op: u8,
+    /// What the visitor sends.
+    up: Payload,
+    /// What the target sends.
+    down: Payload,
+    rate: u64,
+}
+
+impl Job {
+    fn new(op: u8, up: Payload, down: Payload) -> Job {
+        Job {
+            op,
+            up,
+            down,
+            rate: 0,
+        }
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = self.op;
+        let nums = [
+            self.up.seed,
+            self.up.len,
+            self.down.seed,
+            self.down.len,
+            self.rate,
+        ];
+        for (i, v) in nums.iter().enumerate() {
+            h[1 + 8 * i..9 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        h
+    }
+
+    fn decode(h: &[u8]) -> Job {
+        let n = |i: usize| u64::from_le_bytes(h[1 + 8 * i..9 + 8 * i].try_into().unwrap());
+        Job {
+            op: h[0],
+            up: Payload::new(n(0), n(1)),
+            down: Payload::new(n(2), n(3)),
+            rate: n(4),
+        }
+    }
+}
+
+/// What a target saw of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    /// The bytes it received up to EOF.
+    Got(Digested),
+    /// How a [`HOLD`] connection ended.
+    Ended(Ending),
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Report {
+    job: Job,
+    seen: Seen,
+}
+
+/// A target server (on 127.0.0.1 of the namespace of the thread that starts it).
+struct Target {
+    server: Server,
+    reports: Mutex<mpsc::Receiver<Report>>,
+    /// Bytes received by every connection together.
+    received: Arc<AtomicU64>,
+}
+
+impl Target {
+    fn start() -> Target {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let received = Arc::new(AtomicU64::new(0));
+        let r = received.clone();
+        let server = Server::start(LOCALHOST, move |conn| {
+            let tx = tx.lock().unwrap().clone();
+            serve(&conn, &tx, &r);
+        });
+        Target {
+            server,
+            reports: Mutex::new(rx),
+            received,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// The next report, waiting up to `timeout`.
+    fn report(&self, timeout: Duration) -> Report {
+        self.reports
+            .lock()
+            .unwrap()
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no report from the target within {timeout:?} ({} connections accepted, \
+                     {} bytes received by all of them)",
+                    self.server.accepted(),
+                    self.received()
+                )
+            })
+    }
+
+    /// `n` reports, waiting up to `timeout` for all of them.
+    fn reports(&self, n: usize, timeout: Duration) -> Vec<Report> {
+        let deadline = Instant::now() + timeout;
+        let rx = self.reports.lock().unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(r) => out.push(r),
+                Err(_) => panic!(
+                    "{} of {n} target reports within {timeout:?} ({} connections accepted, \
+                     {} bytes received by all of them): {out:?}",
+                    out.len(),
+                    self.server.accepted(),
+                    self.received()
+                ),
+            }
+        }
+        out
+    }
+}
+
+/// Writes `p`, at `rate` bytes/s if non-zero.
+fn send(s: &TcpStream, p: Payload, rate: u64, deadline: Instant) -> io::Result<()> {
+    p.write_paced(s, deadline, (rate > 0).then_some(rate))
+}
+
+/// Reads to EOF, hashing, adding every byte to `counter`.
+fn read_counted(s: &TcpStream, deadline: Instant, counter: &AtomicU64) -> io::Result<Digested> {
+    let mut s = s;
+    let mut h = Hasher::new();
+    let mut len = 0u64;
+    let mut buf = vec![0u8; 256 * KIB as usize];
+    loop {
+        set_read_deadline(s, deadline)?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                len += n as u64;
+                counter.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("reading after {len} bytes: {e}"),
+                ))
+            }
+        }
+    }
+    Ok(Digested {
+        len,
+        sha: h.finish(),
+    })
+}
+
+fn answer_line(d: &Digested) -> String {
+    format!("{} {}\n", hex(&d.sha), d.len)
+}
+
+/// Echoes until the connection ends; says how.
+fn hold(s: &TcpStream, deadline: Instant) -> Seen {
+    let mut s = s;
+    let mut buf = vec![0u8; 64 * KIB as usize];
+    loop {
+        if set_read_deadline(s, deadline).is_err() {
+            return Seen::Failed("still open at the deadline".into());
+        }
+        match s.read(&mut buf) {
+            Ok(0) => {
+                let _ = s.shutdown(Shutdown::Write);
+                return Seen::Ended(Ending::Eof);
+            }
+            Ok(n) => {
+                if let Err(e) = s.write_all(&buf[..n]) {
+                    return match e.kind() {
+                        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+                            Seen::Ended(Ending::Reset)
+                        }
+                        _ => Seen::Failed(format!("echo write: {e}")),
+                    };
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Seen::Ended(Ending::Reset),
+            Err(e) if e.kind() == ErrorKind::Interrupted || is_timeout(&e) => {}
+            Err(e) => return Seen::Failed(format!("echo read: {e} ({:?})", e.kind())),
+        }
+    }
+}
+
+/// One target connection: reads the header, runs the operation, reports.
+fn serve(s: &TcpStream, tx: &mpsc::Sender<Report>, received: &AtomicU64) {
+    let deadline = Instant::now() + secs(300);
+    let Ok(h) = read_exact_timeout(s, HEADER_LEN, secs(120)) else {
+        return;
+    };
+    let job = Job::decode(&h);
+    let mut w = s;
+    let seen = match job.op {
+        BOTH => thread::scope(|sc| {
+            let writer = sc.spawn(|| {
+                send(s, job.down, job.rate, deadline)?;
+                s.shutdown(Shutdown::Write)
+            });
+            let r = read_counted(s, deadline, received);
+            if r.is_err() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            let wrote = writer.join().expect("target writer panicked");
+            match (r, wrote) {
+                (Ok(d), Ok(())) => Seen::Got(d),
+                (Err(e), _) => Seen::Failed(format!("target read: {e}")),
+                (_, Err(e)) => Seen::Failed(format!("target write: {e}")),
+            }
+        }),
+        UPLOAD_FIRST | SLOW => {
+            if job.op == SLOW {
+                thread::sleep(ms(job.rate));
+            }
+            match read_counted(s, deadline, received) {
+                Ok(d) => {
+                    let answered = w
+                        .write_all(answer_line(&d).as_bytes())
+                        .and_then(|()| send(s, job.down, 0, deadline))
+                        .and_then(|()| s.shutdown(Shutdown::Write));
+                    match answered {
+                        Ok(()) => Seen::Got(d),
+                        Err(e) => Seen::Failed(format!("target answer: {e}")),
+                    }
+                }
+                Err(e) => Seen::Failed(format!("target read: {e}")),
+            }
+        }
+        DOWNLOAD_FIRST => {
+            let sent = send(s, job.down, 0, deadline).and_then(|()| s.shutdown(Shutdown::Write));
+            match sent {
+                Ok(()) => match read_counted(s, deadline, received) {
+                    Ok(d) => Seen::Got(d),
+                    Err(e) => Seen::Failed(format!("target read after its EOF: {e}")),
+                },
+                Err(e) => Seen::Failed(format!("target write: {e}")),
+            }
+        }
+        HOLD => hold(s, deadline),
+        RESET => {
+            let ok = w.write_all(b"+").is_ok()
+                && read_exact_timeout(s, 1, secs(20)).is_ok_and(|k| k == b"k");
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            if ok {
+                Seen::Ended(Ending::Reset)
+            } else {
+                Seen::Failed("no k before the reset".into())
+            }
+        }
+        op => Seen::Failed(format!("unknown operation {op}")),
+    };
+    let _ = tx.send(Report { job, seen });
+}
+
+// ---------------------------------------------------------------------------------
+// Visitors
+// ---------------------------------------------------------------------------------
+
+/// What a visitor got.
+#[derive(Debug)]
+struct VisitOut {
+    /// The visitor's own address (the `client=` of both sides' close lines).
+    local: SocketAddr,
+    /// What it received from the target (after the answer line, if any).
+    down: Digested,
+    /// What the target said it received ([`UPLOAD_FIRST`], [`SLOW`]).
+    answer: Option<Digested>,
+    /// Bytes the close lines count from the target to the visitor.
+    down_wire: u64,
+}
+
+/// Connects to the visitors' port and sends the job's header.
+fn open(addr: SocketAddr, job: &Job) -> TcpStream {
+    let s = connect(addr);
+    (&s).write_all(&job.encode())
+        .unwrap_or_else(|e| panic!("header to {addr}: {e}"));
+    s
+}
+
+fn parse_answer(text: &str) -> Result<Digested, String> {
+    let (sha, len) = text
+        .trim_end()
+        .split_once(' ')
+        .ok_or_else(|| format!("bad answer {text:?}"))?;
+    if sha.len() != 64 {
+        return Err(format!("bad answer {text:?}"));
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&sha[2 * i..2 * i + 2], 16).map_err(|e| format!("{e}"))?;
+    }
+    Ok(Digested {
+        len: len.parse().map_err(|e| format!("{e}"))?,
+        sha: out,
+    })
+}
+
+/// Runs a [`BOTH`], [`UPLOAD_FIRST`], [`SLOW`] or [`DOWNLOAD_FIRST`] job as the
+/// visitor. `down_seen` counts the bytes received, `up_sent` those sent.
+fn visit(
+    addr: SocketAddr,
+    job: Job,
+    deadline: Instant,
+    down_seen: &AtomicU64,
+    up_sent: &AtomicU64,
+) -> Result<VisitOut, String> {
+    let s = try_connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let local = s.local_addr().unwrap();
+    let mut w = &s;
+    w.write_all(&job.encode())
+        .map_err(|e| format!("header: {e}"))?;
+    let send_up = |rate: u64| -> Result<(), String> {
+        send_counted(&s, job.up, rate, deadline, up_sent)
+            .map_err(|e| format!("visitor write: {e}"))?;
+        s.shutdown(Shutdown::Write)
+            .map_err(|e| format!("visitor shutdown: {e}"))
+    };
+    match job.op {
+        BOTH => thread::scope(|sc| {
+            let writer = sc.spawn(|| send_up(job.rate));
+            let r = read_counted(&s, deadline, down_seen);
+            if r.is_err() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            let wrote = writer.join().expect("visitor writer panicked");
+            let down = r.map_err(|e| format!("visitor read: {e}"))?;
+            wrote?;
+            Ok(VisitOut {
+                local,
+                down,
+                answer: None,
+                down_wire: down.len,
+            })
+        }),
+        UPLOAD_FIRST | SLOW => {
+            send_up(0)?;
+            let reply = read_to_end(&s, (job.down.len + 200) as usize, deadline)
+                .map_err(|e| format!("visitor reading the answer: {e}"))?;
+            let nl = reply
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| format!("no answer line in {} bytes", reply.len()))?;
+            let answer = parse_answer(&String::from_utf8_lossy(&reply[..nl]))?;
+            let rest = &reply[nl + 1..];
+            down_seen.fetch_add(rest.len() as u64, Ordering::SeqCst);
+            Ok(VisitOut {
+                local,
+                down: Digested {
+                    len: rest.len() as u64,
+                    sha: sha256(rest),
+                },
+                answer: Some(answer),
+                down_wire: reply.len() as u64,
+            })
+        }
+        DOWNLOAD_FIRST => {
+            let down =
+                read_counted(&s, deadline, down_seen).map_err(|e| format!("visitor read: {e}"))?;
+            // The target's FIN came through; our direction must still work.
+            send_up(0)?;
+            Ok(VisitOut {
+                local,
+                down,
+                answer: None,
+                down_wire: down.len,
+            })
+        }
+        op => Err(format!("visit cannot run operation {op}")),
+    }
+}
+
+/// Writes `p` in 64 KiB chunks (at `rate` bytes/s if non-zero), counting into `sent`.
+fn send_counted(
+    s: &TcpStream,
+    p: Payload,
+    rate: u64,
+    deadline: Instant,
+    sent: &AtomicU64,
+) -> io::Result<()> {
+    let mut w = s;
+    let mut buf = vec![0u8; 64 * KIB as usize];
+    let started = Instant::now();
+    let mut off = 0;
+    while off < p.len {
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(off as f64 / rate as f64);
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        let n = (p.len - off).min(buf.len() as u64) as usize;
+        p.fill(off, &mut buf[..n]);
+        set_write_deadline(s, deadline)?;
+        w.write_all(&buf[..n]).map_err(|e| {
+            io::Error::new(e.kind(), format!("writing at byte {off} of {}: {e}", p.len))
+        })?;
+        off += n as u64;
+        sent.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// [`visit`] without counters; panics on failure.
+fn visit_ok(addr: SocketAddr, job: Job, timeout: Duration) -> VisitOut {
+    let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+    visit(addr, job, Instant::now() + timeout, &a, &b)
+        .unwrap_or_else(|e| panic!("visitor ({}): {e}", job.op as char))
+}
+
+/// Resets a connection (RST instead of FIN on close).
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------------
+// Server and agent processes
+// ---------------------------------------------------------------------------------
+
+/// Writes a token file (mode 0600) into `dir`.
+fn token_file(dir: &TempDir, name: &str, token: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.write(name, token);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// The public side's config: `[tunnel_server]` and rule `web` (`agent:web`).
+fn server_toml(tunnel_listen: &str, token: &Path, server_extra: &str, rule_extra: &str) -> String {
+    format!(
+        "[tunnel_server]\nlisten = \"{tunnel_listen}\"\ntoken_file = \"{}\"\n{server_extra}\n\n\
+         [[rule]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"agent:web\"\n{rule_extra}\n",
+        token.display()
+    )
+}
+
+/// The private side's config: `[agent]` and service `web`.
+fn agent_toml(server: SocketAddr, token: &Path, target: SocketAddr) -> String {
+    format!(
+        "[agent]\nserver = \"{server}\"\ntoken_file = \"{}\"\n\n\
+         [[service]]\nname = \"web\"\ntarget = \"{target}\"\n",
+        token.display()
+    )
+}
+
+fn osv(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn is_line(l: &str, msg: &str) -> bool {
+    l.contains(&format!(" {msg} "))
+}
+
+/// The public forwarder.
+struct TunnelServer {
+    p: Proc,
+    /// The relay path asked for with `--mode`.
+    mode: Mode,
+    /// Its `listening rule=... upstream=agent:web` line.
+    rule_line: String,
+    /// That rule's name (`web` from the config file, `cli` from the command line).
+    rule: String,
+    /// Where agents connect.
+    tunnel: SocketAddr,
+    /// Where visitors connect (rule `web`).
+    visitors: SocketAddr,
+}
+
+impl TunnelServer {
+    /// `forwarder run -c FILE --mode MODE`.
+    fn config(mode: Mode, toml: &str) -> TunnelServer {
+        let dir = TempDir::new("tunnel-server");
+        let path = dir.write("server.toml", toml);
+        let mut args = osv(&["run", "-c"]);
+        args.push(path.into());
+        args.extend(osv(&["--mode", mode.as_str()]));
+        Self::ready(Proc::spawn("server", &args, None, &[], Some(dir)), mode)
+    }
+
+    /// `forwarder run --listen 127.0.0.1:0 --upstream agent:web --tunnel-listen L
+    /// --token-file F --mode MODE`.
+    fn cli(mode: Mode, tunnel_listen: &str, token: &Path) -> TunnelServer {
+        let mut args = osv(&[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "agent:web",
+            "--tunnel-listen",
+            tunnel_listen,
+            "--token-file",
+        ]);
+        args.push(token.into());
+        args.extend(osv(&["--mode", mode.as_str()]));
+        Self::ready(Proc::spawn("server", &args, None, &[], None), mode)
+    }
+
+    fn ready(mut p: Proc, mode: Mode) -> TunnelServer {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let ready = |p: &Proc| {
+            let lines = p.lines();
+            let tunnel = lines
+                .iter()
+                .find(|l| is_line(l, "tunnel listening"))
+                .cloned();
+            let rule = lines
+                .iter()
+                .find(|l| {
+                    l.contains(" listening rule=") && field(l, "upstream") == Some("agent:web")
+                })
+                .cloned();
+            tunnel.zip(rule)
+        };
+        let (tunnel, rule) = loop {
+            if let Some(found) = ready(&p) {
+                break found;
+            }
+            p.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "server: no `tunnel listening` and `listening ... upstream=agent:web` lines within \
+                 {STARTUP_TIMEOUT:?}; its log:\n{}",
+                p.text()
+            );
+            thread::sleep(ms(20));
+        };
+        let addr = |l: &str| -> SocketAddr {
+            field(l, "listen")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no listen= address in {l:?}"))
+        };
+        TunnelServer {
+            tunnel: addr(&tunnel),
+            visitors: addr(&rule),
+            p,
+            mode,
+            rule: field(&rule, "rule").unwrap().to_string(),
+            rule_line: rule,
+        }
+    }
+
+    /// The rule runs the tunnel relay and every relayed stream took `path=splice`.
+    /// Checked when the server is dropped, as the test's last assertion (as the
+    /// harness's `Forwarder` does).
+    fn check_mode(&self) {
+        // Whatever the rule's mode, a tunnel stream runs on splice with retention
+        // (the kernel path cannot keep the bytes a lost link may need again); the
+        // ebpf variants check that a kernel-path process serves tunnels the same way.
+        assert_eq!(
+            field(&self.rule_line, "mode"),
+            Some("splice"),
+            "rule web (--mode {}) should say it runs the tunnel relay: {}",
+            self.mode.as_str(),
+            self.rule_line
+        );
+        assert!(
+            self.rule_line.contains("tunnel: splice with retention"),
+            "{}",
+            self.rule_line
+        );
+        for l in self.p.close_lines() {
+            let path = field(&l, "path").unwrap_or_else(|| panic!("no path= in {l}"));
+            assert!(
+                path == "none" || path == "splice",
+                "a tunnel stream took path={path}: {l}"
+            );
+        }
+    }
+
+    /// `agent connected` lines so far.
+    fn connected(&self) -> Vec<String> {
+        self.p.matching(|l| is_line(l, "agent connected"))
+    }
+}
+
+impl Drop for TunnelServer {
+    fn drop(&mut self) {
+        if !thread::panicking() {
+            self.check_mode();
+        }
+    }
+}
+
+/// How an agent gets its token.
+enum Token<'a> {
+    File(&'a Path),
+    /// From the environment (`FORWARDER_TOKEN`).
+    Env(&'a str),
+}
+
+/// `forwarder agent --server S --service web=T --token-file F` (or the token from
+/// FORWARDER_TOKEN), inside `ns` if given. (The agent has no `--mode`: its pairs
+/// take the tunnel's relay.)
+fn agent_cli(server: SocketAddr, target: SocketAddr, token: Token, ns: Option<&NetNs>) -> Proc {
+    let mut args = osv(&[
+        "agent",
+        "--server",
+        &server.to_string(),
+        "--service",
+        &format!("web={target}"),
+    ]);
+    let mut env = Vec::new();
+    match token {
+        Token::File(f) => {
+            args.push("--token-file".into());
+            args.push(f.into());
+        }
+        Token::Env(t) => env.push(("FORWARDER_TOKEN", t)),
+    }
+    Proc::spawn("agent", &args, ns, &env, None)
+}
+
+/// `forwarder run -c FILE` with `[agent]` and `[[service]]`, inside `ns` if given.
+fn agent_config(server: SocketAddr, target: SocketAddr, token: &Path, ns: Option<&NetNs>) -> Proc {
+    let dir = TempDir::new("tunnel-agent");
+    let path = dir.write("agent.toml", &agent_toml(server, token, target));
+    let mut args = osv(&["run", "-c"]);
+    args.push(path.into());
+    Proc::spawn("agent", &args, ns, &[], Some(dir))
+}
+
+/// Waits until both sides log `agent connected` (the `n`th time on the server) with
+/// the same session; returns the session id.
+fn wait_connected(server: &TunnelServer, agent: &Proc, n: usize) -> String {
+    let on_server = server
+        .p
+        .wait_n(n, secs(20), |l| is_line(l, "agent connected"));
+    assert!(
+        on_server.len() >= n,
+        "server: {} `agent connected` lines within 20 s, want {n}; server log:\n{}\nagent log:\n{}",
+        on_server.len(),
+        server.p.text(),
+        agent.text()
+    );
+    let line = &on_server[n - 1];
+    let session = field(line, "session")
+        .unwrap_or_else(|| panic!("no session= in {line}"))
+        .to_string();
+    assert_eq!(field(line, "services"), Some("web"), "{line}");
+    assert!(field(line, "agent").is_some(), "no agent= in {line}");
+    let a = agent.expect_line("agent connected", secs(10), |l| {
+        is_line(l, "agent connected") && field(l, "session") == Some(session.as_str())
+    });
+    assert_eq!(field(&a, "services"), Some("web"), "{a}");
+    assert!(field(&a, "server").is_some(), "no server= in {a}");
+    session
+}
+
+/// The tunnel's session and link lines so far.
+fn link_events(p: &Proc) -> Vec<String> {
+    const EVENTS: [&str; 7] = [
+        "agent connected",
+        "link lost",
+        "link resumed",
+        "grace expired",
+        "agent refused",
+        "session replaced",
+        "agent:",
+    ];
+    p.matching(|l| EVENTS.iter().any(|e| l.contains(&format!(" {e} "))))
+}
+
+/// The close line whose `client=` is `client`, waiting up to `timeout` for it.
+fn close_of(p: &Proc, client: SocketAddr, timeout: Duration) -> String {
+    let c = client.to_string();
+    p.expect_line(&format!("close client={c}"), timeout, |l| {
+        l.contains(" close rule=") && field(l, "client") == Some(c.as_str())
+    })
+}
+
+fn num(l: &str, key: &str) -> u64 {
+    field(l, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {l}"))
+}
+
+/// Asserts a close line's rule, upstream, byte counts and end.
+fn check_close(l: &str, rule: &str, upstream: &str, up: u64, down: u64, end: &str) {
+    assert_eq!(field(l, "rule"), Some(rule), "{l}");
+    assert_eq!(field(l, "upstream"), Some(upstream), "{l}");
+    assert_eq!(num(l, "bytes_up"), up, "bytes_up: {l}");
+    assert_eq!(num(l, "bytes_down"), down, "bytes_down: {l}");
+    assert_eq!(field(l, "end"), Some(end), "end: {l}");
+}
+
+fn assert_got(seen: &Seen, want: &Payload, what: &str) {
+    assert_eq!(seen, &Seen::Got(Digested::of(want)), "{what}");
+}
+
+/// The target's reports matched to jobs by the visitor's payload seed.
+fn report_for(reports: &[Report], seed: u64) -> &Report {
+    reports
+        .iter()
+        .find(|r| r.job.up.seed == seed)
+        .unwrap_or_else(|| panic!("no target report for seed {seed}: {reports:?}"))
+}
+
+// ---------------------------------------------------------------------------------
+// Link faults, with the agent and its target in a network namespace
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Every packet dropped both ways for this long.
+    Blackhole(Duration),
+    /// `ss -K` on the agent's tunnel sockets.
+    Reset,
+    /// A short blackhole during which the agent's address changes.
+    NewAddress,
+}
+
+/// 4 visitors each send 32 MiB and receive 32 MiB (paced, so the fault hits mid-way)
+/// through the tunnel, the link suffers `fault`, and every byte must arrive exactly,
+/// each stream surviving on the same session.
+fn resume_after(mode: Mode, fault: Fault) {
+    const STREAMS: u64 = 4;
+    const LEN: u64 = 32 * MIB;
+    let ns = NetNs::new();
+    let target = ns.run(Target::start);
+    let dir = TempDir::new("tunnel");
+    let token = token_file(&dir, "token", TOKEN);
+    let tunnel_listen = format!("{}:0", ns.host_ip());
+    let server = TunnelServer::config(
+        mode,
+        &server_toml(&tunnel_listen, &token, "resume_grace = \"150s\"", ""),
+    );
+    assert_eq!(server.tunnel.ip(), ns.host_ip(), "tunnel address");
+    let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
+    let session = wait_connected(&server, &agent, 1);
+
+    let rate = match fault {
+        Fault::Blackhole(_) => 2 * MIB,
+        _ => 4 * MIB,
+    };
+    let down_seen = Arc::new(AtomicU64::new(0));
+    let up_sent = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + secs(240);
+    let visitors: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let job = Job {
+                op: BOTH,
+                up: Payload::new(1000 + i, LEN),
+                down: Payload::new(2000 + i, LEN),
+                rate,
+            };
+            let (d, u) = (down_seen.clone(), up_sent.clone());
+            let addr = server.visitors;
+            let h = thread::spawn(move || visit(addr, job, deadline, &d, &u));
+            (job, h)
+        })
+        .collect();
+
+    // Well under way both ways, far from done.
+    let started = wait_until(secs(40), || {
+        down_seen.load(Ordering::SeqCst) >= STREAMS * 6 * MIB
+            && target.received() >= STREAMS * 6 * MIB
+    });
+    assert!(
+        started,
+        "transfers did not get going: visitors got {} bytes, the target {}",
+        down_seen.load(Ordering::SeqCst),
+        target.received()
+    );
+    let before = (down_seen.load(Ordering::SeqCst), target.received());
+    assert!(
+        before.0 < STREAMS * LEN / 2 && before.1 < STREAMS * LEN / 2,
+        "transfers too far along for the fault to hit them mid-way: {before:?}"
+    );
+
+    let is_lost = |l: &str| is_line(l, "link lost");
+    let is_resumed = |l: &str| is_line(l, "link resumed");
+    let fault_at = Instant::now();
+    let mut new_ip = None;
+    match fault {
+        Fault::Blackhole(outage) => {
+            let bh = ns.blackhole();
+            // Both sides notice during the outage.
+            server.p.expect_line("link lost", outage, is_lost);
+            agent.expect_line(
+                "link lost",
+                outage.saturating_sub(fault_at.elapsed()),
+                is_lost,
+            );
+            let during = (down_seen.load(Ordering::SeqCst), target.received());
+            thread::sleep(outage.saturating_sub(fault_at.elapsed()));
+            let after = (down_seen.load(Ordering::SeqCst), target.received());
+            bh.restore();
+            println!(
+                "blackhole of {:.1?}: bytes (to visitors, to target) when both sides saw \
+                 the loss {during:?}, at the end {after:?}",
+                fault_at.elapsed()
+            );
+            assert_eq!(during, after, "bytes moved through a blackholed link");
+        }
+        Fault::Reset => {
+            let killed = ns.kill_sockets_to(server.tunnel.port());
+            assert!(killed >= 1, "ss -K found no tunnel socket to kill");
+            println!("ss -K aborted {killed} tunnel sockets");
+        }
+        Fault::NewAddress => {
+            let bh = ns.blackhole();
+            thread::sleep(secs(2));
+            new_ip = Some(ns.move_ns_addr(3));
+            thread::sleep(secs(3));
+            bh.restore();
+        }
+    }
+
+    let lost = server.p.expect_line("link lost", secs(60), is_lost);
+    let resumed = server.p.expect_line("link resumed", secs(60), is_resumed);
+    let resumed_at = Instant::now();
+    println!("resumed {:.1?} after the fault", fault_at.elapsed());
+    let agent_lost = agent.expect_line("link lost", secs(10), is_lost);
+    let agent_resumed = agent.expect_line("link resumed", secs(10), is_resumed);
+
+    // The rest (at most 26 MiB a stream and direction) moves at full speed: 45 s is
+    // plenty. A grace expiry ends the wait.
+    let finish_by = Instant::now() + secs(45);
+    let all_done = wait_until(secs(45), || {
+        visitors.iter().all(|(_, h)| h.is_finished())
+            || !server
+                .p
+                .matching(|l| is_line(l, "grace expired"))
+                .is_empty()
+    });
+    if !all_done || Instant::now() >= finish_by {
+        panic!(
+            "transfers unfinished {:.0?} after the link resumed: visitors received {} of {} \
+             bytes, the target {} of {}; server link events: {:#?}\nagent link events: {:#?}",
+            resumed_at.elapsed(),
+            down_seen.load(Ordering::SeqCst),
+            STREAMS * LEN,
+            target.received(),
+            STREAMS * LEN,
+            link_events(&server.p),
+            link_events(&agent)
+        );
+    }
+    for (i, (job, h)) in visitors.into_iter().enumerate() {
+        let out = h
+            .join()
+            .expect("visitor panicked")
+            .unwrap_or_else(|e| panic!("visitor #{i}: {e}"));
+        assert_eq!(out.down, Digested::of(&job.down), "visitor #{i} received");
+        let l = close_of(&server.p, out.local, secs(20));
+        check_close(
+            &l,
+            &server.rule,
+            "agent:web",
+            HEADER_LEN as u64 + LEN,
+            LEN,
+            "closed",
+        );
+        let l = close_of(&agent, out.local, secs(20));
+        check_close(
+            &l,
+            "web",
+            &target.addr().to_string(),
+            HEADER_LEN as u64 + LEN,
+            LEN,
+            "closed",
+        );
+    }
+    let reports = target.reports(STREAMS as usize, secs(30));
+    for i in 0..STREAMS {
+        let r = report_for(&reports, 1000 + i);
+        assert_got(
+            &r.seen,
+            &r.job.up,
+            &format!("target of visitor #{i} received"),
+        );
+    }
+
+    // The same session, all four streams waiting and back.
+    for (side, l) in [("server", &lost), ("agent", &agent_lost)] {
+        assert_eq!(field(l, "session"), Some(session.as_str()), "{side}: {l}");
+        assert_eq!(field(l, "streams_waiting"), Some("4"), "{side}: {l}");
+    }
+    for (side, l) in [("server", &resumed), ("agent", &agent_resumed)] {
+        assert_eq!(field(l, "session"), Some(session.as_str()), "{side}: {l}");
+        assert_eq!(field(l, "streams"), Some("4"), "{side}: {l}");
+    }
+    for p in [&server.p, &agent] {
+        let expired = p.matching(|l| is_line(l, "grace expired"));
+        assert!(expired.is_empty(), "{}: {expired:?}", p.label);
+    }
+    if let Some(ip) = new_ip {
+        // The agent's tunnel connections now come from the new address.
+        let ss = sh(
+            "ss",
+            &[
+                "-H",
+                "-t",
+                "-n",
+                "state",
+                "established",
+                "sport",
+                "=",
+                &format!(":{}", server.tunnel.port()),
+            ],
+        );
+        assert!(
+            ss.contains(&format!("{ip}:")),
+            "no tunnel connection from the agent's new address {ip}:\n{ss}"
+        );
+        if let Some(a) = field(&resumed, "agent") {
+            assert!(
+                a.starts_with(&format!("{ip}:")),
+                "resumed from {a}, want {ip}: {resumed}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------
+
+relay_tests! {
+    /// Bytes exact both ways at once, and half-close through both hops each way:
+    /// the visitor's EOF reaches the target while the target still answers, and the
+    /// target's EOF reaches the visitor while the visitor still sends. Server started
+    /// from the command line; close lines on both sides.
+    fn basic_bytes_and_half_close(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let server = TunnelServer::cli(mode, "127.0.0.1:0", &token);
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+
+        let both = Job::new(BOTH, Payload::new(1, 4 * MIB + 17), Payload::new(2, 3 * MIB + 5));
+        let upload = Job::new(UPLOAD_FIRST, Payload::new(3, 3 * MIB + 1), Payload::new(4, 2 * MIB + 3));
+        let download = Job::new(DOWNLOAD_FIRST, Payload::new(5, 2 * MIB + 7), Payload::new(6, 3 * MIB + 9));
+        let mut outs = Vec::new();
+        for job in [both, upload, download] {
+            let out = visit_ok(server.visitors, job, secs(60));
+            assert_eq!(out.down, Digested::of(&job.down), "visitor ({}) received", job.op as char);
+            if let Some(a) = out.answer {
+                assert_eq!(a, Digested::of(&job.up), "target's answer after the visitor's EOF");
+            }
+            let r = target.report(secs(30));
+            assert_got(&r.seen, &job.up, &format!("target ({}) received", job.op as char));
+            outs.push((job, out));
+        }
+        let target_addr = target.addr().to_string();
+        for (job, out) in &outs {
+            let up = HEADER_LEN as u64 + job.up.len;
+            let l = close_of(&server.p, out.local, secs(10));
+            check_close(&l, &server.rule, "agent:web", up, out.down_wire, "closed");
+            // Without a link loss no tunnelled byte crosses userspace.
+            assert_eq!(field(&l, "userspace_bytes"), Some("0"), "server: {l}");
+            let l = close_of(&agent, out.local, secs(10));
+            check_close(&l, "web", &target_addr, up, out.down_wire, "closed");
+            assert_eq!(field(&l, "userspace_bytes"), Some("0"), "agent: {l}");
+        }
+    }
+
+    /// A visitor's reset resets the target's connection; a target's reset resets
+    /// the visitor's.
+    fn reset_passes_both_ways(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let server = TunnelServer::config(mode, &server_toml("127.0.0.1:0", &token, "", ""));
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+
+        // Visitor resets.
+        let job = Job::new(HOLD, Payload::new(11, 0), Payload::new(12, 0));
+        let s = open(server.visitors, &job);
+        let visitor = s.local_addr().unwrap();
+        ping(&s, b"hello through the tunnel", secs(10)).expect("round trip");
+        reset(s);
+        let r = target.report(secs(10));
+        assert_eq!(r.seen, Seen::Ended(Ending::Reset), "the target's connection after the visitor's reset");
+        let l = close_of(&server.p, visitor, secs(10));
+        assert!(field(&l, "end").is_some_and(|e| e.starts_with("client_reset")), "server: {l}");
+        let l = close_of(&agent, visitor, secs(10));
+        assert!(field(&l, "end").is_some_and(|e| e != "closed"), "agent: {l}");
+
+        // Target resets.
+        let job = Job::new(RESET, Payload::new(13, 0), Payload::new(14, 0));
+        let s = open(server.visitors, &job);
+        let visitor = s.local_addr().unwrap();
+        let plus = read_exact_timeout(&s, 1, secs(10)).expect("the target's +");
+        assert_eq!(plus, b"+");
+        (&s).write_all(b"k").unwrap();
+        let (ending, took) = wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor: {e}"));
+        assert_eq!(ending, Ending::Reset, "the visitor's connection after the target's reset");
+        println!("target reset reached the visitor in {took:.2?}");
+        assert_eq!(target.report(secs(5)).seen, Seen::Ended(Ending::Reset));
+        let l = close_of(&server.p, visitor, secs(10));
+        assert!(
+            field(&l, "end").is_some_and(|e| e.starts_with("upstream_")),
+            "server: {l}"
+        );
+        let l = close_of(&agent, visitor, secs(10));
+        assert!(field(&l, "end").is_some_and(|e| e.starts_with("upstream_reset")), "agent: {l}");
+    }
+
+    /// 200 visitors open at once, each echoing its own data through the tunnel.
+    fn parallel_200_visitors(mode) {
+        let _load = light();
+        raise_nofile();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let echo = Server::echo();
+        let server = TunnelServer::config(mode, &server_toml("127.0.0.1:0", &token, "", ""));
+        let agent = agent_cli(server.tunnel, echo.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        let payloads: Vec<Payload> = (0..200)
+            .map(|i| Payload::new(30_000 + i, 1000 + i * 1531))
+            .collect();
+        drive_paired_echo_clients(server.visitors, &payloads, Instant::now() + secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(echo.accepted(), 200, "target connections");
+        for (p, what) in [(&server.p, "agent:web".to_string()), (&agent, echo.addr().to_string())] {
+            let closes = p.wait_close_lines(200, secs(20));
+            assert_eq!(closes.len(), 200, "{} close lines", p.label);
+            for l in &closes {
+                assert_eq!(field(l, "upstream"), Some(what.as_str()), "{}: {l}", p.label);
+                assert_eq!(field(l, "end"), Some("closed"), "{}: {l}", p.label);
+            }
+        }
+    }
+
+    /// With no agent connected, a visitor waits up to the rule's connect_timeout and
+    /// is closed with `end=no_agent`.
+    fn no_agent_closes_after_connect_timeout(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let server = TunnelServer::config(
+            mode,
+            &server_toml("127.0.0.1:0", &token, "", "connect_timeout = \"1s\""),
+        );
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        let (ending, took) = wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor: {e}"));
+        println!("visitor closed ({ending:?}) after {took:.2?}");
+        assert!(took >= ms(800) && took <= secs(5), "closed after {took:?}, connect_timeout is 1 s");
+        let l = close_of(&server.p, visitor, secs(5));
+        assert_eq!(field(&l, "upstream"), Some("agent:web"), "{l}");
+        assert_eq!(field(&l, "end"), Some("no_agent"), "{l}");
+    }
+
+    /// An agent with the wrong token is refused and logged; visitors get `no_agent`
+    /// and nothing reaches the target.
+    fn wrong_token_refused(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let wrong = token_file(&dir, "wrong", "not-the-tunnel-token-0000");
+        let target = Target::start();
+        let server = TunnelServer::config(
+            mode,
+            &server_toml("127.0.0.1:0", &token, "", "connect_timeout = \"1s\""),
+        );
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&wrong), None);
+        let l = server.p.expect_line("agent refused", secs(15), |l| is_line(l, "agent refused"));
+        assert_eq!(field(&l, "reason"), Some("bad_token"), "{l}");
+        assert!(
+            field(&l, "agent").is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "agent= of {l}"
+        );
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor: {e}"));
+        let l = close_of(&server.p, visitor, secs(5));
+        assert_eq!(field(&l, "end"), Some("no_agent"), "{l}");
+        assert!(server.connected().is_empty(), "an agent got in: {:?}", server.connected());
+        assert_eq!(target.server.accepted(), 0, "the target was reached");
+        let agent_ok = agent.matching(|l| is_line(l, "agent connected"));
+        assert!(agent_ok.is_empty(), "the agent says it connected: {agent_ok:?}");
+    }
+
+    /// The agent↔server link is blackholed for 65 s in the middle of 4 concurrent
+    /// 32 MiB transfers each way; it comes back and every byte arrives exactly.
+    fn blackhole_65s_then_resume(mode) {
+        let _load = light();
+        resume_after(mode, Fault::Blackhole(secs(65)));
+    }
+
+    /// The same with the link reset (`ss -K` of the agent's tunnel sockets).
+    fn resume_after_link_reset(mode) {
+        let _load = light();
+        resume_after(mode, Fault::Reset);
+    }
+
+    /// The same with the agent coming back from another source address.
+    fn resume_from_new_agent_address(mode) {
+        let _load = light();
+        resume_after(mode, Fault::NewAddress);
+    }
+
+    /// With resume_grace = 3s and the link blackholed for good, visitor and target
+    /// get a reset (`end=agent_lost`), and the server's fds return to their baseline.
+    fn grace_expiry_resets_both_ends(mode) {
+        let _load = light();
+        let ns = NetNs::new();
+        let target = ns.run(Target::start);
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let server = TunnelServer::config(
+            mode,
+            &server_toml(&format!("{}:0", ns.host_ip()), &token, "resume_grace = \"3s\"", ""),
+        );
+        let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
+        let session = wait_connected(&server, &agent, 1);
+        // A warm-up visitor, so lazily made things exist before the baseline.
+        let job = Job::new(BOTH, Payload::new(40, 64 * KIB), Payload::new(41, 64 * KIB));
+        visit_ok(server.visitors, job, secs(20));
+        assert_got(&target.report(secs(10)).seen, &job.up, "warm-up");
+        thread::sleep(secs(1));
+        let baseline = server.p.fd_count();
+
+        let held: Vec<TcpStream> = (0..2)
+            .map(|i| {
+                let s = open(server.visitors, &Job::new(HOLD, Payload::new(50 + i, 0), Payload::new(0, 0)));
+                ping(&s, b"still there?", secs(10)).expect("round trip");
+                s
+            })
+            .collect();
+        let bh = ns.blackhole();
+        let t0 = Instant::now();
+        for (i, s) in held.iter().enumerate() {
+            let left = secs(45).saturating_sub(t0.elapsed());
+            let (ending, _) = wait_closed(s, left).unwrap_or_else(|e| panic!("visitor #{i}: {e}"));
+            assert_eq!(ending, Ending::Reset, "visitor #{i} after the grace period");
+        }
+        let took = t0.elapsed();
+        println!("visitors reset {took:.1?} after the blackhole began");
+        assert!(took >= secs(3), "reset before resume_grace (3 s) could pass: {took:?}");
+        for r in target.reports(2, secs(15)) {
+            assert_eq!(r.seen, Seen::Ended(Ending::Reset), "target connection after the grace period");
+        }
+        let visitors: Vec<SocketAddr> = held.iter().map(|s| s.local_addr().unwrap()).collect();
+        drop(held);
+        for v in &visitors {
+            let l = close_of(&server.p, *v, secs(10));
+            assert_eq!(field(&l, "end"), Some("agent_lost"), "server: {l}");
+            let l = close_of(&agent, *v, secs(10));
+            assert_eq!(field(&l, "end"), Some("agent_lost"), "agent: {l}");
+        }
+        let l = server.p.expect_line("grace expired", secs(5), |l| is_line(l, "grace expired"));
+        assert_eq!(field(&l, "session"), Some(session.as_str()), "{l}");
+        assert_eq!(field(&l, "streams_reset"), Some("2"), "{l}");
+        agent.expect_line("grace expired", secs(15), |l| is_line(l, "grace expired"));
+
+        // The link comes back: the agent starts a new session and visitors work again.
+        bh.restore();
+        let new_session = wait_connected(&server, &agent, 2);
+        assert_ne!(new_session, session, "a session outlived its grace period");
+        let job = Job::new(BOTH, Payload::new(60, 256 * KIB), Payload::new(61, 256 * KIB));
+        let out = visit_ok(server.visitors, job, secs(30));
+        assert_eq!(out.down, Digested::of(&job.down));
+        assert_got(&target.report(secs(10)).seen, &job.up, "after the new session");
+        let back = wait_until(secs(15), || server.p.fd_count() <= baseline);
+        assert!(
+            back,
+            "server fds {} after the grace expiry, baseline {baseline}:\n{}",
+            server.p.fd_count(),
+            sh("ls", &["-l", &format!("/proc/{}/fd", server.p.pid())])
+        );
+    }
+
+    /// An agent restarted (SIGKILL, new process): the old session's streams are reset
+    /// at once, not after resume_grace, and new visitors work immediately.
+    fn agent_restart_takes_over(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let server = TunnelServer::config(
+            mode,
+            &server_toml("127.0.0.1:0", &token, "resume_grace = \"120s\"", ""),
+        );
+        let mut old = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        let session = wait_connected(&server, &old, 1);
+        let held: Vec<TcpStream> = (0..2)
+            .map(|i| {
+                let s = open(server.visitors, &Job::new(HOLD, Payload::new(70 + i, 0), Payload::new(0, 0)));
+                ping(&s, b"before the restart", secs(10)).expect("round trip");
+                s
+            })
+            .collect();
+        old.kill();
+        let t0 = Instant::now();
+        let new = agent_cli(server.tunnel, target.addr(), Token::Env(TOKEN), None);
+        let new_session = wait_connected(&server, &new, 2);
+        assert_ne!(new_session, session);
+        println!("new agent connected {:.2?} after the kill", t0.elapsed());
+        for (i, s) in held.iter().enumerate() {
+            let (ending, _) = wait_closed(s, secs(10).saturating_sub(t0.elapsed()))
+                .unwrap_or_else(|e| panic!("old stream #{i} after the agent restart: {e}"));
+            println!("old stream #{i} ended ({ending:?}) {:.2?} after the kill", t0.elapsed());
+        }
+        for s in &held {
+            let l = close_of(&server.p, s.local_addr().unwrap(), secs(5));
+            assert_ne!(field(&l, "end"), Some("closed"), "old stream: {l}");
+        }
+        // The old target connections ended with the old process.
+        for r in target.reports(2, secs(10)) {
+            assert!(matches!(r.seen, Seen::Ended(_)), "old target connection: {r:?}");
+        }
+        let job = Job::new(BOTH, Payload::new(80, MIB), Payload::new(81, MIB));
+        let out = visit_ok(server.visitors, job, secs(20));
+        assert_eq!(out.down, Digested::of(&job.down));
+        assert_got(&target.report(secs(10)).seen, &job.up, "through the new agent");
+        let l = close_of(&new, out.local, secs(10));
+        check_close(&l, "web", &target.addr().to_string(), HEADER_LEN as u64 + MIB, MIB, "closed");
+    }
+
+    /// The target reads nothing for 5 s while the visitor sends 64 MiB: TCP pushes
+    /// back to the visitor, the server's and agent's memory stays bounded, and then
+    /// every byte arrives exactly.
+    fn slow_target_bounded_memory(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let server = TunnelServer::config(mode, &server_toml("127.0.0.1:0", &token, "", ""));
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        // Warm up (allocations made once), then the baseline.
+        let warm = Job::new(BOTH, Payload::new(90, 2 * MIB), Payload::new(91, 2 * MIB));
+        visit_ok(server.visitors, warm, secs(20));
+        assert_got(&target.report(secs(10)).seen, &warm.up, "warm-up");
+        thread::sleep(ms(500));
+        let rss = || proc_rss(server.p.pid()) + proc_rss(agent.pid());
+        let base = rss();
+        let read_before = target.received();
+
+        let job = Job {
+            op: SLOW,
+            up: Payload::new(92, 64 * MIB),
+            down: Payload::new(93, 0),
+            rate: 5000,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(AtomicU64::new(0));
+        let (s2, r2) = (sent.clone(), seen.clone());
+        let addr = server.visitors;
+        let t0 = Instant::now();
+        let h = thread::spawn(move || visit(addr, job, Instant::now() + secs(90), &r2, &s2));
+        let mut peak = base;
+        let mut stalled_at = None;
+        // Bounded: 100 ms steps until the visitor finishes or 90 s pass.
+        while !h.is_finished() && t0.elapsed() < secs(90) {
+            peak = peak.max(rss());
+            if stalled_at.is_none() && t0.elapsed() >= ms(4500) {
+                stalled_at = Some((
+                    sent.load(Ordering::SeqCst),
+                    target.received() - read_before,
+                ));
+            }
+            thread::sleep(ms(100));
+        }
+        let out = h.join().expect("visitor panicked").unwrap_or_else(|e| panic!("visitor: {e}"));
+        assert_eq!(out.answer, Some(Digested::of(&job.up)), "what the slow target received");
+        assert_got(&target.report(secs(10)).seen, &job.up, "slow target");
+        let (sent_stalled, target_stalled) = stalled_at.expect("transfer ended within 4.5 s");
+        println!(
+            "while the target slept: visitor had sent {:.1} MiB, target read {target_stalled}; \
+             RSS server+agent {:.1} MiB -> peak {:.1} MiB",
+            sent_stalled as f64 / MIB as f64,
+            base as f64 / MIB as f64,
+            peak as f64 / MIB as f64
+        );
+        assert!(t0.elapsed() >= secs(5), "done before the target read anything");
+        assert!(
+            sent_stalled < 48 * MIB,
+            "the visitor could send {sent_stalled} bytes to a target that read nothing: no push back"
+        );
+        let growth = peak.saturating_sub(base);
+        assert!(
+            growth < 8 * MIB,
+            "server+agent RSS grew by {:.1} MiB (from {:.1} MiB) for one slow stream",
+            growth as f64 / MIB as f64,
+            base as f64 / MIB as f64
+        );
+        let l = close_of(&server.p, out.local, secs(10));
+        check_close(&l, &server.rule, "agent:web", HEADER_LEN as u64 + 64 * MIB, out.down_wire, "closed");
+    }
+}
+
+/// 1,000 times the agent's link is reset (`ss -K` on its sockets to the agent port)
+/// and the agent resumes its session: afterwards neither side holds more fds or
+/// memory than after the first few, and a transfer still arrives exactly.
+#[test]
+fn link_churn_leaks_nothing() {
+    const CYCLES: usize = 1000;
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let token = token_file(&dir, "token", TOKEN);
+    let target = Target::start();
+    let server = TunnelServer::config(Mode::Splice, &server_toml("127.0.0.1:0", &token, "", ""));
+    let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+    wait_connected(&server, &agent, 1);
+    let port = server.tunnel.port().to_string();
+    let cycle = |i: usize| {
+        let out = std::process::Command::new("ss")
+            .args(["-K", "dport", "=", &format!(":{port}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("ss runs");
+        assert!(out.success(), "ss -K failed");
+        let resumed = server.p.wait_n(i, secs(10), |l| is_line(l, "link resumed"));
+        assert!(
+            resumed.len() >= i,
+            "cycle {i}: the agent did not resume within 10 s; server link events: {:#?}",
+            link_events(&server.p)
+        );
+    };
+    // Settled: the pool refilled, the same fd count twice 200 ms apart.
+    let settled = |what: &str| -> (usize, usize, u64) {
+        let mut last = (0, 0);
+        for _ in 0..50 {
+            thread::sleep(ms(200));
+            let now = (server.p.fd_count(), agent.fd_count());
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let rss = proc_rss(server.p.pid()) + proc_rss(agent.pid());
+        println!(
+            "{what}: fds server {} agent {}, RSS server+agent {:.1} MiB",
+            last.0,
+            last.1,
+            rss as f64 / MIB as f64
+        );
+        (last.0, last.1, rss)
+    };
+    for i in 1..=20 {
+        cycle(i);
+    }
+    let before = settled("after 20 cycles");
+    let t0 = Instant::now();
+    for i in 21..=CYCLES {
+        cycle(i);
+    }
+    println!("{} cycles in {:.1?}", CYCLES - 20, t0.elapsed());
+    let after = settled(&format!("after {CYCLES} cycles"));
+    assert!(
+        after.0 <= before.0 && after.1 <= before.1,
+        "fds grew: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.2 < before.2 + 4 * MIB,
+        "RSS grew by {:.1} MiB over {CYCLES} link resets",
+        (after.2 as f64 - before.2 as f64) / MIB as f64
+    );
+    assert_eq!(
+        server.connected().len(),
+        1,
+        "a new session was started instead of resuming"
+    );
+    let job = Job::new(BOTH, Payload::new(77, 4 * MIB), Payload::new(78, 4 * MIB));
+    let out = visit_ok(server.visitors, job, secs(30));
+    assert_got(&target.report(secs(10)).seen, &job.up, "after the churn");
+    let l = close_of(&server.p, out.local, secs(10));
+    assert_eq!(field(&l, "end"), Some("closed"), "{l}");
+}
