@@ -243,9 +243,7 @@ async fn connect_control(
     services: &[String],
 ) -> Result<(TcpStream, (u64, Duration)), Refusal> {
     let other = |e: std::io::Error| Refusal::Other(e.to_string());
-    let mut conn = TcpStream::connect(&session.cfg.server)
-        .await
-        .map_err(other)?;
+    let mut conn = connect(&session.cfg.server).await.map_err(other)?;
     let _ = conn.set_nodelay(true);
     let Frame::Challenge { nonce } = read_frame(&mut conn).await.map_err(other)? else {
         return Err(Refusal::Other("server did not send a challenge".into()));
@@ -318,7 +316,7 @@ async fn dial_data(
     attach: Option<u64>,
 ) -> std::io::Result<TcpStream> {
     let dial = async {
-        let mut conn = TcpStream::connect(server).await?;
+        let mut conn = connect(server).await?;
         let _ = conn.set_nodelay(true);
         let Frame::Challenge { nonce } = read_frame(&mut conn).await? else {
             return Err(std::io::Error::other("server did not send a challenge"));
@@ -423,7 +421,7 @@ async fn serve_stream(
         refuse_stream(&session, &data, stream);
         return log("none", "unknown_service", &progress);
     };
-    let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target)).await;
+    let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect(&target)).await;
     let mut local = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -467,4 +465,13 @@ fn refuse_stream(session: &AgentSession, data: &TcpStream, stream: u64) {
     reset_on_close(data);
     stream::Session::forget(session, stream);
     stream::Session::send(session, Frame::Reset { stream });
+}
+
+/// Connects to `HOST:PORT`. A literal address skips tokio's resolver, which runs on
+/// the blocking pool: a thread hop per connection, a large share of a short stream.
+async fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) => TcpStream::connect(a).await,
+        Err(_) => TcpStream::connect(addr).await,
+    }
 }

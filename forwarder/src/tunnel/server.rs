@@ -98,6 +98,8 @@ pub struct ServerSession {
     control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
     /// Which control connection is current: a lost one must not mark a resumed session.
     generation: AtomicU64,
+    /// Told when a control connection takes over: the lost one's grace wait ends.
+    taken_over: Notify,
     pool: Mutex<Vec<TcpStream>>,
     streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
     limit: usize,
@@ -366,6 +368,7 @@ impl Registry {
                     services,
                     control: Mutex::new(None),
                     generation: AtomicU64::new(0),
+                    taken_over: Notify::new(),
                     pool: Mutex::new(Vec::new()),
                     streams: Mutex::new(HashMap::new()),
                     limit: self.cfg.resume_buffer,
@@ -378,6 +381,7 @@ impl Registry {
             }
         };
         let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        session.taken_over.notify_waiters();
         let sid = session.id.to_be_bytes();
         let welcome = Frame::Welcome {
             session: session.id,
@@ -406,6 +410,10 @@ impl Registry {
         self.arrived.notify_waiters();
 
         let why = control::run(conn, rx, tx, &*session).await;
+        // Armed before the check, so a resume right after it still ends the wait.
+        let taken_over = session.taken_over.notified();
+        tokio::pin!(taken_over);
+        taken_over.as_mut().enable();
         if session.generation.load(Ordering::Relaxed) != generation {
             return; // resumed (or replaced) on another connection meanwhile
         }
@@ -417,7 +425,11 @@ impl Registry {
         let waiting = session.streams.lock().unwrap().len();
         event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={waiting} ({why}); waiting up to {:?} for it to resume", self.cfg.resume_grace), session = %sid, agent = %peer, streams_waiting = waiting, reason = %why,);
         let since = Instant::now();
-        tokio::time::sleep(self.cfg.resume_grace).await;
+        tokio::select! {
+            _ = tokio::time::sleep(self.cfg.resume_grace) => {}
+            // Resumed: nothing of this link is kept for the rest of the grace.
+            _ = taken_over => return,
+        }
         if session.generation.load(Ordering::Relaxed) != generation || session.live() {
             return;
         }

@@ -170,7 +170,10 @@ pub async fn run(
     let end = engine.run(&local, first, progress).await;
     engine.release();
     match end {
-        Ok(()) => RelayEnd::Closed,
+        Ok(()) => {
+            engine.recycle();
+            RelayEnd::Closed
+        }
         Err(end) => {
             reset_on_close(&local);
             match end {
@@ -219,7 +222,11 @@ struct Engine {
 
 impl Engine {
     fn new(link: Box<Link>, side: Side) -> io::Result<Engine> {
-        let keep = Pipe::with_size(link.limit)?;
+        let keep = if link.limit <= crate::relay::splice::PIPE_SIZE {
+            Pipe::take()?
+        } else {
+            Pipe::with_size(link.limit)?
+        };
         // A retention pipe smaller than asked (system pipe limits) bounds what we hold.
         let limit = (link.limit.min(keep.size)) as u64;
         Ok(Engine {
@@ -253,7 +260,18 @@ impl Engine {
         })
     }
 
-    /// Returns the retained bytes to the global count; empty pipes to the pool.
+    /// After a clean end every pipe is empty: back to the pool for the next stream
+    /// (making, sizing and closing three pipes is a large share of a short stream).
+    fn recycle(self) {
+        let Engine { out, inn, .. } = self;
+        if out.in_pipe == 0 && inn.in_pipe == 0 && out.replay.is_none() {
+            out.pipe.give_back();
+            out.keep.give_back();
+            inn.pipe.give_back();
+        }
+    }
+
+    /// Returns the retained bytes to the global count.
     fn release(&mut self) {
         RETAINED.fetch_sub(self.out.read - self.out.acked, Ordering::Relaxed);
         self.out.acked = self.out.read;
@@ -272,6 +290,12 @@ impl Engine {
         let mut attached_gen = link_gen.as_ref().map_or(0, |g| *g.borrow());
         let mut redial_wait = REDIAL_FIRST;
         let mut redial_at: Option<Instant> = None;
+        // One timer each, reset only when its deadline changes: a timer made anew on
+        // every pass costs a wake-up of the timer driver per message.
+        let ack_timer = tokio::time::sleep(Duration::ZERO);
+        let dial_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack_timer, dial_timer);
+        let (mut ack_armed, mut dial_armed) = (None, None);
         loop {
             // Move what can move without waiting.
             let quiet = match self.step(local, data.as_ref(), progress) {
@@ -315,9 +339,21 @@ impl Engine {
             let in_reads = !self.inn.read_blocked && self.inn.in_pipe < self.inn.pipe.size;
             let link_up = link_gen.as_ref().is_some_and(|g| *g.borrow() != 0);
             let dial_at = match (&dialer, &data, link_up) {
-                (Some(_), None, true) => redial_at.or(Some(Instant::now())),
+                (Some(_), None, true) => Some(*redial_at.get_or_insert_with(Instant::now)),
                 _ => None,
             };
+            if self.inn.ack_due != ack_armed {
+                if let Some(at) = self.inn.ack_due {
+                    ack_timer.as_mut().reset(at);
+                }
+                ack_armed = self.inn.ack_due;
+            }
+            if dial_at != dial_armed {
+                if let Some(at) = dial_at {
+                    dial_timer.as_mut().reset(at);
+                }
+                dial_armed = dial_at;
+            }
             let room = room_freed().notified();
             tokio::select! {
                 ev = self.link.events.recv() => match ev {
@@ -344,7 +380,7 @@ impl Engine {
                 r = async { data.as_ref().unwrap().writable().await }, if data.is_some() && out_sends => {
                     if r.is_err() { drop_data(&mut data); redial_at = Some(Instant::now() + redial_wait); }
                 }
-                _ = sleep_until_opt(self.inn.ack_due) => self.send_ack(),
+                _ = &mut ack_timer, if ack_armed.is_some() => self.send_ack(),
                 changed = async { link_gen.as_mut().unwrap().changed().await }, if link_gen.is_some() => {
                     if changed.is_err() {
                         link_gen = None;
@@ -358,7 +394,8 @@ impl Engine {
                         }
                     }
                 }
-                _ = sleep_until_opt(dial_at) => {
+                _ = &mut dial_timer, if dial_armed.is_some() => {
+                    dial_armed = None;
                     let (_, dial) = dialer.as_ref().unwrap();
                     let gen_now = link_gen.as_ref().map_or(0, |g| *g.borrow());
                     match dial(self.link.stream).await {
@@ -688,13 +725,6 @@ fn drop_data(data: &mut Option<TcpStream>) {
     if let Some(d) = data.take() {
         // A reset, so the peer's end of it fails at once instead of lingering.
         reset_on_close(&d);
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
