@@ -141,8 +141,13 @@ struct In {
 
 enum Fault {
     Local(io::Error),
-    /// The data connection failed or ended: wait for (or dial) another.
+    /// The data connection failed: wait for (or dial) another.
     Data,
+    /// The peer closed the data connection cleanly, which it does only once it is
+    /// done with the stream (a lost link shows as an error or as silence): our last
+    /// acks are on their way over the control connection, so do not dial again
+    /// unless the link itself changes.
+    DataEof,
     /// Something our own bookkeeping or the peer's numbers cannot explain.
     Protocol(String),
 }
@@ -174,6 +179,7 @@ pub async fn run(
             engine.recycle();
             RelayEnd::Closed
         }
+        Err(End::Done) => RelayEnd::Closed,
         Err(end) => {
             reset_on_close(&local);
             match end {
@@ -200,12 +206,15 @@ pub async fn run(
                     }
                 }
                 End::Lost => RelayEnd::Ended("agent_lost"),
+                End::Done => unreachable!("matched above"),
             }
         }
     }
 }
 
 enum End {
+    /// Complete, though the peer's last ack never came (see `reattach`).
+    Done,
     Local(io::Error),
     PeerReset,
     Protocol(String),
@@ -302,6 +311,10 @@ impl Engine {
                 Ok(quiet) => quiet,
                 Err(Fault::Local(e)) => return Err(End::Local(e)),
                 Err(Fault::Protocol(why)) => return Err(End::Protocol(why)),
+                Err(Fault::DataEof) => {
+                    data = None;
+                    false
+                }
                 Err(Fault::Data) => {
                     drop_data(&mut data);
                     redial_at.get_or_insert_with(|| Instant::now() + redial_wait);
@@ -585,7 +598,7 @@ impl Engine {
             match r {
                 // The peer closed this data connection: it is done with the stream, or
                 // dropped the connection to dial another. Either way wait for control.
-                Ok(0) => return Err(Fault::Data),
+                Ok(0) => return Err(Fault::DataEof),
                 Ok(n) => {
                     i.received += n as u64;
                     i.in_pipe += n;
@@ -665,6 +678,11 @@ impl Engine {
         };
         let peer_received = match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
             Ok(Ok(Frame::Resume { received })) => received,
+            // The peer finished the stream and forgot it while our last ack was on
+            // its way: everything was delivered both ways.
+            Ok(Ok(Frame::Refused { .. })) if self.out.eof && self.inn.shut => {
+                return Err(End::Done);
+            }
             Ok(Ok(Frame::Refused { reason })) => {
                 tracing::debug!(
                     "tunnel stream {}: reattach refused: {reason}",
