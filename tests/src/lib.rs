@@ -1231,9 +1231,28 @@ pub fn read_digest(s: &TcpStream, deadline: Instant) -> io::Result<Digested> {
 /// [`read_digest`] continuing a hash `h` over `len` bytes already read.
 pub fn read_digest_from(
     s: &TcpStream,
+    h: Hasher,
+    len: u64,
+    deadline: Instant,
+) -> io::Result<Digested> {
+    read_digest_counting(s, h, len, deadline, None)
+}
+
+/// [`read_digest`], adding every byte read to `counter` as it arrives (progress).
+pub fn read_digest_counted(
+    s: &TcpStream,
+    deadline: Instant,
+    counter: &std::sync::atomic::AtomicU64,
+) -> io::Result<Digested> {
+    read_digest_counting(s, Hasher::new(), 0, deadline, Some(counter))
+}
+
+fn read_digest_counting(
+    s: &TcpStream,
     mut h: Hasher,
     mut len: u64,
     deadline: Instant,
+    counter: Option<&std::sync::atomic::AtomicU64>,
 ) -> io::Result<Digested> {
     let mut s = s;
     let mut buf = vec![0u8; 256 * KIB as usize];
@@ -1244,6 +1263,9 @@ pub fn read_digest_from(
             Ok(n) => {
                 h.update(&buf[..n]);
                 len += n as u64;
+                if let Some(c) = counter {
+                    c.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {

@@ -194,36 +194,6 @@ fn send(s: &TcpStream, p: Payload, rate: u64, deadline: Instant) -> io::Result<(
     p.write_paced(s, deadline, (rate > 0).then_some(rate))
 }
 
-/// Reads to EOF, hashing, adding every byte to `counter`.
-fn read_counted(s: &TcpStream, deadline: Instant, counter: &AtomicU64) -> io::Result<Digested> {
-    let mut s = s;
-    let mut h = Hasher::new();
-    let mut len = 0u64;
-    let mut buf = vec![0u8; 256 * KIB as usize];
-    loop {
-        set_read_deadline(s, deadline)?;
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                len += n as u64;
-                counter.fetch_add(n as u64, Ordering::SeqCst);
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("reading after {len} bytes: {e}"),
-                ))
-            }
-        }
-    }
-    Ok(Digested {
-        len,
-        sha: h.finish(),
-    })
-}
-
 fn answer_line(d: &Digested) -> String {
     format!("{} {}\n", hex(&d.sha), d.len)
 }
@@ -272,7 +242,7 @@ fn serve(s: &TcpStream, tx: &mpsc::Sender<Report>, received: &AtomicU64) {
                 send(s, job.down, job.rate, deadline)?;
                 s.shutdown(Shutdown::Write)
             });
-            let r = read_counted(s, deadline, received);
+            let r = read_digest_counted(s, deadline, received);
             if r.is_err() {
                 let _ = s.shutdown(Shutdown::Both);
             }
@@ -287,7 +257,7 @@ fn serve(s: &TcpStream, tx: &mpsc::Sender<Report>, received: &AtomicU64) {
             if job.op == SLOW {
                 thread::sleep(ms(job.rate));
             }
-            match read_counted(s, deadline, received) {
+            match read_digest_counted(s, deadline, received) {
                 Ok(d) => {
                     let answered = w
                         .write_all(answer_line(&d).as_bytes())
@@ -304,7 +274,7 @@ fn serve(s: &TcpStream, tx: &mpsc::Sender<Report>, received: &AtomicU64) {
         DOWNLOAD_FIRST => {
             let sent = send(s, job.down, 0, deadline).and_then(|()| s.shutdown(Shutdown::Write));
             match sent {
-                Ok(()) => match read_counted(s, deadline, received) {
+                Ok(()) => match read_digest_counted(s, deadline, received) {
                     Ok(d) => Seen::Got(d),
                     Err(e) => Seen::Failed(format!("target read after its EOF: {e}")),
                 },
@@ -393,7 +363,7 @@ fn visit(
     match job.op {
         BOTH => thread::scope(|sc| {
             let writer = sc.spawn(|| send_up(job.rate));
-            let r = read_counted(&s, deadline, down_seen);
+            let r = read_digest_counted(&s, deadline, down_seen);
             if r.is_err() {
                 let _ = s.shutdown(Shutdown::Both);
             }
@@ -429,8 +399,8 @@ fn visit(
             })
         }
         DOWNLOAD_FIRST => {
-            let down =
-                read_counted(&s, deadline, down_seen).map_err(|e| format!("visitor read: {e}"))?;
+            let down = read_digest_counted(&s, deadline, down_seen)
+                .map_err(|e| format!("visitor read: {e}"))?;
             // The target's FIN came through; our direction must still work.
             send_up(0)?;
             Ok(VisitOut {
