@@ -305,6 +305,9 @@ impl Engine {
         let dial_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(ack_timer, dial_timer);
         let (mut ack_armed, mut dial_armed) = (None, None);
+        // The peer closed the data connection cleanly (it is done): dial again only
+        // for a new link.
+        let mut peer_done = false;
         loop {
             // Move what can move without waiting.
             let quiet = match self.step(local, data.as_ref(), progress) {
@@ -313,6 +316,7 @@ impl Engine {
                 Err(Fault::Protocol(why)) => return Err(End::Protocol(why)),
                 Err(Fault::DataEof) => {
                     data = None;
+                    peer_done = true;
                     false
                 }
                 Err(Fault::Data) => {
@@ -351,7 +355,7 @@ impl Engine {
                 || self.out.sent < self.out.teed;
             let in_reads = !self.inn.read_blocked && self.inn.in_pipe < self.inn.pipe.size;
             let link_up = link_gen.as_ref().is_some_and(|g| *g.borrow() != 0);
-            let dial_at = match (&dialer, &data, link_up) {
+            let dial_at = match (&dialer, &data, link_up && !peer_done) {
                 (Some(_), None, true) => Some(*redial_at.get_or_insert_with(Instant::now)),
                 _ => None,
             };
@@ -404,6 +408,7 @@ impl Engine {
                             drop_data(&mut data);
                             redial_at = None;
                             redial_wait = REDIAL_FIRST;
+                            peer_done = false;
                         }
                     }
                 }
