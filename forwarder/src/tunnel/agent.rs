@@ -40,10 +40,10 @@ struct AgentSession {
     cfg: AgentConfig,
     /// The session being served or resumed: id and key.
     current: Mutex<Option<(u64, [u8; 32])>>,
-    control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    /// The control link and the streams (see `stream::Table`).
+    table: stream::Table,
     /// The live link's generation, 0 while down: streams reattach on a change.
     link: watch::Sender<u64>,
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
     /// The server's resume_buffer, which bounds what we retain too.
     limit: AtomicU64,
     /// Control frames for streams whose `Open` has not been read yet: the two travel
@@ -57,13 +57,11 @@ const EARLY_MAX: usize = 65536;
 
 impl stream::Session for AgentSession {
     fn send(&self, frame: Frame) {
-        if let Some(tx) = &*self.control.lock().unwrap() {
-            let _ = tx.send(frame);
-        }
+        self.table.send(frame);
     }
 
     fn forget(&self, stream: u64) {
-        self.streams.lock().unwrap().remove(&stream);
+        self.table.forget(stream);
     }
 
     fn dialer(&self) -> Option<(watch::Receiver<u64>, stream::Dial)> {
@@ -82,7 +80,7 @@ impl stream::Session for AgentSession {
 
 impl control::Streams for AgentSession {
     fn deliver(&self, stream: u64, event: Event) {
-        let streams = self.streams.lock().unwrap();
+        let streams = self.table.map.lock().unwrap();
         if let Some(tx) = streams.get(&stream) {
             let _ = tx.send(event);
             return;
@@ -106,7 +104,7 @@ impl AgentSession {
     /// Starts taking a stream's control frames, with any that came before its `Open`.
     fn register(&self, stream: u64) -> mpsc::UnboundedReceiver<Event> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut streams = self.streams.lock().unwrap();
+        let mut streams = self.table.map.lock().unwrap();
         let mut early = self.early.lock().unwrap();
         for event in early.remove(&stream).map(|(_, e)| e).unwrap_or_default() {
             let _ = tx.send(event);
@@ -119,12 +117,8 @@ impl AgentSession {
 
 impl AgentSession {
     fn expire_streams(&self) -> usize {
-        let streams: Vec<_> = self.streams.lock().unwrap().drain().collect();
         self.early.lock().unwrap().clear();
-        for (_, tx) in &streams {
-            let _ = tx.send(Event::GraceExpired);
-        }
-        streams.len()
+        self.table.expire()
     }
 }
 
@@ -134,9 +128,8 @@ pub async fn run(cfg: AgentConfig) {
     let session = Arc::new(AgentSession {
         cfg,
         current: Mutex::new(None),
-        control: Mutex::new(None),
+        table: stream::Table::default(),
         link,
-        streams: Mutex::new(HashMap::new()),
         limit: AtomicU64::new(crate::config::DEFAULT_RESUME_BUFFER as u64),
         early: Mutex::new(HashMap::new()),
     });
@@ -197,9 +190,9 @@ pub async fn run(cfg: AgentConfig) {
         };
         backoff = BACKOFF_FIRST;
         let (sid, grace) = welcome;
-        let n = session.streams.lock().unwrap().len();
+        let n = session.table.map.lock().unwrap().len();
         let (tx, rx) = mpsc::unbounded_channel();
-        *session.control.lock().unwrap() = Some(tx.clone());
+        *session.table.control.lock().unwrap() = Some(tx.clone());
         let gen_now = generation.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = session.link.send(gen_now);
         let server = conn
@@ -214,9 +207,9 @@ pub async fn run(cfg: AgentConfig) {
         let pool = tokio::spawn(keep_pool(session.clone()));
         let why = control::run(conn, rx, tx, &*session).await;
         pool.abort();
-        *session.control.lock().unwrap() = None;
+        *session.table.control.lock().unwrap() = None;
         let _ = session.link.send(0);
-        let waiting = session.streams.lock().unwrap().len();
+        let waiting = session.table.map.lock().unwrap().len();
         event!(warn, "link lost", text = ("link lost server={server} session={sid_text} streams_waiting={waiting} ({why}); reconnecting"), server = %server, session = %sid_text, streams_waiting = waiting, reason = %why,);
         lost_since = Some((Instant::now(), grace));
     }
@@ -255,7 +248,7 @@ async fn connect_control(
     let resume = current.map(|(id, _)| {
         (
             id,
-            session.streams.lock().unwrap().keys().copied().collect(),
+            session.table.map.lock().unwrap().keys().copied().collect(),
         )
     });
     let hello = Frame::Hello {

@@ -95,25 +95,23 @@ pub struct ServerSession {
     key: [u8; 32],
     identity: String,
     services: Vec<String>,
-    control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    /// The control link and the streams (see `stream::Table`).
+    table: stream::Table,
     /// Which control connection is current: a lost one must not mark a resumed session.
     generation: AtomicU64,
     /// Told when a control connection takes over: the lost one's grace wait ends.
     taken_over: Notify,
     pool: Mutex<Vec<TcpStream>>,
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
     limit: usize,
 }
 
 impl stream::Session for ServerSession {
     fn send(&self, frame: Frame) {
-        if let Some(tx) = &*self.control.lock().unwrap() {
-            let _ = tx.send(frame);
-        }
+        self.table.send(frame);
     }
 
     fn forget(&self, stream: u64) {
-        self.streams.lock().unwrap().remove(&stream);
+        self.table.forget(stream);
     }
 
     fn dialer(&self) -> Option<(tokio::sync::watch::Receiver<u64>, stream::Dial)> {
@@ -123,7 +121,7 @@ impl stream::Session for ServerSession {
 
 impl control::Streams for ServerSession {
     fn deliver(&self, stream: u64, event: Event) {
-        if let Some(tx) = self.streams.lock().unwrap().get(&stream) {
+        if let Some(tx) = self.table.map.lock().unwrap().get(&stream) {
             let _ = tx.send(event);
         }
     }
@@ -131,16 +129,12 @@ impl control::Streams for ServerSession {
 
 impl ServerSession {
     fn live(&self) -> bool {
-        self.control.lock().unwrap().is_some()
+        self.table.control.lock().unwrap().is_some()
     }
 
     /// Resets every stream now (agent restarted, or grace over); returns how many.
     fn expire_streams(&self) -> usize {
-        let streams: Vec<_> = self.streams.lock().unwrap().drain().collect();
-        for (_, tx) in &streams {
-            let _ = tx.send(Event::GraceExpired);
-        }
-        streams.len()
+        self.table.expire()
     }
 }
 
@@ -175,7 +169,7 @@ impl Registry {
             if let Some((session, mut conn)) = self.take_conn(service, visitor, balance) {
                 let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = mpsc::unbounded_channel();
-                session.streams.lock().unwrap().insert(id, tx);
+                session.table.map.lock().unwrap().insert(id, tx);
                 let open = Frame::Open {
                     stream: id,
                     service: service.to_string(),
@@ -183,7 +177,7 @@ impl Registry {
                     proxy_header: proxy_header.clone(),
                 };
                 if write_frame(&mut conn, &open).await.is_err() {
-                    session.streams.lock().unwrap().remove(&id);
+                    session.table.map.lock().unwrap().remove(&id);
                     continue;
                 }
                 let _ = conn.set_nodelay(true);
@@ -226,7 +220,7 @@ impl Registry {
             Balance::First => 0,
             Balance::RoundRobin => self.turn.fetch_add(1, Ordering::Relaxed) % offering.len(),
             Balance::LeastConn | Balance::Random => {
-                let load = |s: &&Arc<ServerSession>| s.streams.lock().unwrap().len();
+                let load = |s: &&Arc<ServerSession>| s.table.map.lock().unwrap().len();
                 let (a, b) = (
                     fastrand::usize(..offering.len()),
                     fastrand::usize(..offering.len()),
@@ -328,7 +322,7 @@ impl Registry {
                 // Streams the agent no longer holds cannot resume.
                 let keep: HashSet<u64> = agent_streams.into_iter().collect();
                 let gone: Vec<_> = {
-                    let mut streams = session.streams.lock().unwrap();
+                    let mut streams = session.table.map.lock().unwrap();
                     let ids: Vec<u64> = streams
                         .keys()
                         .filter(|s| !keep.contains(s))
@@ -354,7 +348,7 @@ impl Registry {
                     ids.iter().filter_map(|id| sessions.remove(id)).collect()
                 };
                 for s in old {
-                    *s.control.lock().unwrap() = None;
+                    *s.table.control.lock().unwrap() = None;
                     s.pool.lock().unwrap().clear();
                     let n = s.expire_streams();
                     event!(info, "session replaced", text = ("session replaced session={:x} by a new session of the same agent: streams_reset={n}", s.id), session = %format!("{:x}", s.id), streams_reset = n,);
@@ -366,11 +360,10 @@ impl Registry {
                     key: auth::session_key(&self.cfg.token, &nonce, &agent_nonce),
                     identity,
                     services,
-                    control: Mutex::new(None),
+                    table: stream::Table::default(),
                     generation: AtomicU64::new(0),
                     taken_over: Notify::new(),
                     pool: Mutex::new(Vec::new()),
-                    streams: Mutex::new(HashMap::new()),
                     limit: self.cfg.resume_buffer,
                 });
                 self.sessions
@@ -398,11 +391,11 @@ impl Registry {
         }
         // Pooled connections of an older link went with it.
         session.pool.lock().unwrap().clear();
-        *session.control.lock().unwrap() = Some(tx.clone());
+        *session.table.control.lock().unwrap() = Some(tx.clone());
         let sid = format!("{:x}", session.id);
         let services = session.services.join(",");
         if resumed {
-            let n = session.streams.lock().unwrap().len();
+            let n = session.table.map.lock().unwrap().len();
             event!(info, "link resumed", text = ("link resumed session={sid} agent={peer} streams={n}"), session = %sid, agent = %peer, streams = n,);
         } else {
             event!(info, "agent connected", text = ("agent connected session={sid} agent={peer} services={services}"), session = %sid, agent = %peer, services = %services,);
@@ -417,12 +410,12 @@ impl Registry {
         if session.generation.load(Ordering::Relaxed) != generation {
             return; // resumed (or replaced) on another connection meanwhile
         }
-        *session.control.lock().unwrap() = None;
+        *session.table.control.lock().unwrap() = None;
         session.pool.lock().unwrap().clear();
         if !self.sessions.lock().unwrap().contains_key(&session.id) {
             return;
         }
-        let waiting = session.streams.lock().unwrap().len();
+        let waiting = session.table.map.lock().unwrap().len();
         event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={waiting} ({why}); waiting up to {:?} for it to resume", self.cfg.resume_grace), session = %sid, agent = %peer, streams_waiting = waiting, reason = %why,);
         let since = Instant::now();
         tokio::select! {
@@ -470,7 +463,7 @@ impl Registry {
                 }
             }
             Some(stream) => {
-                let tx = s.streams.lock().unwrap().get(&stream).cloned();
+                let tx = s.table.map.lock().unwrap().get(&stream).cloned();
                 match tx {
                     Some(tx) => {
                         let _ = tx.send(Event::Attach(conn));

@@ -18,10 +18,11 @@
 //! done when its local source ended and the peer acknowledged every byte of it, and
 //! the peer's FIN was delivered.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -67,6 +68,36 @@ pub type Dial = Arc<
         + Send
         + Sync,
 >;
+
+/// What both sides' sessions hold the same way: the live control link (`None` while
+/// it is lost) and the streams by id.
+#[derive(Default)]
+pub struct Table {
+    pub control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    pub map: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
+}
+
+impl Table {
+    /// [`Session::send`]: dropped while the link is down (resume resyncs).
+    pub fn send(&self, frame: Frame) {
+        if let Some(tx) = &*self.control.lock().unwrap() {
+            let _ = tx.send(frame);
+        }
+    }
+
+    pub fn forget(&self, stream: u64) {
+        self.map.lock().unwrap().remove(&stream);
+    }
+
+    /// Resets every stream now (grace over, or a new session); returns how many.
+    pub fn expire(&self) -> usize {
+        let streams: Vec<_> = self.map.lock().unwrap().drain().collect();
+        for (_, tx) in &streams {
+            let _ = tx.send(Event::GraceExpired);
+        }
+        streams.len()
+    }
+}
 
 /// A tunnel stream's tie to its session, carried in `Pair::tunnel`.
 pub struct Link {
