@@ -66,6 +66,14 @@ pub struct BenchArgs {
     /// Seconds per wrk run [default: 3, 2 with --quick].
     #[arg(long, value_name = "SECS")]
     pub http_secs: Option<f64>,
+    /// Which phases to run [default: all]; the others are left out of the table.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,latency,connections,http,bulk",
+        value_name = "PHASE,..."
+    )]
+    pub phases: Vec<Phase>,
     /// Also write the JSON here (target/bench/latest.json is always written).
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -97,6 +105,16 @@ pub enum Mode {
     Copy,
     /// forwarder --mode ebpf behind the inspection prelude (`deny_pattern`, a 64-byte dump).
     Inspect,
+}
+
+/// The parts of a repetition, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    Idle,
+    Latency,
+    Connections,
+    Http,
+    Bulk,
 }
 
 impl Mode {
@@ -150,6 +168,7 @@ struct Plan {
     idle_cpu: Duration,
     http: Duration,
     forwarder_log: Option<String>,
+    phases: Vec<Phase>,
 }
 
 /// Fds per idle pair the relay gets room for (2 sockets, plus what our forwarder may keep
@@ -189,6 +208,7 @@ impl Plan {
                     .max(1.0),
             ),
             forwarder_log: args.forwarder_log.clone(),
+            phases: args.phases.clone(),
         }
     }
 }
@@ -482,7 +502,12 @@ fn run_mode(
         rss_kib: fwd.as_ref().and_then(|f| f.rss_kib()),
         fds: fwd.as_ref().and_then(|f| f.fds()),
     };
-    match load::idle(addrs.idle, &servers.idle, plan.idle_conns, &mut mem) {
+    let idle = if plan.runs(Phase::Idle) {
+        load::idle(addrs.idle, &servers.idle, plan.idle_conns, &mut mem)
+    } else {
+        Err(Skipped.into())
+    };
+    match idle {
         Ok((m, conns)) => {
             let n = m.conns as f64;
             eprintln!(
@@ -561,7 +586,12 @@ fn run_mode(
     }
 
     // Latency.
-    match load::ping_pong(addrs.echo, plan.rr_warmup, plan.rr_count) {
+    let rr = if plan.runs(Phase::Latency) {
+        load::ping_pong(addrs.echo, plan.rr_warmup, plan.rr_count)
+    } else {
+        Err(Skipped.into())
+    };
+    match rr {
         Ok(rtts) => {
             s.insert("rr_p50_us", load::percentile(&rtts, 0.50));
             s.insert("rr_p99_us", load::percentile(&rtts, 0.99));
@@ -571,18 +601,34 @@ fn run_mode(
         Err(e) => note(r, "ping-pong", e),
     }
 
-    // Connection rate.
-    match load::conn_rate(addrs.echo, plan.conn_threads, plan.conn_rate) {
+    // Connection rate, and the relay's CPU (all its processes) per connection.
+    let cpu_before = fwd.as_ref().map(|f| f.cpu_ticks());
+    let rate = if plan.runs(Phase::Connections) {
+        load::conn_rate(addrs.echo, plan.conn_threads, plan.conn_rate)
+    } else {
+        Err(Skipped.into())
+    };
+    match rate {
         Ok(c) => {
             s.insert("conn_per_s", c.per_sec);
             s.insert("conn_errors", c.errors as f64);
+            if let (Some(Ok(a)), Some(f)) = (cpu_before, &fwd) {
+                match f.cpu_ticks() {
+                    Ok(b) if c.ok > 0 => {
+                        let secs = (b - a) as f64 / procfs::clk_tck();
+                        s.insert("conn_cpu_us", secs * 1e6 / c.ok as f64);
+                    }
+                    Ok(_) => {}
+                    Err(e) => note(r, "CPU per connection", e),
+                }
+            }
         }
         Err(e) => note(r, "connection rate", e),
     }
     thread::sleep(Duration::from_millis(200));
 
     // HTTP request/response through the relay to the nginx origin.
-    if let Some(http_addr) = addrs.http {
+    if let Some(http_addr) = addrs.http.filter(|_| plan.runs(Phase::Http)) {
         for (prefix, conns, close) in [
             ("http_ka", HTTP_KA_CONNS, false),
             ("http_close", HTTP_CLOSE_CONNS, true),
@@ -629,15 +675,20 @@ fn run_mode(
             machine: procfs::machine_busy_ticks()?,
         })
     };
-    bulk_windows(
-        &mut s,
-        addrs.bulk,
+    let windows: &[_] = if plan.runs(Phase::Bulk) {
         &[
             ("up1_gbps", Direction::Upload, 1),
             ("up8_gbps", Direction::Upload, 8),
             ("down1_gbps", Direction::Download, 1),
             ("down8_gbps", Direction::Download, 8),
-        ],
+        ]
+    } else {
+        &[]
+    };
+    bulk_windows(
+        &mut s,
+        addrs.bulk,
+        windows,
         plan,
         servers,
         &snap,
@@ -664,6 +715,24 @@ fn run_mode(
 /// read by `snap` around each: each window's Gbit/s goes into `s`, then the GiB moved and
 /// the machine's CPU per GiB (and the relay's, when `snap` reads one). A window that
 /// fails leaves its key out and goes to `failed`.
+impl Plan {
+    fn runs(&self, phase: Phase) -> bool {
+        self.phases.contains(&phase)
+    }
+}
+
+/// The error of a phase left out by `--phases`: no figure and no note.
+#[derive(Debug)]
+struct Skipped;
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("left out by --phases")
+    }
+}
+
+impl std::error::Error for Skipped {}
+
 fn bulk_windows(
     s: &mut Sample,
     addr: std::net::SocketAddr,
@@ -708,6 +777,9 @@ fn bulk_windows(
 }
 
 fn note(r: &mut ModeResult, what: &str, e: anyhow::Error) {
+    if e.is::<Skipped>() {
+        return;
+    }
     let line = format!("{what} failed: {e:#}");
     eprintln!("bench:   {line}");
     if !r.notes.contains(&line) {

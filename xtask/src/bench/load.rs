@@ -147,6 +147,8 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 pub struct ConnRate {
     pub per_sec: f64,
+    /// Connections that completed.
+    pub ok: u64,
     pub errors: u64,
 }
 
@@ -198,6 +200,7 @@ pub fn conn_rate(addr: SocketAddr, threads: usize, dur: Duration) -> Result<Conn
     }
     Ok(ConnRate {
         per_sec: ok as f64 / secs,
+        ok,
         errors,
     })
 }

@@ -95,6 +95,14 @@ pub const METRICS: &[Metric] = &[
         UP,
     ),
     m(
+        "conn_cpu_us",
+        "relay CPU per connection",
+        "µs",
+        0,
+        true,
+        DOWN,
+    ),
+    m(
         "conn_errors",
         "connection-rate failures",
         "",
