@@ -3,9 +3,11 @@
 //! to the upstream, the relay, idle timeout / max duration / forced shutdown, and the
 //! close log line.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -16,7 +18,7 @@ use crate::config::{Access, Rule};
 use crate::event;
 use crate::metrics::RuleStats;
 use crate::policy::balance::{ActiveGuard, Upstreams};
-use crate::policy::sources::{Refusal, SourceLimits};
+use crate::policy::sources::{Refusal, SourceLimits, SourceSlot};
 use crate::policy::{clock, health, proxy_protocol};
 use crate::relay::{describe, reset_on_close, Pair, Progress, Relay, RelayEnd};
 
@@ -65,14 +67,102 @@ pub struct Permits {
     pub _rule: OwnedSemaphorePermit,
 }
 
-pub async fn serve(
+/// Serves one accepted client to its end and logs the close line.
+///
+/// Written as one `async` block over plain values rather than nested `async fn`s
+/// (each of which keeps its own copy of its arguments): this future is held for the
+/// pair's whole life, and every byte of it counts per idle pair.
+pub fn serve(
+    rt: Arc<RuleRuntime>,
+    client: TcpStream,
+    peer: SocketAddr,
+    permits: Permits,
+) -> impl Future<Output = ()> + Send + 'static {
+    let started = Instant::now();
+    // Admission and connect await PROXY headers, DNS, connects and agents: their state
+    // lives in its own allocation for those milliseconds only.
+    let admitted = Box::pin(admit_and_connect(rt.clone(), client, peer, started));
+    async move {
+        // `permits` (the connection slots) is held until this block ends.
+        let Some(Connected {
+            pair,
+            peer,
+            upstream,
+            _source_slot,
+            _active,
+        }) = admitted.await
+        else {
+            return;
+        };
+        let rule = &rt.rule;
+        let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
+        progress.touch();
+        let _open = rt.stats.open(progress.clone());
+        // The relay raced by hand against the limits and forced shutdown, rather than
+        // with `select!`, which keeps a copy of each branch's state.
+        let mut relay = rt.relay.relay(pair, progress.clone());
+        let limits = Limits::of(rule, rt.relay.progress_lag());
+        let mut next = limits.check(&progress).err().flatten();
+        let timer = tokio::time::sleep_until(next.unwrap_or_else(far_future));
+        tokio::pin!(timer);
+        let mut abort = rt.abort.clone();
+        let aborted = abort.wait_for(|a| *a);
+        tokio::pin!(aborted);
+        let end = std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = relay.as_mut().poll(cx) {
+                if let RelayEnd::Refused { reason, detail } = &end {
+                    let shown = if detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({detail})")
+                    };
+                    rt.stats.refused(reason);
+                    rt.refused.record(&rule.name, peer, reason, &shown);
+                }
+                return Poll::Ready(end_text(&end));
+            }
+            // The timer fires at the next deadline; only then are the limits read
+            // again (bytes moving do not touch it).
+            while next.is_some() && timer.as_mut().poll(cx).is_ready() {
+                match limits.check(&progress) {
+                    Ok(why) => return Poll::Ready(why.to_string()),
+                    Err(at) => {
+                        next = at;
+                        if let Some(at) = at {
+                            timer.as_mut().reset(at);
+                        }
+                    }
+                }
+            }
+            if aborted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready("shutdown".to_string());
+            }
+            Poll::Pending
+        })
+        .await;
+        log_close(&rule.name, peer, &upstream, started, &progress, &end);
+        drop(permits);
+    }
+}
+
+/// A pair ready for the relay, with what must be held until it ends.
+struct Connected {
+    pair: Pair,
+    /// The client as admission saw it (a PROXY header's source when one was read).
+    peer: SocketAddr,
+    upstream: String,
+    _source_slot: SourceSlot,
+    _active: Option<ActiveGuard>,
+}
+
+/// Admission, then the upstream (or an agent's data connection), then any PROXY
+/// header to it. `None`: the client was refused or the connect failed (both logged).
+async fn admit_and_connect(
     rt: Arc<RuleRuntime>,
     mut client: TcpStream,
     peer: SocketAddr,
-    permits: Permits,
-) {
-    let _permits = permits;
-    let started = Instant::now();
+    started: Instant,
+) -> Option<Connected> {
     let rule = &rt.rule;
     let _ = client.set_nodelay(true);
 
@@ -82,7 +172,10 @@ pub async fn serve(
         match proxy_protocol::read(&mut client, rule.proxy_protocol_timeout).await {
             Ok(proxy_protocol::Header::Proxied { src, dst }) => (src, Some(dst)),
             Ok(proxy_protocol::Header::Local) => (peer, None),
-            Err(e) => return rt.refuse(client, peer, "bad_proxy_header", &format!(" ({e})")),
+            Err(e) => {
+                rt.refuse(client, peer, "bad_proxy_header", &format!(" ({e})"));
+                return None;
+            }
         }
     } else {
         (peer, None)
@@ -90,28 +183,42 @@ pub async fn serve(
 
     let global_ok = rt.global_access.read().unwrap().permits(peer.ip());
     if !global_ok || !rule.access.permits(peer.ip()) {
-        return rt.refuse(client, peer, "acl", "");
+        rt.refuse(client, peer, "acl", "");
+        return None;
     }
     if let Some(schedule) = &rule.schedule {
         if !schedule.is_open(clock::now()) {
-            return rt.refuse(client, peer, "schedule", "");
+            rt.refuse(client, peer, "schedule", "");
+            return None;
         }
     }
-    let _source_slot = match rt.sources.admit(peer.ip(), Instant::now()) {
+    let source_slot = match rt.sources.admit(peer.ip(), Instant::now()) {
         Ok(slot) => slot,
         Err(Refusal::TooManyConnections) => {
-            return rt.refuse(client, peer, "max_connections_per_source", "")
+            rt.refuse(client, peer, "max_connections_per_source", "");
+            return None;
         }
-        Err(Refusal::RateLimited) => return rt.refuse(client, peer, "rate_per_source", ""),
+        Err(Refusal::RateLimited) => {
+            rt.refuse(client, peer, "rate_per_source", "");
+            return None;
+        }
     };
 
     if let Some(service) = rule.agent_service() {
-        return serve_through_agent(&rt, client, peer, proxied_dst, service, started).await;
+        let (pair, upstream) =
+            through_agent(&rt, client, peer, proxied_dst, service, started).await?;
+        return Some(Connected {
+            pair,
+            peer,
+            upstream,
+            _source_slot: source_slot,
+            _active: None,
+        });
     }
-    let Some((mut upstream, upstream_addr, _active)) = connect_upstream(&rt, peer).await else {
+    let Some((mut upstream, upstream_addr, active)) = connect_upstream(&rt, peer).await else {
         // Closing without reading: the client sees the connection end at once.
         let progress = Progress::default();
-        return log_close(
+        log_close(
             &rule.name,
             peer,
             "none",
@@ -119,6 +226,7 @@ pub async fn serve(
             &progress,
             "connect_failed",
         );
+        return None;
     };
     let _ = upstream.set_nodelay(true);
     if let Some(version) = rule.proxy_protocol {
@@ -129,7 +237,7 @@ pub async fn serve(
         if let Err(e) = upstream.write_all(&header).await {
             let end = format!("upstream_error (writing PROXY header: {e})");
             let upstream = upstream_addr.to_string();
-            return log_close(
+            log_close(
                 &rule.name,
                 peer,
                 &upstream,
@@ -137,27 +245,34 @@ pub async fn serve(
                 &Progress::default(),
                 &end,
             );
+            return None;
         }
     }
-
     let pair = Pair {
         client,
         upstream,
         tunnel: None,
     };
-    relay_and_log(&rt, pair, peer, &upstream_addr.to_string(), started).await;
+    Some(Connected {
+        pair,
+        peer,
+        upstream: upstream_addr.to_string(),
+        _source_slot: source_slot,
+        _active: Some(active),
+    })
 }
 
 /// A rule whose upstream is `agent:NAME`: a data connection of an agent offering NAME
-/// (waiting up to connect_timeout for one), then the tunnel relay.
-async fn serve_through_agent(
+/// (waiting up to connect_timeout for one), paired with the client for the tunnel
+/// relay, and the upstream's name for the close line.
+async fn through_agent(
     rt: &Arc<RuleRuntime>,
     client: TcpStream,
     peer: SocketAddr,
     proxied_dst: Option<SocketAddr>,
     service: &str,
     started: Instant,
-) {
+) -> Option<(Pair, String)> {
     let rule = &rt.rule;
     let upstream = format!("{}{service}", crate::config::AGENT_PREFIX);
     // The agent writes the PROXY header to the target: written here it would be
@@ -181,7 +296,7 @@ async fn serve_through_agent(
     };
     let Some((data, link)) = opened else {
         reset_on_close(&client);
-        return log_close(
+        log_close(
             &rule.name,
             peer,
             &upstream,
@@ -189,44 +304,58 @@ async fn serve_through_agent(
             &Progress::default(),
             "no_agent",
         );
+        return None;
     };
     let pair = Pair {
         client,
         upstream: data,
         tunnel: Some(link),
     };
-    relay_and_log(rt, pair, peer, &upstream, started).await;
+    Some((pair, upstream))
 }
 
-/// Runs the rule's relay on a connected pair against the idle timeout, the maximum
-/// duration and forced shutdown, then logs the close line.
-async fn relay_and_log(
-    rt: &Arc<RuleRuntime>,
-    pair: Pair,
-    peer: SocketAddr,
-    upstream: &str,
-    started: Instant,
-) {
-    let rule = &rt.rule;
-    let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
-    progress.touch();
-    let _open = rt.stats.open(progress.clone());
-    let relay = rt.relay.relay(pair, progress.clone());
-    let mut abort = rt.abort.clone();
-    let end = tokio::select! {
-        end = relay => {
-            if let RelayEnd::Refused { reason, detail } = &end {
-                let shown = if detail.is_empty() { String::new() } else { format!(" ({detail})") };
-                rt.stats.refused(reason);
-                rt.refused.record(&rule.name, peer, reason, &shown);
-            }
-            end_text(&end)
+/// The limits that end a pair: `idle_timeout` once no byte has moved either way for
+/// that long (plus the relay's counter lag), `max_connection_duration` once the pair
+/// is that old. One timer serves both, set to the earlier of the two moments, so an
+/// idle pair wakes once per timeout, not on a tick.
+struct Limits {
+    idle: Option<Duration>,
+    max_at: Option<tokio::time::Instant>,
+}
+
+impl Limits {
+    fn of(rule: &Rule, lag: Duration) -> Limits {
+        Limits {
+            idle: rule.idle_timeout.map(|t| t + lag),
+            max_at: rule
+                .max_connection_duration
+                .map(|d| tokio::time::Instant::now() + d),
         }
-        _ = idle(rule.idle_timeout, rt.relay.progress_lag(), &progress) => "idle_timeout".to_string(),
-        _ = sleep_or_never(rule.max_connection_duration) => "max_connection_duration".to_string(),
-        _ = abort.wait_for(|a| *a) => "shutdown".to_string(),
-    };
-    log_close(&rule.name, peer, upstream, started, &progress, &end);
+    }
+
+    /// The limit reached now, or when to look again (`None`: never).
+    fn check(&self, progress: &Progress) -> Result<&'static str, Option<tokio::time::Instant>> {
+        let now = tokio::time::Instant::now();
+        if self.max_at.is_some_and(|at| at <= now) {
+            return Ok("max_connection_duration");
+        }
+        let idle_at = match self.idle {
+            Some(limit) => {
+                let quiet = progress.idle_for();
+                if quiet >= limit {
+                    return Ok("idle_timeout");
+                }
+                Some(now + (limit - quiet))
+            }
+            None => None,
+        };
+        Err(idle_at.into_iter().chain(self.max_at).min())
+    }
+}
+
+/// A deadline for a timer that is never polled.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86400)
 }
 
 /// How a relay's end reads in the close line's `end=`.
@@ -408,28 +537,4 @@ async fn connect_one(
         why: errors.join("; "),
         local: local && !errors.is_empty(),
     })
-}
-
-async fn sleep_or_never(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when no byte has moved either way for `timeout` (plus the relay's counter
-/// lag); never when it is `None`. It sleeps until the moment the timeout would expire
-/// and looks again, so an idle pair wakes once per timeout, not on a tick.
-async fn idle(timeout: Option<Duration>, lag: Duration, progress: &Progress) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
-    let limit = timeout + lag;
-    loop {
-        let quiet = progress.idle_for();
-        if quiet >= limit {
-            return;
-        }
-        tokio::time::sleep(limit - quiet).await;
-    }
 }

@@ -9,10 +9,15 @@
 //! and stall the direction, so we only let tokio clear it when the pipe is empty, where
 //! EAGAIN can only mean "socket empty".
 
+use std::future::Future;
 use std::io;
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -31,7 +36,7 @@ impl Relay for SpliceRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        Box::pin(async move { relay(pair, &progress).await })
+        Box::pin(relay(pair, progress))
     }
 }
 
@@ -49,10 +54,36 @@ enum PumpEnd {
     Promote,
 }
 
-pub async fn relay(pair: Pair, progress: &Progress) -> RelayEnd {
-    match relay_until(pair, progress, None).await {
-        Ok(end) => end,
-        Err(_) => unreachable!("no promotion asked for"),
+/// Relays until both directions are finished.
+pub fn relay<P>(
+    pair: Pair,
+    progress: P,
+) -> NeverPromoted<impl Future<Output = Result<RelayEnd, Pair>>>
+where
+    P: Deref<Target = Progress>,
+{
+    NeverPromoted {
+        inner: relay_until(pair, progress, None),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`relay_until`] with no promotion asked for, as a plain relay end; a wrapper
+    /// rather than another `async fn`, which would keep a second copy of the pair.
+    pub struct NeverPromoted<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Result<RelayEnd, Pair>>> Future for NeverPromoted<F> {
+    type Output = RelayEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        match ready!(self.project().inner.poll(cx)) {
+            Ok(end) => Poll::Ready(end),
+            Err(_) => unreachable!("no promotion asked for"),
+        }
     }
 }
 
@@ -67,54 +98,88 @@ pub const PROMOTE_AFTER_BURSTS: u32 = 16;
 /// pipes: then it hands the pair back (`Err`), nothing of it held by us. Both sockets
 /// were read to EAGAIN then (no partly read skb: whatever arrived since came whole),
 /// so the pair may join a sockmap at once.
-pub async fn relay_until(
+///
+/// An `async` block over its captured values, not an `async fn` (which would keep a
+/// copy of its arguments next to the values it works on): idle pairs hold this.
+pub fn relay_until<P>(
     pair: Pair,
-    progress: &Progress,
+    progress: P,
     promote: Option<u32>,
-) -> Result<RelayEnd, Pair> {
-    progress.enter(Hop::Splice);
+) -> impl Future<Output = Result<RelayEnd, Pair>>
+where
+    P: Deref<Target = Progress>,
+{
     let quiet = Quiet {
         waiting: [AtomicBool::new(false), AtomicBool::new(false)],
         bursts: AtomicU32::new(0),
         promote_after: promote.unwrap_or(u32::MAX),
     };
-    match pumps(&pair, progress, &quiet).await {
-        // The other pump waited for readiness with no pipe: dropping it lost nothing
-        // (bytes that just arrived stay in its socket).
-        None => Err(pair),
-        Some(RelayEnd::Failed { side, error }) => {
-            reset_both_on_close(&pair.client, &pair.upstream);
-            Ok(RelayEnd::Failed { side, error })
+    async move {
+        progress.enter(Hop::Splice);
+        match pumps(&pair, &progress, &quiet).await {
+            // The other pump waited for readiness with no pipe: dropping it lost
+            // nothing (bytes that just arrived stay in its socket).
+            None => Err(pair),
+            Some(RelayEnd::Failed { side, error }) => {
+                reset_both_on_close(&pair.client, &pair.upstream);
+                Ok(RelayEnd::Failed { side, error })
+            }
+            Some(end) => Ok(end),
         }
-        Some(end) => Ok(end),
     }
 }
 
 /// Runs both directions: `None` when one of them asks for promotion.
+///
+/// Both directions are polled by hand from one future, each a small [`Pump`] state,
+/// rather than as two `async` pumps: an idle pair then holds a few words per direction
+/// instead of a suspended future per await point (idle pairs are most pairs).
 async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayEnd> {
     let (c, u) = (&pair.client, &pair.upstream);
-    let up = pump(c, u, progress, quiet, 0);
-    let down = pump(u, c, progress, quiet, 1);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    let (side, error) = loop {
-        let (result, from, to) = tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; (r, Side::Client, Side::Upstream) }
-            r = &mut down, if !down_done => { down_done = true; (r, Side::Upstream, Side::Client) }
-            // A side we no longer read from would only show its reset on our next write
-            // to it, which may never come: watch it for errors directly.
-            e = socket_error(c), if up_done => break (Side::Client, e),
-            e = socket_error(u), if down_done => break (Side::Upstream, e),
-        };
-        match result {
-            Ok(PumpEnd::Promote) => return None,
-            Ok(PumpEnd::Eof) if up_done && down_done => return Some(RelayEnd::Closed),
-            Ok(PumpEnd::Eof) => {}
-            Err(PumpError::Read(e)) => break (from, e),
-            Err(PumpError::Write(e)) => break (to, e),
+    // Direction d: bytes from ends[d].0 to ends[d].1.
+    let ends = [
+        (c, u, Side::Client, Side::Upstream),
+        (u, c, Side::Upstream, Side::Client),
+    ];
+    let mut dirs = [Pump::new(), Pump::new()];
+    let mut done = [false; 2];
+    // A side we no longer read from would only show its reset on our next write to
+    // it, which may never come: once direction d is done, its source is watched for
+    // errors directly.
+    let mut watch: [Option<Pin<Box<dyn Future<Output = io::Error> + Send + '_>>>; 2] = [None, None];
+    std::future::poll_fn(|cx| {
+        for d in 0..2 {
+            if done[d] {
+                continue;
+            }
+            let (src, dst, from, to) = ends[d];
+            match dirs[d].poll(cx, src, dst, progress, quiet, d) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(PumpEnd::Promote)) => return Poll::Ready(None),
+                Poll::Ready(Ok(PumpEnd::Eof)) if done[1 - d] => {
+                    return Poll::Ready(Some(RelayEnd::Closed))
+                }
+                Poll::Ready(Ok(PumpEnd::Eof)) => {
+                    done[d] = true;
+                    watch[d] = Some(Box::pin(socket_error(src)));
+                }
+                Poll::Ready(Err(PumpError::Read(error))) => {
+                    return Poll::Ready(Some(RelayEnd::Failed { side: from, error }))
+                }
+                Poll::Ready(Err(PumpError::Write(error))) => {
+                    return Poll::Ready(Some(RelayEnd::Failed { side: to, error }))
+                }
+            }
         }
-    };
-    Some(RelayEnd::Failed { side, error })
+        for (d, w) in watch.iter_mut().enumerate() {
+            if let Some(Poll::Ready(error)) = w.as_mut().map(|w| w.as_mut().poll(cx)) {
+                let side = ends[d].2;
+                return Poll::Ready(Some(RelayEnd::Failed { side, error }));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// What the two pumps of a pair tell each other for promotion.
@@ -154,119 +219,145 @@ pub(crate) async fn socket_error(sock: &TcpStream) -> io::Error {
     }
 }
 
-/// Moves one direction until EOF (then passes the FIN on) or an error.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    progress: &Progress,
-    quiet: &Quiet,
-    d: usize,
-) -> Result<PumpEnd, PumpError> {
-    let moved = [&progress.to_upstream, &progress.to_client][d];
-    // An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): it takes
-    // one from the pool when bytes (or the EOF) arrive and hands it back as soon as it
-    // is empty again, as HAProxy does. An idle pair then holds just its two sockets.
-    let mut pipe: Option<Pipe> = None;
-    // The last read found the socket empty (or none was made): no skb of it is
-    // partly read.
-    let mut drained = true;
-    let mut no_pipe_since: Option<std::time::Instant> = None;
-    let mut in_pipe = 0usize;
-    let mut eof = false;
-    loop {
-        let p = match &mut pipe {
-            Some(p) => p,
-            None => {
-                quiet.waiting[d].store(drained, Ordering::Relaxed);
-                src.readable().await.map_err(PumpError::Read)?;
+/// One direction between polls: it moves bytes until EOF (then passes the FIN on) or
+/// an error.
+struct Pump {
+    /// An idle direction holds no pipe (two fds and up to PIPE_SIZE of pages): it takes
+    /// one from the pool when bytes (or the EOF) arrive and hands it back as soon as it
+    /// is empty again, as HAProxy does. An idle pair then holds just its two sockets.
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    eof: bool,
+    /// The last read found the socket empty (or none was made): no skb of it is
+    /// partly read.
+    drained: bool,
+    /// Out of fds: since when no pipe could be made, and the pause before the next try.
+    no_pipe_since: Option<Instant>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Pump {
+    fn new() -> Pump {
+        Pump {
+            pipe: None,
+            in_pipe: 0,
+            eof: false,
+            drained: true,
+            no_pipe_since: None,
+            pause: None,
+        }
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        progress: &Progress,
+        quiet: &Quiet,
+        d: usize,
+    ) -> Poll<Result<PumpEnd, PumpError>> {
+        let moved = [&progress.to_upstream, &progress.to_client][d];
+        loop {
+            if self.pipe.is_none() {
+                if let Some(pause) = &mut self.pause {
+                    ready!(pause.as_mut().poll(cx));
+                    self.pause = None;
+                }
+                quiet.waiting[d].store(self.drained, Ordering::Relaxed);
+                ready!(src.poll_read_ready(cx)).map_err(PumpError::Read)?;
                 quiet.waiting[d].store(false, Ordering::Relaxed);
                 match Pipe::take() {
                     Ok(p) => {
-                        no_pipe_since = None;
-                        pipe.insert(p)
+                        self.no_pipe_since = None;
+                        self.pipe = Some(p);
                     }
                     Err(e) if crate::server::is_resource_exhaustion(&e) => {
                         // Out of fds: an EOF needs no pipe, and bytes wait in the
                         // socket (TCP's backpressure) a while for one to free up. Not
                         // for ever: pairs that all wait, each holding its sockets,
                         // would keep every fd taken.
-                        if src.peek(&mut [0u8; 1]).await.map_err(PumpError::Read)? == 0 {
-                            return pass_fin(dst).map(|()| PumpEnd::Eof);
+                        let mut byte = [0u8; 1];
+                        let mut peek = tokio::io::ReadBuf::new(&mut byte);
+                        let n = ready!(src.poll_peek(cx, &mut peek)).map_err(PumpError::Read)?;
+                        if n == 0 {
+                            return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof));
                         }
-                        let since = *no_pipe_since.get_or_insert_with(std::time::Instant::now);
+                        let since = *self.no_pipe_since.get_or_insert_with(Instant::now);
                         if since.elapsed() >= NO_PIPE_PATIENCE {
-                            return Err(PumpError::Read(e));
+                            return Poll::Ready(Err(PumpError::Read(e)));
                         }
-                        tokio::time::sleep(NO_PIPE_RETRY).await;
+                        self.pause = Some(Box::pin(tokio::time::sleep(NO_PIPE_RETRY)));
                         continue;
                     }
-                    Err(e) => return Err(PumpError::Read(e)),
+                    Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
                 }
             }
-        };
-        // A busy pair never has to wait for readiness: yield now and then so it
-        // cannot starve the other connections on this worker thread.
-        tokio::task::consume_budget().await;
-        // Fill the pipe from the socket.
-        while !eof && in_pipe < p.size {
-            let want = p.size - in_pipe;
-            let r = if in_pipe == 0 {
-                src.try_io(Interest::READABLE, || {
+            let Some(p) = &self.pipe else { continue };
+            // A busy pair never has to wait for readiness: yield now and then so it
+            // cannot starve the other connections on this worker thread.
+            ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+            // Fill the pipe from the socket.
+            while !self.eof && self.in_pipe < p.size {
+                let want = p.size - self.in_pipe;
+                let r = if self.in_pipe == 0 {
+                    src.try_io(Interest::READABLE, || {
+                        splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
+                    })
+                } else {
                     splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
-                })
-            } else {
-                splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
-            };
-            drained = false;
-            match r {
-                Ok(0) => eof = true,
-                Ok(n) => in_pipe += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = in_pipe == 0;
-                    break;
+                };
+                self.drained = false;
+                match r {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => self.in_pipe += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.drained = self.in_pipe == 0;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Read(e)),
             }
-        }
-        // Drain the pipe into the other socket.
-        while in_pipe > 0 {
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(p.r.as_raw_fd(), dst.as_raw_fd(), in_pipe)
-            }) {
-                Ok(n) => {
-                    in_pipe -= n;
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
+            // Drain the pipe into the other socket.
+            while self.in_pipe > 0 {
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(p.r.as_raw_fd(), dst.as_raw_fd(), self.in_pipe)
+                }) {
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        moved.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Poll::Ready(Err(PumpError::Write(e))),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Write(e)),
             }
-        }
-        progress.touch();
-        if in_pipe > 0 {
-            dst.writable().await.map_err(PumpError::Write)?;
-            continue;
-        }
-        // The pipe is empty: the next direction (or connection) on this thread can
-        // have it while this one waits.
-        if let Some(p) = pipe.take() {
-            p.give_back();
-        }
-        if eof {
-            // Every byte before the FIN is in dst's send queue: pass the FIN on.
-            return pass_fin(dst).map(|()| PumpEnd::Eof);
-        }
-        if drained && quiet.going_quiet(d) {
-            return Ok(PumpEnd::Promote);
+            progress.touch();
+            if self.in_pipe > 0 {
+                ready!(dst.poll_write_ready(cx)).map_err(PumpError::Write)?;
+                continue;
+            }
+            // The pipe is empty: the next direction (or connection) on this thread can
+            // have it while this one waits.
+            if let Some(p) = self.pipe.take() {
+                p.give_back();
+            }
+            if self.eof {
+                // Every byte before the FIN is in dst's send queue: pass the FIN on.
+                return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof));
+            }
+            if self.drained && quiet.going_quiet(d) {
+                return Poll::Ready(Ok(PumpEnd::Promote));
+            }
         }
     }
 }
 
 /// How often, and how long, a direction that needs a pipe tries again while none can
 /// be made (out of fds).
-const NO_PIPE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
-const NO_PIPE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+const NO_PIPE_RETRY: Duration = Duration::from_millis(50);
+const NO_PIPE_PATIENCE: Duration = Duration::from_secs(1);
 
 fn pass_fin(dst: &TcpStream) -> Result<(), PumpError> {
     match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {

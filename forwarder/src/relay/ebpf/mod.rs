@@ -80,10 +80,12 @@ impl Relay for EbpfRelay {
 }
 
 impl EbpfRelay {
+    /// Each phase is its own allocation, so a pair carries the state of the path it is
+    /// on, not of both (an idle `auto` pair is a splice pair).
     async fn run(&self, pair: Pair, progress: Arc<Progress>, start_on_splice: bool) -> RelayEnd {
         let (pair, drained) = if start_on_splice {
             let promote = Some(splice::PROMOTE_AFTER_BURSTS);
-            match splice::relay_until(pair, &progress, promote).await {
+            match Box::pin(splice::relay_until(pair, &*progress, promote)).await {
                 Ok(end) => return end,
                 Err(pair) => (pair, true),
             }
@@ -91,7 +93,15 @@ impl EbpfRelay {
             (pair, false)
         };
         let limit = self.inflight_limit;
-        pair::relay(self.kernel, limit, pair, &progress, true, drained).await
+        Box::pin(pair::relay(
+            self.kernel,
+            limit,
+            pair,
+            &progress,
+            true,
+            drained,
+        ))
+        .await
     }
 }
 

@@ -62,7 +62,7 @@ pub async fn relay(
                 // The in-flight bound was reached: the pair left the maps without loss
                 // and goes on in splice, which has TCP's own backpressure.
                 Err(Handoff) => match paired.into_pair() {
-                    Ok(pair) => crate::relay::splice::relay(pair, progress).await,
+                    Ok(pair) => Box::pin(crate::relay::splice::relay(pair, progress)).await,
                     Err(error) => RelayEnd::Failed {
                         side: Side::Client,
                         error,
@@ -84,7 +84,7 @@ pub async fn relay(
                 .to_client
                 .fetch_add(moved[UPSTREAM], Ordering::Relaxed);
             progress.via_userspace.fetch_add(by_us, Ordering::Relaxed);
-            crate::relay::splice::relay(pair, progress).await
+            Box::pin(crate::relay::splice::relay(pair, progress)).await
         }
         Err(Setup::Fallback { pair, why, .. }) => {
             crate::relay::reset_on_close(&pair.client);
