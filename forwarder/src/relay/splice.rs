@@ -136,11 +136,6 @@ where
 /// instead of a suspended future per await point (idle pairs are most pairs).
 async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayEnd> {
     let (c, u) = (&pair.client, &pair.upstream);
-    // Direction d: bytes from ends[d].0 to ends[d].1.
-    let ends = [
-        (c, u, Side::Client, Side::Upstream),
-        (u, c, Side::Upstream, Side::Client),
-    ];
     let mut dirs = [Pump::new(), Pump::new()];
     let mut done = [false; 2];
     // A side we no longer read from would only show its reset on our next write to
@@ -148,6 +143,11 @@ async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayE
     // errors directly.
     let mut watch: [Option<Pin<Box<dyn Future<Output = io::Error> + Send + '_>>>; 2] = [None, None];
     std::future::poll_fn(|cx| {
+        // Direction d: bytes from ends[d].0 to ends[d].1 (made here, not held).
+        let ends = [
+            (c, u, Side::Client, Side::Upstream),
+            (u, c, Side::Upstream, Side::Client),
+        ];
         for d in 0..2 {
             if done[d] {
                 continue;
@@ -231,8 +231,13 @@ struct Pump {
     /// The last read found the socket empty (or none was made): no skb of it is
     /// partly read.
     drained: bool,
-    /// Out of fds: since when no pipe could be made, and the pause before the next try.
-    no_pipe_since: Option<Instant>,
+    /// Out of fds (rare, so out of line): since when no pipe could be made, and the
+    /// pause before the next try.
+    no_pipe: Option<Box<NoPipe>>,
+}
+
+struct NoPipe {
+    since: Instant,
     pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -243,8 +248,7 @@ impl Pump {
             in_pipe: 0,
             eof: false,
             drained: true,
-            no_pipe_since: None,
-            pause: None,
+            no_pipe: None,
         }
     }
 
@@ -260,16 +264,20 @@ impl Pump {
         let moved = [&progress.to_upstream, &progress.to_client][d];
         loop {
             if self.pipe.is_none() {
-                if let Some(pause) = &mut self.pause {
-                    ready!(pause.as_mut().poll(cx));
-                    self.pause = None;
+                if let Some(NoPipe {
+                    pause: pause @ Some(_),
+                    ..
+                }) = self.no_pipe.as_deref_mut()
+                {
+                    ready!(pause.as_mut().expect("some").as_mut().poll(cx));
+                    *pause = None;
                 }
                 quiet.waiting[d].store(self.drained, Ordering::Relaxed);
                 ready!(src.poll_read_ready(cx)).map_err(PumpError::Read)?;
                 quiet.waiting[d].store(false, Ordering::Relaxed);
                 match Pipe::take() {
                     Ok(p) => {
-                        self.no_pipe_since = None;
+                        self.no_pipe = None;
                         self.pipe = Some(p);
                     }
                     Err(e) if crate::server::is_resource_exhaustion(&e) => {
@@ -283,11 +291,16 @@ impl Pump {
                         if n == 0 {
                             return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof));
                         }
-                        let since = *self.no_pipe_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= NO_PIPE_PATIENCE {
+                        let no_pipe = self.no_pipe.get_or_insert_with(|| {
+                            Box::new(NoPipe {
+                                since: Instant::now(),
+                                pause: None,
+                            })
+                        });
+                        if no_pipe.since.elapsed() >= NO_PIPE_PATIENCE {
                             return Poll::Ready(Err(PumpError::Read(e)));
                         }
-                        self.pause = Some(Box::pin(tokio::time::sleep(NO_PIPE_RETRY)));
+                        no_pipe.pause = Some(Box::pin(tokio::time::sleep(NO_PIPE_RETRY)));
                         continue;
                     }
                     Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
