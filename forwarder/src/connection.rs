@@ -5,14 +5,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::config::{Access, Rule};
 use crate::event;
@@ -34,8 +34,8 @@ pub struct RuleRuntime {
     pub refused: RefusalLog,
     /// This rule's metrics, shared with the runtimes it had before a reload.
     pub stats: Arc<RuleStats>,
-    /// Becomes true when the shutdown grace period is over: drop the pair now.
-    pub abort: watch::Receiver<bool>,
+    /// Fired when the shutdown grace period is over: drop the pair now.
+    pub abort: Arc<Abort>,
 }
 
 impl RuleRuntime {
@@ -43,7 +43,7 @@ impl RuleRuntime {
         rule: Rule,
         relay: Arc<dyn Relay>,
         global_access: Arc<RwLock<Access>>,
-        abort: watch::Receiver<bool>,
+        abort: Arc<Abort>,
     ) -> Self {
         let upstreams = Upstreams::new(&rule);
         let stats = crate::metrics::global().rule(&rule.name);
@@ -58,6 +58,22 @@ impl RuleRuntime {
             global_access,
             abort,
         }
+    }
+}
+
+/// The end of the shutdown grace period, for every pair at once: a flag for pairs
+/// that look after it fired, and a wake-up for those already waiting. (A per-pair
+/// `watch` receiver and its wait future cost 160 bytes per idle pair.)
+#[derive(Default)]
+pub struct Abort {
+    fired: AtomicBool,
+    notify: Notify,
+}
+
+impl Abort {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
     }
 }
 
@@ -105,9 +121,10 @@ pub fn serve(
         let mut next = limits.check(&progress).err().flatten();
         let timer = tokio::time::sleep_until(next.unwrap_or_else(far_future));
         tokio::pin!(timer);
-        let mut abort = rt.abort.clone();
-        let aborted = abort.wait_for(|a| *a);
+        // Registered before the flag is read, so a `fire` in between is not missed.
+        let aborted = rt.abort.notify.notified();
         tokio::pin!(aborted);
+        aborted.as_mut().enable();
         let end = std::future::poll_fn(|cx| {
             if let Poll::Ready(end) = relay.as_mut().poll(cx) {
                 if let RelayEnd::Refused { reason, detail } = &end {
@@ -134,7 +151,7 @@ pub fn serve(
                     }
                 }
             }
-            if aborted.as_mut().poll(cx).is_ready() {
+            if rt.abort.fired.load(Ordering::SeqCst) || aborted.as_mut().poll(cx).is_ready() {
                 return Poll::Ready("shutdown".to_string());
             }
             Poll::Pending

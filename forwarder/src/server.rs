@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Access, Config, Mode, Rule};
-use crate::connection::{serve, Permits, RuleRuntime};
+use crate::connection::{serve, Abort, Permits, RuleRuntime};
 use crate::inspect::InspectRelay;
 use crate::logging::List;
 use crate::policy::health;
@@ -97,7 +97,7 @@ struct Server {
     global: Arc<Semaphore>,
     /// Global allow/deny, shared by every rule and replaced in place on reload.
     access: Arc<RwLock<Access>>,
-    abort_rx: watch::Receiver<bool>,
+    abort: Arc<Abort>,
 }
 
 /// Runs until a signal and the drain that follows it. Errors are startup failures.
@@ -117,13 +117,13 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     if let Some(l) = metrics_listener {
         tokio::spawn(metrics::serve(l, metrics::global().clone()));
     }
-    let (abort_tx, abort_rx) = watch::channel(false);
+    let abort = Arc::new(Abort::default());
     let mut server = Server {
         global: Arc::new(Semaphore::new(config.max_connections)),
         access: Arc::new(RwLock::new(config.access.clone())),
         rules: Vec::new(),
         config: config.clone(),
-        abort_rx,
+        abort: abort.clone(),
     };
     if let (Some(cfg), Some(l)) = (&config.tunnel_server, tunnel) {
         let services = crate::tunnel::server::services_of(&config.rules);
@@ -173,7 +173,7 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         _ = tokio::time::sleep_until(deadline.into()) => {
             let left = config.max_connections - global.available_permits();
             tracing::info!("shutdown: grace period over, closing {left} connection(s)");
-            let _ = abort_tx.send(true);
+            abort.fire();
             // Let the aborted connections log their close line.
             let _ = tokio::time::timeout(Duration::from_secs(1), global.acquire_many(config.max_connections as u32)).await;
         }
@@ -216,7 +216,7 @@ impl Server {
             rule.clone(),
             relay,
             self.access.clone(),
-            self.abort_rx.clone(),
+            self.abort.clone(),
         ));
         let health = rule
             .check_interval

@@ -797,14 +797,18 @@ impl Forwarder {
             .into_iter()
             .filter(|l| relayed(l))
             .collect();
-        // The kernel refuses a socket that is no longer established (EOPNOTSUPP): a
-        // peer that closed between connect and pairing (a server that says its name
+        // The kernel path takes only established sockets (the check before pairing
+        // says which state; the kernel's own refusal is EOPNOTSUPP): a peer that
+        // closed between connect and pairing (a server that says its name
         // and hangs up, say). Such a pair is relayed by splice, and the forwarder says
         // so, once per pair: that many splice pairs are the ebpf rules' due.
         let mut peer_gone = self
             .log_lines()
             .iter()
-            .filter(|l| l.contains("cannot pair sockets") && l.contains("(os error 95)"))
+            .filter(|l| {
+                l.contains("cannot pair sockets")
+                    && (l.contains("(os error 95)") || l.contains("socket in TCP state"))
+            })
             .count();
         let mut moved = 0;
         let mut on_mode = 0;

@@ -46,6 +46,10 @@ const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 /// Runs one pair. With `allow_fallback`, a pair the maps refuse is relayed by splice.
 /// `drained`: its sockets were read to EAGAIN by us (a promoted splice pair), so
 /// nothing queued on them is partly read.
+///
+/// An idle pair holds this future for its whole life: set-up runs in its own short-lived
+/// allocation, and the set-up result is unpacked before the pair runs, so only the
+/// running pair's state is kept.
 pub async fn relay(
     k: &'static Kernel,
     inflight_limit: u64,
@@ -54,28 +58,34 @@ pub async fn relay(
     allow_fallback: bool,
     drained: bool,
 ) -> RelayEnd {
-    match setup(k, inflight_limit, pair, drained).await {
-        Ok(mut paired) => {
-            progress.enter(Hop::Ebpf);
-            match paired.run(progress).await {
-                Ok(end) => end,
-                // The in-flight bound was reached: the pair left the maps without loss
-                // and goes on in splice, which has TCP's own backpressure.
-                Err(Handoff) => match paired.into_pair() {
-                    Ok(pair) => Box::pin(crate::relay::splice::relay(pair, progress)).await,
-                    Err(error) => RelayEnd::Failed {
-                        side: Side::Client,
-                        error,
-                    },
-                },
-            }
-        }
-        Err(Setup::Fallback {
+    let mut paired = match Box::pin(setup(k, inflight_limit, pair, drained)).await {
+        Ok(paired) => paired,
+        Err(refused) => return Box::pin(not_paired(refused, progress, allow_fallback)).await,
+    };
+    progress.enter(Hop::Ebpf);
+    if let Ok(end) = paired.run(progress).await {
+        return end;
+    }
+    // The in-flight bound was reached: the pair left the maps without loss and goes
+    // on in splice, which has TCP's own backpressure.
+    match paired.into_pair() {
+        Ok(pair) => Box::pin(crate::relay::splice::relay(pair, progress)).await,
+        Err(error) => RelayEnd::Failed {
+            side: Side::Client,
+            error,
+        },
+    }
+}
+
+/// A pair the maps refused: relayed by splice with `allow_fallback`, else failed.
+async fn not_paired(refused: Setup, progress: &Progress, allow_fallback: bool) -> RelayEnd {
+    match refused {
+        Setup::Fallback {
             pair,
             moved,
             by_us,
             why,
-        }) if allow_fallback => {
+        } if allow_fallback => {
             tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
             progress
                 .to_upstream
@@ -84,16 +94,16 @@ pub async fn relay(
                 .to_client
                 .fetch_add(moved[UPSTREAM], Ordering::Relaxed);
             progress.via_userspace.fetch_add(by_us, Ordering::Relaxed);
-            Box::pin(crate::relay::splice::relay(pair, progress)).await
+            crate::relay::splice::relay(pair, progress).await
         }
-        Err(Setup::Fallback { pair, why, .. }) => {
+        Setup::Fallback { pair, why, .. } => {
             crate::relay::reset_on_close(&pair.client);
             RelayEnd::Failed {
                 side: Side::Client,
                 error: io::Error::other(why),
             }
         }
-        Err(Setup::Failed { side, error }) => RelayEnd::Failed { side, error },
+        Setup::Failed { side, error } => RelayEnd::Failed { side, error },
     }
 }
 
