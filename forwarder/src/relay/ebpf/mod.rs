@@ -56,7 +56,7 @@ impl Relay for EbpfRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        Box::pin(self.run(pair, progress, self.start_on_splice))
+        self.run(pair, progress, self.start_on_splice)
     }
 
     /// After an inspection prelude a socket may hold a partly read skb, which the
@@ -70,7 +70,7 @@ impl Relay for EbpfRelay {
             sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).unwrap_or(u64::MAX / 4)
         };
         let pouring = queued(&pair.client) + queued(&pair.upstream) > pair::PARTLY_READ_MAX;
-        Box::pin(self.run(pair, progress, self.start_on_splice || pouring))
+        self.run(pair, progress, self.start_on_splice || pouring)
     }
 
     /// Redirected bytes wake nobody: an idle pair's counters are read on its slowest tick.
@@ -80,28 +80,30 @@ impl Relay for EbpfRelay {
 }
 
 impl EbpfRelay {
-    /// Each phase is its own allocation, so a pair carries the state of the path it is
-    /// on, not of both (an idle `auto` pair is a splice pair).
-    async fn run(&self, pair: Pair, progress: Arc<Progress>, start_on_splice: bool) -> RelayEnd {
-        let (pair, drained) = if start_on_splice {
-            let promote = Some(splice::PROMOTE_AFTER_BURSTS);
-            match Box::pin(splice::relay_until(pair, &*progress, promote)).await {
+    /// An `auto` pair starts as a splice relay, the kernel path's state only made when
+    /// the pair is promoted: an idle `auto` pair holds what a splice pair holds, plus
+    /// this small wrapper (which is not an `async fn`, so it keeps no copy of the pair).
+    fn run(
+        &self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        start_on_splice: bool,
+    ) -> RelayFuture<'static> {
+        let (k, limit) = (self.kernel, self.inflight_limit);
+        if !start_on_splice {
+            return Box::pin(
+                async move { pair::relay(k, limit, pair, &progress, true, false).await },
+            );
+        }
+        let promote = Some(splice::PROMOTE_AFTER_BURSTS);
+        let on_splice = Box::pin(splice::relay_until(pair, progress.clone(), promote));
+        Box::pin(async move {
+            let pair = match on_splice.await {
                 Ok(end) => return end,
-                Err(pair) => (pair, true),
-            }
-        } else {
-            (pair, false)
-        };
-        let limit = self.inflight_limit;
-        Box::pin(pair::relay(
-            self.kernel,
-            limit,
-            pair,
-            &progress,
-            true,
-            drained,
-        ))
-        .await
+                Err(pair) => pair,
+            };
+            Box::pin(pair::relay(k, limit, pair, &progress, true, true)).await
+        })
     }
 }
 
