@@ -181,7 +181,7 @@ async fn admit_and_connect(
     started: Instant,
 ) -> Option<Connected> {
     let rule = &rt.rule;
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (server::bind).
 
     // Who the client really is, and what it connected to: the socket's own addresses,
     // or what a front balancer says (`None` = ask the socket, only if needed).

@@ -548,7 +548,8 @@ async fn accept_loop(
 }
 
 /// Listens with a deep backlog: bursts of connects (and clients over max_connections)
-/// wait there instead of being dropped into SYN retransmits.
+/// wait there instead of being dropped into SYN retransmits. TCP_NODELAY is set on the
+/// listener, which accepted sockets inherit (Linux copies it at accept).
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -557,6 +558,8 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     )?;
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
+    // Accepted sockets inherit it: one setsockopt per listener, not per connection.
+    sock.set_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())

@@ -386,17 +386,17 @@ pub(crate) struct Pipe {
     pub(crate) size: usize,
 }
 
-/// Empty pipes kept per worker thread: a connection's two pipes cost ten syscalls to
-/// make, size and close, a large share of a short connection's cost.
-const POOL_MAX: usize = 64;
+/// Empty pipes kept for reuse: a connection's two pipes cost ten syscalls to make,
+/// size and close, a large share of a short connection's cost. One pool for the
+/// process, not one per worker thread: how many pipes sit idle then depends on how
+/// many were in use at once, not on which thread a connection happened to run on.
+const POOL_MAX: usize = 128;
 
-thread_local! {
-    static POOL: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+static POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
 
 impl Pipe {
     pub(crate) fn take() -> io::Result<Pipe> {
-        match POOL.with(|p| p.borrow_mut().pop()) {
+        match POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(),
         }
@@ -404,12 +404,10 @@ impl Pipe {
 
     /// Only for an empty pipe: whatever it held would reach the next connection.
     pub(crate) fn give_back(self) {
-        POOL.with(|p| {
-            let mut pool = p.borrow_mut();
-            if pool.len() < POOL_MAX {
-                pool.push(self);
-            }
-        });
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_MAX {
+            pool.push(self);
+        }
     }
 
     fn new() -> io::Result<Pipe> {

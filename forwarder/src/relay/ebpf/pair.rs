@@ -233,14 +233,31 @@ impl Drop for Watching {
 async fn setup(
     k: &'static Kernel,
     inflight_limit: u64,
-    mut pair: Pair,
+    pair: Pair,
     drained: bool,
 ) -> Result<Paired, Setup> {
+    let fds = [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()];
+    let snapshots = |pair: Pair| match (sys::snapshot(fds[0]), sys::snapshot(fds[1])) {
+        (Ok(c), Ok(u)) => Ok((pair, [c, u])),
+        (Err(e), _) => Err((pair, format!("client: {e}"))),
+        (_, Err(e)) => Err((pair, format!("upstream: {e}"))),
+    };
+    let (mut pair, mut snaps) = match snapshots(pair) {
+        Ok(s) => s,
+        Err((pair, why)) => {
+            return Err(Setup::Fallback {
+                pair,
+                moved: [0; 2],
+                by_us: 0,
+                why,
+            })
+        }
+    };
     let partly_read = if drained {
         // Read to EAGAIN by the splice relay: nothing queued is partly read.
         Ok(([0; 2], true))
     } else {
-        relay_partly_read(&mut pair).await
+        relay_partly_read(&mut pair, snaps.map(|s| s.read_before)).await
     };
     let carried = match partly_read {
         Ok((c, true)) => c,
@@ -263,29 +280,24 @@ async fn setup(
         by_us: carried.iter().sum(),
         why,
     };
-    let fds = [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()];
+    if carried != [0; 2] {
+        // What we relayed moved both sockets' counters.
+        (pair, snaps) = match snapshots(pair) {
+            Ok(s) => s,
+            Err((pair, why)) => return Err(fallback(pair, why)),
+        };
+    }
     let mut cookies = [0u64; 2];
-    let mut sent_base = [0u64; 2];
-    let mut recv_base = [0u64; 2];
+    let sent_base = snaps.map(|s| s.sent_into);
+    let recv_base = snaps.map(|s| s.read_before);
     for i in 0..2 {
-        let probe = (|| -> io::Result<(u64, u64, u64, u8)> {
-            Ok((
-                sys::cookie(fds[i])?,
-                sys::bytes_sent_into(fds[i])?,
-                read_before_pairing(fds[i])?,
-                sys::tcp_counters(fds[i])?.state,
-            ))
-        })();
-        match probe {
-            Ok((c, s, r, state)) if state == sys::TCP_ESTABLISHED => {
-                cookies[i] = c;
-                sent_base[i] = s;
-                recv_base[i] = r;
-            }
-            Ok((.., state)) => {
-                let why = format!("{} socket in TCP state {state}", SIDES[i].as_str());
-                return Err(fallback(pair, why));
-            }
+        let state = snaps[i].state;
+        if state != sys::TCP_ESTABLISHED {
+            let why = format!("{} socket in TCP state {state}", SIDES[i].as_str());
+            return Err(fallback(pair, why));
+        }
+        match sys::cookie(fds[i]) {
+            Ok(c) => cookies[i] = c,
             Err(e) => return Err(fallback(pair, format!("{}: {e}", SIDES[i].as_str()))),
         }
     }
@@ -407,7 +419,10 @@ pub(super) const PARTLY_READ_MAX: u64 = 64 * 1024;
 /// stream here would never end, and would block on a peer that answers while we do
 /// not read its answers. Returns the bytes relayed per side, and whether the sockets
 /// drained (if not, the pair goes to splice).
-async fn relay_partly_read(pair: &mut Pair) -> Result<([u64; 2], bool), (Side, io::Error)> {
+async fn relay_partly_read(
+    pair: &mut Pair,
+    read_before: [u64; 2],
+) -> Result<([u64; 2], bool), (Side, io::Error)> {
     let mut carried = [0u64; 2];
     for i in 0..2 {
         let (src, dst) = match i {
@@ -415,7 +430,7 @@ async fn relay_partly_read(pair: &mut Pair) -> Result<([u64; 2], bool), (Side, i
             _ => (&pair.upstream, &mut pair.client),
         };
         let fd = src.as_raw_fd();
-        if read_before_pairing(fd).map_err(|e| (SIDES[i], e))? == 0 {
+        if read_before[i] == 0 {
             continue;
         }
         let mut buf = Vec::new();
@@ -443,12 +458,6 @@ async fn relay_partly_read(pair: &mut Pair) -> Result<([u64; 2], bool), (Side, i
         }
     }
     Ok((carried, true))
-}
-
-/// Bytes someone read from the socket before it reached us.
-fn read_before_pairing(fd: RawFd) -> io::Result<u64> {
-    let r = sys::received(fd)?;
-    Ok(r.data.saturating_sub(r.unread))
 }
 
 /// The upstream could not join MEMBERS after the client did: stops the client's

@@ -118,6 +118,42 @@ pub fn received(fd: RawFd) -> io::Result<Received> {
     Err(io::Error::other("receive counters kept moving"))
 }
 
+/// What pairing needs to know of a socket, read in one go: its state, the bytes ever
+/// queued into it for sending, and the bytes someone read from it before.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub state: u8,
+    /// bytes_acked + SIOCOUTQ (see [`bytes_sent_into`]).
+    pub sent_into: u64,
+    /// Received payload minus what is still unread (see [`received`]).
+    pub read_before: u64,
+}
+
+/// One [`Snapshot`]: tcp_info, SIOCINQ, SIOCOUTQ, tcp_info again (the receive counter
+/// must stand still around SIOCINQ, as in [`received`]); acked is read before SIOCOUTQ,
+/// so concurrent ACKs can only make `sent_into` an underestimate.
+pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
+    for _ in 0..10 {
+        let before = tcp_counters(fd)?;
+        let unread = inq(fd)?;
+        let queued = outq(fd)?;
+        let after = tcp_counters(fd)?;
+        if before.bytes_received == after.bytes_received {
+            let fin = matches!(
+                after.state,
+                TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE
+            ) as u64;
+            let data = after.bytes_received.saturating_sub(fin);
+            return Ok(Snapshot {
+                state: after.state,
+                sent_into: before.bytes_acked + queued,
+                read_before: data.saturating_sub(unread),
+            });
+        }
+    }
+    Err(io::Error::other("receive counters kept moving"))
+}
+
 /// SO_RCVLOWAT. TCP hands a socket's bytes to its data_ready callback, and so to our
 /// verdict program, only once this many are queued (or the receive buffer is under
 /// pressure, the window is tiny, or a FIN came).
