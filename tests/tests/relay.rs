@@ -937,10 +937,12 @@ relay_tests! {
             "{n} idle pairs: forwarder used {used:.3} CPU s in 3 s ({:.2}% of a core), {fds_per_pair:.2} fds and {rss_per_pair} B of RSS a pair",
             used / 3.0 * 100.0
         );
-        // 1% of a core for 10,000 pairs; a pool of empty pipes (64 a thread) on top.
+        // 1% of a core for 10,000 pairs; a pool of empty pipes (at most 128) on top.
         assert!(used < 0.03, "{used:.3} CPU seconds in 3 s with {n} idle pairs");
         assert!(fds_per_pair <= 2.1, "{fds_per_pair:.2} fds per idle pair");
-        assert!(rss_per_pair <= 8 * KIB, "{rss_per_pair} B of RSS per idle pair");
+        // Measured 2.0 KB (splice, auto) and 2.5 KB (ebpf) by the bench; 4.4-5.4 KB
+        // before the pair state was slimmed. 3 KiB catches a return to that.
+        assert!(rss_per_pair <= 3 * KIB, "{rss_per_pair} B of RSS per idle pair");
         for (i, s) in conns.iter().enumerate().step_by(97) {
             ping(s, format!("still there {i}").as_bytes(), secs(10)).expect("echo after idle");
         }
