@@ -257,7 +257,7 @@ async fn setup(
         // Read to EAGAIN by the splice relay: nothing queued is partly read.
         Ok(([0; 2], true))
     } else {
-        relay_partly_read(&mut pair, snaps.map(|s| s.read_before)).await
+        relay_partly_read(&mut pair, snaps.map(|s| s.read_before())).await
     };
     let carried = match partly_read {
         Ok((c, true)) => c,
@@ -289,7 +289,7 @@ async fn setup(
     }
     let mut cookies = [0u64; 2];
     let sent_base = snaps.map(|s| s.sent_into);
-    let recv_base = snaps.map(|s| s.read_before);
+    let recv_base = snaps.map(|s| s.read_before());
     for i in 0..2 {
         let state = snaps[i].state;
         if state != sys::TCP_ESTABLISHED {

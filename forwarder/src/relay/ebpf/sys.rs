@@ -96,42 +96,38 @@ pub struct Received {
     pub unread: u64,
 }
 
-/// Reads [`Received`] consistently: tcp_info counts a received FIN as one byte and
-/// SIOCINQ does not, and segments may land between the two calls, so retry until
-/// the counter stands still around the SIOCINQ.
+/// Reads [`Received`] consistently (see [`snapshot`]).
 pub fn received(fd: RawFd) -> io::Result<Received> {
-    for _ in 0..10 {
-        let before = tcp_counters(fd)?;
-        let unread = inq(fd)?;
-        let after = tcp_counters(fd)?;
-        if before.bytes_received == after.bytes_received {
-            let fin = matches!(
-                after.state,
-                TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE
-            ) as u64;
-            return Ok(Received {
-                data: after.bytes_received.saturating_sub(fin),
-                unread,
-            });
-        }
-    }
-    Err(io::Error::other("receive counters kept moving"))
+    let s = snapshot(fd)?;
+    Ok(Received {
+        data: s.data,
+        unread: s.unread,
+    })
 }
 
 /// What pairing needs to know of a socket, read in one go: its state, the bytes ever
-/// queued into it for sending, and the bytes someone read from it before.
+/// queued into it for sending, and what it received.
 #[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
     pub state: u8,
     /// bytes_acked + SIOCOUTQ (see [`bytes_sent_into`]).
     pub sent_into: u64,
-    /// Received payload minus what is still unread (see [`received`]).
-    pub read_before: u64,
+    /// Payload bytes received (a FIN not counted), and how many of those are unread.
+    pub data: u64,
+    pub unread: u64,
 }
 
-/// One [`Snapshot`]: tcp_info, SIOCINQ, SIOCOUTQ, tcp_info again (the receive counter
-/// must stand still around SIOCINQ, as in [`received`]); acked is read before SIOCOUTQ,
-/// so concurrent ACKs can only make `sent_into` an underestimate.
+impl Snapshot {
+    /// Bytes someone read from the socket before it reached us.
+    pub fn read_before(&self) -> u64 {
+        self.data.saturating_sub(self.unread)
+    }
+}
+
+/// One [`Snapshot`]: tcp_info counts a received FIN as one byte and SIOCINQ does not,
+/// and segments may land between the calls, so tcp_info is read around SIOCINQ and
+/// SIOCOUTQ until the receive counter stands still. bytes_acked is read before
+/// SIOCOUTQ, so concurrent ACKs can only make `sent_into` an underestimate.
 pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
     for _ in 0..10 {
         let before = tcp_counters(fd)?;
@@ -143,11 +139,11 @@ pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
                 after.state,
                 TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE
             ) as u64;
-            let data = after.bytes_received.saturating_sub(fin);
             return Ok(Snapshot {
                 state: after.state,
                 sent_into: before.bytes_acked + queued,
-                read_before: data.saturating_sub(unread),
+                data: after.bytes_received.saturating_sub(fin),
+                unread,
             });
         }
     }
