@@ -264,13 +264,11 @@ impl Pump {
         let moved = [&progress.to_upstream, &progress.to_client][d];
         loop {
             if self.pipe.is_none() {
-                if let Some(NoPipe {
-                    pause: pause @ Some(_),
-                    ..
-                }) = self.no_pipe.as_deref_mut()
-                {
-                    ready!(pause.as_mut().expect("some").as_mut().poll(cx));
-                    *pause = None;
+                if let Some(no_pipe) = self.no_pipe.as_deref_mut() {
+                    if let Some(pause) = &mut no_pipe.pause {
+                        ready!(pause.as_mut().poll(cx));
+                        no_pipe.pause = None;
+                    }
                 }
                 quiet.waiting[d].store(self.drained, Ordering::Relaxed);
                 ready!(src.poll_read_ready(cx)).map_err(PumpError::Read)?;
@@ -351,8 +349,8 @@ impl Pump {
                 ready!(dst.poll_write_ready(cx)).map_err(PumpError::Write)?;
                 continue;
             }
-            // The pipe is empty: the next direction (or connection) on this thread can
-            // have it while this one waits.
+            // The pipe is empty: another direction (or connection) can have it while
+            // this one waits.
             if let Some(p) = self.pipe.take() {
                 p.give_back();
             }

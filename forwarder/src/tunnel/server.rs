@@ -180,7 +180,7 @@ impl Registry {
                     session.table.map.lock().unwrap().remove(&id);
                     continue;
                 }
-                let _ = conn.set_nodelay(true);
+                // TCP_NODELAY: inherited from the tunnel listener (server::bind).
                 let limit = session.limit;
                 let link = Link {
                     stream: id,
