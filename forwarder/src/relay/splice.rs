@@ -3,11 +3,11 @@
 //!
 //! The pipes are never polled: we count the bytes we put in each pipe ourselves, so
 //! an EAGAIN from `splice(pipe -> socket)` can only mean "socket send buffer full".
-//! The other EAGAIN is ambiguous: `splice(socket -> pipe)` also fails with EAGAIN when
-//! the pipe has no free slot, even if our byte count says there is room (slots hold
-//! partial pages). Clearing the socket's readiness on that EAGAIN would lose the edge
-//! and stall the direction, so we only let tokio clear it when the pipe is empty, where
-//! EAGAIN can only mean "socket empty".
+//! The other direction is ambiguous: `splice(socket -> pipe)` also stops short, or
+//! fails with EAGAIN, when the pipe has no free slot, even if our byte count says
+//! there is room (slots hold partial pages). Clearing the socket's readiness then would
+//! lose the edge and stall the direction; [`fill`] clears it only when the socket is
+//! known to be empty, and then also on a short read, which spares the EAGAIN read.
 
 use std::future::Future;
 use std::io;
@@ -311,21 +311,21 @@ impl Pump {
             // Fill the pipe from the socket.
             while !self.eof && self.in_pipe < p.size {
                 let want = p.size - self.in_pipe;
-                let r = if self.in_pipe == 0 {
-                    src.try_io(Interest::READABLE, || {
-                        splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
-                    })
-                } else {
-                    splice(src.as_raw_fd(), p.w.as_raw_fd(), want)
-                };
                 self.drained = false;
-                match r {
-                    Ok(0) => self.eof = true,
-                    Ok(n) => self.in_pipe += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.drained = self.in_pipe == 0;
+                match fill(src, p, self.in_pipe, want) {
+                    Ok(Fill::Eof) => self.eof = true,
+                    Ok(Fill::Bytes { n, drained }) => {
+                        self.in_pipe += n;
+                        if drained {
+                            self.drained = true;
+                            break;
+                        }
+                    }
+                    Ok(Fill::Empty) => {
+                        self.drained = true;
                         break;
                     }
+                    Ok(Fill::NoSlot) => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
                 }
@@ -432,6 +432,76 @@ impl Pipe {
         let size = if size > 0 { size as usize } else { 65536 };
         Ok(Pipe { r, w, size })
     }
+}
+
+/// What a read from a socket into a pipe found.
+pub(crate) enum Fill {
+    Eof,
+    /// `drained`: and the socket is empty now (its readiness is cleared).
+    Bytes {
+        n: usize,
+        drained: bool,
+    },
+    /// Nothing to read: the socket is empty (its readiness is cleared).
+    Empty,
+    /// Nothing read, maybe only because the pipe has no free slot: the socket's
+    /// readiness is kept, so wait for the pipe to empty, then read again.
+    NoSlot,
+}
+
+/// Splices up to `want` bytes from `src` into `p`, which holds `in_pipe` bytes, and
+/// clears `src`'s readiness whenever the socket is known to be empty, so no EAGAIN read
+/// is needed to learn it (tokio's own `poll_read` does the same on a short read).
+///
+/// A nonblocking TCP splice returns short, or EAGAIN, when the receive queue ran dry or
+/// the pipe ran out of slots (slots hold partial pages, so our byte count cannot tell).
+/// Every slot holds at least one byte, and spliced pages are never merged into a slot:
+/// while `in_pipe` plus what was read is less than the pipe's slots, a slot was free
+/// and the queue is what ran dry. Clearing readiness on the other case would lose the
+/// edge and stall the direction. (A splice also stops at a FIN, whose readiness tokio
+/// never clears.) Through `try_io`, so a read after a cleared readiness costs no
+/// syscall.
+pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io::Result<Fill> {
+    let slots = p.size / page_size();
+    // What the read proved, when more than its result says.
+    let mut known = None;
+    let r = src.try_io(Interest::READABLE, || {
+        let r = splice(src.as_raw_fd(), p.w.as_raw_fd(), want);
+        known = match &r {
+            Ok(n) if *n > 0 && *n < want && in_pipe + n < slots => Some(Fill::Bytes {
+                n: *n,
+                drained: true,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe >= slots => {
+                Some(Fill::NoSlot)
+            }
+            _ => None,
+        };
+        match known {
+            // WouldBlock makes tokio clear the readiness it saw before the call; an
+            // edge that arrived since is kept.
+            Some(Fill::Bytes { .. }) => Err(io::ErrorKind::WouldBlock.into()),
+            // Anything but WouldBlock keeps it.
+            Some(_) => Ok(0),
+            None => r,
+        }
+    });
+    match (r, known) {
+        (_, Some(fill)) => Ok(fill),
+        (Ok(0), None) => Ok(Fill::Eof),
+        (Ok(n), None) => Ok(Fill::Bytes { n, drained: false }),
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
+        (Err(e), None) => Err(e),
+    }
+}
+
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    })
 }
 
 pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {

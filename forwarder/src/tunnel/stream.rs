@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::proto::{read_frame, write_frame, Frame};
-use crate::relay::splice::{socket_error, splice, Pipe};
+use crate::relay::splice::{fill, socket_error, splice, Fill, Pipe};
 use crate::relay::{reset_on_close, Hop, Progress, RelayEnd, Side};
 
 /// What the session tells a stream.
@@ -150,8 +150,8 @@ struct Out {
     sent: u64,
     acked: u64,
     eof: bool,
-    /// Read from local hit EAGAIN with bytes still in the pipe (maybe no free slot):
-    /// wait for the pipe to empty, not for readiness (which was not cleared).
+    /// Read from local found maybe no free pipe slot (`Fill::NoSlot`): wait for the
+    /// pipe to empty, not for readiness (which was not cleared).
     read_blocked: bool,
     /// Replaying [acked, teed) after a reattach: a scratch pipe and what is left in it.
     replay: Option<(Pipe, usize)>,
@@ -167,6 +167,7 @@ struct In {
     ack_due: Option<Instant>,
     peer_fin: Option<u64>,
     shut: bool,
+    /// As `Out::read_blocked`, for the data connection.
     read_blocked: bool,
 }
 
@@ -566,26 +567,20 @@ impl Engine {
         let room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
         if !o.eof && !o.read_blocked && room > 0 && RETAINED.load(Ordering::Relaxed) < RETAINED_CAP
         {
-            let r = if o.in_pipe == 0 {
-                local.try_io(Interest::READABLE, || {
-                    splice(local.as_raw_fd(), o.pipe.w.as_raw_fd(), room)
-                })
-            } else {
-                splice(local.as_raw_fd(), o.pipe.w.as_raw_fd(), room)
-            };
-            match r {
-                Ok(0) => {
+            match fill(local, &o.pipe, o.in_pipe, room) {
+                Ok(Fill::Eof) => {
                     o.eof = true;
                     moved = true;
                 }
-                Ok(n) => {
+                Ok(Fill::Bytes { n, .. }) => {
                     o.read += n as u64;
                     o.in_pipe += n;
                     RETAINED.fetch_add(n as u64, Ordering::Relaxed);
                     counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
                     moved = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => o.read_blocked = o.in_pipe > 0,
+                Ok(Fill::Empty) => {}
+                Ok(Fill::NoSlot) => o.read_blocked = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
                 Err(e) => return Err(Fault::Local(e)),
             }
@@ -624,24 +619,19 @@ impl Engine {
         };
         if !i.read_blocked && i.in_pipe < i.pipe.size {
             let room = i.pipe.size - i.in_pipe;
-            let r = if i.in_pipe == 0 {
-                d.try_io(Interest::READABLE, || {
-                    splice(d.as_raw_fd(), i.pipe.w.as_raw_fd(), room)
-                })
-            } else {
-                splice(d.as_raw_fd(), i.pipe.w.as_raw_fd(), room)
-            };
-            match r {
+            match fill(d, &i.pipe, i.in_pipe, room) {
                 // The peer closed this data connection: it is done with the stream, or
                 // dropped the connection to dial another. Either way wait for control.
-                Ok(0) => return Err(Fault::DataEof),
-                Ok(n) => {
+                Ok(Fill::Eof) => return Err(Fault::DataEof),
+                Ok(Fill::Bytes { n, drained }) => {
                     i.received += n as u64;
                     i.in_pipe += n;
                     moved = true;
+                    quiet |= drained;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    i.read_blocked = i.in_pipe > 0;
+                Ok(Fill::Empty) => quiet = true,
+                Ok(Fill::NoSlot) => {
+                    i.read_blocked = true;
                     quiet = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
