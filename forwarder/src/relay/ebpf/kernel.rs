@@ -158,8 +158,12 @@ impl Kernel {
         self.epoll.modify(sock.as_raw_fd(), events, cookie)
     }
 
-    pub fn unwatch(&self, cookie: u64, sock: &impl AsRawFd) {
-        let _ = self.epoll.delete(sock.as_raw_fd());
+    /// Stops delivering; `sock` is taken out of the epoll set unless it was closed
+    /// (closing did that).
+    pub fn unwatch(&self, cookie: u64, sock: Option<&impl AsRawFd>) {
+        if let Some(sock) = sock {
+            let _ = self.epoll.delete(sock.as_raw_fd());
+        }
         self.watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -121,8 +121,7 @@ enum Setup {
 }
 
 /// Removes a pair from the maps when dropped (the relay future dropped on idle timeout
-/// or shutdown, or the pair finished). Declared before the sockets in [`Paired`], so
-/// the sockets leave the maps before they close.
+/// or shutdown, or the pair finished).
 struct MapEntries {
     k: &'static Kernel,
     cookies: [u64; 2],
@@ -130,19 +129,24 @@ struct MapEntries {
     socks_in: [bool; 2],
     /// MEMBERS holds side i (it runs the program).
     members_in: [bool; 2],
+    /// The sockets were closed before this drops (see [`Paired`]): closing a socket
+    /// takes it out of every sockmap, so only STATE and CONTROL are left to clear.
+    socks_closed: bool,
 }
 
 impl Drop for MapEntries {
     fn drop(&mut self) {
-        // Program first, so no verdict looks for a target that is gone.
-        for (i, c) in self.cookies.iter().enumerate() {
-            if self.members_in[i] {
-                self.k.part(*c);
+        if !self.socks_closed {
+            // Program first, so no verdict looks for a target that is gone.
+            for (i, c) in self.cookies.iter().enumerate() {
+                if self.members_in[i] {
+                    self.k.part(*c);
+                }
             }
-        }
-        for (i, c) in self.cookies.iter().enumerate() {
-            if self.socks_in[i] {
-                self.k.remove_sock(*c);
+            for (i, c) in self.cookies.iter().enumerate() {
+                if self.socks_in[i] {
+                    self.k.remove_sock(*c);
+                }
             }
         }
         for c in self.cookies {
@@ -195,12 +199,15 @@ impl Dir {
     }
 }
 
+/// A running pair. Dropped (the pair finished, failed, or its future was dropped), it
+/// closes its sockets first, which takes them out of the sockmaps and the shared epoll
+/// set (the kernel does it on close: six syscalls fewer per pair), and then clears
+/// what is keyed by their cookies. Only [`Paired::into_pair`] keeps the sockets, and
+/// takes them out of both itself.
 struct Paired {
-    entries: MapEntries,
-    /// Keeps the sockets in the shared epoll set; declared before `socks`, so it lets
-    /// go of them before they close (their fd numbers may be reused at once).
-    watching: Option<Watching>,
     socks: [StdTcpStream; 2],
+    entries: MapEntries,
+    watching: Option<Watching>,
     dirs: [Dir; 2],
     inflight_limit: u64,
     /// The in-flight bound was approached: the pair is on its way to splice.
@@ -220,12 +227,15 @@ struct Watching {
     k: &'static Kernel,
     cookies: [u64; 2],
     fds: [RawFd; 2],
+    /// As [`MapEntries::socks_closed`]: closing took them out of the epoll set, and
+    /// their fd numbers may be another socket's by now, so they must not be named.
+    socks_closed: bool,
 }
 
 impl Drop for Watching {
     fn drop(&mut self) {
         for (c, fd) in self.cookies.iter().zip(self.fds) {
-            self.k.unwatch(*c, &fd);
+            self.k.unwatch(*c, (!self.socks_closed).then_some(&fd));
         }
     }
 }
@@ -310,6 +320,7 @@ async fn setup(
         cookies,
         socks_in: [false; 2],
         members_in: [false; 2],
+        socks_closed: false,
     };
     // The limits are set before any socket runs the program.
     for c in cookies {
@@ -378,6 +389,7 @@ async fn setup(
         want_in: false,
         want_out: false,
     };
+    entries.socks_closed = true;
     let paired = Paired {
         entries,
         socks: [client, upstream],
@@ -545,11 +557,15 @@ impl Paired {
     /// The sockets as tokio streams again, after `leave_maps`.
     fn into_pair(self) -> io::Result<Pair> {
         let Paired {
-            entries,
-            watching,
+            mut entries,
+            mut watching,
             socks,
             ..
         } = self;
+        if let Some(w) = &mut watching {
+            w.socks_closed = false;
+        }
+        entries.socks_closed = false;
         drop(watching);
         drop(entries);
         let [client, upstream] = socks;
@@ -725,6 +741,7 @@ impl Paired {
             k,
             cookies,
             fds: [self.socks[0].as_raw_fd(), self.socks[1].as_raw_fd()],
+            socks_closed: true,
         };
         for i in 0..2 {
             k.watch(cookies[i], &self.socks[i], i, base, self.signals.clone())
@@ -891,8 +908,8 @@ impl Paired {
             return Ok(false);
         }
         let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
-        verify_no_duplication(st, dir, src_fd)?;
-        let accepted = sys::bytes_sent_into(dst_fd)
+        let mut received = verify_no_duplication(st, dir, src_fd)?;
+        let mut accepted = sys::bytes_sent_into(dst_fd)
             .map_err(|e| (dir.dst, e))?
             .saturating_sub(dir.sent_base);
         // Bytes the program redirected count as movement too: when the kernel's
@@ -939,15 +956,19 @@ impl Paired {
         // passes it on after them.
         if dir.fin && !dir.buffered() && src_in_map {
             // Every byte received before the FIN must be in dst's send queue before the
-            // FIN is passed on: shutdown drops whatever is still queued for dst.
-            let received = sys::tcp_counters(src_fd)
-                .map_err(|e| (dir.src, e))?
-                .bytes_received;
+            // FIN is passed on: shutdown drops whatever is still queued for dst. The
+            // counters read above were read after the FIN was seen (`on_event` runs
+            // before the steps), so they serve unless a copy moved bytes since.
+            if dir.consumed != consumed_before {
+                received = sys::tcp_counters(src_fd)
+                    .map_err(|e| (dir.src, e))?
+                    .bytes_received;
+                accepted = sys::bytes_sent_into(dst_fd)
+                    .map_err(|e| (dir.dst, e))?
+                    .saturating_sub(dir.sent_base);
+                counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
+            }
             let target = received.saturating_sub(1 + dir.recv_base);
-            let accepted = sys::bytes_sent_into(dst_fd)
-                .map_err(|e| (dir.dst, e))?
-                .saturating_sub(dir.sent_base);
-            counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
             if accepted >= target && st.passed <= dir.consumed {
                 if accepted > target {
                     tracing::debug!("ebpf: dst accepted {accepted} > {target} received");
@@ -973,12 +994,16 @@ impl Paired {
 /// reached the peer twice (docs/ARCHITECTURE.md). Forwarding a corrupted stream silently
 /// is the worst outcome; a reset on both sides is what a broken network would show.
 /// `st` must be read before the TCP counters: the program counts bytes after TCP has
-/// received them.
-fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (usize, io::Error)> {
-    let received = sys::tcp_counters(src_fd)
+/// received them. Returns src's `bytes_received` as read.
+fn verify_no_duplication(
+    st: DirState,
+    dir: &Dir,
+    src_fd: RawFd,
+) -> Result<u64, (usize, io::Error)> {
+    let bytes_received = sys::tcp_counters(src_fd)
         .map_err(|e| (dir.src, e))?
-        .bytes_received
-        .saturating_sub(dir.recv_base);
+        .bytes_received;
+    let received = bytes_received.saturating_sub(dir.recv_base);
     let seen = st.redirected + st.passed;
     if seen > received {
         tracing::error!(
@@ -993,7 +1018,7 @@ fn verify_no_duplication(st: DirState, dir: &Dir, src_fd: RawFd) -> Result<(), (
             io::Error::other("kernel duplicated bytes on the sockmap path"),
         ));
     }
-    Ok(())
+    Ok(bytes_received)
 }
 
 /// Relays bytes the program passed (left on src's queue) with recv/send, stopping when
