@@ -108,6 +108,7 @@ impl Kernel {
         spawn_waker(wakes, watched.clone())?;
         let epoll = Arc::new(Epoll::new().map_err(|e| format!("epoll_create: {e}"))?);
         spawn_epoll_reader(epoll.clone(), watched.clone())?;
+        spawn_sleep_check(watched.clone());
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or_else(|| format!("program {VERDICT_PROG} missing from the object"))?
@@ -373,6 +374,22 @@ fn spawn_waker(wakes: RingBuf<MapData>, watched: Registry) -> Result<(), String>
         }
     });
     Ok(())
+}
+
+/// Every [`super::pair::SLEEP_CHECK`], wakes every watched pair once, so a sleeping
+/// pair whose wake-up was lost (the ring buffer full, say) looks at its counters
+/// anyway. One timer for all pairs instead of one each: idle pairs hold none.
+fn spawn_sleep_check(watched: Registry) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(super::pair::SLEEP_CHECK).await;
+            let map = watched.lock().unwrap_or_else(|e| e.into_inner());
+            // Each pair is registered once per socket: wake it through its client's.
+            for w in map.values().filter(|w| w.side == 0) {
+                w.signals.notify.notify_one();
+            }
+        }
+    });
 }
 
 /// Reads the shared epoll set and hands each socket's events to its pair.

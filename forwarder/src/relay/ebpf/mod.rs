@@ -91,9 +91,7 @@ impl EbpfRelay {
     ) -> RelayFuture<'static> {
         let (k, limit) = (self.kernel, self.inflight_limit);
         if !start_on_splice {
-            return Box::pin(
-                async move { pair::relay(k, limit, pair, &progress, true, false).await },
-            );
+            return Box::pin(pair::relay(k, limit, pair, progress, true, false));
         }
         let promote = Some(splice::PROMOTE_AFTER_BURSTS);
         let on_splice = Box::pin(splice::relay_until(pair, progress.clone(), promote));
@@ -102,7 +100,7 @@ impl EbpfRelay {
                 Ok(end) => return end,
                 Err(pair) => pair,
             };
-            Box::pin(pair::relay(k, limit, pair, &progress, true, true)).await
+            Box::pin(pair::relay(k, limit, pair, &*progress, true, true)).await
         })
     }
 }
