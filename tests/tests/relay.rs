@@ -940,9 +940,11 @@ relay_tests! {
         // 1% of a core for 10,000 pairs; a pool of empty pipes (at most 128) on top.
         assert!(used < 0.03, "{used:.3} CPU seconds in 3 s with {n} idle pairs");
         assert!(fds_per_pair <= 2.1, "{fds_per_pair:.2} fds per idle pair");
-        // Measured 2.0 KB (splice, auto) and 2.5 KB (ebpf) by the bench; 4.4-5.4 KB
-        // before the pair state was slimmed. 3 KiB catches a return to that.
-        assert!(rss_per_pair <= 3 * KIB, "{rss_per_pair} B of RSS per idle pair");
+        // Measured here 1,969 B (splice) and 1,983 B (ebpf), the 2 KiB; the
+        // ebpf pair was 2.5 KB before its future lost a dead copy of its state, and
+        // 4.4-5.4 KB before the pair state was slimmed. 2.25 KiB catches a return to
+        // either without failing on allocator noise.
+        assert!(rss_per_pair <= 2 * KIB + KIB / 4, "{rss_per_pair} B of RSS per idle pair");
         for (i, s) in conns.iter().enumerate().step_by(97) {
             ping(s, format!("still there {i}").as_bytes(), secs(10)).expect("echo after idle");
         }

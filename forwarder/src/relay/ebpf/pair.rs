@@ -53,7 +53,7 @@ const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 /// and the running pair is one block over its captured state. These are plain
 /// functions returning blocks, not `async fn`s: those keep their arguments for their
 /// whole life (the pair's 72 bytes), and a match on the set-up result around the run
-/// kept a second, dead `Paired` (1,344 → 776 bytes by `-Zprint-type-sizes`).
+/// kept a second, dead `Paired` (1,344 → 704 bytes by `-Zprint-type-sizes`).
 pub fn relay<P>(
     k: &'static Kernel,
     inflight_limit: u64,
