@@ -717,6 +717,88 @@ relay_tests! {
         assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
     }
 
+    /// A half-close while the prelude still runs is passed on at once. The client
+    /// says one byte (the deny check undecided, the 64-byte dump far from full), gets
+    /// it back, and shuts its write side: the upstream must see that FIN (the prelude
+    /// used to keep it while it waited for 63 more bytes of the upstream's for the
+    /// dump, which the upstream only closes after that FIN: neither end ever closed),
+    /// close, and the client must read the end. Bytes and the close line are exact.
+    fn client_half_close_during_the_prelude_is_passed_on(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", true);
+        let fwd = Forwarder::config(
+            None,
+            &rule(
+                "half",
+                mode.as_str(),
+                up.addr(),
+                "inspect = { bytes = 64, format = \"text\", to = \"log\" }\ndeny_pattern = ['^SSH-']",
+            ),
+            1,
+        );
+        fwd.assert_mode(mode);
+        // Both bytes pass through the prelude. On the kernel path the pair then cannot
+        // join the maps (a socket that got its FIN cannot) and goes on in splice, with
+        // the warning the path check counts.
+        fwd.expect_userspace_at_most(2);
+        fwd.expect_pairs(usize::from(mode == Mode::Splice));
+        for i in 1..=3 {
+            let s = connect(fwd.addr());
+            ping(&s, b"!", secs(10)).unwrap_or_else(|e| panic!("pair {i}: {e}"));
+            s.shutdown(Shutdown::Write).unwrap();
+            let (how, after) = wait_closed(&s, secs(5))
+                .unwrap_or_else(|e| panic!("pair {i}: the client's half-close did not end it: {e}"));
+            assert_eq!(how, Ending::Eof, "pair {i}");
+            let got = recorded(&rx, "half-closing client");
+            assert_eq!((got.bytes.as_slice(), got.end), (&b"!"[..], Ok(())), "pair {i}");
+            let close = wait_close(&fwd, "half", i);
+            assert_eq!(field(&close, "end"), Some("closed"), "{close}");
+            assert_eq!((num(&close, "bytes_up"), num(&close, "bytes_down")), (1, 1), "{close}");
+            println!("pair {i}: ended {after:?} after the client's FIN");
+        }
+    }
+
+    /// The upstream's FIN during the prelude reaches the client while the client's
+    /// own check still waits for its first bytes: a server that says its banner and
+    /// closes its write side (the client has sent nothing, so `deny_pattern` is
+    /// undecided) is seen to close, and what the client sends then still reaches it.
+    fn upstream_half_close_during_the_prelude_is_passed_on(mode) {
+        let _load = light();
+        const BANNER: &[u8] = b"220 hello, then nothing more from me\r\n";
+        let (tx, rx) = mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let up = Server::start(LOCALHOST, move |mut s| {
+            let mut got = Vec::new();
+            let end = s
+                .write_all(BANNER)
+                .and_then(|()| s.shutdown(Shutdown::Write))
+                .and_then(|()| s.read_to_end(&mut got));
+            let _ = tx.lock().unwrap().send((got, end.map(|_| ()).map_err(|e| e.kind())));
+        });
+        let fwd = Forwarder::config(
+            None,
+            &rule("banner", mode.as_str(), up.addr(), "deny_pattern = ['^SSH-']"),
+            1,
+        );
+        fwd.assert_mode(mode);
+        // The banner and the client's bytes pass through the prelude; then, as above,
+        // the kernel path's pair goes on in splice.
+        fwd.expect_userspace_at_most(BANNER.len() as u64 + 6);
+        fwd.expect_pairs(usize::from(mode == Mode::Splice));
+        let s = connect(fwd.addr());
+        let banner = read_exact_timeout(&s, BANNER.len(), secs(5)).expect("banner");
+        assert_eq!(banner, BANNER);
+        wait_closed(&s, secs(5))
+            .unwrap_or_else(|e| panic!("the upstream's FIN did not reach the client: {e}"));
+        (&s).write_all(b"QUIT\r\n").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let (got, end) = rx.recv_timeout(secs(10)).expect("upstream connection report");
+        assert_eq!((got.as_slice(), end), (&b"QUIT\r\n"[..], Ok(())));
+        let close = wait_close(&fwd, "banner", 1);
+        assert_eq!(field(&close, "end"), Some("closed"), "{close}");
+        assert_eq!((num(&close, "bytes_up"), num(&close, "bytes_down")), (6, BANNER.len() as u64), "{close}");
+    }
+
     /// `Host: old.example` arriving as "Host: ol" and, 50 ms later, "d.example": the
     /// upstream gets the rewritten stream exactly, on the copy path.
     fn rewrite_split_across_writes(mode) {

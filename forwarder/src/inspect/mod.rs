@@ -21,7 +21,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::Rule;
-use crate::relay::{reset_both_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use crate::relay::{
+    pass_fin, reset_both_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
+};
 use deny::{DenyPatterns, Verdict};
 use dump::Dump;
 
@@ -151,6 +153,13 @@ impl InspectRelay {
                         Err(e) => return Err(fail(pair, Side::Client, e)),
                     };
                     self.client_bytes(pair, progress, &mut p, &buf[..n]).await?;
+                    if n == 0 {
+                        // Every check decided at the client's EOF, and whatever it sent
+                        // was passed on: pass its FIN on too. The prelude may still be
+                        // waiting for the upstream's bytes (its dump), and the upstream
+                        // for this FIN before it says more or closes.
+                        pass_fin(&pair.upstream).map_err(|e| fail(pair, Side::Upstream, e))?;
+                    }
                 }
                 r = pair.upstream.readable(), if !p.eof[1] => {
                     r.map_err(|e| fail(pair, Side::Upstream, e))?;
@@ -167,7 +176,11 @@ impl InspectRelay {
                         Err(e) => return Err(fail(pair, Side::Upstream, e)),
                     };
                     if n == 0 {
+                        // Its bytes were passed on as they came: the FIN follows them
+                        // now, not when the client's checks end (a server-first
+                        // protocol's client may be waiting for it to say anything).
                         p.eof[1] = true;
+                        pass_fin(&pair.client).map_err(|e| fail(pair, Side::Client, e))?;
                         continue;
                     }
                     if let Some(d) = &mut p.dump {

@@ -197,6 +197,15 @@ pub trait Relay: Send + Sync {
     }
 }
 
+/// Passes a FIN on: shuts `sock`'s write side, after whatever is queued on it. A
+/// socket the peer has already closed (ENOTCONN) has nothing left to tell.
+pub fn pass_fin(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    match socket2::SockRef::from(sock).shutdown(std::net::Shutdown::Write) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        r => r,
+    }
+}
+
 /// Makes the peer see a reset rather than a clean FIN when we close `sock`.
 pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));

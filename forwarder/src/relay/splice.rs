@@ -371,11 +371,7 @@ const NO_PIPE_RETRY: Duration = Duration::from_millis(50);
 const NO_PIPE_PATIENCE: Duration = Duration::from_secs(1);
 
 fn pass_fin(dst: &TcpStream) -> Result<(), PumpError> {
-    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-        Err(e) => Err(PumpError::Write(e)),
-    }
+    super::pass_fin(dst).map_err(PumpError::Write)
 }
 
 pub(crate) struct Pipe {

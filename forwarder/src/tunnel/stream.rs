@@ -366,11 +366,7 @@ impl Engine {
                     )));
                 }
                 if self.inn.received == at && self.inn.in_pipe == 0 && !self.inn.shut {
-                    match socket2::SockRef::from(local).shutdown(std::net::Shutdown::Write) {
-                        Ok(()) => {}
-                        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
-                        Err(e) => return Err(End::Local(e)),
-                    }
+                    crate::relay::pass_fin(local).map_err(End::Local)?;
                     self.inn.shut = true;
                 }
             }

@@ -376,16 +376,24 @@ fn spawn_waker(wakes: RingBuf<MapData>, watched: Registry) -> Result<(), String>
     Ok(())
 }
 
-/// Every [`super::pair::SLEEP_CHECK`], wakes every watched pair once, so a sleeping
-/// pair whose wake-up was lost (the ring buffer full, say) looks at its counters
-/// anyway. One timer for all pairs instead of one each: idle pairs hold none.
+/// Wakes every watched pair once per [`super::pair::SLEEP_CHECK`], so a sleeping pair
+/// whose wake-up was lost (the ring buffer full, say) looks at its counters anyway. One
+/// timer for all pairs instead of one each (idle pairs hold none), and spread: each
+/// second it wakes the pairs whose cookie falls in that second's slice, so 10,000
+/// idle pairs cost a steady trickle (about 170 looks a second), never one burst.
 fn spawn_sleep_check(watched: Registry) {
     tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(super::pair::SLEEP_CHECK).await;
+        let slices = super::pair::SLEEP_CHECK.as_secs().max(1);
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 0u64.. {
+            every.tick().await;
             let map = watched.lock().unwrap_or_else(|e| e.into_inner());
             // Each pair is registered once per socket: wake it through its client's.
-            for w in map.values().filter(|w| w.side == 0) {
+            for (_, w) in map
+                .iter()
+                .filter(|(c, w)| w.side == 0 && *c % slices == n % slices)
+            {
                 w.signals.notify.notify_one();
             }
         }

@@ -1,7 +1,7 @@
 //! One pair on the sockmap path: pairing, watching, FINs, errors, teardown.
 
 use std::io;
-use std::net::{Shutdown, TcpStream as StdTcpStream};
+use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1041,11 +1041,7 @@ impl Paired {
                 if accepted > target {
                     tracing::debug!("ebpf: dst accepted {accepted} > {target} received");
                 }
-                match dst.shutdown(Shutdown::Write) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
-                    Err(e) => return Err((dir.dst, e)),
-                }
+                crate::relay::pass_fin(dst).map_err(|e| (dir.dst, e))?;
                 dir.shut = true;
                 dir.buf = Vec::new();
             }
