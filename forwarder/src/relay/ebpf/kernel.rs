@@ -380,7 +380,8 @@ fn spawn_waker(wakes: RingBuf<MapData>, watched: Registry) -> Result<(), String>
 /// whose wake-up was lost (the ring buffer full, say) looks at its counters anyway. One
 /// timer for all pairs instead of one each (idle pairs hold none), and spread: each
 /// second it wakes the pairs whose cookie falls in that second's slice, so 10,000
-/// idle pairs cost a steady trickle (about 170 looks a second), never one burst.
+/// idle pairs cost a steady trickle (about 170 looks a second, two map reads each for a
+/// pair that is still quiet), never one burst.
 fn spawn_sleep_check(watched: Registry) {
     tokio::spawn(async move {
         let slices = super::pair::SLEEP_CHECK.as_secs().max(1);

@@ -896,7 +896,21 @@ impl Paired {
             // wakes it now and then instead).
             if asleep {
                 timer = None;
-                self.signals.notify.notified().await;
+                loop {
+                    self.signals.notify.notified().await;
+                    // An epoll event or bytes (the program's wake-up) mean work. The
+                    // lost-wake-up check finding neither costs two map reads, and the
+                    // pair sleeps on: the program still holds this sleep's request.
+                    if self
+                        .signals
+                        .events
+                        .iter()
+                        .any(|e| e.load(Ordering::Relaxed) != 0)
+                        || self.unseen_bytes()?
+                    {
+                        break;
+                    }
+                }
             } else {
                 let at = tokio::time::Instant::now() + tick;
                 let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
@@ -925,13 +939,22 @@ impl Paired {
             };
             k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
         }
+        Ok(!self.unseen_bytes()?)
+    }
+
+    /// Whether the program has counted bytes since the last step.
+    fn unseen_bytes(&self) -> Result<bool, (usize, io::Error)> {
         for dir in &self.dirs {
-            let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+            let st = self
+                .entries
+                .k
+                .dir_state(dir.key)
+                .map_err(|e| (dir.src, e))?;
             if st.redirected + st.passed != dir.seen {
-                return Ok(false);
+                return Ok(true);
             }
         }
-        Ok(true)
+        Ok(false)
     }
 
     fn on_event(&mut self, i: usize, ev: u32) -> Result<(), (usize, io::Error)> {
