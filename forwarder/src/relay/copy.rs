@@ -113,7 +113,7 @@ async fn pump(
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         progress.touch();
         if eof {
-            return dst.shutdown().await.map_err(|e| (dst_side, e));
+            return super::pass_fin(dst.as_ref()).map_err(|e| (dst_side, e));
         }
     }
 }

@@ -1026,9 +1026,21 @@ impl Paired {
             }
         }
         dir.inflight = inflight;
-        // After a copy, look again: leaving needs the state as of now.
+        // After a copy, look again: leaving and the FIN check need the state as of now
+        // (STATE before TCP's counters, as above), and `Progress` must count the copied
+        // bytes before anything else can end the pair: a close line whose
+        // `userspace_bytes` exceeded its byte counts was seen when a pair failed right
+        // after a large copy.
         let st = if dir.consumed != consumed_before {
-            k.dir_state(dir.key).map_err(|e| (dir.src, e))?
+            let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+            received = sys::tcp_counters(src_fd)
+                .map_err(|e| (dir.src, e))?
+                .bytes_received;
+            accepted = sys::bytes_sent_into(dst_fd)
+                .map_err(|e| (dir.dst, e))?
+                .saturating_sub(dir.sent_base);
+            counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
+            st
         } else {
             st
         };
@@ -1048,17 +1060,8 @@ impl Paired {
         if dir.fin && !dir.buffered() && src_in_map {
             // Every byte received before the FIN must be in dst's send queue before the
             // FIN is passed on: shutdown drops whatever is still queued for dst. The
-            // counters read above were read after the FIN was seen (`on_event` runs
-            // before the steps), so they serve unless a copy moved bytes since.
-            if dir.consumed != consumed_before {
-                received = sys::tcp_counters(src_fd)
-                    .map_err(|e| (dir.src, e))?
-                    .bytes_received;
-                accepted = sys::bytes_sent_into(dst_fd)
-                    .map_err(|e| (dir.dst, e))?
-                    .saturating_sub(dir.sent_base);
-                counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
-            }
+            // counters this step read were read after the FIN was seen (`on_event` runs
+            // before the steps), and again after a copy.
             let target = received.saturating_sub(1 + dir.recv_base);
             if accepted >= target && st.passed <= dir.consumed {
                 if accepted > target {
