@@ -998,11 +998,7 @@ impl Paired {
         if dir.shut {
             return Ok(false);
         }
-        let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
-        let mut received = verify_no_duplication(st, dir, src_fd)?;
-        let mut accepted = sys::bytes_sent_into(dst_fd)
-            .map_err(|e| (dir.dst, e))?
-            .saturating_sub(dir.sent_base);
+        let (st, mut received, mut accepted) = read_dir(k, dir, src_fd, dst_fd)?;
         // Bytes the program redirected count as movement too: when the kernel's
         // redirect worker falls behind, dst accepts nothing while the in-flight bytes
         // grow, and the tick must stay fast to see them reach the leaving threshold.
@@ -1026,19 +1022,13 @@ impl Paired {
             }
         }
         dir.inflight = inflight;
-        // After a copy, look again: leaving and the FIN check need the state as of now
-        // (STATE before TCP's counters, as above), and `Progress` must count the copied
-        // bytes before anything else can end the pair: a close line whose
-        // `userspace_bytes` exceeded its byte counts was seen when a pair failed right
-        // after a large copy.
+        // After a copy, look again: leaving and the FIN check need the state as of now,
+        // and `Progress` must count the copied bytes before anything else can end the
+        // pair (a close line whose `userspace_bytes` exceeded its byte counts was seen
+        // when a pair failed right after a large copy).
         let st = if dir.consumed != consumed_before {
-            let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
-            received = sys::tcp_counters(src_fd)
-                .map_err(|e| (dir.src, e))?
-                .bytes_received;
-            accepted = sys::bytes_sent_into(dst_fd)
-                .map_err(|e| (dir.dst, e))?
-                .saturating_sub(dir.sent_base);
+            let st;
+            (st, received, accepted) = read_dir(k, dir, src_fd, dst_fd)?;
             counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
             st
         } else {
@@ -1074,6 +1064,23 @@ impl Paired {
         }
         Ok(moved)
     }
+}
+
+/// One direction's counters, in the order they must be read (the program counts bytes
+/// after TCP received them): STATE, then src's `bytes_received` (checked against it),
+/// then the bytes dst accepted since pairing.
+fn read_dir(
+    k: &Kernel,
+    dir: &Dir,
+    src_fd: RawFd,
+    dst_fd: RawFd,
+) -> Result<(DirState, u64, u64), (usize, io::Error)> {
+    let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
+    let received = verify_no_duplication(st, dir, src_fd)?;
+    let accepted = sys::bytes_sent_into(dst_fd)
+        .map_err(|e| (dir.dst, e))?
+        .saturating_sub(dir.sent_base);
+    Ok((st, received, accepted))
 }
 
 /// Fails the pair when the program has seen more bytes than TCP received on `src`.
