@@ -751,7 +751,11 @@ impl Paired {
         self.dirs[p].inflight = 0;
         // What TCP holds for us must be exactly what the program never saw: a
         // receive sequence the sockmap code left behind would make TCP skip data.
-        let r = sys::received(fd).map_err(|e| (s, e))?;
+        let r = sys::snapshot(fd).map_err(|e| (s, e))?;
+        // A reset socket is in TCP_CLOSE with no FIN received, which the counters
+        // cannot tell from one closed after a FIN (`snapshot` counts that FIN out): the
+        // reset ends the pair, before a count that may be off by that FIN.
+        self.check_reset(s, r.state)?;
         let held = r
             .data
             .saturating_sub(self.dirs[s].recv_base + own.redirected + own.passed);
@@ -974,11 +978,17 @@ impl Paired {
             self.dirs[i].fin = true;
         }
         if ev & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
-            // Closed without our FIN having been passed on: the peer reset it.
             let state = sys::tcp_counters(fd).map(|t| t.state).map_err(|e| (i, e))?;
-            if state == sys::TCP_CLOSE && !self.dirs[1 - i].shut {
-                return Err((i, io::Error::from_raw_os_error(libc::ECONNRESET)));
-            }
+            self.check_reset(i, state)?;
+        }
+        Ok(())
+    }
+
+    /// Socket `s` in TCP_CLOSE without our FIN having been passed into it: its peer
+    /// reset it (a FIN alone cannot take it there while our side is open).
+    fn check_reset(&self, s: usize, state: u8) -> Result<(), (usize, io::Error)> {
+        if state == sys::TCP_CLOSE && !self.dirs[1 - s].shut {
+            return Err((s, io::Error::from_raw_os_error(libc::ECONNRESET)));
         }
         Ok(())
     }

@@ -89,22 +89,6 @@ pub fn inq(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
 
-/// Payload bytes TCP has received on a socket, and how many of those are unread.
-#[derive(Debug, Clone, Copy)]
-pub struct Received {
-    pub data: u64,
-    pub unread: u64,
-}
-
-/// Reads [`Received`] consistently (see [`snapshot`]).
-pub fn received(fd: RawFd) -> io::Result<Received> {
-    let s = snapshot(fd)?;
-    Ok(Received {
-        data: s.data,
-        unread: s.unread,
-    })
-}
-
 /// What pairing needs to know of a socket, read in one go: its state, the bytes ever
 /// queued into it for sending, and what it received.
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +97,7 @@ pub struct Snapshot {
     /// bytes_acked + SIOCOUTQ (see [`bytes_sent_into`]).
     pub sent_into: u64,
     /// Payload bytes received (a FIN not counted), and how many of those are unread.
+    /// In TCP_CLOSE a FIN is assumed: a socket reset without one reads one short.
     pub data: u64,
     pub unread: u64,
 }
