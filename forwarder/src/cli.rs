@@ -43,6 +43,9 @@ pub struct AgentArgs {
     /// Log lines as text (default) or one JSON object per line.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, value_name = "N", value_parser = threads)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +73,9 @@ pub struct RunArgs {
     /// Log lines as text (default) or one JSON object per line (overrides global.log_format).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Worker threads (overrides global.threads; default: one per CPU).
+    #[arg(long, value_name = "N", value_parser = threads)]
+    pub threads: Option<usize>,
     /// TOML config file.
     #[arg(
         short = 'c',
@@ -85,4 +91,8 @@ pub struct CheckArgs {
     /// TOML config file.
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: PathBuf,
+}
+
+fn threads(s: &str) -> Result<usize, String> {
+    crate::config::check_threads(s.parse::<usize>().map_err(|e| e.to_string())?)
 }

@@ -143,6 +143,7 @@ struct FileGlobal {
     log_format: Option<LogFormat>,
     user: Option<String>,
     group: Option<String>,
+    threads: Option<usize>,
 }
 
 /// Declares the per-rule keys once: `[defaults]` takes them all, `[[rule]]` takes them
@@ -274,6 +275,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Who to run as once listeners are bound and the kernel program is loaded.
     pub user: Option<RunAs>,
+    /// Worker threads of the runtime (`None`: one per CPU).
+    pub threads: Option<usize>,
     /// `[tunnel_server]`: agents connect here to serve `agent:NAME` upstreams.
     pub tunnel_server: Option<TunnelServerConfig>,
     /// `[agent]` + `[[service]]`: this process dials a tunnel server.
@@ -621,6 +624,12 @@ impl Config {
                 "config error at key `global.max_connections`: must be at least 1",
             ));
         }
+        let threads = file
+            .global
+            .threads
+            .map(check_threads)
+            .transpose()
+            .map_err(|e| err(format!("config error at key `global.threads`: {e}")))?;
         let access = Access {
             allow: parse_nets(file.global.allow.as_deref(), "global.allow")?,
             deny: parse_nets(file.global.deny.as_deref(), "global.deny")?,
@@ -669,7 +678,22 @@ impl Config {
             metrics,
             log_format: file.global.log_format.unwrap_or_default(),
             user: run_as(file.global.user.as_deref(), file.global.group.as_deref())?,
+            threads,
         })
+    }
+}
+
+/// The most worker threads `threads` takes: far more than any host has cores.
+pub const MAX_THREADS: usize = 1024;
+
+/// `n` as a worker-thread count (`global.threads`, `--threads`).
+pub fn check_threads(n: usize) -> Result<usize, String> {
+    if (1..=MAX_THREADS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} worker threads; must be from 1 to {MAX_THREADS}"
+        ))
     }
 }
 

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 fn agent(args: AgentArgs) -> ExitCode {
     let token = CliToken::from_env(args.token_file);
     let config = Config::agent_from_cli(args.server, &args.service, token);
-    start(config, None, args.log_format)
+    start(config, None, args.log_format, args.threads)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -68,13 +68,14 @@ fn run(args: RunArgs) -> ExitCode {
         }),
         (None, None) => unreachable!("clap requires --config or --listen"),
     };
-    start(config, source, args.log_format)
+    start(config, source, args.log_format, args.threads)
 }
 
 fn start(
     config: Result<Config, ConfigError>,
     source: Option<ConfigSource>,
     log_format: Option<LogFormat>,
+    threads: Option<usize>,
 ) -> ExitCode {
     let config = match config {
         Ok(c) => c,
@@ -114,10 +115,11 @@ fn start(
         }
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads.or(config.threads) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return failure(anyhow::anyhow!("cannot start the runtime: {e}")),
     };

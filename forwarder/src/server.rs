@@ -396,10 +396,12 @@ impl Server {
         keep("metrics", old.metrics != new.metrics);
         keep("log_format", old.log_format != new.log_format);
         keep("user", old.user != new.user);
+        keep("threads", old.threads != new.threads);
         new.max_connections = old.max_connections;
         new.metrics = old.metrics;
         new.log_format = old.log_format;
         new.user = old.user.clone();
+        new.threads = old.threads;
         for (section, differs) in [
             ("tunnel_server", old.tunnel_server != new.tunnel_server),
             ("agent", old.agent != new.agent),

@@ -158,4 +158,73 @@ idle_timeout = "1h"
         assert!(o.stderr.contains(&addr.to_string()), "{}", o.stderr);
         drop(taken);
     }
+    /// The runtime's worker threads, by name (`std::thread::available_parallelism`
+    /// of them unless `threads` says otherwise).
+    fn workers(pid: i32) -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "tokio-rt-worker")
+            .count()
+    }
+
+    /// `--threads N` and `[global] threads = N` set how many worker threads run (the
+    /// command line wins); bytes move through either exactly. 0 and more than 1024
+    /// are refused, naming the flag or the key.
+    #[test]
+    fn threads_sets_the_worker_count() {
+        let up = Server::echo();
+        let p = Payload::new(4_001, 300 * 1024 + 7);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let default = Forwarder::cli(Mode::Splice, &[up.addr()]);
+        assert_eq!(workers(default.pid()), cores, "default: one worker per CPU");
+        echo_check(default.addr(), p, TIMEOUT);
+
+        let up_s = up.addr().to_string();
+        let args = [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up_s,
+            "--mode",
+            "splice",
+        ];
+        let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        args.extend(["--threads".into(), "3".into()]);
+        let three = Forwarder::spawn(&[], args, 1, None);
+        assert_eq!(workers(three.pid()), 3, "--threads 3");
+        echo_check(three.addr(), p, TIMEOUT);
+
+        let toml = format!(
+            "[global]\nthreads = 1\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"splice\"\n",
+            up.addr()
+        );
+        let one = Forwarder::config(None, &toml, 1);
+        assert_eq!(workers(one.pid()), 1, "global.threads = 1");
+        echo_check(one.addr(), p, TIMEOUT);
+
+        for n in ["0", "1025"] {
+            assert_config_error(
+                &format!("[global]\nthreads = {n}\n{RULE}"),
+                &["global.threads"],
+            );
+            let mut cmd = forwarder_command();
+            cmd.args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "127.0.0.1:9",
+            ])
+            .args(["--threads", n]);
+            let o = run_to_exit(cmd, TIMEOUT);
+            assert_eq!(o.code(), Some(2), "--threads {n}: stderr:\n{}", o.stderr);
+            assert!(
+                o.stderr.contains("--threads"),
+                "--threads {n}: {}",
+                o.stderr
+            );
+        }
+    }
 }
