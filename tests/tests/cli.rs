@@ -158,14 +158,27 @@ idle_timeout = "1h"
         assert!(o.stderr.contains(&addr.to_string()), "{}", o.stderr);
         drop(taken);
     }
-    /// The runtime's worker threads, by name (`std::thread::available_parallelism`
-    /// of them unless `threads` says otherwise).
-    fn workers(pid: i32) -> usize {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|comm| comm.trim() == "tokio-rt-worker")
-            .count()
+
+    /// The runtime's worker threads, by name, once there are `want` of them or 5 s
+    /// have passed. A new thread names itself when it first runs, which may be after
+    /// the `listening` line (printed by the main thread): until then it shows its
+    /// parent's name.
+    fn workers(pid: i32, want: usize) -> usize {
+        let named = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == "tokio-rt-worker")
+                .count()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = named();
+            if n == want || std::time::Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `--threads N` and `[global] threads = N` set how many worker threads run (the
@@ -177,7 +190,11 @@ idle_timeout = "1h"
         let p = Payload::new(4_001, 300 * 1024 + 7);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let default = Forwarder::cli(Mode::Splice, &[up.addr()]);
-        assert_eq!(workers(default.pid()), cores, "default: one worker per CPU");
+        assert_eq!(
+            workers(default.pid(), cores),
+            cores,
+            "default: one worker per CPU"
+        );
         echo_check(default.addr(), p, TIMEOUT);
 
         let up_s = up.addr().to_string();
@@ -193,7 +210,7 @@ idle_timeout = "1h"
         let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
         args.extend(["--threads".into(), "3".into()]);
         let three = Forwarder::spawn(&[], args, 1, None);
-        assert_eq!(workers(three.pid()), 3, "--threads 3");
+        assert_eq!(workers(three.pid(), 3), 3, "--threads 3");
         echo_check(three.addr(), p, TIMEOUT);
 
         let toml = format!(
@@ -201,8 +218,26 @@ idle_timeout = "1h"
             up.addr()
         );
         let one = Forwarder::config(None, &toml, 1);
-        assert_eq!(workers(one.pid()), 1, "global.threads = 1");
+        assert_eq!(workers(one.pid(), 1), 1, "global.threads = 1");
         echo_check(one.addr(), p, TIMEOUT);
+
+        // The same file with --threads 2: the flag wins.
+        let dir = TempDir::new("threads");
+        let path = dir.write("c.toml", &toml);
+        let args: [std::ffi::OsString; 5] = [
+            "run".into(),
+            "--config".into(),
+            path.into(),
+            "--threads".into(),
+            "2".into(),
+        ];
+        let two = Forwarder::spawn(&[], args.to_vec(), 1, Some(dir));
+        assert_eq!(
+            workers(two.pid(), 2),
+            2,
+            "global.threads = 1 with --threads 2"
+        );
+        echo_check(two.addr(), p, TIMEOUT);
 
         for n in ["0", "1025"] {
             assert_config_error(
