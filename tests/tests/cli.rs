@@ -171,14 +171,8 @@ idle_timeout = "1h"
                 .filter(|comm| comm.trim() == "tokio-rt-worker")
                 .count()
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let n = named();
-            if n == want || std::time::Instant::now() >= deadline {
-                return n;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        netns::wait_until(Duration::from_secs(5), || named() == want);
+        named()
     }
 
     /// `--threads N` and `[global] threads = N` set how many worker threads run (the

@@ -534,9 +534,9 @@ relay_tests! {
         exact_transfer("after the upstream's reset");
     }
 
-    /// The upstream sends 8 MiB and resets, 300 times over, to a client reading at full
-    /// speed. On the kernel path such a pair is often leaving the maps (its in-flight
-    /// bound reached) when the reset lands. A reset socket is in TCP_CLOSE like one
+    /// The upstream sends 8 MiB and resets, 300 times over, to a client that starts
+    /// reading 2 ms late. On the kernel path such a pair is often leaving the maps (its
+    /// in-flight bound reached) when the reset lands. A reset socket is in TCP_CLOSE like one
     /// closed after a FIN, and leaving once took its counters for a byte-count error
     /// (`end=upstream_error (after leaving the sockmap ...)`: before the fix this test
     /// failed 3 runs in 4, at pair 32, 77 and 127).
