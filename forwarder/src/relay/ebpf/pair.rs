@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 use tokio::io::AsyncWriteExt;
 
-use super::kernel::{Kernel, PairSignals};
+use super::kernel::{Kernel, PairSignals, Parted};
 use super::sys;
 use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 
@@ -194,7 +194,7 @@ impl Drop for MapEntries {
             // Program first, so no verdict looks for a target that is gone.
             for (i, c) in self.cookies.iter().enumerate() {
                 if self.members_in[i] {
-                    self.k.part(*c);
+                    self.k.part_now(*c);
                 }
             }
             for (i, c) in self.cookies.iter().enumerate() {
@@ -541,8 +541,11 @@ async fn salvage(
 ) -> Setup {
     let k = entries.k;
     let key = entries.cookies[CLIENT];
-    k.part(key);
-    entries.members_in[CLIENT] = false;
+    // Refused means the client passed bytes: they cannot be salvaged (below), and the
+    // client leaves MEMBERS when `entries` drops.
+    if k.part([key, 0], 1).await[0] != Parted::Refused {
+        entries.members_in[CLIENT] = false;
+    }
     let up_fd = pair.upstream.as_raw_fd();
     let deadline = Instant::now() + Duration::from_millis(200);
     let settled = loop {
@@ -662,41 +665,61 @@ impl Paired {
     ///
     /// Passed bytes must be read while the socket runs the program: only that
     /// recvmsg (`tcp_bpf_recvmsg_parser`) advances TCP's `copied_seq` for them; read
-    /// after parting, TCP would count them as unread forever. A verdict that was
-    /// running on another CPU as the socket parted may still pass bytes: then the
-    /// socket joins again, and parts once those are read too.
+    /// after parting, TCP would count them as unread forever. `Kernel::part` checks
+    /// that under the socket lock, so no verdict can pass bytes between the check and
+    /// the part. Without the part iterator (a plain delete), a verdict that was running
+    /// on another CPU as the socket parted may still pass bytes: then the socket joins
+    /// again, and parts once those are read too.
     #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
     async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
         if !self.leaving {
             return Ok(false);
         }
         let k = self.entries.k;
-        let mut parted_now = [None; 2];
+        let (mut parting, mut sides, mut passed, mut n) = ([0u64; 2], [0usize; 2], [0u64; 2], 0);
         for s in 0..2 {
             let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
             if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
-                // Hold s first: taking the program off a socket while TCP hands it skbs
-                // drops them (`sk_psock_verdict_recv` finds no program and its default
-                // verdict is drop, after `tcp_eat_skb` counted them read: measured as
-                // 30-64 KB that TCP let go of and nobody sent, caught by the check in
-                // `leave_map`). With SO_RCVLOWAT at its maximum TCP hands nothing over
-                // (but under memory pressure, with a tiny window or at a FIN). Nothing
-                // of ours waits on s's psock for receive-buffer room (passed == read),
-                // so holding cannot stall it. Released once s is out of the maps.
-                sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
-                    .map_err(|e| (s, e))?;
-                k.part(self.entries.cookies[s]);
-                self.entries.members_in[s] = false;
-                self.parted[s] = true;
-                parted_now[s] = Some(own.passed);
+                if !k.parts_exactly() {
+                    // Hold s first: taking the program off a socket while TCP hands it
+                    // an skb drops that skb (`sk_psock_verdict_recv` finds no program).
+                    // Without the part iterator nothing prevents that; below SO_RCVLOWAT
+                    // TCP hands nothing over (but under memory pressure, with a tiny
+                    // window or at a FIN), which keeps it rare. Nothing of ours waits on
+                    // s's psock for receive-buffer room (passed == read), so holding
+                    // cannot stall it. Released once s is out of the maps.
+                    sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
+                        .map_err(|e| (s, e))?;
+                }
+                (parting[n], sides[n], passed[n]) = (self.entries.cookies[s], s, own.passed);
+                n += 1;
             }
         }
-        if parted_now.iter().any(Option::is_some) {
+        let mut racy = [None; 2];
+        let parted = if n > 0 {
+            // Boxed: parting is rare, and inline its future would size every pair's.
+            Box::pin(k.part(parting, n)).await
+        } else {
+            [Parted::Refused; 2]
+        };
+        for (i, how) in parted.into_iter().take(n).enumerate() {
+            let s = sides[i];
+            if how == Parted::Refused {
+                // The program passed bytes since we looked: read them, then part.
+                continue;
+            }
+            self.entries.members_in[s] = false;
+            self.parted[s] = true;
+            if how == Parted::Racy {
+                racy[s] = Some(passed[i]);
+            }
+        }
+        if racy.iter().any(Option::is_some) {
             // A verdict already running on another CPU finishes within its RCU section.
             // (Boxed: a pair waits here rarely, and inline this timer would size the
             // future every idle pair holds.)
             Box::pin(tokio::time::sleep(MIN_TICK)).await;
-            for (s, passed) in parted_now.into_iter().enumerate() {
+            for (s, passed) in racy.into_iter().enumerate() {
                 let Some(passed) = passed else { continue };
                 if k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?.passed == passed {
                     continue;
