@@ -939,6 +939,25 @@ impl Drop for Forwarder {
         if thread::panicking() || failed_check.is_some() {
             let lines = self.stderr.snapshot();
             let skip = lines.len().saturating_sub(60);
+            // What went wrong is often older than the tail (CI once showed 60 lines of
+            // healthy close lines and not the one pair that failed): warnings, errors and
+            // close lines that did not end `closed` come first.
+            let notable: Vec<&String> = lines[..skip]
+                .iter()
+                .filter(|l| {
+                    (l.contains(" WARN ") || l.contains(" ERROR "))
+                        || (l.contains(" close ") && !l.contains(" end=closed"))
+                })
+                .collect();
+            if !notable.is_empty() {
+                eprintln!(
+                    "---- forwarder stderr: earlier warnings, errors and unusual ends ({} of them, first 40) ----",
+                    notable.len()
+                );
+                for l in notable.iter().take(40) {
+                    eprintln!("{l}");
+                }
+            }
             eprintln!(
                 "---- forwarder stderr (last {} lines) ----",
                 lines.len() - skip
