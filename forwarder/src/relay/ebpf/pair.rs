@@ -676,7 +676,7 @@ impl Paired {
             return Ok(false);
         }
         let k = self.entries.k;
-        let (mut parting, mut sides, mut passed, mut n) = ([0u64; 2], [0usize; 2], [0u64; 2], 0);
+        let mut parted_now = [None; 2];
         for s in 0..2 {
             let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
             if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
@@ -691,35 +691,44 @@ impl Paired {
                     sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
                         .map_err(|e| (s, e))?;
                 }
-                (parting[n], sides[n], passed[n]) = (self.entries.cookies[s], s, own.passed);
-                n += 1;
+                parted_now[s] = Some(own.passed);
             }
         }
-        let mut racy = [None; 2];
-        let parted = if n > 0 {
+        if parted_now.iter().any(Option::is_some) {
+            let (mut cookies, mut n) = ([0u64; 2], 0);
+            for s in 0..2 {
+                if parted_now[s].is_some() {
+                    cookies[n] = self.entries.cookies[s];
+                    n += 1;
+                }
+            }
             // Boxed: parting is rare, and inline its future would size every pair's.
-            Box::pin(k.part(parting, n)).await
-        } else {
-            [Parted::Refused; 2]
-        };
-        for (i, how) in parted.into_iter().take(n).enumerate() {
-            let s = sides[i];
-            if how == Parted::Refused {
-                // The program passed bytes since we looked: read them, then part.
-                continue;
-            }
-            self.entries.members_in[s] = false;
-            self.parted[s] = true;
-            if how == Parted::Racy {
-                racy[s] = Some(passed[i]);
+            let mut how = Box::pin(k.part(cookies, n)).await.into_iter();
+            for s in 0..2 {
+                if parted_now[s].is_none() {
+                    continue;
+                }
+                match how.next() {
+                    // The program passed bytes since we looked: read them, then part.
+                    Some(Parted::Refused) | None => {
+                        tracing::debug!("ebpf: {} passed bytes; parts later", SIDES[s].as_str());
+                        parted_now[s] = None;
+                        continue;
+                    }
+                    Some(Parted::Exact) => parted_now[s] = None,
+                    // Checked below.
+                    Some(Parted::Racy) => {}
+                }
+                self.entries.members_in[s] = false;
+                self.parted[s] = true;
             }
         }
-        if racy.iter().any(Option::is_some) {
+        if parted_now.iter().any(Option::is_some) {
             // A verdict already running on another CPU finishes within its RCU section.
             // (Boxed: a pair waits here rarely, and inline this timer would size the
             // future every idle pair holds.)
             Box::pin(tokio::time::sleep(MIN_TICK)).await;
-            for (s, passed) in racy.into_iter().enumerate() {
+            for (s, passed) in parted_now.into_iter().enumerate() {
                 let Some(passed) = passed else { continue };
                 if k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?.passed == passed {
                     continue;
