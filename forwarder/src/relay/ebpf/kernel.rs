@@ -350,21 +350,7 @@ fn attach_sk_skb_verdict(prog: i32, map: i32) -> io::Result<()> {
         relative_fd: 0,
         expected_revision: 0,
     };
-    // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr and the
-    // size passed is its size; the kernel only reads it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>() as u32,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    super::sys::bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }
 
 /// Forwards the program's aya-log records to `log` (bridged to tracing by the

@@ -128,6 +128,7 @@ fn link_create(prog: i32) -> io::Result<OwnedFd> {
     const BPF_TRACE_ITER: u32 = 28;
     /// The BPF_LINK_CREATE member of `union bpf_attr`, up to its iterator fields.
     #[repr(C)]
+    #[derive(Default)]
     struct LinkCreateAttr {
         prog_fd: u32,
         target_fd: u32,
@@ -139,12 +140,8 @@ fn link_create(prog: i32) -> io::Result<OwnedFd> {
     }
     let attr = LinkCreateAttr {
         prog_fd: prog as u32,
-        target_fd: 0,
         attach_type: BPF_TRACE_ITER,
-        flags: 0,
-        iter_info: 0,
-        iter_info_len: 0,
-        _pad: 0,
+        ..Default::default()
     };
     bpf_fd(BPF_LINK_CREATE, &attr)
 }
@@ -167,19 +164,7 @@ fn iter_create(link: i32) -> io::Result<OwnedFd> {
 }
 
 fn bpf_fd<A>(cmd: libc::c_long, attr: &A) -> io::Result<OwnedFd> {
-    // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr for cmd and
-    // the size passed is its size; the kernel only reads it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const A,
-            std::mem::size_of::<A>() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = super::sys::bpf(cmd, attr)?;
     // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -11,6 +11,27 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// `bpf(cmd, attr)`, for the few commands aya 0.14 does not wrap. `attr` must be the
+/// command's member of `union bpf_attr` (`#[repr(C)]`, every field initialised): the
+/// kernel reads that many bytes and takes the rest of the union as zero.
+pub fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: attr points to size_of::<A>() initialised bytes, which the kernel only
+    // reads.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
 /// The kernel's unique, never reused id of a socket: our map key.
 pub fn cookie(fd: RawFd) -> io::Result<u64> {
     let mut v: u64 = 0;
