@@ -64,7 +64,14 @@ impl Parter {
         {
             let mut map = self.parting.lock().unwrap_or_else(|e| e.into_inner());
             for c in cookies {
-                map.insert(c, PART_ASKED, 0).map_err(io::Error::other)?;
+                if let Err(e) = map.insert(c, PART_ASKED, 0) {
+                    // Leave nothing asked that nobody waits for (a later run would
+                    // part it behind its pair's back, and its entry would stay).
+                    for c in cookies {
+                        let _ = map.remove(c);
+                    }
+                    return Err(io::Error::other(e));
+                }
             }
         }
         let run = {
