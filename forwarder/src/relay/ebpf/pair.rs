@@ -268,6 +268,8 @@ struct Paired {
     leaving: bool,
     /// Sockets that stopped running the program (the first step of leaving).
     parted: [bool; 2],
+    /// A socket's send buffer before `make_room` raised it (0: not raised).
+    sndbuf_before: [u32; 2],
     /// Our sockets' epoll events and the program's wake-ups (see `fall_asleep`), from
     /// the kernel path's shared tasks.
     signals: Arc<PairSignals>,
@@ -451,6 +453,7 @@ async fn setup(
         inflight_limit,
         leaving: false,
         parted: [false; 2],
+        sndbuf_before: [0; 2],
         signals: Arc::new(PairSignals::default()),
         watching: None,
     };
@@ -757,6 +760,7 @@ impl Paired {
         if self.in_map(CLIENT) || self.in_map(UPSTREAM) || self.dirs.iter().any(Dir::buffered) {
             return Ok(false);
         }
+        self.restore_sndbuf();
         tracing::debug!(
             "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
         );
@@ -773,7 +777,12 @@ impl Paired {
         let fd = self.socks[s].as_raw_fd();
         let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
         let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
-        if own.passed != self.dirs[s].consumed || self.delivered(p)? < into.redirected {
+        if own.passed != self.dirs[s].consumed {
+            return Ok(());
+        }
+        let delivered = self.delivered(p)?;
+        if delivered < into.redirected {
+            self.make_room(s, into.redirected - delivered)?;
             return Ok(());
         }
         k.remove_sock(self.entries.cookies[p]);
@@ -810,6 +819,43 @@ impl Paired {
             into.redirected
         );
         Ok(())
+    }
+
+    /// Bytes redirected into parted socket `s` wait on its psock for room in its send
+    /// queue. If that queue is full they wait for s's peer to read, and a peer that
+    /// reads only once its own writes to us drain (an echo) waits for us, who read s
+    /// only after it left the maps: nobody moves (seen as a bulk echo stalled for good,
+    /// about 1 run in 25 on a loaded host). So the send buffer grows to take every
+    /// pending byte (at most the in-flight bound, held on the psock anyway), and
+    /// shrinks back once the pair left the maps ([`Paired::restore_sndbuf`]).
+    fn make_room(&mut self, s: usize, pending: u64) -> Result<(), (usize, io::Error)> {
+        let fd = self.socks[s].as_raw_fd();
+        let have = sys::sndbuf(fd).map_err(|e| (s, e))?;
+        let queued = sys::outq(fd).map_err(|e| (s, e))?;
+        // Twice the payload: room for the skbs' overhead, whatever their size.
+        let want = 2 * (queued + pending) + (1 << 20);
+        if want <= have {
+            return Ok(());
+        }
+        if self.sndbuf_before[s] == 0 {
+            self.sndbuf_before[s] = have.min(u32::MAX as u64) as u32;
+        }
+        if let Err(e) = sys::force_sndbuf(fd, want) {
+            // Without CAP_NET_ADMIN (the kernel path has it): the pending bytes wait.
+            tracing::debug!("ebpf: cannot grow the send buffer: {e}");
+        }
+        Ok(())
+    }
+
+    /// Puts back the send buffers `make_room` grew (locked at their old size: splice
+    /// must not queue the in-flight bound into a slow reader's socket).
+    fn restore_sndbuf(&mut self) {
+        for s in 0..2 {
+            if self.sndbuf_before[s] != 0 {
+                let _ = sys::force_sndbuf(self.socks[s].as_raw_fd(), self.sndbuf_before[s] as u64);
+                self.sndbuf_before[s] = 0;
+            }
+        }
     }
 
     /// Redirected bytes of direction `d` that its dst has accepted.

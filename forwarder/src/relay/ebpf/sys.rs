@@ -160,13 +160,41 @@ pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
 /// verdict program, only once this many are queued (or the receive buffer is under
 /// pressure, the window is tiny, or a FIN came).
 pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
+    set_socket_int(fd, libc::SO_RCVLOWAT, bytes)
+}
+
+/// The send buffer's size (`sk_sndbuf`: what SO_SNDBUF reads, twice what it was set to).
+pub fn sndbuf(fd: RawFd) -> io::Result<u64> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid for writes of the sizes given.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v as u64)
+}
+
+/// Sets `sk_sndbuf` to `bytes` past `net.core.wmem_max` (SO_SNDBUFFORCE, which needs
+/// CAP_NET_ADMIN, as the kernel path does; the kernel doubles the value it is given).
+pub fn force_sndbuf(fd: RawFd, bytes: u64) -> io::Result<()> {
+    let half = (bytes / 2).min(libc::c_int::MAX as u64 / 2) as libc::c_int;
+    set_socket_int(fd, libc::SO_SNDBUFFORCE, half)
+}
+
+fn set_socket_int(fd: RawFd, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
     // SAFETY: the value is a c_int of the size given.
     cvt(unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const libc::c_int).cast(),
+            opt,
+            (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     })?;
