@@ -18,20 +18,8 @@ pub const CONTROL_MAP: &str = "CONTROL";
 /// RINGBUF of cookies (u64): the program posts a direction's cookie on its first skb
 /// after userspace put the pair to sleep ([`DirControl::sleep`]).
 pub const WAKES_MAP: &str = "WAKES";
-/// HASH cookie -> `PART_*`: sockets userspace wants out of MEMBERS; the part program
-/// takes each out under its socket lock and writes back what it did.
-pub const PARTING_MAP: &str = "PARTING";
-/// Written by userspace: take this socket out of MEMBERS if every byte the program
-/// passed on it was consumed (`DirState::passed == DirControl::consumed`).
-pub const PART_ASKED: u8 = 1;
-/// Written by the part program: out of MEMBERS, under the socket's lock.
-pub const PART_DONE: u8 = 2;
-/// Written by the part program: not parted, passed bytes wait to be consumed.
-pub const PART_REFUSED: u8 = 3;
 /// Name of the sk_skb verdict program in the object.
 pub const VERDICT_PROG: &str = "forwarder_verdict";
-/// Name of the TCP iterator program that parts sockets (see forwarder-ebpf).
-pub const PART_PROG: &str = "forwarder_part";
 /// Room for this many pairs (two sockets, two directions each).
 pub const MAX_PAIRS: u32 = 65536;
 

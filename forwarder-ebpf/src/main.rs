@@ -15,14 +15,13 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
-    use aya_ebpf::cty::c_void;
-    use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_map_delete_elem};
+    use aya_ebpf::helpers::bpf_get_socket_cookie;
     use aya_ebpf::macros::{map, stream_verdict};
     use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
     use aya_ebpf::programs::SkBuffContext;
     use aya_ebpf::EbpfContext;
     use aya_log_ebpf::debug;
-    use forwarder_common::{DirControl, DirState, MAX_PAIRS, PART_ASKED, PART_DONE, PART_REFUSED};
+    use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 
     /// Redirect targets: the peer of the socket with this cookie.
     #[map(name = "SOCKS")]
@@ -34,9 +33,6 @@ mod prog {
     static STATE: HashMap<u64, DirState> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
     #[map(name = "CONTROL")]
     static CONTROL: HashMap<u64, DirControl> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
-    /// Sockets to take out of MEMBERS (see `forwarder_part`).
-    #[map(name = "PARTING")]
-    static PARTING: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
     /// Wake-ups for pairs whose userspace side sleeps (cookies, 8 bytes each).
     #[map(name = "WAKES")]
     static WAKES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -100,59 +96,6 @@ mod prog {
             state.woken = sleep;
             let _ = WAKES.output::<u64>(&cookie, 0);
         }
-    }
-
-    /// Takes the sockets named in PARTING out of MEMBERS, each while the kernel's TCP
-    /// iterator holds its socket lock (`bpf_iter_tcp_seq_show` takes it around this
-    /// call). Userspace runs the iterator by reading it.
-    ///
-    /// Why the lock: leaving MEMBERS takes the verdict program off the socket. If TCP is
-    /// handing the socket an skb on another CPU at that moment (`tcp_read_skb` has
-    /// unlinked it, `sk_psock_verdict_recv` then finds no program), the skb is counted
-    /// read and dropped: bytes lost (seen in CI as 62 KB missing after a pair left the
-    /// maps mid-upload). TCP hands skbs over only under the same lock, or defers them
-    /// to its owner's backlog, so under it no skb is between the queue and a program.
-    ///
-    /// Bytes the program passed must be read while it runs (only that recvmsg advances
-    /// TCP's `copied_seq` for them), so a socket whose passed bytes are not all consumed
-    /// is refused; checked under the same lock, no verdict can pass more before it parts.
-    #[unsafe(link_section = "iter/tcp")]
-    #[unsafe(no_mangle)]
-    pub fn forwarder_part(ctx: *mut u64) -> i32 {
-        // The context is `struct bpf_iter__tcp { meta; sk_common; uid }`, one u64 each.
-        // SAFETY: the verifier checks this read against the iterator's context type.
-        let sk = unsafe { *ctx.add(1) } as *mut c_void;
-        if sk.is_null() {
-            return 0;
-        }
-        // SAFETY: sk is a live sock_common (non-null checked), as the helper expects.
-        let cookie = unsafe { bpf_get_socket_cookie(sk) };
-        if let Some(asked) = PARTING.get_ptr_mut(cookie) {
-            // SAFETY: a map value, valid for the program's run.
-            let asked = unsafe { &mut *asked };
-            if *asked == PART_ASKED {
-                let passed = STATE.get_ptr(cookie).map_or(0, |st| {
-                    // SAFETY: a map value, valid for the program's run.
-                    unsafe { (*st).passed }
-                });
-                // SAFETY: read-only access to a value userspace writes whole.
-                let consumed = unsafe { CONTROL.get(cookie) }.map_or(0, |c| c.consumed);
-                if passed != consumed {
-                    *asked = PART_REFUSED;
-                    return 0;
-                }
-                // SAFETY: MEMBERS is a map definition (SockHash is transparent over it)
-                // and the key a u64 on our stack, as the helper expects.
-                unsafe {
-                    bpf_map_delete_elem(
-                        &MEMBERS as *const SockHash<u64> as *mut c_void,
-                        &cookie as *const u64 as *const c_void,
-                    )
-                };
-                *asked = PART_DONE;
-            }
-        }
-        0
     }
 
     #[panic_handler]

@@ -17,7 +17,6 @@ use forwarder_common::{
 };
 use tokio::sync::Notify;
 
-use super::part::Parter;
 use super::sys::Epoll;
 
 #[cfg(has_ebpf)]
@@ -35,19 +34,6 @@ pub fn built_in() -> bool {
     OBJECT.is_some()
 }
 
-/// What [`Kernel::part`] did with a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Parted {
-    /// Out of MEMBERS, under its socket lock, with every passed byte consumed: no
-    /// verdict can have run on it since.
-    Exact,
-    /// Still in MEMBERS: the program passed bytes that were not consumed yet.
-    Refused,
-    /// Out of MEMBERS by a plain delete (no iterator in this kernel): a verdict running
-    /// on another CPU may still pass bytes, or lose an skb (caught by `leave_map`).
-    Racy,
-}
-
 pub struct Kernel {
     /// Redirect targets (no program attached).
     pub socks: Mutex<SockHash<MapData, u64>>,
@@ -57,9 +43,6 @@ pub struct Kernel {
     pub control: Mutex<HashMap<MapData, u64, DirControl>>,
     /// How the verdict program is attached, for the startup line.
     pub attach: &'static str,
-    /// Parts sockets under their socket lock; `None` where the kernel refused the
-    /// iterator (a plain delete then, which can lose an skb in flight: see `part`).
-    parter: Option<Parter>,
     /// Every paired socket, by its cookie: where its epoll events and the program's
     /// wake-ups for it go (see [`Kernel::watch`]).
     watched: Arc<Mutex<StdHashMap<u64, Watched>>>,
@@ -109,9 +92,8 @@ impl Kernel {
         let object = OBJECT.ok_or(NOT_BUILT)?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        // No kernel BTF for the loader: the programs use no CO-RE relocations, and the
-        // loader would keep vmlinux's parsed BTF (16 MiB of RSS) for the life of the
-        // process. The part program needs it once (`Parter::load`), then drops it.
+        // No kernel BTF: the program uses no CO-RE relocations, and parsing vmlinux's
+        // BTF cost 16 MiB of RSS for the life of the process.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .load(object)
@@ -144,21 +126,12 @@ impl Kernel {
                 "sk_skb_stream_verdict"
             }
         };
-        let parter = Parter::load(&mut ebpf)
-            .map_err(|e| {
-                tracing::warn!(
-                    "ebpf: {e}; pairs leaving the kernel path part without the socket lock, \
-                     and one may be reset if bytes arrive at that instant"
-                )
-            })
-            .ok();
         Ok(Kernel {
             socks: Mutex::new(socks),
             members: Mutex::new(members),
             state: Mutex::new(state),
             control: Mutex::new(control),
             attach,
-            parter,
             watched,
             epoll,
             _ebpf: ebpf,
@@ -241,54 +214,11 @@ impl Kernel {
             .map_err(map_error_to_io)
     }
 
-    /// Whether [`Kernel::part`] parts under the socket lock (the kernel took the
-    /// iterator program).
-    pub fn parts_exactly(&self) -> bool {
-        self.parter.is_some()
-    }
-
-    /// Stops running the program for the socket with this cookie, whatever it holds
-    /// (a pair being dropped): a plain delete. Its psock, and what is queued on it,
-    /// stays while the socket is still in SOCKS.
-    pub fn part_now(&self, cookie: u64) {
+    /// Stops running the program for the socket with this cookie (its psock, and
+    /// what is queued on it, stays while it is still in SOCKS).
+    pub fn part(&self, cookie: u64) {
         let mut map = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let _ = map.remove(&cookie);
-    }
-
-    /// Stops running the program for the first `n` of these sockets (by cookie)
-    /// without losing a byte: see [`Parter`]. Says what became of each.
-    pub async fn part(&'static self, cookies: [u64; 2], n: usize) -> [Parted; 2] {
-        let cookies = &cookies[..n];
-        let mut out = [Parted::Refused; 2];
-        if let Some(p) = &self.parter {
-            // The run blocks for milliseconds: not on a runtime worker.
-            let owned = cookies.to_vec();
-            let found = tokio::task::spawn_blocking(move || p.part(&owned))
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
-            match found {
-                Ok(found) => {
-                    for (o, (f, c)) in out.iter_mut().zip(found.iter().zip(cookies)) {
-                        *o = match f {
-                            Some(true) => Parted::Exact,
-                            Some(false) => Parted::Refused,
-                            // Closed meanwhile: nothing more can arrive on it.
-                            None => {
-                                self.part_now(*c);
-                                Parted::Exact
-                            }
-                        };
-                    }
-                    return out;
-                }
-                Err(e) => tracing::debug!("ebpf: parting under the socket lock failed: {e}"),
-            }
-        }
-        for (o, c) in out.iter_mut().zip(cookies) {
-            self.part_now(*c);
-            *o = Parted::Racy;
-        }
-        out
     }
 
     pub fn remove_dir(&self, cookie: u64) {
@@ -312,7 +242,7 @@ fn map_error_to_io(e: aya::maps::MapError) -> io::Error {
     }
 }
 
-pub(super) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -350,7 +280,21 @@ fn attach_sk_skb_verdict(prog: i32, map: i32) -> io::Result<()> {
         relative_fd: 0,
         expected_revision: 0,
     };
-    super::sys::bpf(BPF_PROG_ATTACH, &attr).map(drop)
+    // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr and the
+    // size passed is its size; the kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const ProgAttachAttr,
+            std::mem::size_of::<ProgAttachAttr>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Forwards the program's aya-log records to `log` (bridged to tracing by the

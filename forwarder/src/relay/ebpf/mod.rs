@@ -17,7 +17,6 @@ use super::{splice, Pair, Progress, Relay, RelayEnd, RelayFuture};
 
 mod kernel;
 mod pair;
-mod part;
 mod sys;
 
 use kernel::Kernel;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 use tokio::io::AsyncWriteExt;
 
-use super::kernel::{Kernel, PairSignals, Parted};
+use super::kernel::{Kernel, PairSignals};
 use super::sys;
 use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 
@@ -194,7 +194,7 @@ impl Drop for MapEntries {
             // Program first, so no verdict looks for a target that is gone.
             for (i, c) in self.cookies.iter().enumerate() {
                 if self.members_in[i] {
-                    self.k.part_now(*c);
+                    self.k.part(*c);
                 }
             }
             for (i, c) in self.cookies.iter().enumerate() {
@@ -268,8 +268,6 @@ struct Paired {
     leaving: bool,
     /// Sockets that stopped running the program (the first step of leaving).
     parted: [bool; 2],
-    /// A socket's send buffer before `make_room` raised it (0: not raised).
-    sndbuf_before: [u32; 2],
     /// Our sockets' epoll events and the program's wake-ups (see `fall_asleep`), from
     /// the kernel path's shared tasks.
     signals: Arc<PairSignals>,
@@ -453,7 +451,6 @@ async fn setup(
         inflight_limit,
         leaving: false,
         parted: [false; 2],
-        sndbuf_before: [0; 2],
         signals: Arc::new(PairSignals::default()),
         watching: None,
     };
@@ -544,11 +541,8 @@ async fn salvage(
 ) -> Setup {
     let k = entries.k;
     let key = entries.cookies[CLIENT];
-    // Refused means the client passed bytes: they cannot be salvaged (below), and the
-    // client leaves MEMBERS when `entries` drops.
-    if k.part([key, 0], 1).await[0] != Parted::Refused {
-        entries.members_in[CLIENT] = false;
-    }
+    k.part(key);
+    entries.members_in[CLIENT] = false;
     let up_fd = pair.upstream.as_raw_fd();
     let deadline = Instant::now() + Duration::from_millis(200);
     let settled = loop {
@@ -668,11 +662,9 @@ impl Paired {
     ///
     /// Passed bytes must be read while the socket runs the program: only that
     /// recvmsg (`tcp_bpf_recvmsg_parser`) advances TCP's `copied_seq` for them; read
-    /// after parting, TCP would count them as unread forever. `Kernel::part` checks
-    /// that under the socket lock, so no verdict can pass bytes between the check and
-    /// the part. Without the part iterator (a plain delete), a verdict that was running
-    /// on another CPU as the socket parted may still pass bytes: then the socket joins
-    /// again, and parts once those are read too.
+    /// after parting, TCP would count them as unread forever. A verdict that was
+    /// running on another CPU as the socket parted may still pass bytes: then the
+    /// socket joins again, and parts once those are read too.
     #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
     async fn leave_maps(&mut self) -> Result<bool, (usize, io::Error)> {
         if !self.leaving {
@@ -683,47 +675,20 @@ impl Paired {
         for s in 0..2 {
             let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
             if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
-                if !k.parts_exactly() {
-                    // Hold s first: taking the program off a socket while TCP hands it
-                    // an skb drops that skb (`sk_psock_verdict_recv` finds no program).
-                    // Without the part iterator nothing prevents that; below SO_RCVLOWAT
-                    // TCP hands nothing over (but under memory pressure, with a tiny
-                    // window or at a FIN), which keeps it rare. Nothing of ours waits on
-                    // s's psock for receive-buffer room (passed == read), so holding
-                    // cannot stall it. Released once s is out of the maps.
-                    sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
-                        .map_err(|e| (s, e))?;
-                }
-                parted_now[s] = Some(own.passed);
-            }
-        }
-        if parted_now.iter().any(Option::is_some) {
-            let (mut cookies, mut n) = ([0u64; 2], 0);
-            for s in 0..2 {
-                if parted_now[s].is_some() {
-                    cookies[n] = self.entries.cookies[s];
-                    n += 1;
-                }
-            }
-            // Boxed: parting is rare, and inline its future would size every pair's.
-            let mut how = Box::pin(k.part(cookies, n)).await.into_iter();
-            for s in 0..2 {
-                if parted_now[s].is_none() {
-                    continue;
-                }
-                match how.next() {
-                    // The program passed bytes since we looked: read them, then part.
-                    Some(Parted::Refused) | None => {
-                        tracing::debug!("ebpf: {} passed bytes; parts later", SIDES[s].as_str());
-                        parted_now[s] = None;
-                        continue;
-                    }
-                    Some(Parted::Exact) => parted_now[s] = None,
-                    // Checked below.
-                    Some(Parted::Racy) => {}
-                }
+                // Hold s first: taking the program off a socket while TCP hands it skbs
+                // drops them (`sk_psock_verdict_recv` finds no program and its default
+                // verdict is drop, after `tcp_eat_skb` counted them read: measured as
+                // 30-64 KB that TCP let go of and nobody sent, caught by the check in
+                // `leave_map`). With SO_RCVLOWAT at its maximum TCP hands nothing over
+                // (but under memory pressure, with a tiny window or at a FIN). Nothing
+                // of ours waits on s's psock for receive-buffer room (passed == read),
+                // so holding cannot stall it. Released once s is out of the maps.
+                sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
+                    .map_err(|e| (s, e))?;
+                k.part(self.entries.cookies[s]);
                 self.entries.members_in[s] = false;
                 self.parted[s] = true;
+                parted_now[s] = Some(own.passed);
             }
         }
         if parted_now.iter().any(Option::is_some) {
@@ -760,7 +725,6 @@ impl Paired {
         if self.in_map(CLIENT) || self.in_map(UPSTREAM) || self.dirs.iter().any(Dir::buffered) {
             return Ok(false);
         }
-        self.restore_sndbuf();
         tracing::debug!(
             "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
         );
@@ -777,12 +741,7 @@ impl Paired {
         let fd = self.socks[s].as_raw_fd();
         let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
         let into = k.dir_state(self.dirs[p].key).map_err(|e| (p, e))?;
-        if own.passed != self.dirs[s].consumed {
-            return Ok(());
-        }
-        let delivered = self.delivered(p)?;
-        if delivered < into.redirected {
-            self.make_room(s, into.redirected - delivered)?;
+        if own.passed != self.dirs[s].consumed || self.delivered(p)? < into.redirected {
             return Ok(());
         }
         k.remove_sock(self.entries.cookies[p]);
@@ -819,43 +778,6 @@ impl Paired {
             into.redirected
         );
         Ok(())
-    }
-
-    /// Bytes redirected into parted socket `s` wait on its psock for room in its send
-    /// queue. If that queue is full they wait for s's peer to read, and a peer that
-    /// reads only once its own writes to us drain (an echo) waits for us, who read s
-    /// only after it left the maps: nobody moves (seen as a bulk echo stalled for good,
-    /// about 1 run in 25 on a loaded host). So the send buffer grows to take every
-    /// pending byte (at most the in-flight bound, held on the psock anyway), and
-    /// shrinks back once the pair left the maps ([`Paired::restore_sndbuf`]).
-    fn make_room(&mut self, s: usize, pending: u64) -> Result<(), (usize, io::Error)> {
-        let fd = self.socks[s].as_raw_fd();
-        let have = sys::sndbuf(fd).map_err(|e| (s, e))?;
-        let queued = sys::outq(fd).map_err(|e| (s, e))?;
-        // Twice the payload: room for the skbs' overhead, whatever their size.
-        let want = 2 * (queued + pending) + (1 << 20);
-        if want <= have {
-            return Ok(());
-        }
-        if self.sndbuf_before[s] == 0 {
-            self.sndbuf_before[s] = have.min(u32::MAX as u64) as u32;
-        }
-        if let Err(e) = sys::force_sndbuf(fd, want) {
-            // Without CAP_NET_ADMIN (the kernel path has it): the pending bytes wait.
-            tracing::debug!("ebpf: cannot grow the send buffer: {e}");
-        }
-        Ok(())
-    }
-
-    /// Puts back the send buffers `make_room` grew (locked at their old size: splice
-    /// must not queue the in-flight bound into a slow reader's socket).
-    fn restore_sndbuf(&mut self) {
-        for s in 0..2 {
-            if self.sndbuf_before[s] != 0 {
-                let _ = sys::force_sndbuf(self.socks[s].as_raw_fd(), self.sndbuf_before[s] as u64);
-                self.sndbuf_before[s] = 0;
-            }
-        }
     }
 
     /// Redirected bytes of direction `d` that its dst has accepted.

@@ -11,27 +11,6 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// `bpf(cmd, attr)`, for the few commands aya 0.14 does not wrap. `attr` must be the
-/// command's member of `union bpf_attr` (`#[repr(C)]`, every field initialised): the
-/// kernel reads that many bytes and takes the rest of the union as zero.
-pub fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
-    // SAFETY: attr points to size_of::<A>() initialised bytes, which the kernel only
-    // reads.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const A,
-            std::mem::size_of::<A>() as u32,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 /// The kernel's unique, never reused id of a socket: our map key.
 pub fn cookie(fd: RawFd) -> io::Result<u64> {
     let mut v: u64 = 0;
@@ -160,41 +139,13 @@ pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
 /// verdict program, only once this many are queued (or the receive buffer is under
 /// pressure, the window is tiny, or a FIN came).
 pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
-    set_socket_int(fd, libc::SO_RCVLOWAT, bytes)
-}
-
-/// The send buffer's size (`sk_sndbuf`: what SO_SNDBUF reads, twice what it was set to).
-pub fn sndbuf(fd: RawFd) -> io::Result<u64> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: v and len are valid for writes of the sizes given.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(v as u64)
-}
-
-/// Sets `sk_sndbuf` to `bytes` past `net.core.wmem_max` (SO_SNDBUFFORCE, which needs
-/// CAP_NET_ADMIN, as the kernel path does; the kernel doubles the value it is given).
-pub fn force_sndbuf(fd: RawFd, bytes: u64) -> io::Result<()> {
-    let half = (bytes / 2).min(libc::c_int::MAX as u64 / 2) as libc::c_int;
-    set_socket_int(fd, libc::SO_SNDBUFFORCE, half)
-}
-
-fn set_socket_int(fd: RawFd, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
     // SAFETY: the value is a c_int of the size given.
     cvt(unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
+            libc::SO_RCVLOWAT,
+            (&bytes as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     })?;
