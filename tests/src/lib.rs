@@ -942,11 +942,13 @@ impl Drop for Forwarder {
             // What went wrong is often older than the tail (CI once showed 60 lines of
             // healthy close lines and not the one pair that failed): warnings, errors and
             // close lines that did not end `closed` come first.
-            let notable: Vec<&String> = lines[..skip]
+            // Read as text, so `--log-format json` lines are picked out the same way.
+            let notable: Vec<String> = lines[..skip]
                 .iter()
+                .map(|l| as_text(l))
                 .filter(|l| {
                     (l.contains(" WARN ") || l.contains(" ERROR "))
-                        || (l.contains(" close ") && !l.contains(" end=closed"))
+                        || (l.contains(" close rule=") && field(l, "end") != Some("closed"))
                 })
                 .collect();
             if !notable.is_empty() {
