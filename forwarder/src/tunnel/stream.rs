@@ -19,10 +19,12 @@
 //! the peer's FIN was delivered.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -340,6 +342,9 @@ impl Engine {
         // The peer closed the data connection cleanly (it is done): dial again only
         // for a new link.
         let mut peer_done = false;
+        // Made once and kept: the wait below polls them by hand on every pass.
+        let mut local_error = std::pin::pin!(socket_error(local));
+        let mut link_watch = link_gen.as_ref().map(watch_link);
         loop {
             // Move what can move without waiting.
             let quiet = match self.step(local, data.as_ref(), progress) {
@@ -400,47 +405,104 @@ impl Engine {
                 dial_armed = dial_at;
             }
             let room = room_freed().notified();
-            tokio::select! {
-                ev = self.link.events.recv() => match ev {
-                    None => return Err(End::Lost),
-                    Some(Event::Ack(n)) => self.acked(n).map_err(End::Protocol)?,
-                    Some(Event::Fin(at)) => {
-                        tracing::debug!("tunnel stream {}: peer FIN at {at}, received {}", self.link.stream, self.inn.received);
-                        self.inn.peer_fin = Some(at);
-                    }
-                    Some(Event::Reset) => return Err(End::PeerReset),
-                    Some(Event::GraceExpired) => return Err(End::Lost),
-                    Some(Event::Attach(conn)) => {
-                        drop_data(&mut data);
-                        data = self.reattach(conn).await?;
-                    }
-                },
-                r = local.readable(), if out_reads && !capped => r.map_err(End::Local)?,
-                _ = room, if out_reads && capped => {}
-                r = local.writable(), if self.inn.in_pipe > 0 => r.map_err(End::Local)?,
-                e = socket_error(local) => return Err(End::Local(e)),
-                r = async { data.as_ref().unwrap().readable().await }, if data.is_some() && in_reads => {
-                    if r.is_err() { drop_data(&mut data); redial_at = Some(Instant::now() + redial_wait); }
+            tokio::pin!(room);
+            // Polled by hand, not by `select!`: a message costs one pass here, and
+            // `select!` would build and drop a future per branch on every pass.
+            let woke = std::future::poll_fn(|cx| {
+                if let Poll::Ready(ev) = self.link.events.poll_recv(cx) {
+                    return Poll::Ready(Woke::Event(ev));
                 }
-                r = async { data.as_ref().unwrap().writable().await }, if data.is_some() && out_sends => {
-                    if r.is_err() { drop_data(&mut data); redial_at = Some(Instant::now() + redial_wait); }
+                let mut io = false;
+                if out_reads && !capped {
+                    match local.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => io = true,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Woke::Local(e)),
+                        Poll::Pending => {}
+                    }
                 }
-                _ = &mut ack_timer, if ack_armed.is_some() => self.send_ack(),
-                changed = async { link_gen.as_mut().unwrap().changed().await }, if link_gen.is_some() => {
-                    if changed.is_err() {
-                        link_gen = None;
-                    } else {
-                        let now = *link_gen.as_ref().unwrap().borrow();
-                        if now != 0 && now != attached_gen {
-                            // A new link: whatever data connection we hold went with the old one.
-                            drop_data(&mut data);
-                            redial_at = None;
-                            redial_wait = REDIAL_FIRST;
-                            peer_done = false;
+                if out_reads && capped && room.as_mut().poll(cx).is_ready() {
+                    io = true;
+                }
+                if self.inn.in_pipe > 0 {
+                    match local.poll_write_ready(cx) {
+                        Poll::Ready(Ok(())) => io = true,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Woke::Local(e)),
+                        Poll::Pending => {}
+                    }
+                }
+                if let Poll::Ready(e) = local_error.as_mut().poll(cx) {
+                    return Poll::Ready(Woke::Local(e));
+                }
+                if let Some(d) = &data {
+                    let read = in_reads.then(|| d.poll_read_ready(cx));
+                    let write = out_sends.then(|| d.poll_write_ready(cx));
+                    for r in [read, write].into_iter().flatten() {
+                        match r {
+                            Poll::Ready(Ok(())) => io = true,
+                            Poll::Ready(Err(_)) => return Poll::Ready(Woke::DataFailed),
+                            Poll::Pending => {}
                         }
                     }
                 }
-                _ = &mut dial_timer, if dial_armed.is_some() => {
+                if ack_armed.is_some() && ack_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::AckDue);
+                }
+                if let Some(w) = &mut link_watch {
+                    if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                        return Poll::Ready(Woke::Link(r.is_ok()));
+                    }
+                }
+                if dial_armed.is_some() && dial_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::DialDue);
+                }
+                if io {
+                    Poll::Ready(Woke::Io)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            match woke {
+                Woke::Io => {}
+                Woke::Event(None) => return Err(End::Lost),
+                Woke::Event(Some(Event::Ack(n))) => self.acked(n).map_err(End::Protocol)?,
+                Woke::Event(Some(Event::Fin(at))) => {
+                    tracing::debug!(
+                        "tunnel stream {}: peer FIN at {at}, received {}",
+                        self.link.stream,
+                        self.inn.received
+                    );
+                    self.inn.peer_fin = Some(at);
+                }
+                Woke::Event(Some(Event::Reset)) => return Err(End::PeerReset),
+                Woke::Event(Some(Event::GraceExpired)) => return Err(End::Lost),
+                Woke::Event(Some(Event::Attach(conn))) => {
+                    drop_data(&mut data);
+                    data = self.reattach(conn).await?;
+                }
+                Woke::Local(e) => return Err(End::Local(e)),
+                Woke::DataFailed => {
+                    drop_data(&mut data);
+                    redial_at = Some(Instant::now() + redial_wait);
+                }
+                Woke::AckDue => self.send_ack(),
+                Woke::Link(false) => {
+                    link_gen = None;
+                    link_watch = None;
+                }
+                Woke::Link(true) => {
+                    let g = link_gen.as_mut().expect("watched only with a link_gen");
+                    let now = *g.borrow_and_update();
+                    link_watch = Some(watch_link(g));
+                    if now != 0 && now != attached_gen {
+                        // A new link: whatever data connection we hold went with the old one.
+                        drop_data(&mut data);
+                        redial_at = None;
+                        redial_wait = REDIAL_FIRST;
+                        peer_done = false;
+                    }
+                }
+                Woke::DialDue => {
                     dial_armed = None;
                     let (_, dial) = dialer.as_ref().unwrap();
                     let gen_now = link_gen.as_ref().map_or(0, |g| *g.borrow());
@@ -454,7 +516,9 @@ impl Engine {
                                 continue;
                             }
                         }
-                        Err(e) => tracing::debug!("tunnel stream {}: dial failed: {e}", self.link.stream),
+                        Err(e) => {
+                            tracing::debug!("tunnel stream {}: dial failed: {e}", self.link.stream)
+                        }
                     }
                     redial_wait = (redial_wait * 2).min(REDIAL_MAX);
                     redial_at = Some(Instant::now() + redial_wait);
@@ -751,6 +815,29 @@ impl Engine {
         self.inn.read_blocked = false;
         Ok(Some(conn))
     }
+}
+
+/// What ended the wait of one pass of `Engine::run`.
+enum Woke {
+    /// A socket the pass waits on is ready (or the retention cap has room again).
+    Io,
+    Event(Option<Event>),
+    Local(io::Error),
+    DataFailed,
+    AckDue,
+    /// The link generation changed (`false`: its sender is gone).
+    Link(bool),
+    DialDue,
+}
+
+type LinkWatch =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send>>;
+
+/// Resolves when the link generation changes after what `gen` has seen (a clone, so
+/// `gen` itself stays free to read).
+fn watch_link(gen: &watch::Receiver<u64>) -> LinkWatch {
+    let mut gen = gen.clone();
+    Box::pin(async move { gen.changed().await })
 }
 
 fn counter(progress: &Progress, side: Side, from_local: bool) -> &AtomicU64 {
