@@ -46,6 +46,8 @@ pub struct Kernel {
     /// Every paired socket, by its cookie: where its epoll events and the program's
     /// wake-ups for it go (see [`Kernel::watch`]).
     watched: Arc<Mutex<StdHashMap<u64, Watched>>>,
+    /// Told when `watched` gets its first pair: the sleep check waits for it.
+    first_watched: Arc<Notify>,
     /// One epoll set for every paired socket (a pair holds no fd but its sockets).
     epoll: Arc<Epoll>,
     // Owns the program (and with aya's attach, its link): keep last.
@@ -108,7 +110,8 @@ impl Kernel {
         spawn_waker(wakes, watched.clone())?;
         let epoll = Arc::new(Epoll::new().map_err(|e| format!("epoll_create: {e}"))?);
         spawn_epoll_reader(epoll.clone(), watched.clone())?;
-        spawn_sleep_check(watched.clone());
+        let first_watched = Arc::new(Notify::new());
+        spawn_sleep_check(watched.clone(), first_watched.clone());
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or_else(|| format!("program {VERDICT_PROG} missing from the object"))?
@@ -133,6 +136,7 @@ impl Kernel {
             control: Mutex::new(control),
             attach,
             watched,
+            first_watched,
             epoll,
             _ebpf: ebpf,
         })
@@ -148,10 +152,12 @@ impl Kernel {
         events: u32,
         signals: Arc<PairSignals>,
     ) -> io::Result<()> {
-        self.watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, Watched { signals, side });
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if watched.is_empty() {
+            self.first_watched.notify_one();
+        }
+        watched.insert(cookie, Watched { signals, side });
+        drop(watched);
         self.epoll.add(sock.as_raw_fd(), events, cookie)
     }
 
@@ -381,14 +387,20 @@ fn spawn_waker(wakes: RingBuf<MapData>, watched: Registry) -> Result<(), String>
 /// timer for all pairs instead of one each (idle pairs hold none), and spread: each
 /// second it wakes the pairs whose cookie falls in that second's slice, so 10,000
 /// idle pairs cost a steady trickle (about 170 looks a second, two map reads each for a
-/// pair that is still quiet), never one burst.
-fn spawn_sleep_check(watched: Registry) {
+/// pair that is still quiet), never one burst. With no pair at all it does not tick:
+/// it waits for `first` (a permit stored by a pair that came in meanwhile is kept).
+fn spawn_sleep_check(watched: Registry, first: Arc<Notify>) {
     tokio::spawn(async move {
         let slices = super::pair::SLEEP_CHECK.as_secs().max(1);
         let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for n in 0u64.. {
             every.tick().await;
+            if watched.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                first.notified().await;
+                every.reset();
+                continue;
+            }
             let map = watched.lock().unwrap_or_else(|e| e.into_inner());
             // Each pair is registered once per socket: wake it through its client's.
             for (_, w) in map
