@@ -154,7 +154,7 @@ impl Kernel {
     ) -> io::Result<()> {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         if watched.is_empty() {
-            self.first_watched.notify_one();
+            self.first_watched.notify_waiters();
         }
         watched.insert(cookie, Watched { signals, side });
         drop(watched);
@@ -388,7 +388,7 @@ fn spawn_waker(wakes: RingBuf<MapData>, watched: Registry) -> Result<(), String>
 /// second it wakes the pairs whose cookie falls in that second's slice, so 10,000
 /// idle pairs cost a steady trickle (about 170 looks a second, two map reads each for a
 /// pair that is still quiet), never one burst. With no pair at all it does not tick:
-/// it waits for `first` (a permit stored by a pair that came in meanwhile is kept).
+/// it waits for `first`, which the first pair to come in notifies.
 fn spawn_sleep_check(watched: Registry, first: Arc<Notify>) {
     tokio::spawn(async move {
         let slices = super::pair::SLEEP_CHECK.as_secs().max(1);
@@ -396,8 +396,13 @@ fn spawn_sleep_check(watched: Registry, first: Arc<Notify>) {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for n in 0u64.. {
             every.tick().await;
+            // Listening before looking: a pair that comes in after the look wakes it
+            // (and no wake-up is stored for later, which would cost a spare tick).
+            let arrived = first.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
             if watched.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
-                first.notified().await;
+                arrived.await;
                 every.reset();
                 continue;
             }
