@@ -913,6 +913,10 @@ impl Forwarder {
     pub fn cpu_seconds(&self) -> f64 {
         proc_cpu_seconds(self.pid())
     }
+
+    pub fn context_switches(&self) -> u64 {
+        proc_context_switches(self.pid())
+    }
 }
 
 impl Drop for Forwarder {
@@ -995,6 +999,22 @@ pub fn proc_cpu_seconds(pid: i32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (utime + stime) as f64 / hz
+}
+
+/// Context switches (voluntary and not) of every thread of `pid`, from each
+/// /proc/PID/task/TID/status: how often the process ran at all.
+pub fn proc_context_switches(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/PID/task");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// VmRSS of `pid` from /proc/PID/status, in bytes (0 if unreadable).

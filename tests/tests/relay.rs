@@ -966,22 +966,9 @@ relay_tests! {
         // Whatever the pair's end set in motion (a last tick, a stored wake-up) is over
         // well within this.
         thread::sleep(Duration::from_millis(1500));
-        let switches = || -> u64 {
-            let tasks = std::fs::read_dir(format!("/proc/{}/task", fwd.pid())).expect("tasks");
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-                .flat_map(|status| {
-                    status
-                        .lines()
-                        .filter(|l| l.contains("ctxt_switches:"))
-                        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                        .collect::<Vec<_>>()
-                })
-                .sum()
-        };
-        let before = switches();
+        let before = fwd.context_switches();
         thread::sleep(secs(3));
-        let woke = switches() - before;
+        let woke = fwd.context_switches() - before;
         println!("{mode:?}: {woke} context switches in 3 s with no pair");
         // Measured 0 in every mode (8-9 in 4 s on the kernel path before).
         assert!(woke <= 1, "{woke} context switches in 3 s with no pair: something ticks");
