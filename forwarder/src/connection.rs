@@ -410,9 +410,35 @@ pub fn log_close(
 ) {
     let bytes_up = progress.to_upstream.load(Ordering::Relaxed);
     let bytes_down = progress.to_client.load(Ordering::Relaxed);
-    let duration = started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
     let path = progress.path();
     let userspace = progress.via_userspace.load(Ordering::Relaxed);
+    if !crate::logging::json() {
+        // One line per connection: formatted here and queued for a batched write, not
+        // through tracing's formatter, which escapes the message char by char and
+        // formats the date anew (with the write, 5% of the relay's CPU per connection).
+        // The same text, filtered the same way (FORWARDER_LOG).
+        if tracing::enabled!(tracing::Level::INFO) {
+            thread_local! {
+                static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+            }
+            LINE.with_borrow_mut(|line| {
+                use std::fmt::Write;
+                line.clear();
+                crate::logging::write_timestamp(line, std::time::SystemTime::now());
+                let ms = (elapsed.as_micros() + 500) / 1000;
+                let _ = writeln!(
+                    line,
+                    "  INFO close rule={rule} client={peer} upstream={upstream} bytes_up={bytes_up} bytes_down={bytes_down} duration={}.{:03}s path={path} userspace_bytes={userspace} end={end}",
+                    ms / 1000,
+                    ms % 1000
+                );
+                crate::logging::push_line(line.as_bytes(), false);
+            });
+        }
+        return;
+    }
+    let duration = elapsed.as_secs_f64();
     event!(
         info,
         "close",

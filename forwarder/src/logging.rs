@@ -7,13 +7,16 @@
 //! `timestamp`, `level` and `message`.
 
 use std::fmt;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -37,14 +40,132 @@ pub fn init(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(Unbatched)
         .with_ansi(false)
         .with_target(false);
     JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    flush_on_panic();
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.event_format(JsonLines).init(),
     }
+}
+
+/// Close lines wait here for one write(2) to stderr with the others of the same
+/// few milliseconds.
+///
+/// A write per close line was 2.4% of the relay's CPU at 5,000 connections/s. Once
+/// [`start_flusher`] runs, a close line is written at most [`FLUSH_AFTER`] late (or
+/// at [`FLUSH_AT`] bytes). Every other line is written at once, after whatever
+/// waits, so the order holds; exit, failure and panic flush first.
+static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static BATCHING: AtomicBool = AtomicBool::new(false);
+const FLUSH_AFTER: Duration = Duration::from_millis(10);
+const FLUSH_AT: usize = 32 << 10;
+
+fn flusher() -> &'static tokio::sync::Notify {
+    static N: OnceLock<tokio::sync::Notify> = OnceLock::new();
+    N.get_or_init(tokio::sync::Notify::new)
+}
+
+/// Starts batching (inside the runtime): a task that writes a batch `FLUSH_AFTER`
+/// after its first line, and sleeps while nothing is logged.
+pub fn start_flusher() {
+    let wake = flusher();
+    tokio::spawn(async move {
+        loop {
+            wake.notified().await;
+            tokio::time::sleep(FLUSH_AFTER).await;
+            flush();
+        }
+    });
+    BATCHING.store(true, Ordering::Release);
+}
+
+/// Writes what waits, now (before exit or a failure message).
+pub fn flush() {
+    let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    write_out(&mut pending);
+}
+
+fn write_out(pending: &mut Vec<u8>) {
+    if !pending.is_empty() {
+        // Nothing useful to do if stderr is gone.
+        let _ = io::stderr().write_all(pending);
+        pending.clear();
+        if pending.capacity() > 2 * FLUSH_AT {
+            pending.shrink_to(FLUSH_AT);
+        }
+    }
+}
+
+/// Queues one whole line, or writes it with what waits when `now` or not batching.
+pub fn push_line(line: &[u8], now: bool) {
+    let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    let was_empty = pending.is_empty();
+    pending.extend_from_slice(line);
+    if now || !BATCHING.load(Ordering::Acquire) || pending.len() >= FLUSH_AT {
+        write_out(&mut pending);
+    } else if was_empty {
+        flusher().notify_one();
+    }
+}
+
+/// Flushes waiting close lines before the panic message (`try_lock`: the panic may
+/// have struck while holding the lock).
+fn flush_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(mut pending) = PENDING.try_lock() {
+            write_out(&mut pending);
+        }
+        previous(info)
+    }));
+}
+
+/// tracing's writer: every line it formats is written at once (after waiting close
+/// lines); one `write` call is one whole line.
+struct Unbatched;
+
+struct LineWriter;
+
+impl<'a> MakeWriter<'a> for Unbatched {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter
+    }
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        push_line(buf, true);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The text log's timestamp (`2026-11-30T20:05:12.480881Z`, as tracing's formatter
+/// writes it) for lines formatted outside it; the date and time are formatted once a
+/// second per thread.
+pub fn write_timestamp(out: &mut String, now: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            text.clear();
+            let t = chrono::DateTime::from_timestamp(secs as i64, 0).unwrap_or_default();
+            let _ = fmt::Write::write_fmt(text, format_args!("{}", t.format("%Y-%m-%dT%H:%M:%S")));
+        }
+        out.push_str(text);
+    });
+    let _ = fmt::Write::write_fmt(out, format_args!(".{:06}Z", since.subsec_micros()));
 }
 
 /// Logs one operator-facing event: `text` is the text line's format and arguments,

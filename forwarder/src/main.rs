@@ -130,7 +130,9 @@ fn start(
         metrics,
         tunnel,
     };
-    match runtime.block_on(forwarder::server::run(startup)) {
+    let result = runtime.block_on(forwarder::server::run(startup));
+    logging::flush();
+    match result {
         Ok(()) => {
             // Connections still open after a forced stop are closed by exit.
             runtime.shutdown_background();
@@ -147,6 +149,7 @@ fn config_error(e: ConfigError) -> ExitCode {
 
 /// After logging is set up, a JSON log stays JSON to the last line.
 fn failure(e: anyhow::Error) -> ExitCode {
+    logging::flush();
     if logging::json() {
         tracing::error!("{e:#}");
     } else {

@@ -109,6 +109,7 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         metrics: metrics_listener,
         tunnel,
     } = startup;
+    crate::logging::start_flusher();
     // Before anything is announced: a SIGHUP sent as soon as a listening line (or
     // READY=1) appears must find its handler, not the default action (exit).
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
