@@ -3,6 +3,7 @@
 //! to the upstream, the relay, idle timeout / max duration / forced shutdown, and the
 //! close log line.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -142,7 +143,7 @@ pub fn serve(
             // again (bytes moving do not touch it).
             while next.is_some() && timer.as_mut().poll(cx).is_ready() {
                 match limits.check(&progress) {
-                    Ok(why) => return Poll::Ready(why.to_string()),
+                    Ok(why) => return Poll::Ready(Cow::Borrowed(why)),
                     Err(at) => {
                         next = at;
                         if let Some(at) = at {
@@ -152,7 +153,7 @@ pub fn serve(
                 }
             }
             if rt.abort.fired.load(Ordering::SeqCst) || aborted.as_mut().poll(cx).is_ready() {
-                return Poll::Ready("shutdown".to_string());
+                return Poll::Ready(Cow::Borrowed("shutdown"));
             }
             Poll::Pending
         })
@@ -162,12 +163,28 @@ pub fn serve(
     }
 }
 
+/// The close line's `upstream=`: the address connected to (formatted only when the
+/// line is), or `agent:NAME`.
+enum UpstreamName {
+    Addr(SocketAddr),
+    Agent(String),
+}
+
+impl std::fmt::Display for UpstreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamName::Addr(a) => a.fmt(f),
+            UpstreamName::Agent(name) => f.write_str(name),
+        }
+    }
+}
+
 /// A pair ready for the relay, with what must be held until it ends.
 struct Connected {
     pair: Pair,
     /// The client as admission saw it (a PROXY header's source when one was read).
     peer: SocketAddr,
-    upstream: String,
+    upstream: UpstreamName,
     _source_slot: SourceSlot,
     _active: Option<ActiveGuard>,
 }
@@ -227,7 +244,7 @@ async fn admit_and_connect(
         return Some(Connected {
             pair,
             peer,
-            upstream,
+            upstream: UpstreamName::Agent(upstream),
             _source_slot: source_slot,
             _active: None,
         });
@@ -253,11 +270,10 @@ async fn admit_and_connect(
         let header = proxy_protocol::encode(version, peer, local);
         if let Err(e) = upstream.write_all(&header).await {
             let end = format!("upstream_error (writing PROXY header: {e})");
-            let upstream = upstream_addr.to_string();
             log_close(
                 &rule.name,
                 peer,
-                &upstream,
+                &upstream_addr,
                 started,
                 &Progress::default(),
                 &end,
@@ -273,7 +289,7 @@ async fn admit_and_connect(
     Some(Connected {
         pair,
         peer,
-        upstream: upstream_addr.to_string(),
+        upstream: UpstreamName::Addr(upstream_addr),
         _source_slot: source_slot,
         _active: Some(active),
     })
@@ -376,9 +392,9 @@ fn far_future() -> tokio::time::Instant {
 }
 
 /// How a relay's end reads in the close line's `end=`.
-pub fn end_text(end: &RelayEnd) -> String {
-    match end {
-        RelayEnd::Closed => "closed".to_string(),
+pub fn end_text(end: &RelayEnd) -> Cow<'static, str> {
+    Cow::Owned(match end {
+        RelayEnd::Closed => return Cow::Borrowed("closed"),
         RelayEnd::Failed { side, error } => {
             format!(
                 "{}_{} ({error})",
@@ -386,7 +402,7 @@ pub fn end_text(end: &RelayEnd) -> String {
                 describe(error).replace(' ', "_")
             )
         }
-        RelayEnd::Ended(why) => why.to_string(),
+        RelayEnd::Ended(why) => return Cow::Borrowed(why),
         RelayEnd::Refused { reason, detail } => {
             let shown = if detail.is_empty() {
                 String::new()
@@ -395,7 +411,7 @@ pub fn end_text(end: &RelayEnd) -> String {
             };
             format!("refused_{reason}{shown}")
         }
-    }
+    })
 }
 
 /// The `close` line: one per accepted client that got past admission (and, on a
@@ -403,7 +419,7 @@ pub fn end_text(end: &RelayEnd) -> String {
 pub fn log_close(
     rule: &str,
     peer: SocketAddr,
-    upstream: &str,
+    upstream: &(impl std::fmt::Display + ?Sized),
     started: Instant,
     progress: &Progress,
     end: &str,

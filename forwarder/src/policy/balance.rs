@@ -87,22 +87,17 @@ impl Upstreams {
 
     /// The upstreams to try for this client, best first.
     pub fn order(&self, client: IpAddr) -> Vec<usize> {
-        let up: Vec<usize> = (0..self.list.len()).filter(|&i| self.is_up(i)).collect();
-        let primaries: Vec<usize> = up
-            .iter()
-            .copied()
-            .filter(|&i| !self.list[i].cfg.backup)
+        let n = self.list.len();
+        // One list per connection, built in place: the healthy primaries (or, with none,
+        // the healthy backups) are the balancer's candidates.
+        let primary_up = (0..n).any(|i| !self.list[i].cfg.backup && self.is_up(i));
+        let mut order: Vec<usize> = (0..n)
+            .filter(|&i| self.list[i].cfg.backup != primary_up && self.is_up(i))
             .collect();
-        let candidates = if primaries.is_empty() {
-            up.iter()
-                .copied()
-                .filter(|&i| self.list[i].cfg.backup)
-                .collect()
-        } else {
-            primaries
-        };
-        let mut order = Vec::with_capacity(self.list.len());
-        if let Some(first) = self.pick(&candidates, client) {
+        order.reserve_exact(n - order.len());
+        let first = self.pick(&order, client);
+        order.clear();
+        if let Some(first) = first {
             order.push(first);
         }
         // The rest: healthy primaries, healthy backups, then the ones marked down.

@@ -110,27 +110,36 @@ impl Progress {
     }
 
     /// `splice`, `ebpf`, `ebpf>splice`, ...; `none` when no relay started.
-    pub fn path(&self) -> String {
-        let mut h = self.hops.load(Ordering::Relaxed);
+    pub fn path(&self) -> PathName {
+        PathName(self.hops.load(Ordering::Relaxed))
+    }
+}
+
+/// The close line's `path=`: the hops as recorded (4 bits each, oldest lowest),
+/// formatted only when the line is.
+pub struct PathName(u32);
+
+impl std::fmt::Display for PathName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut h = self.0;
         if h == 0 {
-            return "none".into();
+            return f.write_str("none");
         }
-        let mut out = String::new();
         let mut first = true;
         while h != 0 {
             if !first {
-                out.push('>');
+                f.write_str(">")?;
             }
-            out.push_str(
+            f.write_str(
                 Hop::ALL
                     .iter()
                     .find(|hop| **hop as u32 == h & 0xf)
                     .map_or("?", |hop| hop.as_str()),
-            );
+            )?;
             h >>= 4;
             first = false;
         }
-        out
+        Ok(())
     }
 }
 
@@ -240,17 +249,17 @@ mod tests {
     #[test]
     fn path_names_every_hop_in_order() {
         let p = Progress::default();
-        assert_eq!(p.path(), "none");
+        assert_eq!(p.path().to_string(), "none");
         p.enter(Hop::Ebpf);
         p.enter(Hop::Ebpf);
-        assert_eq!(p.path(), "ebpf");
+        assert_eq!(p.path().to_string(), "ebpf");
         p.enter(Hop::Splice);
         p.enter(Hop::Ebpf);
-        assert_eq!(p.path(), "ebpf>splice>ebpf");
+        assert_eq!(p.path().to_string(), "ebpf>splice>ebpf");
         for _ in 0..10 {
             p.enter(Hop::Splice);
             p.enter(Hop::Ebpf);
         }
-        assert_eq!(p.path().split('>').count(), MAX_HOPS as usize);
+        assert_eq!(p.path().to_string().split('>').count(), MAX_HOPS as usize);
     }
 }
