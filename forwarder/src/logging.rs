@@ -82,8 +82,14 @@ pub fn start_flusher() {
     BATCHING.store(true, Ordering::Release);
 }
 
-/// Writes what waits, now (before exit or a failure message).
-pub fn flush() {
+/// Writes what waits and stops batching (the server has returned: lines logged while
+/// the runtime winds down, or by a failure message, go out at once).
+pub fn finish() {
+    BATCHING.store(false, Ordering::Release);
+    flush();
+}
+
+fn flush() {
     let mut pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
     write_out(&mut pending);
 }

@@ -131,7 +131,7 @@ fn start(
         tunnel,
     };
     let result = runtime.block_on(forwarder::server::run(startup));
-    logging::flush();
+    logging::finish();
     match result {
         Ok(()) => {
             // Connections still open after a forced stop are closed by exit.
@@ -149,7 +149,7 @@ fn config_error(e: ConfigError) -> ExitCode {
 
 /// After logging is set up, a JSON log stays JSON to the last line.
 fn failure(e: anyhow::Error) -> ExitCode {
-    logging::flush();
+    logging::finish();
     if logging::json() {
         tracing::error!("{e:#}");
     } else {
