@@ -549,103 +549,111 @@ impl Engine {
         }
     }
 
+    /// local → data: what is in the pipe goes out, then a read from local, whose bytes
+    /// go out in the same call (one pass per message).
     fn step_out(
         &mut self,
         local: &TcpStream,
         data: Option<&TcpStream>,
         progress: &Progress,
     ) -> Result<bool, Fault> {
-        let o = &mut self.out;
         let mut moved = false;
         if let Some(d) = data {
-            // The replay goes first: it is older than anything in `pipe`.
-            if let Some((scratch, left)) = &mut o.replay {
-                // (A blocked replay must not skip the read below: the select waits
-                // on the local socket's readiness whenever a read is due.)
-                'replay: while *left > 0 {
-                    match d.try_io(Interest::WRITABLE, || {
-                        splice(scratch.r.as_raw_fd(), d.as_raw_fd(), *left)
-                    }) {
-                        Ok(0) => {
-                            return Err(Fault::Protocol("replay pipe emptier than counted".into()))
-                        }
-                        Ok(n) => {
-                            *left -= n;
-                            o.sent += n as u64;
-                            moved = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'replay,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => return Err(Fault::Data),
-                    }
-                }
-                if *left == 0 {
-                    if let Some((scratch, _)) = o.replay.take() {
-                        scratch.give_back();
-                    }
-                }
+            moved |= self.push_out(d)?;
+        }
+        if self.read_local(local, progress)? {
+            moved = true;
+            if let Some(d) = data {
+                self.push_out(d)?;
             }
-            // Retained bytes at the head of `pipe` go out.
-            while o.sent < o.teed && o.head == o.sent {
-                let want = (o.teed - o.sent) as usize;
+        }
+        Ok(moved)
+    }
+
+    /// Sends the replay, then what is retained, then retains what was read since and
+    /// sends that too.
+    fn push_out(&mut self, d: &TcpStream) -> Result<bool, Fault> {
+        let o = &mut self.out;
+        let mut moved = false;
+        // The replay goes first: it is older than anything in `pipe`.
+        if let Some((scratch, left)) = &mut o.replay {
+            // (A blocked replay must not skip the read: the wait polls the local
+            // socket's readiness whenever a read is due.)
+            'replay: while *left > 0 {
                 match d.try_io(Interest::WRITABLE, || {
-                    splice(o.pipe.r.as_raw_fd(), d.as_raw_fd(), want)
+                    splice(scratch.r.as_raw_fd(), d.as_raw_fd(), *left)
                 }) {
-                    Ok(0) => return Err(Fault::Protocol("pipe emptier than counted".into())),
+                    Ok(0) => {
+                        return Err(Fault::Protocol("replay pipe emptier than counted".into()))
+                    }
                     Ok(n) => {
+                        *left -= n;
                         o.sent += n as u64;
-                        o.head += n as u64;
-                        o.in_pipe -= n;
                         moved = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'replay,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => return Err(Fault::Data),
                 }
             }
-            // Retain what was read since, once nothing un-retained is ahead of it in
-            // `pipe` (tee copies from the head).
-            if o.replay.is_none() && o.head == o.teed && o.teed < o.read {
-                let want = (o.read - o.teed) as usize;
-                match tee(o.pipe.r.as_raw_fd(), o.keep.w.as_raw_fd(), want) {
-                    Ok(n) => {
-                        o.teed += n as u64;
-                        moved = true;
-                    }
-                    // The retention pipe has no free slot: wait for an ack.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
-                    Err(e) => return Err(Fault::Protocol(format!("tee: {e}"))),
+            if *left == 0 {
+                if let Some((scratch, _)) = o.replay.take() {
+                    scratch.give_back();
                 }
             }
         }
-        if o.in_pipe == 0 {
-            o.read_blocked = false;
-        }
-        // Read from local while the pipe and the retention bound have room (also
-        // while detached: the bytes wait in the pipe).
-        let room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
-        if !o.eof && !o.read_blocked && room > 0 && RETAINED.load(Ordering::Relaxed) < RETAINED_CAP
-        {
-            match fill(local, &o.pipe, o.in_pipe, room) {
-                Ok(Fill::Eof) => {
-                    o.eof = true;
+        moved |= send_retained(o, d)?;
+        // Retain what was read since, once nothing un-retained is ahead of it in
+        // `pipe` (tee copies from the head), and send it.
+        if o.replay.is_none() && o.head == o.teed && o.teed < o.read {
+            let want = (o.read - o.teed) as usize;
+            match tee(o.pipe.r.as_raw_fd(), o.keep.w.as_raw_fd(), want) {
+                Ok(n) => {
+                    o.teed += n as u64;
                     moved = true;
+                    send_retained(o, d)?;
                 }
-                Ok(Fill::Bytes { n, .. }) => {
-                    o.read += n as u64;
-                    o.in_pipe += n;
-                    RETAINED.fetch_add(n as u64, Ordering::Relaxed);
-                    counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
-                    moved = true;
-                }
-                Ok(Fill::Empty) => {}
-                Ok(Fill::NoSlot) => o.read_blocked = true,
+                // The retention pipe has no free slot: wait for an ack.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
-                Err(e) => return Err(Fault::Local(e)),
+                Err(e) => return Err(Fault::Protocol(format!("tee: {e}"))),
             }
         }
         Ok(moved)
+    }
+
+    /// Reads from local while the pipe and the retention bound have room (also while
+    /// detached: the bytes wait in the pipe).
+    fn read_local(&mut self, local: &TcpStream, progress: &Progress) -> Result<bool, Fault> {
+        let o = &mut self.out;
+        if o.in_pipe == 0 {
+            o.read_blocked = false;
+        }
+        let room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
+        if o.eof || o.read_blocked || room == 0 || RETAINED.load(Ordering::Relaxed) >= RETAINED_CAP
+        {
+            return Ok(false);
+        }
+        match fill(local, &o.pipe, o.in_pipe, room) {
+            Ok(Fill::Eof) => {
+                o.eof = true;
+                Ok(true)
+            }
+            Ok(Fill::Bytes { n, .. }) => {
+                o.read += n as u64;
+                o.in_pipe += n;
+                RETAINED.fetch_add(n as u64, Ordering::Relaxed);
+                counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
+                Ok(true)
+            }
+            Ok(Fill::Empty) => Ok(false),
+            Ok(Fill::NoSlot) => {
+                o.read_blocked = true;
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(e) => Err(Fault::Local(e)),
+        }
     }
 
     fn step_in(
@@ -654,23 +662,9 @@ impl Engine {
         data: Option<&TcpStream>,
         progress: &Progress,
     ) -> Result<(bool, bool), Fault> {
-        let i = &mut self.inn;
-        let mut moved = false;
+        let mut moved = self.deliver(local, progress)?;
         let mut quiet = false;
-        while i.in_pipe > 0 {
-            match local.try_io(Interest::WRITABLE, || {
-                splice(i.pipe.r.as_raw_fd(), local.as_raw_fd(), i.in_pipe)
-            }) {
-                Ok(n) => {
-                    i.in_pipe -= n;
-                    counter(progress, self.side, false).fetch_add(n as u64, Ordering::Relaxed);
-                    moved = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Fault::Local(e)),
-            }
-        }
+        let i = &mut self.inn;
         if i.in_pipe == 0 {
             i.read_blocked = false;
         }
@@ -688,6 +682,8 @@ impl Engine {
                     i.in_pipe += n;
                     moved = true;
                     quiet |= drained;
+                    // Delivered in the same call (one pass per message).
+                    self.deliver(local, progress)?;
                 }
                 Ok(Fill::Empty) => quiet = true,
                 Ok(Fill::NoSlot) => {
@@ -699,6 +695,27 @@ impl Engine {
             }
         }
         Ok((moved, quiet))
+    }
+
+    /// data → local: what is in the pipe goes to the local socket.
+    fn deliver(&mut self, local: &TcpStream, progress: &Progress) -> Result<bool, Fault> {
+        let i = &mut self.inn;
+        let mut moved = false;
+        while i.in_pipe > 0 {
+            match local.try_io(Interest::WRITABLE, || {
+                splice(i.pipe.r.as_raw_fd(), local.as_raw_fd(), i.in_pipe)
+            }) {
+                Ok(n) => {
+                    i.in_pipe -= n;
+                    counter(progress, self.side, false).fetch_add(n as u64, Ordering::Relaxed);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Fault::Local(e)),
+            }
+        }
+        Ok(moved)
     }
 
     /// Acks and our FIN, as the control link allows.
@@ -853,6 +870,30 @@ fn drop_data(data: &mut Option<TcpStream>) {
         // A reset, so the peer's end of it fails at once instead of lingering.
         reset_on_close(&d);
     }
+}
+
+/// Sends the retained bytes at the head of `pipe` ([sent, teed), once `head` is
+/// `sent`: not while a replay is older).
+fn send_retained(o: &mut Out, d: &TcpStream) -> Result<bool, Fault> {
+    let mut moved = false;
+    while o.sent < o.teed && o.head == o.sent {
+        let want = (o.teed - o.sent) as usize;
+        match d.try_io(Interest::WRITABLE, || {
+            splice(o.pipe.r.as_raw_fd(), d.as_raw_fd(), want)
+        }) {
+            Ok(0) => return Err(Fault::Protocol("pipe emptier than counted".into())),
+            Ok(n) => {
+                o.sent += n as u64;
+                o.head += n as u64;
+                o.in_pipe -= n;
+                moved = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(Fault::Data),
+        }
+    }
+    Ok(moved)
 }
 
 fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
