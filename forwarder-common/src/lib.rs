@@ -18,6 +18,13 @@ pub const CONTROL_MAP: &str = "CONTROL";
 /// RINGBUF of cookies (u64): the program posts a direction's cookie on its first skb
 /// after userspace put the pair to sleep ([`DirControl::sleep`]).
 pub const WAKES_MAP: &str = "WAKES";
+/// HASH cookie -> u32: sockets to take out of MEMBERS under their socket lock.
+/// Userspace writes [`PARTING_ASKED`], runs [`PART_PROG`], and finds [`PARTING_DONE`].
+pub const PARTING_MAP: &str = "PARTING";
+pub const PARTING_ASKED: u32 = 1;
+pub const PARTING_DONE: u32 = 2;
+/// Name of the TCP iterator program that parts sockets (see PARTING_MAP).
+pub const PART_PROG: &str = "part_locked";
 /// Name of the sk_skb verdict program in the object.
 pub const VERDICT_PROG: &str = "forwarder_verdict";
 /// Room for this many pairs (two sockets, two directions each).

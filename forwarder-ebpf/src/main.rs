@@ -1,4 +1,5 @@
-//! The kernel half of the sockmap relay: one sk_skb verdict program.
+//! The kernel half of the sockmap relay: one sk_skb verdict program (and `part_locked`,
+//! the TCP iterator that takes sockets out of it under their socket lock).
 //!
 //! For every skb arriving on a socket of a pair it either redirects the bytes to the
 //! peer socket's egress (the fast path) or leaves them on the source socket (SK_PASS)
@@ -15,13 +16,13 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
-    use aya_ebpf::helpers::bpf_get_socket_cookie;
+    use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_map_delete_elem};
     use aya_ebpf::macros::{map, stream_verdict};
     use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
     use aya_ebpf::programs::SkBuffContext;
     use aya_ebpf::EbpfContext;
     use aya_log_ebpf::debug;
-    use forwarder_common::{DirControl, DirState, MAX_PAIRS};
+    use forwarder_common::{DirControl, DirState, MAX_PAIRS, PARTING_ASKED, PARTING_DONE};
 
     /// Redirect targets: the peer of the socket with this cookie.
     #[map(name = "SOCKS")]
@@ -33,6 +34,11 @@ mod prog {
     static STATE: HashMap<u64, DirState> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
     #[map(name = "CONTROL")]
     static CONTROL: HashMap<u64, DirControl> = HashMap::with_max_entries(2 * MAX_PAIRS, 0);
+    /// Sockets userspace wants out of MEMBERS (cookie -> PARTING_ASKED, set to
+    /// PARTING_DONE by `part_locked` once it removed them), and under key 0 (no
+    /// socket's cookie) how many of them are still to be met.
+    #[map(name = "PARTING")]
+    static PARTING: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
     /// Wake-ups for pairs whose userspace side sleeps (cookies, 8 bytes each).
     #[map(name = "WAKES")]
     static WAKES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -95,6 +101,55 @@ mod prog {
         if sleep != state.woken {
             state.woken = sleep;
             let _ = WAKES.output::<u64>(&cookie, 0);
+        }
+    }
+
+    /// A TCP iterator (`iter/tcp`): runs once per TCP socket of the network namespace,
+    /// with that socket locked (`lock_sock`), and takes the sockets listed in PARTING
+    /// out of MEMBERS. Parting under the socket's lock is what makes it safe: a
+    /// verdict runs under the same lock (softirq, or the lock's owner), so none can be
+    /// running while the program comes off, and TCP hands the packets that arrive
+    /// meanwhile to the restored plain `sk_data_ready` when the lock is released.
+    /// Removed by userspace without the lock, a verdict that started on another CPU
+    /// finds no program and drops the skb after TCP counted it read (seen: the last 3
+    /// bytes and FIN of a transfer, lost while the pair left the maps).
+    ///
+    /// The context is `struct bpf_iter__tcp { meta; sk_common; uid }`: the socket is
+    /// its second pointer, NULL on the iterator's last call.
+    #[unsafe(link_section = "iter/tcp")]
+    #[unsafe(no_mangle)]
+    pub fn part_locked(ctx: *mut *mut core::ffi::c_void) -> i32 {
+        // SAFETY: the verifier types this load from the iterator's context.
+        let sk = unsafe { *ctx.add(1) };
+        if sk.is_null() {
+            return 0;
+        }
+        // SAFETY: sk is a socket the iterator holds (tracing flavour of the helper).
+        let cookie = unsafe { bpf_get_socket_cookie(sk) };
+        let Some(asked) = PARTING.get_ptr_mut(&cookie) else {
+            return 0;
+        };
+        // SAFETY: MEMBERS is a map definition (the helper takes the map's address);
+        // the key is a live u64.
+        unsafe {
+            if *asked != PARTING_ASKED {
+                // Met already (a TIME_WAIT twin shares the cookie).
+                return 0;
+            }
+            bpf_map_delete_elem(
+                core::ptr::addr_of!(MEMBERS) as *mut core::ffi::c_void,
+                &cookie as *const u64 as *const core::ffi::c_void,
+            );
+            *asked = PARTING_DONE;
+        }
+        // The last one listed: stop the walk here (1 ends the read with EAGAIN).
+        match PARTING.get_ptr_mut(&0) {
+            // SAFETY: a map value, valid for the program's run; one walk at a time.
+            Some(left) => unsafe {
+                *left = (*left).saturating_sub(1);
+                i32::from(*left == 0)
+            },
+            None => 0,
         }
     }
 

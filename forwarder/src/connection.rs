@@ -441,13 +441,9 @@ pub fn log_close(
         }
         return;
     }
+    // JSON: the typed fields, through tracing (the text line is written above).
     let duration = elapsed.as_secs_f64();
-    event!(
-        info,
-        "close",
-        text = (
-            "close rule={rule} client={peer} upstream={upstream} bytes_up={bytes_up} bytes_down={bytes_down} duration={duration:.3}s path={path} userspace_bytes={userspace} end={end}"
-        ),
+    tracing::info!(
         rule = %rule,
         client = %peer,
         upstream = %upstream,
@@ -458,6 +454,7 @@ pub fn log_close(
         path = %path,
         userspace_bytes = userspace,
         end = %end,
+        "close"
     );
 }
 

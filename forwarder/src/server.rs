@@ -475,7 +475,8 @@ async fn choose_path(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
         return Ok((Arc::new(SpliceRelay), "requested".into()));
     }
     let auto = rule.mode == Mode::Auto;
-    match EbpfRelay::new(rule.inflight_limit, auto).await {
+    let proxy_header = rule.accept_proxy_protocol || rule.proxy_protocol.is_some();
+    match EbpfRelay::new(rule.inflight_limit, auto, proxy_header).await {
         Ok(relay) => {
             let why = format!(
                 "{}: probed ok, attach={}, inflight_limit={}{}",

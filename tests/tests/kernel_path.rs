@@ -148,7 +148,7 @@ relay_tests! {
         }
     }
 
-    /// Both directions at full speed at once (1-6 MiB each way), each side shutting its
+    /// Both directions at full speed at once (2-12 MiB each way), each side shutting its
     /// write side after its last byte, with in-flight bounds small enough that pairs
     /// leave the maps for splice, now and then while the FINs arrive. 32 rounds of two
     /// pairs (one per bound); every pair ends sha256-exact both ways, or reset on both
@@ -158,7 +158,7 @@ relay_tests! {
         let _load = heavy();
         const ROUNDS: u64 = 32;
         fn down(seed: u64) -> Payload {
-            Payload::new(seed ^ 0xD0_0000, MIB + (seed * 1_299_709) % (5 * MIB) + seed % 7)
+            Payload::new(seed ^ 0xD0_0000, 2 * MIB + (seed * 1_299_709) % (10 * MIB) + seed % 7)
         }
         let (up, rx) = duplex_server(down);
         let toml = rule("tight", up.addr(), "inflight_limit = 65536")
@@ -173,8 +173,8 @@ relay_tests! {
             fwd.expect_paths(&["ebpf>splice"]).expect_moved(1);
             // Past 4 x inflight_limit the program passes bytes to us (SK_PASS) and we
             // relay them; each byte at most once, so at most both payloads of a pair
-            // (6 MiB + 6 B each way at most).
-            fwd.expect_userspace_at_most(2 * (6 * MIB + 6));
+            // (12 MiB + 6 B each way at most).
+            fwd.expect_userspace_at_most(2 * (12 * MIB + 6));
         }
         let (tight, loose) = (fwd.rule_addr("tight"), fwd.rule_addr("loose"));
         let start = Instant::now();
@@ -187,7 +187,7 @@ relay_tests! {
                     .enumerate()
                     .map(|(k, (name, addr))| {
                         let seed = 30_000 + round * 2 + k as u64;
-                        let p = Payload::new(seed, MIB + (seed * 7_919 * KIB) % (5 * MIB) + seed % 5);
+                        let p = Payload::new(seed, 2 * MIB + (seed * 7_919 * KIB) % (10 * MIB) + seed % 5);
                         t.spawn(move || (name, p, duplex(addr, p, Instant::now() + secs(30))))
                     })
                     .collect();
@@ -219,18 +219,26 @@ relay_tests! {
             if exact {
                 continue;
             }
-            // Not exact: it must be a reset that both ends saw. (A client whose writer
-            // met the reset first reads a plain EOF after it: the reset is then in
-            // `wrote`.)
+            // Not exact: it must be a reset that both ends saw, or that the end still
+            // using the connection saw while the other had already got every byte it
+            // was due and written all of its own (a server done with the pair before
+            // the forwarder reset it reads nothing more, and so sees nothing: seen in
+            // CI when the duplication guard reset a pair's download after its upload
+            // had ended exactly). (A client whose writer met the reset first reads a
+            // plain EOF after it: the reset is then in `wrote`.)
             let client_reset = matches!(&c.read, Err(e) if is_reset(e))
                 || matches!(&c.wrote, Err(e) if e.to_string().contains("reset") || e.to_string().contains("Broken pipe"));
             let server_reset = matches!(server, Some(ServerSide { read: Err(_), .. }) | Some(ServerSide { wrote: Err(_), .. }));
+            let client_done = matches!(&c.read, Ok(d) if *d == want_down) && c.wrote.is_ok();
+            let server_done = matches!(server, Some(ServerSide { read: Ok(d), wrote: Ok(()), .. }) if *d == Digested::of(p));
             let logged = close.is_some_and(|l| field(l, "end") != Some("closed"));
-            if client_reset && server_reset && logged {
+            let seen = (client_reset && (server_reset || server_done))
+                || (server_reset && client_done);
+            if seen && logged {
                 resets.push(format!("seed {}: {}", p.seed, close.unwrap_or_default()));
             } else {
                 failures.push(format!(
-                    "seed {} from {}: CUT OR CORRUPTED without a reset on both sides: client read {:?} wrote {:?}; upstream {server:?}; close {close:?}",
+                    "seed {} from {}: CUT OR CORRUPTED without a reset seen by each end not done with it: client read {:?} wrote {:?}; upstream {server:?}; close {close:?}",
                     p.seed, c.local, c.read, c.wrote
                 ));
             }
@@ -253,6 +261,14 @@ relay_tests! {
                 closes.iter().any(|l| field(l, "path") == Some("ebpf>splice")),
                 "no pair left the kernel path: {closes:#?}"
             );
+            // Every socket of a pair that left parted under its socket lock (or once
+            // closed): a plain map delete races the verdict, which then drops an skb.
+            let logs = fwd.log_lines();
+            let parted = |how: &str| logs.iter().filter(|l| l.contains("ebpf: ") && l.contains(" parted ") && l.contains(how)).count();
+            let (all, unlocked) = (parted(""), parted("without the socket lock"));
+            println!("sockets parted: {all}, without their lock: {unlocked}");
+            assert_eq!(unlocked, 0, "sockets parted without their lock");
+            assert!(all >= 2 * stats.moved, "{all} parts for {} pairs that left", stats.moved);
         }
     }
 
@@ -465,13 +481,19 @@ relay_tests! {
                 }
             }
         });
-        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        // Transfers of 16 and 64 MiB under CPU hogs: with the default inflight_limit
+        // (4 MiB) the program's last resort, SK_PASS past 4 x inflight_limit in flight,
+        // is what a starved forwarder does by design (seen once in CI: the last 3 bytes
+        // of the 16 MiB + 3 transfer, all of it redirected before the kernel's redirect
+        // worker ran). This test is about resets: a bound of 32 MiB puts SK_PASS out of
+        // reach (4 x 32 MiB > 64 MiB), so userspace_bytes stays 0 (the default check)
+        // by design, not by luck. SK_PASS itself: forced_sk_pass_exact_or_reset.
+        let fwd = Forwarder::config(Some(mode), &rule("reset", up.addr(), "inflight_limit = 33554432"), 1);
         fwd.assert_mode(mode);
         fwd.expect_pairs(4);
         if mode == Mode::Ebpf {
-            // A bulk download leaves the maps at a quarter of the default bound (1 MiB
-            // in flight). userspace_bytes stays 0 (the default): SK_PASS needs 16 MiB
-            // in flight, which a reader at full speed never lets build up.
+            // A bulk download may leave the maps at a quarter of the bound (8 MiB in
+            // flight).
             fwd.expect_paths(&["ebpf>splice"]);
         }
         let exact_transfer = |what: &str| {

@@ -40,6 +40,11 @@ const TOKEN: &str = "tunnel-test-token-6f1c2a9e4b7d";
 /// Both ways at once: each side sends its payload (paced at `rate` bytes/s when
 /// non-zero), shuts its write side, and reads the other's to EOF.
 const BOTH: u8 = b'B';
+/// As [`BOTH`], but each side writes in [`PIECES`] with TCP_NODELAY: many small skbs,
+/// each of which takes a pipe slot of its own in the relay and retention pipes.
+const CHAT: u8 = b'C';
+/// Write sizes of a [`CHAT`], in turn: from one byte to a little over two pages.
+const PIECES: [usize; 8] = [1, 64, 300, 1448, 4095, 4096, 4097, 9000];
 /// The visitor sends its payload and shuts its write side; only after EOF the target
 /// answers `"<sha256 hex> <len>\n"`, then sends its payload and closes.
 const UPLOAD_FIRST: u8 = b'U';
@@ -237,9 +242,14 @@ fn serve(s: &TcpStream, tx: &mpsc::Sender<Report>, received: &AtomicU64) {
     let job = Job::decode(&h);
     let mut w = s;
     let seen = match job.op {
-        BOTH => thread::scope(|sc| {
+        BOTH | CHAT => thread::scope(|sc| {
             let writer = sc.spawn(|| {
-                send(s, job.down, job.rate, deadline)?;
+                if job.op == CHAT {
+                    s.set_nodelay(true)?;
+                    send_counted(s, job.down, job.rate, deadline, &AtomicU64::new(0), true)?;
+                } else {
+                    send(s, job.down, job.rate, deadline)?;
+                }
                 s.shutdown(Shutdown::Write)
             });
             let r = read_digest_counted(s, deadline, received);
@@ -340,7 +350,7 @@ fn parse_answer(text: &str) -> Result<Digested, String> {
     })
 }
 
-/// Runs a [`BOTH`], [`UPLOAD_FIRST`], [`SLOW`] or [`DOWNLOAD_FIRST`] job as the
+/// Runs a [`BOTH`], [`CHAT`], [`UPLOAD_FIRST`], [`SLOW`] or [`DOWNLOAD_FIRST`] job as the
 /// visitor. `down_seen` counts the bytes received, `up_sent` those sent.
 fn visit(
     addr: SocketAddr,
@@ -355,13 +365,16 @@ fn visit(
     w.write_all(&job.encode())
         .map_err(|e| format!("header: {e}"))?;
     let send_up = |rate: u64| -> Result<(), String> {
-        send_counted(&s, job.up, rate, deadline, up_sent)
+        send_counted(&s, job.up, rate, deadline, up_sent, job.op == CHAT)
             .map_err(|e| format!("visitor write: {e}"))?;
         s.shutdown(Shutdown::Write)
             .map_err(|e| format!("visitor shutdown: {e}"))
     };
+    if job.op == CHAT {
+        s.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    }
     match job.op {
-        BOTH => thread::scope(|sc| {
+        BOTH | CHAT => thread::scope(|sc| {
             let writer = sc.spawn(|| send_up(job.rate));
             let r = read_digest_counted(&s, deadline, down_seen);
             if r.is_err() {
@@ -414,24 +427,34 @@ fn visit(
     }
 }
 
-/// Writes `p` in 64 KiB chunks (at `rate` bytes/s if non-zero), counting into `sent`.
+/// Writes `p` in 64 KiB chunks, or in [`PIECES`] when `pieces` (at `rate` bytes/s if
+/// non-zero), counting into `sent`.
 fn send_counted(
     s: &TcpStream,
     p: Payload,
     rate: u64,
     deadline: Instant,
     sent: &AtomicU64,
+    pieces: bool,
 ) -> io::Result<()> {
     let mut w = s;
     let mut buf = vec![0u8; 64 * KIB as usize];
     let started = Instant::now();
     let mut off = 0;
-    while off < p.len {
+    for i in 0.. {
+        if off >= p.len {
+            break;
+        }
         if rate > 0 {
             let due = started + Duration::from_secs_f64(off as f64 / rate as f64);
             thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        let n = (p.len - off).min(buf.len() as u64) as usize;
+        let chunk = if pieces {
+            PIECES[i % PIECES.len()]
+        } else {
+            buf.len()
+        };
+        let n = (p.len - off).min(chunk as u64) as usize;
         p.fill(off, &mut buf[..n]);
         set_write_deadline(s, deadline)?;
         w.write_all(&buf[..n]).map_err(|e| {
@@ -755,11 +778,14 @@ enum Fault {
 }
 
 /// 4 visitors each send 32 MiB and receive 32 MiB (paced, so the fault hits mid-way)
-/// through the tunnel, the link suffers `fault`, and every byte must arrive exactly,
-/// each stream surviving on the same session.
+/// through the tunnel, 2 more chat 4 MiB each way in small pieces (retention made of
+/// many small skbs, replayed after the fault), the link suffers `fault`, and every byte
+/// must arrive exactly, each stream surviving on the same session.
 fn resume_after(mode: Mode, fault: Fault) {
     const STREAMS: u64 = 4;
     const LEN: u64 = 32 * MIB;
+    const CHATS: u64 = 2;
+    const CHAT_LEN: u64 = 4 * MIB;
     let ns = NetNs::new();
     let target = ns.run(Target::start);
     let dir = TempDir::new("tunnel");
@@ -780,14 +806,22 @@ fn resume_after(mode: Mode, fault: Fault) {
     let down_seen = Arc::new(AtomicU64::new(0));
     let up_sent = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + secs(240);
-    let visitors: Vec<_> = (0..STREAMS)
-        .map(|i| {
-            let job = Job {
-                op: BOTH,
-                up: Payload::new(1000 + i, LEN),
-                down: Payload::new(2000 + i, LEN),
-                rate,
-            };
+    let bulk = (0..STREAMS).map(|i| Job {
+        op: BOTH,
+        up: Payload::new(1000 + i, LEN),
+        down: Payload::new(2000 + i, LEN),
+        rate,
+    });
+    let chat = (0..CHATS).map(|i| Job {
+        op: CHAT,
+        up: Payload::new(1000 + STREAMS + i, CHAT_LEN),
+        down: Payload::new(2000 + STREAMS + i, CHAT_LEN),
+        rate: 256 * KIB,
+    });
+    let total = STREAMS * LEN + CHATS * CHAT_LEN;
+    let visitors: Vec<_> = bulk
+        .chain(chat)
+        .map(|job| {
             let (d, u) = (down_seen.clone(), up_sent.clone());
             let addr = server.visitors;
             let h = thread::spawn(move || visit(addr, job, deadline, &d, &u));
@@ -874,9 +908,9 @@ fn resume_after(mode: Mode, fault: Fault) {
              bytes, the target {} of {}; server link events: {:#?}\nagent link events: {:#?}",
             resumed_at.elapsed(),
             down_seen.load(Ordering::SeqCst),
-            STREAMS * LEN,
+            total,
             target.received(),
-            STREAMS * LEN,
+            total,
             link_events(&server.p),
             link_events(&agent)
         );
@@ -892,8 +926,8 @@ fn resume_after(mode: Mode, fault: Fault) {
             &l,
             &server.rule,
             "agent:web",
-            HEADER_LEN as u64 + LEN,
-            LEN,
+            HEADER_LEN as u64 + job.up.len,
+            job.down.len,
             "closed",
         );
         let l = close_of(&agent, out.local, secs(20));
@@ -901,13 +935,13 @@ fn resume_after(mode: Mode, fault: Fault) {
             &l,
             "web",
             &target.addr().to_string(),
-            HEADER_LEN as u64 + LEN,
-            LEN,
+            HEADER_LEN as u64 + job.up.len,
+            job.down.len,
             "closed",
         );
     }
-    let reports = target.reports(STREAMS as usize, secs(30));
-    for i in 0..STREAMS {
+    let reports = target.reports((STREAMS + CHATS) as usize, secs(30));
+    for i in 0..STREAMS + CHATS {
         let r = report_for(&reports, 1000 + i);
         assert_got(
             &r.seen,
@@ -916,14 +950,14 @@ fn resume_after(mode: Mode, fault: Fault) {
         );
     }
 
-    // The same session, all four streams waiting and back.
+    // The same session, all six streams waiting and back.
     for (side, l) in [("server", &lost), ("agent", &agent_lost)] {
         assert_eq!(field(l, "session"), Some(session.as_str()), "{side}: {l}");
-        assert_eq!(field(l, "streams_waiting"), Some("4"), "{side}: {l}");
+        assert_eq!(field(l, "streams_waiting"), Some("6"), "{side}: {l}");
     }
     for (side, l) in [("server", &resumed), ("agent", &agent_resumed)] {
         assert_eq!(field(l, "session"), Some(session.as_str()), "{side}: {l}");
-        assert_eq!(field(l, "streams"), Some("4"), "{side}: {l}");
+        assert_eq!(field(l, "streams"), Some("6"), "{side}: {l}");
     }
     for p in [&server.p, &agent] {
         let expired = p.matching(|l| is_line(l, "grace expired"));

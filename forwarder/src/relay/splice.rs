@@ -93,6 +93,13 @@ impl<F: Future<Output = Result<RelayEnd, Pair>>> Future for NeverPromoted<F> {
 /// maps; a bulk pair rarely goes quiet and would leave again at the in-flight bound.
 pub const PROMOTE_AFTER_BURSTS: u32 = 16;
 
+/// A burst that moved more than this is bulk, not conversation: it sets the count of
+/// bursts back to zero. A bulk stream drains its socket again and again on a fast
+/// forwarder, and so looked interactive: moved to the kernel path, it sent its first
+/// 16 MiB before the first look and went on through SK_PASS (seen: 1.9 of 2 GB of a
+/// one-stream upload copied through userspace).
+pub const PROMOTE_BURST_MAX: u32 = 32 * 1024;
+
 /// Relays until both directions are finished, or, with `promote`, until the pair has
 /// made [`PROMOTE_AFTER_BURSTS`] bursts and both directions are quiet with empty
 /// pipes: then it hands the pair back (`Err`), nothing of it held by us. Both sockets
@@ -192,9 +199,14 @@ struct Quiet {
 }
 
 impl Quiet {
-    /// Direction `d` is about to wait for bytes: whether the pair should be promoted
-    /// instead (enough bursts, and the other direction waits too).
-    fn going_quiet(&self, d: usize) -> bool {
+    /// Direction `d` is about to wait for bytes after a burst of `burst` bytes:
+    /// whether the pair should be promoted instead (enough small bursts, and the other
+    /// direction waits too).
+    fn going_quiet(&self, d: usize, burst: u32) -> bool {
+        if burst > PROMOTE_BURST_MAX {
+            self.bursts.store(0, Ordering::Relaxed);
+            return false;
+        }
         let bursts = self.bursts.fetch_add(1, Ordering::Relaxed) + 1;
         bursts >= self.promote_after && self.waiting[1 - d].load(Ordering::Relaxed)
     }
@@ -231,6 +243,8 @@ struct Pump {
     /// The last read found the socket empty (or none was made): no skb of it is
     /// partly read.
     drained: bool,
+    /// Bytes moved since this direction last went quiet (saturating).
+    burst: u32,
     /// Out of fds (rare, so out of line): since when no pipe could be made, and the
     /// pause before the next try.
     no_pipe: Option<Box<NoPipe>>,
@@ -248,6 +262,7 @@ impl Pump {
             in_pipe: 0,
             eof: false,
             drained: true,
+            burst: 0,
             no_pipe: None,
         }
     }
@@ -337,6 +352,7 @@ impl Pump {
                 }) {
                     Ok(n) => {
                         self.in_pipe -= n;
+                        self.burst = self.burst.saturating_add(n as u32);
                         moved.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -358,8 +374,11 @@ impl Pump {
                 // Every byte before the FIN is in dst's send queue: pass the FIN on.
                 return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof));
             }
-            if self.drained && quiet.going_quiet(d) {
-                return Poll::Ready(Ok(PumpEnd::Promote));
+            if self.drained {
+                let burst = std::mem::take(&mut self.burst);
+                if quiet.going_quiet(d, burst) {
+                    return Poll::Ready(Ok(PumpEnd::Promote));
+                }
             }
         }
     }

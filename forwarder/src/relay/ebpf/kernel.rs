@@ -17,6 +17,7 @@ use forwarder_common::{
 };
 use tokio::sync::Notify;
 
+use super::part::LockedPart;
 use super::sys::Epoll;
 
 #[cfg(has_ebpf)]
@@ -50,8 +51,34 @@ pub struct Kernel {
     first_watched: Arc<Notify>,
     /// One epoll set for every paired socket (a pair holds no fd but its sockets).
     epoll: Arc<Epoll>,
+    /// Parts sockets under their socket lock; None where the kernel cannot run it.
+    locked_part: Option<LockedPart>,
     // Owns the program (and with aya's attach, its link): keep last.
     _ebpf: Ebpf,
+}
+
+/// How [`Kernel::part`] took sockets out of MEMBERS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parted {
+    /// Under their socket locks: no verdict can still be running for them.
+    Locked,
+    /// With a plain delete, because nothing more arrives: it had received its FIN,
+    /// or (a socket of a walk) it was closed (TCP_CLOSE: no longer hashed, so the walk
+    /// does not meet it).
+    Closed,
+    /// With a plain delete: a verdict running on another CPU may still run (and drop
+    /// its skb if it finds the program gone).
+    Unlocked,
+}
+
+impl Parted {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Parted::Locked => "under its socket lock",
+            Parted::Closed => "(nothing more arrives on a socket of it: no lock needed)",
+            Parted::Unlocked => "without the socket lock",
+        }
+    }
 }
 
 /// What a failed load means for the user, and what to do, from the errno under it.
@@ -129,6 +156,15 @@ impl Kernel {
                 "sk_skb_stream_verdict"
             }
         };
+        let locked_part = LockedPart::load(&mut ebpf)
+            .inspect_err(|e| {
+                // Expected without CAP_PERFMON (a tracing program), as under `[global]
+                // user` or the systemd unit: parting works as it did before the lock.
+                tracing::info!(
+                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({e}; the iterator needs CAP_PERFMON): a packet arriving at that moment can be lost, and its pair is then reset"
+                )
+            })
+            .ok();
         Ok(Kernel {
             socks: Mutex::new(socks),
             members: Mutex::new(members),
@@ -138,6 +174,7 @@ impl Kernel {
             watched,
             first_watched,
             epoll,
+            locked_part,
             _ebpf: ebpf,
         })
     }
@@ -220,11 +257,42 @@ impl Kernel {
             .map_err(map_error_to_io)
     }
 
-    /// Stops running the program for the socket with this cookie (its psock, and
-    /// what is queued on it, stays while it is still in SOCKS).
-    pub fn part(&self, cookie: u64) {
+    /// Stops running the program for the sockets with these cookies (a psock, and
+    /// what is queued on it, stays while its socket is still in SOCKS), under their
+    /// socket locks where it can (see [`LockedPart`]). Walks every TCP socket of the
+    /// namespace: call it off the runtime's threads where it can wait.
+    pub fn part(&self, cookies: &[u64]) -> Parted {
+        let Some(locked) = &self.locked_part else {
+            self.part_unlocked(cookies);
+            return Parted::Unlocked;
+        };
+        match locked.part(cookies) {
+            Ok(met) if met.iter().all(|&m| m) => Parted::Locked,
+            Ok(met) => {
+                // The walk meets every hashed socket: these were closed.
+                let closed: Vec<u64> = cookies
+                    .iter()
+                    .zip(met)
+                    .filter_map(|(c, met)| (!met).then_some(*c))
+                    .collect();
+                self.part_unlocked(&closed);
+                Parted::Closed
+            }
+            Err(e) => {
+                tracing::debug!("ebpf: parting under the socket lock failed: {e}");
+                self.part_unlocked(cookies);
+                Parted::Unlocked
+            }
+        }
+    }
+
+    /// [`Kernel::part`] without the socket lock: a verdict running on another CPU
+    /// at that moment may drop its skb.
+    pub fn part_unlocked(&self, cookies: &[u64]) {
         let mut map = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = map.remove(&cookie);
+        for c in cookies {
+            let _ = map.remove(c);
+        }
     }
 
     pub fn remove_dir(&self, cookie: u64) {
@@ -248,7 +316,7 @@ fn map_error_to_io(e: aya::maps::MapError) -> io::Error {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -261,7 +329,7 @@ where
 /// Attaches `prog` to the sockmap `map` as BPF_SK_SKB_VERDICT (kernel 5.13+).
 ///
 /// aya 0.14 only knows the older STREAM_PARSER/STREAM_VERDICT attach types, so this is
-/// the one raw `bpf(BPF_PROG_ATTACH)` call. The attachment belongs to the map: it goes
+/// a raw `bpf(BPF_PROG_ATTACH)` call. The attachment belongs to the map: it goes
 /// away with the map's last fd, there is no link to detach.
 fn attach_sk_skb_verdict(prog: i32, map: i32) -> io::Result<()> {
     const BPF_PROG_ATTACH: libc::c_long = 8;
@@ -286,21 +354,7 @@ fn attach_sk_skb_verdict(prog: i32, map: i32) -> io::Result<()> {
         relative_fd: 0,
         expected_revision: 0,
     };
-    // SAFETY: attr is a valid, fully initialised prefix of union bpf_attr and the
-    // size passed is its size; the kernel only reads it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attr as *const ProgAttachAttr,
-            std::mem::size_of::<ProgAttachAttr>() as u32,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    super::sys::bpf(BPF_PROG_ATTACH, &attr).map(drop)
 }
 
 /// Forwards the program's aya-log records to `log` (bridged to tracing by the
@@ -442,6 +496,12 @@ fn spawn_epoll_reader(epoll: Arc<Epoll>, watched: Registry) -> Result<(), String
                         w.signals.events[w.side].fetch_or(ev, Ordering::Relaxed);
                         w.signals.notify.notify_one();
                     }
+                }
+                // A short read emptied the set: one more would find nothing (an event
+                // that lands after it makes the set readable again, and `clear_ready`
+                // keeps readiness that arrived after `readable()`).
+                if events.len() < Epoll::BATCH {
+                    break;
                 }
             }
             guard.clear_ready();

@@ -17,6 +17,7 @@ use super::{splice, Pair, Progress, Relay, RelayEnd, RelayFuture};
 
 mod kernel;
 mod pair;
+mod part;
 mod sys;
 
 use kernel::Kernel;
@@ -30,17 +31,30 @@ pub struct EbpfRelay {
     /// moves to the kernel path once it proves interactive
     /// ([`splice::PROMOTE_AFTER_BURSTS`]); short and idle pairs never pay for the maps.
     start_on_splice: bool,
+    /// What was done to a pair's sockets before [`Relay::relay`] gets them: nothing,
+    /// unless the rule reads or writes a PROXY header.
+    handed: pair::Before,
 }
 
 impl EbpfRelay {
     /// The relay for one rule; the program and maps are shared by every rule.
-    /// Call [`probe`] first: only a probed kernel path is handed out.
-    pub async fn new(inflight_limit: u64, start_on_splice: bool) -> Result<EbpfRelay, String> {
+    /// Call [`probe`] first: only a probed kernel path is handed out. `proxy_header`:
+    /// the rule reads a PROXY header from clients or writes one to upstreams.
+    pub async fn new(
+        inflight_limit: u64,
+        start_on_splice: bool,
+        proxy_header: bool,
+    ) -> Result<EbpfRelay, String> {
         let kernel = probe().await?;
         Ok(EbpfRelay {
             kernel,
             inflight_limit,
             start_on_splice,
+            handed: if proxy_header {
+                pair::Before::Used
+            } else {
+                pair::Before::Untouched
+            },
         })
     }
 
@@ -56,7 +70,7 @@ impl Relay for EbpfRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        self.run(pair, progress, self.start_on_splice)
+        self.run(pair, progress, self.start_on_splice, self.handed)
     }
 
     /// After an inspection prelude a socket may hold a partly read skb, which the
@@ -70,7 +84,12 @@ impl Relay for EbpfRelay {
             sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).unwrap_or(u64::MAX / 4)
         };
         let pouring = queued(&pair.client) + queued(&pair.upstream) > pair::PARTLY_READ_MAX;
-        self.run(pair, progress, self.start_on_splice || pouring)
+        self.run(
+            pair,
+            progress,
+            self.start_on_splice || pouring,
+            pair::Before::Used,
+        )
     }
 
     /// Redirected bytes wake nobody: an idle pair's counters are read on its slowest tick.
@@ -88,10 +107,11 @@ impl EbpfRelay {
         pair: Pair,
         progress: Arc<Progress>,
         start_on_splice: bool,
+        before: pair::Before,
     ) -> RelayFuture<'static> {
         let (k, limit) = (self.kernel, self.inflight_limit);
         if !start_on_splice {
-            return Box::pin(pair::relay(k, limit, pair, progress, true, false));
+            return Box::pin(pair::relay(k, limit, pair, progress, true, before));
         }
         let promote = Some(splice::PROMOTE_AFTER_BURSTS);
         let on_splice = Box::pin(splice::relay_until(pair, progress.clone(), promote));
@@ -100,7 +120,15 @@ impl EbpfRelay {
                 Ok(end) => return end,
                 Err(pair) => pair,
             };
-            Box::pin(pair::relay(k, limit, pair, &*progress, true, true)).await
+            Box::pin(pair::relay(
+                k,
+                limit,
+                pair,
+                &*progress,
+                true,
+                pair::Before::Drained,
+            ))
+            .await
         })
     }
 }
@@ -161,7 +189,7 @@ async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
         },
         &progress,
         false,
-        false,
+        pair::Before::Untouched,
     );
     let talk = async {
         client.write_all(b"ping").await.map_err(io("write"))?;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use forwarder_common::{DirControl, DirState, MAX_PAIRS};
 use tokio::io::AsyncWriteExt;
 
-use super::kernel::{Kernel, PairSignals};
+use super::kernel::{Kernel, PairSignals, Parted};
 use super::sys;
 use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 
@@ -43,9 +43,21 @@ const CLIENT: usize = 0;
 const UPSTREAM: usize = 1;
 const SIDES: [Side; 2] = [Side::Client, Side::Upstream];
 
+/// What was done to a pair's sockets before pairing: what set-up must measure.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Before {
+    /// Nothing read from either socket or written to it by us (a plain accept and
+    /// connect): the baselines come from the tcp_info read for each socket's state.
+    Untouched,
+    /// Read to EAGAIN by the splice relay (a promoted pair): nothing queued on them is
+    /// partly read.
+    Drained,
+    /// Anything else (a PROXY header read or written, an inspection prelude): queued
+    /// bytes behind partly read ones are relayed first.
+    Used,
+}
+
 /// Runs one pair. With `allow_fallback`, a pair the maps refuse is relayed by splice.
-/// `drained`: its sockets were read to EAGAIN by us (a promoted splice pair), so
-/// nothing queued on them is partly read.
 ///
 /// An idle pair holds this future for its whole life, so it is built to hold only the
 /// running pair's state: set-up runs in its own short-lived allocation (made here, so
@@ -60,12 +72,12 @@ pub fn relay<P>(
     pair: Pair,
     progress: P,
     allow_fallback: bool,
-    drained: bool,
+    before: Before,
 ) -> impl std::future::Future<Output = RelayEnd>
 where
     P: std::ops::Deref<Target = Progress>,
 {
-    let setup = Box::pin(setup(k, inflight_limit, pair, drained));
+    let setup = Box::pin(setup(k, inflight_limit, pair, before));
     async move {
         // Turned into the next future before that is awaited: a set-up result still
         // alive across an await would keep a dead `Paired` in every pair's future.
@@ -192,10 +204,14 @@ impl Drop for MapEntries {
     fn drop(&mut self) {
         if !self.socks_closed {
             // Program first, so no verdict looks for a target that is gone.
-            for (i, c) in self.cookies.iter().enumerate() {
-                if self.members_in[i] {
-                    self.k.part(*c);
-                }
+            let members: Vec<u64> = (0..2)
+                .filter(|&i| self.members_in[i])
+                .map(|i| self.cookies[i])
+                .collect();
+            if !members.is_empty() {
+                // The pair failed: a skb a racing verdict drops no longer matters, and
+                // the locked part's walk is not worth it.
+                self.k.part_unlocked(&members);
             }
             for (i, c) in self.cookies.iter().enumerate() {
                 if self.socks_in[i] {
@@ -251,6 +267,15 @@ impl Dir {
     fn buffered(&self) -> bool {
         self.off < self.buf.len()
     }
+
+    /// What CONTROL should hold for this direction.
+    fn control(&self) -> DirControl {
+        DirControl {
+            consumed: self.consumed,
+            limit: self.limit,
+            sleep: self.sleep,
+        }
+    }
 }
 
 /// A running pair. Dropped (the pair finished, failed, or its future was dropped), it
@@ -298,10 +323,16 @@ async fn setup(
     k: &'static Kernel,
     inflight_limit: u64,
     pair: Pair,
-    drained: bool,
+    before: Before,
 ) -> Result<Paired, Setup> {
     let fds = [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()];
-    let snapshots = |pair: Pair| match (sys::snapshot(fds[0]), sys::snapshot(fds[1])) {
+    // Untouched sockets need only their tcp_info: nothing was read from them or
+    // written into them (six syscalls fewer per pair).
+    let snapshot = |fd| match before {
+        Before::Untouched => sys::tcp_counters(fd).map(sys::Snapshot::untouched),
+        _ => sys::snapshot(fd),
+    };
+    let snapshots = |pair: Pair| match (snapshot(fds[0]), snapshot(fds[1])) {
         (Ok(c), Ok(u)) => Ok((pair, [c, u])),
         (Err(e), _) => Err((pair, format!("client: {e}"))),
         (_, Err(e)) => Err((pair, format!("upstream: {e}"))),
@@ -317,8 +348,9 @@ async fn setup(
             })
         }
     };
-    let partly_read = if drained {
-        // Read to EAGAIN by the splice relay: nothing queued is partly read.
+    let partly_read = if before != Before::Used {
+        // Read to EAGAIN by the splice relay, or not read at all: nothing queued is
+        // partly read.
         Ok(([0; 2], true))
     } else {
         relay_partly_read(&mut pair, snaps.map(|s| s.read_before())).await
@@ -541,7 +573,7 @@ async fn salvage(
 ) -> Setup {
     let k = entries.k;
     let key = entries.cookies[CLIENT];
-    k.part(key);
+    let _ = tokio::task::spawn_blocking(move || k.part(&[key])).await;
     entries.members_in[CLIENT] = false;
     let up_fd = pair.upstream.as_raw_fd();
     let deadline = Instant::now() + Duration::from_millis(200);
@@ -675,34 +707,97 @@ impl Paired {
         for s in 0..2 {
             let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
             if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
-                // Hold s first: taking the program off a socket while TCP hands it skbs
-                // drops them (`sk_psock_verdict_recv` finds no program and its default
-                // verdict is drop, after `tcp_eat_skb` counted them read: measured as
-                // 30-64 KB that TCP let go of and nobody sent, caught by the check in
-                // `leave_map`). With SO_RCVLOWAT at its maximum TCP hands nothing over
-                // (but under memory pressure, with a tiny window or at a FIN). Nothing
-                // of ours waits on s's psock for receive-buffer room (passed == read),
-                // so holding cannot stall it. Released once s is out of the maps.
-                sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
-                    .map_err(|e| (s, e))?;
-                k.part(self.entries.cookies[s]);
-                self.entries.members_in[s] = false;
-                self.parted[s] = true;
-                parted_now[s] = Some(own.passed);
+                // Hold s first, so that its counters stand still while it parts: with
+                // SO_RCVLOWAT at its maximum TCP hands the program nothing (but under
+                // memory pressure, with a tiny window or at a FIN). Where the kernel
+                // cannot part under the socket lock ([`Kernel::part`]) the hold is
+                // also all that keeps a verdict from finding no program and dropping
+                // its skb (measured as 30-64 KB that TCP let go of and nobody sent,
+                // caught by the check in `leave_map`). Nothing of ours waits on s's
+                // psock for receive-buffer room (passed == read), so holding cannot
+                // stall it. Released once s is out of the maps.
+                let fd = self.socks[s].as_raw_fd();
+                sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(|e| (s, e))?;
+                // Verdicts that ran before the hold may have moved the counters.
+                let held = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+                if held.passed != own.passed {
+                    // Read those first (the next pass here tries again).
+                    sys::set_rcvlowat(fd, 1).map_err(|e| (s, e))?;
+                    continue;
+                }
+                parted_now[s] = Some(held.passed);
+            }
+        }
+        // Both part in one walk: a socket ready first waits for the other, held (the
+        // pair goes on only once both parted anyway).
+        if (0..2).any(|s| !self.parted[s] && parted_now[s].is_none()) {
+            return Ok(false);
+        }
+        for s in 0..2 {
+            if parted_now[s].is_some() {
+                self.unbound_for_parting(s)?;
             }
         }
         if parted_now.iter().any(Option::is_some) {
-            // A verdict already running on another CPU finishes within its RCU section.
-            // (Boxed: a pair waits here rarely, and inline this timer would size the
-            // future every idle pair holds.)
-            Box::pin(tokio::time::sleep(MIN_TICK)).await;
-            for (s, passed) in parted_now.into_iter().enumerate() {
-                let Some(passed) = passed else { continue };
-                if k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?.passed == passed {
+            // A socket that already received its FIN gets no more bytes, so no verdict:
+            // it parts at once (most pairs leave as they end). The others need the
+            // walk of the namespace's TCP sockets (about 3 ms), off the runtime's
+            // threads. (Boxed: a pair waits here rarely, and inline this future would
+            // size the one every idle pair holds.)
+            let mut how = [Parted::Closed; 2];
+            let mut walk = Vec::new();
+            for s in 0..2 {
+                if parted_now[s].is_none() {
                     continue;
                 }
+                let state = sys::tcp_counters(self.socks[s].as_raw_fd())
+                    .map_err(|e| (s, e))?
+                    .state;
+                if sys::fin_received(state) {
+                    k.part_unlocked(&[self.entries.cookies[s]]);
+                } else {
+                    walk.push(s);
+                }
+            }
+            if !walk.is_empty() {
+                let cookies: Vec<u64> = walk.iter().map(|&s| self.entries.cookies[s]).collect();
+                let walked = Box::pin(tokio::task::spawn_blocking(move || k.part(&cookies)))
+                    .await
+                    .unwrap_or(Parted::Unlocked);
+                for s in walk {
+                    how[s] = walked;
+                }
+            }
+            for s in 0..2 {
+                if parted_now[s].is_some() {
+                    self.entries.members_in[s] = false;
+                    self.parted[s] = true;
+                    tracing::debug!("ebpf: {} parted {}", SIDES[s].as_str(), how[s].as_str());
+                }
+            }
+            if how.contains(&Parted::Unlocked) {
+                // Parted without the socket lock: a verdict already running on another
+                // CPU finishes within its RCU section.
+                Box::pin(tokio::time::sleep(MIN_TICK)).await;
+            }
+            // A verdict that ran between the counters' read and the part may have
+            // passed bytes, which can be read only from inside the maps.
+            for (s, passed) in parted_now.into_iter().enumerate() {
+                let Some(passed) = passed else { continue };
+                // Parted, s runs no program: these counters stand still until it joins.
+                let now = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+                if now.passed == passed {
+                    continue;
+                }
+                // Bounded again from the moment it joins.
+                self.set_limit(s, now.redirected + self.inflight_limit)?;
                 k.join(self.entries.cookies[s], &self.socks[s])
-                    .map_err(|e| (s, e))?;
+                    .map_err(|e| {
+                        let why = format!(
+                            "bytes passed while parting from the sockmap, and it cannot join again to read them: {e}"
+                        );
+                        (s, io::Error::new(e.kind(), why))
+                    })?;
                 self.entries.members_in[s] = true;
                 self.parted[s] = false;
                 // Releasing the hold hands bytes queued meanwhile to the program.
@@ -729,6 +824,30 @@ impl Paired {
             "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
         );
         Ok(true)
+    }
+
+    /// Lifts socket `s`'s limit while it parts: until the part is done, a verdict
+    /// redirects whatever TCP hands it, where at the limit it would pass. Passed bytes
+    /// can be read only by joining again (see [`Paired::leave_maps`]), which a socket
+    /// that got its FIN meanwhile cannot do: the pair would have to be reset. Seen in
+    /// 1 of 3 runs of the ebpf relay suite with a room of one receive buffer, when
+    /// parting took microseconds: a bulk pair at its limit parted, a verdict passed
+    /// 5.7 MB, and the upstream had sent its FIN (EOPNOTSUPP from the sockmap). Parting
+    /// under the socket lock takes a walk of the namespace's TCP sockets (about 2 ms
+    /// here), and TCP, held, still hands skbs over under memory pressure: 9.7 MB were
+    /// passed past such a room. Unbounded, the bytes in flight can exceed the bound by
+    /// what the sender gets through during the part.
+    fn unbound_for_parting(&mut self, s: usize) -> Result<(), (usize, io::Error)> {
+        self.set_limit(s, u64::MAX)
+    }
+
+    fn set_limit(&mut self, s: usize, limit: u64) -> Result<(), (usize, io::Error)> {
+        let dir = &mut self.dirs[s];
+        dir.limit = limit;
+        self.entries
+            .k
+            .set_control(dir.key, dir.control())
+            .map_err(|e| (s, e))
     }
 
     /// Takes parted socket `s` out of SOCKS once its psock holds nothing of ours:
@@ -815,17 +934,35 @@ impl Paired {
         for (dir, counter) in self.dirs.iter_mut().zip(counters) {
             dir.before = counter.load(Ordering::Relaxed);
         }
+        // The first look is the first tick's (1 ms on) or an event's: just paired,
+        // nothing needs a step yet (the limit starts at the program's cap, and an end
+        // arrives as an event), and a short connection is spared six syscalls.
+        let mut first = true;
         loop {
+            let mut events = false;
+            let mut hangup = [false; 2];
             for i in 0..2 {
                 let ev = self.signals.events[i].swap(0, Ordering::Relaxed);
                 if ev != 0 {
-                    self.on_event(i, ev)?;
+                    events = true;
+                    hangup[i] = self.on_event(i, ev)?;
                 }
             }
-            let mut moved = false;
-            for d in 0..2 {
-                moved |= self.step(d, counters[d])?;
+            // Just paired counts as movement: the tick starts fast.
+            let mut moved = first && !events;
+            if !moved {
+                let look = self.read_dirs()?;
+                // Before any step: a reset must not pass for a FIN.
+                for (s, state) in look.states.into_iter().enumerate() {
+                    if let (true, Some(state)) = (hangup[s], state) {
+                        self.check_reset(s, state)?;
+                    }
+                }
+                for d in 0..2 {
+                    moved |= self.step(d, look.dirs[d], counters[d])?;
+                }
             }
+            first = false;
             if moved {
                 progress.touch();
             }
@@ -936,12 +1073,8 @@ impl Paired {
         let k = self.entries.k;
         for dir in &mut self.dirs {
             dir.sleep += 1;
-            let c = DirControl {
-                consumed: dir.consumed,
-                limit: dir.limit,
-                sleep: dir.sleep,
-            };
-            k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
+            k.set_control(dir.key, dir.control())
+                .map_err(|e| (dir.src, e))?;
         }
         Ok(!self.unseen_bytes()?)
     }
@@ -961,7 +1094,7 @@ impl Paired {
         Ok(false)
     }
 
-    fn on_event(&mut self, i: usize, ev: u32) -> Result<(), (usize, io::Error)> {
+    fn on_event(&mut self, i: usize, ev: u32) -> Result<bool, (usize, io::Error)> {
         let fd = self.socks[i].as_raw_fd();
         if ev & libc::EPOLLERR as u32 != 0 {
             match sys::take_error(fd) {
@@ -977,11 +1110,9 @@ impl Paired {
         if ev & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
             self.dirs[i].fin = true;
         }
-        if ev & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
-            let state = sys::tcp_counters(fd).map(|t| t.state).map_err(|e| (i, e))?;
-            self.check_reset(i, state)?;
-        }
-        Ok(())
+        // Whether the socket's state must be checked for a reset (from the tcp_info
+        // the next look reads anyway).
+        Ok(ev & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0)
     }
 
     /// Socket `s` in TCP_CLOSE without our FIN having been passed into it: its peer
@@ -993,10 +1124,55 @@ impl Paired {
         Ok(())
     }
 
-    /// Bookkeeping for one direction; returns whether any byte moved.
-    fn step(&mut self, d: usize, counter: &AtomicU64) -> Result<bool, (usize, io::Error)> {
+    /// Each open direction's counters, as [`read_dir`] reads them, with each socket's
+    /// tcp_info read once for both directions (it is one direction's src and the
+    /// other's dst): both STATEs first, then the TCP counters, as the duplication check
+    /// needs. `None` for a direction whose FIN was passed on. Also each socket's TCP
+    /// state (`None` once both directions are shut).
+    #[allow(clippy::needless_range_loop)] // indices name sides across several arrays
+    fn read_dirs(&self) -> Result<Look, (usize, io::Error)> {
+        let k = self.entries.k;
+        let mut st = [None; 2];
+        for d in 0..2 {
+            if !self.dirs[d].shut {
+                st[d] = Some(k.dir_state(self.dirs[d].key).map_err(|e| (d, e))?);
+            }
+        }
+        if st == [None; 2] {
+            return Ok(Look {
+                dirs: [None; 2],
+                states: [None; 2],
+            });
+        }
+        let mut tcp = [None; 2];
+        for s in 0..2 {
+            tcp[s] = Some(sys::tcp_counters(self.socks[s].as_raw_fd()).map_err(|e| (s, e))?);
+        }
+        let mut out = [None; 2];
+        for d in 0..2 {
+            let (Some(st), Some(src), Some(dst)) = (st[d], tcp[d], tcp[1 - d]) else {
+                continue;
+            };
+            let dir = &self.dirs[d];
+            out[d] = Some(reading(dir, st, src, dst, self.socks[dir.dst].as_raw_fd())?);
+        }
+        Ok(Look {
+            dirs: out,
+            states: tcp.map(|t| t.map(|t| t.state)),
+        })
+    }
+
+    /// Bookkeeping for one direction, from its counters as read by [`Paired::read_dirs`];
+    /// returns whether any byte moved.
+    fn step(
+        &mut self,
+        d: usize,
+        reading: Option<Reading>,
+        counter: &AtomicU64,
+    ) -> Result<bool, (usize, io::Error)> {
         let k = self.entries.k;
         let limit_bytes = PROGRAM_CAP * self.inflight_limit;
+        let step_up = self.inflight_limit / 4;
         let src_in_map = self.in_map(d);
         // Passed bytes are read only while src runs the program (see `leave_maps`).
         let parted = self.parted[d];
@@ -1005,10 +1181,10 @@ impl Paired {
         let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
         dir.want_in = false;
         dir.want_out = false;
-        if dir.shut {
+        // None: the direction is shut.
+        let Some((st, mut received, mut accepted)) = reading else {
             return Ok(false);
-        }
-        let (st, mut received, mut accepted) = read_dir(k, dir, src_fd, dst_fd)?;
+        };
         // Bytes the program redirected count as movement too: when the kernel's
         // redirect worker falls behind, dst accepts nothing while the in-flight bytes
         // grow, and the tick must stay fast to see them reach the leaving threshold.
@@ -1045,15 +1221,14 @@ impl Paired {
             st
         };
         dir.pending = st.passed > dir.consumed;
+        // Raised a quarter of inflight_limit at a time: the limit stays PROGRAM_CAP
+        // times that ahead of what dst accepted, so a map write per 64-byte message
+        // (or per tick of a bulk transfer) would buy nothing.
         let limit = from_redirect + limit_bytes;
-        if limit != dir.limit || dir.consumed != consumed_before {
+        if limit >= dir.limit + step_up.max(1) || dir.consumed != consumed_before {
             dir.limit = limit;
-            let c = DirControl {
-                consumed: dir.consumed,
-                limit,
-                sleep: dir.sleep,
-            };
-            k.set_control(dir.key, c).map_err(|e| (dir.src, e))?;
+            k.set_control(dir.key, dir.control())
+                .map_err(|e| (dir.src, e))?;
         }
         // Once src left the map its FIN waits behind bytes in TCP's queue: splice
         // passes it on after them.
@@ -1076,6 +1251,17 @@ impl Paired {
     }
 }
 
+/// What one look at a pair reads (see [`Paired::read_dirs`]).
+struct Look {
+    dirs: [Option<Reading>; 2],
+    /// Each socket's TCP state (`None` once both directions are shut).
+    states: [Option<u8>; 2],
+}
+
+/// One direction's counters: STATE, src's `bytes_received` (tcp_info's, which counts
+/// a FIN as one byte), and the bytes dst accepted since pairing.
+type Reading = (DirState, u64, u64);
+
 /// One direction's counters, in the order they must be read (the program counts bytes
 /// after TCP received them): STATE, then src's `bytes_received` (checked against it),
 /// then the bytes dst accepted since pairing.
@@ -1084,12 +1270,26 @@ fn read_dir(
     dir: &Dir,
     src_fd: RawFd,
     dst_fd: RawFd,
-) -> Result<(DirState, u64, u64), (usize, io::Error)> {
+) -> Result<Reading, (usize, io::Error)> {
     let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
-    let received = verify_no_duplication(st, dir, src_fd)?;
-    let accepted = sys::bytes_sent_into(dst_fd)
-        .map_err(|e| (dir.dst, e))?
-        .saturating_sub(dir.sent_base);
+    let src = sys::tcp_counters(src_fd).map_err(|e| (dir.src, e))?;
+    let dst = sys::tcp_counters(dst_fd).map_err(|e| (dir.dst, e))?;
+    reading(dir, st, src, dst, dst_fd)
+}
+
+/// One direction's [`Reading`] from its STATE and both sockets' tcp_info, read in that
+/// order; SIOCOUTQ of dst is read last, so an ACK in between can only make `accepted`
+/// an underestimate, which the next look corrects.
+fn reading(
+    dir: &Dir,
+    st: DirState,
+    src: sys::TcpCounters,
+    dst: sys::TcpCounters,
+    dst_fd: RawFd,
+) -> Result<Reading, (usize, io::Error)> {
+    let received = verify_no_duplication(st, dir, src.bytes_received)?;
+    let queued = sys::outq(dst_fd).map_err(|e| (dir.dst, e))?;
+    let accepted = (dst.bytes_acked + queued).saturating_sub(dir.sent_base);
     Ok((st, received, accepted))
 }
 
@@ -1101,15 +1301,12 @@ fn read_dir(
 /// reached the peer twice (docs/ARCHITECTURE.md). Forwarding a corrupted stream silently
 /// is the worst outcome; a reset on both sides is what a broken network would show.
 /// `st` must be read before the TCP counters: the program counts bytes after TCP has
-/// received them. Returns src's `bytes_received` as read.
+/// received them. Takes and returns src's `bytes_received`, read after `st`.
 fn verify_no_duplication(
     st: DirState,
     dir: &Dir,
-    src_fd: RawFd,
+    bytes_received: u64,
 ) -> Result<u64, (usize, io::Error)> {
-    let bytes_received = sys::tcp_counters(src_fd)
-        .map_err(|e| (dir.src, e))?
-        .bytes_received;
     let received = bytes_received.saturating_sub(dir.recv_base);
     let seen = st.redirected + st.passed;
     if seen > received {
@@ -1168,7 +1365,8 @@ fn copy(
                     // The program counted these bytes before they became readable, so
                     // a duplicate among them shows now, before we send any of it.
                     let st = k.dir_state(dir.key).map_err(|e| (dir.src, e))?;
-                    verify_no_duplication(st, dir, src_fd)?;
+                    let src = sys::tcp_counters(src_fd).map_err(|e| (dir.src, e))?;
+                    verify_no_duplication(st, dir, src.bytes_received)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dir.buf.clear();

@@ -103,6 +103,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A socket nothing was read from or written into, from its tcp_info alone: no
+    /// byte was read before pairing, and nothing is queued for sending (SIOCOUTQ 0),
+    /// but `bytes_acked` may count the SYN (1 on a connected socket, 0 on an accepted
+    /// one: measured, and off by one in every close line when taken as 0).
+    pub fn untouched(t: TcpCounters) -> Snapshot {
+        Snapshot {
+            state: t.state,
+            sent_into: t.bytes_acked,
+            data: 0,
+            unread: 0,
+        }
+    }
+
     /// Bytes someone read from the socket before it reached us.
     pub fn read_before(&self) -> u64 {
         self.data.saturating_sub(self.unread)
@@ -110,20 +123,20 @@ impl Snapshot {
 }
 
 /// One [`Snapshot`]: tcp_info counts a received FIN as one byte and SIOCINQ does not,
-/// and segments may land between the calls, so tcp_info is read around SIOCINQ and
-/// SIOCOUTQ until the receive counter stands still. bytes_acked is read before
-/// SIOCOUTQ, so concurrent ACKs can only make `sent_into` an underestimate.
+/// and segments and ACKs may land between the calls, so tcp_info is read around
+/// SIOCINQ and SIOCOUTQ until both its receive and its acked counters stand still. (An
+/// ACK between bytes_acked and SIOCOUTQ made `sent_into`, a baseline, too small, and
+/// every later count of the bytes sent into the socket too large: a close line's
+/// bytes_up 28,702 over, in CI, for a socket we had just written 60 KiB into.)
 pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
     for _ in 0..10 {
         let before = tcp_counters(fd)?;
         let unread = inq(fd)?;
         let queued = outq(fd)?;
         let after = tcp_counters(fd)?;
-        if before.bytes_received == after.bytes_received {
-            let fin = matches!(
-                after.state,
-                TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE
-            ) as u64;
+        if before.bytes_received == after.bytes_received && before.bytes_acked == after.bytes_acked
+        {
+            let fin = fin_received(after.state) as u64;
             return Ok(Snapshot {
                 state: after.state,
                 sent_into: before.bytes_acked + queued,
@@ -132,7 +145,16 @@ pub fn snapshot(fd: RawFd) -> io::Result<Snapshot> {
             });
         }
     }
-    Err(io::Error::other("receive counters kept moving"))
+    Err(io::Error::other("tcp counters kept moving"))
+}
+
+/// Whether a socket in this TCP state has received its peer's FIN (or was closed):
+/// nothing more arrives on it.
+pub fn fin_received(state: u8) -> bool {
+    matches!(
+        state,
+        TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE
+    )
 }
 
 /// SO_RCVLOWAT. TCP hands a socket's bytes to its data_ready callback, and so to our
@@ -152,10 +174,20 @@ pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// Total bytes ever queued into the socket for sending: bytes_acked + SIOCOUTQ.
-/// tcp_info is read first, so concurrent ACKs can only make this an underestimate.
+/// Total bytes ever queued into the socket for sending: bytes_acked + SIOCOUTQ, with
+/// tcp_info read around SIOCOUTQ until no ACK landed between them (an ACK there makes
+/// the sum too small; the pair's handoff to splice counts on from it). After 10 tries,
+/// the last sum: an underestimate.
 pub fn bytes_sent_into(fd: RawFd) -> io::Result<u64> {
-    let acked = tcp_counters(fd)?.bytes_acked;
+    let mut acked = tcp_counters(fd)?.bytes_acked;
+    for _ in 0..10 {
+        let queued = outq(fd)?;
+        let after = tcp_counters(fd)?.bytes_acked;
+        if after == acked {
+            return Ok(acked + queued);
+        }
+        acked = after;
+    }
     Ok(acked + outq(fd)?)
 }
 
@@ -248,12 +280,17 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
     }
 
-    /// Non-blocking: the events ready now, as (token, events).
+    /// Most events one [`Epoll::poll`] returns.
+    pub const BATCH: usize = 64;
+
+    /// Non-blocking: the events ready now (at most [`Epoll::BATCH`]), as (token, events).
     pub fn poll(&self, out: &mut Vec<(u64, u32)>) -> io::Result<()> {
         out.clear();
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
-        // SAFETY: evs is valid for 64 entries.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 64, 0) };
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; Self::BATCH];
+        // SAFETY: evs is valid for BATCH entries.
+        let n = unsafe {
+            libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), Self::BATCH as i32, 0)
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
@@ -264,5 +301,26 @@ impl Epoll {
         }
         out.extend(evs[..n as usize].iter().map(|e| (e.u64, e.events)));
         Ok(())
+    }
+}
+
+/// bpf(2) with `attr`, a `#[repr(C)]` prefix of `union bpf_attr` for `cmd` (the
+/// kernel zero-extends it). Returns what the call returned: a new fd for some
+/// commands.
+pub fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a fully initialised prefix of union bpf_attr and the size
+    // passed is its size; the kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const A,
+            std::mem::size_of::<A>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
 }
