@@ -25,8 +25,14 @@ pub const PARTING_ASKED: u32 = 1;
 pub const PARTING_DONE: u32 = 2;
 /// Name of the TCP iterator program that parts sockets (see PARTING_MAP).
 pub const PART_PROG: &str = "part_locked";
-/// Name of the sk_skb verdict program in the object.
+/// Name of the sk_skb verdict program in the object: it trims bytes TCP hands it twice
+/// (see [`DirState::next_seq`]), which needs CAP_PERFMON to load.
 pub const VERDICT_PROG: &str = "forwarder_verdict";
+/// The same verdict without the trim, for when [`VERDICT_PROG`] cannot load.
+pub const VERDICT_PLAIN_PROG: &str = "forwarder_verdict_plain";
+/// [`DirState::next_seq`] holds a sequence number (in its low 32 bits) when this bit is
+/// set.
+pub const NEXT_SEQ_KNOWN: u64 = 1 << 32;
 /// Room for this many pairs (two sockets, two directions each).
 pub const MAX_PAIRS: u32 = 65536;
 
@@ -40,6 +46,13 @@ pub struct DirState {
     pub passed: u64,
     /// The last [`DirControl::sleep`] the program answered with a wake-up.
     pub woken: u64,
+    /// TCP sequence number of the next byte this direction expects (with
+    /// [`NEXT_SEQ_KNOWN`]; 0 until the first skb after pairing). `tcp_read_skb` hands the
+    /// program whole skbs, including the head of a retransmitted segment that overlaps
+    /// bytes already handed over; the program trims that head off by this number.
+    pub next_seq: u64,
+    /// Bytes trimmed that way (each was handed to the program twice).
+    pub trimmed: u64,
 }
 
 /// Userspace's side of the bargain for one direction.

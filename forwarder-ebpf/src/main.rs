@@ -16,13 +16,15 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
-    use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_map_delete_elem};
+    use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_map_delete_elem, bpf_probe_read_kernel};
     use aya_ebpf::macros::{map, stream_verdict};
     use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
     use aya_ebpf::programs::SkBuffContext;
     use aya_ebpf::EbpfContext;
     use aya_log_ebpf::debug;
-    use forwarder_common::{DirControl, DirState, MAX_PAIRS, PARTING_ASKED, PARTING_DONE};
+    use forwarder_common::{
+        DirControl, DirState, MAX_PAIRS, NEXT_SEQ_KNOWN, PARTING_ASKED, PARTING_DONE,
+    };
 
     /// Redirect targets: the peer of the socket with this cookie.
     #[map(name = "SOCKS")]
@@ -43,11 +45,24 @@ mod prog {
     #[map(name = "WAKES")]
     static WAKES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+    /// The verdict, trimming what TCP hands over twice. Loading it needs CAP_PERFMON
+    /// (it reads the skb's TCP sequence number with `bpf_probe_read_kernel`).
     #[stream_verdict]
     pub fn forwarder_verdict(ctx: SkBuffContext) -> u32 {
+        verdict(&ctx, true)
+    }
+
+    /// The verdict without the trim, for when `forwarder_verdict` cannot load.
+    #[stream_verdict]
+    pub fn forwarder_verdict_plain(ctx: SkBuffContext) -> u32 {
+        verdict(&ctx, false)
+    }
+
+    #[inline(always)]
+    fn verdict(ctx: &SkBuffContext, trim: bool) -> u32 {
         // SAFETY: the helper only reads the skb's socket.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let len = ctx.len() as u64;
+        let mut len = ctx.len() as u64;
         if len == 0 {
             // A FIN alone. TCP has already taken note of it (userspace sees RDHUP); the
             // skb itself carries nothing. Redirected, the kernel would "send" it to
@@ -57,7 +72,7 @@ mod prog {
         }
         let Some(state) = STATE.get_ptr_mut(cookie) else {
             debug!(
-                &ctx,
+                ctx,
                 "verdict: no state for cookie {}, passing {} bytes", cookie, len
             );
             return SK_PASS;
@@ -65,13 +80,16 @@ mod prog {
         // SAFETY: map values stay valid for the program's run; each key has one writer
         // (this program, serialised by the source socket's lock).
         let state = unsafe { &mut *state };
+        if trim {
+            len = trim_overlap(ctx, state, len);
+        }
         // SAFETY: read-only access to a value userspace updates with whole-u64 writes.
         let (consumed, limit) = match unsafe { CONTROL.get(cookie) } {
             Some(c) => (c.consumed, c.limit),
             None => (0, 0),
         };
         if limit != 0 && state.passed == consumed && state.redirected + len <= limit {
-            let verdict = SOCKS.redirect_skb(&ctx, cookie, 0) as u32;
+            let verdict = SOCKS.redirect_skb(ctx, cookie, 0) as u32;
             if verdict == SK_PASS {
                 state.redirected += len;
                 wake_if_asleep(cookie, state);
@@ -79,13 +97,75 @@ mod prog {
             }
             // The peer is gone from the map: keep the bytes here instead of dropping them.
             debug!(
-                &ctx,
+                ctx,
                 "verdict: redirect failed for cookie {}, passing", cookie
             );
         }
         state.passed += len;
         wake_if_asleep(cookie, state);
         SK_PASS
+    }
+
+    /// `offsetof(struct sk_buff, cb)` on 64-bit kernels (unchanged since 4.x; a wrong
+    /// value reads numbers that fail the length check in [`skb_seq`], and nothing is
+    /// trimmed).
+    const SKB_CB: usize = 40;
+    /// `bpf_skb_adjust_room` on sk_skb takes at most this many bytes off per call.
+    const TRIM_STEP: u32 = 0xfff;
+    /// Enough steps for a 128 KiB overlap (a retransmitted segment is at most 64 KiB
+    /// on loopback); what is left over stays, and userspace's duplication check catches it.
+    const TRIM_STEPS: u32 = 32;
+
+    /// TCP's sequence number for the skb's first byte (`TCP_SKB_CB(skb)->seq`, the
+    /// first field of `cb`), when it reads consistently: `end_seq - seq` is the length
+    /// (plus one for a FIN).
+    fn skb_seq(ctx: &SkBuffContext, len: u64) -> Option<u32> {
+        // SAFETY: the context is the kernel's sk_buff; the helper reads 8 bytes of its
+        // control block and fails cleanly on a bad address.
+        let [seq, end] = unsafe {
+            let cb = (ctx.skb.skb as *const u8).add(SKB_CB) as *const [u32; 2];
+            bpf_probe_read_kernel(cb).ok()?
+        };
+        let span = end.wrapping_sub(seq) as u64;
+        (span == len || span == len + 1).then_some(seq)
+    }
+
+    /// `tcp_read_skb` hands over whole skbs from the receive queue, and TCP queues a
+    /// retransmitted segment that starts before `rcv_nxt` (partly new) whole: TCP's own
+    /// readers skip the old head by `copied_seq`, this path would send it twice (seen
+    /// under receive-memory pressure, and in CI on loopback). So this direction keeps
+    /// the sequence number it expects next, and the skb's head up to it is cut off
+    /// before the verdict; `tcp_eat_skb` then advances `copied_seq` by what is left,
+    /// which keeps TCP's own count right too. Returns the skb's length after the trim.
+    fn trim_overlap(ctx: &SkBuffContext, state: &mut DirState, len: u64) -> u64 {
+        let Some(seq) = skb_seq(ctx, len) else {
+            state.next_seq = 0;
+            return len;
+        };
+        let mut start = seq;
+        if state.next_seq & NEXT_SEQ_KNOWN != 0 {
+            let overlap = (state.next_seq as u32).wrapping_sub(seq);
+            // Only a head: a whole duplicate never reaches the queue (TCP drops it).
+            if (overlap as i32) > 0 && (overlap as u64) < len {
+                let mut left = overlap;
+                for _ in 0..TRIM_STEPS {
+                    if left == 0 {
+                        break;
+                    }
+                    let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+                    if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+                        break;
+                    }
+                    left -= step;
+                }
+                let cut = overlap - left;
+                state.trimmed += cut as u64;
+                start = seq.wrapping_add(cut);
+            }
+        }
+        let len = ctx.len() as u64;
+        state.next_seq = NEXT_SEQ_KNOWN | start.wrapping_add(len as u32) as u64;
+        len
     }
 
     /// Redirected bytes wake nobody in userspace: when it sleeps (CONTROL.sleep moved

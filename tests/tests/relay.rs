@@ -1,6 +1,7 @@
 //! Relay behaviour, written once and run in both relay modes: `splice::NAME` and
 //! `ebpf::NAME` (the latter only as root, where it runs with `--mode ebpf`).
 
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use forwarder_tests::netns::{NetNs, Proc};
 use forwarder_tests::*;
 
 fn secs(s: u64) -> Duration {
@@ -975,6 +977,49 @@ relay_tests! {
         println!("{mode:?}: {woke} context switches in 3 s with no pair");
         // Measured 0 in every mode (8-9 in 4 s on the kernel path before).
         assert!(woke <= 1, "{woke} context switches in 3 s with no pair: something ticks");
+    }
+
+    /// A retransmitted segment that overlaps bytes the forwarder already received, as a
+    /// lossy link makes a sender send, reaches the upstream once: a raw-socket client
+    /// (tests/overlap_client.py) sends 40,000 bytes as three segments, the second
+    /// repeating 10,000 bytes of the first. TCP queues such a segment whole, and the
+    /// kernel path is handed whole skbs (`tcp_read_skb`): its program must cut the head
+    /// off (CI saw 65,176 bytes reach a peer twice this way on loopback).
+    fn overlapping_retransmit_reaches_upstream_once(mode) {
+        let _load = light();
+        let ns = NetNs::new();
+        // The kernel knows no socket for the raw client's port and would reset the
+        // connection on the forwarder's SYN-ACK.
+        ns.exec("nft", &["add", "table", "inet", "t"]);
+        ns.exec("nft", &["add", "chain", "inet", "t", "out", "{ type filter hook output priority 0; }"]);
+        ns.exec("nft", &["add", "rule", "inet", "t", "out", "tcp", "sport", "40000", "tcp", "flags", "rst", "drop"]);
+        let (up, got) = ns.run(Server::recorder);
+        let args: Vec<OsString> = ["run", "--listen", "127.0.0.1:4000", "--upstream", &up.addr().to_string(), "--mode", mode.as_str()]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let fwd = Proc::spawn("forwarder", &args, Some(&ns), &[("FORWARDER_LOG", "info,forwarder=debug")], None);
+        fwd.expect_line("listening", secs(10), |l| l.contains(" listening "));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/overlap_client.py");
+        let sent = ns.exec("python3", &[script, "127.0.0.1", "4000", "40000"]);
+        let sha = sent.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        assert!(sent.starts_with("sent 40000 bytes, overlap 10000, sha256 "), "client: {sent}");
+        let upstream = got.recv_timeout(secs(10)).expect("upstream got nothing").expect("upstream read");
+        assert_eq!((upstream.len, hex(&upstream.sha)), (40000, sha), "what the upstream received");
+        let close = fwd.expect_line("close", secs(5), |l| l.contains(" close "));
+        assert_eq!(field(&close, "path"), Some(mode.as_str()), "{close}");
+        assert_eq!(field(&close, "bytes_up"), Some("40000"), "{close}");
+        if mode == Mode::Ebpf {
+            // The bytes went through the program (none through userspace), which cut
+            // exactly the repeated head.
+            assert_eq!(field(&close, "userspace_bytes"), Some("0"), "{close}");
+            // (The other pair is the startup probe's.)
+            let done = fwd.matching(|l| l.contains("ebpf pair done"));
+            assert!(
+                done.iter().any(|l| l.contains("up redirected=40000 passed=0 trimmed=10000,")),
+                "{done:?}"
+            );
+        }
     }
 
     /// IPv6: listen on [::1], forward to an upstream on [::1].

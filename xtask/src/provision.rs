@@ -19,6 +19,8 @@ const TEST_APT: &[&str] = &[
     "curl",
     "python3",
     "iproute2",
+    // nft: drop rules inside test namespaces (the raw-socket client's RSTs).
+    "nftables",
     "procps",
     "nginx",
     "util-linux",

@@ -13,7 +13,8 @@ use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{
-    DirControl, DirState, CONTROL_MAP, MEMBERS_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PROG, WAKES_MAP,
+    DirControl, DirState, CONTROL_MAP, MEMBERS_MAP, SOCKS_MAP, STATE_MAP, VERDICT_PLAIN_PROG,
+    VERDICT_PROG, WAKES_MAP,
 };
 use tokio::sync::Notify;
 
@@ -115,6 +116,20 @@ fn load_hint(e: &(dyn std::error::Error + 'static), root: bool) -> String {
     format!(" ({why})")
 }
 
+/// The verdict program called `name` in the object.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SkSkb, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("program {name}: {e}"))
+}
+
+fn load_verdict(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+    program(ebpf, name)?
+        .load()
+        .map_err(|e| format!("the kernel rejected the verdict program {name}: {e:#}"))
+}
+
 impl Kernel {
     /// Loads and attaches the program. Must run inside the tokio runtime (log reader).
     pub fn load() -> Result<Kernel, String> {
@@ -139,13 +154,19 @@ impl Kernel {
         spawn_epoll_reader(epoll.clone(), watched.clone())?;
         let first_watched = Arc::new(Notify::new());
         spawn_sleep_check(watched.clone(), first_watched.clone());
-        let prog: &mut SkSkb = ebpf
-            .program_mut(VERDICT_PROG)
-            .ok_or_else(|| format!("program {VERDICT_PROG} missing from the object"))?
-            .try_into()
-            .map_err(|e| format!("program {VERDICT_PROG}: {e}"))?;
-        prog.load()
-            .map_err(|e| format!("the kernel rejected the verdict program: {e:#}"))?;
+        let prog = match load_verdict(&mut ebpf, VERDICT_PROG) {
+            Ok(()) => VERDICT_PROG,
+            Err(e) => {
+                // Expected without CAP_PERFMON, as under `[global] user` or the systemd
+                // unit: the plain verdict relays the same, minus the trim.
+                tracing::info!(
+                    "ebpf: the verdict cannot trim bytes TCP hands it twice ({e}; reading the skb's sequence number needs CAP_PERFMON): an overlapping retransmit then resets its pair"
+                );
+                load_verdict(&mut ebpf, VERDICT_PLAIN_PROG)?;
+                VERDICT_PLAIN_PROG
+            }
+        };
+        let prog: &mut SkSkb = program(&mut ebpf, prog)?;
         let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd();
         let attach = match attach_sk_skb_verdict(prog_fd, members.fd().as_fd().as_raw_fd()) {
             Ok(()) => "sk_skb_verdict",

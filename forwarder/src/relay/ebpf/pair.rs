@@ -619,12 +619,16 @@ impl Paired {
             let k = self.entries.k;
             let s = |d: &Dir| k.dir_state(d.key).unwrap_or_default();
             let (up, down) = (s(&self.dirs[0]), s(&self.dirs[1]));
+            // trimmed: bytes TCP handed the program twice (overlapping retransmits),
+            // cut off before they were relayed.
             tracing::debug!(
-                "ebpf pair done: up redirected={} passed={}, down redirected={} passed={}",
+                "ebpf pair done: up redirected={} passed={} trimmed={}, down redirected={} passed={} trimmed={}",
                 up.redirected,
                 up.passed,
+                up.trimmed,
                 down.redirected,
-                down.passed
+                down.passed,
+                down.trimmed
             );
         }
         match result {
