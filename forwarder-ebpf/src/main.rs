@@ -82,6 +82,11 @@ mod prog {
         let state = unsafe { &mut *state };
         if trim {
             len = trim_overlap(ctx, state, len);
+            if len == 0 {
+                // Only a FIN was new (a retransmit that repeats the last bytes with
+                // it): as a FIN alone above.
+                return SK_DROP;
+            }
         }
         // SAFETY: read-only access to a value userspace updates with whole-u64 writes.
         let (consumed, limit) = match unsafe { CONTROL.get(cookie) } {
@@ -145,8 +150,9 @@ mod prog {
         let mut start = seq;
         if state.next_seq & NEXT_SEQ_KNOWN != 0 {
             let overlap = (state.next_seq as u32).wrapping_sub(seq);
-            // Only a head: a whole duplicate never reaches the queue (TCP drops it).
-            if (overlap as i32) > 0 && (overlap as u64) < len {
+            // At most the whole skb: TCP queues a segment only if something in it is new
+            // (the FIN, when every byte is old).
+            if (overlap as i32) > 0 && (overlap as u64) <= len {
                 let mut left = overlap;
                 for _ in 0..TRIM_STEPS {
                     if left == 0 {

@@ -8,7 +8,8 @@ Connects from HOST:SRC_PORT to HOST:PORT (IPv4, no TCP options), then sends one
 payload of TOTAL bytes as three segments:
   A = [0, A_END)           wait until it is acknowledged
   B = [B_START, B_END)     its head, A_END - B_START bytes, was already received
-  C = [B_END, TOTAL) + FIN
+  C = [B_END, TOTAL)       wait until it is acknowledged
+  C again + FIN            only the FIN is new
 and prints "sent TOTAL bytes, overlap N, sha256 HEX" for the payload the server must
 deliver once. The caller must keep the kernel from resetting the connection (it knows
 no socket for SRC_PORT): drop outgoing RSTs from SRC_PORT.
@@ -85,10 +86,14 @@ def main():
     time.sleep(0.1)
     send(base + B_START, rcv, PSH | ACK, payload[B_START:B_END])
     wait(lambda q, a, f: f & ACK and a == base + B_END, "ACK of segment B")
+    send(base + B_END, rcv, PSH | ACK, payload[B_END:])
+    wait(lambda q, a, f: f & ACK and a == base + TOTAL, "ACK of segment C")
+    time.sleep(0.1)
     send(base + B_END, rcv, PSH | ACK | FIN, payload[B_END:])
-    wait(lambda q, a, f: f & ACK and a == base + TOTAL + 1, "ACK of segment C and FIN")
+    wait(lambda q, a, f: f & ACK and a == base + TOTAL + 1, "ACK of the FIN")
     sha = hashlib.sha256(payload).hexdigest()
-    print(f"sent {TOTAL} bytes, overlap {A_END - B_START}, sha256 {sha}")
+    overlap = (A_END - B_START) + (TOTAL - B_END)
+    print(f"sent {TOTAL} bytes, overlap {overlap}, sha256 {sha}")
 
 
 if __name__ == "__main__":

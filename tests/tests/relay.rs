@@ -981,8 +981,9 @@ relay_tests! {
 
     /// A retransmitted segment that overlaps bytes the forwarder already received, as a
     /// lossy link makes a sender send, reaches the upstream once: a raw-socket client
-    /// (tests/overlap_client.py) sends 40,000 bytes as three segments, the second
-    /// repeating 10,000 bytes of the first. TCP queues such a segment whole, and the
+    /// (tests/overlap_client.py) sends 40,000 bytes as four segments: the second repeats
+    /// 10,000 bytes of the first, the last repeats the third (10,000 bytes) with a FIN,
+    /// the only new thing in it. TCP queues such segments whole, and the
     /// kernel path is handed whole skbs (`tcp_read_skb`): its program must cut the head
     /// off (CI saw 65,176 bytes reach a peer twice this way on loopback).
     fn overlapping_retransmit_reaches_upstream_once(mode) {
@@ -1003,7 +1004,7 @@ relay_tests! {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/overlap_client.py");
         let sent = ns.exec("python3", &[script, "127.0.0.1", "4000", "40000"]);
         let sha = sent.trim().rsplit(' ').next().unwrap_or_default().to_string();
-        assert!(sent.starts_with("sent 40000 bytes, overlap 10000, sha256 "), "client: {sent}");
+        assert!(sent.starts_with("sent 40000 bytes, overlap 20000, sha256 "), "client: {sent}");
         let upstream = got.recv_timeout(secs(10)).expect("upstream got nothing").expect("upstream read");
         assert_eq!((upstream.len, hex(&upstream.sha)), (40000, sha), "what the upstream received");
         let close = fwd.expect_line("close", secs(5), |l| l.contains(" close "));
@@ -1016,7 +1017,7 @@ relay_tests! {
             // (The other pair is the startup probe's.)
             let done = fwd.matching(|l| l.contains("ebpf pair done"));
             assert!(
-                done.iter().any(|l| l.contains("up redirected=40000 passed=0 trimmed=10000,")),
+                done.iter().any(|l| l.contains("up redirected=40000 passed=0 trimmed=20000,")),
                 "{done:?}"
             );
         }
