@@ -1023,6 +1023,51 @@ relay_tests! {
         }
     }
 
+    /// A lossy link costs no byte: with 2% of the TCP packets that reach the forwarder
+    /// dropped (the client's and the upstream's, so every socket of the pair sees
+    /// retransmits), four 32 MiB echoes come back exact, half-close included. On the
+    /// kernel path the in-flight bound is raised so the pairs stay there throughout.
+    fn lossy_link_costs_no_byte(mode) {
+        let _load = light();
+        let ns = NetNs::new();
+        ns.exec("nft", &["add", "table", "inet", "t"]);
+        ns.exec("nft", &["add", "chain", "inet", "t", "in", "{ type filter hook input priority 0; }"]);
+        let rule = ["add", "rule", "inet", "t", "in", "iifname", &ns.ns_if, "meta", "l4proto", "tcp",
+            "numgen", "random", "mod", "100", "<", "2", "counter", "drop"];
+        ns.exec("nft", &rule);
+        let up = Server::echo_on(std::net::IpAddr::V4(ns.host_ip()));
+        let listen = SocketAddr::new(std::net::IpAddr::V4(ns.ns_ip()), 4000);
+        let dir = TempDir::new("lossy");
+        let toml = format!(
+            "[defaults]\nmode = \"{}\"\ninflight_limit = 1073741824\n[[rule]]\nlisten = \"{listen}\"\nupstream = \"{}\"\n",
+            mode.as_str(),
+            up.addr()
+        );
+        let config = dir.write("forwarder.toml", &toml);
+        let args: Vec<OsString> = vec!["run".into(), "--config".into(), config.into()];
+        let fwd = Proc::spawn("forwarder", &args, Some(&ns), &[], Some(dir));
+        fwd.expect_line("listening", secs(10), |l| l.contains(" listening "));
+        for seed in 0..4 {
+            echo_check_paired(listen, Payload::new(seed, 32 * MIB), secs(60));
+        }
+        let closes = fwd.wait_close_lines(4, secs(5));
+        assert_eq!(closes.len(), 4, "{closes:?}");
+        for l in &closes {
+            assert_eq!(field(l, "path"), Some(mode.as_str()), "{l}");
+            assert_eq!(field(l, "end"), Some("closed"), "{l}");
+            assert_eq!(field(l, "userspace_bytes"), Some("0"), "{l}");
+        }
+        let counted = ns.exec("nft", &["list", "chain", "inet", "t", "in"]);
+        let dropped: u64 = counted
+            .split("counter packets ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        println!("{mode:?}: {dropped} packets dropped");
+        assert!(dropped > 0, "the link lost nothing: {counted}");
+    }
+
     /// IPv6: listen on [::1], forward to an upstream on [::1].
     fn ipv6_loopback(mode) {
         let _load = light();
