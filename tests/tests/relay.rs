@@ -1028,7 +1028,8 @@ relay_tests! {
     /// retransmits), four 32 MiB echoes come back exact, half-close included. On the
     /// kernel path the in-flight bound is raised so the pairs stay there throughout.
     fn lossy_link_costs_no_byte(mode) {
-        let _load = light();
+        // 128 MiB each way: a bulk test, run alone like the others.
+        let _load = heavy();
         let ns = NetNs::new();
         ns.exec("nft", &["add", "table", "inet", "t"]);
         ns.exec("nft", &["add", "chain", "inet", "t", "in", "{ type filter hook input priority 0; }"]);
