@@ -186,6 +186,18 @@ impl NetNs {
         sh("ip", &all)
     }
 
+    /// Adds nftables chain `chain` of table `inet t` inside the namespace, on netfilter
+    /// hook `chain` ("input" or "output"), with one rule (`nft add rule` words). The
+    /// namespace's ruleset goes with it.
+    pub fn nft_rule(&self, chain: &str, rule: &[&str]) {
+        self.exec("nft", &["add", "table", "inet", "t"]);
+        let spec = format!("{{ type filter hook {chain} priority 0; }}");
+        self.exec("nft", &["add", "chain", "inet", "t", chain, &spec]);
+        let mut all = vec!["add", "rule", "inet", "t", chain];
+        all.extend_from_slice(rule);
+        self.exec("nft", &all);
+    }
+
     /// Drops every packet both ways on the veth (a pfifo of length 0 on both ends);
     /// the link comes back when the guard is restored or dropped.
     pub fn blackhole(&self) -> Blackhole<'_> {

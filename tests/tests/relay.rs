@@ -991,9 +991,7 @@ relay_tests! {
         let ns = NetNs::new();
         // The kernel knows no socket for the raw client's port and would reset the
         // connection on the forwarder's SYN-ACK.
-        ns.exec("nft", &["add", "table", "inet", "t"]);
-        ns.exec("nft", &["add", "chain", "inet", "t", "out", "{ type filter hook output priority 0; }"]);
-        ns.exec("nft", &["add", "rule", "inet", "t", "out", "tcp", "sport", "40000", "tcp", "flags", "rst", "drop"]);
+        ns.nft_rule("output", &["tcp", "sport", "40000", "tcp", "flags", "rst", "drop"]);
         let (up, got) = ns.run(Server::recorder);
         let args: Vec<OsString> = ["run", "--listen", "127.0.0.1:4000", "--upstream", &up.addr().to_string(), "--mode", mode.as_str()]
             .iter()
@@ -1031,11 +1029,8 @@ relay_tests! {
         // 128 MiB each way: a bulk test, run alone like the others.
         let _load = heavy();
         let ns = NetNs::new();
-        ns.exec("nft", &["add", "table", "inet", "t"]);
-        ns.exec("nft", &["add", "chain", "inet", "t", "in", "{ type filter hook input priority 0; }"]);
-        let rule = ["add", "rule", "inet", "t", "in", "iifname", &ns.ns_if, "meta", "l4proto", "tcp",
-            "numgen", "random", "mod", "100", "<", "2", "counter", "drop"];
-        ns.exec("nft", &rule);
+        let drop = ["iifname", &ns.ns_if, "meta", "l4proto", "tcp", "numgen", "random", "mod", "100", "<", "2", "counter", "drop"];
+        ns.nft_rule("input", &drop);
         let up = Server::echo_on(std::net::IpAddr::V4(ns.host_ip()));
         let listen = SocketAddr::new(std::net::IpAddr::V4(ns.ns_ip()), 4000);
         let dir = TempDir::new("lossy");
@@ -1058,7 +1053,7 @@ relay_tests! {
             assert_eq!(field(l, "end"), Some("closed"), "{l}");
             assert_eq!(field(l, "userspace_bytes"), Some("0"), "{l}");
         }
-        let counted = ns.exec("nft", &["list", "chain", "inet", "t", "in"]);
+        let counted = ns.exec("nft", &["list", "chain", "inet", "t", "input"]);
         let dropped: u64 = counted
             .split("counter packets ")
             .nth(1)

@@ -1300,10 +1300,12 @@ fn reading(
 /// Fails the pair when the program has seen more bytes than TCP received on `src`.
 ///
 /// `tcp_read_skb` hands the program a retransmitted segment that overlaps bytes TCP
-/// already had whole (TCP's own readers skip the overlap by `copied_seq`): under
-/// receive-memory pressure this happened in about 1 run in 8 of 1 GiB, and the overlap
-/// reached the peer twice (docs/ARCHITECTURE.md). Forwarding a corrupted stream silently
-/// is the worst outcome; a reset on both sides is what a broken network would show.
+/// already had whole (TCP's own readers skip the overlap by `copied_seq`). The program
+/// trims that overlap where it can read the skb's sequence number (CAP_PERFMON); this
+/// check is what remains where it cannot (the plain verdict), or where its expected
+/// sequence number was learnt from an overlapping first skb (docs/ARCHITECTURE.md).
+/// Forwarding a corrupted stream silently is the worst outcome; a reset on both sides
+/// is what a broken network would show.
 /// `st` must be read before the TCP counters: the program counts bytes after TCP has
 /// received them. Takes and returns src's `bytes_received`, read after `st`.
 fn verify_no_duplication(
