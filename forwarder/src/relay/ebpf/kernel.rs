@@ -5,8 +5,8 @@
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap, MapData, RingBuf, SockHash};
@@ -43,6 +43,15 @@ pub struct Kernel {
     pub members: Mutex<SockHash<MapData, u64>>,
     pub state: Mutex<HashMap<MapData, u64, DirState>>,
     pub control: Mutex<HashMap<MapData, u64, DirControl>>,
+    /// STATE's and CONTROL's fds, for the batched calls aya does not wrap (owned by
+    /// `state` and `control`).
+    state_fd: RawFd,
+    control_fd: RawFd,
+    /// Whether this kernel takes batched map calls (5.6+); per-element calls if not.
+    batches: AtomicBool,
+    /// Cookies of ended pairs whose STATE and CONTROL entries wait to be deleted
+    /// together (see [`Kernel::retire_dirs`]).
+    retired: Mutex<Vec<u64>>,
     /// How the verdict program is attached, for the startup line.
     pub attach: &'static str,
     /// Every paired socket, by its cookie: where its epoll events and the program's
@@ -145,6 +154,8 @@ impl Kernel {
         spawn_logger(&mut ebpf);
         let socks: SockHash<MapData, u64> = take(&mut ebpf, SOCKS_MAP)?;
         let members: SockHash<MapData, u64> = take(&mut ebpf, MEMBERS_MAP)?;
+        let state_fd = hash_map_fd(&ebpf, STATE_MAP)?;
+        let control_fd = hash_map_fd(&ebpf, CONTROL_MAP)?;
         let state: HashMap<MapData, u64, DirState> = take(&mut ebpf, STATE_MAP)?;
         let control: HashMap<MapData, u64, DirControl> = take(&mut ebpf, CONTROL_MAP)?;
         let wakes: RingBuf<MapData> = take(&mut ebpf, WAKES_MAP)?;
@@ -191,6 +202,10 @@ impl Kernel {
             members: Mutex::new(members),
             state: Mutex::new(state),
             control: Mutex::new(control),
+            state_fd,
+            control_fd,
+            batches: AtomicBool::new(true),
+            retired: Mutex::new(Vec::with_capacity(RETIRE_BATCH)),
             attach,
             watched,
             first_watched,
@@ -245,17 +260,36 @@ impl Kernel {
         map.insert(cookie, c, 0).map_err(io::Error::other)
     }
 
-    pub fn init_dir(&self, cookie: u64, limit: u64) -> io::Result<()> {
-        let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(cookie, DirState::default(), 0)
-            .map_err(io::Error::other)?;
-        drop(map);
+    /// Sets up both directions of a pair (keyed by their sources' cookies): zeroed
+    /// STATE, CONTROL with `limit`. One batched bpf(2) call per map where the kernel
+    /// takes them: a bpf(2) call costs 1–1.5 µs on the bench host, and a short
+    /// connection on the kernel path made 15 of them.
+    pub fn init_dirs(&self, cookies: [u64; 2], limit: u64) -> io::Result<()> {
         let c = DirControl {
             consumed: 0,
             limit,
             sleep: 0,
         };
-        self.set_control(cookie, c)
+        if self.batches.load(Ordering::Relaxed) {
+            match super::sys::map_update_batch(self.state_fd, &cookies, &[DirState::default(); 2])
+                .and_then(|()| super::sys::map_update_batch(self.control_fd, &cookies, &[c; 2]))
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if !batch_unsupported(&e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!("ebpf: no batched map calls here ({e}); one call per element");
+                    self.batches.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        for cookie in cookies {
+            let mut map = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(cookie, DirState::default(), 0)
+                .map_err(io::Error::other)?;
+            drop(map);
+            self.set_control(cookie, c)?;
+        }
+        Ok(())
     }
 
     /// Puts `peer` under key `cookie` in SOCKS: bytes arriving on the socket with that
@@ -316,17 +350,72 @@ impl Kernel {
         }
     }
 
-    pub fn remove_dir(&self, cookie: u64) {
-        let _ = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&cookie);
-        let _ = self
-            .control
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&cookie);
+    /// Frees an ended pair's STATE and CONTROL entries, `RETIRE_BATCH` cookies at a
+    /// time: one batched delete per map instead of four deletes per pair. Returns how
+    /// many pairs' entries went now (until then they hold their room in the maps).
+    /// Cookies are never reused, so an entry waiting here meets no new pair.
+    pub fn retire_dirs(&self, cookies: [u64; 2]) -> u32 {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.extend(cookies);
+        if retired.len() < RETIRE_BATCH && self.batches.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let keys = std::mem::replace(&mut *retired, Vec::with_capacity(RETIRE_BATCH));
+        drop(retired);
+        self.delete_all(self.state_fd, &keys, |k| remove_key(&self.state, k));
+        self.delete_all(self.control_fd, &keys, |k| remove_key(&self.control, k));
+        (keys.len() / 2) as u32
+    }
+
+    /// Deletes `keys` from the hash map `map`, skipping keys it does not hold (a pair
+    /// that failed before its entries were all set); `remove_one` deletes one key where
+    /// batches do not work.
+    fn delete_all(&self, map: RawFd, keys: &[u64], remove_one: impl Fn(u64)) {
+        let rest = if self.batches.load(Ordering::Relaxed) {
+            match super::sys::map_delete_batch(map, keys) {
+                Ok(()) => return,
+                Err((rest, e)) => {
+                    if batch_unsupported(&e) {
+                        self.batches.store(false, Ordering::Relaxed);
+                    } else {
+                        tracing::debug!("ebpf: batched map delete failed: {e}");
+                    }
+                    rest
+                }
+            }
+        } else {
+            keys
+        };
+        for key in rest {
+            remove_one(*key);
+        }
+    }
+}
+
+/// Deletes `key` from `map` with one bpf(2) call (where batches do not work).
+fn remove_key<V: aya::Pod>(map: &Mutex<HashMap<MapData, u64, V>>, key: u64) {
+    let _ = map.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+}
+
+/// Ended pairs' cookies deleted from STATE and CONTROL in one call (32 pairs).
+const RETIRE_BATCH: usize = 64;
+
+/// Whether `e` says the kernel has no batched calls for this map (before 5.6).
+fn batch_unsupported(e: &io::Error) -> bool {
+    const ENOTSUPP: i32 = 524; // the kernel's own, returned for a missing map op
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP)
+    )
+}
+
+/// The fd of the hash map `name`, for the batched calls aya does not wrap; it stays
+/// valid while the map (taken from `ebpf` afterwards) lives.
+fn hash_map_fd(ebpf: &Ebpf, name: &str) -> Result<RawFd, String> {
+    match ebpf.map(name) {
+        Some(aya::maps::Map::HashMap(d)) => Ok(d.fd().as_fd().as_raw_fd()),
+        Some(_) => Err(format!("map {name} is not a hash map")),
+        None => Err(format!("map {name} missing from the object")),
     }
 }
 

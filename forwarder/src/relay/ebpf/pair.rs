@@ -36,7 +36,8 @@ const COPY_BUDGET: u64 = 4 << 20;
 /// pass path is slow and, on this kernel, now and then duplicates an skb.
 const PROGRAM_CAP: u64 = 4;
 
-/// Pairs currently in the maps, so an insert never fails for lack of room midway.
+/// Pairs currently in the maps, so an insert never fails for lack of room midway (an
+/// ended pair counts until its STATE and CONTROL entries go: [`Kernel::retire_dirs`]).
 static PAIRS: AtomicU32 = AtomicU32::new(0);
 
 const CLIENT: usize = 0;
@@ -219,10 +220,9 @@ impl Drop for MapEntries {
                 }
             }
         }
-        for c in self.cookies {
-            self.k.remove_dir(c);
-        }
-        PAIRS.fetch_sub(1, Ordering::Relaxed);
+        // Their STATE and CONTROL entries go in a batch with other ended pairs'.
+        let freed = self.k.retire_dirs(self.cookies);
+        PAIRS.fetch_sub(freed, Ordering::Relaxed);
     }
 }
 
@@ -409,10 +409,8 @@ async fn setup(
         socks_closed: false,
     };
     // The limits are set before any socket runs the program.
-    for c in cookies {
-        if let Err(e) = k.init_dir(c, PROGRAM_CAP * inflight_limit) {
-            return Err(fallback(pair, format!("map update: {e}")));
-        }
+    if let Err(e) = k.init_dirs(cookies, PROGRAM_CAP * inflight_limit) {
+        return Err(fallback(pair, format!("map update: {e}")));
     }
     // First both sockets become redirect targets (SOCKS runs no program: nothing
     // happens to their bytes yet), then each starts running the program (MEMBERS),

@@ -324,3 +324,154 @@ pub fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
         Ok(r)
     }
 }
+
+/// The BPF_MAP_*_BATCH member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Puts `values[i]` under `keys[i]` in the hash map `map` (u64 keys), in one bpf(2)
+/// call (5.6+). All or an error; on an error some leading elements may be set.
+pub fn map_update_batch<V: Copy>(map: RawFd, keys: &[u64], values: &[V]) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    let attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map as u32,
+        elem_flags: 0, // BPF_ANY
+        flags: 0,
+    };
+    bpf(BPF_MAP_UPDATE_BATCH, &attr).map(drop)
+}
+
+/// Deletes `keys` from the hash map `map` (u64 keys) with batched bpf(2) calls (5.6+):
+/// one call, plus one more past each key the map does not hold (skipped). On any other
+/// error, returns the keys not yet deleted with it.
+pub fn map_delete_batch(map: RawFd, keys: &[u64]) -> Result<(), (&[u64], io::Error)> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: rest.as_ptr() as u64,
+            values: 0,
+            count: rest.len() as u32,
+            map_fd: map as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr is a fully initialised BPF_MAP_DELETE_BATCH attribute whose keys
+        // point at rest.len() u64s; the kernel writes back only `count`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_DELETE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        // `count` is how many went before the failing key (not set on EFAULT).
+        let done = match e.raw_os_error() {
+            Some(libc::EFAULT) => 0,
+            _ => (attr.count as usize).min(rest.len()),
+        };
+        if e.raw_os_error() != Some(libc::ENOENT) || done == rest.len() {
+            return Err((&rest[done..], e));
+        }
+        rest = &rest[done + 1..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hash map of u64 -> u64, or None where this process may not create one.
+    fn hash_map() -> Option<OwnedFd> {
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        let attr = CreateAttr {
+            map_type: 1, // BPF_MAP_TYPE_HASH
+            key_size: 8,
+            value_size: 8,
+            max_entries: 16,
+            map_flags: 0,
+        };
+        match bpf(0, &attr) {
+            // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+            Ok(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+            // SAFETY: geteuid has no preconditions.
+            Err(e) if unsafe { libc::geteuid() } != 0 => {
+                eprintln!("skipped: bpf(BPF_MAP_CREATE) needs root here ({e})");
+                None
+            }
+            Err(e) => panic!("bpf(BPF_MAP_CREATE) failed as root: {e}"),
+        }
+    }
+
+    fn lookup(map: RawFd, key: u64) -> Option<u64> {
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut value = 0u64;
+        let attr = ElemAttr {
+            map_fd: map as u32,
+            pad: 0,
+            key: &key as *const u64 as u64,
+            value: &mut value as *mut u64 as u64,
+            flags: 0,
+        };
+        bpf(1, &attr).ok().map(|_| value) // BPF_MAP_LOOKUP_ELEM
+    }
+
+    /// The batched calls set and delete exactly the keys given, and a key the map does
+    /// not hold stops nothing (a pair that failed halfway retires keys never set).
+    #[test]
+    fn batched_map_calls_skip_missing_keys() {
+        let Some(map) = hash_map() else { return };
+        let map = map.as_raw_fd();
+        map_update_batch(map, &[1, 2, 3, 4], &[10u64, 20, 30, 40]).unwrap();
+        assert_eq!(
+            [1, 2, 3, 4].map(|k| lookup(map, k)),
+            [Some(10), Some(20), Some(30), Some(40)]
+        );
+        map_delete_batch(map, &[1, 99, 98, 3, 97]).unwrap();
+        assert_eq!(
+            [1, 2, 3, 4].map(|k| lookup(map, k)),
+            [None, Some(20), None, Some(40)]
+        );
+        map_delete_batch(map, &[2, 4]).unwrap();
+        map_delete_batch(map, &[5, 6]).unwrap();
+        assert_eq!([2, 4].map(|k| lookup(map, k)), [None, None]);
+    }
+}
