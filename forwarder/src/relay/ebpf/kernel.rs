@@ -353,7 +353,10 @@ impl Kernel {
     /// Frees an ended pair's STATE and CONTROL entries, `RETIRE_BATCH` cookies at a
     /// time: one batched delete per map instead of four deletes per pair. Returns how
     /// many pairs' entries went now (until then they hold their room in the maps).
-    /// Cookies are never reused, so an entry waiting here meets no new pair.
+    /// Cookies are never reused, and a connection's sockets are set up on the kernel
+    /// path at most once (a pair that leaves goes on in splice to its end), so an entry
+    /// waiting here meets no new pair. Promoting a pair again would have to take its
+    /// cookies back out of `retired` first.
     pub fn retire_dirs(&self, cookies: [u64; 2]) -> u32 {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         retired.extend(cookies);

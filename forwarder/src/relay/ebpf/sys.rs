@@ -305,19 +305,24 @@ impl Epoll {
 }
 
 /// bpf(2) with `attr`, a `#[repr(C)]` prefix of `union bpf_attr` for `cmd` (the
-/// kernel zero-extends it). Returns what the call returned: a new fd for some
-/// commands.
+/// kernel zero-extends it), for a command that only reads it. Returns what the call
+/// returned: a new fd for some commands.
 pub fn bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a fully initialised prefix of union bpf_attr and the size
-    // passed is its size; the kernel only reads it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const A,
-            std::mem::size_of::<A>() as u32,
-        )
-    };
+    // The kernel does not write `attr` for such commands.
+    bpf_call(cmd, (attr as *const A).cast_mut())
+}
+
+/// [`bpf`] for a command that writes results back into `attr` (the batched map calls'
+/// `count`).
+pub fn bpf_mut<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    bpf_call(cmd, attr)
+}
+
+fn bpf_call<A>(cmd: libc::c_long, attr: *mut A) -> io::Result<libc::c_long> {
+    // SAFETY: attr points at a fully initialised prefix of union bpf_attr and the size
+    // passed is its size; the kernel writes into it only for commands that return
+    // results there, which callers pass through `bpf_mut`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, std::mem::size_of::<A>() as u32) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -338,6 +343,22 @@ struct BatchAttr {
     flags: u64,
 }
 
+impl BatchAttr {
+    /// A batch of `keys` (u64) in `map`, with `values` (null for deletes), BPF_ANY.
+    fn new(map: RawFd, keys: &[u64], values: *const u8) -> BatchAttr {
+        BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values as u64,
+            count: keys.len() as u32,
+            map_fd: map as u32,
+            elem_flags: 0,
+            flags: 0,
+        }
+    }
+}
+
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -345,17 +366,8 @@ const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// call (5.6+). All or an error; on an error some leading elements may be set.
 pub fn map_update_batch<V: Copy>(map: RawFd, keys: &[u64], values: &[V]) -> io::Result<()> {
     assert_eq!(keys.len(), values.len());
-    let attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: map as u32,
-        elem_flags: 0, // BPF_ANY
-        flags: 0,
-    };
-    bpf(BPF_MAP_UPDATE_BATCH, &attr).map(drop)
+    let mut attr = BatchAttr::new(map, keys, values.as_ptr().cast());
+    bpf_mut(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop)
 }
 
 /// Deletes `keys` from the hash map `map` (u64 keys) with batched bpf(2) calls (5.6+):
@@ -364,30 +376,10 @@ pub fn map_update_batch<V: Copy>(map: RawFd, keys: &[u64], values: &[V]) -> io::
 pub fn map_delete_batch(map: RawFd, keys: &[u64]) -> Result<(), (&[u64], io::Error)> {
     let mut rest = keys;
     while !rest.is_empty() {
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: rest.as_ptr() as u64,
-            values: 0,
-            count: rest.len() as u32,
-            map_fd: map as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: attr is a fully initialised BPF_MAP_DELETE_BATCH attribute whose keys
-        // point at rest.len() u64s; the kernel writes back only `count`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_DELETE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if r >= 0 {
+        let mut attr = BatchAttr::new(map, rest, std::ptr::null());
+        let Err(e) = bpf_mut(BPF_MAP_DELETE_BATCH, &mut attr) else {
             return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        };
         // `count` is how many went before the failing key (not set on EFAULT).
         let done = match e.raw_os_error() {
             Some(libc::EFAULT) => 0,
