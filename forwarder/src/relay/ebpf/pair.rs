@@ -300,6 +300,8 @@ struct Paired {
     leaving: bool,
     /// Sockets that stopped running the program (the first step of leaving).
     parted: [bool; 2],
+    /// Sockets held (SO_RCVLOWAT at its maximum) for parting (see `leave_maps`).
+    held: [bool; 2],
     /// Our sockets' epoll events and the program's wake-ups (see `fall_asleep`), from
     /// the kernel path's shared tasks.
     signals: Arc<PairSignals>,
@@ -488,6 +490,7 @@ async fn setup(
         inflight_limit,
         leaving: false,
         parted: [false; 2],
+        held: [false; 2],
         signals: Arc::new(PairSignals::default()),
         watching: None,
     };
@@ -714,28 +717,47 @@ impl Paired {
         let k = self.entries.k;
         let mut parted_now = [None; 2];
         for s in 0..2 {
-            let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
-            if !self.parted[s] && own.passed == self.dirs[s].consumed && !self.dirs[s].buffered() {
-                // Hold s first, so that its counters stand still while it parts: with
-                // SO_RCVLOWAT at its maximum TCP hands the program nothing (but under
-                // memory pressure, with a tiny window or at a FIN). Where the kernel
-                // cannot part under the socket lock ([`Kernel::part`]) the hold is
-                // also all that keeps a verdict from finding no program and dropping
-                // its skb (measured as 30-64 KB that TCP let go of and nobody sent,
-                // caught by the check in `leave_map`). Nothing of ours waits on s's
-                // psock for receive-buffer room (passed == read), so holding cannot
-                // stall it. Released once s is out of the maps.
-                let fd = self.socks[s].as_raw_fd();
-                sys::set_rcvlowat(fd, libc::c_int::MAX).map_err(|e| (s, e))?;
-                // Verdicts that ran before the hold may have moved the counters.
-                let held = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
-                if held.passed != own.passed {
-                    // Read those first (the next pass here tries again).
-                    sys::set_rcvlowat(fd, 1).map_err(|e| (s, e))?;
-                    continue;
-                }
-                parted_now[s] = Some(held.passed);
+            if self.parted[s] {
+                continue;
             }
+            let own = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+            if own.passed != self.dirs[s].consumed || self.dirs[s].buffered() {
+                // Passed bytes to relay first. A held socket's cannot be read: tcp_bpf's
+                // recvmsg first offers what waits in TCP's own queue to the program
+                // (tcp_data_ready, which a held socket declines) and then returns
+                // EAGAIN without looking at the psock's queue. Such bytes come from a
+                // verdict that ran as s was held, or from TCP handing skbs over under
+                // memory pressure while s waited, held, for its peer. Kept held, the
+                // pair stalled for good: 64 KiB passed and unreadable, and behind them
+                // the window the hold had grown let the sender queue 1.8 MB (6 in 375
+                // runs of pairs_move_both_ways_mid_transfer_100x).
+                if self.held[s] {
+                    self.release(s)?;
+                }
+                continue;
+            }
+            // Hold s first, so that its counters stand still while it parts: with
+            // SO_RCVLOWAT at its maximum TCP hands the program nothing (but under
+            // memory pressure, with a tiny window or at a FIN). Where the kernel
+            // cannot part under the socket lock ([`Kernel::part`]) the hold is also
+            // all that keeps a verdict from finding no program and dropping its skb
+            // (measured as 30-64 KB that TCP let go of and nobody sent, caught by the
+            // check in `leave_map`). Nothing of ours waits on s's psock for
+            // receive-buffer room (passed == read), so holding cannot stall it.
+            // Released once s is out of the maps, or when it passes bytes again.
+            if !self.held[s] {
+                sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
+                    .map_err(|e| (s, e))?;
+                self.held[s] = true;
+            }
+            // Verdicts that ran before the hold may have moved the counters.
+            let held = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+            if held.passed != own.passed {
+                // Read those first (the next pass here tries again).
+                self.release(s)?;
+                continue;
+            }
+            parted_now[s] = Some(held.passed);
         }
         // Both part in one walk: a socket ready first waits for the other, held (the
         // pair goes on only once both parted anyway).
@@ -810,7 +832,7 @@ impl Paired {
                 self.entries.members_in[s] = true;
                 self.parted[s] = false;
                 // Releasing the hold hands bytes queued meanwhile to the program.
-                sys::set_rcvlowat(self.socks[s].as_raw_fd(), 1).map_err(|e| (s, e))?;
+                self.release(s)?;
                 tracing::debug!(
                     "ebpf: {} passed bytes while parting; joined again",
                     SIDES[s].as_str()
@@ -833,6 +855,14 @@ impl Paired {
             "ebpf: in-flight bound reached; pair left the sockmap, continuing in splice"
         );
         Ok(true)
+    }
+
+    /// Ends socket `s`'s hold (see [`Paired::leave_maps`]): TCP hands its queue to the
+    /// program again, or to our reads once s is out of the maps.
+    fn release(&mut self, s: usize) -> Result<(), (usize, io::Error)> {
+        sys::set_rcvlowat(self.socks[s].as_raw_fd(), 1).map_err(|e| (s, e))?;
+        self.held[s] = false;
+        Ok(())
     }
 
     /// Lifts socket `s`'s limit while it parts: until the part is done, a verdict
@@ -875,7 +905,7 @@ impl Paired {
         k.remove_sock(self.entries.cookies[p]);
         self.entries.socks_in[p] = false;
         // Plain TCP again: release the hold (this wakes whoever reads s next).
-        sys::set_rcvlowat(fd, 1).map_err(|e| (s, e))?;
+        self.release(s)?;
         self.dirs[p].inflight = 0;
         // What TCP holds for us must be exactly what the program never saw: a
         // receive sequence the sockmap code left behind would make TCP skip data.
