@@ -1,5 +1,7 @@
-//! The kernel half of the sockmap relay: one sk_skb verdict program (and `part_locked`,
-//! the TCP iterator that takes sockets out of it under their socket lock).
+//! The kernel half of the sockmap relay: the sk_skb verdict, in two variants that differ
+//! only in trimming retransmitted overlaps (`forwarder_verdict`, which needs CAP_PERFMON,
+//! and `forwarder_verdict_plain`; userspace attaches one), and `part_locked`, the TCP
+//! iterator that takes sockets out of it under their socket lock.
 //!
 //! For every skb arriving on a socket of a pair it either redirects the bytes to the
 //! peer socket's egress (the fast path) or leaves them on the source socket (SK_PASS)
