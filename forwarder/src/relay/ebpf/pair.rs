@@ -745,19 +745,22 @@ impl Paired {
             // check in `leave_map`). Nothing of ours waits on s's psock for
             // receive-buffer room (passed == read), so holding cannot stall it.
             // Released once s is out of the maps, or when it passes bytes again.
+            // A socket held on an earlier pass was already read as held: `own` is
+            // its count (a verdict after that read is caught at parting, as for a
+            // socket held just now).
             if !self.held[s] {
                 sys::set_rcvlowat(self.socks[s].as_raw_fd(), libc::c_int::MAX)
                     .map_err(|e| (s, e))?;
                 self.held[s] = true;
+                // Verdicts that ran before the hold may have moved the counters.
+                let held = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
+                if held.passed != own.passed {
+                    // Read those first (the next pass here tries again).
+                    self.release(s)?;
+                    continue;
+                }
             }
-            // Verdicts that ran before the hold may have moved the counters.
-            let held = k.dir_state(self.dirs[s].key).map_err(|e| (s, e))?;
-            if held.passed != own.passed {
-                // Read those first (the next pass here tries again).
-                self.release(s)?;
-                continue;
-            }
-            parted_now[s] = Some(held.passed);
+            parted_now[s] = Some(own.passed);
         }
         // Both part in one walk: a socket ready first waits for the other, held (the
         // pair goes on only once both parted anyway).
