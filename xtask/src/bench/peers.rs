@@ -78,6 +78,12 @@ pub fn haproxy_version() -> String {
         .unwrap_or_else(|| "HAProxy".into())
 }
 
+/// HAProxy's pipes for splicing. HAProxy sizes its fd needs as 2 per connection plus 2
+/// per pipe, and refuses to start when that passes the hard RLIMIT_NOFILE; its default
+/// (maxconn / 4) would cap the idle phase at two thirds of the pairs the others hold.
+/// Pipes are only held while bytes wait in them: the bulk phase's 8 streams need 16.
+const PEER_MAXPIPES: usize = 256;
+
 /// Starts `peer` forwarding to `up`, able to hold `max_pairs` pairs; its log goes to
 /// `log_dir`. Retries with fresh ports when another process took one meanwhile.
 pub fn start(
@@ -166,11 +172,11 @@ fn start_once(peer: Peer, up: &Addrs, max_pairs: usize, log_dir: &Path) -> Resul
             }
             let text = format!(
                 "# written by cargo xtask bench\n\
-                 global\n    maxconn {mc}\n\n\
+                 global\n    maxconn {mc}\n    maxpipes {PEER_MAXPIPES}\n\n\
                  defaults\n    mode tcp\n    option splice-auto\n    maxconn {mc}\n    \
                  backlog 4096\n    timeout connect 5s\n    timeout client 1h\n    \
                  timeout server 1h\n{listens}",
-                mc = max_pairs + 2048,
+                mc = max_pairs,
             );
             write(&conf, &text)?;
             let mut cmd = Command::new("haproxy");
