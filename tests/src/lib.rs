@@ -1629,6 +1629,23 @@ impl Server {
         (server, rx)
     }
 
+    /// The next `n` reports of a [`Server::recorder`], in the order they came: each
+    /// connection's handler reports when it ends, which need not be the clients' order.
+    /// Panics when one does not come within `each` or its read failed.
+    pub fn reports(
+        rx: &mpsc::Receiver<io::Result<Digested>>,
+        n: usize,
+        each: Duration,
+    ) -> Vec<Digested> {
+        (0..n)
+            .map(|i| {
+                rx.recv_timeout(each)
+                    .unwrap_or_else(|_| panic!("upstream connection report {} of {n}", i + 1))
+                    .unwrap_or_else(|e| panic!("upstream read {} of {n}: {e}", i + 1))
+            })
+            .collect()
+    }
+
     /// Sends `p` to every client, shuts its write side, then waits for the client's EOF.
     pub fn source(p: Payload) -> Server {
         Server::start(LOCALHOST, move |s| {

@@ -939,13 +939,7 @@ mod ebpf_only {
             // in the clients' order: the first's handler may be preempted between its
             // shutdown (the EOF the first client read) and its report while the second
             // connection runs to its end (seen beside CPU hogs).
-            let mut reports: Vec<Digested> = (0..2)
-                .map(|_| {
-                    rx.recv_timeout(secs(5))
-                        .expect("upstream connection report")
-                        .expect("read")
-                })
-                .collect();
+            let mut reports = Server::reports(&rx, 2, secs(5));
             reports.sort_by_key(|d| d.len);
             assert_eq!(reports[0].len, 5, "{name}: first upload (\"first\")");
             assert_eq!(reports[1], Digested::of(&p), "{name}: upload");

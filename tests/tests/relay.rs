@@ -859,13 +859,7 @@ relay_tests! {
                     .collect();
                 clients.into_iter().map(|c| c.join().unwrap()).collect()
             });
-            let mut uploads: Vec<Digested> = (0..4)
-                .map(|_| {
-                    rx.recv_timeout(secs(60))
-                        .expect("server result")
-                        .expect("server read")
-                })
-                .collect();
+            let mut uploads = Server::reports(&rx, 4, secs(60));
             for (p, got) in results {
                 let got = got.unwrap_or_else(|e| panic!("round {round}: download: {e}"));
                 assert_eq!(got, Digested::of(&down), "round {round}: download");
