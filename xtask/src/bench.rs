@@ -59,11 +59,11 @@ pub struct BenchArgs {
     /// fewer when RLIMIT_NOFILE does not allow them].
     #[arg(long, value_name = "N")]
     pub idle_conns: Option<usize>,
-    /// Seconds over which the relay's CPU is read while the pairs idle [default: 10, 3
+    /// Seconds over which the relay's CPU is read while the pairs idle [default: 10, 1
     /// with --quick].
     #[arg(long, value_name = "SECS")]
     pub idle_secs: Option<f64>,
-    /// Seconds per wrk run [default: 3, 2 with --quick].
+    /// Seconds per wrk run [default: 3, 1 with --quick].
     #[arg(long, value_name = "SECS")]
     pub http_secs: Option<f64>,
     /// Which phases to run [default: all]; the others are left out of the table.
@@ -200,12 +200,12 @@ impl Plan {
                 .unwrap_or(if args.quick { 1_000 } else { 10_000 }),
             idle_cpu: Duration::from_secs_f64(
                 args.idle_secs
-                    .unwrap_or(if args.quick { 3.0 } else { 10.0 })
+                    .unwrap_or(if args.quick { 1.0 } else { 10.0 })
                     .max(0.1),
             ),
             http: Duration::from_secs_f64(
                 args.http_secs
-                    .unwrap_or(if args.quick { 2.0 } else { 3.0 })
+                    .unwrap_or(if args.quick { 1.0 } else { 3.0 })
                     .max(1.0),
             ),
             forwarder_log: args.forwarder_log.clone(),
