@@ -857,6 +857,27 @@ relay_tests! {
         assert_eq!(field(&close, "path"), Some("copy"), "{close}");
     }
 
+    /// A 64 MiB sha256-checked echo through a rewrite rule whose pattern never
+    /// matches: on the copy path the upload goes through the rewriter and the download
+    /// (no rule that way) is written as it was read. Both arrive exact, the client's
+    /// half-close is passed on, and every byte counts in `userspace_bytes`.
+    fn copy_path_bulk_echo_both_ways(mode) {
+        let _load = heavy();
+        let up = Server::echo();
+        let extra = r#"rewrite = [{ direction = "to_upstream", match = 'never in the payload', replace = "x" }]"#;
+        let fwd = Forwarder::config(None, &rule("cp", rewrite_mode(mode), up.addr(), extra), 1);
+        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        let p = Payload::new(64, 64 * MIB);
+        fwd.expect_userspace_at_most(2 * (p.len + 1));
+        echo_check_paired(fwd.addr(), p, secs(120));
+        let close = wait_close(&fwd, "cp", 1);
+        assert_eq!(field(&close, "path"), Some("copy"), "{close}");
+        assert_eq!(field(&close, "end"), Some("closed"), "{close}");
+        assert_eq!(num(&close, "bytes_up"), p.len + 1, "{close}");
+        assert_eq!(num(&close, "bytes_down"), p.len + 1, "{close}");
+        assert_eq!(num(&close, "userspace_bytes"), 2 * (p.len + 1), "{close}");
+    }
+
     /// A 256 MiB sha256-checked echo after a 4 KiB inspection to a file: only the
     /// inspected bytes go through userspace, the rest on the rule's fast path.
     fn bulk_after_inspection_stays_fast(mode) {

@@ -2,6 +2,7 @@
 //! a rule may change bytes (`rewrite`), so every byte of its pairs is counted in
 //! `userspace_bytes`.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -87,20 +88,25 @@ async fn pump(
 ) -> Result<(), (Side, std::io::Error)> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // A held beginning of a match waits a while for the rest, not forever.
-        let wait = if rewriter.holding() {
-            crate::inspect::rewrite::HOLD_MAX
+        // A held beginning of a match waits a while for the rest, not forever. Only
+        // then is the read timed: a timer per read would enter and leave tokio's wheel
+        // on every read of a direction with nothing held.
+        let read = if rewriter.holding() {
+            tokio::time::timeout(crate::inspect::rewrite::HOLD_MAX, src.read(&mut buf))
+                .await
+                .ok()
         } else {
-            std::time::Duration::MAX
+            Some(src.read(&mut buf).await)
         };
-        let (n, out) = match tokio::time::timeout(wait, src.read(&mut buf)).await {
-            Err(_) => (None, rewriter.flush()),
-            Ok(r) => {
+        let (n, out): (_, Cow<[u8]>) = match read {
+            None => (None, rewriter.flush().into()),
+            Some(r) => {
                 let n = r.map_err(|e| (src_side, e))?;
+                // With no rule for this direction the read is written as it is.
                 let out = if rewriter.is_empty() {
-                    buf[..n].to_vec()
+                    Cow::Borrowed(&buf[..n])
                 } else {
-                    rewriter.push(&buf[..n], n == 0)
+                    rewriter.push(&buf[..n], n == 0).into()
                 };
                 (Some(n), out)
             }
