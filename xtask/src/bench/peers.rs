@@ -79,9 +79,10 @@ pub fn haproxy_version() -> String {
 }
 
 /// HAProxy's pipes for splicing. HAProxy sizes its fd needs as 2 per connection plus 2
-/// per pipe, and refuses to start when that passes the hard RLIMIT_NOFILE; its default
-/// (maxconn / 4) would cap the idle phase at two thirds of the pairs the others hold.
-/// Pipes are only held while bytes wait in them: the bulk phase's 8 streams need 16.
+/// per pipe (plus a few), and refuses to start when that passes the hard RLIMIT_NOFILE;
+/// with its default (maxconn / 4) it asks for 2.5 fds per connection, more than the
+/// 20,000 here allow for the idle pairs the others hold. Pipes are only held while bytes
+/// wait in them: the bulk phase's 8 streams need 16.
 const PEER_MAXPIPES: usize = 256;
 
 /// Starts `peer` forwarding to `up`, able to hold `max_pairs` pairs; its log goes to
