@@ -391,11 +391,17 @@ impl Registry {
         }
         // Pooled connections of an older link went with it.
         session.pool.lock().unwrap().clear();
-        *session.table.control.lock().unwrap() = Some(tx.clone());
+        // Still set: the old link's task has not seen it fail (a reset can reach the
+        // agent, and the agent come back, first). It will see the new generation and
+        // leave quietly, so its loss is logged here (see the link's end below).
+        let unseen_loss = session.table.control.lock().unwrap().replace(tx.clone()).is_some();
         let sid = format!("{:x}", session.id);
         let services = session.services.join(",");
         if resumed {
             let n = session.table.map.lock().unwrap().len();
+            if unseen_loss {
+                event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={n} (the agent resumed before the old link failed here)"), session = %sid, agent = %peer, streams_waiting = n, reason = "resumed before the old link failed here",);
+            }
             event!(info, "link resumed", text = ("link resumed session={sid} agent={peer} streams={n}"), session = %sid, agent = %peer, streams = n,);
         } else {
             event!(info, "agent connected", text = ("agent connected session={sid} agent={peer} services={services}"), session = %sid, agent = %peer, services = %services,);
@@ -407,10 +413,15 @@ impl Registry {
         let taken_over = session.taken_over.notified();
         tokio::pin!(taken_over);
         taken_over.as_mut().enable();
-        if session.generation.load(Ordering::Relaxed) != generation {
-            return; // resumed (or replaced) on another connection meanwhile
+        {
+            // Checked under the lock a resume takes to install its link: exactly one of
+            // the two finds this link's sender and logs the loss.
+            let mut control = session.table.control.lock().unwrap();
+            if session.generation.load(Ordering::Relaxed) != generation {
+                return; // resumed (or replaced) on another connection meanwhile
+            }
+            *control = None;
         }
-        *session.table.control.lock().unwrap() = None;
         session.pool.lock().unwrap().clear();
         if !self.sessions.lock().unwrap().contains_key(&session.id) {
             return;
