@@ -394,7 +394,13 @@ impl Registry {
         // Still set: the old link's task has not seen it fail (a reset can reach the
         // agent, and the agent come back, first). It will see the new generation and
         // leave quietly, so its loss is logged here (see the link's end below).
-        let unseen_loss = session.table.control.lock().unwrap().replace(tx.clone()).is_some();
+        let unseen_loss = session
+            .table
+            .control
+            .lock()
+            .unwrap()
+            .replace(tx.clone())
+            .is_some();
         let sid = format!("{:x}", session.id);
         let services = session.services.join(",");
         if resumed {
