@@ -194,6 +194,53 @@ impl Target {
     }
 }
 
+/// A token file in `dir`, a target, and a server on loopback from a config file
+/// (`server_toml` with these extra keys).
+fn on_loopback(
+    mode: Mode,
+    dir: &TempDir,
+    server_extra: &str,
+    rule_extra: &str,
+) -> (PathBuf, Target, TunnelServer) {
+    let token = token_file(dir, "token", TOKEN);
+    let target = Target::start();
+    let server = TunnelServer::config(
+        mode,
+        &server_toml("127.0.0.1:0", &token, server_extra, rule_extra),
+    );
+    (token, target, server)
+}
+
+/// No session started: a visitor is closed with `end=no_agent`, and the target was
+/// never reached.
+fn assert_no_agent_got_in(server: &TunnelServer, target: &Target) {
+    let s = connect(server.visitors);
+    let visitor = s.local_addr().unwrap();
+    wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor: {e}"));
+    let l = close_of(&server.p, visitor, secs(5));
+    assert_eq!(field(&l, "end"), Some("no_agent"), "{l}");
+    assert!(
+        server.connected().is_empty(),
+        "an agent got in: {:?}",
+        server.connected()
+    );
+    assert_eq!(target.server.accepted(), 0, "the target was reached");
+}
+
+/// `n` visitors held open (the target echoes), each proved by a round trip.
+fn hold_visitors(server: &TunnelServer, n: u64, seed: u64, msg: &[u8]) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let s = open(
+                server.visitors,
+                &Job::new(HOLD, Payload::new(seed + i, 0), Payload::new(0, 0)),
+            );
+            ping(&s, msg, secs(10)).expect("round trip");
+            s
+        })
+        .collect()
+}
+
 /// Writes `p`, at `rate` bytes/s if non-zero.
 fn send(s: &TcpStream, p: Payload, rate: u64, deadline: Instant) -> io::Result<()> {
     p.write_paced(s, deadline, (rate > 0).then_some(rate))
@@ -992,6 +1039,214 @@ fn resume_after(mode: Mode, fault: Fault) {
 }
 
 // ---------------------------------------------------------------------------------
+// The agent port, spoken by hand (forged and replayed headers)
+// ---------------------------------------------------------------------------------
+
+/// Frame variants, in the order of `forwarder::tunnel::proto::Frame` (postcard encodes
+/// an enum as its variant's index).
+const CHALLENGE: u8 = 0;
+const HELLO: u8 = 1;
+const DATA: u8 = 4;
+/// `forwarder::tunnel::proto::VERSION`.
+const PROTO_VERSION: u64 = 1;
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn read_varint(b: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = b[*at];
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+/// One frame: a 4-byte big-endian length, then the body.
+fn read_frame(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// HMAC-SHA256 over length-prefixed parts, as `forwarder::tunnel::auth` computes it.
+fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    ctx.sign().as_ref().try_into().unwrap()
+}
+
+/// Connects to the agent port and reads the server's challenge: (connection, nonce).
+fn challenged(tunnel: SocketAddr) -> (TcpStream, [u8; 32]) {
+    let mut s = connect(tunnel);
+    s.set_read_timeout(Some(secs(10))).unwrap();
+    let c = read_frame(&mut s).expect("the server's challenge");
+    assert_eq!((c.len(), c[0]), (33, CHALLENGE), "not a challenge: {c:?}");
+    (s, c[1..].try_into().unwrap())
+}
+
+/// A relay between the agent and the server that keeps the first frame the agent
+/// sends on every connection (its `Hello`, or a data connection's `Data`).
+struct Recorder {
+    addr: SocketAddr,
+    firsts: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Recorder {
+    fn start(server: SocketAddr) -> Recorder {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let firsts = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, st) = (firsts.clone(), stop.clone());
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let Ok((mut agent, _)) = listener.accept() else {
+                    thread::sleep(ms(10));
+                    continue;
+                };
+                agent.set_nonblocking(false).unwrap();
+                let Ok(mut server) = TcpStream::connect(server) else {
+                    continue;
+                };
+                let _ = server.set_nodelay(true);
+                let _ = agent.set_nodelay(true);
+                let f = f.clone();
+                let (mut a2, mut s2) = (agent.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = io::copy(&mut s2, &mut a2);
+                    let _ = a2.shutdown(Shutdown::Write);
+                });
+                thread::spawn(move || {
+                    // The server speaks first (its challenge); the agent's first frame
+                    // follows, and is passed on as read.
+                    if let Ok(body) = read_frame(&mut agent) {
+                        let _ = server.write_all(&framed(&body));
+                        f.lock().unwrap().push(body);
+                        let _ = io::copy(&mut agent, &mut server);
+                    }
+                    let _ = server.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Recorder { addr, firsts, stop }
+    }
+
+    /// The first recorded frame of this variant, waiting up to 10 s.
+    fn first(&self, variant: u8) -> Vec<u8> {
+        let mut found = None;
+        wait_until(secs(10), || {
+            found = self
+                .firsts
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|b| b.first() == Some(&variant))
+                .cloned();
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("the agent sent no frame of variant {variant}"))
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT), even on a panic.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        // SAFETY: kill(2) on a process this test started.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP {pid}"
+        );
+        let stopped = Stopped(pid);
+        // The signal is asynchronous: wait until every thread is in state T.
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                        st.rsplit_once(") ")
+                            .is_some_and(|(_, r)| r.starts_with('T'))
+                    })
+                })
+            })
+        };
+        assert!(
+            wait_until(secs(5), all_stopped),
+            "process {pid} did not stop"
+        );
+        stopped
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The server's `agent refused` line for a connection from `from`.
+fn refusal_of(server: &TunnelServer, from: SocketAddr) -> String {
+    let from = from.to_string();
+    server.p.expect_line("agent refused", secs(10), |l| {
+        is_line(l, "agent refused") && field(l, "agent") == Some(from.as_str())
+    })
+}
+
+/// Sends `frame` after the server's challenge and expects the connection refused
+/// (closed within 10 s) and logged with `reason`.
+fn refused_with(server: &TunnelServer, body: &[u8], reason: &str, what: &str) {
+    let (mut s, _) = challenged(server.tunnel);
+    s.write_all(&framed(body)).unwrap();
+    let from = s.local_addr().unwrap();
+    let l = refusal_of(server, from);
+    assert_eq!(field(&l, "reason"), Some(reason), "{what}: {l}");
+    // A `Refused` frame may come first; then the connection ends.
+    let _ = read_frame(&mut s);
+    s.set_read_timeout(Some(secs(10))).unwrap();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => assert!(
+            rest.is_empty(),
+            "{what}: {} more bytes after the refusal",
+            rest.len()
+        ),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{what}: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // The tests
 // ---------------------------------------------------------------------------------
 
@@ -1041,9 +1296,7 @@ relay_tests! {
     fn reset_passes_both_ways(mode) {
         let _load = light();
         let dir = TempDir::new("tunnel");
-        let token = token_file(&dir, "token", TOKEN);
-        let target = Target::start();
-        let server = TunnelServer::config(mode, &server_toml("127.0.0.1:0", &token, "", ""));
+        let (token, target, server) = on_loopback(mode, &dir, "", "");
         let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
         wait_connected(&server, &agent, 1);
 
@@ -1145,13 +1398,7 @@ relay_tests! {
             field(&l, "agent").is_some_and(|a| a.starts_with("127.0.0.1:")),
             "agent= of {l}"
         );
-        let s = connect(server.visitors);
-        let visitor = s.local_addr().unwrap();
-        wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor: {e}"));
-        let l = close_of(&server.p, visitor, secs(5));
-        assert_eq!(field(&l, "end"), Some("no_agent"), "{l}");
-        assert!(server.connected().is_empty(), "an agent got in: {:?}", server.connected());
-        assert_eq!(target.server.accepted(), 0, "the target was reached");
+        assert_no_agent_got_in(&server, &target);
         let agent_ok = agent.matching(|l| is_line(l, "agent connected"));
         assert!(agent_ok.is_empty(), "the agent says it connected: {agent_ok:?}");
     }
@@ -1196,13 +1443,7 @@ relay_tests! {
         thread::sleep(secs(1));
         let baseline = server.p.fd_count();
 
-        let held: Vec<TcpStream> = (0..2)
-            .map(|i| {
-                let s = open(server.visitors, &Job::new(HOLD, Payload::new(50 + i, 0), Payload::new(0, 0)));
-                ping(&s, b"still there?", secs(10)).expect("round trip");
-                s
-            })
-            .collect();
+        let held = hold_visitors(&server, 2, 50, b"still there?");
         let bh = ns.blackhole();
         let t0 = Instant::now();
         for (i, s) in held.iter().enumerate() {
@@ -1251,21 +1492,10 @@ relay_tests! {
     fn agent_restart_takes_over(mode) {
         let _load = light();
         let dir = TempDir::new("tunnel");
-        let token = token_file(&dir, "token", TOKEN);
-        let target = Target::start();
-        let server = TunnelServer::config(
-            mode,
-            &server_toml("127.0.0.1:0", &token, "resume_grace = \"120s\"", ""),
-        );
+        let (token, target, server) = on_loopback(mode, &dir, "resume_grace = \"120s\"", "");
         let mut old = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
         let session = wait_connected(&server, &old, 1);
-        let held: Vec<TcpStream> = (0..2)
-            .map(|i| {
-                let s = open(server.visitors, &Job::new(HOLD, Payload::new(70 + i, 0), Payload::new(0, 0)));
-                ping(&s, b"before the restart", secs(10)).expect("round trip");
-                s
-            })
-            .collect();
+        let held = hold_visitors(&server, 2, 70, b"before the restart");
         old.kill();
         let t0 = Instant::now();
         let new = agent_cli(server.tunnel, target.addr(), Token::Env(TOKEN), None);
@@ -1299,9 +1529,7 @@ relay_tests! {
     fn slow_target_bounded_memory(mode) {
         let _load = light();
         let dir = TempDir::new("tunnel");
-        let token = token_file(&dir, "token", TOKEN);
-        let target = Target::start();
-        let server = TunnelServer::config(mode, &server_toml("127.0.0.1:0", &token, "", ""));
+        let (token, target, server) = on_loopback(mode, &dir, "", "");
         let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
         wait_connected(&server, &agent, 1);
         // Warm up (allocations made once), then the baseline.
@@ -1363,6 +1591,149 @@ relay_tests! {
         );
         let l = close_of(&server.p, out.local, secs(10));
         check_close(&l, &server.rule, "agent:web", HEADER_LEN as u64 + 64 * MIB, out.down_wire, "closed");
+    }
+
+    /// A recorded data-connection header replayed (it answers a challenge that is
+    /// never asked again), a data connection of a session that does not exist, one
+    /// of the real session with a made-up MAC, and garbage: each is refused and logged
+    /// with its reason, none reaches the target, and visitors go on working.
+    fn forged_and_replayed_headers_refused(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "", "");
+        let rec = Recorder::start(server.tunnel);
+        let agent = agent_cli(rec.addr, target.addr(), Token::File(&token), None);
+        let session = wait_connected(&server, &agent, 1);
+        let sid = u64::from_str_radix(&session, 16).expect("hex session id");
+        let job = Job::new(BOTH, Payload::new(90, 64 * KIB), Payload::new(91, 64 * KIB));
+        let out = visit_ok(server.visitors, job, secs(20));
+        assert_eq!(out.down, Digested::of(&job.down));
+        assert_got(&target.report(secs(10)).seen, &job.up, "before the forgeries");
+        let reached = target.server.accepted();
+
+        // Data { session, attach, mac }
+        let recorded = rec.first(DATA);
+        let mut at = 1;
+        assert_eq!(read_varint(&recorded, &mut at), sid, "a recorded Data frame of another session");
+        refused_with(&server, &recorded, "bad_data_mac", "a replayed data header");
+        let mut unknown = vec![DATA];
+        varint(sid ^ 1, &mut unknown);
+        unknown.push(0);
+        unknown.extend([7u8; 32]);
+        refused_with(&server, &unknown, "unknown_session", "a data connection of no session");
+        let mut forged = vec![DATA];
+        varint(sid, &mut forged);
+        forged.push(1);
+        varint(1, &mut forged);
+        forged.extend([7u8; 32]);
+        refused_with(&server, &forged, "bad_data_mac", "a reattach with a made-up MAC");
+        refused_with(&server, &[0xff; 16], "bad_header", "garbage");
+
+        assert_eq!(target.server.accepted(), reached, "a refused connection reached the target");
+        let job = Job::new(BOTH, Payload::new(92, 256 * KIB), Payload::new(93, 256 * KIB));
+        let out = visit_ok(server.visitors, job, secs(20));
+        assert_eq!(out.down, Digested::of(&job.down));
+        assert_got(&target.report(secs(10)).seen, &job.up, "after the forgeries");
+        let lost = server.p.matching(|l| is_line(l, "link lost"));
+        assert!(lost.is_empty(), "the refusals disturbed the agent's link: {lost:?}");
+    }
+
+    /// An agent offering a service no rule serves is refused (`reason=unknown_service`)
+    /// and says why; no session starts, visitors find no agent, the target is not reached.
+    fn unknown_service_refused(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "", "connect_timeout = \"1s\"");
+        let mut args = osv(&[
+            "agent",
+            "--server",
+            &server.tunnel.to_string(),
+            "--service",
+            &format!("nosuch={}", target.addr()),
+            "--token-file",
+        ]);
+        args.push(token.into());
+        let agent = Proc::spawn("agent", &args, None, &[], None);
+        let l = server.p.expect_line("agent refused", secs(15), |l| is_line(l, "agent refused"));
+        assert_eq!(field(&l, "reason"), Some("unknown_service"), "{l}");
+        assert!(l.contains("nosuch"), "the refusal does not name the service: {l}");
+        agent.expect_line("the agent's refusal", secs(10), |l| l.contains("unknown_service"));
+        assert_no_agent_got_in(&server, &target);
+    }
+
+    /// The agent dies (SIGKILL) holding two streams, and a resume of its session
+    /// then fails before the server can answer it (the resuming connection is reset
+    /// while the server is stopped, so the server reads a valid resume and fails to
+    /// write its `Welcome`). The lost link's grace period still runs: both visitors
+    /// are reset once resume_grace (4 s) has passed, `grace expired` says so.
+    fn failed_resume_keeps_the_grace_period(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "resume_grace = \"4s\"", "");
+        let rec = Recorder::start(server.tunnel);
+        let mut agent = agent_cli(rec.addr, target.addr(), Token::File(&token), None);
+        let session = wait_connected(&server, &agent, 1);
+        let sid = u64::from_str_radix(&session, 16).expect("hex session id");
+        // Hello { version, nonce, mac, identity, services, resume }: the agent's identity.
+        let hello = rec.first(HELLO);
+        let mut at = 1;
+        read_varint(&hello, &mut at);
+        at += 64;
+        let n = read_varint(&hello, &mut at) as usize;
+        let identity = hello[at..at + n].to_vec();
+        let held = hold_visitors(&server, 2, 95, b"before the agent dies");
+        agent.kill();
+        server.p.expect_line("link lost", secs(15), |l| is_line(l, "link lost"));
+        let t0 = Instant::now();
+
+        let (s, nonce) = challenged(server.tunnel);
+        let from = s.local_addr().unwrap();
+        let agent_nonce = [9u8; 32];
+        let proof = mac(TOKEN.as_bytes(), &[b"ctl", &nonce, &agent_nonce, &identity, b"web"]);
+        let mut body = vec![HELLO];
+        varint(PROTO_VERSION, &mut body);
+        body.extend(agent_nonce);
+        body.extend(proof);
+        varint(identity.len() as u64, &mut body);
+        body.extend(&identity);
+        varint(1, &mut body);
+        varint(3, &mut body);
+        body.extend(b"web");
+        // resume: Some((session, the stream ids it still holds: all the server could have))
+        body.push(1);
+        varint(sid, &mut body);
+        varint(64, &mut body);
+        for id in 0..64 {
+            varint(id, &mut body);
+        }
+        {
+            let _stopped = Stopped::new(server.p.pid());
+            (&s).write_all(&framed(&body)).unwrap();
+            // Reset, not closed: the server's Welcome can only fail.
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+            thread::sleep(ms(100));
+        }
+        for (i, v) in held.iter().enumerate() {
+            let (ending, _) = wait_closed(v, secs(30)).unwrap_or_else(|e| {
+                panic!(
+                    "visitor #{i} after the failed resume (from {from}): {e}; server link events: {:#?}",
+                    link_events(&server.p)
+                )
+            });
+            assert_eq!(ending, Ending::Reset, "visitor #{i} after the grace period");
+        }
+        let took = t0.elapsed();
+        println!("visitors reset {took:.1?} after the link was lost");
+        let l = server.p.expect_line("grace expired", secs(5), |l| is_line(l, "grace expired"));
+        assert_eq!(field(&l, "session"), Some(session.as_str()), "{l}");
+        assert_eq!(field(&l, "streams_reset"), Some("2"), "{l}");
+        // The resume was valid and read: it was not refused, and it never took over.
+        let from = from.to_string();
+        let refused = server.p.matching(|l| is_line(l, "agent refused") && field(l, "agent") == Some(from.as_str()));
+        assert!(refused.is_empty(), "the resume was refused, not failed: {refused:?}");
+        let resumed = server.p.matching(|l| is_line(l, "link resumed"));
+        assert!(resumed.is_empty(), "the resume succeeded: {resumed:?}");
     }
 }
 

@@ -103,6 +103,8 @@ pub struct ServerSession {
     taken_over: Notify,
     pool: Mutex<Vec<TcpStream>>,
     limit: usize,
+    /// Where the current (or last) control connection came from, for its `link lost`.
+    agent: Mutex<SocketAddr>,
 }
 
 impl stream::Session for ServerSession {
@@ -365,6 +367,7 @@ impl Registry {
                     taken_over: Notify::new(),
                     pool: Mutex::new(Vec::new()),
                     limit: self.cfg.resume_buffer,
+                    agent: Mutex::new(peer),
                 });
                 self.sessions
                     .lock()
@@ -373,8 +376,6 @@ impl Registry {
                 (session, false)
             }
         };
-        let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        session.taken_over.notify_waiters();
         let sid = session.id.to_be_bytes();
         let welcome = Frame::Welcome {
             session: session.id,
@@ -387,8 +388,16 @@ impl Registry {
             resume_buffer: self.cfg.resume_buffer as u64,
         };
         if write_frame(&mut conn, &welcome).await.is_err() {
+            // Nothing changed hands: a lost link's grace period runs on, and a new
+            // session that never had a link is not kept.
+            if !resumed {
+                self.sessions.lock().unwrap().remove(&session.id);
+            }
             return;
         }
+        // Only now, with the agent told, does this connection take over.
+        let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        session.taken_over.notify_waiters();
         // Pooled connections of an older link went with it.
         session.pool.lock().unwrap().clear();
         // Still set: the old link's task has not seen it fail (a reset can reach the
@@ -401,12 +410,13 @@ impl Registry {
             .unwrap()
             .replace(tx.clone())
             .is_some();
+        let old_agent = std::mem::replace(&mut *session.agent.lock().unwrap(), peer);
         let sid = format!("{:x}", session.id);
         let services = session.services.join(",");
         if resumed {
             let n = session.table.map.lock().unwrap().len();
             if unseen_loss {
-                event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={n} (the agent resumed before the old link failed here)"), session = %sid, agent = %peer, streams_waiting = n, reason = "resumed before the old link failed here",);
+                event!(warn, "link lost", text = ("link lost session={sid} agent={old_agent} streams_waiting={n} (the agent resumed before the old link failed here)"), session = %sid, agent = %old_agent, streams_waiting = n, reason = "resumed before the old link failed here",);
             }
             event!(info, "link resumed", text = ("link resumed session={sid} agent={peer} streams={n}"), session = %sid, agent = %peer, streams = n,);
         } else {
