@@ -1809,6 +1809,20 @@ fn link_churn_leaks_nothing() {
         1,
         "a new session was started instead of resuming"
     );
+    // The agent says the same: one session, resumed every time (with no stream to
+    // carry over, it is still a resume).
+    let resumed = agent.wait_n(CYCLES, secs(10), |l| is_line(l, "link resumed"));
+    assert!(
+        resumed.len() >= CYCLES,
+        "the agent logged {} `link resumed` of {CYCLES}",
+        resumed.len()
+    );
+    let connected = agent.matching(|l| is_line(l, "agent connected"));
+    assert_eq!(
+        connected.len(),
+        1,
+        "the agent logged new sessions: {connected:?}"
+    );
     let job = Job::new(BOTH, Payload::new(77, 4 * MIB), Payload::new(78, 4 * MIB));
     let out = visit_ok(server.visitors, job, secs(30));
     assert_got(&target.report(secs(10)).seen, &job.up, "after the churn");

@@ -189,7 +189,7 @@ pub async fn run(cfg: AgentConfig) {
             }
         };
         backoff = BACKOFF_FIRST;
-        let (sid, grace) = welcome;
+        let (sid, grace, resumed) = welcome;
         let n = session.table.map.lock().unwrap().len();
         let (tx, rx) = mpsc::unbounded_channel();
         *session.table.control.lock().unwrap() = Some(tx.clone());
@@ -199,7 +199,9 @@ pub async fn run(cfg: AgentConfig) {
             .peer_addr()
             .map_or(session.cfg.server.clone(), |a| a.to_string());
         let sid_text = format!("{sid:x}");
-        if n > 0 {
+        // As the server says it: a resumed session is `link resumed`, even with no
+        // stream left to carry over.
+        if resumed {
             event!(info, "link resumed", text = ("link resumed server={server} session={sid_text} streams={n}"), server = %server, session = %sid_text, streams = n,);
         } else {
             event!(info, "agent connected", text = ("agent connected server={server} session={sid_text} services={}", services.join(",")), server = %server, session = %sid_text, services = %services.join(","),);
@@ -230,11 +232,12 @@ enum Refusal {
     Other(String),
 }
 
-/// Dials, authenticates and resumes (or starts) the session.
+/// Dials, authenticates and resumes (or starts) the session: its id, its grace period
+/// and whether it was resumed.
 async fn connect_control(
     session: &AgentSession,
     services: &[String],
-) -> Result<(TcpStream, (u64, Duration)), Refusal> {
+) -> Result<(TcpStream, (u64, Duration, bool)), Refusal> {
     let other = |e: std::io::Error| Refusal::Other(e.to_string());
     let mut conn = connect(&session.cfg.server).await.map_err(other)?;
     let _ = conn.set_nodelay(true);
@@ -291,7 +294,7 @@ async fn connect_control(
                 let key = auth::session_key(&session.cfg.token, &nonce, &agent_nonce);
                 *session.current.lock().unwrap() = Some((id, key));
             }
-            Ok((conn, (id, Duration::from_millis(grace_ms))))
+            Ok((conn, (id, Duration::from_millis(grace_ms), resumed)))
         }
         Frame::Refused { reason } if reason == "unknown_session" => Err(Refusal::UnknownSession),
         Frame::Refused { reason } => {
