@@ -34,6 +34,10 @@ const HOLD_MAX: Duration = Duration::from_secs(1);
 
 /// Connection numbers for dumps (`conn=`), process-wide.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+/// The most the prelude reads at once. Its buffer is made for each read, after the
+/// socket said it has bytes: a pair waiting in the prelude (for its dump's bytes, say)
+/// holds none (a buffer kept across the wait cost 16 KiB per idle pair).
+const PRELUDE_READ: usize = 16 * 1024;
 
 pub struct InspectRelay {
     rule: Rule,
@@ -107,7 +111,6 @@ impl InspectRelay {
             client_seen: 0,
             eof: [false; 2],
         };
-        let mut buf = vec![0u8; 16 * 1024];
         loop {
             let wants = |d: usize, p: &Prelude| p.dump.as_ref().map_or(0, |x| x.wants(d));
             let checking = p.scanner.is_some() || p.auth_pending || !p.held.is_empty();
@@ -128,11 +131,11 @@ impl InspectRelay {
                 wants(0, &p)
             };
             let upstream_max = if checking {
-                buf.len() as u64
+                PRELUDE_READ as u64
             } else {
                 wants(1, &p)
             };
-            let max = |m: u64| m.clamp(1, buf.len() as u64) as usize;
+            let max = |m: u64| m.clamp(1, PRELUDE_READ as u64) as usize;
             let (client_max, upstream_max) = (max(client_max), max(upstream_max));
             let client_moves_on = !checking && wants(0, &p) == 0;
             let upstream_moves_on = !checking && wants(1, &p) == 0;
@@ -147,7 +150,8 @@ impl InspectRelay {
                             Err(e) => return Err(fail(pair, Side::Client, e)),
                         }
                     }
-                    let n = match pair.client.try_read(&mut buf[..client_max]) {
+                    let mut buf = vec![0u8; client_max];
+                    let n = match pair.client.try_read(&mut buf) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(fail(pair, Side::Client, e)),
@@ -170,7 +174,8 @@ impl InspectRelay {
                             Err(e) => return Err(fail(pair, Side::Upstream, e)),
                         }
                     }
-                    let n = match pair.upstream.try_read(&mut buf[..upstream_max]) {
+                    let mut buf = vec![0u8; upstream_max];
+                    let n = match pair.upstream.try_read(&mut buf) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(fail(pair, Side::Upstream, e)),
