@@ -395,22 +395,21 @@ impl Registry {
             }
             return;
         }
-        // Only now, with the agent told, does this connection take over.
-        let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        session.taken_over.notify_waiters();
         // Pooled connections of an older link went with it.
         session.pool.lock().unwrap().clear();
-        // Still set: the old link's task has not seen it fail (a reset can reach the
-        // agent, and the agent come back, first). It will see the new generation and
-        // leave quietly, so its loss is logged here (see the link's end below).
-        let unseen_loss = session
-            .table
-            .control
-            .lock()
-            .unwrap()
-            .replace(tx.clone())
-            .is_some();
-        let old_agent = std::mem::replace(&mut *session.agent.lock().unwrap(), peer);
+        // Only now, with the agent told, does this connection take over. Its generation
+        // and its sender change together, under the lock the old link's task checks
+        // them under (below), so of two resumes racing the newer one's sender stays.
+        // A sender still set means the old link's task has not seen it fail (a reset
+        // can reach the agent, and the agent come back, first): it will see the new
+        // generation and leave quietly, so its loss is logged here.
+        let (generation, unseen_loss, old_agent) = {
+            let mut control = session.table.control.lock().unwrap();
+            let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
+            let old_agent = std::mem::replace(&mut *session.agent.lock().unwrap(), peer);
+            (generation, control.replace(tx.clone()).is_some(), old_agent)
+        };
+        session.taken_over.notify_waiters();
         let sid = format!("{:x}", session.id);
         let services = session.services.join(",");
         if resumed {
