@@ -227,6 +227,29 @@ fn assert_no_agent_got_in(server: &TunnelServer, target: &Target) {
     assert_eq!(target.server.accepted(), 0, "the target was reached");
 }
 
+/// The agent's second session (not `old`, else `why`) carries a 256 KiB visit both
+/// ways, byte-exact (`what`, in the target's report).
+fn second_session_carries_visitors(
+    server: &TunnelServer,
+    agent: &Proc,
+    target: &Target,
+    old: &str,
+    seed: u64,
+    why: &str,
+    what: &str,
+) {
+    let new_session = wait_connected(server, agent, 2);
+    assert_ne!(new_session, old, "{why}");
+    let job = Job::new(
+        BOTH,
+        Payload::new(seed, 256 * KIB),
+        Payload::new(seed + 1, 256 * KIB),
+    );
+    let out = visit_ok(server.visitors, job, secs(30));
+    assert_eq!(out.down, Digested::of(&job.down));
+    assert_got(&target.report(secs(10)).seen, &job.up, what);
+}
+
 /// `n` visitors held open (the target echoes), each proved by a round trip.
 fn hold_visitors(server: &TunnelServer, n: u64, seed: u64, msg: &[u8]) -> Vec<TcpStream> {
     (0..n)
@@ -1472,12 +1495,7 @@ relay_tests! {
 
         // The link comes back: the agent starts a new session and visitors work again.
         bh.restore();
-        let new_session = wait_connected(&server, &agent, 2);
-        assert_ne!(new_session, session, "a session outlived its grace period");
-        let job = Job::new(BOTH, Payload::new(60, 256 * KIB), Payload::new(61, 256 * KIB));
-        let out = visit_ok(server.visitors, job, secs(30));
-        assert_eq!(out.down, Digested::of(&job.down));
-        assert_got(&target.report(secs(10)).seen, &job.up, "after the new session");
+        second_session_carries_visitors(&server, &agent, &target, &session, 60, "a session outlived its grace period", "after the new session");
         let back = wait_until(secs(15), || server.p.fd_count() <= baseline);
         assert!(
             back,
@@ -1659,6 +1677,35 @@ relay_tests! {
         assert!(l.contains("nosuch"), "the refusal does not name the service: {l}");
         agent.expect_line("the agent's refusal", secs(10), |l| l.contains("unknown_service"));
         assert_no_agent_got_in(&server, &target);
+    }
+
+    /// The agent is stopped (SIGSTOP) past the server's resume_grace (2 s): the server
+    /// resets the streams and forgets the session. Woken, the agent finds its session
+    /// gone, says `grace expired ... streams_reset=2` too, resets its targets, and
+    /// starts a new session that carries visitors again.
+    fn server_side_expiry_reaches_the_agent(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "resume_grace = \"2s\"", "");
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        let session = wait_connected(&server, &agent, 1);
+        let held = hold_visitors(&server, 2, 100, b"before the agent stops");
+        {
+            let _stopped = Stopped::new(agent.pid());
+            let l = server.p.expect_line("grace expired", secs(20), |l| is_line(l, "grace expired"));
+            assert_eq!(field(&l, "session"), Some(session.as_str()), "{l}");
+            assert_eq!(field(&l, "streams_reset"), Some("2"), "{l}");
+            for (i, v) in held.iter().enumerate() {
+                let (ending, _) = wait_closed(v, secs(10)).unwrap_or_else(|e| panic!("visitor #{i}: {e}"));
+                assert_eq!(ending, Ending::Reset, "visitor #{i} after the server's grace period");
+            }
+        }
+        let l = agent.expect_line("grace expired", secs(20), |l| is_line(l, "grace expired"));
+        assert_eq!(field(&l, "streams_reset"), Some("2"), "agent: {l}");
+        for r in target.reports(2, secs(15)) {
+            assert_eq!(r.seen, Seen::Ended(Ending::Reset), "target connection after the session ended");
+        }
+        second_session_carries_visitors(&server, &agent, &target, &session, 102, "the agent resumed a session the server had ended", "through the new session");
     }
 
     /// The agent dies (SIGKILL) holding two streams, and a resume of its session

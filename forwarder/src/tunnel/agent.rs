@@ -168,7 +168,17 @@ pub async fn run(cfg: AgentConfig) {
                 let n = session.expire_streams();
                 *session.current.lock().unwrap() = None;
                 lost_since = None;
-                tracing::warn!("agent: server no longer knows our session; streams_reset={n}, starting a new one");
+                // Its streams are over as if our grace had run out: logged as that.
+                event!(
+                    warn,
+                    "grace expired",
+                    text = (
+                        "grace expired server={} streams_reset={n} (the server no longer knows the session: its grace ran out there, or it restarted); starting a new one",
+                        session.cfg.server
+                    ),
+                    streams_reset = n,
+                    reason = "unknown_session",
+                );
                 continue;
             }
             Ok(Err(Refusal::Other(why))) => {
