@@ -1247,8 +1247,8 @@ fn refusal_of(server: &TunnelServer, from: SocketAddr) -> String {
     })
 }
 
-/// Sends `frame` after the server's challenge and expects the connection refused
-/// (closed within 10 s) and logged with `reason`.
+/// Sends `body` as a frame after the server's challenge and expects it refused:
+/// logged with `reason`, and the connection closed within 10 s.
 fn refused_with(server: &TunnelServer, body: &[u8], reason: &str, what: &str) {
     let (mut s, _) = challenged(server.tunnel);
     s.write_all(&framed(body)).unwrap();
