@@ -1239,12 +1239,9 @@ impl Drop for Stopped {
     }
 }
 
-/// The server's `agent refused` line for a connection from `from`.
-fn refusal_of(server: &TunnelServer, from: SocketAddr) -> String {
-    let from = from.to_string();
-    server.p.expect_line("agent refused", secs(10), |l| {
-        is_line(l, "agent refused") && field(l, "agent") == Some(from.as_str())
-    })
+/// Whether `l` is the server's `agent refused` line for a connection from `from`.
+fn is_refusal_of(l: &str, from: &str) -> bool {
+    is_line(l, "agent refused") && field(l, "agent") == Some(from)
 }
 
 /// Sends `body` as a frame after the server's challenge and expects it refused:
@@ -1252,8 +1249,10 @@ fn refusal_of(server: &TunnelServer, from: SocketAddr) -> String {
 fn refused_with(server: &TunnelServer, body: &[u8], reason: &str, what: &str) {
     let (mut s, _) = challenged(server.tunnel);
     s.write_all(&framed(body)).unwrap();
-    let from = s.local_addr().unwrap();
-    let l = refusal_of(server, from);
+    let from = s.local_addr().unwrap().to_string();
+    let l = server
+        .p
+        .expect_line("agent refused", secs(10), |l| is_refusal_of(l, &from));
     assert_eq!(field(&l, "reason"), Some(reason), "{what}: {l}");
     // A `Refused` frame may come first; then the connection ends.
     let _ = read_frame(&mut s);
@@ -1777,7 +1776,7 @@ relay_tests! {
         assert_eq!(field(&l, "streams_reset"), Some("2"), "{l}");
         // The resume was valid and read: it was not refused, and it never took over.
         let from = from.to_string();
-        let refused = server.p.matching(|l| is_line(l, "agent refused") && field(l, "agent") == Some(from.as_str()));
+        let refused = server.p.matching(|l| is_refusal_of(l, &from));
         assert!(refused.is_empty(), "the resume was refused, not failed: {refused:?}");
         let resumed = server.p.matching(|l| is_line(l, "link resumed"));
         assert!(resumed.is_empty(), "the resume succeeded: {resumed:?}");

@@ -120,6 +120,22 @@ impl AgentSession {
         self.early.lock().unwrap().clear();
         self.table.expire()
     }
+
+    /// The session is over (its grace ran out, here or at the server): its streams
+    /// are reset, and `grace expired` says how many (`why`, if any, follows).
+    fn end_session(&self, why: &str) {
+        *self.current.lock().unwrap() = None;
+        let n = self.expire_streams();
+        event!(
+            warn,
+            "grace expired",
+            text = (
+                "grace expired server={} streams_reset={n}{why}",
+                self.cfg.server
+            ),
+            streams_reset = n,
+        );
+    }
 }
 
 /// Runs the agent for the life of the process.
@@ -145,17 +161,8 @@ pub async fn run(cfg: AgentConfig) {
     loop {
         // A session not resumed within its grace is over.
         if let Some((since, grace)) = lost_since {
-            if since.elapsed() >= grace && session.current.lock().unwrap().take().is_some() {
-                let n = session.expire_streams();
-                event!(
-                    warn,
-                    "grace expired",
-                    text = (
-                        "grace expired server={} streams_reset={n}",
-                        session.cfg.server
-                    ),
-                    streams_reset = n,
-                );
+            if since.elapsed() >= grace && session.current.lock().unwrap().is_some() {
+                session.end_session("");
                 lost_since = None;
             }
         }
@@ -164,21 +171,10 @@ pub async fn run(cfg: AgentConfig) {
         let (conn, welcome) = match attempt {
             Ok(Ok(c)) => c,
             Ok(Err(Refusal::UnknownSession)) => {
-                // The server forgot the session (restarted, or grace over there).
-                let n = session.expire_streams();
-                *session.current.lock().unwrap() = None;
+                // The server forgot the session (restarted, or grace over there): its
+                // streams are over as if our grace had run out, and logged as that.
+                session.end_session(" (the server no longer knows the session: its grace ran out there, or it restarted); starting a new one");
                 lost_since = None;
-                // Its streams are over as if our grace had run out: logged as that.
-                event!(
-                    warn,
-                    "grace expired",
-                    text = (
-                        "grace expired server={} streams_reset={n} (the server no longer knows the session: its grace ran out there, or it restarted); starting a new one",
-                        session.cfg.server
-                    ),
-                    streams_reset = n,
-                    reason = "unknown_session",
-                );
                 continue;
             }
             Ok(Err(Refusal::Other(why))) => {
