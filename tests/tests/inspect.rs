@@ -890,9 +890,10 @@ relay_tests! {
         // At most 4 KiB each way through the prelude. A bulk transfer on the kernel
         // path may outrun the redirect worker and leave the maps for splice at its
         // in-flight bound (ebpf>splice), which moves no byte through userspace.
-        // A stream still pouring in when the prelude ends starts on splice and may move
-        // to the kernel path at a quiet moment (relay/ebpf/mod.rs, relay_after_prelude);
-        // splice moves no byte through userspace either.
+        // What little is queued when the prelude ends is spliced as the pair joins; a
+        // stream still pouring in starts on splice and may move to the kernel path at
+        // a quiet moment (relay/ebpf/mod.rs, relay_after_prelude). Splice moves no
+        // byte through userspace either.
         let bulk_paths = ["ebpf>splice", "splice", "splice>ebpf", "splice>ebpf>splice"];
         fwd.expect_userspace_at_most(8192)
             .expect_paths(&bulk_paths)

@@ -28,8 +28,9 @@ relay_tests! {
     /// reads part of an skb, and the rest of it (and whatever follows) must reach the
     /// upstream exactly once. On 6.18 the kernel path hands a partly read skb to the
     /// program whole (the header would be sent on twice), so the forwarder relays the
-    /// bytes queued behind the header itself before pairing (`relay_partly_read`), up
-    /// to PARTLY_READ_MAX (64 KiB); a socket with more queued goes to splice.
+    /// bytes queued behind the header itself before pairing (`relay_partly_read`, by
+    /// splice: none through its memory), up to PARTLY_READ_MAX (64 KiB); a socket with
+    /// more queued goes to splice.
     fn proxy_header_and_payload_in_one_segment(mode) {
         let _load = light();
         let (up, rx) = digest_echo(LOCALHOST);
@@ -37,14 +38,12 @@ relay_tests! {
         fwd.assert_mode(mode);
         const PARTLY_READ_MAX: u64 = 64 * KIB;
         let sizes = [1u64, 60 * KIB + 3, 256 * KIB + 5];
-        // splice: nothing goes through our memory. ebpf: only the bytes queued behind
-        // the header when the pair is set up (relay_partly_read), at most
-        // PARTLY_READ_MAX; the program's own SK_PASS needs 4 x inflight_limit (16 MiB)
-        // in flight, far more than any payload here. The two payloads that fit run on
-        // the kernel path; the largest goes to splice unless it drained in time.
+        // Nothing goes through our memory on either path: the bytes queued behind the
+        // header are spliced, and the program's own SK_PASS needs 4 x inflight_limit
+        // (16 MiB) in flight, far more than any payload here. The two payloads that fit
+        // run on the kernel path; the largest goes to splice unless it drained in time.
         // (Larger payloads: see proxy_header_then_bulk_echo.)
-        let bound = if mode == Mode::Ebpf { PARTLY_READ_MAX } else { 0 };
-        fwd.expect_userspace_at_most(bound)
+        fwd.expect_userspace_at_most(0)
             .expect_paths(&["splice"])
             .expect_pairs(2);
         for (i, &len) in sizes.iter().enumerate() {
@@ -89,11 +88,7 @@ relay_tests! {
                 "{mode:?}: {len} bytes behind the header (first write took {first_write} of {}): userspace_bytes={userspace}",
                 bytes.len()
             );
-            if mode == Mode::Ebpf && fits {
-                // The skb the header came in also holds payload: relay_partly_read must
-                // have relayed at least that much, and never more than the payload.
-                assert!(userspace > 0 && userspace <= len, "{l}");
-            }
+            assert_eq!(userspace, 0, "{l}");
         }
     }
 
@@ -112,9 +107,10 @@ relay_tests! {
             // Bytes queued behind the header must be relayed by us before the client
             // socket may run the program (a partly read skb would be handed to it
             // whole); a client that keeps sending goes to splice instead (path=splice,
-            // at most PARTLY_READ_MAX relayed first); one that drained may leave the
-            // maps at the in-flight bound. Every byte goes through our memory at most
-            // once, so at most both directions of a pair.
+            // at most PARTLY_READ_MAX spliced first); one that drained may leave the
+            // maps at the in-flight bound. Only bytes the program passes (far past the
+            // in-flight bound) go through our memory, each at most once, so at most
+            // both directions of a pair.
             fwd.expect_paths(&["ebpf>splice", "splice"])
                 .expect_pairs(0)
                 .expect_userspace_at_most(2 * (64 * MIB + RUNS));
@@ -883,12 +879,12 @@ mod ebpf_only {
         fwd.assert_mode(Mode::Ebpf);
         // Small enough for the socket buffers of a connection nobody accepted yet.
         let p = Payload::new(5_001, 40 * KIB + 3);
-        // The refused pairs run on splice. The plain one moves nothing through our
-        // memory; the proxied one exactly its payload: all of it is queued behind the
-        // header when the header is read, and relay_partly_read relays it.
+        // The refused pairs run on splice. Neither moves a byte through our memory:
+        // the proxied one's payload, all of it queued behind the header when the
+        // header is read, is spliced by relay_partly_read before the maps refuse it.
         fwd.expect_paths(&["splice"])
             .expect_pairs(2)
-            .expect_userspace_at_most(p.len);
+            .expect_userspace_at_most(0);
         for (name, src) in [("plain", None), ("proxied", Some("192.0.2.50:41000"))] {
             let addr = fwd.rule_addr(name);
             let header = |src: &str| {
@@ -951,10 +947,9 @@ mod ebpf_only {
             assert_eq!(field(&l2, "end"), Some("closed"), "{l2}");
             assert_eq!(num(&l2, "bytes_down"), p.len, "{l2}");
             assert_eq!(num(&l2, "bytes_up"), p.len, "{name}: bytes_up: {l2}");
-            let relayed_by_us = if src.is_some() { p.len } else { 0 };
             assert_eq!(
                 num(&l2, "userspace_bytes"),
-                relayed_by_us,
+                0,
                 "{name}: userspace_bytes: {l2}"
             );
         }

@@ -70,26 +70,29 @@ impl Relay for EbpfRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        self.run(pair, progress, self.start_on_splice, self.handed)
+        let promote_after = self.start_on_splice.then_some(splice::PROMOTE_AFTER_BURSTS);
+        self.run(pair, progress, promote_after, self.handed)
     }
 
     /// After an inspection prelude a socket may hold a partly read skb, which the
-    /// program would see whole (docs/ARCHITECTURE.md): pairing relays the little that
-    /// is queued behind it first. A stream still pouring in (more queued than that)
-    /// would be copied for nothing and then sent to splice anyway: it starts on splice
-    /// and moves at a quiet moment, as `auto` does, with no byte beyond the inspected
-    /// ones through our memory.
+    /// program would see whole (docs/ARCHITECTURE.md). A pair with nothing queued has
+    /// none (what arrives from now on comes whole): it pairs at once, as a drained one.
+    /// A little queued is relayed by splice as the pair joins. A stream still pouring
+    /// in (more queued than that) would keep that going for nothing: it starts on
+    /// splice and moves at a quiet moment, as `auto` does. Either way no byte beyond
+    /// the inspected ones goes through our memory.
     fn relay_after_prelude<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         let queued = |s: &tokio::net::TcpStream| {
             sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).unwrap_or(u64::MAX / 4)
         };
-        let pouring = queued(&pair.client) + queued(&pair.upstream) > pair::PARTLY_READ_MAX;
-        self.run(
-            pair,
-            progress,
-            self.start_on_splice || pouring,
-            pair::Before::Used,
-        )
+        let queued = queued(&pair.client) + queued(&pair.upstream);
+        let promote_after = (self.start_on_splice || queued > pair::PARTLY_READ_MAX)
+            .then_some(splice::PROMOTE_AFTER_BURSTS);
+        let before = match queued {
+            0 => pair::Before::Drained,
+            _ => pair::Before::Used,
+        };
+        self.run(pair, progress, promote_after, before)
     }
 
     /// Redirected bytes wake nobody: an idle pair's counters are read on its slowest tick.
@@ -102,19 +105,19 @@ impl EbpfRelay {
     /// An `auto` pair starts as a splice relay, the kernel path's state only made when
     /// the pair is promoted: an idle `auto` pair holds what a splice pair holds, plus
     /// this small wrapper (which is not an `async fn`, so it keeps no copy of the pair).
+    /// `promote_after`: start on splice and move after that many small bursts.
     fn run(
         &self,
         pair: Pair,
         progress: Arc<Progress>,
-        start_on_splice: bool,
+        promote_after: Option<u32>,
         before: pair::Before,
     ) -> RelayFuture<'static> {
         let (k, limit) = (self.kernel, self.inflight_limit);
-        if !start_on_splice {
+        if promote_after.is_none() {
             return Box::pin(pair::relay(k, limit, pair, progress, true, before));
         }
-        let promote = Some(splice::PROMOTE_AFTER_BURSTS);
-        let on_splice = Box::pin(splice::relay_until(pair, progress.clone(), promote));
+        let on_splice = Box::pin(splice::relay_until(pair, progress.clone(), promote_after));
         Box::pin(async move {
             let pair = match on_splice.await {
                 Ok(end) => return end,

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forwarder_common::{DirControl, DirState, MAX_PAIRS};
-use tokio::io::AsyncWriteExt;
 
 use super::kernel::{Kernel, PairSignals, Parted};
 use super::sys;
+use crate::relay::splice::{self, Pipe};
 use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 
 /// Fastest and slowest period of the bookkeeping tick. Fast while bytes move (the
@@ -57,8 +57,8 @@ pub enum Before {
     /// Nothing read from either socket or written to it by us (a plain accept and
     /// connect): the baselines come from the tcp_info read for each socket's state.
     Untouched,
-    /// Read to EAGAIN by the splice relay (a promoted pair): nothing queued on them is
-    /// partly read.
+    /// Read to EAGAIN by the splice relay (a promoted pair), or found with nothing
+    /// queued after an inspection prelude: nothing queued on them is partly read.
     Drained,
     /// Anything else (a PROXY header read or written, an inspection prelude): queued
     /// bytes behind partly read ones are relayed first.
@@ -154,12 +154,7 @@ where
 /// A pair the maps refused: relayed by splice with `allow_fallback`, else failed.
 async fn not_paired(refused: Setup, progress: &Progress, allow_fallback: bool) -> RelayEnd {
     match refused {
-        Setup::Fallback {
-            pair,
-            moved,
-            by_us,
-            why,
-        } if allow_fallback => {
+        Setup::Fallback { pair, moved, why } if allow_fallback => {
             tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
             progress
                 .to_upstream
@@ -167,7 +162,6 @@ async fn not_paired(refused: Setup, progress: &Progress, allow_fallback: bool) -
             progress
                 .to_client
                 .fetch_add(moved[UPSTREAM], Ordering::Relaxed);
-            progress.via_userspace.fetch_add(by_us, Ordering::Relaxed);
             crate::relay::splice::relay(pair, progress).await
         }
         Setup::Fallback { pair, why, .. } => {
@@ -183,11 +177,10 @@ async fn not_paired(refused: Setup, progress: &Progress, allow_fallback: bool) -
 
 enum Setup {
     /// The pair cannot use the maps; nothing was lost: `moved` bytes per direction
-    /// reached their destination already (`by_us` of them through our memory).
+    /// reached their destination already (by splice: none through our memory).
     Fallback {
         pair: Pair,
         moved: [u64; 2],
-        by_us: u64,
         why: String,
     },
     /// Half-paired and bytes may have been lost: both sockets have been reset.
@@ -243,7 +236,7 @@ struct Dir {
     sent_base: u64,
     /// Bytes read from src by anyone before pairing (0 for fresh sockets).
     recv_base: u64,
-    /// Bytes we relayed ourselves before pairing (see `relay_partly_read`).
+    /// Bytes we relayed (by splice) before pairing (see `relay_partly_read`).
     carried: u64,
     /// What `Progress` counted for this direction before the pair joined (bytes a
     /// splice relay moved before it was promoted).
@@ -352,7 +345,6 @@ async fn setup(
             return Err(Setup::Fallback {
                 pair,
                 moved: [0; 2],
-                by_us: 0,
                 why,
             })
         }
@@ -370,7 +362,6 @@ async fn setup(
             return Err(Setup::Fallback {
                 pair,
                 moved: c,
-                by_us: c.iter().sum(),
                 why: "bytes keep arriving behind bytes read before pairing".into(),
             })
         }
@@ -382,7 +373,6 @@ async fn setup(
     let fallback = |pair: Pair, why: String| Setup::Fallback {
         pair,
         moved: carried,
-        by_us: carried.iter().sum(),
         why,
     };
     if carried != [0; 2] {
@@ -521,49 +511,74 @@ pub(super) const PARTLY_READ_MAX: u64 = 64 * 1024;
 /// read would reach the peer a second time. So such a socket may only start running
 /// the program with an empty receive queue (an skb read to its end is freed; new ones
 /// arrive whole): relay what it has queued ourselves, before pairing (our own writes
-/// must precede pairing anyway). Only a little, a few times: copying a continuous
-/// stream here would never end, and would block on a peer that answers while we do
-/// not read its answers. Returns the bytes relayed per side, and whether the sockets
-/// drained (if not, the pair goes to splice).
+/// must precede pairing anyway), by splice through a pooled pipe, so none of it
+/// crosses our memory. Only a little, a few times: relaying a continuous stream here
+/// would never end, and would block on a peer that answers while we do not read its
+/// answers. Returns the bytes relayed per side, and whether the sockets drained (if
+/// not, the pair goes to splice).
 async fn relay_partly_read(
     pair: &mut Pair,
     read_before: [u64; 2],
 ) -> Result<([u64; 2], bool), (Side, io::Error)> {
     let mut carried = [0u64; 2];
+    let mut pipe = None;
+    let result = relay_queued(pair, read_before, &mut carried, &mut pipe).await;
+    // Empty unless an error cut a write short: such a pipe is closed, not pooled.
+    if let (Some(p), Ok(_)) = (pipe, &result) {
+        p.give_back();
+    }
+    result.map(|drained| (carried, drained))
+}
+
+async fn relay_queued(
+    pair: &Pair,
+    read_before: [u64; 2],
+    carried: &mut [u64; 2],
+    pipe: &mut Option<Pipe>,
+) -> Result<bool, (Side, io::Error)> {
     for i in 0..2 {
         let (src, dst) = match i {
-            CLIENT => (&pair.client, &mut pair.upstream),
-            _ => (&pair.upstream, &mut pair.client),
+            CLIENT => (&pair.client, &pair.upstream),
+            _ => (&pair.upstream, &pair.client),
         };
         let fd = src.as_raw_fd();
         if read_before[i] == 0 {
             continue;
         }
-        let mut buf = Vec::new();
         for _ in 0..4 {
             let queued = sys::inq(fd).map_err(|e| (SIDES[i], e))?;
             if queued == 0 {
                 break;
             }
             if carried[i] + queued > PARTLY_READ_MAX {
-                return Ok((carried, false));
+                return Ok(false);
             }
-            buf.resize(queued as usize, 0);
-            let n = match sys::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
+            let p = match pipe {
+                Some(p) => &*p,
+                None => &*pipe.insert(Pipe::take().map_err(|e| (SIDES[i], e))?),
+            };
+            // A pooled pipe holds at least 64 KiB: the whole of `queued` fits.
+            let n = match splice::splice(fd, p.w.as_raw_fd(), queued as usize) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err((SIDES[i], e)),
             };
-            dst.write_all(&buf[..n])
-                .await
-                .map_err(|e| (SIDES[1 - i], e))?;
+            let mut left = n;
+            while left > 0 {
+                let out = dst
+                    .async_io(tokio::io::Interest::WRITABLE, || {
+                        splice::splice(p.r.as_raw_fd(), dst.as_raw_fd(), left)
+                    })
+                    .await;
+                left -= out.map_err(|e| (SIDES[1 - i], e))?;
+            }
             carried[i] += n as u64;
         }
         if sys::inq(fd).map_err(|e| (SIDES[i], e))? != 0 {
-            return Ok((carried, false));
+            return Ok(false);
         }
     }
-    Ok((carried, true))
+    Ok(true)
 }
 
 /// The upstream could not join MEMBERS after the client did: stops the client's
@@ -604,7 +619,6 @@ async fn salvage(
     if let Some(redirected) = settled {
         return Setup::Fallback {
             moved: [carried[CLIENT] + redirected, carried[UPSTREAM]],
-            by_us: carried.iter().sum(),
             pair,
             why: format!("upstream socket: {join_error}"),
         };
@@ -621,7 +635,7 @@ async fn salvage(
 impl Paired {
     async fn run(&mut self, progress: &Progress) -> Result<RelayEnd, Handoff> {
         let result = self.watch(progress).await;
-        let copied: u64 = self.dirs.iter().map(|d| d.consumed + d.carried).sum();
+        let copied: u64 = self.dirs.iter().map(|d| d.consumed).sum();
         progress.via_userspace.fetch_add(copied, Ordering::Relaxed);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let k = self.entries.k;
