@@ -529,14 +529,11 @@ relay_tests! {
         let fwd = Forwarder::config(None, &toml, rules.len());
         fwd.assert_mode(mode);
         // Each pair moves its first CAP bytes each way through userspace (the
-        // inspection prelude), the rest on the rule's path. On the kernel path also
-        // what the client sent while the pair was being set up (the tail, sent once
-        // the prelude's last echo arrived): a socket read before pairing may only
-        // join the maps with an empty queue, so the forwarder relays that itself.
-        let tail_len = |i: usize| 3000 + i as u64;
-        // (And its echo, when that was queued on the upstream socket by then.)
-        let slack = if mode == Mode::Ebpf { 2 * tail_len(rules.len()) } else { 0 };
-        fwd.expect_userspace_at_most(2 * CAP as u64 + slack).expect_pairs(rules.len());
+        // inspection prelude), the rest on the rule's path, never through userspace:
+        // on the kernel path what the client sent while the pair was being set up (the
+        // tail, sent once the prelude's last echo arrived) and its echo are spliced
+        // (a socket read before pairing may only join the maps with an empty queue).
+        fwd.expect_userspace_at_most(2 * CAP as u64).expect_pairs(rules.len());
         // When bytes keep arriving behind bytes the prelude read (the tail, its echo),
         // the kernel path cannot take the sockets at a segment boundary and the pair
         // goes on with splice (relay/ebpf/pair.rs, relay_partly_read).
@@ -571,20 +568,12 @@ relay_tests! {
         m2.extend_from_slice(b"\n\n");
         assert_eq!(m1.len() + m2.len(), CAP);
         for (i, (name, _)) in rules.iter().enumerate() {
-            let tail = Payload::new(40 + i as u64, tail_len(i));
+            let tail = Payload::new(40 + i as u64, 3000 + i as u64);
             let (sent, received) = converse(fwd.rule_addr(name), &[m1, &m2], tail);
             let close = wait_close(&fwd, name, 1);
             assert_eq!(num(&close, "bytes_up"), CAP as u64 + tail.len, "{close}");
             let userspace = num(&close, "userspace_bytes");
-            match mode {
-                Mode::Splice => assert_eq!(userspace, 2 * CAP as u64, "{close}"),
-                // The tail may have been queued when the pair joined the maps.
-                Mode::Ebpf => assert!(
-                    [0, 1, 2].contains(&((userspace - 2 * CAP as u64) / tail.len))
-                        && (userspace - 2 * CAP as u64).is_multiple_of(tail.len),
-                    "{close}"
-                ),
-            }
+            assert_eq!(userspace, 2 * CAP as u64, "{close}");
             let hex = name.starts_with('h');
             let chunks = match *name {
                 "tdir" => dump_file(tdir.path(), name, hex),
@@ -677,14 +666,13 @@ relay_tests! {
             1,
         );
         fwd.assert_mode(mode);
-        // The banner and the client's first message go through the prelude. On the
-        // kernel path also the first message's echo if it was queued on the upstream
-        // socket (read before, for the banner) when the pair joined the maps: such a
-        // socket may only join with an empty queue, so the forwarder relays it itself.
+        // The banner and the client's first message go through the prelude, nothing
+        // else: on the kernel path the first message's echo, if it was queued on the
+        // upstream socket (read before, for the banner) when the pair joined the
+        // maps, is spliced (such a socket may only join with an empty queue).
         const FIRST: &[u8] = b"SSH-2.0-client\r\n";
         let prelude = (BANNER.len() + FIRST.len()) as u64;
-        let slack = if mode == Mode::Ebpf { FIRST.len() as u64 } else { 0 };
-        fwd.expect_userspace_at_most(prelude + slack);
+        fwd.expect_userspace_at_most(prelude);
 
         let s = connect(fwd.addr());
         let banner = read_exact_timeout(&s, BANNER.len(), secs(5))
@@ -701,7 +689,7 @@ relay_tests! {
         let close = wait_close(&fwd, "ssh", 1);
         assert_eq!(num(&close, "bytes_down"), BANNER.len() as u64 + FIRST.len() as u64 + tail.len, "{close}");
         let userspace = num(&close, "userspace_bytes");
-        assert!(userspace == prelude || userspace == prelude + slack, "{close}");
+        assert_eq!(userspace, prelude, "{close}");
 
         // A TLS ClientHello start, split, after the banner: refused.
         let s = connect(fwd.addr());
