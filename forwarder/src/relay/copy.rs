@@ -86,18 +86,18 @@ async fn pump(
     counter: &AtomicU64,
     progress: &Progress,
 ) -> Result<(), (Side, std::io::Error)> {
+    // While the rewriter holds bytes: HOLD_MAX after the last bytes arrived (a
+    // spurious wake-up, which reads nothing, does not put it off).
+    let mut hold_until = None;
     loop {
         // Wait for bytes holding no buffer, so an idle pair holds none (a 64 KiB one
         // kept across the wait cost 15 KB of RSS per idle pair, the pages bytes had
         // touched). A held beginning of a match waits a while for the rest, not
         // forever; only then is the wait timed: a timer per read would enter and leave
         // tokio's wheel on every read of a direction with nothing held.
-        let ready = if rewriter.holding() {
-            tokio::time::timeout(crate::inspect::rewrite::HOLD_MAX, src.readable())
-                .await
-                .ok()
-        } else {
-            Some(src.readable().await)
+        let ready = match hold_until.filter(|_| rewriter.holding()) {
+            Some(at) => tokio::time::timeout_at(at, src.readable()).await.ok(),
+            None => Some(src.readable().await),
         };
         // Read into its spare capacity: nothing zeroes the 64 KiB.
         let mut buf = Vec::new();
@@ -115,7 +115,11 @@ async fn pump(
                 let out = if rewriter.is_empty() {
                     Cow::Borrowed(&buf[..n])
                 } else {
-                    rewriter.push(&buf[..n], n == 0).into()
+                    let out = rewriter.push(&buf[..n], n == 0).into();
+                    hold_until = rewriter
+                        .holding()
+                        .then(|| tokio::time::Instant::now() + crate::inspect::rewrite::HOLD_MAX);
+                    out
                 };
                 (Some(n), out)
             }
