@@ -557,7 +557,8 @@ async fn relay_queued(
                 Some(p) => &*p,
                 None => &*pipe.insert(Pipe::take().map_err(|e| (SIDES[i], e))?),
             };
-            // A pooled pipe holds at least 64 KiB: the whole of `queued` fits.
+            // At most 64 KiB, a pooled pipe's least size; a pipe out of slots (many
+            // small skbs) splices short, and the next round takes the rest.
             let n = match splice::splice(fd, p.w.as_raw_fd(), queued as usize) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
