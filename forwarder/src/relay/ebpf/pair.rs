@@ -354,7 +354,7 @@ async fn setup(
         // partly read.
         Ok(([0; 2], true))
     } else {
-        relay_partly_read(&mut pair, snaps.map(|s| s.read_before())).await
+        relay_partly_read(&pair, snaps.map(|s| s.read_before())).await
     };
     let carried = match partly_read {
         Ok((c, true)) => c,
@@ -517,7 +517,7 @@ pub(super) const PARTLY_READ_MAX: u64 = 64 * 1024;
 /// answers. Returns the bytes relayed per side, and whether the sockets drained (if
 /// not, the pair goes to splice).
 async fn relay_partly_read(
-    pair: &mut Pair,
+    pair: &Pair,
     read_before: [u64; 2],
 ) -> Result<([u64; 2], bool), (Side, io::Error)> {
     let mut carried = [0u64; 2];
@@ -571,7 +571,10 @@ async fn relay_queued(
                         splice::splice(p.r.as_raw_fd(), dst.as_raw_fd(), left)
                     })
                     .await;
-                left -= out.map_err(|e| (SIDES[1 - i], e))?;
+                match out.map_err(|e| (SIDES[1 - i], e))? {
+                    0 => return Err((SIDES[1 - i], io::Error::other("splice wrote nothing"))),
+                    n => left -= n,
+                }
             }
             carried[i] += n as u64;
         }
