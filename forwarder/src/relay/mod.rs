@@ -77,9 +77,11 @@ impl Progress {
 
     /// Notes that bytes moved now. Relays call it once per burst, so the idle timeout
     /// can sleep until exactly when it would expire instead of polling the counters.
-    pub fn touch(&self) {
+    /// Returns the time it noted (ms since the process's epoch).
+    pub fn touch(&self) -> u64 {
         let now = epoch().elapsed().as_millis() as u64;
         self.last_active_ms.store(now, Ordering::Relaxed);
+        now
     }
 
     /// How long since bytes last moved (or since the pair was made).
