@@ -580,7 +580,22 @@ fn run_mode(
                 }
             }
             conns.close(&servers.idle);
-            // Let the relay tear the pairs down before timing anything.
+            // Let the relay tear the pairs down before timing anything: until it holds
+            // about as many fds as before them (its pipe pool may keep up to 256 more),
+            // for at most 20 s. The kernel path parts each pair from its maps, which
+            // takes longer than closing a splice pair.
+            if let (Some(f), Some((before, _))) = (&fwd, m.relay_fds) {
+                let t = Instant::now();
+                while f.fds().is_some_and(|n| n > before + 300)
+                    && t.elapsed() < Duration::from_secs(20)
+                {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                eprintln!(
+                    "bench:   idle pairs torn down in {:.1} s",
+                    t.elapsed().as_secs_f64()
+                );
+            }
             thread::sleep(Duration::from_millis(500));
         }
         Err(e) => note(r, "idle pairs", e),
