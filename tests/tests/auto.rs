@@ -82,30 +82,46 @@ mod ebpf {
         let up = Server::echo();
         let fwd = auto_forwarder(up.addr(), "");
         fwd.expect_paths(&["splice"]).expect_pairs(0);
-        let connected = std::sync::Barrier::new(PAIRS);
-        let heard = std::sync::Barrier::new(PAIRS);
-        let done = std::sync::Barrier::new(PAIRS);
-        let finished = std::sync::atomic::AtomicUsize::new(0);
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        // A barrier with a deadline: a pair that failed must not leave the others
+        // waiting for ever.
+        let gate = |arrived: &AtomicUsize, what: &str| {
+            arrived.fetch_add(1, Relaxed);
+            let deadline = Instant::now() + secs(30);
+            while arrived.load(Relaxed) < PAIRS {
+                assert!(
+                    Instant::now() < deadline,
+                    "not every pair {what} within 30 s"
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let (connected, heard, done) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let finished = AtomicUsize::new(0);
         thread::scope(|t| {
             for _ in 0..PAIRS {
                 t.spawn(|| {
                     let s = connect(fwd.addr());
-                    connected.wait();
+                    gate(&connected, "connected");
                     chat(&s, 1);
-                    heard.wait();
+                    gate(&heard, "was heard");
                     // Until every pair made ROUNDS: none chats alone at the end.
                     let mut i = 0;
-                    while finished.load(std::sync::atomic::Ordering::Relaxed) < PAIRS {
+                    while finished.load(Relaxed) < PAIRS {
                         assert!(i < 100 * ROUNDS, "the others never finished");
                         chat(&s, 1);
                         i += 1;
                         if i == ROUNDS {
-                            finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            finished.fetch_add(1, Relaxed);
                         }
                     }
                     // Closed together: a pair still in its last round trip while the
                     // others close would be one of few, and rightly promoted.
-                    done.wait();
+                    gate(&done, "finished");
                 });
             }
         });
