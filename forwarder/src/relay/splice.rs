@@ -106,8 +106,12 @@ pub const PROMOTE_BURST_MAX: u32 = 32 * 1024;
 /// that moment. Measured with wrk (1 KiB responses from nginx, keep-alive,
 /// 2-5 runs each, requests/s of `--mode ebpf` against `--mode splice`): 1 to 4
 /// connections 1.12-1.24x, 8 connections 0.99-1.37x (4 of 5 runs 1.12x or more), 12
-/// connections 0.72-0.92x, 16 and more 0.64-0.90x.
-pub const PROMOTE_MAX_ACTIVE: u32 = 8;
+/// connections 0.72-0.92x, 16 0.80-0.82x, 32 0.64-0.83x. The crossover is near 10;
+/// the limit sits above it, at 16, so that a dozen or so conversations at once each
+/// still get the kernel path as one alone does (at up to a fifth less throughput on
+/// this host) and only a crowd stays on splice (wrk's 50: 0.68x nginx promoted,
+/// 0.89x kept).
+pub const PROMOTE_MAX_ACTIVE: u32 = 16;
 
 /// How pairs on splice count as moving bytes "at once": in the same window of this
 /// many ms, or in the last window in which any did.
