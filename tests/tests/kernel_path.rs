@@ -658,6 +658,40 @@ fn spawn_config_with_log(mode: Mode, toml: &str, rules: usize, extra_log: &str) 
 mod ebpf_only {
     use super::*;
 
+    /// A pair leaving the maps while the redirect worker still owes the upstream's
+    /// send queue megabytes, with an upstream that reads only while it can write (an
+    /// echo): the upstream's own bytes must go on to the client meanwhile, or the echo
+    /// stops reading and those megabytes never drain. The echo starts 300 ms late, so
+    /// the client's 96 MiB and its FIN are all redirected before it reads; the test
+    /// hook `FORWARDER_TEST_PART_DELAY_MS=300` stretches the part the way a loaded
+    /// host's slow walk does. Before the fix this deadlocked every time (the upstream
+    /// socket's receive queue full, its psock's queue stuck); seen without the hook in
+    /// about 1 of 20 runs of a 32 MiB echo beside the relay suite.
+    #[test]
+    fn leaving_while_the_upstream_echoes_a_backlog() {
+        if !ebpf_can_run("ebpf_only::leaving_while_the_upstream_echoes_a_backlog") {
+            return;
+        }
+        let _load = heavy();
+        let up = Server::start(LOCALHOST, |s| {
+            thread::sleep(Duration::from_millis(300));
+            let _ = echo_stream(&s);
+        });
+        let fwd = Forwarder::cli_under(
+            &["env", "FORWARDER_TEST_PART_DELAY_MS=300"],
+            Mode::Ebpf,
+            up.addr(),
+        );
+        fwd.assert_mode(Mode::Ebpf);
+        fwd.expect_paths(&["ebpf>splice"])
+            .expect_userspace_at_most(0);
+        let p = Payload::new(96_001, 96 * MIB);
+        drive_echo_clients(fwd.addr(), &[p], Instant::now() + secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let closes = fwd.wait_close_lines(1, secs(10));
+        assert_eq!(field(&closes[0], "end"), Some("closed"), "{}", closes[0]);
+    }
+
     /// `inflight_limit = 65536`: the program redirects at most 256 KiB not yet taken
     /// by the peer socket and passes the rest to us (SK_PASS), and the pair leaves for
     /// splice at 16 KiB. 200 bidirectional transfers of 1-2 MiB each way, 8 at a time:
