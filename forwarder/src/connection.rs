@@ -441,21 +441,39 @@ pub fn log_close(
         }
         return;
     }
-    // JSON: the typed fields, through tracing (the text line is written above).
+    // JSON: the typed fields, through tracing (the text line is written above). `end`
+    // is the kind alone (`client_reset`), what the text line adds in parentheses (the
+    // error, or a refusal's detail) goes in `detail`: a consumer compares `end`.
     let duration = elapsed.as_secs_f64();
-    tracing::info!(
-        rule = %rule,
-        client = %peer,
-        upstream = %upstream,
-        bytes_up,
-        bytes_down,
-        // Milliseconds are what the text line shows; JSON gets the same number.
-        duration_s = (duration * 1000.0).round() / 1000.0,
-        path = %path,
-        userspace_bytes = userspace,
-        end = %end,
-        "close"
-    );
+    // Milliseconds are what the text line shows; JSON gets the same number.
+    let duration_s = (duration * 1000.0).round() / 1000.0;
+    match end.split_once(" (") {
+        Some((kind, detail)) => tracing::info!(
+            rule = %rule,
+            client = %peer,
+            upstream = %upstream,
+            bytes_up,
+            bytes_down,
+            duration_s,
+            path = %path,
+            userspace_bytes = userspace,
+            end = %kind,
+            detail = %detail.strip_suffix(')').unwrap_or(detail),
+            "close"
+        ),
+        None => tracing::info!(
+            rule = %rule,
+            client = %peer,
+            upstream = %upstream,
+            bytes_up,
+            bytes_down,
+            duration_s,
+            path = %path,
+            userspace_bytes = userspace,
+            end = %end,
+            "close"
+        ),
+    }
 }
 
 impl RuleRuntime {

@@ -645,6 +645,32 @@ relay_tests! {
         assert!(text.contains("no-such-user-xyz"), "check does not name the user: {text}");
     }
 
+    /// In JSON, a reset's close line says `end: "client_reset"` alone, with the error
+    /// in `detail` (the text line keeps `end=client_reset (Connection reset by peer
+    /// ...)`): a consumer compares `end`, as the field list has it. The bytes
+    /// moved before the reset are counted.
+    fn json_close_end_is_the_kind_alone(mode) {
+        let _g = light();
+        let echo = Server::echo();
+        let toml = rule("echo", "127.0.0.1:0", echo.addr(), mode, "");
+        let mut fwd = start_in(TempDir::new("jsonrst"), &[], &toml, &["--log-format", "json"], 1);
+        fwd.assert_mode(mode);
+        let s = connect(fwd.rule_addr("echo"));
+        ping(&s, b"hello", secs(10)).expect("echo");
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER");
+        drop(s);
+        fwd.wait_close_lines(1, secs(10));
+        assert_eq!(terminate(&mut fwd), "exit 0");
+        let objs = json_objects(&fwd.stderr.snapshot());
+        let close = find_msg(&objs, "close", |_| true);
+        assert_eq!(str_of(close, "end"), "client_reset", "{close:?}");
+        assert!(str_of(close, "detail").contains("reset"), "{close:?}");
+        assert_eq!(u64_of(close, "bytes_up"), 5, "{close:?}");
+        assert_eq!(u64_of(close, "bytes_down"), 5, "{close:?}");
+    }
+
     /// With `--log-format json`, even a config error that stops the start is one JSON
     /// object (exit 2), naming the key.
     fn json_startup_error_is_json(mode) {

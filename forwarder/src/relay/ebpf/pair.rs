@@ -694,11 +694,26 @@ impl Paired {
             Ok(Some(Handoff)) => Err(Handoff),
             Ok(None) => Ok(RelayEnd::Closed),
             Err((i, error)) => {
+                self.count_at_failure(progress);
                 crate::relay::reset_both_on_close(&self.socks[0], &self.socks[1]);
                 Ok(RelayEnd::Failed {
                     side: SIDES[i],
                     error,
                 })
+            }
+        }
+    }
+
+    /// A failing pair (a reset, say) may end before any look counted its bytes (the
+    /// first is a tick away): its close line said 0 bytes each way after a 5-byte
+    /// echo. What each dst accepted is still in its counters (a reset socket keeps
+    /// `bytes_acked`); counts only grow.
+    fn count_at_failure(&self, progress: &Progress) {
+        let counters = [&progress.to_upstream, &progress.to_client];
+        for (dir, counter) in self.dirs.iter().zip(counters) {
+            if let Ok(sent) = sys::bytes_sent_into(self.socks[dir.dst].as_raw_fd()) {
+                let accepted = sent.saturating_sub(dir.sent_base);
+                counter.fetch_max(dir.before + dir.carried + accepted, Ordering::Relaxed);
             }
         }
     }
