@@ -4,12 +4,28 @@
 use sd_notify::NotifyState;
 
 fn notify(states: &[NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
-    }
-    if let Err(e) = sd_notify::notify(states) {
+    };
+    let sent = match socket.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => notify_abstract(name, states),
+        None => sd_notify::notify(states),
+    };
+    if let Err(e) = sent {
         tracing::warn!("systemd: cannot notify {states:?}: {e}");
     }
+}
+
+/// sd_notify(3): a `NOTIFY_SOCKET` starting with `@` names a socket in the abstract
+/// namespace, which sd-notify 0.5 takes for a path (ENOENT). The message is the
+/// crate's own, one state per line.
+fn notify_abstract(name: &[u8], states: &[NotifyState]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let addr = SocketAddr::from_abstract_name(name)?;
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &addr)?;
+    Ok(())
 }
 
 /// Every listener is bound (at startup, and after each reload).

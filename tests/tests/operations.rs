@@ -80,6 +80,19 @@ struct NotifySocket {
 }
 
 impl NotifySocket {
+    /// A socket in the abstract namespace (`NOTIFY_SOCKET=@name`, sd_notify(3)).
+    fn bind_abstract(name: &str) -> NotifySocket {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .expect("abstract address");
+        let sock = UnixDatagram::bind_addr(&addr)
+            .unwrap_or_else(|e| panic!("bind abstract unix datagram @{name}: {e}"));
+        NotifySocket {
+            sock,
+            seen: Vec::new(),
+        }
+    }
+
     fn bind(path: &Path) -> NotifySocket {
         let sock = UnixDatagram::bind(path)
             .unwrap_or_else(|e| panic!("bind unix datagram {}: {e}", path.display()));
@@ -693,4 +706,27 @@ relay_tests! {
         let msg = v["message"].as_str().unwrap_or_default();
         assert!(msg.contains("bogus_key"), "the error does not name the key: {msg}");
     }
+}
+
+/// `NOTIFY_SOCKET=@name` is a socket in the abstract namespace (sd_notify(3)), as
+/// some service managers and containers set it: READY=1 and STOPPING=1 reach it.
+#[test]
+fn sd_notify_abstract_socket() {
+    let _g = light();
+    let echo = Server::echo();
+    let name = format!("forwarder-test-notify-{}", std::process::id());
+    let mut notify = NotifySocket::bind_abstract(&name);
+    let toml = rule("t", "127.0.0.1:0", echo.addr(), Mode::Splice, "");
+    let env_notify = format!("NOTIFY_SOCKET=@{name}");
+    let mut fwd = start_in(
+        TempDir::new("notify-abstract"),
+        &["/usr/bin/env", &env_notify],
+        &toml,
+        &[],
+        1,
+    );
+    fwd.expect_pairs(0);
+    notify.expect("READY=1", secs(5), |m| has_line(m, "READY=1"));
+    assert_eq!(terminate(&mut fwd), "exit 0");
+    notify.expect("STOPPING=1", secs(5), |m| has_line(m, "STOPPING=1"));
 }
