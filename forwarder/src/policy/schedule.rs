@@ -96,10 +96,12 @@ impl Schedule {
     }
 }
 
-/// `[DAYS ]HH:MM-HH:MM`, DAYS being `Mon`, `Mon-Fri`, `Sat,Sun`, `*` or `daily`.
+/// `[DAYS ]HH:MM-HH:MM`, DAYS being `Mon`, `Mon-Fri`, `Sat,Sun`, `*` or `daily`; or
+/// DAYS alone, for the whole of those days (`daily`, `Sat,Sun`).
 fn parse_window(s: &str) -> Result<Window, String> {
     let parts: Vec<&str> = s.split_whitespace().collect();
     let (days, times) = match parts.as_slice() {
+        [days] if !days.contains(':') => (*days, "00:00-24:00"),
         [times] => ("*", *times),
         [days, times] => (*days, *times),
         _ => return Err("expected \"[DAYS ]HH:MM-HH:MM\", e.g. \"Mon-Fri 09:00-17:00\"".into()),
@@ -188,6 +190,13 @@ mod tests {
         assert!(!at(&s, 2026, 11, 23, 1, 0)); // Monday early: Sunday has no night window
         let every_day = Schedule::parse(&["00:00-24:00".into()], "UTC").unwrap();
         assert!(at(&every_day, 2026, 11, 25, 12, 0));
+        // Days alone are whole days.
+        let daily = Schedule::parse(&["daily".into()], "UTC").unwrap();
+        assert!(at(&daily, 2026, 11, 25, 0, 0) && at(&daily, 2026, 11, 25, 23, 59));
+        let weekend = Schedule::parse(&["Sat,Sun".into()], "UTC").unwrap();
+        assert!(at(&weekend, 2026, 11, 28, 0, 0)); // Saturday
+        assert!(at(&weekend, 2026, 11, 29, 23, 59)); // Sunday
+        assert!(!at(&weekend, 2026, 11, 30, 0, 0)); // Monday
     }
 
     #[test]
