@@ -233,18 +233,75 @@ struct FileHttpAuth {
     token: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 enum OneOrMany<T> {
     One(T),
     Many(Vec<T>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 enum FileUpstream {
     Addr(String),
     Full(FileUpstreamFull),
+}
+
+/// `upstream = "HOST:PORT"`, `{ addr = ..., weight = ... }` or a list of either. By
+/// hand, not `#[serde(untagged)]`: that says only "data did not match any variant"
+/// where a table's own error (``unknown field `wieght` ``) names the mistake.
+impl<'de> Deserialize<'de> for OneOrMany<FileUpstream> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OneOrMany<FileUpstream>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\", a table { addr = ..., weight = ..., backup = ... }, or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OneOrMany::One(FileUpstream::Addr(v.to_string())))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                FileUpstream::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(OneOrMany::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut all = Vec::new();
+                while let Some(u) = s.next_element::<FileUpstream>()? {
+                    all.push(u);
+                }
+                Ok(OneOrMany::Many(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for FileUpstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FileUpstream;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\" or a table { addr = ..., weight = ..., backup = ... }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FileUpstream::Addr(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                FileUpstreamFull::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(FileUpstream::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1166,6 +1223,21 @@ fn check_host_port(s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A typo inside an upstream table is named, not "did not match any variant".
+    #[test]
+    fn upstream_table_errors_name_the_field() {
+        for (upstream, says) in [
+            (r#"[{ addr = "a:1", wieght = 2 }]"#, "unknown field `wieght`"),
+            (r#"{ addr = "a:1", backup = "yes" }"#, "expected a boolean"),
+            (r#"[{ addr = "a:1", weight = -1 }]"#, "expected u32"),
+        ] {
+            let toml = format!("[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = {upstream}\n");
+            let e = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(e.contains(says), "{upstream}: {e}");
+            assert!(e.contains("rule[0].upstream"), "{upstream}: {e}");
+        }
+    }
 
     #[test]
     fn full_file_with_defaults_and_overrides() {
