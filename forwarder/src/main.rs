@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use forwarder::cli::{AgentArgs, Cli, Command, RunArgs};
-use forwarder::config::{CliRule, CliToken, Config, ConfigError};
+use forwarder::config::{CliRule, CliToken, Config, ConfigError, Mode};
 use forwarder::logging::{self, LogFormat};
 use forwarder::server::{ConfigSource, Startup};
 
@@ -110,6 +110,13 @@ fn start(
         Err(e) => return failure(e),
     };
     if let Some(who) = &config.user {
+        // The kernel program loads now, with the privileges it may need (its trimming
+        // verdict and its parting iterator need CAP_PERFMON, which the drop does not
+        // keep); the runtime attaches it. A failure is reported there, as without a drop.
+        let wants_kernel_path = config.rules.iter().any(|r| r.mode != Mode::Splice);
+        if wants_kernel_path && forwarder::relay::ebpf::built_in() {
+            forwarder::relay::ebpf::preload();
+        }
         if let Err(e) = forwarder::privileges::drop_to(who) {
             return failure(e.context(format!("cannot drop privileges to user {:?}", who.user)));
         }

@@ -562,7 +562,9 @@ relay_tests! {
 
     /// `[global] user = "nobody"`: every thread runs as nobody with only CAP_BPF,
     /// CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, the kernel path still works, and a
-    /// reload can add a listener on port 80.
+    /// reload can add a listener on port 80. The kernel program was loaded before the
+    /// drop, in full: neither of the fallbacks that a load without CAP_PERFMON takes
+    /// (the plain verdict, the plain delete) is announced.
     fn privilege_drop_keeps_kernel_path(mode) {
         let _g = light();
         let gid = id_nobody(&["-g"]);
@@ -586,6 +588,13 @@ relay_tests! {
             "no privileges line: {}",
             fwd.stderr.text()
         );
+        for weaker in ["the verdict cannot trim", "with a plain delete"] {
+            assert!(
+                !fwd.log_lines().iter().any(|l| l.contains(weaker)),
+                "the kernel program loaded after the drop, without CAP_PERFMON: {}",
+                fwd.stderr.text()
+            );
+        }
 
         for seed in 0..3 {
             echo_check_paired(fwd.addr(), Payload::new(100 + seed, 300 * KIB + seed), secs(20));

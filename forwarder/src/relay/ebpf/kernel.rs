@@ -139,9 +139,28 @@ fn load_verdict(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
         .map_err(|e| format!("the kernel rejected the verdict program {name}: {e:#}"))
 }
 
-impl Kernel {
-    /// Loads and attaches the program. Must run inside the tokio runtime (log reader).
-    pub fn load() -> Result<Kernel, String> {
+/// What loading needs privileges for: the object, the verdict program (the trimming
+/// one where CAP_PERFMON allows) and the parting iterator. Made before `[global] user`
+/// drops privileges, when a rule wants the kernel path ([`preload`]); the runtime's
+/// [`Kernel::load`] then only attaches it and starts its tasks.
+struct Loaded {
+    ebpf: Ebpf,
+    prog: &'static str,
+    locked_part: Option<LockedPart>,
+}
+
+static PRELOADED: Mutex<Option<Result<Loaded, String>>> = Mutex::new(None);
+
+/// Loads the programs now, while the process still has its privileges (one thread,
+/// before the drop): dropped to a user without CAP_PERFMON, the kernel would refuse
+/// the trimming verdict and the parting iterator, and the weaker fallbacks would run.
+pub fn preload() {
+    let loaded = Loaded::new();
+    *PRELOADED.lock().unwrap_or_else(|e| e.into_inner()) = Some(loaded);
+}
+
+impl Loaded {
+    fn new() -> Result<Loaded, String> {
         let object = OBJECT.ok_or(NOT_BUILT)?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -151,6 +170,45 @@ impl Kernel {
             .btf(None)
             .load(object)
             .map_err(|e| format!("cannot load the eBPF object: {e}{}", load_hint(&e, root)))?;
+        let prog = match load_verdict(&mut ebpf, VERDICT_PROG) {
+            Ok(()) => VERDICT_PROG,
+            Err(e) => {
+                // Expected without CAP_PERFMON, as under the systemd unit: the plain
+                // verdict relays the same, minus the trim.
+                tracing::info!(
+                    "ebpf: the verdict cannot trim bytes TCP hands it twice ({e}; reading the skb's sequence number needs CAP_PERFMON): an overlapping retransmit then resets its pair"
+                );
+                load_verdict(&mut ebpf, VERDICT_PLAIN_PROG)?;
+                VERDICT_PLAIN_PROG
+            }
+        };
+        let locked_part = LockedPart::load(&mut ebpf)
+            .inspect_err(|e| {
+                // Expected without CAP_PERFMON (a tracing program), as under the
+                // systemd unit: parting works as it did before the lock.
+                tracing::info!(
+                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({e}; the iterator needs CAP_PERFMON): a packet arriving at that moment can be lost, and its pair is then reset"
+                )
+            })
+            .ok();
+        Ok(Loaded {
+            ebpf,
+            prog,
+            locked_part,
+        })
+    }
+}
+
+impl Kernel {
+    /// Attaches the program (loading it first unless [`preload`] did) and starts its
+    /// tasks. Must run inside the tokio runtime (log reader).
+    pub fn load() -> Result<Kernel, String> {
+        let preloaded = PRELOADED.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Loaded {
+            mut ebpf,
+            prog,
+            locked_part,
+        } = preloaded.unwrap_or_else(Loaded::new)?;
         spawn_logger(&mut ebpf);
         let socks: SockHash<MapData, u64> = take(&mut ebpf, SOCKS_MAP)?;
         let members: SockHash<MapData, u64> = take(&mut ebpf, MEMBERS_MAP)?;
@@ -165,18 +223,6 @@ impl Kernel {
         spawn_epoll_reader(epoll.clone(), watched.clone())?;
         let first_watched = Arc::new(Notify::new());
         spawn_sleep_check(watched.clone(), first_watched.clone());
-        let prog = match load_verdict(&mut ebpf, VERDICT_PROG) {
-            Ok(()) => VERDICT_PROG,
-            Err(e) => {
-                // Expected without CAP_PERFMON, as under `[global] user` or the systemd
-                // unit: the plain verdict relays the same, minus the trim.
-                tracing::info!(
-                    "ebpf: the verdict cannot trim bytes TCP hands it twice ({e}; reading the skb's sequence number needs CAP_PERFMON): an overlapping retransmit then resets its pair"
-                );
-                load_verdict(&mut ebpf, VERDICT_PLAIN_PROG)?;
-                VERDICT_PLAIN_PROG
-            }
-        };
         let prog: &mut SkSkb = program(&mut ebpf, prog)?;
         let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd();
         let attach = match attach_sk_skb_verdict(prog_fd, members.fd().as_fd().as_raw_fd()) {
@@ -188,15 +234,6 @@ impl Kernel {
                 "sk_skb_stream_verdict"
             }
         };
-        let locked_part = LockedPart::load(&mut ebpf)
-            .inspect_err(|e| {
-                // Expected without CAP_PERFMON (a tracing program), as under `[global]
-                // user` or the systemd unit: parting works as it did before the lock.
-                tracing::info!(
-                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({e}; the iterator needs CAP_PERFMON): a packet arriving at that moment can be lost, and its pair is then reset"
-                )
-            })
-            .ok();
         Ok(Kernel {
             socks: Mutex::new(socks),
             members: Mutex::new(members),

@@ -22,7 +22,7 @@ mod sys;
 
 use kernel::Kernel;
 
-pub use kernel::{built_in, NOT_BUILT};
+pub use kernel::{built_in, preload, NOT_BUILT};
 
 pub struct EbpfRelay {
     kernel: &'static Kernel,
