@@ -1228,7 +1228,10 @@ mod tests {
     #[test]
     fn upstream_table_errors_name_the_field() {
         for (upstream, says) in [
-            (r#"[{ addr = "a:1", wieght = 2 }]"#, "unknown field `wieght`"),
+            (
+                r#"[{ addr = "a:1", wieght = 2 }]"#,
+                "unknown field `wieght`",
+            ),
             (r#"{ addr = "a:1", backup = "yes" }"#, "expected a boolean"),
             (r#"[{ addr = "a:1", weight = -1 }]"#, "expected u32"),
         ] {
