@@ -4,7 +4,7 @@
 //! (`defaults.connect_timeout`), and through `toml` so it also names the line.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
@@ -691,6 +691,15 @@ impl Config {
             allow: parse_nets(file.global.allow.as_deref(), "global.allow")?,
             deny: parse_nets(file.global.deny.as_deref(), "global.deny")?,
         };
+        // Checked even when no rule has a schedule to use it with.
+        if let Some(tz) = &file.defaults.timezone {
+            tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                err(format!(
+                    "config error at key `defaults.timezone`: {tz:?} is not a time zone name \
+                     such as \"UTC\" or \"Europe/Berlin\""
+                ))
+            })?;
+        }
         let mut rules: Vec<Rule> = Vec::with_capacity(file.rule.len());
         for (i, r) in file.rule.iter().enumerate() {
             let rule = validate_rule(i, r, &file.defaults)?;
@@ -698,6 +707,18 @@ impl Config {
                 return Err(err(format!(
                     "config error at key `rule[{i}].name`: duplicate rule name {:?}",
                     rule.name
+                )));
+            }
+            if let Some((j, o)) = rules
+                .iter()
+                .enumerate()
+                .find(|(_, o)| listen_conflict(o.listen, rule.listen))
+            {
+                return Err(err(format!(
+                    "config error at key `rule[{i}].listen` (rule {:?}): {} cannot be listened \
+                     on together with {} of rule {:?} (`rule[{j}].listen`): the second bind \
+                     would fail with \"Address already in use\"",
+                    rule.name, rule.listen, o.listen, o.name
                 )));
             }
             rules.push(rule);
@@ -714,6 +735,33 @@ impl Config {
             .as_ref()
             .map(validate_tunnel_server)
             .transpose()?;
+        // The process's other listeners cannot share an address with a rule either.
+        let others = [
+            ("global.metrics", metrics),
+            (
+                "tunnel_server.listen",
+                tunnel_server.as_ref().map(|t| t.listen),
+            ),
+        ];
+        for (k, (key, addr)) in others.iter().enumerate() {
+            let Some(addr) = *addr else { continue };
+            let taken = rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("rule[{i}].listen` (rule {:?})", r.name), r.listen))
+                .chain(
+                    others[..k]
+                        .iter()
+                        .filter_map(|(o, a)| Some((format!("{o}`"), (*a)?))),
+                )
+                .find(|(_, other)| listen_conflict(*other, addr));
+            if let Some((what, other)) = taken {
+                return Err(err(format!(
+                    "config error at key `{key}`: {addr} cannot be listened on together with \
+                     {other} of `{what}: the second bind would fail with \"Address already in use\""
+                )));
+            }
+        }
         for (i, rule) in rules.iter().enumerate() {
             if rule.agent_service().is_some() && tunnel_server.is_none() {
                 return Err(err(format!(
@@ -972,11 +1020,27 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     let schedule = match &s.schedule {
         None => None,
         Some(windows) => Some(
-            Schedule::parse(windows, s.timezone.as_deref().unwrap_or("UTC"))
-                .map_err(|e| err(format!("{}: {e}", at(e.key()))))?,
+            Schedule::parse(windows, s.timezone.as_deref().unwrap_or("UTC")).map_err(|e| {
+                // Name the key where the bad value is written: the rule's own, or the
+                // `[defaults]` one it inherited.
+                let written_here = match e.key() {
+                    "timezone" => r.timezone.is_some(),
+                    _ => r.schedule.is_some(),
+                };
+                match written_here {
+                    true => err(format!("{}: {e}", at(e.key()))),
+                    false => err(format!(
+                        "config error at key `defaults.{}` (inherited by rule {name:?}): {e}",
+                        e.key()
+                    )),
+                }
+            })?,
         ),
     };
-    if s.timezone.is_some() && s.schedule.is_none() {
+    // Only a `timezone` written in the rule itself is an error without a schedule: one
+    // in `[defaults]` is inherited by every rule, and those without a schedule simply
+    // have no use for it.
+    if r.timezone.is_some() && s.schedule.is_none() {
         return Err(err(format!(
             "{}: only meaningful with `schedule`",
             at("timezone")
@@ -1187,6 +1251,39 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
         per_second: n / secs,
         burst: n.max(1.0),
     })
+}
+
+/// Whether listening on `a` and on `b` at once fails with EADDRINUSE on Linux (our
+/// listeners set SO_REUSEADDR, which allows no overlap between listening sockets, and
+/// not SO_REUSEPORT): the same port (not 0: each bind of port 0 gets its own) and
+/// addresses that overlap. A wildcard covers every address of its family; `[::]` is
+/// dual-stack (unless net.ipv6.bindv6only=1), so it covers IPv4 too; an IPv4-mapped
+/// IPv6 address is that IPv4 address.
+pub fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    listen_ips_overlap(a.ip(), b.ip(), v6_wildcard_is_dual_stack())
+}
+
+fn listen_ips_overlap(a: IpAddr, b: IpAddr, dual_stack: bool) -> bool {
+    let norm = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let (a, b) = (norm(a), norm(b));
+    match (a, b) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(x), IpAddr::V6(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(v6), IpAddr::V4(_)) | (IpAddr::V4(_), IpAddr::V6(v6)) => {
+            dual_stack && v6.is_unspecified()
+        }
+    }
+}
+
+/// Whether an IPv6 wildcard listener also takes IPv4 (Linux's default).
+fn v6_wildcard_is_dual_stack() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
 }
 
 /// Listen addresses are resolved once, at startup (`localhost:80` is fine).
@@ -1498,5 +1595,87 @@ mod tests {
         .unwrap_err()
         .0;
         assert!(e.contains("FORWARDER_TOKEN"), "{e}");
+    }
+
+    /// A rule `name` on `listen` (upstream a:1), plus `extra` lines.
+    fn rule_at(name: &str, listen: &str, extra: &str) -> String {
+        format!("[[rule]]\nname=\"{name}\"\nlisten=\"{listen}\"\nupstream=\"a:1\"\n{extra}")
+    }
+
+    #[test]
+    fn a_default_timezone_is_no_error_for_rules_without_schedule() {
+        let text = format!(
+            "[defaults]\ntimezone = \"Europe/Berlin\"\n{}{}",
+            rule_at("a", "127.0.0.1:1", "schedule=[\"Mon-Fri 09:00-17:00\"]\n"),
+            rule_at("b", "127.0.0.1:2", "")
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert!(c.rules[0].schedule.is_some());
+        assert!(c.rules[1].schedule.is_none());
+        // Nor when no rule has a schedule at all.
+        Config::from_toml(&format!(
+            "[defaults]\ntimezone = \"UTC\"\n{}",
+            rule_at("b", "127.0.0.1:2", "")
+        ))
+        .unwrap();
+        // A timezone written in the rule itself, without a schedule, is still one.
+        let e = error_of(&rule_at("b", "127.0.0.1:2", "timezone = \"UTC\"\n"));
+        assert!(e.contains("`rule[0].timezone`"), "{e}");
+        assert!(e.contains("only meaningful with `schedule`"), "{e}");
+        // A bad default names the key where it is written, used or not.
+        let e = error_of(&format!(
+            "[defaults]\ntimezone = \"Mars/Olympus\"\n{}",
+            rule_at("b", "127.0.0.1:2", "")
+        ));
+        assert!(e.contains("`defaults.timezone`"), "{e}");
+        let e = error_of(&format!(
+            "[defaults]\nschedule = [\"Mon 09:00-25:00\"]\n{}",
+            rule_at("b", "127.0.0.1:2", "")
+        ));
+        assert!(e.contains("`defaults.schedule`"), "{e}");
+    }
+
+    #[test]
+    fn rules_cannot_share_a_listen_address() {
+        let two = |a: &str, b: &str| format!("{}{}", rule_at("a", a, ""), rule_at("b", b, ""));
+        for (a, b) in [
+            ("127.0.0.1:21570", "127.0.0.1:21570"),
+            ("0.0.0.0:21570", "127.0.0.1:21570"),
+            ("127.0.0.1:21570", "0.0.0.0:21570"),
+            ("[::1]:21570", "[::]:21570"),
+            ("[::ffff:127.0.0.1]:21570", "127.0.0.1:21570"),
+        ] {
+            let e = error_of(&two(a, b));
+            assert!(e.contains("`rule[1].listen` (rule \"b\")"), "{a} {b}: {e}");
+            assert!(e.contains("rule \"a\""), "{a} {b}: {e}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("0.0.0.0:0", "127.0.0.1:0"),
+            ("127.0.0.1:21570", "127.0.0.1:21571"),
+            ("127.0.0.1:21570", "127.0.0.2:21570"),
+            ("[::1]:21570", "127.0.0.1:21570"),
+        ] {
+            Config::from_toml(&two(a, b)).unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+        }
+        // The metrics listener cannot take a rule's address either.
+        let e = error_of(&format!(
+            "[global]\nmetrics = \"127.0.0.1:21570\"\n{}",
+            rule_at("a", "0.0.0.0:21570", "")
+        ));
+        assert!(
+            e.contains("`global.metrics`") && e.contains("`rule[0].listen`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_overlap_rules() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let o = |a: &str, b: &str, dual| listen_ips_overlap(ip(a), ip(b), dual);
+        assert!(o("::", "0.0.0.0", true) && o("127.0.0.1", "::", true));
+        assert!(!o("::", "0.0.0.0", false) && !o("127.0.0.1", "::", false));
+        assert!(o("::", "::1", false) && o("::ffff:0.0.0.0", "10.0.0.1", false));
+        assert!(!o("::1", "127.0.0.1", true) && !o("10.0.0.1", "10.0.0.2", true));
     }
 }

@@ -159,6 +159,56 @@ idle_timeout = "1h"
         drop(taken);
     }
 
+    /// A `timezone` in `[defaults]` is inherited by every rule: the rules without a
+    /// `schedule` have no use for it, which is no error. One written in a rule without
+    /// a schedule still is, naming that rule's key.
+    #[test]
+    fn default_timezone_is_fine_for_rules_without_schedule() {
+        let toml = "[defaults]\ntimezone = \"Europe/Berlin\"\n\
+                    [[rule]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+                    schedule = [\"Mon-Fri 09:00-17:00\"]\n\
+                    [[rule]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+        let o = check(toml);
+        assert_eq!(
+            o.code(),
+            Some(0),
+            "{}; stderr:\n{}",
+            describe_status(&o.status),
+            o.stderr
+        );
+        assert_config_error(
+            &format!("{RULE}timezone = \"Europe/Berlin\"\n"),
+            &["rule[0].timezone", "only meaningful with `schedule`"],
+        );
+    }
+
+    /// Two rules on one address can never both listen: a config error naming the
+    /// second rule's `listen` (for `check` as for `run`), also when a wildcard covers
+    /// the other address; port 0 (a new port for each) is fine.
+    #[test]
+    fn two_rules_on_one_listen_address_exit_2() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[rule]]\nname = \"a\"\nlisten = \"{a}\"\nupstream = \"127.0.0.1:9\"\n\
+                 [[rule]]\nname = \"b\"\nlisten = \"{b}\"\nupstream = \"127.0.0.1:9\"\n"
+            )
+        };
+        let same = format!("127.0.0.1:{port}");
+        let any = format!("0.0.0.0:{port}");
+        assert_config_error(
+            &two(&same, &same),
+            &["rule[1].listen", "(rule \"b\")", "rule \"a\""],
+        );
+        assert_config_error(&two(&any, &same), &["rule[1].listen", "(rule \"b\")"]);
+        let o = check(&two("127.0.0.1:0", "127.0.0.1:0"));
+        assert_eq!(o.code(), Some(0), "port 0 twice: {}", o.stderr);
+    }
+
     /// The runtime's worker threads, by name, once there are `want` of them or 5 s
     /// have passed. A new thread names itself when it first runs, which may be after
     /// the `listening` line (printed by the main thread): until then it shows its

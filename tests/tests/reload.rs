@@ -524,6 +524,31 @@ relay_tests! {
         }
     }
 
+    /// A reload to a file whose new rule takes the address of a running one fails
+    /// with check's config error (naming the new rule's `listen`), not with a bind
+    /// error, and changes nothing.
+    fn reload_refuses_two_rules_on_one_address(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let good = rule("t", &listen, echo.addr(), "");
+        let mut fwd = Forwarder::config(Some(mode), &good, 1);
+        let addr = fwd.addr();
+        let path = fwd.config_path();
+        let listening = listening_count(&fwd);
+        let bad = format!("{good}{}", rule("u", &listen, echo.addr(), ""));
+        let line = fwd.reload(&bad);
+        assert!(line.contains(" reload failed: "), "{line}");
+        let msg = failed_message(&fwd, &line);
+        let (code, check_msg) = check(&path);
+        assert_eq!(code, Some(2), "check: {check_msg}");
+        assert!(check_msg.contains("`rule[1].listen` (rule \"u\")"), "check: {check_msg}");
+        assert_eq!(msg, check_msg, "the reload error is not check's");
+        assert_eq!(listening_count(&fwd), listening, "a listener was started");
+        echo_check_paired(addr, Payload::new(3, 64 * KIB), secs(20));
+        fwd.assert_running();
+    }
+
     /// A rule dropped from the file stops accepting at once while its open transfer
     /// runs to the end; a rule added in the same reload serves.
     fn removed_rule_stops_accepting_running_transfer_finishes(mode) {
