@@ -652,6 +652,44 @@ relay_tests! {
         assert_eq!(field(&close, "end"), Some("closed"), "{close}");
     }
 
+    /// `deny_pattern` looks only within `inspect_window` bytes, also when the rule's
+    /// dump (`inspect.bytes`) reads further: a match beyond the window passes, on a
+    /// rule with a larger dump as on one without; a match within it is refused.
+    fn deny_pattern_stays_within_inspect_window_with_a_larger_dump(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", true);
+        let deny = "deny_pattern = ['evil']\ninspect_window = 8";
+        let toml = format!(
+            "{}{}",
+            rule("w1", mode.as_str(), up.addr(), deny),
+            rule("w2", mode.as_str(), up.addr(), &format!("{deny}\ninspect = {{ bytes = 64 }}"))
+        );
+        let fwd = Forwarder::config(None, &toml, 2);
+        fwd.assert_mode(mode);
+        fwd.expect_userspace_at_most(64);
+        const LATE: &[u8] = b"1234567890evil";
+        for name in ["w1", "w2"] {
+            let s = connect(fwd.rule_addr(name));
+            (&s).write_all(LATE).unwrap();
+            let echo = read_exact_timeout(&s, LATE.len(), secs(10))
+                .unwrap_or_else(|e| panic!("{name}: a match beyond the window was refused: {e}; {}", fwd.stderr.text()));
+            assert_eq!(echo, LATE, "{name}");
+            s.shutdown(Shutdown::Write).unwrap();
+            let got = recorded(&rx, name);
+            assert_eq!(got.bytes, LATE, "{name}: what the upstream got");
+            let close = wait_close(&fwd, name, 1);
+            assert_eq!(field(&close, "end"), Some("closed"), "{close}");
+        }
+        // Within the window: refused, the upstream gets nothing.
+        let s = connect(fwd.rule_addr("w2"));
+        (&s).write_all(b"1234evil").unwrap();
+        ends_with_reset(&s).unwrap_or_else(|e| panic!("match within the window: {e}"));
+        let got = recorded(&rx, "w2 within the window");
+        assert!(got.bytes.is_empty(), "the upstream got {:?}", got.bytes);
+        let close = wait_close(&fwd, "w2", 2);
+        assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
+    }
+
     /// A server-first protocol under `deny_pattern`: the banner reaches the client
     /// before it sends anything (the pending client check blocks nothing the other
     /// way), then a sha256-checked echo; a client sending the pattern after the

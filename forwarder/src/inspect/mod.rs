@@ -223,10 +223,15 @@ impl InspectRelay {
         if let Some(d) = &mut p.dump {
             d.record(0, data);
         }
+        // Patterns look only within the first `inspect_window` bytes, even when the
+        // read went further (for the dump's `bytes`).
+        let in_window = &data[..data
+            .len()
+            .min(rule.inspect_window.saturating_sub(p.client_seen))];
         p.client_seen += data.len();
         p.held.extend_from_slice(data);
         if let Some(scanner) = &mut p.scanner {
-            match scanner.feed(data) {
+            match scanner.feed(in_window) {
                 Verdict::Deny => {
                     reset_both_on_close(&pair.client, &pair.upstream);
                     return Err(RelayEnd::Refused {
