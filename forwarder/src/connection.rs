@@ -21,7 +21,7 @@ use crate::metrics::RuleStats;
 use crate::policy::balance::{ActiveGuard, Upstreams};
 use crate::policy::sources::{Refusal, SourceLimits, SourceSlot};
 use crate::policy::{clock, health, proxy_protocol};
-use crate::relay::{describe, reset_on_close, Pair, Progress, Relay, RelayEnd};
+use crate::relay::{describe, reset_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture};
 
 /// Everything a connection of one rule needs, shared by all its connections.
 pub struct RuleRuntime {
@@ -115,19 +115,16 @@ pub fn serve(
         let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
         progress.touch();
         let _open = rt.stats.open(progress.clone());
-        // The relay raced by hand against the limits and forced shutdown, rather than
-        // with `select!`, which keeps a copy of each branch's state.
-        let mut relay = rt.relay.relay(pair, progress.clone());
-        let limits = Limits::of(rule, rt.relay.progress_lag());
-        let mut next = limits.check(&progress).err().flatten();
-        let timer = tokio::time::sleep_until(next.unwrap_or_else(far_future));
-        tokio::pin!(timer);
-        // Registered before the flag is read, so a `fire` in between is not missed.
-        let aborted = rt.abort.notify.notified();
-        tokio::pin!(aborted);
-        aborted.as_mut().enable();
-        let end = std::future::poll_fn(|cx| {
-            if let Poll::Ready(end) = relay.as_mut().poll(cx) {
+        // (Made in the call, not kept in locals: this block is held per pair.)
+        let end = match relay_bounded(
+            rt.relay.relay(pair, progress.clone()),
+            &progress,
+            Limits::of(rule, rt.relay.progress_lag()),
+            &rt.abort,
+        )
+        .await
+        {
+            Ok(end) => {
                 if let RelayEnd::Refused { reason, detail } = &end {
                     let shown = if detail.is_empty() {
                         String::new()
@@ -137,29 +134,73 @@ pub fn serve(
                     rt.stats.refused(reason);
                     rt.refused.record(&rule.name, peer, reason, &shown);
                 }
-                return Poll::Ready(end_text(&end));
+                end_text(&end)
+            }
+            Err(why) => Cow::Borrowed(why),
+        };
+        log_close(&rule.name, peer, &upstream, started, &progress, &end);
+        drop(permits);
+    }
+}
+
+/// Runs a pair's relay to its end, unless a limit (`idle_timeout`,
+/// `max_connection_duration`) or the end of the shutdown grace period comes first:
+/// then the relay is dropped (which closes the pair, see [`Relay`]) and `Err` says
+/// why, for the close line. Every pair goes through here: a rule's, and a tunnel
+/// agent's target connection (with no limits).
+///
+/// An `async` block over its arguments, not an `async fn` (which would keep a second
+/// copy of them): a rule's pairs hold this for their whole life. (As an `async fn`
+/// it made `serve`'s future 56 bytes larger, a 128-byte step of the task, ~140 B of
+/// RSS per idle pair; as it is, that future is 8 bytes smaller than before.)
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+pub fn relay_bounded<'a>(
+    mut relay: RelayFuture<'a>,
+    progress: &'a Progress,
+    limits: Limits,
+    abort: &'a Abort,
+) -> impl Future<Output = Result<RelayEnd, &'static str>> + Send + 'a {
+    async move {
+        // Raced by hand against the limits and forced shutdown, rather than with
+        // `select!`, which keeps a copy of each branch's state.
+        //
+        // Whether the timer is set to a limit's next look: a flag, the deadline being
+        // the timer's (this block is held per pair, and bytes held across the wait
+        // count).
+        let mut armed;
+        let timer = tokio::time::sleep_until({
+            let next = limits.check(progress).err().flatten();
+            armed = next.is_some();
+            next.unwrap_or_else(far_future)
+        });
+        tokio::pin!(timer);
+        // Registered before the flag is read, so a `fire` in between is not missed.
+        let aborted = abort.notify.notified();
+        tokio::pin!(aborted);
+        aborted.as_mut().enable();
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = relay.as_mut().poll(cx) {
+                return Poll::Ready(Ok(end));
             }
             // The timer fires at the next deadline; only then are the limits read
             // again (bytes moving do not touch it).
-            while next.is_some() && timer.as_mut().poll(cx).is_ready() {
-                match limits.check(&progress) {
-                    Ok(why) => return Poll::Ready(Cow::Borrowed(why)),
+            while armed && timer.as_mut().poll(cx).is_ready() {
+                match limits.check(progress) {
+                    Ok(why) => return Poll::Ready(Err(why)),
                     Err(at) => {
-                        next = at;
+                        armed = at.is_some();
                         if let Some(at) = at {
                             timer.as_mut().reset(at);
                         }
                     }
                 }
             }
-            if rt.abort.fired.load(Ordering::SeqCst) || aborted.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Cow::Borrowed("shutdown"));
+            if abort.fired.load(Ordering::SeqCst) || aborted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err("shutdown"));
             }
             Poll::Pending
         })
-        .await;
-        log_close(&rule.name, peer, &upstream, started, &progress, &end);
-        drop(permits);
+        .await
     }
 }
 
@@ -338,12 +379,18 @@ async fn through_agent(
 /// that long (plus the relay's counter lag), `max_connection_duration` once the pair
 /// is that old. One timer serves both, set to the earlier of the two moments, so an
 /// idle pair wakes once per timeout, not on a tick.
-struct Limits {
+pub struct Limits {
     idle: Option<Duration>,
     max_at: Option<tokio::time::Instant>,
 }
 
 impl Limits {
+    /// A pair no limit ends (a tunnel agent's: the rule's limits are the server's).
+    pub const NONE: Limits = Limits {
+        idle: None,
+        max_at: None,
+    };
+
     fn of(rule: &Rule, lag: Duration) -> Limits {
         Limits {
             idle: rule.idle_timeout.map(|t| t + lag),

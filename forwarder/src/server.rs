@@ -130,9 +130,10 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         let services = crate::tunnel::server::services_of(&config.rules);
         crate::tunnel::server::start(cfg.clone(), TcpListener::from_std(l)?, services);
     }
-    if let Some(agent) = &config.agent {
-        tokio::spawn(crate::tunnel::agent::run(agent.clone()));
-    }
+    let agent = config
+        .agent
+        .as_ref()
+        .map(|a| crate::tunnel::agent::start(a.clone(), server.global.clone(), abort.clone()));
     for (rule, listener) in config.rules.iter().zip(listeners) {
         let listener = Arc::new(TcpListener::from_std(listener)?);
         let running = server.start(rule, listener).await?;
@@ -159,6 +160,9 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     let config = server.config.clone();
     let global = server.global.clone();
     server.stop_accepting().await;
+    if let Some(agent) = &agent {
+        agent.stop_accepting();
+    }
     let active = config.max_connections - global.available_permits();
     tracing::info!(
         "shutdown: stopped accepting, draining {active} connection(s) for up to {:?}",
@@ -169,17 +173,27 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         // Every connection holds one global permit until it is fully closed.
         let _all = global.acquire_many(config.max_connections as u32).await;
     };
-    tokio::select! {
-        _ = drained => tracing::info!("shutdown: all connections closed"),
+    let now = tokio::select! {
+        _ = drained => {
+            tracing::info!("shutdown: all connections closed");
+            false
+        }
         _ = tokio::time::sleep_until(deadline.into()) => {
             let left = config.max_connections - global.available_permits();
             tracing::info!("shutdown: grace period over, closing {left} connection(s)");
             abort.fire();
             // Let the aborted connections log their close line.
             let _ = tokio::time::timeout(Duration::from_secs(1), global.acquire_many(config.max_connections as u32)).await;
+            false
         }
-        _ = term.recv() => tracing::info!("shutdown: second signal, exiting now"),
-        _ = int.recv() => tracing::info!("shutdown: second signal, exiting now"),
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+    };
+    if now {
+        tracing::info!("shutdown: second signal, exiting now");
+    } else if let Some(agent) = agent {
+        // The server hears of the streams reset here before the link closes.
+        agent.finish().await;
     }
     Ok(())
 }

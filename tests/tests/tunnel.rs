@@ -1781,6 +1781,124 @@ relay_tests! {
         let resumed = server.p.matching(|l| is_line(l, "link resumed"));
         assert!(resumed.is_empty(), "the resume succeeded: {resumed:?}");
     }
+
+    /// The server ends two streams of its own accord: one idle for the rule's
+    /// idle_timeout (2 s), one talking until its max_connection_duration (4 s). Each
+    /// target connection is reset too (not left open), the agent logs a close line
+    /// for each, and neither side keeps the streams: after a reset of the link, both
+    /// sides' `link lost` say streams_waiting=0.
+    fn server_limits_end_the_target_too(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let limits = "idle_timeout = \"2s\"\nmax_connection_duration = \"4s\"";
+        let (token, target, server) = on_loopback(mode, &dir, "", limits);
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        let idle = open(server.visitors, &Job::new(HOLD, Payload::new(110, 0), Payload::new(0, 0)));
+        ping(&idle, b"then quiet", secs(10)).expect("round trip");
+        let busy = open(server.visitors, &Job::new(HOLD, Payload::new(111, 0), Payload::new(0, 0)));
+        let t0 = Instant::now();
+        // A round trip every 300 ms, until the stream is cut (bounded: 15 s).
+        let mut pings = 0;
+        while ping(&busy, b"still talking", secs(3)).is_ok() {
+            pings += 1;
+            assert!(t0.elapsed() < secs(15), "the talking stream was never cut");
+            thread::sleep(ms(300));
+        }
+        let cut = t0.elapsed();
+        println!("talking stream cut after {cut:.2?} ({pings} round trips)");
+        assert!(cut >= secs(3), "cut after {cut:?}, max_connection_duration is 4 s");
+        let (ending, _) = wait_closed(&idle, secs(5)).unwrap_or_else(|e| panic!("idle visitor: {e}"));
+        println!("idle visitor: {ending:?}");
+        // The targets' connections end too, with a reset: the streams were cut short.
+        let reports = target.reports(2, secs(10));
+        for seed in [110, 111] {
+            let r = report_for(&reports, seed);
+            assert_eq!(r.seen, Seen::Ended(Ending::Reset), "target connection of stream {seed}");
+        }
+        let target_addr = target.addr().to_string();
+        for (s, end) in [(&idle, "idle_timeout"), (&busy, "max_connection_duration")] {
+            let visitor = s.local_addr().unwrap();
+            let l = close_of(&server.p, visitor, secs(5));
+            assert_eq!(field(&l, "end"), Some(end), "server: {l}");
+            let l = close_of(&agent, visitor, secs(10));
+            assert_eq!(field(&l, "upstream"), Some(target_addr.as_str()), "agent: {l}");
+            assert_ne!(field(&l, "end"), Some("closed"), "agent: {l}");
+        }
+        // Neither side still counts them.
+        let port = server.tunnel.port().to_string();
+        let out = std::process::Command::new("ss")
+            .args(["-K", "dport", "=", &format!(":{port}")])
+            .output()
+            .expect("ss runs");
+        assert!(out.status.success(), "ss -K: {}", String::from_utf8_lossy(&out.stderr));
+        for p in [&server.p, &agent] {
+            let l = p.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
+            assert_eq!(field(&l, "streams_waiting"), Some("0"), "{}: {l}", p.label);
+        }
+    }
+
+    /// SIGTERM to the agent (shutdown_grace 4 s) with two streams: an upload under
+    /// way, which can finish within the grace period, finishes byte-exact both ways
+    /// (`end=closed`); the other, an echo, is still served during the drain, and
+    /// once the grace is over its target and its visitor are reset (never a clean
+    /// FIN), the agent's close line says `end=shutdown`, and the agent exits 0.
+    fn agent_sigterm_drains_its_streams(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "", "");
+        let agent_dir = TempDir::new("tunnel-agent");
+        let toml = format!(
+            "[global]\nshutdown_grace = \"4s\"\n\n{}",
+            agent_toml(server.tunnel, &token, target.addr())
+        );
+        let mut args = osv(&["run", "-c"]);
+        args.push(agent_dir.write("agent.toml", &toml).into());
+        let mut agent = Proc::spawn("agent", &args, None, &[], Some(agent_dir));
+        wait_connected(&server, &agent, 1);
+        let held = open(server.visitors, &Job::new(HOLD, Payload::new(120, 0), Payload::new(0, 0)));
+        ping(&held, b"before the signal", secs(10)).expect("round trip");
+        // 4 MiB each way at 2 MiB/s: about 2 s, so the signal comes mid-way.
+        let mut job = Job::new(BOTH, Payload::new(121, 4 * MIB), Payload::new(122, 4 * MIB));
+        job.rate = 2 * MIB;
+        let (up_sent, down_seen) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (out, at_signal, signalled) = thread::scope(|sc| {
+            let visitor = sc.spawn(|| visit(server.visitors, job, Instant::now() + secs(30), &down_seen, &up_sent));
+            let started = wait_until(secs(10), || up_sent.load(Ordering::SeqCst) >= MIB / 2);
+            assert!(started, "the upload did not start");
+            let at_signal = up_sent.load(Ordering::SeqCst);
+            agent.proc.signal(libc::SIGTERM);
+            let signalled = Instant::now();
+            let l = agent.expect_line("shutdown", secs(5), |l| l.contains("shutdown: stopped accepting"));
+            assert!(l.contains("draining 2 connection(s)"), "{l}");
+            (visitor.join().expect("visitor panicked"), at_signal, signalled)
+        });
+        assert!(at_signal < job.up.len, "the upload was over before the signal");
+        let out = out.unwrap_or_else(|e| panic!("the upload under way at SIGTERM: {e}"));
+        assert_eq!(out.down, Digested::of(&job.down), "what the visitor received");
+        let reports = target.reports(1, secs(10));
+        assert_got(&report_for(&reports, 121).seen, &job.up, "what the target received");
+        println!("upload done {:.2?} after SIGTERM (sent {at_signal} bytes before)", signalled.elapsed());
+        // The echo is still served while the agent drains.
+        ping(&held, b"during the drain", secs(3)).expect("round trip during the drain");
+        let (ending, _) = wait_closed(&held, secs(10)).unwrap_or_else(|e| panic!("held visitor: {e}"));
+        let took = signalled.elapsed();
+        println!("held visitor {ending:?} {took:.2?} after SIGTERM");
+        assert_eq!(ending, Ending::Reset, "the held visitor after the grace period");
+        assert!(took >= ms(3500), "the held stream ended {took:?} after SIGTERM, grace is 4 s");
+        let r = target.report(secs(10));
+        assert_eq!(r.job.up.seed, 120, "{r:?}");
+        assert_eq!(r.seen, Seen::Ended(Ending::Reset), "the held target connection");
+        let status = agent.proc.wait_timeout(secs(10)).expect("the agent did not exit");
+        assert_eq!(status.code(), Some(0), "agent: {}", describe_status(&status));
+        let target_addr = target.addr().to_string();
+        let l = close_of(&agent, out.local, secs(1));
+        check_close(&l, "web", &target_addr, HEADER_LEN as u64 + job.up.len, job.down.len, "closed");
+        let l = close_of(&agent, held.local_addr().unwrap(), secs(1));
+        assert_eq!(field(&l, "end"), Some("shutdown"), "agent: {l}");
+        let l = close_of(&server.p, held.local_addr().unwrap(), secs(5));
+        assert_ne!(field(&l, "end"), Some("closed"), "server: {l}");
+    }
 }
 
 /// 1,000 times the agent's link is reset (`ss -K` on its sockets to the agent port)

@@ -8,21 +8,24 @@
 //! resume_grace is over: its streams are reset (`end=agent_lost`) and the next
 //! connection starts a new one.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
 
 use super::auth;
 use super::control;
 use super::proto::{read_frame, write_frame, Frame, VERSION};
 use super::stream::{self, Event, Link};
 use crate::config::AgentConfig;
+use crate::connection::{end_text, relay_bounded, Abort, Limits};
 use crate::event;
 use crate::relay::{reset_on_close, Pair, Progress, Side};
 
@@ -49,6 +52,15 @@ struct AgentSession {
     /// Control frames for streams whose `Open` has not been read yet: the two travel
     /// on different connections, so a short stream's FIN can overtake its `Open`.
     early: Mutex<HashMap<u64, (Instant, Vec<Event>)>>,
+    /// The process's connection slots: each target connection holds one, so the
+    /// shutdown drain waits for it as for any connection.
+    global: Arc<Semaphore>,
+    /// The end of the shutdown grace period.
+    abort: Arc<Abort>,
+    /// Shutdown began: no new stream is taken; live ones go on (and so does the link).
+    draining: AtomicBool,
+    /// Shutdown is over: the link is closed, and not dialed again.
+    finished: AtomicBool,
 }
 
 /// How long, and how many, early frames are kept for a stream not (yet) opened.
@@ -138,8 +150,38 @@ impl AgentSession {
     }
 }
 
-/// Runs the agent for the life of the process.
-pub async fn run(cfg: AgentConfig) {
+/// The running agent, as the process's shutdown sees it.
+pub struct Agent {
+    session: Arc<AgentSession>,
+    task: JoinHandle<()>,
+}
+
+impl Agent {
+    /// Shutdown begins: an `Open` is refused and the pool is not refilled; the live
+    /// streams drain with the process's other connections (they hold its slots).
+    pub fn stop_accepting(&self) {
+        self.session.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown is over (streams ended, or reset at the end of the grace period):
+    /// what is queued for the server (those resets) is written, then the link is
+    /// closed, within a second.
+    pub async fn finish(mut self) {
+        self.session.finished.store(true, Ordering::SeqCst);
+        // The writer ends once its queue is empty and no sender is left.
+        *self.session.table.control.lock().unwrap() = None;
+        if tokio::time::timeout(Duration::from_secs(1), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+}
+
+/// Starts the agent; it runs until [`Agent::finish`]. Its target connections take
+/// `global` slots and end at `abort`, as a rule's connections do.
+pub fn start(cfg: AgentConfig, global: Arc<Semaphore>, abort: Arc<Abort>) -> Agent {
     let (link, _) = watch::channel(0u64);
     let session = Arc::new(AgentSession {
         cfg,
@@ -148,7 +190,16 @@ pub async fn run(cfg: AgentConfig) {
         link,
         limit: AtomicU64::new(crate::config::DEFAULT_RESUME_BUFFER as u64),
         early: Mutex::new(HashMap::new()),
+        global,
+        abort,
+        draining: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
     });
+    let task = tokio::spawn(run(session.clone()));
+    Agent { session, task }
+}
+
+async fn run(session: Arc<AgentSession>) {
     let generation = AtomicU64::new(0);
     let mut backoff = BACKOFF_FIRST;
     let mut lost_since: Option<(Instant, Duration)> = None;
@@ -159,6 +210,9 @@ pub async fn run(cfg: AgentConfig) {
         .map(|s| s.name.clone())
         .collect::<Vec<_>>();
     loop {
+        if session.finished.load(Ordering::SeqCst) {
+            return;
+        }
         // A session not resumed within its grace is over.
         if let Some((since, grace)) = lost_since {
             if since.elapsed() >= grace && session.current.lock().unwrap().is_some() {
@@ -198,7 +252,7 @@ pub async fn run(cfg: AgentConfig) {
         let (sid, grace, resumed) = welcome;
         let n = session.table.map.lock().unwrap().len();
         let (tx, rx) = mpsc::unbounded_channel();
-        *session.table.control.lock().unwrap() = Some(tx.clone());
+        *session.table.control.lock().unwrap() = Some(tx);
         let gen_now = generation.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = session.link.send(gen_now);
         let server = conn
@@ -213,10 +267,13 @@ pub async fn run(cfg: AgentConfig) {
             event!(info, "agent connected", text = ("agent connected server={server} session={sid_text} services={}", services.join(",")), server = %server, session = %sid_text, services = %services.join(","),);
         }
         let pool = tokio::spawn(keep_pool(session.clone()));
-        let why = control::run(conn, rx, tx, &*session).await;
+        let why = control::run(conn, rx, &*session).await;
         pool.abort();
         *session.table.control.lock().unwrap() = None;
         let _ = session.link.send(0);
+        if session.finished.load(Ordering::SeqCst) {
+            return;
+        }
         let waiting = session.table.map.lock().unwrap().len();
         event!(warn, "link lost", text = ("link lost server={server} session={sid_text} streams_waiting={waiting} ({why}); reconnecting"), server = %server, session = %sid_text, streams_waiting = waiting, reason = %why,);
         lost_since = Some((Instant::now(), grace));
@@ -357,6 +414,9 @@ async fn pool_slot(session: Arc<AgentSession>) {
         let Some((id, key)) = *session.current.lock().unwrap() else {
             return;
         };
+        if session.draining.load(Ordering::SeqCst) {
+            return;
+        }
         let conn = dial_data(&session.cfg.server, id, &key, None).await;
         let mut conn = match conn {
             Ok(c) => c,
@@ -423,6 +483,15 @@ async fn serve_stream(
         refuse_stream(&session, &data, stream);
         return log("none", "unknown_service", &progress);
     };
+    if session.draining.load(Ordering::SeqCst) {
+        refuse_stream(&session, &data, stream);
+        return log(&target, "shutdown", &progress);
+    }
+    // A slot like any connection's, so the shutdown drain waits for this one too.
+    let Ok(_slot) = session.global.clone().acquire_owned().await else {
+        refuse_stream(&session, &data, stream);
+        return log(&target, "shutdown", &progress);
+    };
     let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect(&target)).await;
     let mut local = match connected {
         Ok(Ok(s)) => s,
@@ -458,8 +527,14 @@ async fn serve_stream(
         upstream: local,
         tunnel: Some(Box::new(link)),
     };
-    let end = super::TunnelRelay::run(pair, &progress).await;
-    log(&target, &crate::connection::end_text(&end), &progress);
+    // Run to its end, or reset when the shutdown grace period is over (the server's
+    // rule has the limits).
+    let relay = Box::pin(super::TunnelRelay::run(pair, &progress));
+    let end = match relay_bounded(relay, &progress, Limits::NONE, &session.abort).await {
+        Ok(end) => end_text(&end),
+        Err(why) => Cow::Borrowed(why),
+    };
+    log(&target, &end, &progress);
 }
 
 /// A stream this agent cannot serve: the visitor is reset (through the server).

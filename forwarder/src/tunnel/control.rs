@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::proto::{read_frame, write_frame, Frame};
 use super::stream::Event;
@@ -18,27 +19,34 @@ pub trait Streams: Send + Sync {
     fn deliver(&self, stream: u64, event: Event);
 }
 
-/// Runs the link until it fails; returns why, for the `link lost` line.
+/// Runs the link until it fails, or until every sender of `outgoing` is gone (the
+/// agent's shutdown): then the frames still queued are written, our write side is
+/// shut, and the peer's close awaited. Returns why, for the `link lost` line.
 pub async fn run(
     conn: TcpStream,
     mut outgoing: mpsc::UnboundedReceiver<Frame>,
-    pong: mpsc::UnboundedSender<Frame>,
     streams: &dyn Streams,
 ) -> String {
     let _ = conn.set_nodelay(true);
     let (mut r, mut w) = conn.into_split();
+    // A ping heard, to be answered (pings coalesce: any frame proves the link).
+    let pong = Notify::new();
     let writer = async {
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             let frame = tokio::select! {
                 f = outgoing.recv() => match f {
                     Some(f) => f,
-                    None => return "closed locally".to_string(),
+                    None => {
+                        let _ = w.shutdown().await;
+                        return None;
+                    }
                 },
                 _ = ping.tick() => Frame::Ping,
+                _ = pong.notified() => Frame::Pong,
             };
             if let Err(e) = write_frame(&mut w, &frame).await {
-                return format!("write: {e}");
+                return Some(format!("write: {e}"));
             }
         }
     };
@@ -56,16 +64,22 @@ pub async fn run(
                 Frame::Ack { stream, received } => streams.deliver(stream, Event::Ack(received)),
                 Frame::Fin { stream, at } => streams.deliver(stream, Event::Fin(at)),
                 Frame::Reset { stream } => streams.deliver(stream, Event::Reset),
-                Frame::Ping => {
-                    let _ = pong.send(Frame::Pong);
-                }
+                Frame::Ping => pong.notify_one(),
                 Frame::Pong => {}
                 other => return format!("unexpected frame {other:?}"),
             }
         }
     };
-    tokio::select! {
+    tokio::pin!(reader);
+    let failed = tokio::select! {
         why = writer => why,
-        why = reader => why,
+        why = &mut reader => Some(why),
+    };
+    if let Some(why) = failed {
+        return why;
     }
+    // Closed here: read on until the peer closes too, so that we close with nothing
+    // unread (which would be a reset, and could cost the peer our last frames).
+    let _ = tokio::time::timeout(DEAD_AFTER, reader).await;
+    "closed locally".into()
 }

@@ -407,7 +407,7 @@ impl Registry {
             let mut control = session.table.control.lock().unwrap();
             let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
             let old_agent = std::mem::replace(&mut *session.agent.lock().unwrap(), peer);
-            (generation, control.replace(tx.clone()).is_some(), old_agent)
+            (generation, control.replace(tx).is_some(), old_agent)
         };
         session.taken_over.notify_waiters();
         let sid = format!("{:x}", session.id);
@@ -423,7 +423,7 @@ impl Registry {
         }
         self.arrived.notify_waiters();
 
-        let why = control::run(conn, rx, tx, &*session).await;
+        let why = control::run(conn, rx, &*session).await;
         // Armed before the check, so a resume right after it still ends the wait.
         let taken_over = session.taken_over.notified();
         tokio::pin!(taken_over);

@@ -198,15 +198,23 @@ pub async fn run(
         Side::Client => Side::Upstream,
         Side::Upstream => Side::Client,
     };
+    // Armed until the engine reaches an end of its own (each end below tells the
+    // peer what it must know): a stream dropped before that was ended by us.
+    let mut forced = ForcedEnd {
+        local: &local,
+        session: link.session.clone(),
+        stream: link.stream,
+        armed: true,
+    };
     let mut engine = match Engine::new(link, side) {
         Ok(e) => e,
         Err(error) => {
-            reset_on_close(&local);
             reset_on_close(&first);
             return RelayEnd::Failed { side, error };
         }
     };
     let end = engine.run(&local, first, progress).await;
+    forced.armed = false;
     engine.release();
     match end {
         Ok(()) => {
@@ -243,6 +251,30 @@ pub async fn run(
                 End::Done => unreachable!("matched above"),
             }
         }
+    }
+}
+
+/// A stream ended by us before it ended by itself: the lifecycle dropped it (the
+/// rule's idle_timeout or max_connection_duration, the end of the shutdown grace
+/// period), or it could not start. Like any stream cut short, its local socket is
+/// reset (a FIN would show a cut stream as complete), and the peer is told, so it
+/// resets its own end and forgets the stream too.
+struct ForcedEnd<'a> {
+    local: &'a TcpStream,
+    session: Arc<dyn Session>,
+    stream: u64,
+    armed: bool,
+}
+
+impl Drop for ForcedEnd<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        reset_on_close(self.local);
+        self.session.send(Frame::Reset {
+            stream: self.stream,
+        });
     }
 }
 
