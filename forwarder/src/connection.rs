@@ -494,33 +494,24 @@ pub fn log_close(
     let duration = elapsed.as_secs_f64();
     // Milliseconds are what the text line shows; JSON gets the same number.
     let duration_s = (duration * 1000.0).round() / 1000.0;
-    match end.split_once(" (") {
-        Some((kind, detail)) => tracing::info!(
-            rule = %rule,
-            client = %peer,
-            upstream = %upstream,
-            bytes_up,
-            bytes_down,
-            duration_s,
-            path = %path,
-            userspace_bytes = userspace,
-            end = %kind,
-            detail = %detail.strip_suffix(')').unwrap_or(detail),
-            "close"
-        ),
-        None => tracing::info!(
-            rule = %rule,
-            client = %peer,
-            upstream = %upstream,
-            bytes_up,
-            bytes_down,
-            duration_s,
-            path = %path,
-            userspace_bytes = userspace,
-            end = %end,
-            "close"
-        ),
-    }
+    let (kind, detail) = match end.split_once(" (") {
+        Some((kind, detail)) => (kind, Some(detail.strip_suffix(')').unwrap_or(detail))),
+        None => (end, None),
+    };
+    // A `None` field is not recorded: a clean close has no `detail`.
+    tracing::info!(
+        rule = %rule,
+        client = %peer,
+        upstream = %upstream,
+        bytes_up,
+        bytes_down,
+        duration_s,
+        path = %path,
+        userspace_bytes = userspace,
+        end = %kind,
+        detail = detail.map(tracing::field::display),
+        "close"
+    );
 }
 
 impl RuleRuntime {
