@@ -254,17 +254,17 @@ impl<'de> Deserialize<'de> for OneOrMany<FileUpstream> {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = OneOrMany<FileUpstream>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"HOST:PORT\", a table { addr = ..., weight = ..., backup = ... }, or a list of them")
+                OneUpstream.expecting(f)?;
+                f.write_str(", or a list of them")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(OneOrMany::One(FileUpstream::Addr(v.to_string())))
+                OneUpstream.visit_str(v).map(OneOrMany::One)
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 m: A,
             ) -> Result<Self::Value, A::Error> {
-                FileUpstream::deserialize(serde::de::value::MapAccessDeserializer::new(m))
-                    .map(OneOrMany::One)
+                OneUpstream.visit_map(m).map(OneOrMany::One)
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -281,26 +281,26 @@ impl<'de> Deserialize<'de> for OneOrMany<FileUpstream> {
     }
 }
 
+/// One upstream: an address, or a table (whose own errors name its fields).
+struct OneUpstream;
+
+impl<'de> serde::de::Visitor<'de> for OneUpstream {
+    type Value = FileUpstream;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("\"HOST:PORT\" or a table { addr = ..., weight = ..., backup = ... }")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(FileUpstream::Addr(v.to_string()))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
+        FileUpstreamFull::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+            .map(FileUpstream::Full)
+    }
+}
+
 impl<'de> Deserialize<'de> for FileUpstream {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = FileUpstream;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"HOST:PORT\" or a table { addr = ..., weight = ..., backup = ... }")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(FileUpstream::Addr(v.to_string()))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                m: A,
-            ) -> Result<Self::Value, A::Error> {
-                FileUpstreamFull::deserialize(serde::de::value::MapAccessDeserializer::new(m))
-                    .map(FileUpstream::Full)
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(OneUpstream)
     }
 }
 
