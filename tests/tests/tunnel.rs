@@ -1540,6 +1540,72 @@ relay_tests! {
         check_close(&l, "web", &target.addr().to_string(), HEADER_LEN as u64 + MIB, MIB, "closed");
     }
 
+    /// Two agents with the same configuration on one host (the same identity) are two
+    /// live sessions, and both carry visitors: neither replaces the other (they did,
+    /// back and forth, thousands of times a second, resetting every stream). A third
+    /// started after one of them is killed replaces only the dead one's session, at
+    /// once, and that session's grace never expires afterwards.
+    fn identical_agents_both_serve(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) =
+            on_loopback(mode, &dir, "resume_grace = \"5s\"", "balance = \"round_robin\"");
+        let a = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        let sa = wait_connected(&server, &a, 1);
+        let mut b = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        let sb = wait_connected(&server, &b, 2);
+        assert_ne!(sa, sb);
+        for i in 0..6 {
+            let job = Job::new(BOTH, Payload::new(90 + 2 * i, 64 * KIB), Payload::new(91 + 2 * i, 64 * KIB));
+            let out = visit_ok(server.visitors, job, secs(20));
+            assert_eq!(out.down, Digested::of(&job.down));
+            assert_got(&target.report(secs(10)).seen, &job.up, "through an identical agent");
+        }
+        let closes = |p: &Proc| p.matching(|l| is_line(l, "close")).len();
+        let deadline = Instant::now() + secs(10);
+        while closes(&a) + closes(&b) < 6 && Instant::now() < deadline {
+            std::thread::sleep(ms(20));
+        }
+        assert!(
+            closes(&a) >= 1 && closes(&b) >= 1 && closes(&a) + closes(&b) == 6,
+            "close lines: {} on the first agent, {} on the second, want both and 6 in all; server:\n{}",
+            closes(&a),
+            closes(&b),
+            link_events(&server.p).join("\n")
+        );
+        let connected = server.p.matching(|l| is_line(l, "agent connected")).len();
+        let replaced = server.p.matching(|l| is_line(l, "session replaced"));
+        assert!(
+            connected == 2 && replaced.is_empty(),
+            "{connected} sessions started and {} replaced, want 2 and none:\n{}",
+            replaced.len(),
+            link_events(&server.p).join("\n")
+        );
+
+        // The second agent restarted: only its session goes, at once.
+        b.kill();
+        let t0 = Instant::now();
+        let c = agent_cli(server.tunnel, target.addr(), Token::Env(TOKEN), None);
+        wait_connected(&server, &c, 3);
+        let l = server.p.expect_line("session replaced", secs(10), |l| {
+            is_line(l, "session replaced")
+        });
+        assert_eq!(field(&l, "session"), Some(sb.as_str()), "{l}");
+        // Past the dead session's grace (5 s from the kill): nothing more to say.
+        std::thread::sleep(secs(6).saturating_sub(t0.elapsed()));
+        let events = link_events(&server.p);
+        assert!(
+            !events.iter().any(|l| is_line(l, "grace expired"))
+                && server.p.matching(|l| is_line(l, "session replaced")).len() == 1,
+            "after the restart:\n{}",
+            events.join("\n")
+        );
+        let job = Job::new(BOTH, Payload::new(110, 64 * KIB), Payload::new(111, 64 * KIB));
+        let out = visit_ok(server.visitors, job, secs(20));
+        assert_eq!(out.down, Digested::of(&job.down));
+        assert_got(&target.report(secs(10)).seen, &job.up, "after the restart");
+    }
+
     /// The target reads nothing for 5 s while the visitor sends 64 MiB: TCP pushes
     /// back to the visitor, the server's and agent's memory stays bounded, and then
     /// every byte arrives exactly.

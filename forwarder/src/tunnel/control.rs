@@ -17,6 +17,8 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(4);
 /// Where incoming stream frames go.
 pub trait Streams: Send + Sync {
     fn deliver(&self, stream: u64, event: Event);
+    /// A `Pong` arrived: the peer process is alive and answering now.
+    fn answered(&self) {}
 }
 
 /// Runs the link until it fails, or until every sender of `outgoing` is gone (the
@@ -65,7 +67,7 @@ pub async fn run(
                 Frame::Fin { stream, at } => streams.deliver(stream, Event::Fin(at)),
                 Frame::Reset { stream } => streams.deliver(stream, Event::Reset),
                 Frame::Ping => pong.notify_one(),
-                Frame::Pong => {}
+                Frame::Pong => streams.answered(),
                 other => return format!("unexpected frame {other:?}"),
             }
         }

@@ -26,6 +26,10 @@ use crate::relay::{reset_on_close, Side};
 /// A new connection must say what it is within this long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a session whose link looks alive has to answer a ping before a new session
+/// of the same identity takes its place (see `Registry::replaced_sessions`).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 pub struct Registry {
     cfg: TunnelServerConfig,
     /// Services some rule serves (`agent:NAME`); an agent offering another is refused.
@@ -105,6 +109,8 @@ pub struct ServerSession {
     limit: usize,
     /// Where the current (or last) control connection came from, for its `link lost`.
     agent: Mutex<SocketAddr>,
+    /// Pongs heard, to tell a live agent from a dead link that still looks open.
+    pongs: AtomicU64,
 }
 
 impl stream::Session for ServerSession {
@@ -127,11 +133,35 @@ impl control::Streams for ServerSession {
             let _ = tx.send(event);
         }
     }
+
+    fn answered(&self) {
+        self.pongs.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl ServerSession {
     fn live(&self) -> bool {
         self.table.control.lock().unwrap().is_some()
+    }
+
+    /// Whether the agent behind the link answers a ping within [`PROBE_TIMEOUT`]. A
+    /// lost link (or one lost meanwhile) does not; neither does one that only looks open
+    /// (the agent's host gone, its control connection not yet timed out).
+    async fn answers(&self) -> bool {
+        let before = self.pongs.load(Ordering::Relaxed);
+        self.table.send(Frame::Ping);
+        let deadline = Instant::now() + PROBE_TIMEOUT;
+        // Bounded: at most PROBE_TIMEOUT / 10 ms looks.
+        while Instant::now() < deadline {
+            if !self.live() {
+                return false;
+            }
+            if self.pongs.load(Ordering::Relaxed) != before {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 
     /// Resets every stream now (agent restarted, or grace over); returns how many.
@@ -302,6 +332,36 @@ impl Registry {
         }
     }
 
+    /// The sessions a new session of `identity` replaces, taken out of the table. The
+    /// same identity again is normally the same agent restarted, and its old session's
+    /// streams cannot come back: its link is lost, or will be (a host that went away
+    /// leaves a link that looks open until the heartbeat gives up), so it answers no
+    /// ping. A session that does answer is another live process with the same
+    /// configuration on the same host: both serve, as agents offering the same service
+    /// do. (Replacing it made the two replace each other in a loop, thousands of times
+    /// a second, each time resetting every stream.)
+    async fn replaced_sessions(&self, identity: &str) -> Vec<Arc<ServerSession>> {
+        let same: Vec<Arc<ServerSession>> = {
+            let sessions = self.sessions.lock().unwrap();
+            sessions
+                .values()
+                .filter(|s| s.identity == identity)
+                .cloned()
+                .collect()
+        };
+        let mut gone = Vec::new();
+        for s in same {
+            if s.answers().await {
+                event!(info, "agent duplicate", text = ("agent duplicate session={:x}: another live agent has the same identity (host and services); both serve", s.id), session = %format!("{:x}", s.id),);
+                continue;
+            }
+            if let Some(s) = self.sessions.lock().unwrap().remove(&s.id) {
+                gone.push(s);
+            }
+        }
+        gone
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn control(
         self: Arc<Self>,
@@ -338,20 +398,11 @@ impl Registry {
                 (session, true)
             }
             None => {
-                // The same identity again is the same agent restarted: its old
-                // session's streams cannot come back, reset them now.
-                let old: Vec<Arc<ServerSession>> = {
-                    let mut sessions = self.sessions.lock().unwrap();
-                    let ids: Vec<u64> = sessions
-                        .values()
-                        .filter(|s| s.identity == identity)
-                        .map(|s| s.id)
-                        .collect();
-                    ids.iter().filter_map(|id| sessions.remove(id)).collect()
-                };
-                for s in old {
+                for s in self.replaced_sessions(&identity).await {
                     *s.table.control.lock().unwrap() = None;
                     s.pool.lock().unwrap().clear();
+                    // A lost link waiting out its grace stops waiting: nothing resumes it.
+                    s.taken_over.notify_waiters();
                     let n = s.expire_streams();
                     event!(info, "session replaced", text = ("session replaced session={:x} by a new session of the same agent: streams_reset={n}", s.id), session = %format!("{:x}", s.id), streams_reset = n,);
                 }
@@ -368,6 +419,7 @@ impl Registry {
                     pool: Mutex::new(Vec::new()),
                     limit: self.cfg.resume_buffer,
                     agent: Mutex::new(peer),
+                    pongs: AtomicU64::new(0),
                 });
                 self.sessions
                     .lock()
@@ -452,7 +504,9 @@ impl Registry {
         if session.generation.load(Ordering::Relaxed) != generation || session.live() {
             return;
         }
-        self.sessions.lock().unwrap().remove(&session.id);
+        if self.sessions.lock().unwrap().remove(&session.id).is_none() {
+            return; // replaced meanwhile: its streams were reset then, and logged
+        }
         let n = session.expire_streams();
         event!(warn, "grace expired", text = ("grace expired session={sid} streams_reset={n} after {:.1}s", since.elapsed().as_secs_f64()), session = %sid, streams_reset = n,);
     }
