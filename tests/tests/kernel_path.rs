@@ -270,9 +270,10 @@ relay_tests! {
 
     /// Out of fds while pairing (RLIMIT_NOFILE lowered on the running forwarder with
     /// `prlimit --pid`). With room for just the two sockets of one more pair, each new
-    /// client is accepted and connected, then the kernel path fails to pair it (its
-    /// epoll fd) and must refuse it with a reset; splice takes pipes from its pool and
-    /// may serve it. With no room at all, accept fails (logged) and clients wait in the
+    /// client is accepted and connected; a pair needs no other fd on either path (the
+    /// kernel path's shared epoll set, splice's pooled pipes), so it may be served, and
+    /// one that fails for want of an fd anyway (a pipe the pool did not have) must be
+    /// refused with a reset, never cut with a clean EOF. With no room at all, accept fails (logged) and clients wait in the
     /// backlog. Nobody gets a wrong byte or a clean EOF on a cut stream, pairs already
     /// open are unaffected (they still echo, and finish with clean half-closes), the
     /// forwarder does not spin or exit, and once fds are free again the waiting

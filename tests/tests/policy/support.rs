@@ -4,7 +4,7 @@
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -127,7 +127,8 @@ impl Nginx {
                  location / {{ default_type text/plain; return 200 \"$proxy_protocol_addr:$proxy_protocol_port\"; }} }} }}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let mut cmd = Command::new(bin);
+        // With PDEATHSIG: nginx goes with a test process that dies hard.
+        let mut cmd = forwarder_tests::command(bin);
         cmd.arg("-c")
             .arg(dir.path().join("nginx.conf"))
             .arg("-p")
