@@ -257,6 +257,8 @@ relay_tests! {
                 closes.iter().any(|l| field(l, "path") == Some("ebpf>splice")),
                 "no pair left the kernel path: {closes:#?}"
             );
+            // 5-10 of 64 here: the case the name promises happened.
+            assert!(fin_handoffs > 0, "no pair left the kernel path with a FIN already seen");
             // Every socket of a pair that left parted under its socket lock (or once
             // closed): a plain map delete races the verdict, which then drops an skb.
             let logs = fwd.log_lines();
@@ -574,7 +576,8 @@ relay_tests! {
             socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO)).unwrap();
             drop(s);
         });
-        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        // The debug lines of the sockmap relay say when a pair's sockets part.
+        let fwd = spawn_config_with_log(mode, &rule("r", up.addr(), ""), 1, "forwarder::relay::ebpf=debug");
         fwd.assert_mode(mode);
         fwd.expect_pairs(PAIRS);
         if mode == Mode::Ebpf {
@@ -595,6 +598,13 @@ relay_tests! {
             );
             let l = wait_close_of(&fwd, &fwd.listening[0].rule, local, secs(5));
             assert!(field(&l, "end").is_some_and(|e| e.starts_with("upstream_reset")), "pair {i}: {l}");
+        }
+        let stats = path_stats(&fwd.close_lines());
+        let parted = fwd.log_lines().iter().filter(|l| l.contains("ebpf: ") && l.contains(" parted ")).count();
+        println!("{mode:?}: paths {:?}; sockets parted (pairs leaving) {parted}", stats.by_path);
+        if mode == Mode::Ebpf {
+            // Pairs were leaving when their resets landed, or the race was never run.
+            assert!(parted > 0, "no pair began to leave the maps");
         }
     }
 
