@@ -1,12 +1,15 @@
 //! The Debian package (`cargo xtask deb`): installs on this host with `dpkg -i`, its
 //! binary has the kernel path, its config checks, its unit is in place, its user
-//! exists; and `dpkg --purge` removes all of it.
+//! exists, and the binary run with the unit's user and capabilities gets the whole
+//! kernel path; `dpkg --purge` removes all of it, but an administrator's own
+//! `forwarder` user.
 //!
 //! `cargo xtask test` builds the package and passes it as `FORWARDER_DEB`. The test
 //! changes the host (a package, a system user), so it refuses to run where a
 //! `forwarder` package or user already exists, and purges what it installed even when
 //! it fails.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,6 +32,45 @@ fn installed() -> bool {
 
 fn user_exists() -> bool {
     run("getent", &["passwd", PACKAGE]).code() == Some(0)
+}
+
+/// What the unit gives the process, as a `setpriv` prefix: its user and group, and
+/// the union of its `AmbientCapabilities=` and `CapabilityBoundingSet=` lines (systemd
+/// merges repeated lines), with no new privileges.
+fn as_the_unit(unit: &str) -> Vec<OsString> {
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(key))
+            .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    };
+    let caps = |key: &str| -> String {
+        let list: Vec<String> = values(key)
+            .iter()
+            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect();
+        assert!(!list.is_empty(), "the unit has no {key} line");
+        format!("-all,{}", list.join(","))
+    };
+    let one = |key: &str| -> String {
+        let v = values(key);
+        assert_eq!(v.len(), 1, "the unit's {key} lines: {v:?}");
+        v[0].clone()
+    };
+    let ambient = caps("AmbientCapabilities=");
+    [
+        "setpriv".to_string(),
+        format!("--reuid={}", one("User=")),
+        format!("--regid={}", one("Group=")),
+        "--init-groups".into(),
+        format!("--inh-caps={ambient}"),
+        format!("--ambient-caps={ambient}"),
+        format!("--bounding-set={}", caps("CapabilityBoundingSet=")),
+        "--no-new-privs".into(),
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect()
 }
 
 /// Purges the package when dropped, so a failed assertion leaves the host clean.
@@ -87,10 +129,13 @@ fn deb_installs_checks_and_purges() {
         "the packaged binary lacks the kernel path: {}",
         version.stdout
     );
-    // The packaged binary forwards on the kernel path, as the user the unit runs as.
+    // The packaged binary forwards on the kernel path, as the user the unit runs as
+    // and with the capabilities it gives: the trimming verdict and the parting
+    // iterator load (without CAP_PERFMON the weaker programs ran, and a peer could get
+    // bytes twice before its pair was reset).
     let echo = Server::echo();
     let fwd = Forwarder::spawn_bin(
-        &[],
+        &as_the_unit(&unit),
         Path::new("/usr/bin/forwarder"),
         vec![
             "run".into(),
@@ -105,6 +150,15 @@ fn deb_installs_checks_and_purges() {
         None,
     );
     fwd.assert_mode(Mode::Ebpf);
+    let weaker: Vec<String> = fwd
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("needs CAP_PERFMON"))
+        .collect();
+    assert!(
+        weaker.is_empty(),
+        "under the unit's capabilities: {weaker:#?}"
+    );
     echo_check_paired(
         fwd.addr(),
         Payload::new(1, 64 * KIB),
@@ -129,4 +183,51 @@ fn deb_installs_checks_and_purges() {
         !user_exists(),
         "postrm did not remove the forwarder user on purge"
     );
+
+    // An administrator's own `forwarder` user is used, and kept at purge.
+    let own = run(
+        "adduser",
+        &[
+            "--system",
+            "--group",
+            "--no-create-home",
+            "--home",
+            "/nonexistent",
+            PACKAGE,
+        ],
+    );
+    assert_eq!(own.code(), Some(0), "adduser: {}", own.stderr);
+    let _own_user = DelUser;
+    let purge = Purge;
+    let out = run("dpkg", &["-i", &deb]);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "dpkg -i over an existing user: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    let out = run("dpkg", &["--purge", PACKAGE]);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "dpkg --purge: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    drop(purge);
+    assert!(
+        user_exists(),
+        "postrm removed a forwarder user the package did not create"
+    );
+}
+
+/// Removes the test's own `forwarder` user (and group) when dropped.
+struct DelUser;
+
+impl Drop for DelUser {
+    fn drop(&mut self) {
+        let _ = run("deluser", &["--system", PACKAGE]);
+        let _ = run("delgroup", &["--system", PACKAGE]);
+    }
 }

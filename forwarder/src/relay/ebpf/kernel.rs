@@ -133,6 +133,12 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SkSkb, String> 
         .map_err(|e| format!("program {name}: {e}"))
 }
 
+/// A load error without the verifier's log, which aya appends whole.
+fn brief(e: &str) -> &str {
+    let e = e.split(" Verifier output:").next().unwrap_or_default();
+    e.lines().next().unwrap_or_default().trim_end_matches('.')
+}
+
 fn load_verdict(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
     program(ebpf, name)?
         .load()
@@ -173,22 +179,26 @@ impl Loaded {
         let prog = match load_verdict(&mut ebpf, VERDICT_PROG) {
             Ok(()) => VERDICT_PROG,
             Err(e) => {
-                // Expected without CAP_PERFMON, as under the systemd unit: the plain
-                // verdict relays the same, minus the trim.
+                // Expected without CAP_PERFMON: the plain verdict relays the same, minus
+                // the trim. The verifier's dump (dozens of lines) only at debug.
                 tracing::info!(
-                    "ebpf: the verdict cannot trim bytes TCP hands it twice ({e}; reading the skb's sequence number needs CAP_PERFMON): an overlapping retransmit then resets its pair"
+                    "ebpf: the verdict cannot trim bytes TCP hands it twice ({}; reading the skb's sequence number needs CAP_PERFMON): after an overlapping retransmit its pair is reset, and the peer may have got some bytes twice first",
+                    brief(&e)
                 );
+                tracing::debug!("ebpf: the trimming verdict's load: {e}");
                 load_verdict(&mut ebpf, VERDICT_PLAIN_PROG)?;
                 VERDICT_PLAIN_PROG
             }
         };
         let locked_part = LockedPart::load(&mut ebpf)
             .inspect_err(|e| {
-                // Expected without CAP_PERFMON (a tracing program), as under the
-                // systemd unit: parting works as it did before the lock.
+                // Expected without CAP_PERFMON (a tracing program): parting works as it
+                // did before the lock.
                 tracing::info!(
-                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({e}; the iterator needs CAP_PERFMON): a packet arriving at that moment can be lost, and its pair is then reset"
-                )
+                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({}; the iterator needs CAP_PERFMON): a packet arriving at that moment can be lost, and its pair is then reset",
+                    brief(e)
+                );
+                tracing::debug!("ebpf: the parting iterator's load: {e}");
             })
             .ok();
         Ok(Loaded {
