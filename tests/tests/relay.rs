@@ -656,7 +656,9 @@ relay_tests! {
         assert!(late < MIB, "the client could still write {late} bytes in the last 2 s: not stalled");
         assert!(written < 64 * MIB, "{written} bytes accepted while the upstream read nothing");
         assert!(fell < 128 * MIB, "MemAvailable fell by {fell} bytes");
-        assert!(rss_grew < 64 * MIB, "forwarder RSS grew by {rss_grew} bytes");
+        // What waits is in the kernel (socket buffers, pipes), never in our memory: the
+        // RSS grew by 0.0 MiB in runs on both paths.
+        assert!(rss_grew < 8 * MIB, "forwarder RSS grew by {rss_grew} bytes");
         // Now let the upstream read everything.
         gate_tx.send(()).unwrap();
         s.set_write_timeout(Some(secs(30))).unwrap();
