@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -236,6 +237,59 @@ relay_tests! {
             s.shutdown(Shutdown::Write).unwrap();
             assert_eq!(wait_closed(&s, secs(3)).map(|e| e.0), Ok(Ending::Eof));
         }
+    }
+
+    /// TCP urgent data (telnet's and FTP's ABOR send it): the client sends `abc`, an
+    /// urgent `X` (MSG_OOB), 1000 more bytes, and shuts its write side. splice stops at
+    /// the urgent mark, and at the FIN it returns 0 as at an EOF: the stream was cut
+    /// after `abc` and passed on as a clean close. Now the upstream reads every normal
+    /// byte, then EOF: without the `X` on splice (passed on as urgent, as a direct
+    /// connection has it), inline on the kernel path (the program redirects skbs
+    /// whole, urgent byte and all).
+    fn urgent_byte_does_not_cut_the_stream(mode) {
+        let _load = light();
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let up = Server::start(LOCALHOST, move |s| {
+            let mut got = Vec::new();
+            let _ = s.set_read_timeout(Some(secs(10)));
+            let r = (&*s).read_to_end(&mut got).map(|_| got);
+            let _ = tx.lock().unwrap().send(r.map_err(|e| e.to_string()));
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        // splice reads what follows the mark with recv, once: through our memory.
+        fwd.expect_userspace_at_most(1000);
+        let tail: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for round in 0..3 {
+            let s = connect(fwd.addr());
+            (&s).write_all(b"abc").unwrap();
+            thread::sleep(Duration::from_millis(50));
+            // SAFETY: send on an open socket from a valid one-byte buffer.
+            let sent = unsafe { libc::send(s.as_raw_fd(), b"X".as_ptr().cast(), 1, libc::MSG_OOB) };
+            assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+            thread::sleep(Duration::from_millis(50));
+            (&s).write_all(&tail).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            let got = rx.recv_timeout(secs(15)).expect("the upstream never finished").expect("upstream read");
+            let plain: Vec<u8> = got.iter().copied().filter(|&b| b != b'X').collect();
+            let want: Vec<u8> = b"abc".iter().chain(&tail).copied().collect();
+            assert!(
+                plain == want,
+                "round {round}: the upstream got {} bytes ({:?}...), want abc + {} bytes",
+                got.len(),
+                String::from_utf8_lossy(&got[..got.len().min(16)]),
+                tail.len()
+            );
+            if mode == Mode::Splice {
+                assert_eq!(got.len(), want.len(), "round {round}: the urgent byte came inline on splice");
+            }
+        }
+        let closes = fwd.wait_close_lines(3, secs(5));
+        assert!(
+            closes.len() == 3 && closes.iter().all(|l| field(l, "end") == Some("closed")),
+            "{closes:#?}"
+        );
     }
 
     /// The only upstream refuses: each client is closed promptly; the forwarder lives on.

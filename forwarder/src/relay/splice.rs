@@ -340,6 +340,8 @@ struct Pump {
     /// Out of fds (rare, so out of line): since when no pipe could be made, and the
     /// pause before the next try.
     no_pipe: Option<Box<NoPipe>>,
+    /// The source stopped at TCP urgent data: moved past once the pipe is empty.
+    urgent: bool,
 }
 
 struct NoPipe {
@@ -356,6 +358,7 @@ impl Pump {
             drained: true,
             burst: 0,
             no_pipe: None,
+            urgent: false,
         }
     }
 
@@ -433,6 +436,10 @@ impl Pump {
                         break;
                     }
                     Ok(Fill::NoSlot) => break,
+                    Ok(Fill::UrgentMark) => {
+                        self.urgent = true;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
                 }
@@ -455,6 +462,18 @@ impl Pump {
             ACTIVITY.note(&quiet.window, progress.touch());
             if self.in_pipe > 0 {
                 ready!(dst.poll_write_ready(cx)).map_err(PumpError::Write)?;
+                continue;
+            }
+            if std::mem::take(&mut self.urgent) {
+                match past_urgent_mark(src, dst, p).map_err(PumpError::Read)? {
+                    None => self.eof = true,
+                    Some(n) => {
+                        self.in_pipe = n;
+                        progress
+                            .via_userspace
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
                 continue;
             }
             // The pipe is empty: another direction (or connection) can have it while
@@ -554,6 +573,9 @@ pub(crate) enum Fill {
     /// Nothing read, maybe only because the pipe has no free slot: the socket's
     /// readiness is kept, so wait for the pipe to empty, then read again.
     NoSlot,
+    /// Stopped at TCP urgent data (MSG_OOB): splice never reads past that mark, not
+    /// even at a FIN (it returns 0 as at an EOF). [`past_urgent_mark`] moves on.
+    UrgentMark,
 }
 
 /// Splices up to `want` bytes from `src` into `p`, which holds `in_pipe` bytes, and
@@ -572,7 +594,9 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
     let slots = p.size / page_size();
     // What the read proved, when more than its result says.
     let mut known = None;
+    let mut called = false;
     let r = src.try_io(Interest::READABLE, || {
+        called = true;
         let r = splice(src.as_raw_fd(), p.w.as_raw_fd(), want);
         known = match &r {
             Ok(n) if *n > 0 && *n < want && in_pipe + n < slots => Some(Fill::Bytes {
@@ -595,11 +619,102 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
     });
     match (r, known) {
         (_, Some(fill)) => Ok(fill),
+        // One ioctl per EOF, and per EAGAIN that a read really met (rare: a short read
+        // clears readiness without one): the price of never taking the urgent mark for
+        // an EOF (a stream cut short, passed on as a clean close) or for an empty
+        // socket (a stream stalled for good).
+        (Ok(0), None) if at_urgent_mark(src) => Ok(Fill::UrgentMark),
         (Ok(0), None) => Ok(Fill::Eof),
         (Ok(n), None) => Ok(Fill::Bytes { n, drained: false }),
-        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
+            if called && at_urgent_mark(src) {
+                Ok(Fill::UrgentMark)
+            } else {
+                Ok(Fill::Empty)
+            }
+        }
         (Err(e), None) => Err(e),
     }
+}
+
+/// Whether `src`'s next byte is TCP urgent data (SIOCATMARK, from <linux/sockios.h>;
+/// the libc crate lacks it).
+fn at_urgent_mark(src: &TcpStream) -> bool {
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(src.as_raw_fd(), SIOCATMARK, &mut at) };
+    r == 0 && at != 0
+}
+
+/// At `src`'s urgent mark, with the pipe `p` empty (every byte before the mark is in
+/// `dst`'s send queue): passes the urgent byte on as urgent (MSG_OOB, as a direct
+/// connection would have it), then reads what follows it with recv, which skips the
+/// urgent byte where splice stops, into `p`. Returns the bytes put in the pipe (they
+/// crossed our memory), or None at EOF. Rare: telnet and FTP's ABOR send urgent data.
+pub(crate) fn past_urgent_mark(
+    src: &TcpStream,
+    dst: &TcpStream,
+    p: &Pipe,
+) -> io::Result<Option<usize>> {
+    let mut urgent = [0u8; 1];
+    // SAFETY: recv/send on open sockets with a valid one-byte buffer.
+    let got = unsafe {
+        libc::recv(
+            src.as_raw_fd(),
+            urgent.as_mut_ptr().cast(),
+            1,
+            libc::MSG_OOB | libc::MSG_DONTWAIT,
+        )
+    };
+    if got == 1 {
+        // SAFETY: as above.
+        let sent = unsafe {
+            libc::send(
+                dst.as_raw_fd(),
+                urgent.as_ptr().cast(),
+                1,
+                libc::MSG_OOB | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent != 1 {
+            // dst's send queue is full to the byte: the urgent byte is dropped, as
+            // socat and HAProxy always do; the stream goes on.
+            tracing::debug!("urgent byte not passed on: {}", io::Error::last_os_error());
+        }
+    }
+    let mut buf = vec![0u8; p.size.min(64 * 1024)];
+    let r = src.try_io(Interest::READABLE, || {
+        // SAFETY: recv into a buffer of buf.len() bytes that we own.
+        let n = unsafe {
+            libc::recv(
+                src.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    });
+    let n = match r {
+        Ok(0) => return Ok(None),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+        Err(e) => return Err(e),
+    };
+    // The pipe is empty and holds at least n bytes: one write takes them all.
+    // SAFETY: write from a buffer of at least n bytes to the pipe we own.
+    let w = unsafe { libc::write(p.w.as_raw_fd(), buf.as_ptr().cast(), n) };
+    if w != n as isize {
+        return Err(io::Error::other(format!(
+            "past the urgent mark: {n} bytes read, {w} went into the pipe"
+        )));
+    }
+    Ok(Some(n))
 }
 
 fn page_size() -> usize {

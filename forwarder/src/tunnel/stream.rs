@@ -683,6 +683,11 @@ impl Engine {
                 o.read_blocked = true;
                 Ok(false)
             }
+            // Urgent data is not carried through the tunnel: the stream is reset
+            // rather than stalled or cut short.
+            Ok(Fill::UrgentMark) => Err(Fault::Local(io::Error::other(
+                "TCP urgent data (MSG_OOB) is not carried through the tunnel",
+            ))),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
             Err(e) => Err(Fault::Local(e)),
         }
@@ -708,7 +713,8 @@ impl Engine {
             match fill(d, &i.pipe, i.in_pipe, room) {
                 // The peer closed this data connection: it is done with the stream, or
                 // dropped the connection to dial another. Either way wait for control.
-                Ok(Fill::Eof) => return Err(Fault::DataEof),
+                // (Urgent data: never sent on a data connection by a peer of ours.)
+                Ok(Fill::Eof | Fill::UrgentMark) => return Err(Fault::DataEof),
                 Ok(Fill::Bytes { n, drained }) => {
                     i.received += n as u64;
                     i.in_pipe += n;
