@@ -3,9 +3,9 @@
 //!
 //! Capabilities belong to each thread, so the drop happens in `main` before the
 //! runtime starts any thread: every thread the process ever has inherits it. The
-//! listeners are bound by then; the kernel program is loaded afterwards, with the
-//! CAP_BPF and CAP_NET_ADMIN kept for exactly that (and for the maps it updates per
-//! pair).
+//! listeners are bound by then, and the kernel programs loaded (`kernel::preload`);
+//! they are attached afterwards, with the CAP_BPF and CAP_NET_ADMIN kept for exactly
+//! that (and for the maps updated per pair).
 
 use anyhow::{bail, Context};
 use caps::{CapSet, Capability, CapsHashSet};

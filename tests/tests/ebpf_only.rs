@@ -153,6 +153,38 @@ mod ebpf {
         for needle in ["CAP_BPF", "CAP_NET_ADMIN", "setcap"] {
             assert!(o.stderr.contains(needle), "no {needle:?} in: {}", o.stderr);
         }
+
+        // Root without the capabilities (a container's or a unit's trimmed set): the
+        // same message, not one that blames seccomp.
+        let mut cmd = command(setpriv);
+        cmd.args([
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]);
+        cmd.arg(&bin)
+            .args(args("ebpf"))
+            .env("FORWARDER_LOG", "info");
+        let o = run_to_exit(cmd, secs(20));
+        assert_eq!(
+            o.code(),
+            Some(1),
+            "root without capabilities, --mode ebpf: {}",
+            o.stderr
+        );
+        for needle in ["CAP_BPF", "CAP_NET_ADMIN", "setcap"] {
+            assert!(
+                o.stderr.contains(needle),
+                "root without capabilities: no {needle:?} in: {}",
+                o.stderr
+            );
+        }
+        assert!(
+            !o.stderr.contains("seccomp"),
+            "root without capabilities: {}",
+            o.stderr
+        );
     }
 
     /// A host where `bpf()` fails, as inside a container whose seccomp profile denies

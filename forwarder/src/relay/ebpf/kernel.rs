@@ -91,8 +91,17 @@ impl Parted {
     }
 }
 
+/// Whether the effective set holds what loading needs: CAP_BPF (or CAP_SYS_ADMIN, which
+/// older kernels ask for) and CAP_NET_ADMIN. Not the uid: root in a container or a unit
+/// with a trimmed bounding set may lack them, and must be told so, not blame seccomp.
+fn has_kernel_path_caps() -> bool {
+    use caps::{CapSet, Capability};
+    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    (has(Capability::CAP_BPF) || has(Capability::CAP_SYS_ADMIN)) && has(Capability::CAP_NET_ADMIN)
+}
+
 /// What a failed load means for the user, and what to do, from the errno under it.
-fn load_hint(e: &(dyn std::error::Error + 'static), root: bool) -> String {
+fn load_hint(e: &(dyn std::error::Error + 'static), privileged: bool) -> String {
     let mut errno = None;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -102,13 +111,13 @@ fn load_hint(e: &(dyn std::error::Error + 'static), root: bool) -> String {
         cur = err.source();
     }
     let why = match errno {
-        Some(libc::EPERM) | Some(libc::EACCES) if !root => {
+        Some(libc::EPERM) | Some(libc::EACCES) if !privileged => {
             "the kernel path needs CAP_BPF and CAP_NET_ADMIN: run as root, give the binary \
              both with `setcap cap_bpf,cap_net_admin+ep BINARY`, or grant them with \
              AmbientCapabilities= in its systemd unit"
         }
         Some(libc::EPERM) | Some(libc::EACCES) => {
-            "bpf() is not permitted even to root here: a seccomp filter (a container's \
+            "bpf() is not permitted here even with CAP_BPF and CAP_NET_ADMIN: a seccomp filter (a container's \
              default profile) or kernel lockdown denies it; allow the bpf syscall \
              (e.g. run the container with a seccomp profile that permits it) or run on the host"
         }
@@ -168,14 +177,14 @@ pub fn preload() {
 impl Loaded {
     fn new() -> Result<Loaded, String> {
         let object = OBJECT.ok_or(NOT_BUILT)?;
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
         // No kernel BTF: the program uses no CO-RE relocations, and parsing vmlinux's
         // BTF cost 16 MiB of RSS for the life of the process.
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .load(object)
-            .map_err(|e| format!("cannot load the eBPF object: {e}{}", load_hint(&e, root)))?;
+        let mut ebpf = EbpfLoader::new().btf(None).load(object).map_err(|e| {
+            format!(
+                "cannot load the eBPF object: {e}{}",
+                load_hint(&e, has_kernel_path_caps())
+            )
+        })?;
         let prog = match load_verdict(&mut ebpf, VERDICT_PROG) {
             Ok(()) => VERDICT_PROG,
             Err(e) => {
