@@ -240,27 +240,45 @@ relay_tests! {
     }
 
     /// TCP urgent data (telnet's and FTP's ABOR send it): the client sends `abc`, an
-    /// urgent `X` (MSG_OOB), 1000 more bytes, and shuts its write side. splice stops at
-    /// the urgent mark, and at the FIN it returns 0 as at an EOF: the stream was cut
-    /// after `abc` and passed on as a clean close. Now the upstream reads every normal
-    /// byte, then EOF: without the `X` on splice (passed on as urgent, as a direct
-    /// connection has it), inline on the kernel path (the program redirects skbs
-    /// whole, urgent byte and all).
+    /// urgent `X` (MSG_OOB), then 256 KiB in one write, and waits. splice stops at the
+    /// urgent mark for good: the upstream got `abc` and nothing more, and at the
+    /// client's FIN the stream was cut there and passed on as a clean close. Now the
+    /// upstream reads every normal byte before the client closes, then EOF: without
+    /// the `X` on splice (passed on as urgent, as a direct connection has it), inline
+    /// on the kernel path (the program redirects skbs whole, urgent byte and all).
     fn urgent_byte_does_not_cut_the_stream(mode) {
         let _load = light();
+        const TAIL: usize = 256 * 1024;
+        let tail: Vec<u8> = (0..TAIL).map(|i| b'a' + (i % 26) as u8).collect();
+        let want: Arc<Vec<u8>> = Arc::new(b"abc".iter().chain(&tail).copied().collect());
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
+        let expected = want.clone();
         let up = Server::start(LOCALHOST, move |s| {
-            let mut got = Vec::new();
+            // Reports what came before the client's FIN, once every normal byte is
+            // here (or after 10 s), then what came after it: nothing, then EOF.
             let _ = s.set_read_timeout(Some(secs(10)));
-            let r = (&*s).read_to_end(&mut got).map(|_| got);
-            let _ = tx.lock().unwrap().send(r.map_err(|e| e.to_string()));
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let plain = |g: &[u8]| g.iter().filter(|&&b| b != b'X').count();
+            while plain(&got) < expected.len() {
+                match (&*s).read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let tx = tx.lock().unwrap().clone();
+            let _ = tx.send(got);
+            let mut rest = Vec::new();
+            let _ = tx.send(match (&*s).read_to_end(&mut rest) {
+                Ok(_) => rest,
+                Err(e) => format!("read error: {e}").into_bytes(),
+            });
         });
         let fwd = Forwarder::cli(mode, &[up.addr()]);
         fwd.assert_mode(mode);
         // splice reads what follows the mark with recv, once: through our memory.
-        fwd.expect_userspace_at_most(1000);
-        let tail: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        fwd.expect_userspace_at_most(TAIL as u64);
         for round in 0..3 {
             let s = connect(fwd.addr());
             (&s).write_all(b"abc").unwrap();
@@ -270,20 +288,20 @@ relay_tests! {
             assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
             thread::sleep(Duration::from_millis(50));
             (&s).write_all(&tail).unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-            let got = rx.recv_timeout(secs(15)).expect("the upstream never finished").expect("upstream read");
+            let got = rx.recv_timeout(secs(15)).expect("the upstream never reported");
             let plain: Vec<u8> = got.iter().copied().filter(|&b| b != b'X').collect();
-            let want: Vec<u8> = b"abc".iter().chain(&tail).copied().collect();
             assert!(
-                plain == want,
-                "round {round}: the upstream got {} bytes ({:?}...), want abc + {} bytes",
+                plain == *want,
+                "round {round}: before the client's FIN the upstream got {} bytes ({:?}...), want abc + {TAIL} bytes",
                 got.len(),
                 String::from_utf8_lossy(&got[..got.len().min(16)]),
-                tail.len()
             );
             if mode == Mode::Splice {
                 assert_eq!(got.len(), want.len(), "round {round}: the urgent byte came inline on splice");
             }
+            s.shutdown(Shutdown::Write).unwrap();
+            let rest = rx.recv_timeout(secs(15)).expect("the upstream saw no EOF");
+            assert!(rest.is_empty(), "round {round}: after the FIN: {:?}", String::from_utf8_lossy(&rest));
         }
         let closes = fwd.wait_close_lines(3, secs(5));
         assert!(

@@ -594,17 +594,25 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
     let slots = p.size / page_size();
     // What the read proved, when more than its result says.
     let mut known = None;
-    let mut called = false;
     let r = src.try_io(Interest::READABLE, || {
-        called = true;
         let r = splice(src.as_raw_fd(), p.w.as_raw_fd(), want);
+        // One ioctl per short read, per EOF and per EAGAIN a read meets: the price of
+        // never taking the urgent mark, where splice stops for good, for a drained
+        // socket (a stream stalled for good) or an EOF (a stream cut short, passed on
+        // as a clean close).
         known = match &r {
-            Ok(n) if *n > 0 && *n < want && in_pipe + n < slots => Some(Fill::Bytes {
-                n: *n,
-                drained: true,
-            }),
+            Ok(n) if *n > 0 && *n < want && in_pipe + n < slots && !at_urgent_mark(src) => {
+                Some(Fill::Bytes {
+                    n: *n,
+                    drained: true,
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe >= slots => {
                 Some(Fill::NoSlot)
+            }
+            Ok(0) if at_urgent_mark(src) => Some(Fill::UrgentMark),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src) => {
+                Some(Fill::UrgentMark)
             }
             _ => None,
         };
@@ -612,27 +620,17 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
             // WouldBlock makes tokio clear the readiness it saw before the call; an
             // edge that arrived since is kept.
             Some(Fill::Bytes { .. }) => Err(io::ErrorKind::WouldBlock.into()),
-            // Anything but WouldBlock keeps it.
+            // Anything but WouldBlock keeps it (at the mark: the bytes behind it raise
+            // no new edge).
             Some(_) => Ok(0),
             None => r,
         }
     });
     match (r, known) {
         (_, Some(fill)) => Ok(fill),
-        // One ioctl per EOF, and per EAGAIN that a read really met (rare: a short read
-        // clears readiness without one): the price of never taking the urgent mark for
-        // an EOF (a stream cut short, passed on as a clean close) or for an empty
-        // socket (a stream stalled for good).
-        (Ok(0), None) if at_urgent_mark(src) => Ok(Fill::UrgentMark),
         (Ok(0), None) => Ok(Fill::Eof),
         (Ok(n), None) => Ok(Fill::Bytes { n, drained: false }),
-        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {
-            if called && at_urgent_mark(src) {
-                Ok(Fill::UrgentMark)
-            } else {
-                Ok(Fill::Empty)
-            }
-        }
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
         (Err(e), None) => Err(e),
     }
 }
@@ -684,6 +682,8 @@ pub(crate) fn past_urgent_mark(
         }
     }
     let mut buf = vec![0u8; p.size.min(64 * 1024)];
+    // Through tokio's readiness, which the read that found the mark kept: an EAGAIN
+    // (nothing behind the mark yet) clears it, and bytes that come later raise it.
     let r = src.try_io(Interest::READABLE, || {
         // SAFETY: recv into a buffer of buf.len() bytes that we own.
         let n = unsafe {
