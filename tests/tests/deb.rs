@@ -25,6 +25,18 @@ fn run(program: &str, args: &[&str]) -> Output {
     run_to_exit(cmd, Duration::from_secs(120))
 }
 
+/// Runs dpkg with `args`; panics with its output unless it succeeds.
+fn dpkg(args: &[&str]) {
+    let out = run("dpkg", args);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "dpkg {args:?}: {}{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
 fn installed() -> bool {
     let out = run("dpkg-query", &["-W", "-f=${Status}", PACKAGE]);
     out.stdout.contains("install ok installed")
@@ -98,14 +110,7 @@ fn deb_installs_checks_and_purges() {
     );
 
     let purge = Purge;
-    let out = run("dpkg", &["-i", &deb]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "dpkg -i {deb}: {}{}",
-        out.stdout,
-        out.stderr
-    );
+    dpkg(&["-i", &deb]);
     assert!(installed());
     assert!(user_exists(), "postinst did not create the forwarder user");
     assert!(Path::new(UNIT).is_file(), "{UNIT} missing");
@@ -166,14 +171,7 @@ fn deb_installs_checks_and_purges() {
     );
     drop(fwd);
 
-    let out = run("dpkg", &["--purge", PACKAGE]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "dpkg --purge: {}{}",
-        out.stdout,
-        out.stderr
-    );
+    dpkg(&["--purge", PACKAGE]);
     drop(purge);
     assert!(!installed());
     for gone in ["/usr/bin/forwarder", UNIT, CONFIG] {
@@ -199,22 +197,8 @@ fn deb_installs_checks_and_purges() {
     assert_eq!(own.code(), Some(0), "adduser: {}", own.stderr);
     let _own_user = DelUser;
     let purge = Purge;
-    let out = run("dpkg", &["-i", &deb]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "dpkg -i over an existing user: {}{}",
-        out.stdout,
-        out.stderr
-    );
-    let out = run("dpkg", &["--purge", PACKAGE]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "dpkg --purge: {}{}",
-        out.stdout,
-        out.stderr
-    );
+    dpkg(&["-i", &deb]);
+    dpkg(&["--purge", PACKAGE]);
     drop(purge);
     assert!(
         user_exists(),
