@@ -578,6 +578,9 @@ relay_tests! {
                     accepted_late += 1;
                     let r = ping(&s, b"!", secs(2));
                     eprintln!("connect to b {:?} after the reload line succeeded; round trip: {r:?}", reloaded.elapsed());
+                    // The contract: its listener is closed before the line. A connect
+                    // the kernel completed first must at least never be served.
+                    assert!(r.is_err(), "removed rule b served a client after its reload line");
                 }
             }
             assert!(reloaded.elapsed() < secs(1), "rule b still accepts {:?} after it was removed ({accepted_late} connects)", reloaded.elapsed());
