@@ -650,7 +650,7 @@ fn at_urgent_mark(src: &TcpStream) -> bool {
 /// connection would have it), then reads what follows it with recv, which skips the
 /// urgent byte where splice stops, into `p`. Returns the bytes put in the pipe (they
 /// crossed our memory), or None at EOF. Rare: telnet and FTP's ABOR send urgent data.
-pub(crate) fn past_urgent_mark(
+fn past_urgent_mark(
     src: &TcpStream,
     dst: &TcpStream,
     p: &Pipe,
