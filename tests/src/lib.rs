@@ -1942,3 +1942,60 @@ fn drive_echo(
         ))
     }
 }
+
+/// TCP urgent data through a forwarder: the client's side of the exchange is
+/// [`Urgent::send`] (`abc`, an urgent `X` with MSG_OOB, then [`Urgent::TAIL`] bytes in
+/// one write, and no FIN), the upstream's is [`Urgent::server`], which reports what it
+/// read once every normal byte is there (or after 10 s), then what came after that up
+/// to EOF.
+pub struct Urgent;
+
+impl Urgent {
+    pub const TAIL: usize = 256 * 1024;
+
+    /// The normal bytes: what a reader that is not SO_OOBINLINE gets.
+    pub fn normal() -> Vec<u8> {
+        b"abc"
+            .iter()
+            .copied()
+            .chain((0..Self::TAIL).map(|i| b'a' + (i % 26) as u8))
+            .collect()
+    }
+
+    pub fn server() -> (Server, mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let want = Self::normal().len();
+        let up = Server::start(IpAddr::from([127, 0, 0, 1]), move |s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            // The kernel path delivers the urgent byte inline: not counted.
+            while got.iter().filter(|&&b| b != b'X').count() < want {
+                match (&*s).read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let tx = tx.lock().unwrap().clone();
+            let _ = tx.send(got);
+            let mut rest = Vec::new();
+            let _ = tx.send(match (&*s).read_to_end(&mut rest) {
+                Ok(_) => rest,
+                Err(e) => format!("read error: {e}").into_bytes(),
+            });
+        });
+        (up, rx)
+    }
+
+    pub fn send(s: &TcpStream) {
+        let tail = &Self::normal()[3..];
+        (&*s).write_all(b"abc").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        // SAFETY: send on an open socket from a valid one-byte buffer.
+        let sent = unsafe { libc::send(s.as_raw_fd(), b"X".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
+        thread::sleep(Duration::from_millis(50));
+        (&*s).write_all(tail).unwrap();
+    }
+}

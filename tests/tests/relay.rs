@@ -4,7 +4,6 @@
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -248,53 +247,23 @@ relay_tests! {
     /// on the kernel path (the program redirects skbs whole, urgent byte and all).
     fn urgent_byte_does_not_cut_the_stream(mode) {
         let _load = light();
-        const TAIL: usize = 256 * 1024;
-        let tail: Vec<u8> = (0..TAIL).map(|i| b'a' + (i % 26) as u8).collect();
-        let want: Arc<Vec<u8>> = Arc::new(b"abc".iter().chain(&tail).copied().collect());
-        let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
-        let expected = want.clone();
-        let up = Server::start(LOCALHOST, move |s| {
-            // Reports what came before the client's FIN, once every normal byte is
-            // here (or after 10 s), then what came after it: nothing, then EOF.
-            let _ = s.set_read_timeout(Some(secs(10)));
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            let plain = |g: &[u8]| g.iter().filter(|&&b| b != b'X').count();
-            while plain(&got) < expected.len() {
-                match (&*s).read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            let tx = tx.lock().unwrap().clone();
-            let _ = tx.send(got);
-            let mut rest = Vec::new();
-            let _ = tx.send(match (&*s).read_to_end(&mut rest) {
-                Ok(_) => rest,
-                Err(e) => format!("read error: {e}").into_bytes(),
-            });
-        });
+        let want = Urgent::normal();
+        let (up, rx) = Urgent::server();
         let fwd = Forwarder::cli(mode, &[up.addr()]);
         fwd.assert_mode(mode);
         // splice reads what follows the mark with recv, once: through our memory.
-        fwd.expect_userspace_at_most(TAIL as u64);
+        fwd.expect_userspace_at_most(Urgent::TAIL as u64);
         for round in 0..3 {
             let s = connect(fwd.addr());
-            (&s).write_all(b"abc").unwrap();
-            thread::sleep(Duration::from_millis(50));
-            // SAFETY: send on an open socket from a valid one-byte buffer.
-            let sent = unsafe { libc::send(s.as_raw_fd(), b"X".as_ptr().cast(), 1, libc::MSG_OOB) };
-            assert_eq!(sent, 1, "send(MSG_OOB): {}", io::Error::last_os_error());
-            thread::sleep(Duration::from_millis(50));
-            (&s).write_all(&tail).unwrap();
+            Urgent::send(&s);
             let got = rx.recv_timeout(secs(15)).expect("the upstream never reported");
             let plain: Vec<u8> = got.iter().copied().filter(|&b| b != b'X').collect();
             assert!(
-                plain == *want,
-                "round {round}: before the client's FIN the upstream got {} bytes ({:?}...), want abc + {TAIL} bytes",
+                plain == want,
+                "round {round}: before the client's FIN the upstream got {} bytes ({:?}...), want abc + {} bytes",
                 got.len(),
                 String::from_utf8_lossy(&got[..got.len().min(16)]),
+                Urgent::TAIL
             );
             if mode == Mode::Splice {
                 assert_eq!(got.len(), want.len(), "round {round}: the urgent byte came inline on splice");

@@ -1606,6 +1606,35 @@ relay_tests! {
         assert_got(&target.report(secs(10)).seen, &job.up, "after the restart");
     }
 
+    /// TCP urgent data from a visitor (telnet, FTP's ABOR): the tunnel has no way to
+    /// carry urgency, so the urgent byte is dropped, as socat and HAProxy do, and every
+    /// normal byte reaches the target, before the visitor's FIN and in order; then EOF.
+    /// (splice stops at the urgent mark: the stream was reset, and before that stalled
+    /// or was cut short.)
+    fn urgent_byte_is_dropped_and_the_stream_goes_on(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, _target, server) = on_loopback(mode, &dir, "", "");
+        let (up, rx) = Urgent::server();
+        let agent = agent_cli(server.tunnel, up.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        let s = connect(server.visitors);
+        Urgent::send(&s);
+        let got = rx.recv_timeout(secs(15)).expect("the target never reported");
+        assert!(
+            got == Urgent::normal(),
+            "before the visitor's FIN the target got {} bytes ({:?}...), want abc + {} bytes",
+            got.len(),
+            String::from_utf8_lossy(&got[..got.len().min(16)]),
+            Urgent::TAIL
+        );
+        s.shutdown(Shutdown::Write).unwrap();
+        let rest = rx.recv_timeout(secs(15)).expect("the target saw no EOF");
+        assert!(rest.is_empty(), "after the FIN: {:?}", String::from_utf8_lossy(&rest));
+        let l = close_of(&server.p, s.local_addr().unwrap(), secs(10));
+        assert_eq!(field(&l, "end"), Some("closed"), "{l}");
+    }
+
     /// The target reads nothing for 5 s while the visitor sends 64 MiB: TCP pushes
     /// back to the visitor, the server's and agent's memory stays bounded, and then
     /// every byte arrives exactly.

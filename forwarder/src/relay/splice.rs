@@ -465,7 +465,7 @@ impl Pump {
                 continue;
             }
             if std::mem::take(&mut self.urgent) {
-                match past_urgent_mark(src, dst, p).map_err(PumpError::Read)? {
+                match past_urgent_mark(src, Some(dst), p, p.size).map_err(PumpError::Read)? {
                     None => self.eof = true,
                     Some(n) => {
                         self.in_pipe = n;
@@ -646,14 +646,16 @@ fn at_urgent_mark(src: &TcpStream) -> bool {
 }
 
 /// At `src`'s urgent mark, with the pipe `p` empty (every byte before the mark is in
-/// `dst`'s send queue): passes the urgent byte on as urgent (MSG_OOB, as a direct
-/// connection would have it), then reads what follows it with recv, which skips the
-/// urgent byte where splice stops, into `p`. Returns the bytes put in the pipe (they
-/// crossed our memory), or None at EOF. Rare: telnet and FTP's ABOR send urgent data.
-fn past_urgent_mark(
+/// `dst`'s send queue): passes the urgent byte on as urgent to `dst` (MSG_OOB, as a
+/// direct connection would have it; with no `dst` it is dropped), then reads up to
+/// `max` bytes of what follows it with recv, which skips the urgent byte where splice
+/// stops, into `p`. Returns the bytes put in the pipe (they crossed our memory), or
+/// None at EOF. Rare: telnet and FTP's ABOR send urgent data.
+pub(crate) fn past_urgent_mark(
     src: &TcpStream,
-    dst: &TcpStream,
+    dst: Option<&TcpStream>,
     p: &Pipe,
+    max: usize,
 ) -> io::Result<Option<usize>> {
     let mut urgent = [0u8; 1];
     // SAFETY: recv/send on open sockets with a valid one-byte buffer.
@@ -665,7 +667,7 @@ fn past_urgent_mark(
             libc::MSG_OOB | libc::MSG_DONTWAIT,
         )
     };
-    if got == 1 {
+    if let (1, Some(dst)) = (got, dst) {
         // SAFETY: as above.
         let sent = unsafe {
             libc::send(
@@ -681,7 +683,7 @@ fn past_urgent_mark(
             tracing::debug!("urgent byte not passed on: {}", io::Error::last_os_error());
         }
     }
-    let mut buf = vec![0u8; p.size.min(64 * 1024)];
+    let mut buf = vec![0u8; p.size.min(max).min(64 * 1024)];
     // Through tokio's readiness, which the read that found the mark kept: an EAGAIN
     // (nothing behind the mark yet) clears it, and bytes that come later raise it.
     let r = src.try_io(Interest::READABLE, || {

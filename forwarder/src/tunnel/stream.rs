@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::proto::{read_frame, write_frame, Frame};
-use crate::relay::splice::{fill, socket_error, splice, Fill, Pipe};
+use crate::relay::splice::{fill, past_urgent_mark, socket_error, splice, Fill, Pipe};
 use crate::relay::{reset_on_close, Hop, Progress, RelayEnd, Side};
 
 /// What the session tells a stream.
@@ -666,31 +666,49 @@ impl Engine {
         {
             return Ok(false);
         }
-        match fill(local, &o.pipe, o.in_pipe, room) {
+        let n = match fill(local, &o.pipe, o.in_pipe, room) {
             Ok(Fill::Eof) => {
                 o.eof = true;
-                Ok(true)
+                return Ok(true);
             }
-            Ok(Fill::Bytes { n, .. }) => {
-                o.read += n as u64;
-                o.in_pipe += n;
-                RETAINED.fetch_add(n as u64, Ordering::Relaxed);
-                counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
-                Ok(true)
-            }
-            Ok(Fill::Empty) => Ok(false),
+            Ok(Fill::Bytes { n, .. }) => n,
+            Ok(Fill::Empty) => return Ok(false),
             Ok(Fill::NoSlot) => {
                 o.read_blocked = true;
-                Ok(false)
+                return Ok(false);
             }
-            // Urgent data is not carried through the tunnel: the stream is reset
-            // rather than stalled or cut short.
-            Ok(Fill::UrgentMark) => Err(Fault::Local(io::Error::other(
-                "TCP urgent data (MSG_OOB) is not carried through the tunnel",
-            ))),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
-            Err(e) => Err(Fault::Local(e)),
-        }
+            // TCP urgent data: the tunnel has no way to carry urgency, so the urgent
+            // byte is dropped (as socat and HAProxy do) and the stream goes on.
+            Ok(Fill::UrgentMark) if o.in_pipe == 0 => {
+                match past_urgent_mark(local, None, &o.pipe, room) {
+                    Ok(None) => {
+                        o.eof = true;
+                        return Ok(true);
+                    }
+                    Ok(Some(0)) => return Ok(false),
+                    Ok(Some(n)) => {
+                        progress
+                            .via_userspace
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        n
+                    }
+                    Err(e) => return Err(Fault::Local(e)),
+                }
+            }
+            // Past the mark once the bytes before it have left the pipe (the readiness
+            // is kept, as for NoSlot).
+            Ok(Fill::UrgentMark) => {
+                o.read_blocked = true;
+                return Ok(false);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(Fault::Local(e)),
+        };
+        o.read += n as u64;
+        o.in_pipe += n;
+        RETAINED.fetch_add(n as u64, Ordering::Relaxed);
+        counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     fn step_in(
