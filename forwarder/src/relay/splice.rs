@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::ebpf::sys;
 use super::{reset_both_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
 
 /// Pipe capacity we ask for; bounds the bytes held per direction in userspace-owned
@@ -601,7 +602,12 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
         // socket (a stream stalled for good) or an EOF (a stream cut short, passed on
         // as a clean close).
         known = match &r {
-            Ok(n) if *n > 0 && *n < want && in_pipe + n < slots && !at_urgent_mark(src) => {
+            Ok(n)
+                if *n > 0
+                    && *n < want
+                    && in_pipe + n < slots
+                    && !sys::at_urgent_mark(src.as_raw_fd()) =>
+            {
                 Some(Fill::Bytes {
                     n: *n,
                     drained: true,
@@ -610,8 +616,11 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe >= slots => {
                 Some(Fill::NoSlot)
             }
-            Ok(0) if at_urgent_mark(src) => Some(Fill::UrgentMark),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && at_urgent_mark(src) => {
+            Ok(0) if sys::at_urgent_mark(src.as_raw_fd()) => Some(Fill::UrgentMark),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && sys::at_urgent_mark(src.as_raw_fd()) =>
+            {
                 Some(Fill::UrgentMark)
             }
             _ => None,
@@ -635,16 +644,6 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
     }
 }
 
-/// Whether `src`'s next byte is TCP urgent data (SIOCATMARK, from <linux/sockios.h>;
-/// the libc crate lacks it).
-fn at_urgent_mark(src: &TcpStream) -> bool {
-    const SIOCATMARK: libc::Ioctl = 0x8905;
-    let mut at: libc::c_int = 0;
-    // SAFETY: SIOCATMARK writes one int through the pointer, which is valid.
-    let r = unsafe { libc::ioctl(src.as_raw_fd(), SIOCATMARK, &mut at) };
-    r == 0 && at != 0
-}
-
 /// At `src`'s urgent mark, with the pipe `p` empty (every byte before the mark is in
 /// `dst`'s send queue): passes the urgent byte on as urgent to `dst` (MSG_OOB, as a
 /// direct connection would have it; with no `dst` it is dropped), then reads up to
@@ -658,49 +657,23 @@ pub(crate) fn past_urgent_mark(
     max: usize,
 ) -> io::Result<Option<usize>> {
     let mut urgent = [0u8; 1];
-    // SAFETY: recv/send on open sockets with a valid one-byte buffer.
-    let got = unsafe {
-        libc::recv(
-            src.as_raw_fd(),
-            urgent.as_mut_ptr().cast(),
-            1,
-            libc::MSG_OOB | libc::MSG_DONTWAIT,
-        )
-    };
-    if let (1, Some(dst)) = (got, dst) {
-        // SAFETY: as above.
-        let sent = unsafe {
-            libc::send(
-                dst.as_raw_fd(),
-                urgent.as_ptr().cast(),
-                1,
-                libc::MSG_OOB | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent != 1 {
+    let got = sys::recv(
+        src.as_raw_fd(),
+        &mut urgent,
+        libc::MSG_OOB | libc::MSG_DONTWAIT,
+    );
+    if let (Ok(1), Some(dst)) = (got, dst) {
+        if let Err(e) = sys::send_urgent(dst.as_raw_fd(), &urgent) {
             // dst's send queue is full to the byte: the urgent byte is dropped, as
             // socat and HAProxy always do; the stream goes on.
-            tracing::debug!("urgent byte not passed on: {}", io::Error::last_os_error());
+            tracing::debug!("urgent byte not passed on: {e}");
         }
     }
     let mut buf = vec![0u8; p.size.min(max).min(64 * 1024)];
     // Through tokio's readiness, which the read that found the mark kept: an EAGAIN
     // (nothing behind the mark yet) clears it, and bytes that come later raise it.
     let r = src.try_io(Interest::READABLE, || {
-        // SAFETY: recv into a buffer of buf.len() bytes that we own.
-        let n = unsafe {
-            libc::recv(
-                src.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        sys::recv(src.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)
     });
     let n = match r {
         Ok(0) => return Ok(None),

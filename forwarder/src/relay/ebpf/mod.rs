@@ -18,7 +18,8 @@ use super::{splice, Pair, Progress, Relay, RelayEnd, RelayFuture};
 mod kernel;
 mod pair;
 mod part;
-mod sys;
+/// Socket syscalls that std and tokio do not offer (also the splice relay's).
+pub(crate) mod sys;
 
 use kernel::Kernel;
 

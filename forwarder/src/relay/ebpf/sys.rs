@@ -89,6 +89,13 @@ pub fn inq(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
 
+/// Whether the next byte to read is TCP urgent data (SIOCATMARK, from
+/// <linux/sockios.h>; the libc crate lacks it). An ioctl that takes no lock.
+pub fn at_urgent_mark(fd: RawFd) -> bool {
+    const SIOCATMARK: libc::c_ulong = 0x8905;
+    ioctl_int(fd, SIOCATMARK).is_ok_and(|at| at != 0)
+}
+
 /// What pairing needs to know of a socket, read in one go: its state, the bytes ever
 /// queued into it for sending, and what it received.
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +230,15 @@ pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> 
 }
 
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send_with(fd, buf, 0)
+}
+
+/// As urgent data (MSG_OOB): TCP marks the last byte sent urgent.
+pub fn send_urgent(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send_with(fd, buf, libc::MSG_OOB)
+}
+
+fn send_with(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
     loop {
         // SAFETY: buf is valid for reads of buf.len() bytes.
         let n = unsafe {
@@ -230,7 +246,7 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
                 fd,
                 buf.as_ptr().cast(),
                 buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         if n >= 0 {
