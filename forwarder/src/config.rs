@@ -1071,6 +1071,8 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     let deny_patterns = s.deny_pattern.clone().unwrap_or_default();
     for (j, p) in deny_patterns.iter().enumerate() {
         regex::bytes::Regex::new(p)
+            .map_err(|e| e.to_string())
+            .and_then(|_| crate::inspect::lazy_dfa(&[p]).map(drop))
             .map_err(|e| err(format!("{}: {e}", at(&format!("deny_pattern[{j}]")))))?;
     }
     let inspect_window = s.inspect_window.unwrap_or(DEFAULT_INSPECT_WINDOW);
@@ -1089,6 +1091,8 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         .enumerate()
     {
         let pattern = regex::bytes::Regex::new(&r.pattern)
+            .map_err(|e| e.to_string())
+            .and_then(|re| crate::inspect::lazy_dfa(&[&r.pattern]).map(|_| re))
             .map_err(|e| err(format!("{}: {e}", at(&format!("rewrite[{j}].match")))))?;
         rewrite.push(Rewrite {
             direction: r.direction,

@@ -6,8 +6,7 @@
 
 use regex_automata::hybrid::dfa::{Cache, DFA};
 use regex_automata::hybrid::LazyStateID;
-use regex_automata::util::syntax;
-use regex_automata::{nfa::thompson, Input};
+use regex_automata::{Anchored, Input};
 
 /// The compiled patterns of a rule (shared by its connections).
 #[derive(Debug)]
@@ -27,24 +26,23 @@ pub enum Verdict {
 impl DenyPatterns {
     /// Same syntax as `regex::bytes::Regex` (Unicode classes, but any byte may match).
     pub fn new(patterns: &[String]) -> Result<DenyPatterns, String> {
-        let dfa = DFA::builder()
-            .syntax(syntax::Config::new().utf8(false))
-            .thompson(thompson::Config::new().utf8(false))
-            .build_many(patterns)
-            .map_err(|e| e.to_string())?;
-        Ok(DenyPatterns(dfa))
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        Ok(DenyPatterns(super::lazy_dfa(&patterns)?))
     }
 
     pub fn scanner(&self) -> Scanner<'_> {
         let mut cache = self.0.create_cache();
-        let state = self
+        let input = Input::new(&[] as &[u8]);
+        let state = self.0.start_state_forward(&mut cache, &input).ok();
+        let at_start = self
             .0
-            .start_state_forward(&mut cache, &Input::new(&[] as &[u8]))
+            .start_state_forward(&mut cache, &input.anchored(Anchored::Yes))
             .ok();
         Scanner {
             dfa: &self.0,
             cache,
             state,
+            at_start,
         }
     }
 }
@@ -55,6 +53,9 @@ pub struct Scanner<'a> {
     cache: Cache,
     /// `None` once the DFA gave up (cache thrashing): decided as [`Verdict::Clear`].
     state: Option<LazyStateID>,
+    /// The same patterns anchored at the stream's first byte: `None` once no match
+    /// can start there (every pattern anchored with `^` is then decided).
+    at_start: Option<LazyStateID>,
 }
 
 impl Scanner<'_> {
@@ -68,6 +69,14 @@ impl Scanner<'_> {
                 Ok(s) => s,
                 Err(_) => return self.give_up(),
             };
+            if let Some(a) = self.at_start {
+                // A match from the first byte shows in `sid` too: only its end matters.
+                self.at_start = self
+                    .dfa
+                    .next_state(&mut self.cache, a, b)
+                    .ok()
+                    .filter(|s| !s.is_dead());
+            }
             // Match states are entered one byte after the match ends.
             if sid.is_match() {
                 return Verdict::Deny;
@@ -86,8 +95,16 @@ impl Scanner<'_> {
         }
     }
 
+    /// Whether a match starting at the stream's first byte is still possible: then
+    /// the bytes so far may be the beginning of one and are held for as long as that
+    /// holds (a pattern that can only match further in holds them a while only).
+    pub fn may_match_from_start(&self) -> bool {
+        self.state.is_some() && self.at_start.is_some()
+    }
+
     fn give_up(&mut self) -> Verdict {
         self.state = None;
+        self.at_start = None;
         Verdict::Clear
     }
 }
@@ -116,5 +133,20 @@ mod tests {
             run(&["evil"], &[b"a good ev", b"il"]),
             vec![Undecided, Deny]
         );
+    }
+
+    #[test]
+    fn knows_when_a_match_from_the_start_is_still_possible() {
+        let p: Vec<String> = ["^SSH-", "evil"].iter().map(|s| s.to_string()).collect();
+        let d = DenyPatterns::new(&p).unwrap();
+        let mut s = d.scanner();
+        assert!(s.may_match_from_start());
+        assert_eq!(s.feed(b"SS"), Verdict::Undecided);
+        assert!(s.may_match_from_start(), "SS may begin SSH-");
+        assert_eq!(s.feed(b"X ev"), Verdict::Undecided);
+        assert!(!s.may_match_from_start(), "only `evil` further in is left");
+        let mut s = d.scanner();
+        assert_eq!(s.feed(b"ev"), Verdict::Undecided);
+        assert!(s.may_match_from_start(), "ev may begin evil at the start");
     }
 }

@@ -6,12 +6,16 @@
 //! hands the pair, with no byte read past that point, to the relay it wraps: the fast
 //! path (ebpf or splice), or the copy relay for `rewrite` rules. So inspection costs
 //! only the bytes it inspects, and `userspace_bytes` in the close line says how many.
+//! A direction that streams on past its dump's `bytes` while the other has not shown
+//! its own yet (a large request before the response) does not wait for it: the dump
+//! goes along with the pair ([`Handover`]), and the relay shows the rest as it passes.
 
 pub mod auth;
 pub mod deny;
 pub mod dump;
 pub mod rewrite;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,15 +26,36 @@ use tokio::time::Instant;
 
 use crate::config::Rule;
 use crate::relay::{
-    pass_fin, reset_both_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
+    pass_fin, reset_both_on_close, Handover, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
 };
 use deny::{DenyPatterns, Verdict};
 use dump::Dump;
+use rewrite::Rewriter;
 
 /// A `deny_pattern` that can still match only further in (an unanchored one) holds
 /// the client's first bytes at most this long, as HAProxy's `inspect-delay` does;
-/// then they go on and later bytes are still checked.
+/// then they go on and later bytes are still checked. Bytes that may begin a match
+/// from the stream's first byte are held until the patterns decide (or the window
+/// ends, or the client does).
 const HOLD_MAX: Duration = Duration::from_secs(1);
+
+/// The lazy DFA that `deny_pattern` and `rewrite` step over a stream as it arrives:
+/// the syntax of `regex::bytes` (any byte may match). It cannot take what only a
+/// backtracking search can: Unicode word boundaries (`\b`, `\B`), which `check`
+/// therefore refuses with a hint (the ASCII ones, `(?-u:\b)`, work).
+pub fn lazy_dfa(patterns: &[&str]) -> Result<regex_automata::hybrid::dfa::DFA, String> {
+    use regex_automata::{nfa::thompson, util::syntax};
+    regex_automata::hybrid::dfa::DFA::builder()
+        .syntax(syntax::Config::new().utf8(false))
+        .thompson(thompson::Config::new().utf8(false))
+        .build_many(patterns)
+        .map_err(|e| match e.to_string() {
+            m if m.contains("word boundar") => format!(
+                "{m} (Unicode \\b and \\B cannot be checked as bytes arrive; write (?-u:\\b) for an ASCII word boundary)"
+            ),
+            m => m,
+        })
+}
 
 /// Connection numbers for dumps (`conn=`), process-wide.
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -72,7 +97,11 @@ impl Relay for InspectRelay {
     fn relay<'a>(&'a self, mut pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         Box::pin(async move {
             match self.prelude(&mut pair, &progress).await {
-                Ok(()) => self.inner.relay_after_prelude(pair, progress).await,
+                Ok(handover) => {
+                    self.inner
+                        .relay_after_prelude(pair, progress, handover)
+                        .await
+                }
                 Err(end) => end,
             }
         })
@@ -90,11 +119,47 @@ struct Prelude<'a> {
     /// Client bytes read so far.
     client_seen: usize,
     eof: [bool; 2],
+    /// A `rewrite` rule's [to_upstream, to_client]: what the prelude passes on is
+    /// rewritten too, from the stream's first byte.
+    rewriters: Option<Box<[Rewriter; 2]>>,
+    /// When what a rewriter holds (a possible match's beginning) goes on anyway.
+    rewrite_hold: Option<Instant>,
+}
+
+impl Prelude<'_> {
+    /// Direction `d`'s rewriter, for a `rewrite` rule.
+    fn rewriter(&mut self, d: usize) -> Option<&mut Rewriter> {
+        self.rewriters.as_deref_mut().map(|r| &mut r[d])
+    }
+
+    /// After bytes went through the rewriters: what they hold waits for the rest of a
+    /// match [`rewrite::HOLD_MAX`] after the last bytes, as on the copy path.
+    fn note_rewrite_hold(&mut self) {
+        let holding = self
+            .rewriters
+            .as_ref()
+            .is_some_and(|r| r.iter().any(Rewriter::holding));
+        self.rewrite_hold = holding.then(|| Instant::now() + rewrite::HOLD_MAX);
+    }
+
+    /// What the inner relay takes on: the dump if a direction not yet ended still
+    /// shows bytes, and the rewriters.
+    fn handover(self) -> Handover {
+        let eof = self.eof;
+        Handover {
+            dump: self
+                .dump
+                .filter(|t| (0..2).any(|d| !eof[d] && t.wants(d) > 0))
+                .map(Box::new),
+            rewriters: self.rewriters,
+        }
+    }
 }
 
 impl InspectRelay {
-    /// Runs the checks; `Ok` when the pair may go on to the inner relay.
-    async fn prelude(&self, pair: &mut Pair, progress: &Progress) -> Result<(), RelayEnd> {
+    /// Runs the checks; `Ok` when the pair may go on to the inner relay, with what is
+    /// left to do.
+    async fn prelude(&self, pair: &mut Pair, progress: &Progress) -> Result<Handover, RelayEnd> {
         let rule = &self.rule;
         let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let dump = rule.inspect.as_ref().and_then(|cfg| {
@@ -110,17 +175,21 @@ impl InspectRelay {
             hold_until: None,
             client_seen: 0,
             eof: [false; 2],
+            rewriters: (!rule.rewrite.is_empty()).then(|| Box::new(Rewriter::for_rule(rule))),
+            rewrite_hold: None,
         };
         loop {
             let wants = |d: usize, p: &Prelude| p.dump.as_ref().map_or(0, |x| x.wants(d));
             let checking = p.scanner.is_some() || p.auth_pending || !p.held.is_empty();
             // Once the checks have decided, a direction reads only for its dump, and a
             // direction whose dump is full ends the prelude as soon as it has more to
-            // say: a stream in either direction moves on to the fast path at once,
-            // and only the dumped bytes went through our memory.
+            // say: a stream in either direction moves on to the fast path at once
+            // (which shows what the other direction's dump still wants), and only the
+            // dumped bytes went through our memory.
+            // The copy path (`rewrite`) shows the dump itself, as it reads every byte.
             let full = |d: usize, p: &Prelude| p.eof[d] || wants(d, p) == 0;
-            if !checking && full(0, &p) && full(1, &p) {
-                return Ok(());
+            if !checking && (p.rewriters.is_some() || full(0, &p) && full(1, &p)) {
+                return Ok(p.handover());
             }
             // Never read past what a check or the dump needs: the inner relay takes
             // over at exactly that point. While the client's checks wait, the
@@ -140,12 +209,13 @@ impl InspectRelay {
             let client_moves_on = !checking && wants(0, &p) == 0;
             let upstream_moves_on = !checking && wants(1, &p) == 0;
             let hold_until = p.hold_until;
+            let rewrite_hold = p.rewrite_hold;
             tokio::select! {
                 r = pair.client.readable(), if !p.eof[0] => {
                     r.map_err(|e| fail(pair, Side::Client, e))?;
                     if client_moves_on {
                         match has_bytes(&pair.client) {
-                            Ok(true) => return Ok(()),
+                            Ok(true) => return Ok(p.handover()),
                             Ok(false) => continue,
                             Err(e) => return Err(fail(pair, Side::Client, e)),
                         }
@@ -169,7 +239,7 @@ impl InspectRelay {
                     r.map_err(|e| fail(pair, Side::Upstream, e))?;
                     if upstream_moves_on {
                         match has_bytes(&pair.upstream) {
-                            Ok(true) => return Ok(()),
+                            Ok(true) => return Ok(p.handover()),
                             Ok(false) => continue,
                             Err(e) => return Err(fail(pair, Side::Upstream, e)),
                         }
@@ -180,29 +250,41 @@ impl InspectRelay {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(fail(pair, Side::Upstream, e)),
                     };
+                    p.eof[1] = n == 0;
+                    if let Some(d) = &mut p.dump {
+                        d.record(1, &buf[..n]);
+                    }
+                    pass_on(&mut pair.client, &buf[..n], n == 0, p.rewriter(1), &progress.to_client, progress)
+                        .await
+                        .map_err(|e| fail(pair, Side::Client, e))?;
+                    p.note_rewrite_hold();
                     if n == 0 {
                         // Its bytes were passed on as they came: the FIN follows them
                         // now, not when the client's checks end (a server-first
                         // protocol's client may be waiting for it to say anything).
-                        p.eof[1] = true;
                         pass_fin(&pair.client).map_err(|e| fail(pair, Side::Client, e))?;
-                        continue;
                     }
-                    if let Some(d) = &mut p.dump {
-                        d.record(1, &buf[..n]);
-                    }
-                    pass_on(&mut pair.client, &buf[..n], &progress.to_client, progress)
-                        .await
-                        .map_err(|e| fail(pair, Side::Client, e))?;
                 }
                 _ = tokio::time::sleep_until(hold_until.unwrap_or_else(Instant::now)), if hold_until.is_some() => {
                     p.hold_until = None;
                     if !p.auth_pending {
                         let held = std::mem::take(&mut p.held);
-                        pass_on(&mut pair.upstream, &held, &progress.to_upstream, progress)
+                        pass_on(&mut pair.upstream, &held, false, p.rewriter(0), &progress.to_upstream, progress)
                             .await
                             .map_err(|e| fail(pair, Side::Upstream, e))?;
+                        p.note_rewrite_hold();
                     }
+                }
+                _ = tokio::time::sleep_until(rewrite_hold.unwrap_or_else(Instant::now)), if rewrite_hold.is_some() => {
+                    p.rewrite_hold = None;
+                    let [up, down] = p.rewriters.as_deref_mut().expect("only a rewriter holds").each_mut();
+                    let (up, down) = (up.flush(), down.flush());
+                    pass_on(&mut pair.upstream, &up, false, None, &progress.to_upstream, progress)
+                        .await
+                        .map_err(|e| fail(pair, Side::Upstream, e))?;
+                    pass_on(&mut pair.client, &down, false, None, &progress.to_client, progress)
+                        .await
+                        .map_err(|e| fail(pair, Side::Client, e))?;
                 }
             }
         }
@@ -269,10 +351,25 @@ impl InspectRelay {
         if p.scanner.is_none() && !p.auth_pending {
             let held = std::mem::take(&mut p.held);
             p.hold_until = None;
-            pass_on(&mut pair.upstream, &held, &progress.to_upstream, progress)
-                .await
-                .map_err(|e| fail(pair, Side::Upstream, e))?;
-        } else if !p.held.is_empty() && p.hold_until.is_none() {
+            let eof = p.eof[0];
+            pass_on(
+                &mut pair.upstream,
+                &held,
+                eof,
+                p.rewriter(0),
+                &progress.to_upstream,
+                progress,
+            )
+            .await
+            .map_err(|e| fail(pair, Side::Upstream, e))?;
+            p.note_rewrite_hold();
+        } else if !p.held.is_empty()
+            && p.hold_until.is_none()
+            && !p.scanner.as_ref().is_some_and(|s| s.may_match_from_start())
+        {
+            // What is held may begin a match from the first byte (an anchored pattern
+            // half seen): held until decided, none of a match may go on. Otherwise a
+            // match can only begin further in: held a while only.
             p.hold_until = Some(Instant::now() + HOLD_MAX);
         }
         Ok(())
@@ -293,16 +390,24 @@ fn has_bytes(sock: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
+/// Writes `data` to `dst`, through `rewriter` when the rule rewrites (`eof`: the
+/// stream ends after `data`, so what the rewriter held goes too).
 async fn pass_on(
     dst: &mut TcpStream,
     data: &[u8],
+    eof: bool,
+    rewriter: Option<&mut Rewriter>,
     counter: &AtomicU64,
     progress: &Progress,
 ) -> std::io::Result<()> {
+    let data: Cow<[u8]> = match rewriter {
+        Some(r) if !r.is_empty() => r.push(data, eof).into(),
+        _ => data.into(),
+    };
     if data.is_empty() {
         return Ok(());
     }
-    dst.write_all(data).await?;
+    dst.write_all(&data).await?;
     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
     progress
         .via_userspace

@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use regex::bytes::Regex;
 use regex_automata::hybrid::dfa::{Cache, DFA};
-use regex_automata::util::syntax;
-use regex_automata::{nfa::thompson, Anchored, Input};
+use regex_automata::{Anchored, Input};
 
-use crate::config::Rewrite;
+use crate::config::{Direction, Rewrite};
 
 /// How long a possible match's beginning waits for the rest.
 pub const HOLD_MAX: Duration = Duration::from_secs(1);
@@ -39,11 +38,8 @@ impl Rewriter {
         let rules = rules
             .iter()
             .map(|r| {
-                let dfa = DFA::builder()
-                    .syntax(syntax::Config::new().utf8(false))
-                    .thompson(thompson::Config::new().utf8(false))
-                    .build(r.pattern.as_str())
-                    .expect("validated as a regex::bytes pattern");
+                let dfa = super::lazy_dfa(&[r.pattern.as_str()])
+                    .expect("validated by the config (inspect::lazy_dfa)");
                 Rule {
                     re: r.pattern.clone(),
                     cache: dfa.create_cache(),
@@ -54,6 +50,18 @@ impl Rewriter {
             })
             .collect();
         Rewriter { rules, max_match }
+    }
+
+    /// A rule's rewriters, [to_upstream, to_client] (either may have no rules).
+    pub fn for_rule(rule: &crate::config::Rule) -> [Rewriter; 2] {
+        [Direction::ToUpstream, Direction::ToClient].map(|direction| {
+            let rules: Vec<_> = rule
+                .rewrite
+                .iter()
+                .filter(|r| r.direction == direction)
+                .collect();
+            Rewriter::new(&rules, rule.max_match)
+        })
     }
 
     pub fn is_empty(&self) -> bool {

@@ -4,12 +4,15 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncWriteExt;
 
-use super::{reset_both_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
-use crate::config::{Direction, Rule};
+use super::{
+    reset_both_on_close, Handover, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
+};
+use crate::config::Rule;
+use crate::inspect::dump::Dump;
 use crate::inspect::rewrite::Rewriter;
 
 pub struct CopyRelay {
@@ -20,16 +23,6 @@ impl CopyRelay {
     pub fn new(rule: &Rule) -> CopyRelay {
         CopyRelay { rule: rule.clone() }
     }
-
-    fn rewriter(&self, direction: Direction) -> Rewriter {
-        let rules: Vec<_> = self
-            .rule
-            .rewrite
-            .iter()
-            .filter(|r| r.direction == direction)
-            .collect();
-        Rewriter::new(&rules, self.rule.max_match)
-    }
 }
 
 impl Relay for CopyRelay {
@@ -38,6 +31,23 @@ impl Relay for CopyRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+        self.relay_after_prelude(pair, progress, Handover::default())
+    }
+
+    /// Goes on with the prelude's rewriters (what it passed on was rewritten by them)
+    /// and shows what the dump still shows as it reads: every byte is in our memory
+    /// here anyway.
+    fn relay_after_prelude<'a>(
+        &'a self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        handover: Handover,
+    ) -> RelayFuture<'a> {
+        let [to_upstream, to_client] = match handover.rewriters {
+            Some(r) => *r,
+            None => Rewriter::for_rule(&self.rule),
+        };
+        let dump = Mutex::new(handover.dump);
         Box::pin(async move {
             progress.enter(Hop::Copy);
             let Pair {
@@ -52,7 +62,8 @@ impl Relay for CopyRelay {
                     cr,
                     uw,
                     [Side::Client, Side::Upstream],
-                    self.rewriter(Direction::ToUpstream),
+                    to_upstream,
+                    (&dump, 0),
                     &progress.to_upstream,
                     &progress,
                 );
@@ -60,7 +71,8 @@ impl Relay for CopyRelay {
                     ur,
                     cw,
                     [Side::Upstream, Side::Client],
-                    self.rewriter(Direction::ToClient),
+                    to_client,
+                    (&dump, 1),
                     &progress.to_client,
                     &progress,
                 );
@@ -77,18 +89,23 @@ impl Relay for CopyRelay {
     }
 }
 
-/// One direction until EOF, which it passes on (after the rewriter's tail).
+/// One direction until EOF, which it passes on (after the rewriter's tail). `dump`:
+/// the connection's dump (shared by both directions) and this direction's index in it.
 async fn pump(
     src: tokio::net::tcp::ReadHalf<'_>,
     mut dst: tokio::net::tcp::WriteHalf<'_>,
     [src_side, dst_side]: [Side; 2],
     mut rewriter: Rewriter,
+    (dump, d): (&Mutex<Option<Box<Dump>>>, usize),
     counter: &AtomicU64,
     progress: &Progress,
 ) -> Result<(), (Side, std::io::Error)> {
     // While the rewriter holds bytes: HOLD_MAX after the last bytes arrived (a
-    // spurious wake-up, which reads nothing, does not put it off).
-    let mut hold_until = None;
+    // spurious wake-up, which reads nothing, does not put it off). The prelude's
+    // rewriter may hold some already.
+    let hold = || tokio::time::Instant::now() + crate::inspect::rewrite::HOLD_MAX;
+    let mut hold_until = rewriter.holding().then(hold);
+    let mut showing = true;
     loop {
         // Wait for bytes holding no buffer, so an idle pair holds none (a 64 KiB one
         // kept across the wait cost 15 KB of RSS per idle pair, the pages bytes had
@@ -111,14 +128,20 @@ async fn pump(
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err((src_side, e)),
                 };
+                if showing {
+                    // What came in, before any rewrite (as the prelude shows it).
+                    let mut dump = dump.lock().unwrap_or_else(|e| e.into_inner());
+                    match dump.as_mut() {
+                        Some(t) if t.wants(d) > 0 => t.record(d, &buf[..n]),
+                        _ => showing = false,
+                    }
+                }
                 // With no rule for this direction the read is written as it is.
                 let out = if rewriter.is_empty() {
                     Cow::Borrowed(&buf[..n])
                 } else {
                     let out = rewriter.push(&buf[..n], n == 0).into();
-                    hold_until = rewriter
-                        .holding()
-                        .then(|| tokio::time::Instant::now() + crate::inspect::rewrite::HOLD_MAX);
+                    hold_until = rewriter.holding().then(hold);
                     out
                 };
                 (Some(n), out)

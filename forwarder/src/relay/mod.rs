@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
+use crate::inspect::dump::Dump;
+use crate::inspect::rewrite::Rewriter;
 use crate::metrics::RuleStats;
 
 pub mod copy;
@@ -186,6 +188,18 @@ pub struct Pair {
     pub tunnel: Option<Box<crate::tunnel::stream::Link>>,
 }
 
+/// What the inspection prelude leaves to the relay it hands a pair to.
+#[derive(Default)]
+pub struct Handover {
+    /// The connection's dump, while a direction still has bytes to show: the relay
+    /// shows them as they pass (each read bounded by what the dump still wants, so only
+    /// the dumped bytes cross our memory), then goes on as usual.
+    pub dump: Option<Box<Dump>>,
+    /// A `rewrite` rule's rewriters, [to_upstream, to_client], as the prelude left
+    /// them (the prelude rewrote what it passed on; a match may span the handover).
+    pub rewriters: Option<Box<[Rewriter; 2]>>,
+}
+
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>>;
 
 /// A way to move bytes between the two sockets of a pair.
@@ -197,8 +211,16 @@ pub trait Relay: Send + Sync {
     fn path(&self) -> &'static str;
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a>;
     /// [`Relay::relay`] for a pair whose sockets the inspection prelude has read from
-    /// (maybe partway through a segment).
-    fn relay_after_prelude<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+    /// (maybe partway through a segment), with what the prelude leaves to do. Every
+    /// relay the prelude wraps (splice, ebpf, copy) implements it; the default is for
+    /// those it never wraps (tunnel streams), which are handed nothing.
+    fn relay_after_prelude<'a>(
+        &'a self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        handover: Handover,
+    ) -> RelayFuture<'a> {
+        debug_assert!(handover.dump.is_none() && handover.rewriters.is_none());
         self.relay(pair, progress)
     }
     /// How long after bytes moved `Progress` may still not show them (the idle timeout

@@ -23,7 +23,10 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::ebpf::sys;
-use super::{reset_both_on_close, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use super::{
+    reset_both_on_close, Handover, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
+};
+use crate::inspect::dump::Dump;
 
 /// Pipe capacity we ask for; bounds the bytes held per direction in userspace-owned
 /// kernel memory. Larger pipes mean fewer syscalls per byte.
@@ -38,6 +41,21 @@ impl Relay for SpliceRelay {
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         Box::pin(relay(pair, progress))
+    }
+
+    fn relay_after_prelude<'a>(
+        &'a self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        handover: Handover,
+    ) -> RelayFuture<'a> {
+        debug_assert!(
+            handover.rewriters.is_none(),
+            "rewrite rules use the copy relay"
+        );
+        Box::pin(NeverPromoted {
+            inner: relay_until(pair, progress, None, handover.dump),
+        })
     }
 }
 
@@ -64,7 +82,7 @@ where
     P: Deref<Target = Progress>,
 {
     NeverPromoted {
-        inner: relay_until(pair, progress, None),
+        inner: relay_until(pair, progress, None, None),
     }
 }
 
@@ -188,12 +206,16 @@ impl Activity {
 /// were read to EAGAIN then (no partly read skb: whatever arrived since came whole),
 /// so the pair may join a sockmap at once.
 ///
+/// `dump`: the inspection dump, while a direction still shows bytes (see [`show`]); a
+/// pair is not promoted before it has shown them.
+///
 /// An `async` block over its captured values, not an `async fn` (which would keep a
 /// copy of its arguments next to the values it works on): idle pairs hold this.
 pub fn relay_until<P>(
     pair: Pair,
     progress: P,
     promote: Option<u32>,
+    dump: Option<Box<Dump>>,
 ) -> impl Future<Output = Result<RelayEnd, Pair>>
 where
     P: Deref<Target = Progress>,
@@ -206,7 +228,7 @@ where
     };
     async move {
         progress.enter(Hop::Splice);
-        match pumps(&pair, &progress, &quiet).await {
+        match pumps(&pair, &progress, &quiet, dump).await {
             // The other pump waited for readiness with no pipe: dropping it lost
             // nothing (bytes that just arrived stay in its socket).
             None => Err(pair),
@@ -224,7 +246,12 @@ where
 /// Both directions are polled by hand from one future, each a small [`Pump`] state,
 /// rather than as two `async` pumps: an idle pair then holds a few words per direction
 /// instead of a suspended future per await point (idle pairs are most pairs).
-async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayEnd> {
+async fn pumps(
+    pair: &Pair,
+    progress: &Progress,
+    quiet: &Quiet,
+    mut dump: Option<Box<Dump>>,
+) -> Option<RelayEnd> {
     let (c, u) = (&pair.client, &pair.upstream);
     let mut dirs = [Pump::new(), Pump::new()];
     let mut done = [false; 2];
@@ -239,11 +266,18 @@ async fn pumps(pair: &Pair, progress: &Progress, quiet: &Quiet) -> Option<RelayE
             (u, c, Side::Upstream, Side::Client),
         ];
         for d in 0..2 {
+            // Shown in full (a direction that ended shows no more): the file closes now.
+            if dump
+                .as_ref()
+                .is_some_and(|t| (0..2).all(|d| done[d] || t.wants(d) == 0))
+            {
+                dump = None;
+            }
             if done[d] {
                 continue;
             }
             let (src, dst, from, to) = ends[d];
-            match dirs[d].poll(cx, src, dst, progress, quiet, d) {
+            match dirs[d].poll(cx, [src, dst], progress, quiet, d, &mut dump) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(PumpEnd::Promote)) => return Poll::Ready(None),
                 Poll::Ready(Ok(PumpEnd::Eof)) if done[1 - d] => {
@@ -366,11 +400,11 @@ impl Pump {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        [src, dst]: [&TcpStream; 2],
         progress: &Progress,
         quiet: &Quiet,
         d: usize,
+        dump: &mut Option<Box<Dump>>,
     ) -> Poll<Result<PumpEnd, PumpError>> {
         let moved = [&progress.to_upstream, &progress.to_client][d];
         loop {
@@ -422,8 +456,17 @@ impl Pump {
             // Fill the pipe from the socket.
             while !self.eof && self.in_pipe < p.size {
                 let want = p.size - self.in_pipe;
+                let shows = dump.as_deref_mut().filter(|t| t.wants(d) > 0);
+                if shows.is_some() && self.in_pipe > 0 {
+                    // Shown bytes go on before the next are read.
+                    break;
+                }
                 self.drained = false;
-                match fill(src, p, self.in_pipe, want) {
+                let filled = match shows {
+                    Some(t) => show(src, p, t, d, progress),
+                    None => fill(src, p, self.in_pipe, want),
+                };
+                match filled {
                     Ok(Fill::Eof) => self.eof = true,
                     Ok(Fill::Bytes { n, drained }) => {
                         self.in_pipe += n;
@@ -488,7 +531,8 @@ impl Pump {
             }
             if self.drained {
                 let burst = std::mem::take(&mut self.burst);
-                if quiet.going_quiet(d, burst) {
+                let shown = dump.as_ref().is_none_or(|t| t.wants(0) + t.wants(1) == 0);
+                if quiet.going_quiet(d, burst) && shown {
                     return Poll::Ready(Ok(PumpEnd::Promote));
                 }
             }
@@ -642,6 +686,51 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
         (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Empty),
         (Err(e), None) => Err(e),
     }
+}
+
+/// The most [`show`] reads at once.
+const SHOW_READ: usize = 16 * 1024;
+
+/// For the inspection dump: reads the next bytes of direction `d`, at most as many as
+/// its dump still shows, into our memory, shows them, and puts them in the empty pipe
+/// `p`, from which the pump passes them on as it does spliced bytes. Only these bytes
+/// cross our memory (`userspace_bytes`). recv reads past an urgent mark (dropping the
+/// urgent byte, as the prelude's reads do).
+fn show(
+    src: &TcpStream,
+    p: &Pipe,
+    dump: &mut Dump,
+    d: usize,
+    progress: &Progress,
+) -> io::Result<Fill> {
+    let mut buf = vec![0u8; (dump.wants(d) as usize).min(SHOW_READ).min(p.size)];
+    let n = match src.try_read(&mut buf) {
+        Ok(0) => return Ok(Fill::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Empty),
+        Err(e) => return Err(e),
+    };
+    dump.record(d, &buf[..n]);
+    let mut off = 0;
+    while off < n {
+        // SAFETY: writes from a live buffer to a pipe fd we own.
+        let w = unsafe { libc::write(p.w.as_raw_fd(), buf[off..n].as_ptr().cast(), n - off) };
+        match w {
+            // The pipe was empty and holds more than was read: only a signal stops it.
+            w if w > 0 => off += w as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    progress
+        .via_userspace
+        .fetch_add(n as u64, Ordering::Relaxed);
+    // Maybe not drained (a short read can stop at an urgent mark): the next read says.
+    Ok(Fill::Bytes { n, drained: false })
 }
 
 /// At `src`'s urgent mark, with the pipe `p` empty (every byte before the mark is in

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{splice, Pair, Progress, Relay, RelayEnd, RelayFuture};
+use super::{splice, Handover, Pair, Progress, Relay, RelayEnd, RelayFuture};
 
 mod kernel;
 mod pair;
@@ -72,7 +72,7 @@ impl Relay for EbpfRelay {
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         let promote_after = self.start_on_splice.then_some(splice::PROMOTE_AFTER_BURSTS);
-        self.run(pair, progress, promote_after, self.handed)
+        self.run(pair, progress, promote_after, self.handed, None)
     }
 
     /// After an inspection prelude a socket may hold a partly read skb, which the
@@ -81,19 +81,34 @@ impl Relay for EbpfRelay {
     /// A little queued is relayed by splice as the pair joins. A stream still pouring
     /// in (more queued than that) would keep that going for nothing: it starts on
     /// splice and moves at a quiet moment, as `auto` does. Either way no byte beyond
-    /// the inspected ones goes through our memory.
-    fn relay_after_prelude<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
+    /// the inspected ones goes through our memory. A pair whose dump still shows bytes
+    /// starts on splice, which shows them, and moves at its first quiet moment after.
+    fn relay_after_prelude<'a>(
+        &'a self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        handover: Handover,
+    ) -> RelayFuture<'a> {
+        debug_assert!(
+            handover.rewriters.is_none(),
+            "rewrite rules use the copy relay"
+        );
         let queued = |s: &tokio::net::TcpStream| {
             sys::inq(std::os::fd::AsRawFd::as_raw_fd(s)).unwrap_or(u64::MAX / 4)
         };
         let queued = queued(&pair.client) + queued(&pair.upstream);
-        let promote_after = (self.start_on_splice || queued > pair::PARTLY_READ_MAX)
-            .then_some(splice::PROMOTE_AFTER_BURSTS);
+        let promote_after = if self.start_on_splice || queued > pair::PARTLY_READ_MAX {
+            Some(splice::PROMOTE_AFTER_BURSTS)
+        } else if handover.dump.is_some() {
+            Some(1)
+        } else {
+            None
+        };
         let before = match queued {
             0 => pair::Before::Drained,
             _ => pair::Before::Used,
         };
-        self.run(pair, progress, promote_after, before)
+        self.run(pair, progress, promote_after, before, handover.dump)
     }
 
     /// Redirected bytes wake nobody: an idle pair's counters are read on its slowest tick.
@@ -106,19 +121,30 @@ impl EbpfRelay {
     /// An `auto` pair starts as a splice relay, the kernel path's state only made when
     /// the pair is promoted: an idle `auto` pair holds what a splice pair holds, plus
     /// this small wrapper (which is not an `async fn`, so it keeps no copy of the pair).
-    /// `promote_after`: start on splice and move after that many small bursts.
+    /// `promote_after`: start on splice and move after that many small bursts (and
+    /// after showing what `dump` still shows).
     fn run(
         &self,
         pair: Pair,
         progress: Arc<Progress>,
         promote_after: Option<u32>,
         before: pair::Before,
+        dump: Option<Box<crate::inspect::dump::Dump>>,
     ) -> RelayFuture<'static> {
         let (k, limit) = (self.kernel, self.inflight_limit);
+        debug_assert!(
+            dump.is_none() || promote_after.is_some(),
+            "splice shows the dump"
+        );
         if promote_after.is_none() {
             return Box::pin(pair::relay(k, limit, pair, progress, true, before));
         }
-        let on_splice = Box::pin(splice::relay_until(pair, progress.clone(), promote_after));
+        let on_splice = Box::pin(splice::relay_until(
+            pair,
+            progress.clone(),
+            promote_after,
+            dump,
+        ));
         Box::pin(async move {
             let pair = match on_splice.await {
                 Ok(end) => return end,
