@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
@@ -115,12 +116,19 @@ pub fn serve(
         let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
         progress.touch();
         let _open = rt.stats.open(progress.clone());
+        // A tunnel stream's data connection changes on resume (its fd may be another
+        // socket's by the time of a cut); its relay resets its ends itself.
+        let sockets = pair
+            .tunnel
+            .is_none()
+            .then(|| [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()]);
         // (Made in the call, not kept in locals: this block is held per pair.)
         let end = match relay_bounded(
             rt.relay.relay(pair, progress.clone()),
             &progress,
             Limits::of(rule, rt.relay.progress_lag()),
             &rt.abort,
+            sockets,
         )
         .await
         {
@@ -149,6 +157,12 @@ pub fn serve(
 /// why, for the close line. Every pair goes through here: a rule's, and a tunnel
 /// agent's target connection (with no limits).
 ///
+/// `sockets`: the pair's two sockets, which the relay owns until it is dropped. A pair
+/// cut by `max_connection_duration` or the shutdown may be in the middle of a
+/// transfer: both ends get a reset, not a FIN that would pass a cut stream off as
+/// complete. An idle pair (`idle_timeout`) has nothing in flight and is closed
+/// cleanly, as HAProxy's and nginx's timeouts do.
+///
 /// An `async` block over its arguments, not an `async fn` (which would keep a second
 /// copy of them): a rule's pairs hold this for their whole life. (As an `async fn`
 /// it made `serve`'s future 56 bytes larger, a 128-byte step of the task, ~140 B of
@@ -159,7 +173,18 @@ pub fn relay_bounded<'a>(
     progress: &'a Progress,
     limits: Limits,
     abort: &'a Abort,
+    sockets: Option<[RawFd; 2]>,
 ) -> impl Future<Output = Result<RelayEnd, &'static str>> + Send + 'a {
+    let cut = move |why: &'static str| {
+        if let (Some(fds), true) = (sockets, why != "idle_timeout") {
+            for fd in fds {
+                // SAFETY: the relay future, which owns both sockets, is alive (it is
+                // dropped only after this returns), so each fd is still that socket.
+                crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+            }
+        }
+        Poll::Ready(Err(why))
+    };
     async move {
         // Raced by hand against the limits and forced shutdown, rather than with
         // `select!`, which keeps a copy of each branch's state.
@@ -186,7 +211,7 @@ pub fn relay_bounded<'a>(
             // again (bytes moving do not touch it).
             while armed && timer.as_mut().poll(cx).is_ready() {
                 match limits.check(progress) {
-                    Ok(why) => return Poll::Ready(Err(why)),
+                    Ok(why) => return cut(why),
                     Err(at) => {
                         armed = at.is_some();
                         if let Some(at) = at {
@@ -196,7 +221,7 @@ pub fn relay_bounded<'a>(
                 }
             }
             if abort.fired.load(Ordering::SeqCst) || aborted.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err("shutdown"));
+                return cut("shutdown");
             }
             Poll::Pending
         })

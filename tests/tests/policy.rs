@@ -287,19 +287,26 @@ relay_tests! {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let started = Instant::now();
         let mut buf = [0u8; 4];
-        // Busy the whole time: the duration cap is not an idle timeout.
-        loop {
-            if s.write_all(b"ping").is_err() {
-                break;
+        // Busy the whole time: the duration cap is not an idle timeout. The pair is
+        // cut in the middle of its life: a reset, not a FIN that would pass it off as
+        // complete.
+        let ended = loop {
+            if let Err(e) = s.write_all(b"ping") {
+                break Err(e.kind());
             }
             match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break Ok(()),
+                Err(e) => break Err(e.kind()),
                 Ok(_) => thread::sleep(Duration::from_millis(50)),
             }
             assert!(started.elapsed() < Duration::from_secs(5), "never closed");
-        }
+        };
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
+        assert!(
+            matches!(ended, Err(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+            "the cut pair ended with {ended:?}, not a reset"
+        );
         assert!(wait_log(&fwd, "end=max_connection_duration", Duration::from_secs(2)));
     }
 

@@ -780,6 +780,42 @@ relay_tests! {
             && field(l, "bytes_down") == Some(p.len.to_string().as_str())), "{closes:?}");
     }
 
+    /// A download still running when the shutdown grace ends is cut with a reset on
+    /// both sides: the client must not read a clean EOF on a stream cut short.
+    fn shutdown_grace_cut_resets_the_pair(mode) {
+        let _load = light();
+        let up = Server::source(Payload::new(98, 256 * MIB));
+        let mut fwd = Forwarder::config(
+            Some(mode),
+            &format!("[global]\nshutdown_grace = \"1s\"\n{}", rule("cut", up.addr(), "")),
+            1,
+        );
+        fwd.assert_mode(mode);
+        allow_bulk_escape(&fwd, &[256 * MIB]);
+        let c = connect(fwd.addr());
+        // Some of the download, then the client stops reading: the rest waits in the
+        // buffers on the way (the upstream cannot finish before the grace ends).
+        read_exact_timeout(&c, MIB as usize, secs(10)).expect("the download's first MiB");
+        fwd.proc.signal(libc::SIGTERM);
+        let status = fwd.proc.wait_timeout(secs(10)).expect("forwarder did not exit after the grace");
+        assert_eq!(status.code(), Some(0), "exit {}", describe_status(&status));
+        // What was buffered for the client may still be read; then a reset, not an EOF.
+        let mut buf = vec![0u8; 256 * KIB as usize];
+        let mut got = MIB;
+        let ended = loop {
+            set_read_deadline(&c, Instant::now() + secs(5)).unwrap();
+            match (&c).read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n as u64,
+                Err(e) => break Err(e.kind()),
+            }
+            assert!(got < 256 * MIB, "the whole download arrived: nothing was cut");
+        };
+        assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "after {got} bytes");
+        let closes = fwd.close_lines();
+        assert!(closes.iter().any(|l| field(l, "end") == Some("shutdown")), "{closes:?}");
+    }
+
     /// A second signal during the drain exits at once, even with connections open.
     fn second_signal_exits_at_once(mode) {
         let _load = light();
