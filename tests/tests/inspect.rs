@@ -929,6 +929,38 @@ relay_tests! {
         assert_eq!(num(&close, "userspace_bytes"), 2 * want.len() as u64, "{close}");
     }
 
+    /// Dump files are made new: names an earlier run left (numbers start at 1 in each
+    /// process) are skipped, not appended to, and a symlink in a dump's place is not
+    /// followed (root would append the payload to whatever it points at).
+    fn dump_files_are_never_reused(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let (dumps, elsewhere) = (TempDir::new("dump-reuse"), TempDir::new("dump-victim"));
+        let old = dumps.path().join("r-1.log");
+        std::fs::write(&old, "an earlier run's dump\n").unwrap();
+        let victim = elsewhere.path().join("victim");
+        std::fs::write(&victim, "not a dump\n").unwrap();
+        std::os::unix::fs::symlink(&victim, dumps.path().join("r-2.log")).unwrap();
+        let extra = format!("inspect = {{ bytes = 64, to = \"{}\" }}", dumps.path().display());
+        let fwd = Forwarder::config(None, &rule("r", mode.as_str(), up.addr(), &extra), 1);
+        fwd.assert_mode(mode);
+        fwd.expect_userspace_at_most(2 * 5).expect_paths(&["splice"]);
+        if mode == Mode::Ebpf {
+            fwd.expect_pairs(0);
+        }
+        let (sent, received) = converse(fwd.addr(), &[b"hello"], Payload::new(5, 0));
+        wait_close(&fwd, "r", 1);
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "an earlier run's dump\n");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not a dump\n");
+        std::fs::remove_file(&old).unwrap();
+        std::fs::remove_file(dumps.path().join("r-2.log")).unwrap();
+        // What is left is this connection's own file, numbered past the taken names.
+        let chunks = dump_file(dumps.path(), "r", false);
+        assert!(chunks.iter().all(|c| c.conn == 3), "{chunks:?}");
+        assert_eq!(stream(&chunks, '>'), &sent[..5]);
+        assert_eq!(stream(&chunks, '<'), &received[..5]);
+    }
+
     /// A rewrite rule that also dumps and checks `deny_pattern`: the stream is
     /// rewritten from its first byte (the bytes the inspection prelude passes on too),
     /// a match split across the end of the prelude ("Host: ol" | "d.example") is

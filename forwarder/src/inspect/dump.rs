@@ -13,8 +13,13 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{DumpFormat, Inspect};
+
+/// How many taken file names (an earlier run's dumps) one connection skips before it
+/// gives up its dump: runs that left thousands behind are told to clear them.
+const MAX_SKIPPED: u32 = 10_000;
 
 /// One connection's dump: at most `bytes` per direction.
 pub struct Dump {
@@ -28,17 +33,43 @@ pub struct Dump {
 }
 
 impl Dump {
-    /// Opens the connection's file (mode 0600) when the dump goes to a directory.
-    pub fn new(cfg: &Inspect, rule: &str, conn: u64) -> std::io::Result<Dump> {
+    /// The dump of the next connection, numbered from `conns` (`conn=`). When it goes
+    /// to a directory, its file `<rule>-<conn>.log` is made new (mode 0600): a number
+    /// whose file exists (an earlier run's: numbers start at 1 in each process) is
+    /// skipped, and a symlink in its place is not followed, so a dump never lands in
+    /// another connection's file, or in any file but its own.
+    pub fn new(cfg: &Inspect, rule: &str, conns: &AtomicU64) -> std::io::Result<Dump> {
+        let mut conn = conns.fetch_add(1, Ordering::Relaxed);
         let file = match &cfg.dir {
             None => None,
-            Some(dir) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(dir.join(format!("{rule}-{conn}.log")))?,
-            ),
+            Some(dir) => {
+                let mut skipped = 0;
+                loop {
+                    let path = dir.join(format!("{rule}-{conn}.log"));
+                    match std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                    {
+                        Ok(f) => break Some(f),
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::AlreadyExists
+                                && skipped < MAX_SKIPPED =>
+                        {
+                            skipped += 1;
+                            conn = conns.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            return Err(std::io::Error::new(
+                                e.kind(),
+                                format!("{}: {e}", path.display()),
+                            ))
+                        }
+                    }
+                }
+            }
         };
         Ok(Dump {
             rule: rule.to_string(),

@@ -161,10 +161,9 @@ impl InspectRelay {
     /// left to do.
     async fn prelude(&self, pair: &mut Pair, progress: &Progress) -> Result<Handover, RelayEnd> {
         let rule = &self.rule;
-        let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
         let dump = rule.inspect.as_ref().and_then(|cfg| {
-            Dump::new(cfg, &rule.name, conn)
-                .map_err(|e| tracing::warn!("inspect rule={} conn={conn}: no dump: {e}", rule.name))
+            Dump::new(cfg, &rule.name, &NEXT_CONN)
+                .map_err(|e| tracing::warn!("inspect rule={}: no dump: {e}", rule.name))
                 .ok()
         });
         let mut p = Prelude {
