@@ -549,6 +549,29 @@ relay_tests! {
         fwd.assert_running();
     }
 
+    /// A process started without a `[tunnel_server]` keeps running without one (the
+    /// section cannot change on reload), so a reload adding one with an `agent:` rule
+    /// fails and changes nothing, rather than starting a rule no agent can ever serve.
+    fn reload_refuses_an_agent_rule_without_a_tunnel_server(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let good = rule("t", "127.0.0.1:0", echo.addr(), "");
+        let mut fwd = Forwarder::config(Some(mode), &good, 1);
+        let addr = fwd.addr();
+        let listening = listening_count(&fwd);
+        let tunnel = format!(
+            "[tunnel_server]\nlisten = \"127.0.0.1:{}\"\ntoken = \"secret\"\n\n{good}[[rule]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"agent:web\"\n",
+            free_port()
+        );
+        let line = fwd.reload(&tunnel);
+        assert!(line.contains(" reload failed: "), "{line}");
+        let msg = failed_message(&fwd, &line);
+        assert!(msg.contains("\"a\"") && msg.contains("[tunnel_server]"), "{msg}");
+        assert_eq!(listening_count(&fwd), listening, "a listener was started");
+        echo_check_paired(addr, Payload::new(4, 64 * KIB), secs(20));
+        fwd.assert_running();
+    }
+
     /// A rule dropped from the file stops accepting at once while its open transfer
     /// runs to the end; a rule added in the same reload serves.
     fn removed_rule_stops_accepting_running_transfer_finishes(mode) {
