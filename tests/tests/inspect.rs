@@ -1168,8 +1168,9 @@ relay_tests! {
         );
         let fwd = Forwarder::config(None, &toml, 2);
         fwd.assert_mode(mode);
-        // The authorized requests' heads go through the prelude (checked, header cut).
-        fwd.expect_userspace_at_most(1024).expect_pairs(2);
+        // The authorized requests' heads go through the prelude (checked, header cut):
+        // up to 1 KiB, and one with a 10 KiB cookie.
+        fwd.expect_userspace_at_most(11 * 1024).expect_pairs(2);
         let web = format!("http://{}/ok.txt", fwd.rule_addr("web"));
 
         let (status, body, _) = curl(&web, &[]);
@@ -1223,6 +1224,14 @@ relay_tests! {
         for h in ["Host: ", "User-Agent: curl/", "Accept: */*", "X-Other: keep"] {
             assert!(got.contains(h), "{h:?} missing from {got:?}");
         }
+        // A request head longer than inspect_window (4 KiB by default), as large
+        // cookies make it, passes too.
+        let cookie = format!("Cookie: c={}", "x".repeat(10 * 1024));
+        let (status, body, _) = curl(&raw_url, &["-H", &header, "-H", &cookie]);
+        assert_eq!((status, body.as_slice()), (200, b"raw".as_slice()), "a 10 KiB request head");
+        let got = raw_rx.recv_timeout(secs(10)).expect("raw request with a large cookie");
+        let got = String::from_utf8(got).expect("utf-8 request");
+        assert!(got.contains(&cookie) && !got.contains(&token), "{} bytes: no cookie or the token", got.len());
 
         // Both refusals counted by reason.
         let (_, text, _) = curl(&format!("http://{maddr}/metrics"), &[]);

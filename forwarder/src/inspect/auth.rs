@@ -8,6 +8,15 @@ use crate::config::HttpAuth;
 pub const UNAUTHORIZED: &[u8] =
     b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
+/// The longest request head `http_auth` reads: HAProxy's default buffer (tune.bufsize,
+/// 16 KiB), so requests with large cookies pass; `inspect_window` when larger.
+const HEAD_MAX: usize = 16 * 1024;
+
+/// How far into the client's stream the request head may reach.
+pub fn window(inspect_window: usize) -> usize {
+    inspect_window.max(HEAD_MAX)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The request's headers are not complete yet.
@@ -18,16 +27,15 @@ pub enum Outcome {
     Fail(&'static str),
 }
 
-/// Judges the bytes held so far (the start of the client's stream).
+/// Judges the bytes held so far (the start of the client's stream), whose request
+/// head must end within `window` bytes.
 pub fn check(held: &[u8], auth: &HttpAuth, window: usize) -> Outcome {
     let mut headers = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(held) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if held.len() < window => return Outcome::NeedMore,
-        Ok(httparse::Status::Partial) => {
-            return Outcome::Fail("request headers exceed inspect_window")
-        }
+        Ok(httparse::Status::Partial) => return Outcome::Fail("request headers too long"),
         Err(_) => return Outcome::Fail("not an HTTP/1.x request"),
     };
     let mut ok = false;

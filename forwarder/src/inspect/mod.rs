@@ -193,8 +193,12 @@ impl InspectRelay {
             // Never read past what a check or the dump needs: the inner relay takes
             // over at exactly that point. While the client's checks wait, the
             // upstream's bytes flow (server-first protocols).
+            let window = match p.auth_pending {
+                true => auth::window(rule.inspect_window),
+                false => rule.inspect_window,
+            };
             let client_max = if checking {
-                (rule.inspect_window.saturating_sub(p.client_seen) as u64).max(wants(0, &p))
+                (window.saturating_sub(p.client_seen) as u64).max(wants(0, &p))
             } else {
                 wants(0, &p)
             };
@@ -329,14 +333,14 @@ impl InspectRelay {
         }
         if let (true, Some(a)) = (p.auth_pending, &rule.http_auth) {
             let outcome = if p.eof[0] && !p.held.is_empty() {
-                match auth::check(&p.held, a, rule.inspect_window) {
+                match auth::check(&p.held, a, auth::window(rule.inspect_window)) {
                     auth::Outcome::NeedMore => auth::Outcome::Fail("incomplete request"),
                     o => o,
                 }
             } else if p.eof[0] {
                 auth::Outcome::Fail("no request")
             } else {
-                auth::check(&p.held, a, rule.inspect_window)
+                auth::check(&p.held, a, auth::window(rule.inspect_window))
             };
             match outcome {
                 auth::Outcome::NeedMore => {}
