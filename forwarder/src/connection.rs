@@ -381,6 +381,7 @@ async fn through_agent(
         None => None,
     };
     let Some((data, link)) = opened else {
+        rt.stats.connect_error(&upstream);
         reset_on_close(&client);
         log_close(
             &rule.name,

@@ -20,6 +20,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::config::AGENT_PREFIX;
 use crate::policy::balance::Upstreams;
 use crate::relay::{Hop, Progress};
 
@@ -238,7 +239,13 @@ impl Collector for Collect {
             if let Some(ups) = ups {
                 for (i, u) in ups.list.iter().enumerate() {
                     per_upstream.entry(u.cfg.addr.as_str()).or_default();
-                    let v = i64::from(ups.marked_up(i));
+                    let v = i64::from(match u.cfg.addr.strip_prefix(AGENT_PREFIX) {
+                        // Agents are not health-checked: up while one offers it.
+                        Some(service) => {
+                            crate::tunnel::server::registry().is_some_and(|r| r.offers(service))
+                        }
+                        None => ups.marked_up(i),
+                    });
                     up.push((
                         vec![("rule", name), ("upstream", u.cfg.addr.as_str())],
                         gauge(v),
@@ -287,7 +294,7 @@ impl Collector for Collect {
         family(
             &mut e,
             "forwarder_upstream_up",
-            "1 if the upstream is up, 0 if it is marked down",
+            "1 if the upstream is up, 0 if it is marked down (agent:NAME: 1 while an agent offering NAME is connected)",
             MetricType::Gauge,
             up,
         )?;

@@ -1401,6 +1401,53 @@ relay_tests! {
         assert_eq!(field(&l, "end"), Some("no_agent"), "{l}");
     }
 
+    /// `forwarder_upstream_up{upstream="agent:web"}` follows the agents (0 before one
+    /// connects, 1 while one serves, 0 once it is gone), and a visitor closed with
+    /// `end=no_agent` counts in `forwarder_upstream_connect_errors_total`.
+    fn agent_upstream_metrics_follow_the_agents(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let maddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let server = TunnelServer::config(
+            mode,
+            &format!(
+                "[global]\nmetrics = \"{maddr}\"\n\n{}",
+                server_toml("127.0.0.1:0", &token, "resume_grace = \"1s\"", "connect_timeout = \"1s\"")
+            ),
+        );
+        let scrape = |name: &str| -> f64 {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "5", &format!("http://{maddr}/metrics")])
+                .output()
+                .expect("curl runs");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains("upstream=\"agent:web\""))
+                .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} for agent:web in:\n{text}"))
+        };
+        let wait_for = |name: &str, want: f64| {
+            let deadline = Instant::now() + secs(10);
+            while scrape(name) != want && Instant::now() < deadline {
+                std::thread::sleep(ms(50));
+            }
+            assert_eq!(scrape(name), want, "{name}");
+        };
+        assert_eq!(scrape("forwarder_upstream_up"), 0.0, "no agent yet");
+        assert_no_agent_got_in(&server, &target);
+        wait_for("forwarder_upstream_connect_errors_total", 1.0);
+        let mut agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        wait_for("forwarder_upstream_up", 1.0);
+        agent.kill();
+        wait_for("forwarder_upstream_up", 0.0);
+    }
+
     /// An agent with the wrong token is refused and logged; visitors get `no_agent`
     /// and nothing reaches the target.
     fn wrong_token_refused(mode) {

@@ -179,6 +179,16 @@ impl Registry {
         }
     }
 
+    /// Whether an agent offering `service` is connected (`forwarder_upstream_up` of
+    /// an `agent:` upstream).
+    pub fn offers(&self, service: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap()
+            .values()
+            .any(|s| s.live() && s.services.iter().any(|n| n == service))
+    }
+
     pub fn set_known(&self, known: HashSet<String>) {
         *self.known.write().unwrap() = known;
     }
