@@ -802,17 +802,39 @@ pub fn check_threads(n: usize) -> Result<usize, String> {
     }
 }
 
+/// Token files as this process read them, by path. After `[global] user` dropped
+/// privileges a root-only token file cannot be read again: a reload then keeps what
+/// was read before, and says so, rather than failing (every reload did).
+static TOKENS_READ: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// A token file's content, trimmed (see [`TOKENS_READ`]).
+fn read_token_file(f: &str) -> std::io::Result<String> {
+    let mut read = TOKENS_READ.lock().unwrap_or_else(|e| e.into_inner());
+    match std::fs::read_to_string(f) {
+        Ok(t) => {
+            let t = t.trim().to_string();
+            read.insert(f.to_string(), t.clone());
+            Ok(t)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && read.contains_key(f) => {
+            tracing::warn!(
+                "{f}: {e} (privileges were dropped); keeping the token read before: make the file readable by [global] user to change it on reload"
+            );
+            Ok(read[f].clone())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A secret from `KEY.token_file` (trimmed) or `KEY.token`: exactly one of them.
 fn secret(section: &str, file: Option<&str>, inline: Option<&str>) -> Result<Secret, ConfigError> {
     let token = match (file, inline) {
-        (Some(f), None) => std::fs::read_to_string(f)
-            .map_err(|e| {
-                err(format!(
-                    "config error at key `{section}.token_file`: {f}: {e}"
-                ))
-            })?
-            .trim()
-            .to_string(),
+        (Some(f), None) => read_token_file(f).map_err(|e| {
+            err(format!(
+                "config error at key `{section}.token_file`: {f}: {e}"
+            ))
+        })?,
         (None, Some(t)) => t.to_string(),
         _ => {
             return Err(err(format!(
@@ -1112,10 +1134,8 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         Some(a) => {
             let token = match (&a.token, &a.token_file) {
                 (Some(t), None) => t.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| err(format!("{}: {f}: {e}", at("http_auth.token_file"))))?
-                    .trim()
-                    .to_string(),
+                (None, Some(f)) => read_token_file(f)
+                    .map_err(|e| err(format!("{}: {f}: {e}", at("http_auth.token_file"))))?,
                 _ => {
                     return Err(err(format!(
                         "{}: give exactly one of token_file and token",

@@ -646,6 +646,54 @@ relay_tests! {
         fwd.assert_running();
     }
 
+    /// Token files only root may read, as an administrator keeps them: read at
+    /// startup, before the drop; a reload (as nobody, who cannot read them) keeps the
+    /// tokens read then and says so, instead of failing every time.
+    fn reload_after_the_drop_keeps_root_only_tokens(mode) {
+        let _g = light();
+        let echo = Server::echo();
+        let dir = TempDir::new("privdrop-tokens");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let secrets = TempDir::new("root-only");
+        let (auth, tunnel) = (secrets.write("auth.token", "s3cret\n"), secrets.write("tunnel.token", "t0ken\n"));
+        for f in [&auth, &tunnel] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let toml = |timeout: &str| {
+            format!(
+                "[global]\nuser = \"nobody\"\n\n[tunnel_server]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n{}",
+                tunnel.display(),
+                rule(
+                    "echo",
+                    "127.0.0.1:0",
+                    echo.addr(),
+                    mode,
+                    &format!(
+                        "connect_timeout = \"{timeout}\"\nhttp_auth = {{ header = \"X-Auth\", token_file = \"{}\" }}",
+                        auth.display()
+                    )
+                )
+            )
+        };
+        let mut fwd = start_in(dir, &[], &toml("5s"), &[], 1);
+        // The request's head goes through the inspection prelude (checked, header cut).
+        fwd.expect_userspace_at_most(18).expect_paths(&["splice"]);
+        let config = fwd.config_path();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let line = fwd.reload(&toml("6s"));
+        assert!(line.contains(" reload ok: ") && line.contains("changed=[echo]"), "{line}");
+        for f in [&auth, &tunnel] {
+            let kept = format!("{}: Permission denied", f.display());
+            assert!(fwd.log_lines().iter().any(|l| l.contains(" WARN ") && l.contains(&kept)), "no warning for {}: {}", f.display(), fwd.stderr.text());
+        }
+        // The kept token still lets a request through (the echo shows it without the header).
+        let s = connect(fwd.addr());
+        std::io::Write::write_all(&mut &s, b"GET / HTTP/1.1\r\nX-Auth: s3cret\r\n\r\n").unwrap();
+        let back = read_exact_timeout(&s, 18, secs(10)).expect("the request's echo");
+        assert_eq!(back, b"GET / HTTP/1.1\r\n\r\n");
+        fwd.assert_running();
+    }
+
     /// An unknown `[global] user` is a config error `check` names.
     fn unknown_user_is_a_config_error(mode) {
         let _g = light();
