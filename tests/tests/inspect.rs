@@ -961,6 +961,43 @@ relay_tests! {
         assert_eq!(stream(&chunks, '<'), &received[..5]);
     }
 
+    /// `^`, `(?m)^` and `$` are the stream's, not each read's: of "A0\n", "A1\n", "L2",
+    /// "Afoo" (50 ms apart), then 1.3 s later (the held "foo" goes on: that pause is
+    /// not the stream's end) " foo" and a FIN, only the first `A`, the `L` after a
+    /// line end read earlier and the last `foo` match.
+    fn rewrite_anchors_apply_to_the_stream(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", false);
+        let extra = r#"rewrite = [
+            { direction = "to_upstream", match = '^A', replace = "Z" },
+            { direction = "to_upstream", match = '(?m)^L', replace = "M" },
+            { direction = "to_upstream", match = 'foo$', replace = "bar" },
+        ]"#;
+        let fwd = Forwarder::config(None, &rule("rwa", rewrite_mode(mode), up.addr(), extra), 1);
+        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        let want: &[u8] = b"Z0\nA1\nM2Afoo bar";
+        // The copy path moves every byte through userspace (none comes back).
+        fwd.expect_userspace_at_most(want.len() as u64);
+        let s = connect(fwd.addr());
+        for part in [&b"A0\n"[..], b"A1\n", b"L2", b"Afoo"] {
+            (&s).write_all(part).unwrap();
+            thread::sleep(Duration::from_millis(50));
+        }
+        thread::sleep(Duration::from_millis(1250));
+        (&s).write_all(b" foo").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = recorded(&rx, "anchors client");
+        assert_eq!(
+            (String::from_utf8_lossy(&got.bytes), got.end),
+            (String::from_utf8_lossy(want), Ok(())),
+            "the upstream's bytes"
+        );
+        let close = wait_close(&fwd, "rwa", 1);
+        assert_eq!(field(&close, "path"), Some("copy"), "{close}");
+        assert_eq!(num(&close, "bytes_up"), want.len() as u64, "{close}");
+        assert_eq!(num(&close, "userspace_bytes"), want.len() as u64, "{close}");
+    }
+
     /// A rewrite rule that also dumps and checks `deny_pattern`: the stream is
     /// rewritten from its first byte (the bytes the inspection prelude passes on too),
     /// a match split across the end of the prelude ("Host: ol" | "d.example") is
