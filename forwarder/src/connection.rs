@@ -20,6 +20,7 @@ use crate::config::{Access, Rule};
 use crate::event;
 use crate::metrics::RuleStats;
 use crate::policy::balance::{ActiveGuard, Upstreams};
+use crate::policy::slots::RuleSlot;
 use crate::policy::sources::{Refusal, SourceLimits, SourceSlot};
 use crate::policy::{clock, health, proxy_protocol};
 use crate::relay::{describe, reset_on_close, Pair, Progress, Relay, RelayEnd, RelayFuture};
@@ -32,6 +33,7 @@ pub struct RuleRuntime {
     /// replaces it in place).
     pub global_access: Arc<RwLock<Access>>,
     pub upstreams: Arc<Upstreams>,
+    /// Its table is shared with the runtimes the rule had before a reload.
     pub sources: Arc<SourceLimits>,
     pub refused: RefusalLog,
     /// This rule's metrics, shared with the runtimes it had before a reload.
@@ -44,6 +46,7 @@ impl RuleRuntime {
     pub fn new(
         rule: Rule,
         relay: Arc<dyn Relay>,
+        sources: Arc<SourceLimits>,
         global_access: Arc<RwLock<Access>>,
         abort: Arc<Abort>,
     ) -> Self {
@@ -53,7 +56,7 @@ impl RuleRuntime {
         RuleRuntime {
             upstreams,
             stats,
-            sources: SourceLimits::new(rule.max_connections_per_source, rule.rate_per_source),
+            sources,
             refused: RefusalLog::default(),
             rule,
             relay,
@@ -82,7 +85,7 @@ impl Abort {
 /// Held for the whole life of a connection; dropping it frees the connection slots.
 pub struct Permits {
     pub _global: OwnedSemaphorePermit,
-    pub _rule: OwnedSemaphorePermit,
+    pub _rule: RuleSlot,
 }
 
 /// Serves one accepted client to its end and logs the close line.

@@ -19,6 +19,8 @@ use crate::connection::{serve, Abort, Permits, RuleRuntime};
 use crate::inspect::InspectRelay;
 use crate::logging::List;
 use crate::policy::health;
+use crate::policy::slots::RuleSlots;
+use crate::policy::sources::SourceLimits;
 use crate::relay::copy::CopyRelay;
 use crate::relay::ebpf::EbpfRelay;
 use crate::relay::splice::SpliceRelay;
@@ -77,6 +79,10 @@ struct Running {
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
     health: Option<JoinHandle<()>>,
+    /// The rule's limits, handed on by name (like its `RuleStats`) to the runtime that
+    /// replaces this one on a reload: the connections open now keep counting.
+    slots: Arc<RuleSlots>,
+    sources: Arc<SourceLimits>,
 }
 
 impl Running {
@@ -227,9 +233,23 @@ impl Server {
             mode = relay.path(),
             detail = %why,
         );
+        // A changed rule keeps the limits of the one it replaces (resized in `apply`
+        // once the reload cannot fail any more); a new rule starts with its own.
+        let (slots, sources) = match self.rules.iter().find(|r| r.rule.name == rule.name) {
+            Some(old) => (
+                old.slots.clone(),
+                old.sources
+                    .carried(rule.max_connections_per_source, rule.rate_per_source),
+            ),
+            None => (
+                RuleSlots::new(rule.max_connections),
+                SourceLimits::new(rule.max_connections_per_source, rule.rate_per_source),
+            ),
+        };
         let rt = Arc::new(RuleRuntime::new(
             rule.clone(),
             relay,
+            sources.clone(),
             self.access.clone(),
             self.abort.clone(),
         ));
@@ -237,13 +257,12 @@ impl Server {
             .check_interval
             .is_some()
             .then(|| tokio::spawn(health::run(rule.clone(), rt.upstreams.clone())));
-        let per_rule = Arc::new(Semaphore::new(rule.max_connections));
         let (stop, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(
             listener.clone(),
             rt,
             self.global.clone(),
-            per_rule,
+            slots.clone(),
             stop_rx,
         ));
         Ok(Running {
@@ -252,6 +271,8 @@ impl Server {
             stop,
             accept,
             health,
+            slots,
+            sources,
         })
     }
 
@@ -346,6 +367,11 @@ impl Server {
             } else {
                 added.push(rule.name.clone());
             }
+        }
+        // Nothing can fail from here on: a changed max_connections now applies to the
+        // slots the rule's old and new loops share, the open connections included.
+        for r in &started {
+            r.slots.resize(r.rule.max_connections);
         }
 
         // Then retire what the new config no longer runs as it was.
@@ -527,7 +553,7 @@ async fn accept_loop(
     listener: Arc<TcpListener>,
     rt: Arc<RuleRuntime>,
     global: Arc<Semaphore>,
-    per_rule: Arc<Semaphore>,
+    slots: Arc<RuleSlots>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_fd_warning: Option<Instant> = None;
@@ -536,12 +562,12 @@ async fn accept_loop(
         // kernel's accept backlog, as HAProxy does, instead of accepting and dropping
         // them. The global slot is taken after accept(): a rule idling in accept()
         // must not hold a slot another rule could use.
-        let rule_permit = tokio::select! {
+        let rule_slot = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
-            permit = per_rule.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
+            slot = slots.acquire() => match slot {
+                Some(s) => s,
+                None => return,
             },
         };
         let accepted = tokio::select! {
@@ -557,7 +583,7 @@ async fn accept_loop(
                 };
                 let permits = Permits {
                     _global: global_permit,
-                    _rule: rule_permit,
+                    _rule: rule_slot,
                 };
                 tokio::spawn(serve(rt.clone(), client, peer, permits));
             }

@@ -244,6 +244,121 @@ fn start_error(path: &std::path::Path, mode: Mode) -> (Option<i32>, String) {
     )
 }
 
+/// Connects a client that must wait in the listen queue (its rule has no free slot):
+/// its byte is not echoed within 1 s. [`served_late`] checks it once a slot frees.
+fn waiting(addr: SocketAddr, what: &str) -> TcpStream {
+    let s = connect(addr);
+    (&s).write_all(b"?").unwrap();
+    match read_exact_timeout(&s, 1, secs(1)) {
+        Err(e) if is_timeout(&e) => s,
+        r => panic!("{what}: served (or closed) at once, want it to wait for a slot: {r:?}"),
+    }
+}
+
+/// A client [`waiting`] left in the listen queue is served now: its byte comes back.
+fn served_late(s: &TcpStream, what: &str) {
+    let got = read_exact_timeout(s, 1, secs(5))
+        .unwrap_or_else(|e| panic!("{what}: not served once a slot was free: {e}"));
+    assert_eq!(got, b"?", "{what}");
+}
+
+/// Checks that a client is still waiting (no echo of its byte for 1 s).
+fn still_waiting(s: &TcpStream, what: &str) {
+    match read_exact_timeout(s, 1, secs(1)) {
+        Err(e) if is_timeout(&e) => {}
+        r => panic!("{what}: served (or closed), want it still waiting for a slot: {r:?}"),
+    }
+}
+
+/// A client served now: one round trip.
+fn served(addr: SocketAddr, what: &str) -> TcpStream {
+    let s = connect(addr);
+    ping(&s, b"!", secs(5)).unwrap_or_else(|e| panic!("{what}: not served: {e}"));
+    s
+}
+
+/// A client the rule `rule` refuses for `reason`: not served, and the `refused` line
+/// names it.
+fn refused(fwd: &Forwarder, rule: &str, addr: SocketAddr, reason: &str, what: &str) {
+    // Bound first, to know its port: the reset may come before connect() returns.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((LOCALHOST, 0)).into()).unwrap();
+    let port = sock.local_addr().unwrap().as_socket().unwrap().port();
+    match sock.connect_timeout(&addr.into(), secs(5)) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: connect: {e}"),
+        Ok(()) => {
+            let r = ping(&sock.into(), b"!", secs(2));
+            assert!(r.is_err(), "{what}: served, want it refused for {reason}");
+        }
+    }
+    let want = format!(" refused rule={rule} client=127.0.0.1:{port} reason={reason} ");
+    assert!(
+        fwd.stderr
+            .wait_for(secs(5), |l| as_text(l).contains(&want))
+            .is_some(),
+        "{what}: no line with {want:?}:\n{}",
+        fwd.stderr.text()
+    );
+}
+
+/// Closes a served client and waits for its close line (logged just before its
+/// slots are given back).
+fn close(fwd: &Forwarder, s: TcpStream) {
+    let client = format!(" client={} ", s.local_addr().unwrap());
+    drop(s);
+    assert!(
+        fwd.stderr
+            .wait_for(secs(5), |l| {
+                let t = as_text(l);
+                t.contains(" close rule=") && t.contains(&client)
+            })
+            .is_some(),
+        "no close line for{client}"
+    );
+}
+
+/// [`served`] within 2 s: a per-source slot is given back just after the close line
+/// of the connection that held it.
+fn served_soon(addr: SocketAddr, what: &str) -> TcpStream {
+    let deadline = Instant::now() + secs(2);
+    loop {
+        let s = connect(addr);
+        match ping(&s, b"!", secs(5)) {
+            Ok(()) => return s,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: not served: {e}"),
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Three rules, each with one limit (name, the setting), for the limit tests.
+fn limited(echo: SocketAddr, timeout: u64, conns: usize, per_source: usize) -> String {
+    let extra = |limit: String| format!("connect_timeout = \"{timeout}s\"\n{limit}");
+    format!(
+        "{}{}{}",
+        rule(
+            "conns",
+            "127.0.0.1:0",
+            echo,
+            &extra(format!("max_connections = {conns}"))
+        ),
+        rule(
+            "per_source",
+            "127.0.0.1:0",
+            echo,
+            &extra(format!("max_connections_per_source = {per_source}"))
+        ),
+        // 3 a minute: no token comes back during the test.
+        rule(
+            "rate",
+            "127.0.0.1:0",
+            echo,
+            &extra("rate_per_source = \"3/m\"".into())
+        ),
+    )
+}
+
 relay_tests! {
     /// 50 echo transfers and a connect loop run while the rule is reloaded 20 times
     /// (changed and unchanged in turn): no connect is refused, no byte lost.
@@ -704,5 +819,91 @@ relay_tests! {
             fwd.assert_running();
             echo_check_paired(fwd.addr(), Payload::new(attempt, 16 * KIB), secs(20));
         }
+    }
+
+    /// A reload that changes a rule (here only its connect_timeout) keeps its limits:
+    /// the connections opened before it still count against max_connections and
+    /// max_connections_per_source, and rate_per_source's bucket stays as empty.
+    fn limits_hold_across_a_reload(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let mut fwd = Forwarder::config(Some(mode), &limited(echo.addr(), 5, 2, 2), 3);
+        let (conns, per_source, rate) =
+            (fwd.rule_addr("conns"), fwd.rule_addr("per_source"), fwd.rule_addr("rate"));
+
+        let c: Vec<TcpStream> = (1..=2).map(|i| served(conns, &format!("conns #{i}"))).collect();
+        let mut p: Vec<TcpStream> = (1..=2).map(|i| served(per_source, &format!("per_source #{i}"))).collect();
+        for i in 1..=3 {
+            close(&fwd, served(rate, &format!("rate #{i}")));
+        }
+
+        let line = fwd.reload(&limited(echo.addr(), 6, 2, 2));
+        assert_reload_ok(&line, &reload_ok("", "", "conns,per_source,rate", 0));
+
+        // max_connections = 2, two open: the third waits until one of them closes.
+        let c3 = waiting(conns, "conns #3 after the reload");
+        let mut c = c.into_iter();
+        close(&fwd, c.next().unwrap());
+        served_late(&c3, "conns #3");
+        let c4 = waiting(conns, "conns #4 (#2 and #3 open)");
+        close(&fwd, c.next().unwrap());
+        served_late(&c4, "conns #4");
+
+        // max_connections_per_source = 2, two open: the third is refused, and once one
+        // closes the source is served again.
+        refused(&fwd, "per_source", per_source, "max_connections_per_source", "per_source #3 after the reload");
+        close(&fwd, p.pop().unwrap());
+        let p4 = served_soon(per_source, "per_source #4");
+
+        // rate_per_source = 3/m, three used: the bucket is still empty.
+        refused(&fwd, "rate", rate, "rate_per_source", "rate #4 after the reload");
+
+        drop((c3, c4, p, p4));
+        fwd.assert_running();
+    }
+
+    /// A reload that changes a limit applies the new one to all the rule's connections,
+    /// those opened before it included: raised, as many more are served; lowered, no
+    /// one is until the open ones are under it.
+    fn changed_limits_count_open_connections(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let mut fwd = Forwarder::config(Some(mode), &limited(echo.addr(), 5, 2, 2), 3);
+        let (conns, per_source) = (fwd.rule_addr("conns"), fwd.rule_addr("per_source"));
+        let mut c: Vec<TcpStream> = (1..=2).map(|i| served(conns, &format!("conns #{i}"))).collect();
+        let mut p: Vec<TcpStream> = (1..=2).map(|i| served(per_source, &format!("per_source #{i}"))).collect();
+
+        // 2 -> 3: one more is served, the next waits.
+        let line = fwd.reload(&limited(echo.addr(), 5, 3, 3));
+        assert_reload_ok(&line, &reload_ok("", "", "conns,per_source", 1));
+        c.push(served(conns, "conns #3 (max_connections 2 -> 3)"));
+        let c4 = waiting(conns, "conns #4 (3 open, max_connections 3)");
+        p.push(served(per_source, "per_source #3 (max_connections_per_source 2 -> 3)"));
+        refused(&fwd, "per_source", per_source, "max_connections_per_source", "per_source #4 (3 open, limit 3)");
+
+        // 3 -> 1 with three open: #4 waits until all three have closed.
+        let line = fwd.reload(&limited(echo.addr(), 5, 1, 1));
+        assert_reload_ok(&line, &reload_ok("", "", "conns,per_source", 1));
+        let mut c = c.into_iter();
+        close(&fwd, c.next().unwrap());
+        still_waiting(&c4, "conns #4 (2 open, max_connections 1)");
+        close(&fwd, c.next().unwrap());
+        still_waiting(&c4, "conns #4 (1 open, max_connections 1)");
+        close(&fwd, c.next().unwrap());
+        served_late(&c4, "conns #4 (all earlier ones closed)");
+        let c5 = waiting(conns, "conns #5 (#4 open, max_connections 1)");
+        close(&fwd, c4);
+        served_late(&c5, "conns #5");
+
+        // 3 -> 1 per source with three open: refused until none is left.
+        while p.len() > 1 {
+            close(&fwd, p.pop().unwrap());
+        }
+        refused(&fwd, "per_source", per_source, "max_connections_per_source", "per_source #5 (1 open, limit 1)");
+        close(&fwd, p.pop().unwrap());
+        let p6 = served_soon(per_source, "per_source #6 (none open, limit 1)");
+
+        drop((c5, p6));
+        fwd.assert_running();
     }
 }

@@ -7,4 +7,5 @@ pub mod clock;
 pub mod health;
 pub mod proxy_protocol;
 pub mod schedule;
+pub mod slots;
 pub mod sources;

@@ -15,7 +15,8 @@ const MAX_ENTRIES: usize = 65_536;
 pub struct SourceLimits {
     max_per_source: Option<usize>,
     rate: Option<Rate>,
-    table: Mutex<HashMap<IpAddr, Entry>>,
+    /// Shared with the rule's limits before and after a reload (see [`Self::carried`]).
+    table: Arc<Mutex<HashMap<IpAddr, Entry>>>,
 }
 
 struct Entry {
@@ -51,7 +52,24 @@ impl SourceLimits {
         Arc::new(SourceLimits {
             max_per_source,
             rate,
-            table: Mutex::new(HashMap::new()),
+            table: Arc::default(),
+        })
+    }
+
+    /// The same rule's limits with new settings over the same table, for a reload: each
+    /// source's open connections still count and its bucket stays as it was (clamped
+    /// to a smaller burst at its next refill). Buckets that were not kept (no rate
+    /// before) start full.
+    pub fn carried(&self, max_per_source: Option<usize>, rate: Option<Rate>) -> Arc<SourceLimits> {
+        if let (None, Some(r)) = (self.rate, rate) {
+            for e in self.table.lock().unwrap().values_mut() {
+                e.tokens = r.burst;
+            }
+        }
+        Arc::new(SourceLimits {
+            max_per_source,
+            rate,
+            table: self.table.clone(),
         })
     }
 
@@ -151,6 +169,45 @@ mod tests {
             l.admit(a, t0 + Duration::from_millis(110)).err(),
             Some(Refusal::RateLimited)
         );
+    }
+
+    #[test]
+    fn carried_keeps_open_connections_and_buckets() {
+        let rate = |burst| Rate {
+            per_second: 1.0,
+            burst,
+        };
+        let old = SourceLimits::new(Some(2), Some(rate(2.0)));
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let s1 = old.admit(a, t0).unwrap();
+        let _s2 = old.admit(a, t0).unwrap();
+        let new = old.carried(Some(3), Some(rate(3.0)));
+        assert_eq!(new.admit(a, t0).err(), Some(Refusal::RateLimited));
+        let t1 = t0 + Duration::from_secs(10);
+        let _s3 = new.admit(a, t1).unwrap();
+        assert_eq!(new.admit(a, t1).err(), Some(Refusal::TooManyConnections));
+        // A connection of the old settings gives its slot back to the shared table.
+        drop(s1);
+        assert!(new.admit(a, t1).is_ok());
+    }
+
+    #[test]
+    fn rate_added_by_a_reload_starts_full() {
+        let old = SourceLimits::new(Some(5), None);
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let _s = old.admit(a, t0).unwrap();
+        let new = old.carried(
+            Some(5),
+            Some(Rate {
+                per_second: 1.0 / 60.0,
+                burst: 2.0,
+            }),
+        );
+        assert!(new.admit(a, t0).is_ok());
+        assert!(new.admit(a, t0).is_ok());
+        assert_eq!(new.admit(a, t0).err(), Some(Refusal::RateLimited));
     }
 
     #[test]
