@@ -711,21 +711,7 @@ fn show(
         Err(e) => return Err(e),
     };
     dump.record(d, &buf[..n]);
-    let mut off = 0;
-    while off < n {
-        // SAFETY: writes from a live buffer to a pipe fd we own.
-        let w = unsafe { libc::write(p.w.as_raw_fd(), buf[off..n].as_ptr().cast(), n - off) };
-        match w {
-            // The pipe was empty and holds more than was read: only a signal stops it.
-            w if w > 0 => off += w as usize,
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
+    into_empty_pipe(p, &buf[..n])?;
     progress
         .via_userspace
         .fetch_add(n as u64, Ordering::Relaxed);
@@ -770,15 +756,26 @@ pub(crate) fn past_urgent_mark(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
         Err(e) => return Err(e),
     };
-    // The pipe is empty and holds at least n bytes: one write takes them all.
-    // SAFETY: write from a buffer of at least n bytes to the pipe we own.
-    let w = unsafe { libc::write(p.w.as_raw_fd(), buf.as_ptr().cast(), n) };
-    if w != n as isize {
-        return Err(io::Error::other(format!(
-            "past the urgent mark: {n} bytes read, {w} went into the pipe"
-        )));
-    }
+    into_empty_pipe(p, &buf[..n])?;
     Ok(Some(n))
+}
+
+/// Puts bytes read into our memory into the empty pipe `p`, which holds at least that
+/// many: one write takes them all (a nonblocking pipe write is never interrupted).
+fn into_empty_pipe(p: &Pipe, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: write from a live buffer of bytes.len() bytes to the pipe we own.
+    let w = unsafe { libc::write(p.w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if w == bytes.len() as isize {
+        return Ok(());
+    }
+    let why = match w {
+        -1 => io::Error::last_os_error().to_string(),
+        w => format!("{w} of them went in"),
+    };
+    Err(io::Error::other(format!(
+        "{} bytes into an empty pipe: {why}",
+        bytes.len()
+    )))
 }
 
 fn page_size() -> usize {
