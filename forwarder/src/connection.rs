@@ -161,10 +161,10 @@ pub fn serve(
 /// agent's target connection (with no limits).
 ///
 /// `sockets`: the pair's two sockets, which the relay owns until it is dropped. A pair
-/// cut by `max_connection_duration` or the shutdown may be in the middle of a
-/// transfer: both ends get a reset, not a FIN that would pass a cut stream off as
-/// complete. An idle pair (`idle_timeout`) has nothing in flight and is closed
-/// cleanly, as HAProxy's and nginx's timeouts do.
+/// cut by `max_connection_duration` or the shutdown in the middle of a transfer (bytes
+/// wait in a socket's receive or send queue) gets a reset on both ends, not a FIN that
+/// would pass a cut stream off as complete. A pair with nothing in flight, and one cut
+/// by `idle_timeout`, is closed cleanly, as HAProxy's and nginx's timeouts do.
 ///
 /// An `async` block over its arguments, not an `async fn` (which would keep a second
 /// copy of them): a rule's pairs hold this for their whole life. (As an `async fn`
@@ -178,12 +178,17 @@ pub fn relay_bounded<'a>(
     abort: &'a Abort,
     sockets: Option<[RawFd; 2]>,
 ) -> impl Future<Output = Result<RelayEnd, &'static str>> + Send + 'a {
+    // (The relay future, which owns both sockets, is alive while this runs: it is
+    // dropped only after `cut` returns, so each fd is still that socket.)
     let cut = move |why: &'static str| {
+        use crate::relay::ebpf::sys::{inq, outq};
+        let in_flight = |fd| !matches!((inq(fd), outq(fd)), (Ok(0), Ok(0)));
         if let (Some(fds), true) = (sockets, why != "idle_timeout") {
-            for fd in fds {
-                // SAFETY: the relay future, which owns both sockets, is alive (it is
-                // dropped only after this returns), so each fd is still that socket.
-                crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+            if fds.into_iter().any(in_flight) {
+                for fd in fds {
+                    // SAFETY: see above: fd is open and the pair's own.
+                    crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+                }
             }
         }
         Poll::Ready(Err(why))

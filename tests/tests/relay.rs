@@ -781,18 +781,26 @@ relay_tests! {
     }
 
     /// A download still running when the shutdown grace ends is cut with a reset on
-    /// both sides: the client must not read a clean EOF on a stream cut short.
+    /// both sides: the client must not read a clean EOF on a stream cut short. A pair
+    /// with nothing in flight then is closed cleanly.
     fn shutdown_grace_cut_resets_the_pair(mode) {
         let _load = light();
         let up = Server::source(Payload::new(98, 256 * MIB));
+        let echo = Server::echo();
         let mut fwd = Forwarder::config(
             Some(mode),
-            &format!("[global]\nshutdown_grace = \"1s\"\n{}", rule("cut", up.addr(), "")),
-            1,
+            &format!(
+                "[global]\nshutdown_grace = \"1s\"\n{}{}",
+                rule("cut", up.addr(), ""),
+                rule("quiet", echo.addr(), "")
+            ),
+            2,
         );
         fwd.assert_mode(mode);
         allow_bulk_escape(&fwd, &[256 * MIB]);
-        let c = connect(fwd.addr());
+        let quiet = connect(fwd.rule_addr("quiet"));
+        ping(&quiet, b"nothing in flight after this", secs(5)).unwrap();
+        let c = connect(fwd.rule_addr("cut"));
         // Some of the download, then the client stops reading: the rest waits in the
         // buffers on the way (the upstream cannot finish before the grace ends).
         read_exact_timeout(&c, MIB as usize, secs(10)).expect("the download's first MiB");
@@ -812,8 +820,10 @@ relay_tests! {
             assert!(got < 256 * MIB, "the whole download arrived: nothing was cut");
         };
         assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset), "after {got} bytes");
+        let (ending, _) = wait_closed(&quiet, secs(5)).expect("the quiet pair's close");
+        assert_eq!(ending, Ending::Eof, "the quiet pair");
         let closes = fwd.close_lines();
-        assert!(closes.iter().any(|l| field(l, "end") == Some("shutdown")), "{closes:?}");
+        assert_eq!(closes.iter().filter(|l| field(l, "end") == Some("shutdown")).count(), 2, "{closes:?}");
     }
 
     /// A second signal during the drain exits at once, even with connections open.
