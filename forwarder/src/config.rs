@@ -470,11 +470,27 @@ pub struct Inspect {
 }
 
 /// One `rewrite` entry.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Rewrite {
     pub direction: Direction,
     pub pattern: regex::bytes::Regex,
     pub replace: Vec<u8>,
+    /// The same pattern as the lazy DFA that finds where a match could still begin
+    /// (`inspect::lazy_dfa`): built once, when the config is checked, and cloned for
+    /// each connection (its cache is the connection's own).
+    pub dfa: regex_automata::hybrid::dfa::DFA,
+}
+
+/// The settings only (the DFA is made from `pattern`): `Rule::same_settings` compares
+/// this text.
+impl fmt::Debug for Rewrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rewrite")
+            .field("direction", &self.direction)
+            .field("pattern", &self.pattern)
+            .field("replace", &self.replace)
+            .finish()
+    }
 }
 
 /// `http_auth`: the token itself never appears in `Debug` (nor in logs); a hash of
@@ -762,16 +778,7 @@ impl Config {
                 )));
             }
         }
-        for (i, rule) in rules.iter().enumerate() {
-            if rule.agent_service().is_some() && tunnel_server.is_none() {
-                return Err(err(format!(
-                    "config error at key `rule[{i}].upstream` (rule {:?}): {} needs a [tunnel_server] \
-                     section (or --tunnel-listen) for agents to connect to",
-                    rule.name,
-                    rule.upstreams[0].addr
-                )));
-            }
-        }
+        check_agent_rules(&rules, tunnel_server.as_ref())?;
         let agent = validate_agent(file.agent.as_ref(), &file.service)?;
         Ok(Config {
             tunnel_server,
@@ -799,6 +806,27 @@ pub fn check_threads(n: usize) -> Result<usize, String> {
         Err(format!(
             "{n} worker threads; must be from 1 to {MAX_THREADS}"
         ))
+    }
+}
+
+/// A rule served by agents (`agent:NAME`) needs a `[tunnel_server]` for them to
+/// connect to: checked on the file, and on a reload against the running one (the
+/// section cannot change while running).
+pub fn check_agent_rules(
+    rules: &[Rule],
+    tunnel_server: Option<&TunnelServerConfig>,
+) -> Result<(), ConfigError> {
+    match rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.agent_service().is_some())
+    {
+        Some((i, rule)) if tunnel_server.is_none() => Err(err(format!(
+            "config error at key `rule[{i}].upstream` (rule {:?}): {} needs a [tunnel_server] \
+             section (or --tunnel-listen) for agents to connect to",
+            rule.name, rule.upstreams[0].addr
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1112,14 +1140,15 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         .into_iter()
         .enumerate()
     {
-        let pattern = regex::bytes::Regex::new(&r.pattern)
+        let (pattern, dfa) = regex::bytes::Regex::new(&r.pattern)
             .map_err(|e| e.to_string())
-            .and_then(|re| crate::inspect::lazy_dfa(&[&r.pattern]).map(|_| re))
+            .and_then(|re| Ok((re, crate::inspect::lazy_dfa(&[&r.pattern])?)))
             .map_err(|e| err(format!("{}: {e}", at(&format!("rewrite[{j}].match")))))?;
         rewrite.push(Rewrite {
             direction: r.direction,
             pattern,
             replace: r.replace.into_bytes(),
+            dfa,
         });
     }
     if !rewrite.is_empty() && mode == Mode::Ebpf {

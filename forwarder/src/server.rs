@@ -295,16 +295,8 @@ impl Server {
     async fn apply(&mut self, source: &ConfigSource) -> anyhow::Result<()> {
         let mut new = source.load()?;
         self.keep_fixed_globals(&mut new);
-        // The sections above keep their running values: a rule served by agents can
-        // only be added where agents can connect (`check` refuses it without one).
-        if self.config.tunnel_server.is_none() {
-            if let Some(r) = new.rules.iter().find(|r| r.agent_service().is_some()) {
-                anyhow::bail!(
-                    "rule {:?}: an agent: upstream needs a [tunnel_server], and this process runs none (restart to add one)",
-                    r.name
-                );
-            }
-        }
+        // `[tunnel_server]` keeps its running value: `check`'s rule again, against it.
+        crate::config::check_agent_rules(&new.rules, new.tunnel_server.as_ref())?;
 
         // Decide everything, and bind every new address, before touching anything:
         // a reload that cannot be completed must change nothing.

@@ -68,8 +68,7 @@ impl Rewriter {
         let rules = rules
             .iter()
             .map(|r| {
-                let dfa = super::lazy_dfa(&[r.pattern.as_str()])
-                    .expect("validated by the config (inspect::lazy_dfa)");
+                let dfa = r.dfa.clone();
                 Rule {
                     re: r.pattern.clone(),
                     cache: dfa.create_cache(),
@@ -220,6 +219,7 @@ mod tests {
             direction: Direction::ToUpstream,
             pattern: Regex::new(p).unwrap(),
             replace: r.as_bytes().to_vec(),
+            dfa: crate::inspect::lazy_dfa(&[p]).unwrap(),
         }
     }
 
