@@ -1185,12 +1185,12 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         }
     };
 
-    let through_agent = upstreams[0].addr.starts_with(AGENT_PREFIX);
-    let inspects = inspect.is_some() || !deny_patterns.is_empty() || http_auth.is_some();
-    if through_agent && (inspects || !rewrite.is_empty()) {
+    if !rewrite.is_empty() && upstreams[0].addr.starts_with(AGENT_PREFIX) {
         return Err(err(format!(
-            "{}: inspect, deny_pattern, http_auth and rewrite cannot apply to an agent: upstream yet",
-            at("upstream")
+            "{}: cannot apply to an agent: upstream: a tunnel stream keeps the bytes a lost \
+             link may need again in the kernel's pipes, which rewritten bytes never pass \
+             through (inspect, deny_pattern and http_auth can)",
+            at("rewrite")
         )));
     }
 

@@ -481,11 +481,10 @@ impl Server {
 /// The relay for a rule, wrapped in the inspection prelude when the rule inspects
 /// (warning, once per rule started, that payload is being written out).
 async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
-    if rule.agent_service().is_some() {
+    let (relay, why) = if rule.agent_service().is_some() {
         let why = "tunnel: splice with retention, so streams survive a lost link".to_string();
-        return Ok((Arc::new(crate::tunnel::TunnelRelay), why));
-    }
-    let (relay, why) = if rule.rewrite.is_empty() {
+        (Arc::new(crate::tunnel::TunnelRelay) as Arc<dyn Relay>, why)
+    } else if rule.rewrite.is_empty() {
         choose_path(rule).await?
     } else {
         let why = "rewrite: every byte through userspace".to_string();

@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, 
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+pub mod dumps;
 pub mod netns;
 
 pub const KIB: u64 = 1 << 10;
@@ -450,6 +451,60 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> Output {
         stdout: out.text(),
         stderr: err.text(),
     }
+}
+
+/// curl `url` with `args`; returns (HTTP status, body, curl's stderr).
+pub fn curl(url: &str, args: &[&str]) -> (u16, Vec<u8>, String) {
+    let dir = TempDir::new("curl");
+    let body = dir.path().join("body");
+    let mut c = command("curl");
+    c.args(["-sS", "--max-time", "10", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url);
+    let o = run_to_exit(c, Duration::from_secs(20));
+    assert_eq!(
+        o.code(),
+        Some(0),
+        "curl {url} {args:?}: {} {}",
+        o.stdout,
+        o.stderr
+    );
+    let status = o
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl status {:?}", o.stdout));
+    (status, std::fs::read(&body).unwrap_or_default(), o.stderr)
+}
+
+/// An upstream that reads one HTTP request head (to the blank line), answers 200
+/// `raw` and waits for the client to close first; reports the request's raw bytes.
+pub fn raw_http_recorder() -> (Server, mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = Server::start(LOCALHOST, move |mut s| {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Bounded: the server's 60 s read timeout, and 64 KiB at most.
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 64 * 1024 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        if req.is_empty() {
+            let _ = tx.lock().unwrap().send(req);
+            return;
+        }
+        let _ =
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nraw");
+        // Our FIN only after the client's: its close travels on the pair's path.
+        let _ = s.read(&mut buf);
+        let _ = tx.lock().unwrap().send(req);
+    });
+    (server, rx)
 }
 
 /// `python3 -m http.server ARGS...` on a free loopback port serving `dir`; returns it

@@ -114,6 +114,30 @@ idle_timeout = "1h"
         );
     }
 
+    /// A rule served by an agent takes the checks and dumps (`check` accepts them),
+    /// not `rewrite`, whose error says why.
+    #[test]
+    fn an_agent_rule_inspects_but_does_not_rewrite() {
+        let agent_rule = "[tunnel_server]\nlisten = \"127.0.0.1:0\"\ntoken = \"secret\"\n\n\
+                          [[rule]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"agent:web\"\n";
+        let inspects = format!(
+            "{agent_rule}inspect = {{ bytes = 64 }}\ndeny_pattern = ['^SSH-']\n\
+             http_auth = {{ header = \"X-Auth\", token = \"t\" }}\n"
+        );
+        let o = check(&inspects);
+        assert_eq!(
+            o.code(),
+            Some(0),
+            "{}: {}",
+            describe_status(&o.status),
+            o.stderr
+        );
+        let rewrites = format!(
+            "{agent_rule}rewrite = [ {{ direction = \"to_upstream\", match = \"a\", replace = \"b\" }} ]\n"
+        );
+        assert_config_error(&rewrites, &["rule[0].rewrite", "agent:"]);
+    }
+
     #[test]
     fn listen_address_in_use_exits_1_naming_it() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -20,6 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use forwarder_tests::dumps::{dump_file, stream};
 use forwarder_tests::netns::{sh, wait_until, NetNs, Proc};
 use forwarder_tests::*;
 
@@ -1311,6 +1312,142 @@ relay_tests! {
             check_close(&l, "web", &target_addr, up, out.down_wire, "closed");
             assert_eq!(field(&l, "userspace_bytes"), Some("0"), "agent: {l}");
         }
+    }
+
+    /// `http_auth` and `deny_pattern` on a rule served by an agent (issue 11's
+    /// reverse proxy whose visitors authenticate by a header): a visitor without the
+    /// token gets 401, one whose first bytes match is reset, and neither sends the
+    /// target a byte; an authorized request reaches the target without the header.
+    fn inspection_checks_visitors(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let secret = format!("visitor-secret-{}", std::process::id());
+        let visitor_token = token_file(&dir, "visitor.token", &secret);
+        let rule_extra = format!(
+            "http_auth = {{ header = \"X-Forwarder-Auth\", token_file = \"{}\" }}\n\
+             deny_pattern = ['^SSH-']",
+            visitor_token.display()
+        );
+        let token = token_file(&dir, "token", TOKEN);
+        let (raw, raw_rx) = raw_http_recorder();
+        let server = TunnelServer::config(mode, &server_toml("127.0.0.1:0", &token, "", &rule_extra));
+        let agent = agent_config(server.tunnel, raw.addr(), &token, None);
+        wait_connected(&server, &agent, 1);
+        let url = format!("http://{}/t?x=1", server.visitors);
+
+        let (status, body, _) = curl(&url, &[]);
+        assert_eq!(status, 401, "no header: {}", String::from_utf8_lossy(&body));
+        let s = connect(server.visitors);
+        (&s).write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
+        let (ending, _) = wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("SSH visitor: {e}"));
+        assert_eq!(ending, Ending::Reset, "a denied visitor is reset");
+        let header = format!("X-Forwarder-Auth: {secret}");
+        let (status, body, _) = curl(&url, &["-H", &header, "-H", "X-Other: keep"]);
+        assert_eq!((status, body.as_slice()), (200, b"raw".as_slice()), "with the token");
+
+        // The target's connections: the refused visitors' (if the agent opened them
+        // before their reset came) got nothing; the authorized one its request, the
+        // auth header cut.
+        let mut heads = Vec::new();
+        while heads.iter().all(|h: &Vec<u8>| h.is_empty()) {
+            heads.push(raw_rx.recv_timeout(secs(10)).expect("the authorized request at the target"));
+        }
+        thread::sleep(ms(300));
+        heads.extend(raw_rx.try_iter());
+        let (got, refused): (Vec<_>, Vec<_>) = heads.into_iter().partition(|h| !h.is_empty());
+        assert!(refused.len() <= 2, "{} empty target connections", refused.len());
+        assert_eq!(got.len(), 1, "requests at the target: {got:?}");
+        let got = String::from_utf8(got[0].clone()).expect("utf-8 request");
+        assert!(got.starts_with("GET /t?x=1 HTTP/1.1\r\n") && got.ends_with("\r\n\r\n"), "{got:?}");
+        assert!(got.contains("\r\nX-Other: keep\r\n") && got.contains("\r\nHost: "), "{got:?}");
+        assert!(!got.to_ascii_lowercase().contains("x-forwarder-auth") && !got.contains(&secret), "{got:?}");
+
+        assert!(wait_until(secs(10), || server.p.close_lines().len() == 3), "{:#?}", server.p.close_lines());
+        let ends: Vec<String> = server.p.close_lines().iter().map(|l| {
+            if !l.contains(" end=closed") {
+                assert_eq!(num(l, "bytes_up"), 0, "a refused visitor's bytes went on: {l}");
+            }
+            field(l, "end").unwrap().to_string()
+        }).collect();
+        assert_eq!(ends, ["refused_http_auth", "refused_pattern", "closed"], "{:#?}", server.p.close_lines());
+        // The agent's side of the refused visitors ends too, with nothing sent on.
+        assert!(wait_until(secs(10), || agent.close_lines().len() == 1 + refused.len()), "{:#?}", agent.close_lines());
+        for l in agent.close_lines().iter().filter(|l| !l.contains(" end=closed")) {
+            assert_eq!(num(l, "bytes_up"), 0, "agent: {l}");
+        }
+    }
+
+    /// The bytes an inspected visitor's checks passed on are the stream's like any:
+    /// kept until the agent acknowledges them, and sent again after the link is lost.
+    /// The visitor's first bytes go into a blackholed link, the agent's sockets are
+    /// reset, and every byte still arrives exactly once, both ways; the dump shows
+    /// each direction's first 64 bytes, and only those and the checked ones crossed
+    /// userspace.
+    fn inspected_visitor_resumes_with_what_the_checks_passed(mode) {
+        let ns = NetNs::new();
+        let target = ns.run(Target::start);
+        let dir = TempDir::new("tunnel");
+        let dumps = TempDir::new("tunnel-dumps");
+        let token = token_file(&dir, "token", TOKEN);
+        let rule_extra = format!(
+            "deny_pattern = ['^SSH-']\ninspect = {{ bytes = 64, format = \"hex\", to = \"{}\" }}",
+            dumps.path().display()
+        );
+        let tunnel_listen = format!("{}:0", ns.host_ip());
+        let server = TunnelServer::config(
+            mode,
+            &server_toml(&tunnel_listen, &token, "resume_grace = \"90s\"", &rule_extra),
+        );
+        let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
+        let session = wait_connected(&server, &agent, 1);
+
+        let job = Job::new(BOTH, Payload::new(41, 3 * MIB + 7), Payload::new(42, 2 * MIB + 3));
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        assert!(
+            wait_until(secs(10), || target.server.accepted() == 1),
+            "the agent did not open the target connection"
+        );
+        let bh = ns.blackhole();
+        // Checked (its first byte cannot begin `SSH-`) and passed on by the prelude,
+        // into the blackhole.
+        (&s).write_all(&job.encode()).unwrap();
+        thread::sleep(ms(500));
+        assert_eq!(target.received(), 0, "bytes crossed the blackhole");
+        let killed = ns.kill_sockets_to(server.tunnel.port());
+        assert!(killed >= 1, "ss -K found no tunnel socket to kill");
+        bh.restore();
+
+        let deadline = Instant::now() + secs(90);
+        let seen = AtomicU64::new(0);
+        let down = thread::scope(|sc| {
+            let writer = sc.spawn(|| {
+                send(&s, job.up, 0, deadline).expect("visitor write");
+                s.shutdown(Shutdown::Write).expect("visitor shutdown");
+            });
+            let down = read_digest_counted(&s, deadline, &seen);
+            writer.join().expect("visitor writer");
+            down.expect("visitor read")
+        });
+        assert_eq!(down, Digested::of(&job.down), "the visitor received");
+        assert_got(&target.report(secs(30)).seen, &job.up, "the target received");
+        let resumed = server.p.expect_line("link resumed", secs(10), |l| is_line(l, "link resumed"));
+        assert_eq!(field(&resumed, "session"), Some(session.as_str()), "{resumed}");
+        assert_eq!(field(&resumed, "streams"), Some("1"), "{resumed}");
+
+        let l = close_of(&server.p, visitor, secs(10));
+        check_close(&l, &server.rule, "agent:web", HEADER_LEN as u64 + job.up.len, job.down.len, "closed");
+        // The checked header (41 bytes), then the rest of the dumps (23 + 64).
+        assert_eq!(num(&l, "userspace_bytes"), 128, "{l}");
+        let chunks = dump_file(dumps.path(), &server.rule, true);
+        let mut up = job.encode().to_vec();
+        let mut more = [0u8; 23];
+        job.up.fill(0, &mut more);
+        up.extend_from_slice(&more);
+        let mut down = [0u8; 64];
+        job.down.fill(0, &mut down);
+        assert_eq!(stream(&chunks, '>'), up, "the dump of the visitor's bytes");
+        assert_eq!(stream(&chunks, '<'), down, "the dump of the target's bytes");
     }
 
     /// A visitor's reset resets the target's connection; a target's reset resets

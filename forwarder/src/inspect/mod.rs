@@ -26,8 +26,10 @@ use tokio::time::Instant;
 
 use crate::config::Rule;
 use crate::relay::{
-    pass_fin, reset_both_on_close, Handover, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
+    pass_fin, reset_both_on_close, Handover, Pair, Passed, Progress, Relay, RelayEnd, RelayFuture,
+    Side,
 };
+use crate::tunnel::stream::TellPeerReset;
 use deny::{DenyPatterns, Verdict};
 use dump::Dump;
 use rewrite::Rewriter;
@@ -96,8 +98,12 @@ impl Relay for InspectRelay {
 
     fn relay<'a>(&'a self, mut pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         Box::pin(async move {
+            // A tunnel stream that ends here (refused, failed, or cut short by a
+            // limit) ends at the agent too: its target is reset.
+            let mut tell = pair.tunnel.as_deref().map(TellPeerReset::new);
             match self.prelude(&mut pair, &progress).await {
                 Ok(handover) => {
+                    tell.as_mut().map(TellPeerReset::disarm);
                     self.inner
                         .relay_after_prelude(pair, progress, handover)
                         .await
@@ -124,12 +130,26 @@ struct Prelude<'a> {
     rewriters: Option<Box<[Rewriter; 2]>>,
     /// When what a rewriter holds (a possible match's beginning) goes on anyway.
     rewrite_hold: Option<Instant>,
+    /// A tunnel stream's: every byte passed on to the upstream (its data connection),
+    /// which the stream retains until the agent acknowledges it.
+    sent: Option<Vec<u8>>,
+    /// Bytes read from the upstream.
+    upstream_read: u64,
 }
 
 impl Prelude<'_> {
     /// Direction `d`'s rewriter, for a `rewrite` rule.
     fn rewriter(&mut self, d: usize) -> Option<&mut Rewriter> {
         self.rewriters.as_deref_mut().map(|r| &mut r[d])
+    }
+
+    /// Where bytes passed on to the upstream go through: the rewriter (`rewrite`),
+    /// and, for a tunnel stream, the copy it retains.
+    fn upstream_sinks(&mut self) -> (Option<&mut Rewriter>, Option<&mut Vec<u8>>) {
+        (
+            self.rewriters.as_deref_mut().map(|r| &mut r[0]),
+            self.sent.as_mut(),
+        )
     }
 
     /// After bytes went through the rewriters: what they hold waits for the rest of a
@@ -143,7 +163,7 @@ impl Prelude<'_> {
     }
 
     /// What the inner relay takes on: the dump if a direction not yet ended still
-    /// shows bytes, and the rewriters.
+    /// shows bytes, the rewriters, and what a tunnel stream passed on.
     fn handover(self) -> Handover {
         let eof = self.eof;
         Handover {
@@ -152,6 +172,13 @@ impl Prelude<'_> {
                 .filter(|t| (0..2).any(|d| !eof[d] && t.wants(d) > 0))
                 .map(Box::new),
             rewriters: self.rewriters,
+            passed: self.sent.map(|sent| {
+                Box::new(Passed {
+                    sent,
+                    received: self.upstream_read,
+                    eof: eof[0],
+                })
+            }),
         }
     }
 }
@@ -176,7 +203,13 @@ impl InspectRelay {
             eof: [false; 2],
             rewriters: (!rule.rewrite.is_empty()).then(|| Box::new(Rewriter::for_rule(rule))),
             rewrite_hold: None,
+            sent: pair.tunnel.is_some().then(Vec::new),
+            upstream_read: 0,
         };
+        // A tunnel stream's ends and bytes past the checks are the stream's to pass on
+        // (as control frames, counted and retained): it leaves as soon as the checks
+        // have decided, and its relay shows what the dump still wants.
+        let tunnel = p.sent.is_some();
         loop {
             let wants = |d: usize, p: &Prelude| p.dump.as_ref().map_or(0, |x| x.wants(d));
             let checking = p.scanner.is_some() || p.auth_pending || !p.held.is_empty();
@@ -187,7 +220,7 @@ impl InspectRelay {
             // dumped bytes went through our memory.
             // The copy path (`rewrite`) shows the dump itself, as it reads every byte.
             let full = |d: usize, p: &Prelude| p.eof[d] || wants(d, p) == 0;
-            if !checking && (p.rewriters.is_some() || full(0, &p) && full(1, &p)) {
+            if !checking && (p.rewriters.is_some() || tunnel || full(0, &p) && full(1, &p)) {
                 return Ok(p.handover());
             }
             // Never read past what a check or the dump needs: the inner relay takes
@@ -230,7 +263,7 @@ impl InspectRelay {
                         Err(e) => return Err(fail(pair, Side::Client, e)),
                     };
                     self.client_bytes(pair, progress, &mut p, &buf[..n]).await?;
-                    if n == 0 {
+                    if n == 0 && !tunnel {
                         // Every check decided at the client's EOF, and whatever it sent
                         // was passed on: pass its FIN on too. The prelude may still be
                         // waiting for the upstream's bytes (its dump), and the upstream
@@ -254,10 +287,17 @@ impl InspectRelay {
                         Err(e) => return Err(fail(pair, Side::Upstream, e)),
                     };
                     p.eof[1] = n == 0;
+                    p.upstream_read += n as u64;
+                    if tunnel && n == 0 {
+                        // The agent closes a data connection only when done with the
+                        // stream, or to dial another: either way not during the checks.
+                        let e = std::io::Error::other("the agent closed the data connection");
+                        return Err(fail(pair, Side::Upstream, e));
+                    }
                     if let Some(d) = &mut p.dump {
                         d.record(1, &buf[..n]);
                     }
-                    pass_on(&mut pair.client, &buf[..n], n == 0, p.rewriter(1), &progress.to_client, progress)
+                    pass_on(&mut pair.client, &buf[..n], n == 0, p.rewriter(1), None, &progress.to_client, progress)
                         .await
                         .map_err(|e| fail(pair, Side::Client, e))?;
                     p.note_rewrite_hold();
@@ -272,7 +312,8 @@ impl InspectRelay {
                     p.hold_until = None;
                     if !p.auth_pending {
                         let held = std::mem::take(&mut p.held);
-                        pass_on(&mut pair.upstream, &held, false, p.rewriter(0), &progress.to_upstream, progress)
+                        let (rewriter, keep) = p.upstream_sinks();
+                        pass_on(&mut pair.upstream, &held, false, rewriter, keep, &progress.to_upstream, progress)
                             .await
                             .map_err(|e| fail(pair, Side::Upstream, e))?;
                         p.note_rewrite_hold();
@@ -282,10 +323,10 @@ impl InspectRelay {
                     p.rewrite_hold = None;
                     let [up, down] = p.rewriters.as_deref_mut().expect("only a rewriter holds").each_mut();
                     let (up, down) = (up.flush(), down.flush());
-                    pass_on(&mut pair.upstream, &up, false, None, &progress.to_upstream, progress)
+                    pass_on(&mut pair.upstream, &up, false, None, p.sent.as_mut(), &progress.to_upstream, progress)
                         .await
                         .map_err(|e| fail(pair, Side::Upstream, e))?;
-                    pass_on(&mut pair.client, &down, false, None, &progress.to_client, progress)
+                    pass_on(&mut pair.client, &down, false, None, None, &progress.to_client, progress)
                         .await
                         .map_err(|e| fail(pair, Side::Client, e))?;
                 }
@@ -355,11 +396,13 @@ impl InspectRelay {
             let held = std::mem::take(&mut p.held);
             p.hold_until = None;
             let eof = p.eof[0];
+            let (rewriter, keep) = p.upstream_sinks();
             pass_on(
                 &mut pair.upstream,
                 &held,
                 eof,
-                p.rewriter(0),
+                rewriter,
+                keep,
                 &progress.to_upstream,
                 progress,
             )
@@ -394,12 +437,14 @@ fn has_bytes(sock: &TcpStream) -> std::io::Result<bool> {
 }
 
 /// Writes `data` to `dst`, through `rewriter` when the rule rewrites (`eof`: the
-/// stream ends after `data`, so what the rewriter held goes too).
+/// stream ends after `data`, so what the rewriter held goes too), and appends what it
+/// wrote to `keep` (a tunnel stream's retained copy).
 async fn pass_on(
     dst: &mut TcpStream,
     data: &[u8],
     eof: bool,
     rewriter: Option<&mut Rewriter>,
+    keep: Option<&mut Vec<u8>>,
     counter: &AtomicU64,
     progress: &Progress,
 ) -> std::io::Result<()> {
@@ -411,6 +456,9 @@ async fn pass_on(
         return Ok(());
     }
     dst.write_all(&data).await?;
+    if let Some(keep) = keep {
+        keep.extend_from_slice(&data);
+    }
     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
     progress
         .via_userspace

@@ -198,6 +198,22 @@ pub struct Handover {
     /// A `rewrite` rule's rewriters, [to_upstream, to_client], as the prelude left
     /// them (the prelude rewrote what it passed on; a match may span the handover).
     pub rewriters: Option<Box<[Rewriter; 2]>>,
+    /// For a tunnel stream: what the prelude passed on, which the stream's
+    /// accounting for a lost link (retention, acks, resume) must include.
+    pub passed: Option<Box<Passed>>,
+}
+
+/// What the prelude passed on between a tunnel stream's visitor and its data
+/// connection (see `crate::tunnel::stream`).
+#[derive(Default)]
+pub struct Passed {
+    /// The bytes it sent on the data connection: kept until the agent acknowledges
+    /// them, and sent again on a reattach, like every byte the stream sends.
+    pub sent: Vec<u8>,
+    /// How many bytes it read from the data connection (and delivered).
+    pub received: u64,
+    /// It read the visitor's EOF (which a tunnel passes on as a `Fin` frame).
+    pub eof: bool,
 }
 
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>>;
@@ -212,8 +228,8 @@ pub trait Relay: Send + Sync {
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a>;
     /// [`Relay::relay`] for a pair whose sockets the inspection prelude has read from
     /// (maybe partway through a segment), with what the prelude leaves to do. Every
-    /// relay the prelude wraps (splice, ebpf, copy) implements it; the default is for
-    /// those it never wraps (tunnel streams), which are handed nothing.
+    /// relay the prelude wraps (splice, ebpf, copy, tunnel streams) implements it;
+    /// the default is for the prelude itself, which is never wrapped.
     fn relay_after_prelude<'a>(
         &'a self,
         pair: Pair,
@@ -221,6 +237,7 @@ pub trait Relay: Send + Sync {
         handover: Handover,
     ) -> RelayFuture<'a> {
         debug_assert!(handover.dump.is_none() && handover.rewriters.is_none());
+        debug_assert!(handover.passed.is_none());
         self.relay(pair, progress)
     }
     /// How long after bytes moved `Progress` may still not show them (the idle timeout

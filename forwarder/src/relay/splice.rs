@@ -463,7 +463,7 @@ impl Pump {
                 }
                 self.drained = false;
                 let filled = match shows {
-                    Some(t) => show(src, p, t, d, progress),
+                    Some(t) => show(src, p, t, d, want, progress),
                     None => fill(src, p, self.in_pipe, want),
                 };
                 match filled {
@@ -692,18 +692,19 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
 const SHOW_READ: usize = 16 * 1024;
 
 /// For the inspection dump: reads the next bytes of direction `d`, at most as many as
-/// its dump still shows, into our memory, shows them, and puts them in the empty pipe
-/// `p`, from which the pump passes them on as it does spliced bytes. Only these bytes
+/// its dump still shows (and `max`), into our memory, shows them, and puts them in the
+/// empty pipe `p`, from which the pump passes them on as it does spliced bytes. Only these bytes
 /// cross our memory (`userspace_bytes`). recv reads past an urgent mark (dropping the
 /// urgent byte, as the prelude's reads do).
-fn show(
+pub(crate) fn show(
     src: &TcpStream,
     p: &Pipe,
     dump: &mut Dump,
     d: usize,
+    max: usize,
     progress: &Progress,
 ) -> io::Result<Fill> {
-    let mut buf = vec![0u8; (dump.wants(d) as usize).min(SHOW_READ).min(p.size)];
+    let mut buf = vec![0u8; (dump.wants(d) as usize).min(SHOW_READ).min(max)];
     let n = match src.try_read(&mut buf) {
         Ok(0) => return Ok(Fill::Eof),
         Ok(n) => n,
@@ -762,7 +763,7 @@ pub(crate) fn past_urgent_mark(
 
 /// Puts bytes read into our memory into the empty pipe `p`, which holds at least that
 /// many: one write takes them all (a nonblocking pipe write is never interrupted).
-fn into_empty_pipe(p: &Pipe, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn into_empty_pipe(p: &Pipe, bytes: &[u8]) -> io::Result<()> {
     // SAFETY: write from a live buffer of bytes.len() bytes to the pipe we own.
     let w = unsafe { libc::write(p.w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
     if w == bytes.len() as isize {

@@ -14,7 +14,7 @@ pub mod stream;
 
 use std::sync::Arc;
 
-use crate::relay::{Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+use crate::relay::{Handover, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
 
 /// The relay of every tunnel stream, on both sides: splice with retention
 /// (`stream`). A rule with an `agent:` upstream uses it whatever its `mode`: the
@@ -22,7 +22,8 @@ use crate::relay::{Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
 pub struct TunnelRelay;
 
 impl TunnelRelay {
-    pub async fn run(pair: Pair, progress: &Progress) -> RelayEnd {
+    /// `handover`: what a rule's inspection prelude (server side) leaves to do.
+    pub async fn run(pair: Pair, progress: &Progress, handover: Handover) -> RelayEnd {
         let Pair {
             client,
             upstream,
@@ -33,7 +34,7 @@ impl TunnelRelay {
             Side::Client => (client, upstream),
             Side::Upstream => (upstream, client),
         };
-        stream::run(local, data, link, progress).await
+        stream::run(local, data, link, progress, handover).await
     }
 }
 
@@ -43,6 +44,16 @@ impl Relay for TunnelRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        Box::pin(async move { Self::run(pair, &progress).await })
+        Box::pin(async move { Self::run(pair, &progress, Handover::default()).await })
+    }
+
+    fn relay_after_prelude<'a>(
+        &'a self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        handover: Handover,
+    ) -> RelayFuture<'a> {
+        debug_assert!(handover.rewriters.is_none(), "rewrite: refused by check");
+        Box::pin(async move { Self::run(pair, &progress, handover).await })
     }
 }

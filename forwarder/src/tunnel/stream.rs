@@ -33,8 +33,11 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::proto::{read_frame, write_frame, Frame};
-use crate::relay::splice::{fill, past_urgent_mark, socket_error, splice, Fill, Pipe};
-use crate::relay::{reset_on_close, Hop, Progress, RelayEnd, Side};
+use crate::inspect::dump::Dump;
+use crate::relay::splice::{
+    fill, into_empty_pipe, past_urgent_mark, show, socket_error, splice, Fill, Pipe,
+};
+use crate::relay::{reset_on_close, Handover, Hop, Progress, RelayEnd, Side};
 
 /// What the session tells a stream.
 pub enum Event {
@@ -186,11 +189,14 @@ enum Fault {
     Protocol(String),
 }
 
+/// Runs a stream to its end. `handover`: what the inspection prelude (server side,
+/// a rule that inspects) leaves to do: a dump to finish, and what it passed on.
 pub async fn run(
     local: TcpStream,
     first: TcpStream,
     link: Box<Link>,
     progress: &Progress,
+    handover: Handover,
 ) -> RelayEnd {
     progress.enter(Hop::Splice);
     let side = link.local_side;
@@ -202,11 +208,9 @@ pub async fn run(
     // peer what it must know): a stream dropped before that was ended by us.
     let mut forced = ForcedEnd {
         local: &local,
-        session: link.session.clone(),
-        stream: link.stream,
-        armed: true,
+        peer: TellPeerReset::new(&link),
     };
-    let mut engine = match Engine::new(link, side) {
+    let mut engine = match Engine::new(link, side, handover) {
         Ok(e) => e,
         Err(error) => {
             reset_on_close(&first);
@@ -214,7 +218,7 @@ pub async fn run(
         }
     };
     let end = engine.run(&local, first, progress).await;
-    forced.armed = false;
+    forced.peer.disarm();
     engine.release();
     match end {
         Ok(()) => {
@@ -257,24 +261,51 @@ pub async fn run(
 /// A stream ended by us before it ended by itself: the lifecycle dropped it (the
 /// rule's idle_timeout or max_connection_duration, the end of the shutdown grace
 /// period), or it could not start. Like any stream cut short, its local socket is
-/// reset (a FIN would show a cut stream as complete), and the peer is told, so it
-/// resets its own end and forgets the stream too.
+/// reset (a FIN would show a cut stream as complete), and the peer is told.
 struct ForcedEnd<'a> {
     local: &'a TcpStream,
+    peer: TellPeerReset,
+}
+
+impl Drop for ForcedEnd<'_> {
+    fn drop(&mut self) {
+        if self.peer.armed {
+            reset_on_close(self.local);
+        }
+    }
+}
+
+/// Until disarmed, tells the peer on drop that the stream is gone (`Reset`), so it
+/// resets its own end and forgets the stream too: for a stream that ends, or is
+/// dropped, before the engine reaches an end of its own (or, on the server, in the
+/// inspection prelude, which refused the visitor or was cut short).
+pub struct TellPeerReset {
     session: Arc<dyn Session>,
     stream: u64,
     armed: bool,
 }
 
-impl Drop for ForcedEnd<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
+impl TellPeerReset {
+    pub fn new(link: &Link) -> TellPeerReset {
+        TellPeerReset {
+            session: link.session.clone(),
+            stream: link.stream,
+            armed: true,
         }
-        reset_on_close(self.local);
-        self.session.send(Frame::Reset {
-            stream: self.stream,
-        });
+    }
+
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TellPeerReset {
+    fn drop(&mut self) {
+        if self.armed {
+            self.session.send(Frame::Reset {
+                stream: self.stream,
+            });
+        }
     }
 }
 
@@ -293,28 +324,47 @@ struct Engine {
     inn: In,
     limit: u64,
     side: Side,
+    /// The inspection dump the prelude left (server side): shown as bytes pass, each
+    /// read bounded by what it still wants (see `splice::show`).
+    dump: Option<Box<Dump>>,
 }
 
 impl Engine {
-    fn new(link: Box<Link>, side: Side) -> io::Result<Engine> {
-        let keep = if link.limit <= crate::relay::splice::PIPE_SIZE {
+    /// With what the prelude passed on (server side, a rule that inspects) counted as
+    /// sent, received, and, for what it sent, retained.
+    fn new(link: Box<Link>, side: Side, handover: Handover) -> io::Result<Engine> {
+        let passed = handover.passed.map(|p| *p).unwrap_or_default();
+        let sent = passed.sent.len();
+        let want = link.limit.max(sent);
+        let keep = if want <= crate::relay::splice::PIPE_SIZE {
             Pipe::take()?
         } else {
-            Pipe::with_size(link.limit)?
+            Pipe::with_size(want)?
         };
+        if sent > 0 {
+            if sent > keep.size {
+                return Err(io::Error::other(format!(
+                    "the inspection passed on {sent} bytes, more than a retention pipe holds ({})",
+                    keep.size
+                )));
+            }
+            into_empty_pipe(&keep, &passed.sent)?;
+            RETAINED.fetch_add(sent as u64, Ordering::Relaxed);
+        }
+        let sent = sent as u64;
         // A retention pipe smaller than asked (system pipe limits) bounds what we hold.
         let limit = (link.limit.min(keep.size)) as u64;
         Ok(Engine {
             out: Out {
                 pipe: Pipe::take()?,
                 keep,
-                head: 0,
+                head: sent,
                 in_pipe: 0,
-                read: 0,
-                teed: 0,
-                sent: 0,
+                read: sent,
+                teed: sent,
+                sent,
                 acked: 0,
-                eof: false,
+                eof: passed.eof,
                 read_blocked: false,
                 replay: None,
                 fin_told: false,
@@ -322,7 +372,7 @@ impl Engine {
             inn: In {
                 pipe: Pipe::take()?,
                 in_pipe: 0,
-                received: 0,
+                received: passed.received,
                 ack_told: 0,
                 ack_due: None,
                 peer_fin: None,
@@ -332,6 +382,7 @@ impl Engine {
             link,
             limit,
             side,
+            dump: handover.dump,
         })
     }
 
@@ -666,7 +717,13 @@ impl Engine {
         {
             return Ok(false);
         }
-        let n = match fill(local, &o.pipe, o.in_pipe, room) {
+        let filled = match shows(&mut self.dump, self.side, true) {
+            Some(_) if self.out.in_pipe > 0 => Ok(Fill::NoSlot),
+            Some((dump, d)) => show(local, &self.out.pipe, dump, d, room, progress),
+            None => fill(local, &self.out.pipe, self.out.in_pipe, room),
+        };
+        let o = &mut self.out;
+        let n = match filled {
             Ok(Fill::Eof) => {
                 o.eof = true;
                 return Ok(true);
@@ -719,16 +776,21 @@ impl Engine {
     ) -> Result<(bool, bool), Fault> {
         let mut moved = self.deliver(local, progress)?;
         let mut quiet = false;
-        let i = &mut self.inn;
-        if i.in_pipe == 0 {
-            i.read_blocked = false;
+        if self.inn.in_pipe == 0 {
+            self.inn.read_blocked = false;
         }
         let Some(d) = data else {
             return Ok((moved, quiet));
         };
-        if !i.read_blocked && i.in_pipe < i.pipe.size {
-            let room = i.pipe.size - i.in_pipe;
-            match fill(d, &i.pipe, i.in_pipe, room) {
+        if !self.inn.read_blocked && self.inn.in_pipe < self.inn.pipe.size {
+            let room = self.inn.pipe.size - self.inn.in_pipe;
+            let filled = match shows(&mut self.dump, self.side, false) {
+                Some(_) if self.inn.in_pipe > 0 => Ok(Fill::NoSlot),
+                Some((dump, dir)) => show(d, &self.inn.pipe, dump, dir, room, progress),
+                None => fill(d, &self.inn.pipe, self.inn.in_pipe, room),
+            };
+            let i = &mut self.inn;
+            match filled {
                 // The peer closed this data connection: it is done with the stream, or
                 // dropped the connection to dial another. Either way wait for control.
                 // (Urgent data: never sent on a data connection by a peer of ours.)
@@ -908,6 +970,19 @@ type LinkWatch =
 
 /// Resolves when the link generation changes after what `gen` has seen (a clone, so
 /// `gen` itself stays free to read).
+/// The dump and its direction for bytes read from the local socket (`from_local`) or
+/// from the data connection, if it still wants any: then the next read is shown, once
+/// the pipe is empty (what is shown goes on first).
+fn shows(dump: &mut Option<Box<Dump>>, side: Side, from_local: bool) -> Option<(&mut Dump, usize)> {
+    let d = match (side, from_local) {
+        (Side::Client, true) | (Side::Upstream, false) => 0,
+        _ => 1,
+    };
+    dump.as_deref_mut()
+        .filter(|t| t.wants(d) > 0)
+        .map(|t| (t, d))
+}
+
 fn watch_link(gen: &watch::Receiver<u64>) -> LinkWatch {
     let mut gen = gen.clone();
     Box::pin(async move { gen.changed().await })
