@@ -1377,6 +1377,44 @@ relay_tests! {
         }
     }
 
+    /// A server-first target behind a rule whose checks wait for the visitor: the
+    /// target's greeting (here 2 MiB, eight times resume_buffer, which the agent
+    /// sends on only as the server acknowledges it) and its FIN reach the visitor
+    /// before the visitor says a word; what the visitor says then reaches the target.
+    fn server_first_target_while_checks_wait(mode) {
+        let _load = light();
+        let greeting = Payload::new(51, 2 * MIB + 11);
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let target = Server::start(LOCALHOST, move |s| {
+            let tx = tx.lock().unwrap().clone();
+            let got = send(&s, greeting, 0, Instant::now() + secs(60))
+                .and_then(|()| s.shutdown(Shutdown::Write))
+                .and_then(|()| read_to_end(&s, 1024, Instant::now() + secs(60)));
+            let _ = tx.send(got.map_err(|e| e.to_string()));
+        });
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let server = TunnelServer::config(
+            mode,
+            &server_toml("127.0.0.1:0", &token, "resume_buffer = 262144", "deny_pattern = ['^SSH-']"),
+        );
+        let agent = agent_config(server.tunnel, target.addr(), &token, None);
+        wait_connected(&server, &agent, 1);
+
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        let down = read_digest(&s, Instant::now() + secs(20))
+            .unwrap_or_else(|e| panic!("the greeting and its FIN, before the visitor sent a byte: {e}"));
+        assert_eq!(down, Digested::of(&greeting), "the greeting");
+        (&s).write_all(b"hello, not ssh").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = rx.recv_timeout(secs(20)).expect("the target's report").expect("the target");
+        assert_eq!(got, b"hello, not ssh", "what the target received");
+        let l = close_of(&server.p, visitor, secs(10));
+        check_close(&l, &server.rule, "agent:web", 14, greeting.len, "closed");
+    }
+
     /// The bytes an inspected visitor's checks passed on are the stream's like any:
     /// kept until the agent acknowledges them, and sent again after the link is lost.
     /// The visitor's first bytes go into a blackholed link, the agent's sockets are

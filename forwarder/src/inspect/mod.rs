@@ -29,7 +29,7 @@ use crate::relay::{
     pass_fin, reset_both_on_close, Handover, Pair, Passed, Progress, Relay, RelayEnd, RelayFuture,
     Side,
 };
-use crate::tunnel::stream::TellPeerReset;
+use crate::tunnel::stream::{Event, Link, TellPeerReset};
 use deny::{DenyPatterns, Verdict};
 use dump::Dump;
 use rewrite::Rewriter;
@@ -133,8 +133,12 @@ struct Prelude<'a> {
     /// A tunnel stream's: every byte passed on to the upstream (its data connection),
     /// which the stream retains until the agent acknowledges it.
     sent: Option<Vec<u8>>,
-    /// Bytes read from the upstream.
+    /// Bytes read from the upstream (a tunnel stream acknowledges each read).
     upstream_read: u64,
+    /// A tunnel stream's events so far (see [`Prelude::tunnel_event`]).
+    events: Vec<Event>,
+    /// Where the agent said its target's stream ends (a `Fin` frame).
+    peer_fin: Option<u64>,
 }
 
 impl Prelude<'_> {
@@ -162,6 +166,43 @@ impl Prelude<'_> {
         self.rewrite_hold = holding.then(|| Instant::now() + rewrite::HOLD_MAX);
     }
 
+    /// A tunnel stream's event while its checks wait. The stream's ends travel as
+    /// events, not on the data connection: a reset or a lost link ends the visitor
+    /// here, and the target's FIN reaches the visitor once every byte before it has
+    /// (a server-first protocol's server may say its piece and close). Every event
+    /// but an end goes on to the stream's relay too, which keeps its own account.
+    fn tunnel_event(&mut self, pair: &Pair, ev: Option<Event>) -> Result<(), RelayEnd> {
+        match ev {
+            None | Some(Event::GraceExpired) => {
+                reset_both_on_close(&pair.client, &pair.upstream);
+                Err(RelayEnd::Ended("agent_lost"))
+            }
+            Some(Event::Reset) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "reset at the far end of the tunnel",
+                );
+                Err(fail(pair, Side::Upstream, e))
+            }
+            Some(ev) => {
+                if let Event::Fin(at) = ev {
+                    self.peer_fin = Some(at);
+                }
+                self.events.push(ev);
+                self.pass_peer_fin(pair)
+            }
+        }
+    }
+
+    /// The tunnel peer's FIN, once every byte before it was passed on.
+    fn pass_peer_fin(&mut self, pair: &Pair) -> Result<(), RelayEnd> {
+        if self.peer_fin == Some(self.upstream_read) && !self.eof[1] {
+            self.eof[1] = true;
+            pass_fin(&pair.client).map_err(|e| fail(pair, Side::Client, e))?;
+        }
+        Ok(())
+    }
+
     /// What the inner relay takes on: the dump if a direction not yet ended still
     /// shows bytes, the rewriters, and what a tunnel stream passed on.
     fn handover(self) -> Handover {
@@ -177,6 +218,7 @@ impl Prelude<'_> {
                     sent,
                     received: self.upstream_read,
                     eof: eof[0],
+                    events: self.events,
                 })
             }),
         }
@@ -205,6 +247,8 @@ impl InspectRelay {
             rewrite_hold: None,
             sent: pair.tunnel.is_some().then(Vec::new),
             upstream_read: 0,
+            events: Vec::new(),
+            peer_fin: None,
         };
         // A tunnel stream's ends and bytes past the checks are the stream's to pass on
         // (as control frames, counted and retained): it leaves as soon as the checks
@@ -300,6 +344,12 @@ impl InspectRelay {
                     pass_on(&mut pair.client, &buf[..n], n == 0, p.rewriter(1), None, &progress.to_client, progress)
                         .await
                         .map_err(|e| fail(pair, Side::Client, e))?;
+                    if let Some(link) = &pair.tunnel {
+                        // The agent holds at most resume_buffer unacknowledged: a
+                        // server that pushes while the client's checks wait goes on.
+                        link.acknowledge(p.upstream_read);
+                        p.pass_peer_fin(pair)?;
+                    }
                     p.note_rewrite_hold();
                     if n == 0 {
                         // Its bytes were passed on as they came: the FIN follows them
@@ -308,6 +358,7 @@ impl InspectRelay {
                         pass_fin(&pair.client).map_err(|e| fail(pair, Side::Client, e))?;
                     }
                 }
+                ev = next_event(&mut pair.tunnel), if tunnel => p.tunnel_event(pair, ev)?,
                 _ = tokio::time::sleep_until(hold_until.unwrap_or_else(Instant::now)), if hold_until.is_some() => {
                     p.hold_until = None;
                     if !p.auth_pending {
@@ -420,6 +471,11 @@ impl InspectRelay {
         }
         Ok(())
     }
+}
+
+/// A tunnel stream's next event (acks, the peer's FIN or reset, a new data connection).
+async fn next_event(link: &mut Option<Box<Link>>) -> Option<Event> {
+    link.as_mut()?.events.recv().await
 }
 
 /// Whether `sock` has a byte (or its end) to read now. Readiness alone may be stale

@@ -210,10 +210,13 @@ pub struct Passed {
     /// The bytes it sent on the data connection: kept until the agent acknowledges
     /// them, and sent again on a reattach, like every byte the stream sends.
     pub sent: Vec<u8>,
-    /// How many bytes it read from the data connection (and delivered).
+    /// How many bytes it read from the data connection (delivered and acknowledged).
     pub received: u64,
     /// It read the visitor's EOF (which a tunnel passes on as a `Fin` frame).
     pub eof: bool,
+    /// The stream's events that came while it ran (acks, the peer's FIN, a new data
+    /// connection), in order, for the stream to take as if they came now.
+    pub events: Vec<crate::tunnel::stream::Event>,
 }
 
 pub type RelayFuture<'a> = Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>>;

@@ -115,6 +115,17 @@ pub struct Link {
     pub local_side: Side,
 }
 
+impl Link {
+    /// Tells the peer we have received `received` bytes of the stream, so it can let
+    /// its retained copy of them go (and read on: it holds at most resume_buffer).
+    pub fn acknowledge(&self, received: u64) {
+        self.session.send(Frame::Ack {
+            stream: self.stream,
+            received,
+        });
+    }
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
         self.session.forget(self.stream);
@@ -327,6 +338,8 @@ struct Engine {
     /// The inspection dump the prelude left (server side): shown as bytes pass, each
     /// read bounded by what it still wants (see `splice::show`).
     dump: Option<Box<Dump>>,
+    /// Events that came during the prelude, taken before any new one.
+    early: std::vec::IntoIter<Event>,
 }
 
 impl Engine {
@@ -373,7 +386,8 @@ impl Engine {
                 pipe: Pipe::take()?,
                 in_pipe: 0,
                 received: passed.received,
-                ack_told: 0,
+                // The prelude acknowledged what it received.
+                ack_told: passed.received,
                 ack_due: None,
                 peer_fin: None,
                 shut: false,
@@ -383,6 +397,7 @@ impl Engine {
             limit,
             side,
             dump: handover.dump,
+            early: passed.events.into_iter(),
         })
     }
 
@@ -492,6 +507,9 @@ impl Engine {
             // Polled by hand, not by `select!`: a message costs one pass here, and
             // `select!` would build and drop a future per branch on every pass.
             let woke = std::future::poll_fn(|cx| {
+                if let Some(ev) = self.early.next() {
+                    return Poll::Ready(Woke::Event(Some(ev)));
+                }
                 if let Poll::Ready(ev) = self.link.events.poll_recv(cx) {
                     return Poll::Ready(Woke::Event(ev));
                 }
@@ -865,10 +883,7 @@ impl Engine {
     fn send_ack(&mut self) {
         self.inn.ack_due = None;
         self.inn.ack_told = self.inn.received;
-        self.link.session.send(Frame::Ack {
-            stream: self.link.stream,
-            received: self.inn.received,
-        });
+        self.link.acknowledge(self.inn.received);
     }
 
     /// The peer has every byte up to `n`: let the retention pipe go of them.
