@@ -212,6 +212,43 @@ fn on_loopback(
     (token, target, server)
 }
 
+/// A target and its agent in a new network namespace, and a server in the root
+/// namespace that the agent reaches over the veth pair (`server_toml` with these extra
+/// keys); the agent connected. Bind the fields in declaration order: they drop in the
+/// reverse, processes before the namespace.
+struct InNetns {
+    _dir: TempDir,
+    ns: NetNs,
+    target: Target,
+    server: TunnelServer,
+    agent: Proc,
+    /// The agent's session.
+    session: String,
+}
+
+fn in_netns(mode: Mode, server_extra: &str, rule_extra: &str) -> InNetns {
+    let ns = NetNs::new();
+    let target = ns.run(Target::start);
+    let dir = TempDir::new("tunnel");
+    let token = token_file(&dir, "token", TOKEN);
+    let tunnel_listen = format!("{}:0", ns.host_ip());
+    let server = TunnelServer::config(
+        mode,
+        &server_toml(&tunnel_listen, &token, server_extra, rule_extra),
+    );
+    assert_eq!(server.tunnel.ip(), ns.host_ip(), "tunnel address");
+    let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
+    let session = wait_connected(&server, &agent, 1);
+    InNetns {
+        _dir: dir,
+        ns,
+        target,
+        server,
+        agent,
+        session,
+    }
+}
+
 /// No session started: a visitor is closed with `end=no_agent`, and the target was
 /// never reached.
 fn assert_no_agent_got_in(server: &TunnelServer, target: &Target) {
@@ -857,18 +894,15 @@ fn resume_after(mode: Mode, fault: Fault) {
     const LEN: u64 = 32 * MIB;
     const CHATS: u64 = 2;
     const CHAT_LEN: u64 = 4 * MIB;
-    let ns = NetNs::new();
-    let target = ns.run(Target::start);
-    let dir = TempDir::new("tunnel");
-    let token = token_file(&dir, "token", TOKEN);
-    let tunnel_listen = format!("{}:0", ns.host_ip());
-    let server = TunnelServer::config(
-        mode,
-        &server_toml(&tunnel_listen, &token, "resume_grace = \"150s\"", ""),
-    );
-    assert_eq!(server.tunnel.ip(), ns.host_ip(), "tunnel address");
-    let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
-    let session = wait_connected(&server, &agent, 1);
+    // (Bound in this order, dropped in the reverse: processes before the namespace.)
+    let InNetns {
+        _dir,
+        ns,
+        target,
+        server,
+        agent,
+        session,
+    } = in_netns(mode, "resume_grace = \"150s\"", "");
 
     let rate = match fault {
         Fault::Blackhole(_) => 2 * MIB,
@@ -1415,6 +1449,86 @@ relay_tests! {
         check_close(&l, &server.rule, "agent:web", 14, greeting.len, "closed");
     }
 
+    /// A link reset while a visitor's `http_auth` check waits for the rest of its
+    /// request head is a lost link like any other: the visitor is not ended, the agent
+    /// comes back, and the request, checked once complete, reaches the target
+    /// (without the header), with the answer back.
+    fn link_reset_while_the_checks_wait(mode) {
+        let ns = NetNs::new();
+        let (raw, raw_rx) = ns.run(raw_http_recorder);
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let secret = format!("visitor-secret-{}", std::process::id());
+        let visitor_token = token_file(&dir, "visitor.token", &secret);
+        let rule_extra = format!(
+            "http_auth = {{ header = \"X-Forwarder-Auth\", token_file = \"{}\" }}",
+            visitor_token.display()
+        );
+        let tunnel_listen = format!("{}:0", ns.host_ip());
+        let server = TunnelServer::config(
+            mode,
+            &server_toml(&tunnel_listen, &token, "resume_grace = \"60s\"", &rule_extra),
+        );
+        let agent = agent_config(server.tunnel, raw.addr(), &token, Some(&ns));
+        let session = wait_connected(&server, &agent, 1);
+
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        (&s).write_all(b"GET /r?x=1 HTTP/1.1\r\nHost: example\r\n").unwrap();
+        assert!(
+            wait_until(secs(10), || raw.accepted() == 1),
+            "the agent did not open the target connection"
+        );
+        thread::sleep(ms(200));
+        let killed = ns.kill_sockets_to(server.tunnel.port());
+        assert!(killed >= 1, "ss -K found no tunnel socket to kill");
+        let resumed = server.p.expect_line("link resumed", secs(30), |l| is_line(l, "link resumed"));
+        assert_eq!(field(&resumed, "session"), Some(session.as_str()), "{resumed}");
+        assert_eq!(field(&resumed, "streams"), Some("1"), "{resumed}");
+
+        (&s).write_all(format!("X-Forwarder-Auth: {secret}\r\nX-Other: keep\r\n\r\n").as_bytes())
+            .unwrap();
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nraw";
+        let got = read_exact_timeout(&s, answer.len(), secs(20))
+            .unwrap_or_else(|e| panic!("the answer after the link came back: {e}"));
+        assert_eq!(got, answer, "the answer");
+        s.shutdown(Shutdown::Write).unwrap();
+        let head = raw_rx.recv_timeout(secs(10)).expect("the request at the target");
+        assert_eq!(
+            String::from_utf8_lossy(&head),
+            "GET /r?x=1 HTTP/1.1\r\nHost: example\r\nX-Other: keep\r\n\r\n",
+            "the request the target got"
+        );
+        let l = close_of(&server.p, visitor, secs(10));
+        check_close(&l, &server.rule, "agent:web", 53, answer.len() as u64, "closed");
+    }
+
+    /// A visitor whose `deny_pattern` check still waits (its bytes could begin a match)
+    /// when the link is blackholed is reset once resume_grace is over, as every stream
+    /// is (`end=agent_lost`), not left open until the link comes back.
+    fn grace_expiry_while_the_checks_wait(mode) {
+        let _load = light();
+        let InNetns { _dir, ns, target, server, agent: _agent, .. } =
+            in_netns(mode, "resume_grace = \"3s\"", "deny_pattern = ['^SSH-']");
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        (&s).write_all(b"SS").unwrap();
+        assert!(
+            wait_until(secs(10), || target.server.accepted() == 1),
+            "the agent did not open the target connection"
+        );
+        let _bh = ns.blackhole();
+        let t0 = Instant::now();
+        let (ending, _) = wait_closed(&s, secs(30)).unwrap_or_else(|e| panic!("visitor: {e}"));
+        assert_eq!(ending, Ending::Reset, "the visitor after the grace period");
+        let took = t0.elapsed();
+        assert!(took >= secs(3), "reset before resume_grace (3 s) could pass: {took:?}");
+        let l = close_of(&server.p, visitor, secs(10));
+        assert_eq!(field(&l, "end"), Some("agent_lost"), "{l}");
+        assert_eq!(num(&l, "bytes_up"), 0, "{l}");
+        server.p.expect_line("grace expired", secs(5), |l| is_line(l, "grace expired"));
+    }
+
     /// The bytes an inspected visitor's checks passed on are the stream's like any:
     /// kept until the agent acknowledges them, and sent again after the link is lost.
     /// The visitor's first bytes go into a blackholed link, the agent's sockets are
@@ -1422,22 +1536,13 @@ relay_tests! {
     /// each direction's first 64 bytes, and only those and the checked ones crossed
     /// userspace.
     fn inspected_visitor_resumes_with_what_the_checks_passed(mode) {
-        let ns = NetNs::new();
-        let target = ns.run(Target::start);
-        let dir = TempDir::new("tunnel");
         let dumps = TempDir::new("tunnel-dumps");
-        let token = token_file(&dir, "token", TOKEN);
         let rule_extra = format!(
             "deny_pattern = ['^SSH-']\ninspect = {{ bytes = 64, format = \"hex\", to = \"{}\" }}",
             dumps.path().display()
         );
-        let tunnel_listen = format!("{}:0", ns.host_ip());
-        let server = TunnelServer::config(
-            mode,
-            &server_toml(&tunnel_listen, &token, "resume_grace = \"90s\"", &rule_extra),
-        );
-        let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
-        let session = wait_connected(&server, &agent, 1);
+        let InNetns { _dir, ns, target, server, agent: _agent, session } =
+            in_netns(mode, "resume_grace = \"90s\"", &rule_extra);
 
         let job = Job::new(BOTH, Payload::new(41, 3 * MIB + 7), Payload::new(42, 2 * MIB + 3));
         let s = connect(server.visitors);
@@ -1670,16 +1775,8 @@ relay_tests! {
     /// get a reset (`end=agent_lost`), and the server's fds return to their baseline.
     fn grace_expiry_resets_both_ends(mode) {
         let _load = light();
-        let ns = NetNs::new();
-        let target = ns.run(Target::start);
-        let dir = TempDir::new("tunnel");
-        let token = token_file(&dir, "token", TOKEN);
-        let server = TunnelServer::config(
-            mode,
-            &server_toml(&format!("{}:0", ns.host_ip()), &token, "resume_grace = \"3s\"", ""),
-        );
-        let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
-        let session = wait_connected(&server, &agent, 1);
+        let InNetns { _dir, ns, target, server, agent, session } =
+            in_netns(mode, "resume_grace = \"3s\"", "");
         // A warm-up visitor, so lazily made things exist before the baseline.
         let job = Job::new(BOTH, Payload::new(40, 64 * KIB), Payload::new(41, 64 * KIB));
         visit_ok(server.visitors, job, secs(20));

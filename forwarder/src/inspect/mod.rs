@@ -132,7 +132,7 @@ struct Prelude<'a> {
     rewrite_hold: Option<Instant>,
     /// A tunnel stream's: every byte passed on to the upstream (its data connection),
     /// which the stream retains until the agent acknowledges it.
-    sent: Option<Vec<u8>>,
+    sent: Option<Retained>,
     /// Bytes read from the upstream (a tunnel stream acknowledges each read).
     upstream_read: u64,
     /// A tunnel stream's events so far (see [`Prelude::tunnel_event`]).
@@ -149,7 +149,7 @@ impl Prelude<'_> {
 
     /// Where bytes passed on to the upstream go through: the rewriter (`rewrite`),
     /// and, for a tunnel stream, the copy it retains.
-    fn upstream_sinks(&mut self) -> (Option<&mut Rewriter>, Option<&mut Vec<u8>>) {
+    fn upstream_sinks(&mut self) -> (Option<&mut Rewriter>, Option<&mut Retained>) {
         (
             self.rewriters.as_deref_mut().map(|r| &mut r[0]),
             self.sent.as_mut(),
@@ -194,6 +194,18 @@ impl Prelude<'_> {
         }
     }
 
+    /// A tunnel stream whose data connection failed while the checks wait: nothing
+    /// more is read from or written to it (what is passed on is retained).
+    fn lose_data(&mut self) {
+        if let Some(r) = &mut self.sent {
+            r.lost = true;
+        }
+    }
+
+    fn data_lost(&self) -> bool {
+        self.sent.as_ref().is_some_and(|r| r.lost)
+    }
+
     /// The tunnel peer's FIN, once every byte before it was passed on.
     fn pass_peer_fin(&mut self, pair: &Pair) -> Result<(), RelayEnd> {
         if self.peer_fin == Some(self.upstream_read) && !self.eof[1] {
@@ -213,9 +225,9 @@ impl Prelude<'_> {
                 .filter(|t| (0..2).any(|d| !eof[d] && t.wants(d) > 0))
                 .map(Box::new),
             rewriters: self.rewriters,
-            passed: self.sent.map(|sent| {
+            passed: self.sent.map(|retained| {
                 Box::new(Passed {
-                    sent,
+                    sent: retained.sent,
                     received: self.upstream_read,
                     eof: eof[0],
                     events: self.events,
@@ -245,7 +257,7 @@ impl InspectRelay {
             eof: [false; 2],
             rewriters: (!rule.rewrite.is_empty()).then(|| Box::new(Rewriter::for_rule(rule))),
             rewrite_hold: None,
-            sent: pair.tunnel.is_some().then(Vec::new),
+            sent: pair.tunnel.is_some().then(Retained::default),
             upstream_read: 0,
             events: Vec::new(),
             peer_fin: None,
@@ -315,29 +327,34 @@ impl InspectRelay {
                         pass_fin(&pair.upstream).map_err(|e| fail(pair, Side::Upstream, e))?;
                     }
                 }
-                r = pair.upstream.readable(), if !p.eof[1] => {
-                    r.map_err(|e| fail(pair, Side::Upstream, e))?;
+                r = pair.upstream.readable(), if !p.eof[1] && !p.data_lost() => {
                     if upstream_moves_on {
-                        match has_bytes(&pair.upstream) {
+                        match r.and_then(|()| has_bytes(&pair.upstream)) {
                             Ok(true) => return Ok(p.handover()),
                             Ok(false) => continue,
                             Err(e) => return Err(fail(pair, Side::Upstream, e)),
                         }
                     }
-                    let mut buf = vec![0u8; upstream_max];
-                    let n = match pair.upstream.try_read(&mut buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    let buf = match r.and_then(|()| try_read_some(&pair.upstream, upstream_max)) {
+                        Ok(None) => continue,
+                        // A tunnel stream's data connection failed, or the agent
+                        // closed it to dial another, while the checks wait: a lost
+                        // link, waited out like any stream's (what is passed on
+                        // meanwhile is retained for the reattach, or the grace ends).
+                        Ok(Some(b)) if tunnel && b.is_empty() => {
+                            p.lose_data();
+                            continue;
+                        }
+                        Err(_) if tunnel => {
+                            p.lose_data();
+                            continue;
+                        }
+                        Ok(Some(b)) => b,
                         Err(e) => return Err(fail(pair, Side::Upstream, e)),
                     };
+                    let n = buf.len();
                     p.eof[1] = n == 0;
                     p.upstream_read += n as u64;
-                    if tunnel && n == 0 {
-                        // The agent closes a data connection only when done with the
-                        // stream, or to dial another: either way not during the checks.
-                        let e = std::io::Error::other("the agent closed the data connection");
-                        return Err(fail(pair, Side::Upstream, e));
-                    }
                     if let Some(d) = &mut p.dump {
                         d.record(1, &buf[..n]);
                     }
@@ -478,6 +495,20 @@ async fn next_event(link: &mut Option<Box<Link>>) -> Option<Event> {
     link.as_mut()?.events.recv().await
 }
 
+/// One read of at most `max` bytes (none: the end); `None` when there was nothing
+/// after all (stale readiness, now cleared).
+fn try_read_some(sock: &TcpStream, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; max];
+    match sock.try_read(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `sock` has a byte (or its end) to read now. Readiness alone may be stale
 /// (our last read did not drain the socket); this looks, and clears it if not.
 fn has_bytes(sock: &TcpStream) -> std::io::Result<bool> {
@@ -492,15 +523,24 @@ fn has_bytes(sock: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
+/// A tunnel stream's bytes passed on to its data connection, kept for its retention,
+/// and whether that connection failed (a lost link): then they only wait, retained,
+/// for the reattach, which sends again what the agent lacks.
+#[derive(Default)]
+struct Retained {
+    sent: Vec<u8>,
+    lost: bool,
+}
+
 /// Writes `data` to `dst`, through `rewriter` when the rule rewrites (`eof`: the
-/// stream ends after `data`, so what the rewriter held goes too), and appends what it
-/// wrote to `keep` (a tunnel stream's retained copy).
+/// stream ends after `data`, so what the rewriter held goes too); for a tunnel stream
+/// (`keep`), retains it too, and a failed write is a lost link, not an error.
 async fn pass_on(
     dst: &mut TcpStream,
     data: &[u8],
     eof: bool,
     rewriter: Option<&mut Rewriter>,
-    keep: Option<&mut Vec<u8>>,
+    keep: Option<&mut Retained>,
     counter: &AtomicU64,
     progress: &Progress,
 ) -> std::io::Result<()> {
@@ -511,9 +551,14 @@ async fn pass_on(
     if data.is_empty() {
         return Ok(());
     }
-    dst.write_all(&data).await?;
-    if let Some(keep) = keep {
-        keep.extend_from_slice(&data);
+    match keep {
+        Some(keep) => {
+            keep.sent.extend_from_slice(&data);
+            if !keep.lost && dst.write_all(&data).await.is_err() {
+                keep.lost = true;
+            }
+        }
+        None => dst.write_all(&data).await?,
     }
     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
     progress
