@@ -1503,6 +1503,28 @@ relay_tests! {
         check_close(&l, &server.rule, "agent:web", 53, answer.len() as u64, "closed");
     }
 
+    /// A visitor whose checks still wait when the rule's idle_timeout ends it is reset,
+    /// as every tunnel stream the server ends itself is, and so is the agent's target
+    /// connection.
+    fn idle_timeout_while_the_checks_wait(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) =
+            on_loopback(mode, &dir, "", "deny_pattern = ['^SSH-']\nidle_timeout = \"1s\"");
+        let agent = agent_config(server.tunnel, target.addr(), &token, None);
+        wait_connected(&server, &agent, 1);
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        (&s).write_all(b"SS").unwrap();
+        let (ending, after) = wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor: {e}"));
+        assert_eq!(ending, Ending::Reset, "the visitor cut by idle_timeout after {after:?}");
+        let l = close_of(&server.p, visitor, secs(10));
+        assert_eq!(field(&l, "end"), Some("idle_timeout"), "{l}");
+        assert_eq!(num(&l, "bytes_up"), 0, "{l}");
+        let l = close_of(&agent, visitor, secs(10));
+        assert_eq!(num(&l, "bytes_up"), 0, "agent: {l}");
+    }
+
     /// A visitor whose `deny_pattern` check still waits (its bytes could begin a match)
     /// when the link is blackholed is reset once resume_grace is over, as every stream
     /// is (`end=agent_lost`), not left open until the link comes back.

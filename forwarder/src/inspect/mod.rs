@@ -26,8 +26,8 @@ use tokio::time::Instant;
 
 use crate::config::Rule;
 use crate::relay::{
-    pass_fin, reset_both_on_close, Handover, Pair, Passed, Progress, Relay, RelayEnd, RelayFuture,
-    Side,
+    close_cleanly, pass_fin, reset_both_on_close, reset_on_close, Handover, Pair, Passed, Progress,
+    Relay, RelayEnd, RelayFuture, Side,
 };
 use crate::tunnel::stream::{Event, Link, TellPeerReset};
 use deny::{DenyPatterns, Verdict};
@@ -99,11 +99,19 @@ impl Relay for InspectRelay {
     fn relay<'a>(&'a self, mut pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
         Box::pin(async move {
             // A tunnel stream that ends here (refused, failed, or cut short by a
-            // limit) ends at the agent too: its target is reset.
+            // limit) ends at the agent too: its target is reset. One the server cuts
+            // short (idle_timeout, ...) is reset at the visitor too, as the tunnel's
+            // relay resets the streams it cuts: a FIN would show it as complete.
             let mut tell = pair.tunnel.as_deref().map(TellPeerReset::new);
+            if tell.is_some() {
+                reset_on_close(&pair.client);
+            }
             match self.prelude(&mut pair, &progress).await {
                 Ok(handover) => {
-                    tell.as_mut().map(TellPeerReset::disarm);
+                    if let Some(tell) = &mut tell {
+                        tell.disarm();
+                        close_cleanly(&pair.client);
+                    }
                     self.inner
                         .relay_after_prelude(pair, progress, handover)
                         .await
@@ -577,7 +585,9 @@ fn fail(pair: &Pair, side: Side, error: std::io::Error) -> RelayEnd {
 /// client still sends is read and dropped (for up to a second) so that closing does
 /// not turn into a reset that could destroy the answer in flight.
 async fn unauthorized(pair: &mut Pair, why: &'static str) -> RelayEnd {
-    // The upstream gets a plain close: it has been sent nothing.
+    // The upstream gets a plain close: it has been sent nothing. The client's close
+    // must not destroy the answer.
+    close_cleanly(&pair.client);
     let _ = pair.upstream.shutdown().await;
     let _ = pair.client.write_all(auth::UNAUTHORIZED).await;
     let _ = pair.client.shutdown().await;

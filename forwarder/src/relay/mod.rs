@@ -264,6 +264,11 @@ pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// Undoes [`reset_on_close`]: closing `sock` sends a FIN after what is queued.
+pub fn close_cleanly(sock: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(sock).set_linger(None);
+}
+
 /// A relay that fails resets BOTH sides when it closes them: the side it blames may
 /// not know anything went wrong (our own error: out of fds, a failed check), and a
 /// clean FIN would show it a cut stream as complete. A side whose peer already reset
