@@ -1503,6 +1503,36 @@ relay_tests! {
         check_close(&l, &server.rule, "agent:web", 53, answer.len() as u64, "closed");
     }
 
+    /// A half-close made during an outage, when every byte before it was delivered and
+    /// acknowledged: the target has sent all and shut its side, the visitor read it
+    /// all, the link is blackholed until both sides call it lost, and only then does
+    /// the visitor shut its side. The server's stream is complete by then; its FIN must
+    /// still reach the target as a FIN after the link resumes, not as a reset.
+    fn fin_during_an_outage_after_everything_else(mode) {
+        let InNetns { _dir, ns, target, server, agent, session } =
+            in_netns(mode, "resume_grace = \"60s\"", "");
+        let job = Job::new(DOWNLOAD_FIRST, Payload::new(61, 0), Payload::new(62, 256 * KIB));
+        let s = open(server.visitors, &job);
+        let visitor = s.local_addr().unwrap();
+        let down = read_digest(&s, Instant::now() + secs(20)).expect("the target's bytes and FIN");
+        assert_eq!(down, Digested::of(&job.down), "the visitor received");
+        // Acknowledged both ways (acks go out within 5 ms of a quiet moment).
+        thread::sleep(ms(300));
+        let bh = ns.blackhole();
+        server.p.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
+        agent.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
+        s.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(ms(500));
+        bh.restore();
+        let resumed = server.p.expect_line("link resumed", secs(30), |l| is_line(l, "link resumed"));
+        assert_eq!(field(&resumed, "session"), Some(session.as_str()), "{resumed}");
+        assert_got(&target.report(secs(20)).seen, &job.up, "the target, after the visitor's FIN");
+        let l = close_of(&agent, visitor, secs(10));
+        check_close(&l, "web", &target.addr().to_string(), HEADER_LEN as u64, job.down.len, "closed");
+        let l = close_of(&server.p, visitor, secs(10));
+        check_close(&l, &server.rule, "agent:web", HEADER_LEN as u64, job.down.len, "closed");
+    }
+
     /// A visitor whose checks still wait when the rule's idle_timeout ends it is reset,
     /// as every tunnel stream the server ends itself is, and so is the agent's target
     /// connection.

@@ -59,6 +59,10 @@ pub trait Session: Send + Sync {
     fn send(&self, frame: Frame);
     /// The stream ended: forget it.
     fn forget(&self, stream: u64);
+    /// The stream ended complete: `sent` bytes went to the peer, `received` came from
+    /// it, both ends were passed on. The server remembers it a while (see
+    /// `server::Finished`): its last frames may have been lost with the link.
+    fn finished(&self, _stream: u64, _sent: u64, _received: u64) {}
     /// Agent side: the live link's generation (0 while down), and how to dial a data
     /// connection to reattach `stream` (the `Data` header sent). The server waits for
     /// `Event::Attach` instead.
@@ -231,6 +235,11 @@ pub async fn run(
     let end = engine.run(&local, first, progress).await;
     forced.peer.disarm();
     engine.release();
+    if matches!(end, Ok(()) | Err(End::Done)) {
+        let l = &engine.link;
+        l.session
+            .finished(l.stream, engine.out.read, engine.inn.received);
+    }
     match end {
         Ok(()) => {
             engine.recycle();
