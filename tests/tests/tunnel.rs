@@ -1533,6 +1533,62 @@ relay_tests! {
         check_close(&l, &server.rule, "agent:web", HEADER_LEN as u64, job.down.len, "closed");
     }
 
+    /// The same the other way: the visitor has sent all and shut its side, the target
+    /// read it all, the link is blackholed until both sides call it lost, and only
+    /// then does the target shut its side. The agent's stream is complete by then; its
+    /// FIN must still reach the visitor after the link resumes (the server's stream
+    /// waits for it).
+    fn target_fin_during_an_outage_after_everything_else(mode) {
+        let ns = NetNs::new();
+        let close_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let close = close_now.clone();
+        let target = ns.run(|| {
+            Server::start(LOCALHOST, move |s| {
+                let got = read_digest(&s, Instant::now() + secs(60));
+                let _ = tx.lock().unwrap().send(got.map_err(|e| e.to_string()));
+                let waited = wait_until(secs(60), || close.load(Ordering::SeqCst));
+                if waited {
+                    let _ = s.shutdown(Shutdown::Write);
+                }
+            })
+        });
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let server = TunnelServer::config(
+            mode,
+            &server_toml(&format!("{}:0", ns.host_ip()), &token, "resume_grace = \"60s\"", ""),
+        );
+        let agent = agent_config(server.tunnel, target.addr(), &token, Some(&ns));
+        let session = wait_connected(&server, &agent, 1);
+
+        let up = Payload::new(71, 256 * KIB);
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        send(&s, up, 0, Instant::now() + secs(20)).expect("visitor write");
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = rx.recv_timeout(secs(20)).expect("the target's report").expect("the target");
+        assert_eq!(got, Digested::of(&up), "the target received");
+        // Acknowledged both ways (acks go out within 5 ms of a quiet moment).
+        thread::sleep(ms(300));
+        let bh = ns.blackhole();
+        server.p.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
+        agent.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
+        close_now.store(true, Ordering::SeqCst);
+        thread::sleep(ms(500));
+        bh.restore();
+        let resumed = server.p.expect_line("link resumed", secs(30), |l| is_line(l, "link resumed"));
+        assert_eq!(field(&resumed, "session"), Some(session.as_str()), "{resumed}");
+        let down = read_digest(&s, Instant::now() + secs(20))
+            .unwrap_or_else(|e| panic!("the target's FIN after the link resumed: {e}"));
+        assert_eq!(down.len, 0, "the visitor received bytes");
+        let l = close_of(&server.p, visitor, secs(10));
+        check_close(&l, &server.rule, "agent:web", up.len, 0, "closed");
+        let l = close_of(&agent, visitor, secs(10));
+        check_close(&l, "web", &target.addr().to_string(), up.len, 0, "closed");
+    }
+
     /// A visitor whose checks still wait when the rule's idle_timeout ends it is reset,
     /// as every tunnel stream the server ends itself is, and so is the agent's target
     /// connection.

@@ -76,6 +76,10 @@ impl stream::Session for AgentSession {
         self.table.forget(stream);
     }
 
+    fn finished(&self, stream: u64, sent: u64, received: u64) {
+        self.table.finished(stream, sent, received);
+    }
+
     fn dialer(&self) -> Option<(watch::Receiver<u64>, stream::Dial)> {
         let server = self.cfg.server.clone();
         let current = *self.current.lock().unwrap();
@@ -262,6 +266,12 @@ async fn run(session: Arc<AgentSession>) {
         // As the server says it: a resumed session is `link resumed`, even with no
         // stream left to carry over.
         if resumed {
+            // Streams that ended here while the link was going: their last ack and
+            // `Fin` may not have reached the server, which waits for them (a stream
+            // it already finished ignores them).
+            for frame in session.table.finished.lock().unwrap().last_frames() {
+                session.table.send(frame);
+            }
             event!(info, "link resumed", text = ("link resumed server={server} session={sid_text} streams={n}"), server = %server, session = %sid_text, streams = n,);
         } else {
             event!(info, "agent connected", text = ("agent connected server={server} session={sid_text} services={}", services.join(",")), server = %server, session = %sid_text, services = %services.join(","),);
@@ -311,11 +321,12 @@ async fn connect_control(
     let list = services.join(",");
     let identity = session.cfg.identity.clone();
     let current = *session.current.lock().unwrap();
+    // The streams we hold, and those that ended here lately: the server keeps those
+    // of its own, which may still wait for our last frames (sent again once resumed).
     let resume = current.map(|(id, _)| {
-        (
-            id,
-            session.table.map.lock().unwrap().keys().copied().collect(),
-        )
+        let mut streams: Vec<u64> = session.table.map.lock().unwrap().keys().copied().collect();
+        streams.extend(session.table.finished.lock().unwrap().ids());
+        (id, streams)
     });
     let hello = Frame::Hello {
         version: VERSION,

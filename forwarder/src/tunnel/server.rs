@@ -111,41 +111,6 @@ pub struct ServerSession {
     agent: Mutex<SocketAddr>,
     /// Pongs heard, to tell a live agent from a dead link that still looks open.
     pongs: AtomicU64,
-    /// Streams that ended complete lately (see [`Finished`]).
-    finished: Mutex<Finished>,
-}
-
-/// Streams that ended complete here, remembered in case their last frames were lost
-/// with the link. A stream is complete once the agent has acknowledged every byte we
-/// sent and we delivered its FIN; our own `Fin` frame may still have gone into a link
-/// that was dying (or down: frames are dropped then). The agent then comes back for
-/// the stream, and is told what it lacks: that we have all its bytes, and where ours
-/// end. Kept while the link is down (the session itself ends at the grace), and
-/// [`FINISHED_KEEP`] while it is up, which is longer than a frame can wait in a link
-/// before the link is called lost; at most [`FINISHED_MAX`].
-#[derive(Default)]
-pub struct Finished(std::collections::VecDeque<(Instant, u64, u64, u64)>);
-
-const FINISHED_KEEP: Duration = Duration::from_secs(control::DEAD_AFTER.as_secs() + 2);
-const FINISHED_MAX: usize = 1 << 16;
-
-impl Finished {
-    fn note(&mut self, live: bool, stream: u64, sent: u64, received: u64) {
-        let now = Instant::now();
-        while let Some(&(at, ..)) = self.0.front() {
-            if self.0.len() < FINISHED_MAX && !(live && now - at > FINISHED_KEEP) {
-                break;
-            }
-            self.0.pop_front();
-        }
-        self.0.push_back((now, stream, sent, received));
-    }
-
-    /// (sent, received) of a stream remembered as complete.
-    fn of(&self, stream: u64) -> Option<(u64, u64)> {
-        let found = self.0.iter().rev().find(|e| e.1 == stream);
-        found.map(|&(_, _, sent, received)| (sent, received))
-    }
 }
 
 impl stream::Session for ServerSession {
@@ -158,11 +123,7 @@ impl stream::Session for ServerSession {
     }
 
     fn finished(&self, stream: u64, sent: u64, received: u64) {
-        let live = self.live();
-        self.finished
-            .lock()
-            .unwrap()
-            .note(live, stream, sent, received);
+        self.table.finished(stream, sent, received);
     }
 
     fn dialer(&self) -> Option<(tokio::sync::watch::Receiver<u64>, stream::Dial)> {
@@ -473,7 +434,6 @@ impl Registry {
                     limit: self.cfg.resume_buffer,
                     agent: Mutex::new(peer),
                     pongs: AtomicU64::new(0),
-                    finished: Mutex::default(),
                 });
                 self.sessions
                     .lock()
@@ -603,7 +563,7 @@ impl Registry {
                         let _ = tx.send(Event::Attach(conn));
                     }
                     None => {
-                        let done = s.finished.lock().unwrap().of(stream);
+                        let done = s.table.finished.lock().unwrap().of(stream);
                         if let Some((sent, received)) = done {
                             return finish_again(&s, conn, stream, sent, received).await;
                         }
@@ -621,7 +581,7 @@ impl Registry {
     }
 }
 
-/// The agent came back for a stream that ended complete here (see [`Finished`]): the
+/// The agent came back for a stream that ended complete here (see `stream::Finished`): the
 /// `Resume` exchange tells it we have all its bytes, and our `Fin` tells it where ours
 /// end (it has them all: it acknowledged them). Its stream then ends as ours did.
 async fn finish_again(

@@ -60,9 +60,9 @@ pub trait Session: Send + Sync {
     /// The stream ended: forget it.
     fn forget(&self, stream: u64);
     /// The stream ended complete: `sent` bytes went to the peer, `received` came from
-    /// it, both ends were passed on. The server remembers it a while (see
-    /// `server::Finished`): its last frames may have been lost with the link.
-    fn finished(&self, _stream: u64, _sent: u64, _received: u64) {}
+    /// it, both ends were passed on. Remembered a while (see [`Finished`]): its last
+    /// frames may have been lost with the link.
+    fn finished(&self, stream: u64, sent: u64, received: u64);
     /// Agent side: the live link's generation (0 while down), and how to dial a data
     /// connection to reattach `stream` (the `Data` header sent). The server waits for
     /// `Event::Attach` instead.
@@ -84,6 +84,60 @@ pub type Dial = Arc<
 pub struct Table {
     pub control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
     pub map: Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>,
+    /// Streams that ended complete lately.
+    pub finished: Mutex<Finished>,
+}
+
+/// Streams that ended complete here, remembered in case their last frames were lost
+/// with the link. A stream is complete once the peer has acknowledged every byte we
+/// sent and we delivered its FIN; our own `Fin` frame may still have gone into a link
+/// that was dying (or down: frames are dropped then). So the agent's resume lists
+/// them too (the server keeps its streams the agent lists), and then sends their last
+/// ack and `Fin` again; the server answers the agent's reattach of such a stream with
+/// what it lacks: that we have all its bytes, and where ours end. Kept
+/// while the link is down (the session itself ends at the grace), and
+/// [`FINISHED_KEEP`] while it is up, which is longer than a frame can wait in a link
+/// before the link is called lost; at most [`FINISHED_MAX`].
+#[derive(Default)]
+pub struct Finished(std::collections::VecDeque<(Instant, u64, u64, u64)>);
+
+const FINISHED_KEEP: Duration = Duration::from_secs(super::control::DEAD_AFTER.as_secs() + 2);
+/// (A resume lists them: 8,192 ids of at most 10 bytes fit a frame, 256 KiB.)
+const FINISHED_MAX: usize = 1 << 13;
+
+impl Finished {
+    fn note(&mut self, live: bool, stream: u64, sent: u64, received: u64) {
+        let now = Instant::now();
+        while let Some(&(at, ..)) = self.0.front() {
+            if self.0.len() < FINISHED_MAX && !(live && now - at > FINISHED_KEEP) {
+                break;
+            }
+            self.0.pop_front();
+        }
+        self.0.push_back((now, stream, sent, received));
+    }
+
+    /// (sent, received) of a stream remembered as complete.
+    pub fn of(&self, stream: u64) -> Option<(u64, u64)> {
+        let found = self.0.iter().rev().find(|e| e.1 == stream);
+        found.map(|&(_, _, sent, received)| (sent, received))
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().map(|e| e.1)
+    }
+
+    /// The last frames each stream remembered sent: its ack of every byte it
+    /// received, and its `Fin`.
+    pub fn last_frames(&self) -> Vec<Frame> {
+        let frames = |&(_, stream, sent, received): &(Instant, u64, u64, u64)| {
+            [
+                Frame::Ack { stream, received },
+                Frame::Fin { stream, at: sent },
+            ]
+        };
+        self.0.iter().flat_map(frames).collect()
+    }
 }
 
 impl Table {
@@ -96,6 +150,13 @@ impl Table {
 
     pub fn forget(&self, stream: u64) {
         self.map.lock().unwrap().remove(&stream);
+    }
+
+    /// [`Session::finished`]: remembered (see [`Finished`]).
+    pub fn finished(&self, stream: u64, sent: u64, received: u64) {
+        let live = self.control.lock().unwrap().is_some();
+        let mut finished = self.finished.lock().unwrap();
+        finished.note(live, stream, sent, received);
     }
 
     /// Resets every stream now (grace over, or a new session); returns how many.
