@@ -557,13 +557,18 @@ relay_tests! {
         fwd.assert_mode(mode);
 
         const CHUNK: u64 = 64 * KIB;
+        // At least this many chunks, then on until the scrapes below have their
+        // samples (a scrape may take seconds when other tests load the host), at most
+        // MAX_CHUNKS: the transfer lasts as long as the sampling needs.
         const CHUNKS: u64 = 40;
+        const MAX_CHUNKS: u64 = 150;
+        const SAMPLES: usize = 4;
         const PERIOD: Duration = Duration::from_millis(100);
-        let p = Payload::new(21, CHUNK * CHUNKS);
         let s = connect(fwd.addr());
         ping(&s, b"!", Duration::from_secs(10)).expect("first round trip");
         let sent = AtomicU64::new(0);
         let received = AtomicU64::new(0);
+        let sampled = std::sync::atomic::AtomicBool::new(false);
 
         /// One scrape taken while the client was still writing.
         struct Sample {
@@ -579,10 +584,13 @@ relay_tests! {
                 let mut buf = vec![0u8; CHUNK as usize];
                 let mut log = Vec::with_capacity(CHUNKS as usize);
                 let mut w = &s;
-                for i in 0..CHUNKS {
+                for i in 0..MAX_CHUNKS {
+                    if i >= CHUNKS && sampled.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let due = start + PERIOD * i as u32;
                     thread::sleep(due.saturating_duration_since(Instant::now()));
-                    p.fill(i * CHUNK, &mut buf);
+                    Payload::new(21, CHUNK * MAX_CHUNKS).fill(i * CHUNK, &mut buf);
                     w.write_all(&buf)?;
                     let total = sent.fetch_add(CHUNK, Ordering::SeqCst) + CHUNK;
                     log.push((Instant::now(), total));
@@ -618,6 +626,9 @@ relay_tests! {
             let mut samples = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(15);
             for _ in 0..30 {
+                if samples.len() >= SAMPLES {
+                    sampled.store(true, Ordering::SeqCst);
+                }
                 thread::sleep(Duration::from_millis(600));
                 if writer.is_finished() || Instant::now() >= deadline {
                     break;
@@ -638,10 +649,12 @@ relay_tests! {
                     active: m.u("forwarder_connections_active", &[("rule", "slow")]),
                 });
             }
+            sampled.store(true, Ordering::SeqCst);
             let log = writer.join().expect("writer").expect("client writes");
             let digest = reader.join().expect("reader").expect("client reads");
             (log, digest, samples)
         });
+        let p = Payload::new(21, sent.load(Ordering::SeqCst));
         assert_eq!(digest, Digested::of(&p), "echoed bytes differ");
 
         // What the client had sent by `t` (the ping's byte not counted).
