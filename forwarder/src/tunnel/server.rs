@@ -591,13 +591,7 @@ async fn finish_again(
     sent: u64,
     received: u64,
 ) {
-    let exchange = async {
-        write_frame(&mut conn, &Frame::Resume { received }).await?;
-        read_frame(&mut conn).await
-    };
-    if let Ok(Ok(Frame::Resume { .. })) =
-        tokio::time::timeout(Duration::from_secs(10), exchange).await
-    {
+    if let Ok(Ok(Frame::Resume { .. })) = stream::resume_exchange(&mut conn, received).await {
         s.table.send(Frame::Fin { stream, at: sent });
     }
 }

@@ -805,11 +805,9 @@ impl Engine {
         {
             return Ok(false);
         }
-        let filled = match shows(&mut self.dump, self.side, true) {
-            Some(_) if self.out.in_pipe > 0 => Ok(Fill::NoSlot),
-            Some((dump, d)) => show(local, &self.out.pipe, dump, d, room, progress),
-            None => fill(local, &self.out.pipe, self.out.in_pipe, room),
-        };
+        let d = dump_direction(self.side, true);
+        let (p, in_pipe) = (&self.out.pipe, self.out.in_pipe);
+        let filled = read_shown(&mut self.dump, d, local, p, in_pipe, room, progress);
         let o = &mut self.out;
         let n = match filled {
             Ok(Fill::Eof) => {
@@ -872,11 +870,9 @@ impl Engine {
         };
         if !self.inn.read_blocked && self.inn.in_pipe < self.inn.pipe.size {
             let room = self.inn.pipe.size - self.inn.in_pipe;
-            let filled = match shows(&mut self.dump, self.side, false) {
-                Some(_) if self.inn.in_pipe > 0 => Ok(Fill::NoSlot),
-                Some((dump, dir)) => show(d, &self.inn.pipe, dump, dir, room, progress),
-                None => fill(d, &self.inn.pipe, self.inn.in_pipe, room),
-            };
+            let dir = dump_direction(self.side, false);
+            let (p, in_pipe) = (&self.inn.pipe, self.inn.in_pipe);
+            let filled = read_shown(&mut self.dump, dir, d, p, in_pipe, room, progress);
             let i = &mut self.inn;
             match filled {
                 // The peer closed this data connection: it is done with the stream, or
@@ -977,12 +973,7 @@ impl Engine {
     /// another); an error when the peer no longer knows the stream.
     async fn reattach(&mut self, mut conn: TcpStream) -> Result<Option<TcpStream>, End> {
         let _ = conn.set_nodelay(true);
-        let received = self.inn.received;
-        let exchange = async {
-            write_frame(&mut conn, &Frame::Resume { received }).await?;
-            read_frame(&mut conn).await
-        };
-        let peer_received = match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
+        let peer_received = match resume_exchange(&mut conn, self.inn.received).await {
             Ok(Ok(Frame::Resume { received })) => received,
             // The peer finished the stream and forgot it while our last ack was on
             // its way: everything was delivered both ways.
@@ -1053,21 +1044,50 @@ enum Woke {
 type LinkWatch =
     std::pin::Pin<Box<dyn Future<Output = Result<(), watch::error::RecvError>> + Send>>;
 
-/// Resolves when the link generation changes after what `gen` has seen (a clone, so
-/// `gen` itself stays free to read).
-/// The dump and its direction for bytes read from the local socket (`from_local`) or
-/// from the data connection, if it still wants any: then the next read is shown, once
-/// the pipe is empty (what is shown goes on first).
-fn shows(dump: &mut Option<Box<Dump>>, side: Side, from_local: bool) -> Option<(&mut Dump, usize)> {
-    let d = match (side, from_local) {
-        (Side::Client, true) | (Side::Upstream, false) => 0,
-        _ => 1,
+/// A reattach's first step on its new data connection, the same on both ends: each
+/// says how many bytes of the stream it has received (`Resume`) and reads the other's
+/// answer, within [`HANDSHAKE_TIMEOUT`].
+pub async fn resume_exchange(
+    conn: &mut TcpStream,
+    received: u64,
+) -> Result<io::Result<Frame>, tokio::time::error::Elapsed> {
+    let exchange = async {
+        write_frame(conn, &Frame::Resume { received }).await?;
+        read_frame(conn).await
     };
-    dump.as_deref_mut()
-        .filter(|t| t.wants(d) > 0)
-        .map(|t| (t, d))
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await
 }
 
+/// The dump's direction (0: client → upstream) of bytes read from the local socket
+/// (`from_local`) or from the data connection.
+fn dump_direction(side: Side, from_local: bool) -> usize {
+    match (side, from_local) {
+        (Side::Client, true) | (Side::Upstream, false) => 0,
+        _ => 1,
+    }
+}
+
+/// Reads up to `room` bytes from `src` into `p` (which holds `in_pipe`), through the
+/// dump while its direction `d` still wants bytes (`splice::show`): what is shown goes
+/// on first, so such a read waits for the pipe to be empty (`NoSlot`).
+fn read_shown(
+    dump: &mut Option<Box<Dump>>,
+    d: usize,
+    src: &TcpStream,
+    p: &Pipe,
+    in_pipe: usize,
+    room: usize,
+    progress: &Progress,
+) -> io::Result<Fill> {
+    match dump.as_deref_mut().filter(|t| t.wants(d) > 0) {
+        Some(_) if in_pipe > 0 => Ok(Fill::NoSlot),
+        Some(t) => show(src, p, t, d, room, progress),
+        None => fill(src, p, in_pipe, room),
+    }
+}
+
+/// Resolves when the link generation changes after what `gen` has seen (a clone, so
+/// `gen` itself stays free to read).
 fn watch_link(gen: &watch::Receiver<u64>) -> LinkWatch {
     let mut gen = gen.clone();
     Box::pin(async move { gen.changed().await })
