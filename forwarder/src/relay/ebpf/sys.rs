@@ -84,7 +84,8 @@ pub fn outq(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::TIOCOUTQ)
 }
 
-/// Bytes received and not yet read (SIOCINQ); meaningless once in a sockmap.
+/// Bytes received and not yet read (SIOCINQ; up to the urgent mark when one is ahead,
+/// and a FIN not counted); meaningless once in a sockmap.
 pub fn inq(fd: RawFd) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
