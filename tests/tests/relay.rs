@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -189,6 +190,78 @@ relay_tests! {
         drive_paired_echo_clients(fwd.addr(), &payloads, Instant::now() + secs(60))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(up.accepted(), 200);
+    }
+
+    /// A pipe that runs out of slots before bytes: the upstream reads nothing for a
+    /// second while the client sends 4 MiB (which fills the pair's buffers and pipe),
+    /// then 1,000 one-byte segments with sendfile(2), each byte from a page of its own,
+    /// so each stays a fragment of its own in the forwarder's socket and takes a pipe
+    /// slot of its own. The forwarder's reads then stop at 256 slots with bytes still
+    /// in the socket; such a read must not count as the socket drained, or those bytes
+    /// would wait for an event that never comes (the client sends nothing more until
+    /// it has its echo). Every byte comes back, in order, before the client's FIN.
+    fn a_pipe_out_of_slots_is_not_a_drained_socket(mode) {
+        let _load = light();
+        const PAGE: usize = 4096;
+        const TINY: usize = 1000;
+        let up = Server::start(LOCALHOST, |s| {
+            thread::sleep(secs(1));
+            let _ = echo_stream(&s);
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        // Bulk first: the kernel path may leave for splice at its in-flight bound.
+        allow_bulk_escape(&fwd, &[4 * MIB, 4 * MIB]);
+        let dir = TempDir::new("pages");
+        let pages = Payload::new(41, (TINY * PAGE) as u64).to_vec();
+        let path = dir.path().join("pages.bin");
+        std::fs::write(&path, &pages).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let blob = Payload::new(40, 4 * MIB).to_vec();
+        let mut want = blob.clone();
+        want.extend((0..TINY).map(|k| pages[k * PAGE]));
+
+        let s = connect(fwd.addr());
+        s.set_nodelay(true).unwrap();
+        let reader = {
+            let s = s.try_clone().unwrap();
+            let total = want.len();
+            thread::spawn(move || {
+                let deadline = Instant::now() + secs(30);
+                let mut got = Vec::with_capacity(total);
+                let mut buf = vec![0u8; 256 * 1024];
+                while got.len() < total && Instant::now() < deadline {
+                    s.set_read_timeout(Some(secs(1))).unwrap();
+                    match (&s).read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                        Err(e) => panic!("echo read: {e}"),
+                    }
+                }
+                got
+            })
+        };
+        (&s).write_all(&blob).expect("bulk write");
+        for k in 0..TINY {
+            let mut off = (k * PAGE) as libc::off_t;
+            // SAFETY: both fds are open for the call; `off` is ours.
+            let n = unsafe { libc::sendfile(s.as_raw_fd(), file.as_raw_fd(), &mut off, 1) };
+            assert_eq!(n, 1, "sendfile #{k}: {}", io::Error::last_os_error());
+        }
+        let got = reader.join().expect("reader");
+        assert!(
+            got.len() == want.len(),
+            "echoed {} of {} bytes before the client's FIN ({} of the {TINY} one-byte segments)",
+            got.len(),
+            want.len(),
+            got.len().saturating_sub(blob.len())
+        );
+        assert!(got == want, "the echo differs from what was sent");
+        s.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(wait_closed(&s, secs(5)).map(|e| e.0), Ok(Ending::Eof));
+        let closes = fwd.wait_close_lines(1, secs(5));
+        assert!(closes.len() == 1 && field(&closes[0], "end") == Some("closed"), "{closes:#?}");
     }
 
     /// The client sends a request and shuts its write side; the server answers only
