@@ -226,21 +226,7 @@ relay_tests! {
         let reader = {
             let s = s.try_clone().unwrap();
             let total = want.len();
-            thread::spawn(move || {
-                let deadline = Instant::now() + secs(30);
-                let mut got = Vec::with_capacity(total);
-                let mut buf = vec![0u8; 256 * 1024];
-                while got.len() < total && Instant::now() < deadline {
-                    s.set_read_timeout(Some(secs(1))).unwrap();
-                    match (&s).read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                        Err(e) => panic!("echo read: {e}"),
-                    }
-                }
-                got
-            })
+            thread::spawn(move || read_exact_timeout(&s, total, secs(30)))
         };
         (&s).write_all(&blob).expect("bulk write");
         for k in 0..TINY {
@@ -249,14 +235,10 @@ relay_tests! {
             let n = unsafe { libc::sendfile(s.as_raw_fd(), file.as_raw_fd(), &mut off, 1) };
             assert_eq!(n, 1, "sendfile #{k}: {}", io::Error::last_os_error());
         }
-        let got = reader.join().expect("reader");
-        assert!(
-            got.len() == want.len(),
-            "echoed {} of {} bytes before the client's FIN ({} of the {TINY} one-byte segments)",
-            got.len(),
-            want.len(),
-            got.len().saturating_sub(blob.len())
-        );
+        let got = reader
+            .join()
+            .expect("reader")
+            .unwrap_or_else(|e| panic!("the echo of all {} bytes, before the client's FIN: {e}", want.len()));
         assert!(got == want, "the echo differs from what was sent");
         s.shutdown(Shutdown::Write).unwrap();
         assert_eq!(wait_closed(&s, secs(5)).map(|e| e.0), Ok(Ending::Eof));
