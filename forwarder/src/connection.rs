@@ -50,6 +50,8 @@ impl RuleRuntime {
         global_access: Arc<RwLock<Access>>,
         abort: Arc<Abort>,
     ) -> Self {
+        // Set before any accept: a pair's start is kept relative to it.
+        crate::relay::epoch();
         let upstreams = Upstreams::new(&rule);
         let stats = crate::metrics::global().rule(&rule.name);
         stats.serve_upstreams(&upstreams);
@@ -109,32 +111,20 @@ pub fn serve(
             pair,
             peer,
             upstream,
+            started,
             _source_slot,
             _active,
         }) = admitted.await
         else {
             return;
         };
-        let rule = &rt.rule;
-        let progress = Arc::new(Progress::counted_in(rt.stats.clone()));
+        // The pair's progress, which also keeps `started` (not this block's 16 bytes).
+        let open = rt.stats.open(started);
+        let progress = open.progress();
         progress.touch();
-        let _open = rt.stats.open(progress.clone());
-        // A tunnel stream's data connection changes on resume (its fd may be another
-        // socket's by the time of a cut); its relay resets its ends itself.
-        let sockets = pair
-            .tunnel
-            .is_none()
-            .then(|| [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()]);
-        // (Made in the call, not kept in locals: this block is held per pair.)
-        let end = match relay_bounded(
-            rt.relay.relay(pair, progress.clone()),
-            &progress,
-            Limits::of(rule, rt.relay.progress_lag()),
-            &rt.abort,
-            sockets,
-        )
-        .await
-        {
+        // (Made in a plain function, not here: `pair` would keep its 72 bytes in
+        // this block, which is held per pair.)
+        let end = match bounded_relay(&rt, pair, progress).await {
             Ok(end) => {
                 if let RelayEnd::Refused { reason, detail } = &end {
                     let shown = if detail.is_empty() {
@@ -143,15 +133,39 @@ pub fn serve(
                         format!(" ({detail})")
                     };
                     rt.stats.refused(reason);
-                    rt.refused.record(&rule.name, peer, reason, &shown);
+                    rt.refused.record(&rt.rule.name, peer, reason, &shown);
                 }
                 end_text(&end)
             }
             Err(why) => Cow::Borrowed(why),
         };
-        log_close(&rule.name, peer, &upstream, started, &progress, &end);
+        log_close(
+            &rt.rule.name,
+            peer,
+            &upstream,
+            progress.started(),
+            progress,
+            &end,
+        );
         drop(permits);
     }
+}
+
+/// A rule's pair handed to its relay, bounded by the rule's limits.
+fn bounded_relay<'a>(rt: &'a RuleRuntime, pair: Pair, progress: &'a Arc<Progress>) -> Bounded<'a> {
+    // A tunnel stream's data connection changes on resume (its fd may be another
+    // socket's by the time of a cut); its relay resets its ends itself.
+    let sockets = pair
+        .tunnel
+        .is_none()
+        .then(|| [pair.client.as_raw_fd(), pair.upstream.as_raw_fd()]);
+    relay_bounded(
+        rt.relay.relay(pair, progress.clone()),
+        progress,
+        Limits::of(&rt.rule, rt.relay.progress_lag()),
+        &rt.abort,
+        sockets,
+    )
 }
 
 /// Runs a pair's relay to its end, unless a limit (`idle_timeout`,
@@ -165,76 +179,97 @@ pub fn serve(
 /// wait in a socket's receive or send queue) gets a reset on both ends, not a FIN that
 /// would pass a cut stream off as complete. A pair with nothing in flight, and one cut
 /// by `idle_timeout`, is closed cleanly, as HAProxy's and nginx's timeouts do.
-///
-/// An `async` block over its arguments, not an `async fn` (which would keep a second
-/// copy of them): a rule's pairs hold this for their whole life. (As an `async fn`
-/// it made `serve`'s future 56 bytes larger, a 128-byte step of the task, ~140 B of
-/// RSS per idle pair; as it is, that future is 8 bytes smaller than before.)
-#[allow(clippy::manual_async_fn)] // deliberate: see above
 pub fn relay_bounded<'a>(
-    mut relay: RelayFuture<'a>,
+    relay: RelayFuture<'a>,
     progress: &'a Progress,
     limits: Limits,
     abort: &'a Abort,
     sockets: Option<[RawFd; 2]>,
-) -> impl Future<Output = Result<RelayEnd, &'static str>> + Send + 'a {
-    // (The relay future, which owns both sockets, is alive while this runs: it is
-    // dropped only after `cut` returns, so each fd is still that socket.)
-    let cut = move |why: &'static str| {
-        use crate::relay::ebpf::sys::{inq, outq};
-        let in_flight = |fd| !matches!((inq(fd), outq(fd)), (Ok(0), Ok(0)));
-        if let (Some(fds), true) = (sockets, why != "idle_timeout") {
-            if fds.into_iter().any(in_flight) {
-                for fd in fds {
-                    // SAFETY: see above: fd is open and the pair's own.
-                    crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
-                }
-            }
+) -> Bounded<'a> {
+    // Set to the limits' next look; `armed` says whether there is one.
+    let next = limits.check(progress).err().flatten();
+    Bounded {
+        relay,
+        armed: next.is_some(),
+        timer: tokio::time::sleep_until(next.unwrap_or_else(far_future)),
+        aborted: abort.notify.notified(),
+        enabled: false,
+        limits,
+        progress,
+        abort,
+        sockets,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`relay_bounded`]'s future. A struct polled by hand rather than an `async`
+    /// block over `select!` or `poll_fn`: a rule's pairs hold it for their whole life,
+    /// and those keep a reference to each piece of state besides the state (64 bytes
+    /// more per pair, enough to take the connection task to the next 128-byte step of
+    /// tokio's task allocation, ~130 B of RSS per idle pair).
+    pub struct Bounded<'a> {
+        relay: RelayFuture<'a>,
+        // The timer fires at the limits' next deadline; only then are they read again
+        // (bytes moving do not touch it).
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        aborted: tokio::sync::futures::Notified<'a>,
+        limits: Limits,
+        progress: &'a Progress,
+        abort: &'a Abort,
+        sockets: Option<[RawFd; 2]>,
+        armed: bool,
+        // Whether `aborted` is registered yet (on the first poll).
+        enabled: bool,
+    }
+}
+
+impl Future for Bounded<'_> {
+    type Output = Result<RelayEnd, &'static str>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let mut me = self.project();
+        if !*me.enabled {
+            // Registered before the flag is read, so a `fire` in between is not missed.
+            me.aborted.as_mut().enable();
+            *me.enabled = true;
         }
-        Poll::Ready(Err(why))
-    };
-    async move {
-        // Raced by hand against the limits and forced shutdown, rather than with
-        // `select!`, which keeps a copy of each branch's state.
-        //
-        // Whether the timer is set to a limit's next look: a flag, the deadline being
-        // the timer's (this block is held per pair, and bytes held across the wait
-        // count).
-        let mut armed;
-        let timer = tokio::time::sleep_until({
-            let next = limits.check(progress).err().flatten();
-            armed = next.is_some();
-            next.unwrap_or_else(far_future)
-        });
-        tokio::pin!(timer);
-        // Registered before the flag is read, so a `fire` in between is not missed.
-        let aborted = abort.notify.notified();
-        tokio::pin!(aborted);
-        aborted.as_mut().enable();
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(end) = relay.as_mut().poll(cx) {
-                return Poll::Ready(Ok(end));
-            }
-            // The timer fires at the next deadline; only then are the limits read
-            // again (bytes moving do not touch it).
-            while armed && timer.as_mut().poll(cx).is_ready() {
-                match limits.check(progress) {
-                    Ok(why) => return cut(why),
-                    Err(at) => {
-                        armed = at.is_some();
-                        if let Some(at) = at {
-                            timer.as_mut().reset(at);
-                        }
+        if let Poll::Ready(end) = me.relay.as_mut().poll(cx) {
+            return Poll::Ready(Ok(end));
+        }
+        while *me.armed && me.timer.as_mut().poll(cx).is_ready() {
+            match me.limits.check(me.progress) {
+                Ok(why) => return Poll::Ready(Err(cut(*me.sockets, why))),
+                Err(at) => {
+                    *me.armed = at.is_some();
+                    if let Some(at) = at {
+                        me.timer.as_mut().reset(at);
                     }
                 }
             }
-            if abort.fired.load(Ordering::SeqCst) || aborted.as_mut().poll(cx).is_ready() {
-                return cut("shutdown");
-            }
-            Poll::Pending
-        })
-        .await
+        }
+        if me.abort.fired.load(Ordering::SeqCst) || me.aborted.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(cut(*me.sockets, "shutdown")));
+        }
+        Poll::Pending
     }
+}
+
+/// A pair cut for `why`, while its relay (which owns both sockets) is alive: so each
+/// fd is still that socket. See [`relay_bounded`] for which cuts reset.
+fn cut(sockets: Option<[RawFd; 2]>, why: &'static str) -> &'static str {
+    use crate::relay::ebpf::sys::{inq, outq};
+    let in_flight = |fd| !matches!((inq(fd), outq(fd)), (Ok(0), Ok(0)));
+    if let (Some(fds), true) = (sockets, why != "idle_timeout") {
+        if fds.into_iter().any(in_flight) {
+            for fd in fds {
+                // SAFETY: see above: fd is open and the pair's own.
+                crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+            }
+        }
+    }
+    why
 }
 
 /// A pair ready for the relay, with what must be held until it ends.
@@ -242,7 +277,10 @@ struct Connected {
     pair: Pair,
     /// The client as admission saw it (a PROXY header's source when one was read).
     peer: SocketAddr,
-    upstream: String,
+    /// Boxed, not a `String`: 8 bytes less in the pair's task.
+    upstream: Box<str>,
+    /// When the client was accepted.
+    started: Instant,
     _source_slot: SourceSlot,
     _active: Option<ActiveGuard>,
 }
@@ -302,7 +340,8 @@ async fn admit_and_connect(
         return Some(Connected {
             pair,
             peer,
-            upstream,
+            upstream: upstream.into_boxed_str(),
+            started,
             _source_slot: source_slot,
             _active: None,
         });
@@ -347,10 +386,11 @@ async fn admit_and_connect(
     Some(Connected {
         pair,
         peer,
-        // Kept a String (one allocation): an address-or-name enum is 8 B larger, and
-        // this future lives in the connection task, whose size steps by 128 B
-        // (tokio's alignment) on every idle pair. Not measured as a cost; not risked.
-        upstream: upstream_addr.to_string(),
+        // A boxed string (one allocation): an address-or-name enum is larger, and
+        // this lives in the connection task, whose size steps by 128 B (tokio's
+        // alignment) on every idle pair.
+        upstream: upstream_addr.to_string().into_boxed_str(),
+        started,
         _source_slot: source_slot,
         _active: Some(active),
     })

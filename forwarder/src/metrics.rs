@@ -93,22 +93,27 @@ pub struct RuleStats {
 
 #[derive(Debug, Default)]
 struct LivePairs {
-    next_id: u64,
-    pairs: BTreeMap<u64, Arc<Progress>>,
+    /// Open pairs by their progress's address.
+    pairs: BTreeMap<usize, Arc<Progress>>,
     /// Bytes of pairs that have closed, [to_upstream, to_client].
     closed: [u64; 2],
 }
 
-/// A pair counted as open; dropping it folds its final byte counts into the totals.
-pub struct OpenPair {
-    stats: Arc<RuleStats>,
-    id: u64,
+/// A pair counted as open, holding its progress; dropping it folds the pair's final
+/// byte counts into the totals.
+pub struct OpenPair(Arc<Progress>);
+
+impl OpenPair {
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.0
+    }
 }
 
 impl Drop for OpenPair {
     fn drop(&mut self) {
-        let mut live = self.stats.live.lock().unwrap();
-        if let Some(p) = live.pairs.remove(&self.id) {
+        let Some(stats) = self.0.stats() else { return };
+        let mut live = stats.live.lock().unwrap();
+        if let Some(p) = live.pairs.remove(&(Arc::as_ptr(&self.0) as usize)) {
             let [up, down] = bytes_of(&p);
             live.closed[0] += up;
             live.closed[1] += down;
@@ -129,16 +134,14 @@ impl RuleStats {
         self.started[hop as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts the pair as open and its bytes as live until the guard drops.
-    pub fn open(self: &Arc<Self>, progress: Arc<Progress>) -> OpenPair {
+    /// A new pair's progress (its client accepted at `started`), counted as open
+    /// and its bytes as live until the guard drops.
+    pub fn open(self: &Arc<Self>, started: std::time::Instant) -> OpenPair {
+        let progress = Arc::new(Progress::counted_in(self.clone(), started));
         let mut live = self.live.lock().unwrap();
-        let id = live.next_id;
-        live.next_id += 1;
-        live.pairs.insert(id, progress);
-        OpenPair {
-            stats: self.clone(),
-            id,
-        }
+        live.pairs
+            .insert(Arc::as_ptr(&progress) as usize, progress.clone());
+        OpenPair(progress)
     }
 
     pub fn refused(&self, reason: &str) {

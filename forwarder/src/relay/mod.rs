@@ -34,12 +34,16 @@ pub struct Progress {
     hops: AtomicU32,
     /// When bytes last moved, in ms since [`epoch`] (see [`Progress::touch`]).
     last_active_ms: AtomicU64,
+    /// When the client was accepted, in µs since [`epoch`] (kept here, in an
+    /// allocation that has room for it, rather than in the pair's task).
+    started_us: u64,
     /// Told the first path the pair's bytes take (`forwarder_connections_total`).
     stats: Option<Arc<RuleStats>>,
 }
 
-/// A process-wide origin for the coarse timestamps in [`Progress`].
-fn epoch() -> std::time::Instant {
+/// A process-wide origin for the coarse timestamps in [`Progress`]; set when the
+/// first rule is made ([`crate::connection::RuleRuntime::new`]), before any accept.
+pub fn epoch() -> std::time::Instant {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(std::time::Instant::now)
 }
@@ -69,12 +73,24 @@ impl Hop {
 const MAX_HOPS: u32 = 8;
 
 impl Progress {
-    /// Progress for a pair of a rule whose metrics count it once it starts.
-    pub fn counted_in(stats: Arc<RuleStats>) -> Progress {
+    /// Progress for a pair of a rule whose metrics count it once it starts, whose
+    /// client was accepted at `started`.
+    pub fn counted_in(stats: Arc<RuleStats>, started: std::time::Instant) -> Progress {
         Progress {
             stats: Some(stats),
+            started_us: started.saturating_duration_since(epoch()).as_micros() as u64,
             ..Default::default()
         }
+    }
+
+    /// When the client was accepted (as given to [`Progress::counted_in`]).
+    pub fn started(&self) -> std::time::Instant {
+        epoch() + std::time::Duration::from_micros(self.started_us)
+    }
+
+    /// The rule whose metrics count this pair, if any.
+    pub fn stats(&self) -> Option<&Arc<RuleStats>> {
+        self.stats.as_ref()
     }
 
     /// Notes that bytes moved now. Relays call it once per burst, so the idle timeout

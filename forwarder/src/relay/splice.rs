@@ -245,21 +245,53 @@ where
 ///
 /// Both directions are polled by hand from one future, each a small [`Pump`] state,
 /// rather than as two `async` pumps: an idle pair then holds a few words per direction
-/// instead of a suspended future per await point (idle pairs are most pairs).
-async fn pumps(
-    pair: &Pair,
-    progress: &Progress,
-    quiet: &Quiet,
-    mut dump: Option<Box<Dump>>,
-) -> Option<RelayEnd> {
-    let (c, u) = (&pair.client, &pair.upstream);
-    let mut dirs = [Pump::new(), Pump::new()];
-    let mut done = [false; 2];
-    // A side we no longer read from would only show its reset on our next write to
-    // it, which may never come: once direction d is done, its source is watched for
-    // errors directly.
-    let mut watch: [Option<Pin<Box<dyn Future<Output = io::Error> + Send + '_>>>; 2] = [None, None];
-    std::future::poll_fn(|cx| {
+/// instead of a suspended future per await point (idle pairs are most pairs). A struct
+/// rather than an `async fn` over `poll_fn`, which would keep its arguments twice and a
+/// reference to each piece of state besides (88 bytes more per pair).
+fn pumps<'a>(
+    pair: &'a Pair,
+    progress: &'a Progress,
+    quiet: &'a Quiet,
+    dump: Option<Box<Dump>>,
+) -> Pumps<'a> {
+    Pumps {
+        pair,
+        progress,
+        quiet,
+        dump,
+        dirs: [Pump::new(), Pump::new()],
+        done: [false; 2],
+        watch: [None, None],
+    }
+}
+
+struct Pumps<'a> {
+    pair: &'a Pair,
+    progress: &'a Progress,
+    quiet: &'a Quiet,
+    dump: Option<Box<Dump>>,
+    dirs: [Pump; 2],
+    done: [bool; 2],
+    /// A side we no longer read from would only show its reset on our next write to
+    /// it, which may never come: once direction d is done, its source is watched for
+    /// errors directly.
+    watch: [Option<Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>>; 2],
+}
+
+impl Future for Pumps<'_> {
+    type Output = Option<RelayEnd>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RelayEnd>> {
+        let Pumps {
+            pair,
+            progress,
+            quiet,
+            dump,
+            dirs,
+            done,
+            watch,
+        } = self.get_mut();
+        let (c, u) = (&pair.client, &pair.upstream);
         // Direction d: bytes from ends[d].0 to ends[d].1 (made here, not held).
         let ends = [
             (c, u, Side::Client, Side::Upstream),
@@ -271,13 +303,13 @@ async fn pumps(
                 .as_ref()
                 .is_some_and(|t| (0..2).all(|d| done[d] || t.wants(d) == 0))
             {
-                dump = None;
+                *dump = None;
             }
             if done[d] {
                 continue;
             }
             let (src, dst, from, to) = ends[d];
-            match dirs[d].poll(cx, [src, dst], progress, quiet, d, &mut dump) {
+            match dirs[d].poll(cx, [src, dst], progress, quiet, d, dump) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(PumpEnd::Promote)) => return Poll::Ready(None),
                 Poll::Ready(Ok(PumpEnd::Eof)) if done[1 - d] => {
@@ -302,8 +334,7 @@ async fn pumps(
             }
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// What the two pumps of a pair tell each other for promotion.

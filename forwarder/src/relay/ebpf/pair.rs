@@ -136,7 +136,10 @@ where
 {
     async move {
         progress.enter(Hop::Ebpf);
-        if let Ok(end) = paired.run(&progress).await {
+        // (`watch` awaited here and `finish` plain, not one `async fn` over both, which
+        // would keep `paired` and `progress` twice in every kernel-path pair.)
+        let watched = paired.watch(&progress).await;
+        if let Ok(end) = paired.finish(watched, &progress) {
             return end;
         }
         // The in-flight bound was reached: the pair left the maps without loss and goes
@@ -670,8 +673,12 @@ async fn salvage(
 }
 
 impl Paired {
-    async fn run(&mut self, progress: &Progress) -> Result<RelayEnd, Handoff> {
-        let result = self.watch(progress).await;
+    /// What `watch` returned, as the pair's end (or its hand-off to splice).
+    fn finish(
+        &mut self,
+        result: Result<Option<Handoff>, (usize, io::Error)>,
+        progress: &Progress,
+    ) -> Result<RelayEnd, Handoff> {
         let copied: u64 = self.dirs.iter().map(|d| d.consumed).sum();
         progress.via_userspace.fetch_add(copied, Ordering::Relaxed);
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -1088,7 +1095,9 @@ impl Paired {
                 return Ok(None);
             }
             self.maybe_start_leaving();
-            if self.leave_maps().await? {
+            // Boxed, and only while leaving: its state would otherwise size every
+            // kernel-path pair's future (96 of its 232 bytes), for a rare step.
+            if self.leaving && Box::pin(self.leave_maps()).await? {
                 // Splice counts on from what dst accepted by now, which includes
                 // redirected bytes that landed since the last step.
                 for d in 0..2 {
