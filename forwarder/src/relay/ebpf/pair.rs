@@ -1095,9 +1095,7 @@ impl Paired {
                 return Ok(None);
             }
             self.maybe_start_leaving();
-            // Boxed, and only while leaving: its state would otherwise size every
-            // kernel-path pair's future (96 of its 232 bytes), for a rare step.
-            if self.leaving && Box::pin(self.leave_maps()).await? {
+            if self.leave_maps().await? {
                 // Splice counts on from what dst accepted by now, which includes
                 // redirected bytes that landed since the last step.
                 for d in 0..2 {
