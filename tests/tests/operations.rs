@@ -741,6 +741,43 @@ relay_tests! {
         assert_eq!(u64_of(close, "bytes_down"), 5, "{close:?}");
     }
 
+    /// The close line's duration is the pair's life, from accept to close: a client
+    /// that holds its connection 1.5 s between a message each way and another gets a
+    /// duration of at least that hold and at most what the client measured from before
+    /// its connect to the close line (each less or plus 1 ms for rounding). The connection comes a second after the start, so a
+    /// duration counted from the process's epoch (where the start time is kept, in µs)
+    /// rather than from the accept fails.
+    fn close_duration_is_the_pairs_life(mode) {
+        let _g = light();
+        let echo = Server::echo();
+        let toml = rule("echo", "127.0.0.1:0", echo.addr(), mode, "");
+        let mut fwd = start_in(TempDir::new("jsondur"), &[], &toml, &["--log-format", "json"], 1);
+        fwd.assert_mode(mode);
+        std::thread::sleep(secs(1));
+        let t0 = Instant::now();
+        let s = connect(fwd.rule_addr("echo"));
+        ping(&s, b"first", secs(10)).expect("echo");
+        // The pair was accepted before this echo came back.
+        let hold = secs(1) + Duration::from_millis(500);
+        std::thread::sleep(hold);
+        ping(&s, b"last", secs(10)).expect("echo");
+        drop(s);
+        fwd.wait_close_lines(1, secs(10));
+        let client_life = t0.elapsed().as_secs_f64();
+        assert_eq!(terminate(&mut fwd), "exit 0");
+        let objs = json_objects(&fwd.stderr.snapshot());
+        let close = find_msg(&objs, "close", |_| true);
+        assert_eq!(str_of(close, "end"), "closed", "{close:?}");
+        let d = close
+            .get("duration_s")
+            .and_then(Value::as_f64)
+            .unwrap_or_else(|| panic!("no numeric duration_s in {close:?}"));
+        assert!(
+            d >= hold.as_secs_f64() - 0.001 && d <= client_life + 0.001,
+            "duration_s {d} for a connection held {hold:?} (the client saw {client_life:.3} s)"
+        );
+    }
+
     /// With `--log-format json`, even a config error that stops the start is one JSON
     /// object (exit 2), naming the key.
     fn json_startup_error_is_json(mode) {
