@@ -227,6 +227,24 @@ fn find_msg<'a>(
         })
 }
 
+/// An echo server, and a forwarder logging JSON with one rule `echo` in front of it.
+fn json_echo_forwarder(mode: Mode, tag: &str) -> (Server, Forwarder) {
+    let echo = Server::echo();
+    let toml = rule("echo", "127.0.0.1:0", echo.addr(), mode, "");
+    let fwd = start_in(TempDir::new(tag), &[], &toml, &["--log-format", "json"], 1);
+    fwd.assert_mode(mode);
+    (echo, fwd)
+}
+
+/// The close line of a forwarder's one connection, once it is logged; the forwarder
+/// is stopped (exit 0) first.
+fn only_close_then_stop(fwd: &mut Forwarder) -> Map<String, Value> {
+    fwd.wait_close_lines(1, secs(10));
+    assert_eq!(terminate(fwd), "exit 0");
+    let objs = json_objects(&fwd.stderr.snapshot());
+    find_msg(&objs, "close", |_| true).clone()
+}
+
 /// Checks the text close line's shape: `close rule=R client=A upstream=U bytes_up=N
 /// bytes_down=N duration=X.XXXs path=MODE userspace_bytes=0 end=closed`.
 fn assert_text_close_line(line: &str, rule: &str, upstream: SocketAddr, bytes: u64, mode: Mode) {
@@ -721,20 +739,14 @@ relay_tests! {
     /// moved before the reset are counted.
     fn json_close_end_is_the_kind_alone(mode) {
         let _g = light();
-        let echo = Server::echo();
-        let toml = rule("echo", "127.0.0.1:0", echo.addr(), mode, "");
-        let mut fwd = start_in(TempDir::new("jsonrst"), &[], &toml, &["--log-format", "json"], 1);
-        fwd.assert_mode(mode);
+        let (_echo, mut fwd) = json_echo_forwarder(mode, "jsonrst");
         let s = connect(fwd.rule_addr("echo"));
         ping(&s, b"hello", secs(10)).expect("echo");
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
             .expect("SO_LINGER");
         drop(s);
-        fwd.wait_close_lines(1, secs(10));
-        assert_eq!(terminate(&mut fwd), "exit 0");
-        let objs = json_objects(&fwd.stderr.snapshot());
-        let close = find_msg(&objs, "close", |_| true);
+        let close = &only_close_then_stop(&mut fwd);
         assert_eq!(str_of(close, "end"), "client_reset", "{close:?}");
         assert!(str_of(close, "detail").contains("reset"), "{close:?}");
         assert_eq!(u64_of(close, "bytes_up"), 5, "{close:?}");
@@ -744,15 +756,13 @@ relay_tests! {
     /// The close line's duration is the pair's life, from accept to close: a client
     /// that holds its connection 1.5 s between a message each way and another gets a
     /// duration of at least that hold and at most what the client measured from before
-    /// its connect to the close line (each less or plus 1 ms for rounding). The connection comes a second after the start, so a
-    /// duration counted from the process's epoch (where the start time is kept, in µs)
-    /// rather than from the accept fails.
+    /// its connect to the close line (each less or plus 1 ms for rounding). The
+    /// connection comes a second after the start, so a duration counted from the
+    /// process's epoch (where the start time is kept, in µs) rather than from the
+    /// accept fails.
     fn close_duration_is_the_pairs_life(mode) {
         let _g = light();
-        let echo = Server::echo();
-        let toml = rule("echo", "127.0.0.1:0", echo.addr(), mode, "");
-        let mut fwd = start_in(TempDir::new("jsondur"), &[], &toml, &["--log-format", "json"], 1);
-        fwd.assert_mode(mode);
+        let (_echo, mut fwd) = json_echo_forwarder(mode, "jsondur");
         std::thread::sleep(secs(1));
         let t0 = Instant::now();
         let s = connect(fwd.rule_addr("echo"));
@@ -764,9 +774,7 @@ relay_tests! {
         drop(s);
         fwd.wait_close_lines(1, secs(10));
         let client_life = t0.elapsed().as_secs_f64();
-        assert_eq!(terminate(&mut fwd), "exit 0");
-        let objs = json_objects(&fwd.stderr.snapshot());
-        let close = find_msg(&objs, "close", |_| true);
+        let close = &only_close_then_stop(&mut fwd);
         assert_eq!(str_of(close, "end"), "closed", "{close:?}");
         let d = close
             .get("duration_s")
