@@ -99,6 +99,12 @@ pub enum Mode {
     Auto,
     /// nginx `stream` proxy (Debian nginx + libnginx-mod-stream).
     Nginx,
+    /// The same nginx with `proxy_half_close on`: it then passes a FIN on and waits for
+    /// the other side's, as our paths and HAProxy do, instead of ending the session at
+    /// the first EOF (its default). Not in the default set: the like-for-like row for
+    /// the connection figures.
+    #[value(name = "nginx-hc")]
+    NginxHalfClose,
     /// HAProxy `mode tcp` with `option splice-auto`.
     Haproxy,
     /// forwarder on its copy path (a `rewrite` rule whose pattern never matches).
@@ -125,6 +131,7 @@ impl Mode {
             Mode::Ebpf => "ebpf",
             Mode::Auto => "auto",
             Mode::Nginx => "nginx",
+            Mode::NginxHalfClose => "nginx-hc",
             Mode::Haproxy => "haproxy",
             Mode::Copy => "copy",
             Mode::Inspect => "inspect",
@@ -152,7 +159,7 @@ impl Mode {
     }
 
     pub fn is_peer(self) -> bool {
-        matches!(self, Mode::Nginx | Mode::Haproxy)
+        matches!(self, Mode::Nginx | Mode::NginxHalfClose | Mode::Haproxy)
     }
 }
 
@@ -254,7 +261,7 @@ pub fn run(forwarder: &Path, args: BenchArgs) -> Result<()> {
     // cannot be is n/a in the table, and the run goes on.
     for r in results.iter_mut() {
         let pkgs: &[&str] = match r.mode {
-            Mode::Nginx => &["nginx", "libnginx-mod-stream"],
+            Mode::Nginx | Mode::NginxHalfClose => &["nginx", "libnginx-mod-stream"],
             Mode::Haproxy => &["haproxy"],
             _ => continue,
         };
@@ -450,11 +457,12 @@ fn run_mode(
     let mut _peer_dir = None;
     let fwd: Option<Relay> = match r.mode {
         Mode::Direct => None,
-        Mode::Nginx | Mode::Haproxy => {
-            let peer = if r.mode == Mode::Nginx {
-                Peer::Nginx
-            } else {
-                Peer::Haproxy
+        Mode::Nginx | Mode::NginxHalfClose | Mode::Haproxy => {
+            let peer = match r.mode {
+                Mode::Haproxy => Peer::Haproxy,
+                m => Peer::Nginx {
+                    half_close: m == Mode::NginxHalfClose,
+                },
             };
             let p = peers::start(peer, &servers.addrs, plan.idle_conns + 128, out_dir)?;
             _peer_dir = Some(p.dir);

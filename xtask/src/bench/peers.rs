@@ -17,7 +17,10 @@ const START_TRIES: usize = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
-    Nginx,
+    /// `half_close`: `proxy_half_close on` (see `Mode::NginxHalfClose`).
+    Nginx {
+        half_close: bool,
+    },
     Haproxy,
 }
 
@@ -112,7 +115,7 @@ pub fn start(
 
 fn start_once(peer: Peer, up: &Addrs, max_pairs: usize, log_dir: &Path) -> Result<PeerProc> {
     let dir = TempDir::new(match peer {
-        Peer::Nginx => "nginx",
+        Peer::Nginx { .. } => "nginx",
         Peer::Haproxy => "haproxy",
     })?;
     let mut addrs = *up;
@@ -126,15 +129,24 @@ fn start_once(peer: Peer, up: &Addrs, max_pairs: usize, log_dir: &Path) -> Resul
         rules.push((name, listen, upstream));
     }
     let (cmd, log, path) = match peer {
-        Peer::Nginx => {
+        Peer::Nginx { half_close } => {
             let load = nginx_stream_load()?;
-            let log = log_dir.join("peer-nginx.log");
+            let log = log_dir.join(if half_close {
+                "peer-nginx-hc.log"
+            } else {
+                "peer-nginx.log"
+            });
+            let half = if half_close {
+                " proxy_half_close on;"
+            } else {
+                ""
+            };
             let conf = dir.path().join("nginx.conf");
             let mut servers = String::new();
             for (_, listen, upstream) in &rules {
                 servers += &format!(
                     "    server {{ listen {listen} backlog=4096; proxy_pass {upstream}; \
-                     proxy_timeout 1h; proxy_connect_timeout 5s; }}\n"
+                     proxy_timeout 1h; proxy_connect_timeout 5s;{half} }}\n"
                 );
             }
             let text = format!(
@@ -158,8 +170,13 @@ fn start_once(peer: Peer, up: &Addrs, max_pairs: usize, log_dir: &Path) -> Resul
                 .arg(&conf)
                 .args(["-g", "daemon off;"]);
             let path = format!(
-                "{} stream, worker_processes auto (no splice in nginx stream)",
-                nginx_version()
+                "{} stream, worker_processes auto (no splice in nginx stream){}",
+                nginx_version(),
+                if half_close {
+                    ", proxy_half_close on"
+                } else {
+                    ""
+                }
             );
             (cmd, log, path)
         }

@@ -315,7 +315,12 @@ fn targets(mode: Mode) -> &'static [(&'static str, Goal)] {
     match mode {
         Mode::Ebpf => EBPF_TARGETS,
         Mode::Splice | Mode::Auto => SPLICE_TARGETS,
-        Mode::Direct | Mode::Nginx | Mode::Haproxy | Mode::Copy | Mode::Inspect => &[],
+        Mode::Direct
+        | Mode::Nginx
+        | Mode::NginxHalfClose
+        | Mode::Haproxy
+        | Mode::Copy
+        | Mode::Inspect => &[],
     }
 }
 
@@ -470,8 +475,8 @@ pub fn markdown(header: &Header, results: &[ModeResult]) -> String {
         out += &format!("| {} |\n", row.join(" | "));
     }
     out += "\nRatios are medians of per-repetition ratios (each repetition runs every path \
-            back to back); \"best peer\" is, per metric and repetition, the better of nginx \
-            stream and HAProxy.\n";
+            back to back); \"best peer\" is, per metric and repetition, the best of the peers \
+            in the run (nginx stream, HAProxy; nginx-hc when asked for).\n";
 
     let mut checks = Vec::new();
     for r in &others {
