@@ -171,6 +171,15 @@ macro_rules! rule_settings {
             fn settings(&self, defaults: &RuleSettingsFile) -> RuleSettingsFile {
                 RuleSettingsFile { $($field: self.$field.clone().or_else(|| defaults.$field.clone()),)* }
             }
+
+            /// Whether the rule writes the setting `key` itself, rather than inheriting
+            /// `[defaults]`' (keys that are not settings are always its own).
+            fn sets(&self, key: &str) -> bool {
+                match key {
+                    $(stringify!($field) => self.$field.is_some(),)*
+                    _ => true,
+                }
+            }
         }
     };
 }
@@ -704,8 +713,12 @@ impl Config {
             .transpose()
             .map_err(|e| err(format!("config error at key `global.threads`: {e}")))?;
         let access = Access {
-            allow: parse_nets(file.global.allow.as_deref(), "global.allow")?,
-            deny: parse_nets(file.global.deny.as_deref(), "global.deny")?,
+            allow: parse_nets(file.global.allow.as_deref(), |j| {
+                format!("config error at key `global.allow[{j}]`")
+            })?,
+            deny: parse_nets(file.global.deny.as_deref(), |j| {
+                format!("config error at key `global.deny[{j}]`")
+            })?,
         };
         // Checked even when no rule has a schedule to use it with.
         if let Some(tz) = &file.defaults.timezone {
@@ -972,8 +985,20 @@ fn validate_agent(
 
 fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<Rule, ConfigError> {
     let name = r.name.clone().unwrap_or_else(|| format!("rule{i}"));
-    let key = |k: &str| format!("rule[{i}].{k}");
-    let at = |k: &str| format!("config error at key `{}` (rule {name:?})", key(k));
+    // A bad value is named where it is written: the rule's own key, or the `[defaults]`
+    // one the rule inherited (`allow[0]`, `http_auth.token_file`: by their setting).
+    let own = |k: &str| r.sets(k.split(['[', '.']).next().unwrap_or(k));
+    let key = |k: &str| match own(k) {
+        true => format!("rule[{i}].{k}"),
+        false => format!("defaults.{k}"),
+    };
+    let at = |k: &str| match own(k) {
+        true => format!("config error at key `{}` (rule {name:?})", key(k)),
+        false => format!(
+            "config error at key `{}` (inherited by rule {name:?})",
+            key(k)
+        ),
+    };
     let s = r.settings(defaults);
 
     let listen = resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
@@ -1052,6 +1077,14 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         return Err(err(format!(
             "{}: must be more than 0s",
             at("connect_timeout")
+        )));
+    }
+    // 0 does not mean "never" here: a client that never sends its header would hold
+    // its connection slot for ever.
+    if s.proxy_protocol_timeout.is_some_and(|d| d.is_zero()) {
+        return Err(err(format!(
+            "{}: must be more than 0s",
+            at("proxy_protocol_timeout")
         )));
     }
     let inflight_limit = s.inflight_limit.unwrap_or(DEFAULT_INFLIGHT_LIMIT);
@@ -1208,8 +1241,8 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         rise,
         fall,
         access: Access {
-            allow: parse_nets(s.allow.as_deref(), &key("allow"))?,
-            deny: parse_nets(s.deny.as_deref(), &key("deny"))?,
+            allow: parse_nets(s.allow.as_deref(), |j| at(&format!("allow[{j}]")))?,
+            deny: parse_nets(s.deny.as_deref(), |j| at(&format!("deny[{j}]")))?,
         },
         schedule,
         max_connection_duration: nonzero(s.max_connection_duration),
@@ -1266,20 +1299,42 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, Conf
 }
 
 /// CIDRs (`10.0.0.0/8`, `::1/128`) or bare addresses (a /32 or /128).
-fn parse_nets(list: Option<&[String]>, key: &str) -> Result<Vec<IpNet>, ConfigError> {
+/// `at(j)` names entry j in the error (`config error at key ...`).
+fn parse_nets(
+    list: Option<&[String]>,
+    at: impl Fn(usize) -> String,
+) -> Result<Vec<IpNet>, ConfigError> {
     list.unwrap_or_default()
         .iter()
         .enumerate()
         .map(|(j, s)| {
             s.parse::<IpNet>()
                 .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(v4_if_mapped)
                 .map_err(|_| {
                     err(format!(
-                        "config error at key `{key}[{j}]`: {s:?} is not an address or CIDR network"
+                        "{}: {s:?} is not an address or CIDR network",
+                        at(j)
                     ))
                 })
         })
         .collect()
+}
+
+/// An IPv6 network inside `::ffff:0:0/96` (IPv4-mapped) as the IPv4 network it is:
+/// clients are matched as IPv4 (a v4 client on a dual-stack listener, or in a PROXY
+/// header, shows up as `::ffff:a.b.c.d` and is matched as `a.b.c.d`), so a mapped entry
+/// kept as IPv6 would never match anyone, and a deny written that way would let them in.
+fn v4_if_mapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, n.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 /// `20/s`, `300/m`, `1000/h`.
@@ -1373,6 +1428,60 @@ fn check_host_port(s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clients are matched as IPv4 even when they arrive as `::ffff:a.b.c.d`, so
+    /// entries written in that form are IPv4 entries: a mapped deny refuses the client.
+    #[test]
+    fn ipv4_mapped_entries_are_ipv4() {
+        let c = Config::from_toml(
+            "[global]\ndeny = [\"::ffff:127.0.0.2\"]\n[[rule]]\nlisten = \"[::]:0\"\n\
+             upstream = \"127.0.0.1:1\"\nallow = [\"::ffff:10.0.0.0/104\", \"::ffff:0:0/96\", \"::1\"]\n",
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(!c.access.permits(ip("127.0.0.2")));
+        assert!(!c.access.permits(ip("::ffff:127.0.0.2")));
+        assert!(c.access.permits(ip("::ffff:127.0.0.3")));
+        let allow = &c.rules[0].access.allow;
+        let shown: Vec<String> = allow.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "0.0.0.0/0", "::1/128"]);
+    }
+
+    /// A bad value inherited from `[defaults]` is named there, not under a
+    /// `[[rule]]` key the file does not have; one in the rule under the rule's.
+    #[test]
+    fn inherited_bad_values_name_the_defaults_key() {
+        const RULE: &str =
+            "[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n";
+        for (setting, shown) in [
+            ("rise = 0", "rise"),
+            ("fall = 0", "fall"),
+            ("allow = [\"10.0.0.0/33\"]", "allow[0]"),
+            ("deny = [\"x\"]", "deny[0]"),
+            ("rate_per_source = \"20/d\"", "rate_per_source"),
+            (
+                "max_connections_per_source = 0",
+                "max_connections_per_source",
+            ),
+            ("connect_timeout = \"0s\"", "connect_timeout"),
+            ("proxy_protocol_timeout = \"0s\"", "proxy_protocol_timeout"),
+        ] {
+            let e = Config::from_toml(&format!("[defaults]\n{setting}\n{RULE}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`defaults.{shown}` (inherited by rule \"r\")")),
+                "{setting}: {e}"
+            );
+            let e = Config::from_toml(&format!("{RULE}{setting}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`rule[0].{shown}`")),
+                "{setting} in the rule: {e}"
+            );
+        }
+    }
 
     /// A typo inside an upstream table is named, not "did not match any variant".
     #[test]

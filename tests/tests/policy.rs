@@ -264,6 +264,18 @@ relay_tests! {
         thread::sleep(Duration::from_millis(200));
         assert_eq!(up6.accepted.load(Ordering::Relaxed), before, "the upstream saw a denied client");
         deny.assert_running();
+
+        // A v4 client of a dual-stack listener arrives as ::ffff:a.b.c.d: an entry
+        // written in that form is its IPv4 entry (kept as IPv6 it never matched, and a
+        // deny let the client in).
+        let dual = start(mode, "[::]:0", &format!("upstream = \"{}\"\ndeny = [\"::ffff:127.0.0.2\"]", up.addr), &[]);
+        let v4 = SocketAddr::from(([127, 0, 0, 1], dual.addr().port()));
+        assert_eq!(ask(v4, Some([127, 0, 0, 1].into())).unwrap(), "up");
+        let before = up.accepted.load(Ordering::Relaxed);
+        assert!(ask(v4, Some([127, 0, 0, 2].into())).is_err(), "127.0.0.2, denied as ::ffff:127.0.0.2, was served");
+        assert!(wait_log(&dual, "reason=acl", Duration::from_secs(2)), "no reason=acl line for ::ffff:127.0.0.2");
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(up.accepted.load(Ordering::Relaxed), before, "the upstream saw a denied client");
     }
 
     fn schedule_with_injected_clock(mode) {

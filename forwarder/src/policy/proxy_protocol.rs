@@ -197,6 +197,12 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, String> {
                 dst: SocketAddr::new(ip(16), port(34)),
             }
         }
+        // Valid combinations we have no use for (UDP over IPv4 or IPv6, UNIX sockets):
+        // the spec has a receiver fall back to UNSPEC, the connection's own addresses,
+        // as HAProxy does; only unknown ones and short address blocks are malformed.
+        (1, 0x12) if len >= 12 => Header::Local,
+        (1, 0x22) if len >= 36 => Header::Local,
+        (1, 0x31 | 0x32) if len >= 216 => Header::Local,
         (1, f) => {
             return Err(format!(
             "v2 header: unsupported family/protocol 0x{f:02x} or short address block ({len} bytes)"
@@ -296,6 +302,32 @@ mod tests {
         let mut v3 = h.clone();
         v3[12] = 0x31;
         assert!(parse(&v3).is_err());
+        // UDP and UNIX addresses fall back to the connection's own (UNSPEC); unknown
+        // families and short address blocks stay malformed.
+        for (fam, len, ok) in [
+            (0x12, 12, true),
+            (0x22, 36, true),
+            (0x31, 216, true),
+            (0x32, 216, true),
+            (0x22, 12, false),
+            (0x31, 36, false),
+            (0x13, 12, false),
+            (0x41, 12, false),
+        ] {
+            let mut v = V2_SIGNATURE.to_vec();
+            v.extend_from_slice(&[0x21, fam, 0, len as u8]);
+            v.resize(16 + len, 7);
+            let want = Parse::Complete {
+                header: Header::Local,
+                len: 16 + len,
+            };
+            assert_eq!(
+                parse(&v) == Ok(want),
+                ok,
+                "family 0x{fam:02x}, {len} bytes: {:?}",
+                parse(&v)
+            );
+        }
     }
 
     fn any_addr() -> impl Strategy<Value = SocketAddr> {
