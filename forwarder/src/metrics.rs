@@ -331,13 +331,40 @@ impl Collector for Collect {
     }
 }
 
+/// Whether `Accept` prefers OpenMetrics to the Prometheus text format: an
+/// `application/openmetrics-text` entry with a q above 0 and at least that of
+/// `text/plain` (or of `text/*`, `*/*` when text/plain is not named). Media types
+/// compare case-insensitively; q defaults to 1. Prometheus sends
+/// `application/openmetrics-text;version=1.0.0,...;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`.
+fn prefers_openmetrics(accept: &str) -> bool {
+    // The highest q of the entries naming `media` (None when none does).
+    let q_of = |media: &str| -> Option<f32> {
+        accept
+            .split(',')
+            .filter_map(|entry| {
+                let mut parts = entry.split(';');
+                let named = parts.next()?.trim().eq_ignore_ascii_case(media);
+                let q = parts
+                    .filter_map(|p| p.split_once('='))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                    .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())?;
+                named.then_some(q)
+            })
+            .reduce(f32::max)
+    };
+    let text = q_of("text/plain")
+        .or_else(|| q_of("text/*"))
+        .or_else(|| q_of("*/*"));
+    q_of("application/openmetrics-text").is_some_and(|q| q > 0.0 && text.is_none_or(|t| q >= t))
+}
+
 /// The exposition in the format the scraper asked for (`Accept`), with its
-/// content type: OpenMetrics when it says so, Prometheus text 0.0.4 otherwise.
+/// content type: OpenMetrics when it prefers it, Prometheus text 0.0.4 otherwise.
 pub fn render(metrics: &Arc<Metrics>, accept: &str) -> (String, &'static str) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Collect(metrics.clone())));
     let mut out = String::new();
-    if accept.contains("application/openmetrics-text") {
+    if prefers_openmetrics(accept) {
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         (
@@ -362,7 +389,8 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(l)
 }
 
-/// ... and serves `GET /metrics` on it for the life of the process; anything else 404.
+/// ... and serves `GET /metrics` (and `HEAD`) on it for the life of the process; other
+/// methods get 405, other paths 404.
 pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
@@ -388,7 +416,10 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
         let handler = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let metrics = metrics.clone();
             async move {
-                let resp = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                let metrics_path = req.uri().path() == "/metrics";
+                let read = req.method() == Method::GET || req.method() == Method::HEAD;
+                // (hyper sends no body in answer to HEAD, and keeps its length.)
+                let resp = if metrics_path && read {
                     let accept = req
                         .headers()
                         .get(hyper::header::ACCEPT)
@@ -398,6 +429,13 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
                     Response::builder()
                         .header(hyper::header::CONTENT_TYPE, content_type)
                         .body(Full::new(Bytes::from(body)))
+                } else if metrics_path {
+                    Response::builder()
+                        .status(StatusCode::METHOD_NOT_ALLOWED)
+                        .header(hyper::header::ALLOW, "GET, HEAD")
+                        .body(Full::new(Bytes::from_static(
+                            b"method not allowed: GET /metrics\n",
+                        )))
                 } else {
                     Response::builder()
                         .status(StatusCode::NOT_FOUND)
@@ -415,5 +453,37 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
                 tracing::debug!("metrics: connection failed: {e}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefers_openmetrics;
+
+    #[test]
+    fn accept_picks_the_format_the_scraper_prefers() {
+        for (accept, om) in [
+            // What Prometheus sends.
+            (
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                true,
+            ),
+            ("application/openmetrics-text; version=1.0.0", true),
+            ("Application/OpenMetrics-Text", true),
+            ("application/openmetrics-text, text/plain", true),
+            ("", false),
+            ("*/*", false),
+            ("text/plain", false),
+            // q=0 is "not acceptable".
+            ("application/openmetrics-text;q=0", false),
+            ("application/openmetrics-text;q=0.0, */*", false),
+            ("text/plain;q=0.9, application/openmetrics-text;q=0.5", false),
+            ("application/openmetrics-text;q=0.5, */*;q=0.9", false),
+            ("application/openmetrics-text;q=0.5, */*;q=0.1", true),
+            // A q that is no number is no entry.
+            ("application/openmetrics-text;q=x", false),
+        ] {
+            assert_eq!(prefers_openmetrics(accept), om, "{accept:?}");
+        }
     }
 }

@@ -518,6 +518,21 @@ relay_tests! {
 
         let other = curl(&format!("http://{maddr}/other"), &[]);
         assert_eq!(other.status, 404, "GET /other: {}", other.body);
+        // HEAD is GET without the body (curl --head prints the head again as its output);
+        // another method is 405, naming the two.
+        let head = curl(&format!("http://{maddr}/metrics"), &["--head"]);
+        assert_eq!(head.status, 200, "HEAD /metrics: {}", head.body);
+        assert!(head.header("content-type").starts_with("text/plain"), "HEAD: {:?}", head.headers);
+        assert!(!head.body.contains("# HELP"), "HEAD /metrics sent a body: {}", head.body);
+        let post = curl(&format!("http://{maddr}/metrics"), &["-X", "POST", "-d", "x"]);
+        assert_eq!(post.status, 405, "POST /metrics: {}", post.body);
+        assert_eq!(post.header("allow"), "GET, HEAD");
+        // q=0 is "not acceptable": the text format.
+        let refused = curl(
+            &format!("http://{maddr}/metrics"),
+            &["-H", "Accept: application/openmetrics-text;q=0, text/plain;q=0.5"],
+        );
+        assert!(refused.header("content-type").starts_with("text/plain"), "{:?}", refused.headers);
 
         let om = curl(
             &format!("http://{maddr}/metrics"),
