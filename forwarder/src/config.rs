@@ -419,7 +419,7 @@ pub struct Upstream {
 
 /// Allow/deny lists of networks: with a non-empty allow list only matching clients
 /// pass; deny always wins.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Access {
     pub allow: Vec<IpNet>,
     pub deny: Vec<IpNet>,

@@ -294,7 +294,8 @@ impl Server {
 
     async fn apply(&mut self, source: &ConfigSource) -> anyhow::Result<()> {
         let mut new = source.load()?;
-        self.keep_fixed_globals(&mut new);
+        // Said only once the reload is applied: a file that fails keeps nothing.
+        let kept_globals = self.keep_fixed_globals(&mut new);
         // `[tunnel_server]` keeps its running value: `check`'s rule again, against it.
         crate::config::check_agent_rules(&new.rules, new.tunnel_server.as_ref())?;
 
@@ -328,7 +329,8 @@ impl Server {
         let mut fresh = Vec::new();
         for (rule, plan) in new.rules.iter().zip(&plans) {
             if let Plan::Start(None) = plan {
-                fresh.push(Arc::new(TcpListener::from_std(bind_rule(rule)?)?));
+                let bound = bind_rule(rule).map_err(|e| self.own_conflict(rule, e))?;
+                fresh.push(Arc::new(TcpListener::from_std(bound)?));
             }
         }
 
@@ -393,6 +395,31 @@ impl Server {
                 tracing::debug!("reload: an old accept loop is still waiting for a slot");
             }
         }
+        for warning in &kept_globals {
+            tracing::warn!("{warning}");
+        }
+        // `[global]` keys that apply in place: said, since no rule's line shows them.
+        for (key, differs, applies) in [
+            (
+                "allow",
+                self.config.access.allow != new.access.allow,
+                "every rule's new connections",
+            ),
+            (
+                "deny",
+                self.config.access.deny != new.access.deny,
+                "every rule's new connections",
+            ),
+            (
+                "shutdown_grace",
+                self.config.shutdown_grace != new.shutdown_grace,
+                "the next shutdown",
+            ),
+        ] {
+            if differs {
+                tracing::info!("reload: global.{key} changed; applies to {applies}");
+            }
+        }
         let unchanged = kept.len();
         kept.extend(started);
         // In the new config's order, for the next reload's bookkeeping.
@@ -421,15 +448,16 @@ impl Server {
         Ok(())
     }
 
-    /// `[global]` keys that only take effect at startup keep their running values,
-    /// with one warning per key that the new file changes.
-    fn keep_fixed_globals(&self, new: &mut Config) {
+    /// `[global]` keys that only take effect at startup keep their running values;
+    /// returns one warning per key that the new file changes.
+    fn keep_fixed_globals(&self, new: &mut Config) -> Vec<String> {
         let old = &self.config;
-        let keep = |key: &str, differs: bool| {
+        let mut warnings = Vec::new();
+        let mut keep = |key: &str, differs: bool| {
             if differs {
-                tracing::warn!(
+                warnings.push(format!(
                     "reload: global.{key} cannot change while running; keeping the running value (restart to apply)"
-                );
+                ));
             }
         };
         keep(
@@ -450,13 +478,40 @@ impl Server {
             ("agent", old.agent != new.agent),
         ] {
             if differs {
-                tracing::warn!(
+                warnings.push(format!(
                     "reload: [{section}] cannot change while running; keeping the running one (restart to apply)"
-                );
+                ));
             }
         }
         new.tunnel_server = old.tunnel_server.clone();
         new.agent = old.agent.clone();
+        warnings
+    }
+
+    /// A new address that cannot be bound because one of our own running listeners
+    /// holds its port (a wildcard and a specific address of one port, which Linux
+    /// will not listen on at once): says so, rather than leave "address in use" to
+    /// send the operator looking for another process.
+    fn own_conflict(&self, rule: &Rule, e: anyhow::Error) -> anyhow::Error {
+        let in_use = e
+            .root_cause()
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse);
+        let want = rule.listen;
+        let ours = self.rules.iter().find(|r| {
+            let have = r.rule.listen;
+            have.port() == want.port() && (have.ip().is_unspecified() || want.ip().is_unspecified())
+        });
+        match ours {
+            Some(r) if in_use => anyhow::anyhow!(
+                "{e:#}: this process listens on {} (rule {:?}) until the reload is done, and \
+                 a port cannot have a wildcard and a specific address listening at once; \
+                 moving a port between them takes a restart",
+                r.rule.listen,
+                r.rule.name
+            ),
+            _ => e,
+        }
     }
 
     /// Stops every accept loop and closes the listeners: new connects are refused.

@@ -664,6 +664,58 @@ relay_tests! {
         fwd.assert_running();
     }
 
+    /// What a reload does with `[global]`: a key that cannot change is warned about
+    /// only when the reload is applied (a file that fails keeps nothing); allow/deny,
+    /// which apply in place, are said to; and a port moving between a wildcard and a
+    /// specific address, which our own listener holds until the reload is done, is
+    /// named as ours rather than left as "address in use".
+    fn reload_says_what_it_does_with_global_keys(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let port = free_port();
+        let good = rule("t", &format!("0.0.0.0:{port}"), echo.addr(), "");
+        let mut fwd = Forwarder::config(Some(mode), &good, 1);
+        let addr = SocketAddr::from((LOCALHOST, port));
+        echo_check_paired(addr, Payload::new(1, 16 * KIB), secs(20));
+        let warned = |fwd: &Forwarder| {
+            fwd.log_lines()
+                .iter()
+                .filter(|l| l.contains("cannot change while running"))
+                .count()
+        };
+        let fixed = "[global]\nmax_connections = 77\n";
+
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = rule("u", &held.local_addr().unwrap().to_string(), echo.addr(), "");
+        let line = fwd.reload(&format!("{fixed}{good}{other}"));
+        assert!(line.contains(" reload failed: "), "{line}");
+        assert_eq!(warned(&fwd), 0, "a failed reload warned of keeping a key:\n{}", fwd.stderr.text());
+        drop(held);
+
+        let moved = rule("t", &addr.to_string(), echo.addr(), "");
+        let line = fwd.reload(&format!("{fixed}{moved}"));
+        assert!(line.contains(" reload failed: "), "{line}");
+        let msg = failed_message(&fwd, &line);
+        assert!(
+            msg.contains(&format!("this process listens on 0.0.0.0:{port} (rule \"t\")")),
+            "the error does not name our own listener: {msg}"
+        );
+        assert_eq!(warned(&fwd), 0, "a failed reload warned of keeping a key:\n{}", fwd.stderr.text());
+        echo_check_paired(addr, Payload::new(2, 16 * KIB), secs(20));
+
+        let line = fwd.reload(&format!("{fixed}deny = [\"127.0.0.1\"]\n{good}"));
+        assert_reload_ok(&line, &reload_ok("", "", "", 1));
+        assert_eq!(warned(&fwd), 1, "want one warning, for global.max_connections:\n{}", fwd.stderr.text());
+        let said = "reload: global.deny changed; applies to every rule's new connections";
+        assert!(
+            fwd.log_lines().iter().any(|l| l.contains(said)),
+            "no {said:?} line:\n{}",
+            fwd.stderr.text()
+        );
+        refused(&fwd, "t", addr, "acl", "a client the reloaded global.deny names");
+        fwd.assert_running();
+    }
+
     /// A process started without a `[tunnel_server]` keeps running without one (the
     /// section cannot change on reload), so a reload adding one with an `agent:` rule
     /// fails and changes nothing, rather than starting a rule no agent can ever serve.
