@@ -623,7 +623,7 @@ impl Config {
                 err(format!("config error at key `{key}`: {inner}"))
             }
         })?;
-        Self::validate(file)
+        Self::validate(file).map_err(|e| with_line(text, e))
     }
 
     pub fn from_cli(rule: CliRule) -> Result<Config, ConfigError> {
@@ -1298,6 +1298,34 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, Conf
     }))
 }
 
+/// A value that parsed but failed validation, with the line where it is written
+/// (TOML's own errors say theirs): `... (line 5)`.
+fn with_line(text: &str, e: ConfigError) -> ConfigError {
+    let key =
+        e.0.strip_prefix("config error at key `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(key, _)| key);
+    match key.and_then(|k| line_of(text, k)) {
+        Some(line) => err(format!("{} (line {line})", e.0)),
+        None => e,
+    }
+}
+
+/// The line of the value at `key` (`rule[0].allow[1]`, `defaults.rise`) in `text`.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut item = doc.as_item();
+    for part in key.split('.') {
+        let mut segments = part.split('[');
+        item = item.get(segments.next()?)?;
+        for index in segments {
+            item = item.get(index.strip_suffix(']')?.parse::<usize>().ok()?)?;
+        }
+    }
+    let at = item.span()?.start;
+    Some(text.get(..at)?.matches('\n').count() + 1)
+}
+
 /// CIDRs (`10.0.0.0/8`, `::1/128`) or bare addresses (a /32 or /128).
 /// `at(j)` names entry j in the error (`config error at key ...`).
 fn parse_nets(
@@ -1445,6 +1473,53 @@ mod tests {
         let allow = &c.rules[0].access.allow;
         let shown: Vec<String> = allow.iter().map(|n| n.to_string()).collect();
         assert_eq!(shown, ["10.0.0.0/8", "0.0.0.0/0", "::1/128"]);
+    }
+
+    /// A value that parses but fails validation names its line too, as TOML's own
+    /// errors do (a key the file does not have, such as a default, names none).
+    #[test]
+    fn bad_values_name_their_line() {
+        for (setting, key) in [
+            (
+                "allow = [\"10.0.0.1\", \"10.0.0.0/33\"]",
+                "rule[0].allow[1]",
+            ),
+            ("schedule = [\"Mon-Fry 09:00-17:00\"]", "rule[0].schedule"),
+            ("rate_per_source = \"20/d\"", "rule[0].rate_per_source"),
+            ("rise = 0", "rule[0].rise"),
+            (
+                "max_connections_per_source = 0",
+                "rule[0].max_connections_per_source",
+            ),
+            (
+                "upstream = [\"127.0.0.1:1\", \"nohost\"]",
+                "rule[0].upstream[1]",
+            ),
+        ] {
+            let upstream = if setting.starts_with("upstream") {
+                ""
+            } else {
+                "upstream = \"127.0.0.1:1\"\n"
+            };
+            let text = format!(
+                "# a comment\n[global]\nmax_connections = 10\n\n[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n{upstream}{setting}\n"
+            );
+            let line = text.lines().position(|l| l == setting).unwrap() + 1;
+            let e = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{setting}: {e}");
+            assert!(e.ends_with(&format!("(line {line})")), "{setting}: {e}");
+        }
+        let e = Config::from_toml("[defaults]\n\nrise = 0\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("(line 3)"), "{e}");
+        let e = Config::from_toml("[global]\ndeny = [\n  \"10.0.0.0/8\",\n  \"bad\",\n]\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`global.deny[1]`") && e.ends_with("(line 4)"),
+            "{e}"
+        );
     }
 
     /// A bad value inherited from `[defaults]` is named there, not under a

@@ -57,6 +57,15 @@ mod cli {
         assert_config_error(&toml, &["line 3"]);
     }
 
+    /// A value TOML accepts but the forwarder does not names its key and line too.
+    #[test]
+    fn bad_value_exits_2_naming_the_key_and_line() {
+        let toml = format!("{RULE}\nrise = 0\n");
+        assert_config_error(&toml, &["rule[0].rise", "must be at least 1", "(line 5)"]);
+        let toml = format!("[defaults]\nallow = [\"10.0.0.0/33\"]\n{RULE}");
+        assert_config_error(&toml, &["defaults.allow[0]", "10.0.0.0/33", "(line 2)"]);
+    }
+
     #[test]
     fn unknown_key_exits_2_naming_the_key() {
         let toml = format!("[defaults]\nmode = \"splice\"\nconect_timeout = \"1s\"\n{RULE}");
