@@ -1319,7 +1319,13 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         let mut segments = part.split('[');
         item = item.get(segments.next()?)?;
         for index in segments {
-            item = item.get(index.strip_suffix(']')?.parse::<usize>().ok()?)?;
+            let i = index.strip_suffix(']')?.parse::<usize>().ok()?;
+            // `upstream = "a:1"` is named as `upstream[0]`, the one of a list of one.
+            item = match item.get(i) {
+                Some(entry) => entry,
+                None if i == 0 && !item.is_array() && !item.is_array_of_tables() => item,
+                None => return None,
+            };
         }
     }
     let at = item.span()?.start;
@@ -1495,6 +1501,7 @@ mod tests {
                 "upstream = [\"127.0.0.1:1\", \"nohost\"]",
                 "rule[0].upstream[1]",
             ),
+            ("upstream = \"127.0.0.1:99999\"", "rule[0].upstream[0]"),
         ] {
             let upstream = if setting.starts_with("upstream") {
                 ""

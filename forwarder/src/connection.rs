@@ -175,10 +175,11 @@ fn bounded_relay<'a>(rt: &'a RuleRuntime, pair: Pair, progress: &'a Arc<Progress
 /// agent's target connection (with no limits).
 ///
 /// `sockets`: the pair's two sockets, which the relay owns until it is dropped. A pair
-/// cut by `max_connection_duration` or the shutdown in the middle of a transfer (bytes
-/// wait in a socket's receive or send queue) gets a reset on both ends, not a FIN that
-/// would pass a cut stream off as complete. A pair with nothing in flight, and one cut
-/// by `idle_timeout`, is closed cleanly, as HAProxy's and nginx's timeouts do.
+/// cut in the middle of a transfer (bytes wait in a socket's receive or send queue) gets
+/// a reset on both ends, not a FIN that would pass a cut stream off as complete: by
+/// `max_connection_duration`, the shutdown, or `idle_timeout` when the pair is stalled
+/// rather than idle (a reader that stopped reading: nothing moves, bytes wait). A pair
+/// with nothing in flight is closed cleanly, as HAProxy's and nginx's timeouts do.
 pub fn relay_bounded<'a>(
     relay: RelayFuture<'a>,
     progress: &'a Progress,
@@ -261,7 +262,7 @@ impl Future for Bounded<'_> {
 fn cut(sockets: Option<[RawFd; 2]>, why: &'static str) -> &'static str {
     use crate::relay::ebpf::sys::{inq, outq};
     let in_flight = |fd| !matches!((inq(fd), outq(fd)), (Ok(0), Ok(0)));
-    if let (Some(fds), true) = (sockets, why != "idle_timeout") {
+    if let Some(fds) = sockets {
         if fds.into_iter().any(in_flight) {
             for fd in fds {
                 // SAFETY: see above: fd is open and the pair's own.

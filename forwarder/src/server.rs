@@ -197,6 +197,15 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     };
     if now {
         tracing::info!("shutdown: second signal, exiting now");
+        // The pairs still open are cut as at the grace's end: reset where bytes are in
+        // flight and logged, not left to the process's exit, whose close sends a FIN
+        // wherever nothing is unread (a cut upload would read as complete). Briefly.
+        abort.fire();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            global.acquire_many(config.max_connections as u32),
+        )
+        .await;
     } else if let Some(agent) = agent {
         // The server hears of the streams reset here before the link closes.
         agent.finish().await;

@@ -48,6 +48,50 @@ fn rule(name: &str, upstream: SocketAddr, extra: &str) -> String {
     format!("[[rule]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n")
 }
 
+/// Writes to `s` until the path behind it is full (writes have blocked for 300 ms), for
+/// at most `limit`; returns the bytes written. Leaves `s` blocking.
+fn write_until_blocked(s: &TcpStream, limit: Duration) -> u64 {
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 * KIB as usize];
+    let (start, mut written, mut blocked_since) = (Instant::now(), 0u64, None);
+    while start.elapsed() < limit {
+        match (&*s).write(&chunk) {
+            Ok(n) => {
+                written += n as u64;
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_millis(300) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("write after {written} bytes: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    written
+}
+
+/// Reads `s` to its end: the bytes read, and how it ended (Ok: a clean EOF).
+fn read_to_end_of(s: &TcpStream, timeout: Duration) -> (u64, Result<(), io::ErrorKind>) {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 256 * KIB as usize];
+    let mut got = 0;
+    loop {
+        if let Err(e) = set_read_deadline(s, deadline) {
+            return (got, Err(e.kind()));
+        }
+        match (&*s).read(&mut buf) {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (got, Err(e.kind())),
+        }
+    }
+}
+
 /// Parses an answer-after-EOF server's reply.
 fn parse_answer(reply: &[u8]) -> Digested {
     let text = std::str::from_utf8(reply).expect("utf-8 answer");
@@ -585,6 +629,44 @@ relay_tests! {
         assert!(closes.first().is_some_and(|l| l.contains("end=idle_timeout")), "{closes:?}");
     }
 
+    /// idle_timeout on a stalled pair (its reader stopped reading: nothing moves, bytes
+    /// wait on the way) ends it like an idle one, on both paths, and with a reset: the
+    /// reader must not take a cut stream for a complete one. Both directions.
+    fn idle_timeout_resets_a_stalled_pair(mode) {
+        let _load = light();
+        let upstreams = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fwd = Forwarder::config(
+            Some(mode),
+            &format!("[defaults]\nidle_timeout = \"1s\"\n{}", rule("stall", upstreams.local_addr().unwrap(), "")),
+            1,
+        );
+        fwd.assert_mode(mode);
+        // A stalled bulk pair may have left the kernel path at its in-flight bound.
+        fwd.expect_paths(&["ebpf>splice"]);
+        for (n, upload) in [(1, true), (2, false)] {
+            let what = if upload { "upload" } else { "download" };
+            let client = connect(fwd.addr());
+            upstreams.set_nonblocking(false).unwrap();
+            let (upstream, _) = upstreams.accept().unwrap();
+            let (writer, reader) = if upload { (&client, &upstream) } else { (&upstream, &client) };
+            let written = write_until_blocked(writer, secs(20));
+            assert!(written > 0, "{what}: nothing written");
+            // The timeout, its counters' lag and the bookkeeping: well within 6 s.
+            let closes = fwd.wait_close_lines(n, secs(6));
+            let close = closes.get(n - 1).unwrap_or_else(|| {
+                panic!("{what}: the stalled pair was not ended 6 s after it stalled:\n{}", fwd.stderr.text())
+            });
+            assert_eq!(field(close, "end"), Some("idle_timeout"), "{what}: {close}");
+            let (got, ended) = read_to_end_of(reader, secs(10));
+            assert!(got < written, "{what}: the reader got all {written} bytes: nothing was cut");
+            assert_eq!(
+                ended,
+                Err(io::ErrorKind::ConnectionReset),
+                "{what}: the reader got {got} of {written} bytes, then this ending"
+            );
+        }
+    }
+
     /// max_connections = 2 on the rule: a third client waits (connected, unserved)
     /// until one of the first two closes.
     fn max_connections_per_rule(mode) {
@@ -914,6 +996,57 @@ relay_tests! {
         assert!(fwd.stderr.wait_for(secs(1), |l| l.contains("second signal, exiting now")).is_some());
         // The open connection was closed by the exit.
         wait_closed(&c, secs(3)).expect("open connection not closed by the exit");
+    }
+
+    /// What the second signal cuts is cut as at the grace's end: an upload in flight
+    /// reaches its upstream as a reset (the process's exit alone closes a socket with
+    /// nothing unread with a FIN, and the cut upload read as complete), and every pair
+    /// it ends gets its close line.
+    fn second_signal_resets_and_logs_what_it_cuts(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let upstreams = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut fwd = Forwarder::config(
+            Some(mode),
+            &format!(
+                "[global]\nshutdown_grace = \"60s\"\n{}{}",
+                rule("quiet", echo.addr(), ""),
+                rule("stuck", upstreams.local_addr().unwrap(), "")
+            ),
+            2,
+        );
+        fwd.assert_mode(mode);
+        fwd.expect_paths(&["ebpf>splice"]);
+        let quiet = connect(fwd.rule_addr("quiet"));
+        ping(&quiet, b"open, nothing in flight", secs(3)).unwrap();
+        let client = connect(fwd.rule_addr("stuck"));
+        let (upstream, _) = upstreams.accept().unwrap();
+        // The upstream reads nothing: the upload waits on the way.
+        let written = write_until_blocked(&client, secs(20));
+        fwd.proc.signal(libc::SIGTERM);
+        fwd.stderr
+            .wait_for(secs(5), |l| l.contains("shutdown: stopped accepting"))
+            .expect("no shutdown line after SIGTERM");
+        fwd.proc.signal(libc::SIGTERM);
+        let status = fwd.proc.wait_timeout(secs(3)).expect("second signal did not end the forwarder");
+        assert_eq!(status.code(), Some(0), "exit {}", describe_status(&status));
+        let (got, ended) = read_to_end_of(&upstream, secs(10));
+        assert!(got < written, "the upstream got all {written} bytes: nothing was cut");
+        assert_eq!(
+            ended,
+            Err(io::ErrorKind::ConnectionReset),
+            "the upstream got {got} of {written} bytes, then this ending"
+        );
+        let (ending, _) = wait_closed(&quiet, secs(3)).expect("the quiet pair's close");
+        assert_eq!(ending, Ending::Eof, "the quiet pair, with nothing in flight");
+        fwd.stderr.wait_eof(secs(5));
+        let closes = fwd.close_lines();
+        for rule in ["quiet", "stuck"] {
+            assert!(
+                closes.iter().any(|l| field(l, "rule") == Some(rule) && field(l, "end") == Some("shutdown")),
+                "no end=shutdown close line for {rule}: {closes:#?}"
+            );
+        }
     }
 
     /// Half-close 20 times: 4 MiB up, write side shut right after the last byte, the

@@ -484,6 +484,10 @@ impl Pump {
             // A busy pair never has to wait for readiness: yield now and then so it
             // cannot starve the other connections on this worker thread.
             ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+            // Whether a byte moved in this pass: only then is the pair active (a pass
+            // that finds dst still full moves nothing, and must not keep a stalled
+            // pair from its idle_timeout).
+            let mut moved_now = false;
             // Fill the pipe from the socket.
             while !self.eof && self.in_pipe < p.size {
                 let want = p.size - self.in_pipe;
@@ -501,6 +505,7 @@ impl Pump {
                     Ok(Fill::Eof) => self.eof = true,
                     Ok(Fill::Bytes { n, drained }) => {
                         self.in_pipe += n;
+                        moved_now |= n > 0;
                         if drained {
                             self.drained = true;
                             break;
@@ -528,13 +533,16 @@ impl Pump {
                         self.in_pipe -= n;
                         self.burst = self.burst.saturating_add(n as u32);
                         moved.fetch_add(n as u64, Ordering::Relaxed);
+                        moved_now |= n > 0;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Poll::Ready(Err(PumpError::Write(e))),
                 }
             }
-            ACTIVITY.note(&quiet.window, progress.touch());
+            if moved_now {
+                ACTIVITY.note(&quiet.window, progress.touch());
+            }
             if self.in_pipe > 0 {
                 ready!(dst.poll_write_ready(cx)).map_err(PumpError::Write)?;
                 continue;
