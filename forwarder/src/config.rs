@@ -1000,6 +1000,13 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         ),
     };
     let s = r.settings(defaults);
+    // The name is in every log line of the rule: a newline there would forge lines.
+    if name.chars().any(char::is_control) {
+        return Err(err(format!(
+            "{}: {name:?} has a control character",
+            at("name")
+        )));
+    }
 
     let listen = resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
     let upstreams: Vec<Upstream> = match &r.upstream {
@@ -1525,6 +1532,20 @@ mod tests {
             .to_string();
         assert!(
             e.contains("`global.deny[1]`") && e.ends_with("(line 4)"),
+            "{e}"
+        );
+    }
+
+    /// A rule name with a newline would split every log line that names the rule.
+    #[test]
+    fn rule_names_have_no_control_characters() {
+        let e = Config::from_toml(
+            "[[rule]]\nname = \"a\\nINFO forged\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`rule[0].name`") && e.contains("control character"),
             "{e}"
         );
     }
