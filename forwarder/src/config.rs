@@ -1184,6 +1184,18 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             .map_err(|e| e.to_string())
             .and_then(|re| Ok((re, crate::inspect::lazy_dfa(&[&r.pattern])?)))
             .map_err(|e| err(format!("{}: {e}", at(&format!("rewrite[{j}].match")))))?;
+        // A match that can be empty (`x?`, `a*`, `^`) has no bytes to replace: the
+        // rewriter would pass such matches by unchanged, so say so instead.
+        let can_be_empty = regex_syntax::parse(&r.pattern)
+            .is_ok_and(|hir| hir.properties().minimum_len() == Some(0));
+        if can_be_empty {
+            return Err(err(format!(
+                "{}: {:?} can match the empty string; a rewrite needs a pattern that \
+                 matches at least one byte",
+                at(&format!("rewrite[{j}].match")),
+                r.pattern
+            )));
+        }
         rewrite.push(Rewrite {
             direction: r.direction,
             pattern,
@@ -1534,6 +1546,39 @@ mod tests {
             e.contains("`global.deny[1]`") && e.ends_with("(line 4)"),
             "{e}"
         );
+    }
+
+    /// A rewrite pattern that can match the empty string is refused (such matches
+    /// were passed by unchanged); one that always takes a byte is fine.
+    #[test]
+    fn rewrite_patterns_that_can_match_nothing_are_refused() {
+        for (pattern, ok) in [
+            ("x?", false),
+            ("a*", false),
+            ("^", false),
+            ("", false),
+            ("x", true),
+            ("a+b?", true),
+            (r"(?-u:\b)x", true),
+        ] {
+            let toml = format!(
+                "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nmode = \"splice\"\n\
+                 rewrite = [{{ direction = \"to_upstream\", match = '{pattern}', replace = \"-\" }}]\n"
+            );
+            match Config::from_toml(&toml) {
+                Ok(_) => assert!(ok, "{pattern:?} accepted"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(!ok, "{pattern:?}: {e}");
+                    assert!(
+                        e.contains("rewrite[0].match")
+                            && e.contains("empty string")
+                            && e.ends_with("(line 5)"),
+                        "{e}"
+                    );
+                }
+            }
+        }
     }
 
     /// A rule name with a newline would split every log line that names the rule.
