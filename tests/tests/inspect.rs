@@ -448,6 +448,37 @@ relay_tests! {
         assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
     }
 
+    /// While a client check waits for the client's first bytes, a server-first
+    /// upstream's download, which no check, dump or rewrite needs, is spliced, not
+    /// copied: inspection costs only the bytes it inspects (it was all copied, 8 MiB
+    /// of userspace_bytes here). Exact, both with a pattern and with http_auth.
+    fn server_first_download_is_spliced_while_checks_wait(mode) {
+        let _load = light();
+        let p = Payload::new(83, 8 * MIB + 5);
+        let up = Server::source(p);
+        let token = "x".repeat(16);
+        let fwd = Forwarder::config(
+            None,
+            &format!(
+                "{}{}",
+                rule("deny", mode.as_str(), up.addr(), r"deny_pattern = ['^\x16\x03']"),
+                rule("auth", mode.as_str(), up.addr(), &format!("http_auth = {{ header = \"X-Token\", token = \"{token}\" }}"))
+            ),
+            2,
+        );
+        fwd.assert_mode(mode);
+        fwd.expect_pairs(0);
+        for name in ["deny", "auth"] {
+            let s = connect(fwd.rule_addr(name));
+            let got = read_digest(&s, Instant::now() + secs(30)).unwrap_or_else(|e| panic!("{name}: download: {e}"));
+            assert_eq!(got, Digested::of(&p), "{name}: the download differs");
+            drop(s);
+            let close = wait_close(&fwd, name, 1);
+            assert_eq!(num(&close, "bytes_down"), p.len, "{name}: {close}");
+            assert_eq!(num(&close, "userspace_bytes"), 0, "{name}: {close}");
+        }
+    }
+
     /// A server-first protocol under `deny_pattern`: the banner reaches the client
     /// before it sends anything (the pending client check blocks nothing the other
     /// way), then a sha256-checked echo; a client sending the pattern after the
@@ -484,8 +515,10 @@ relay_tests! {
         assert_eq!(sha256(&got.bytes[FIRST.len()..]), tail.sha256());
         let close = wait_close(&fwd, "ssh", 1);
         assert_eq!(num(&close, "bytes_down"), BANNER.len() as u64 + FIRST.len() as u64 + tail.len, "{close}");
+        // Only the client's first message was inspected; the banner, which no check
+        // or dump needs, was spliced.
         let userspace = num(&close, "userspace_bytes");
-        assert_eq!(userspace, prelude, "{close}");
+        assert_eq!(userspace, FIRST.len() as u64, "{close}");
 
         // A TLS ClientHello start, split, after the banner: refused.
         let s = connect(fwd.addr());

@@ -343,6 +343,32 @@ impl InspectRelay {
                             Err(e) => return Err(fail(pair, Side::Upstream, e)),
                         }
                     }
+                    // Bytes that no check, dump or rewrite needs (a server-first
+                    // upstream's while the client's checks wait) are spliced, not
+                    // copied: inspection costs only the bytes it inspects.
+                    let splices = !tunnel && wants(1, &p) == 0 && p.rewriter(1).is_none();
+                    let r = match r {
+                        Err(e) if splices => return Err(fail(pair, Side::Upstream, e)),
+                        r => r,
+                    };
+                    if splices {
+                        match splice_on(&pair.upstream, &pair.client, &progress.to_client).await {
+                            Ok(Spliced::Moved(n)) => {
+                                p.upstream_read += n as u64;
+                                progress.touch();
+                                continue;
+                            }
+                            Ok(Spliced::Nothing) => continue,
+                            Ok(Spliced::Eof) => {
+                                p.eof[1] = true;
+                                pass_fin(&pair.client).map_err(|e| fail(pair, Side::Client, e))?;
+                                continue;
+                            }
+                            // At an urgent mark, or no pipe to be had: this read copies.
+                            Ok(Spliced::Cannot) => {}
+                            Err((side, e)) => return Err(fail(pair, side, e)),
+                        }
+                    }
                     let buf = match r.and_then(|()| try_read_some(&pair.upstream, upstream_max)) {
                         Ok(None) => continue,
                         // A tunnel stream's data connection failed, or the agent
@@ -496,6 +522,64 @@ impl InspectRelay {
         }
         Ok(())
     }
+}
+
+/// What [`splice_on`] did.
+enum Spliced {
+    Moved(usize),
+    Eof,
+    /// Nothing to read after all (stale readiness, now cleared).
+    Nothing,
+    /// Not spliced (at an urgent mark, or no pipe): copy instead.
+    Cannot,
+}
+
+/// Moves what `src` has, up to a pipe's worth, on to `dst` through a pipe, as the
+/// splice relay does: the bytes never enter our memory. Waits until `dst` took them.
+async fn splice_on(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+) -> Result<Spliced, (Side, std::io::Error)> {
+    use crate::relay::splice::{fill, splice, Fill, Pipe};
+    use std::os::fd::AsRawFd;
+    let Ok(pipe) = Pipe::take() else {
+        return Ok(Spliced::Cannot);
+    };
+    let mut left = match fill(src, &pipe, 0, pipe.size) {
+        Ok(Fill::Bytes { n, .. }) => n,
+        Ok(Fill::Eof) => {
+            pipe.give_back();
+            return Ok(Spliced::Eof);
+        }
+        Ok(Fill::Empty | Fill::NoSlot) => {
+            pipe.give_back();
+            return Ok(Spliced::Nothing);
+        }
+        Ok(Fill::UrgentMark) => {
+            pipe.give_back();
+            return Ok(Spliced::Cannot);
+        }
+        // The pipe is dropped, not given back: it may hold bytes.
+        Err(e) => return Err((Side::Upstream, e)),
+    };
+    let moved = left;
+    while left > 0 {
+        dst.writable().await.map_err(|e| (Side::Client, e))?;
+        match dst.try_io(tokio::io::Interest::WRITABLE, || {
+            splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), left)
+        }) {
+            Ok(n) => {
+                left -= n;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((Side::Client, e)),
+        }
+    }
+    pipe.give_back();
+    Ok(Spliced::Moved(moved))
 }
 
 /// A tunnel stream's next event (acks, the peer's FIN or reset, a new data connection).
