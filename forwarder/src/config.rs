@@ -1110,21 +1110,9 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     let schedule = match &s.schedule {
         None => None,
         Some(windows) => Some(
-            Schedule::parse(windows, s.timezone.as_deref().unwrap_or("UTC")).map_err(|e| {
-                // Name the key where the bad value is written: the rule's own, or the
-                // `[defaults]` one it inherited.
-                let written_here = match e.key() {
-                    "timezone" => r.timezone.is_some(),
-                    _ => r.schedule.is_some(),
-                };
-                match written_here {
-                    true => err(format!("{}: {e}", at(e.key()))),
-                    false => err(format!(
-                        "config error at key `defaults.{}` (inherited by rule {name:?}): {e}",
-                        e.key()
-                    )),
-                }
-            })?,
+            // `at` names the rule's own key or the `[defaults]` one it inherited.
+            Schedule::parse(windows, s.timezone.as_deref().unwrap_or("UTC"))
+                .map_err(|e| err(format!("{}: {e}", at(e.key()))))?,
         ),
     };
     // Only a `timezone` written in the rule itself is an error without a schedule: one

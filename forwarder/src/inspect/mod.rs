@@ -541,12 +541,11 @@ async fn splice_on(
     dst: &TcpStream,
     counter: &AtomicU64,
 ) -> Result<Spliced, (Side, std::io::Error)> {
-    use crate::relay::splice::{fill, splice, Fill, Pipe};
-    use std::os::fd::AsRawFd;
+    use crate::relay::splice::{fill, splice_out, Fill, Pipe};
     let Ok(pipe) = Pipe::take() else {
         return Ok(Spliced::Cannot);
     };
-    let mut left = match fill(src, &pipe, 0, pipe.size) {
+    let n = match fill(src, &pipe, 0, pipe.size) {
         Ok(Fill::Bytes { n, .. }) => n,
         Ok(Fill::Eof) => {
             pipe.give_back();
@@ -563,23 +562,13 @@ async fn splice_on(
         // The pipe is dropped, not given back: it may hold bytes.
         Err(e) => return Err((Side::Upstream, e)),
     };
-    let moved = left;
-    while left > 0 {
-        dst.writable().await.map_err(|e| (Side::Client, e))?;
-        match dst.try_io(tokio::io::Interest::WRITABLE, || {
-            splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), left)
-        }) {
-            Ok(n) => {
-                left -= n;
-                counter.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((Side::Client, e)),
-        }
-    }
+    // The pipe is dropped on an error, not given back: it may hold bytes.
+    splice_out(&pipe, dst, n)
+        .await
+        .map_err(|e| (Side::Client, e))?;
+    counter.fetch_add(n as u64, Ordering::Relaxed);
     pipe.give_back();
-    Ok(Spliced::Moved(moved))
+    Ok(Spliced::Moved(n))
 }
 
 /// A tunnel stream's next event (acks, the peer's FIN or reset, a new data connection).

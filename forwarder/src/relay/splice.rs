@@ -733,6 +733,25 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
     }
 }
 
+/// Splices the `len` bytes waiting in `p` into `dst`, waiting for room in `dst` as
+/// often as it takes: the one-off moves outside a pump (bytes read before a pair
+/// joined the maps, a prelude's bytes that nothing inspects).
+pub(crate) async fn splice_out(p: &Pipe, dst: &TcpStream, len: usize) -> io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        let n = dst
+            .async_io(Interest::WRITABLE, || {
+                splice(p.r.as_raw_fd(), dst.as_raw_fd(), left)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::Error::other("splice wrote nothing"));
+        }
+        left -= n;
+    }
+    Ok(())
+}
+
 /// The most [`show`] reads at once.
 const SHOW_READ: usize = 16 * 1024;
 

@@ -600,18 +600,9 @@ async fn relay_queued(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err((SIDES[i], e)),
             };
-            let mut left = n;
-            while left > 0 {
-                let out = dst
-                    .async_io(tokio::io::Interest::WRITABLE, || {
-                        splice::splice(p.r.as_raw_fd(), dst.as_raw_fd(), left)
-                    })
-                    .await;
-                match out.map_err(|e| (SIDES[1 - i], e))? {
-                    0 => return Err((SIDES[1 - i], io::Error::other("splice wrote nothing"))),
-                    n => left -= n,
-                }
-            }
+            splice::splice_out(p, dst, n)
+                .await
+                .map_err(|e| (SIDES[1 - i], e))?;
             carried[i] += n as u64;
         }
         if sys::inq(fd).map_err(|e| (SIDES[i], e))? != 0 {
