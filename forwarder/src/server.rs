@@ -175,6 +175,18 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         config.shutdown_grace
     );
     let deadline = Instant::now() + config.shutdown_grace;
+    // Cuts what is still open (a reset where bytes are in flight: not left to the
+    // process's exit, whose close sends a FIN wherever nothing is unread, so a cut
+    // upload would read as complete), then lets the cut pairs log their close lines
+    // and give their permits back, for at most `wait`.
+    let cut_open = |wait: Duration| {
+        let (abort, global) = (&abort, &global);
+        let all = config.max_connections as u32;
+        async move {
+            abort.fire();
+            let _ = tokio::time::timeout(wait, global.acquire_many(all)).await;
+        }
+    };
     let drained = async {
         // Every connection holds one global permit until it is fully closed.
         let _all = global.acquire_many(config.max_connections as u32).await;
@@ -187,9 +199,7 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         _ = tokio::time::sleep_until(deadline.into()) => {
             let left = config.max_connections - global.available_permits();
             tracing::info!("shutdown: grace period over, closing {left} connection(s)");
-            abort.fire();
-            // Let the aborted connections log their close line.
-            let _ = tokio::time::timeout(Duration::from_secs(1), global.acquire_many(config.max_connections as u32)).await;
+            cut_open(Duration::from_secs(1)).await;
             false
         }
         _ = term.recv() => true,
@@ -197,15 +207,8 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     };
     if now {
         tracing::info!("shutdown: second signal, exiting now");
-        // The pairs still open are cut as at the grace's end: reset where bytes are in
-        // flight and logged, not left to the process's exit, whose close sends a FIN
-        // wherever nothing is unread (a cut upload would read as complete). Briefly.
-        abort.fire();
-        let _ = tokio::time::timeout(
-            Duration::from_millis(500),
-            global.acquire_many(config.max_connections as u32),
-        )
-        .await;
+        // As at the grace's end, but briefly.
+        cut_open(Duration::from_millis(500)).await;
     } else if let Some(agent) = agent {
         // The server hears of the streams reset here before the link closes.
         agent.finish().await;
