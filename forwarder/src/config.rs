@@ -405,6 +405,8 @@ pub const AGENT_PREFIX: &str = "agent:";
 pub struct RunAs {
     pub user: String,
     pub uid: u32,
+    /// `global.group` as written (`None`: the user's own group).
+    pub group: Option<String>,
     pub gid: u32,
 }
 
@@ -1301,6 +1303,7 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, Conf
     Ok(Some(RunAs {
         user: name.to_string(),
         uid: u.uid.as_raw(),
+        group: group.map(str::to_string),
         gid,
     }))
 }

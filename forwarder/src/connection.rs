@@ -661,10 +661,14 @@ async fn connect_upstream(
         }
         match result {
             Ok((stream, addr)) => return Some((stream, addr, ups.connected(i))),
-            Err(e) => tracing::warn!(
-                "connect rule={} client={peer} upstream={upstream} failed: {}",
-                rule.name,
-                e.why
+            Err(e) => event!(
+                warn,
+                "connect failed",
+                text = ("connect rule={} client={peer} upstream={upstream} failed: {}", rule.name, e.why),
+                rule = %rule.name,
+                client = %peer,
+                upstream = %upstream,
+                error = %e.why,
             ),
         }
     }

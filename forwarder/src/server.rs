@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::{Access, Config, Mode, Rule};
+use crate::config::{Access, Config, Mode, Rule, RunAs};
 use crate::connection::{serve, Abort, Permits, RuleRuntime};
 use crate::inspect::InspectRelay;
 use crate::logging::List;
@@ -407,8 +407,13 @@ impl Server {
                 tracing::debug!("reload: an old accept loop is still waiting for a slot");
             }
         }
-        for warning in &kept_globals {
-            tracing::warn!("{warning}");
+        for key in &kept_globals {
+            event!(
+                warn,
+                "reload: kept running value",
+                text = ("reload: {key} cannot change while running; keeping the running value (restart to apply)"),
+                key = %key,
+            );
         }
         // `[global]` keys that apply in place: said, since no rule's line shows them.
         for (key, differs, applies) in [
@@ -429,7 +434,13 @@ impl Server {
             ),
         ] {
             if differs {
-                tracing::info!("reload: global.{key} changed; applies to {applies}");
+                event!(
+                    info,
+                    "reload: applied in place",
+                    text = ("reload: global.{key} changed; applies to {applies}"),
+                    key = %format!("global.{key}"),
+                    applies = %applies,
+                );
             }
         }
         let unchanged = kept.len();
@@ -461,15 +472,14 @@ impl Server {
     }
 
     /// `[global]` keys that only take effect at startup keep their running values;
-    /// returns one warning per key that the new file changes.
+    /// returns the ones the new file changes (`global.KEY`, `[section]`), each to be
+    /// warned of once the reload is applied.
     fn keep_fixed_globals(&self, new: &mut Config) -> Vec<String> {
         let old = &self.config;
-        let mut warnings = Vec::new();
+        let mut kept = Vec::new();
         let mut keep = |key: &str, differs: bool| {
             if differs {
-                warnings.push(format!(
-                    "reload: global.{key} cannot change while running; keeping the running value (restart to apply)"
-                ));
+                kept.push(format!("global.{key}"));
             }
         };
         keep(
@@ -478,7 +488,16 @@ impl Server {
         );
         keep("metrics", old.metrics != new.metrics);
         keep("log_format", old.log_format != new.log_format);
-        keep("user", old.user != new.user);
+        // `user` and `group` are two keys with one value (who the process runs as):
+        // each is named when it is the one that changed.
+        let who = |r: &Option<RunAs>| r.as_ref().map(|r| (r.user.clone(), r.uid));
+        let group = |r: &Option<RunAs>| r.as_ref().and_then(|r| r.group.clone());
+        let user_differs = who(&old.user) != who(&new.user);
+        keep("user", user_differs);
+        keep(
+            "group",
+            group(&old.user) != group(&new.user) || (!user_differs && old.user != new.user),
+        );
         keep("threads", old.threads != new.threads);
         new.max_connections = old.max_connections;
         new.metrics = old.metrics;
@@ -490,14 +509,12 @@ impl Server {
             ("agent", old.agent != new.agent),
         ] {
             if differs {
-                warnings.push(format!(
-                    "reload: [{section}] cannot change while running; keeping the running one (restart to apply)"
-                ));
+                kept.push(format!("[{section}]"));
             }
         }
         new.tunnel_server = old.tunnel_server.clone();
         new.agent = old.agent.clone();
-        warnings
+        kept
     }
 
     /// A new address that cannot be bound because one of our own running listeners
@@ -649,7 +666,13 @@ async fn accept_loop(
                 // Out of fds or memory: back off and retry instead of spinning; the
                 // pending client waits in the backlog until something closes.
                 if last_fd_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                    tracing::warn!("accept rule={} failed: {e}; backing off", rt.rule.name);
+                    event!(
+                        warn,
+                        "accept failed",
+                        text = ("accept rule={} failed: {e}; backing off", rt.rule.name),
+                        rule = %rt.rule.name,
+                        error = %e,
+                    );
                     last_fd_warning = Some(Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

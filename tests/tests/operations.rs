@@ -469,13 +469,14 @@ relay_tests! {
         let (_reserved, dead) = refused_port(LOCALHOST);
         let rules = rule("echo", "127.0.0.1:0", echo.addr(), mode, "")
             + &rule("denied", "127.0.0.1:0", echo.addr(), mode, "deny = [\"127.0.0.0/8\"]")
-            + &rule("down", "127.0.0.1:0", dead, mode, "check_interval = \"200ms\"\nfall = 1");
+            + &rule("down", "127.0.0.1:0", dead, mode, "check_interval = \"200ms\"\nfall = 1")
+            + &rule("dead", "127.0.0.1:0", dead, mode, "");
         let global = "[global]\nlog_format = \"json\"\n\n";
         for (how, toml, args) in [
             ("--log-format json", rules.clone(), &["--log-format", "json"][..]),
             ("[global] log_format", format!("{global}{rules}"), &[][..]),
         ] {
-            let mut fwd = start_in(TempDir::new("json"), &[], &toml, args, 3);
+            let mut fwd = start_in(TempDir::new("json"), &[], &toml, args, 4);
             fwd.assert_mode(mode);
 
             let p = Payload::new(57, 150 * KIB + 3);
@@ -499,6 +500,14 @@ relay_tests! {
             fwd.stderr
                 .wait_for(secs(5), |l| as_text(l).contains(" upstream is DOWN rule=down"))
                 .unwrap_or_else(|| panic!("{how}: no upstream DOWN line: {}", fwd.stderr.text()));
+            // An upstream that refuses: the client is closed, the connect failure logged.
+            let s = TcpStream::connect_timeout(&fwd.rule_addr("dead"), secs(5))
+                .unwrap_or_else(|e| panic!("{how}: connect to the dead rule: {e}"));
+            let dead_client = s.local_addr().unwrap();
+            let _ = wait_closed(&s, secs(5));
+            fwd.stderr
+                .wait_for(secs(5), |l| as_text(l).contains(" close rule=dead "))
+                .unwrap_or_else(|| panic!("{how}: no close line of dead: {}", fwd.stderr.text()));
 
             // A good reload (one rule added) and a failed one (an unknown key).
             let added = format!("{toml}{}", rule("extra", "127.0.0.1:0", echo.addr(), mode, ""));
@@ -531,9 +540,15 @@ relay_tests! {
             assert_eq!(str_of(close, "end"), "closed", "{how}");
             assert_eq!(u64_of(close, "userspace_bytes"), 0, "{how}");
 
+            let failed = find_msg(&objs, "connect failed", |_| true);
+            assert_eq!(str_of(failed, "rule"), "dead", "{how}");
+            assert_eq!(str_of(failed, "client"), dead_client.to_string(), "{how}");
+            assert_eq!(str_of(failed, "upstream"), dead.to_string(), "{how}");
+            assert!(str_of(failed, "error").contains("refused"), "{how}: {failed:?}");
+
             let listening: Vec<_> = objs.iter().filter(|o| message(o) == "listening").collect();
             let names: Vec<&str> = listening.iter().map(|o| str_of(o, "rule")).collect();
-            assert_eq!(names, ["echo", "denied", "down", "extra"], "{how}: listening lines");
+            assert_eq!(names, ["echo", "denied", "down", "dead", "extra"], "{how}: listening lines");
             for l in &listening {
                 let addr: SocketAddr = str_of(l, "listen").parse().expect("listen address");
                 assert!(addr.ip().is_loopback() && addr.port() != 0, "{how}: {l:?}");
@@ -553,12 +568,12 @@ relay_tests! {
             assert_eq!(string_array(ok, "added"), ["extra"], "{how}: added");
             assert!(string_array(ok, "removed").is_empty(), "{how}: removed");
             assert!(string_array(ok, "changed").is_empty(), "{how}: changed");
-            assert_eq!(u64_of(ok, "unchanged"), 3, "{how}: unchanged");
+            assert_eq!(u64_of(ok, "unchanged"), 4, "{how}: unchanged");
 
             let failed = find_msg(&objs, "reload failed", |_| true);
             let error = str_of(failed, "error");
             assert!(
-                error.contains("rule[3].bogus_key"),
+                error.contains("rule[4].bogus_key"),
                 "{how}: the reload error does not name the key: {error:?}"
             );
         }
@@ -659,7 +674,23 @@ relay_tests! {
             closes.iter().any(|l| field(l, "rule") == Some("web")),
             "no close line of web: {closes:?}"
         );
-        // Still nobody, on every thread, after the reload.
+        // `group` cannot change while running either: a reload changing only it is
+        // applied with one warning, naming global.group (not global.user), and the
+        // process keeps its group.
+        let web_rule = rule("web", &web.to_string(), echo.addr(), mode, "");
+        let regrouped = toml.replacen("user = \"nobody\"\n", "user = \"nobody\"\ngroup = \"daemon\"\n", 1);
+        let line = fwd.reload(&format!("{regrouped}{web_rule}"));
+        assert!(line.contains(" reload ok: "), "reload changing global.group: {line}");
+        let kept: Vec<String> = fwd
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("cannot change while running"))
+            .collect();
+        assert!(
+            kept.len() == 1 && kept[0].contains(" reload: global.group cannot change while running"),
+            "want one warning, naming global.group: {kept:?}"
+        );
+        // Still nobody, on every thread, after the reloads.
         assert_dropped(fwd.pid(), &gid, &groups);
         fwd.assert_running();
     }
