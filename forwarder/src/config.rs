@@ -898,9 +898,9 @@ fn validate_tunnel_server(t: &FileTunnelServer) -> Result<TunnelServerConfig, Co
     let listen = resolve_listen(&t.listen)
         .map_err(|e| err(format!("config error at key `tunnel_server.listen`: {e}")))?;
     let resume_buffer = t.resume_buffer.unwrap_or(DEFAULT_RESUME_BUFFER);
-    if resume_buffer < 65536 {
+    if resume_buffer == 0 {
         return Err(err(
-            "config error at key `tunnel_server.resume_buffer`: must be at least 65536 bytes",
+            "config error at key `tunnel_server.resume_buffer`: must be more than 0 bytes",
         ));
     }
     let resume_grace = t.resume_grace.unwrap_or(DEFAULT_RESUME_GRACE);
@@ -1841,7 +1841,7 @@ mod tests {
             ),
             (
                 "resume_grace = \"5s\"",
-                "resume_grace = \"5s\"\nresume_buffer = 10",
+                "resume_grace = \"5s\"\nresume_buffer = 0",
                 "tunnel_server.resume_buffer",
             ),
             (

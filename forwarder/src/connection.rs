@@ -431,7 +431,9 @@ async fn through_agent(
     };
     let Some((data, link)) = opened else {
         rt.stats.connect_error(&upstream);
-        reset_on_close(&client);
+        // Closed as a client whose upstream refused is (`connect_failed`): nothing was
+        // relayed, so there is nothing to pass off as complete.
+        drop(client);
         log_close(
             &rule.name,
             peer,

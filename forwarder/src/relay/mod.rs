@@ -303,7 +303,14 @@ pub fn describe(error: &io::Error) -> &'static str {
         Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset",
         Some(libc::ETIMEDOUT) => "timed out",
         Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => "unreachable",
-        _ => "error",
+        Some(_) => "error",
+        // Ours, not the kernel's: a reset reported from the far end of a tunnel is
+        // a reset as much as a local RST is.
+        None => match error.kind() {
+            io::ErrorKind::ConnectionReset => "reset",
+            io::ErrorKind::TimedOut => "timed out",
+            _ => "error",
+        },
     }
 }
 

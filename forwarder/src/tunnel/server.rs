@@ -67,6 +67,8 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
         "tunnel listening",
         text = ("tunnel listening listen={local} resume_grace={:?} resume_buffer={}", reg.cfg.resume_grace, reg.cfg.resume_buffer),
         listen = %local,
+        resume_grace_s = reg.cfg.resume_grace.as_secs_f64(),
+        resume_buffer = reg.cfg.resume_buffer as u64,
     );
     let accepting = reg.clone();
     let task = tokio::spawn(async move {
