@@ -249,6 +249,58 @@ mod ebpf {
         }
     }
 
+    /// A host without kernel BTF (`/sys/kernel/btf` hidden under a tmpfs, in a mount
+    /// namespace of the forwarder's own): the kernel path still runs, parting sockets
+    /// with a plain delete, and the one line that says so names what is missing (the
+    /// kernel's BTF, CONFIG_DEBUG_INFO_BTF) rather than a capability the process has.
+    #[test]
+    fn without_kernel_btf_the_message_names_it() {
+        if !ebpf_can_run("ebpf::without_kernel_btf_the_message_names_it") {
+            return;
+        }
+        let _load = light();
+        let up = Server::echo();
+        let prefix: Vec<OsString> = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /sys/kernel/btf && exec \"$0\" \"$@\"",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        let args = [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            "ebpf",
+            "--upstream",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .chain([OsString::from(up.addr().to_string())])
+        .collect();
+        let fwd = Forwarder::spawn_bin(&prefix, &forwarder_bin(), args, 1, None);
+        fwd.assert_mode(Mode::Ebpf);
+        let said: Vec<String> = fwd
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains("with a plain delete"))
+            .collect();
+        assert!(
+            said.len() == 1
+                && said[0].contains("needs the kernel's BTF")
+                && said[0].contains("CONFIG_DEBUG_INFO_BTF=y")
+                && !said[0].contains("CAP_PERFMON"),
+            "want one line naming the missing BTF: {said:#?}"
+        );
+        echo_check_paired(fwd.addr(), Payload::new(9, 256 * KIB), secs(10));
+    }
+
     /// A seccomp filter that fails `bpf()` with `errno` and allows everything else.
     fn deny_bpf(errno: i32) -> seccompiler::BpfProgram {
         let rules = [(libc::SYS_bpf, vec![])].into_iter().collect();

@@ -587,6 +587,85 @@ relay_tests! {
         assert!(close.first().is_some_and(|l| l.contains("end=upstream_")), "{close:?}");
     }
 
+    /// A pair that resets after one direction's FIN was passed on counts the bytes
+    /// that moved, not the FIN (which takes a sequence number of its own in TCP's
+    /// counters): the upstream says 2 bytes and FIN, the client answers 3 and resets;
+    /// then the client says 3 bytes and FIN, the upstream answers 2 and resets.
+    fn reset_after_a_half_close_counts_bytes_not_the_fin(mode) {
+        let _load = light();
+        let reset = |s: &TcpStream| socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)).unwrap();
+        let (got_tx, got_rx) = mpsc::channel::<Vec<u8>>();
+        let fin_down = Server::start(LOCALHOST, move |mut s| {
+            s.write_all(b"hi").unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut buf = [0u8; 3];
+            let _ = s.set_read_timeout(Some(secs(10)));
+            if s.read_exact(&mut buf).is_ok() {
+                let _ = got_tx.send(buf.to_vec());
+            }
+            // Then the client's reset.
+            let _ = s.read(&mut buf);
+        });
+        let (answered_tx, answered_rx) = mpsc::channel::<()>();
+        let (seen_tx, seen_rx) = mpsc::channel::<()>();
+        let seen_rx = Mutex::new(seen_rx);
+        let (abc_tx, abc_rx) = mpsc::channel::<()>();
+        let fin_up = Server::start(LOCALHOST, move |mut s| {
+            let mut got = vec![0u8; 3];
+            let _ = s.set_read_timeout(Some(secs(10)));
+            if s.read_exact(&mut got).is_err() {
+                return;
+            }
+            let _ = abc_tx.send(());
+            if s.read_to_end(&mut got).is_ok() && got == b"abc" {
+                s.write_all(b"ok").unwrap();
+                let _ = answered_tx.send(());
+                // Reset only once the client has the 2 bytes: an RST drops what is unsent.
+                if seen_rx.lock().unwrap().recv_timeout(secs(10)).is_ok() {
+                    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                }
+            }
+        });
+        // Download FIN, then the client resets.
+        let fwd = Forwarder::cli(mode, &[fin_down.addr()]);
+        fwd.assert_mode(mode);
+        let mut c = connect(fwd.addr());
+        c.set_read_timeout(Some(secs(10))).unwrap();
+        let mut down = Vec::new();
+        c.read_to_end(&mut down).expect("the upstream's 2 bytes and FIN");
+        assert_eq!(down, b"hi");
+        c.write_all(b"abc").unwrap();
+        assert_eq!(got_rx.recv_timeout(secs(10)).expect("the upstream got nothing"), b"abc");
+        reset(&c);
+        drop(c);
+        let close = fwd.wait_close_lines(1, secs(5));
+        let l = close.first().unwrap_or_else(|| panic!("no close line: {}", fwd.stderr.text()));
+        assert!(field(l, "end").is_some_and(|e| e.starts_with("client_reset")), "{l}");
+        assert_eq!((field(l, "bytes_up"), field(l, "bytes_down")), (Some("3"), Some("2")), "{l}");
+
+        // Upload FIN, then the upstream resets.
+        let fwd = Forwarder::cli(mode, &[fin_up.addr()]);
+        fwd.assert_mode(mode);
+        let mut c = connect(fwd.addr());
+        c.set_read_timeout(Some(secs(10))).unwrap();
+        c.write_all(b"abc").unwrap();
+        // The FIN after the bytes arrived: a FIN there before the pair is made keeps it
+        // off the kernel path.
+        abc_rx.recv_timeout(secs(10)).expect("the upstream got nothing");
+        c.shutdown(Shutdown::Write).unwrap();
+        answered_rx.recv_timeout(secs(10)).expect("the upstream did not answer");
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).expect("the upstream's 2 bytes");
+        assert_eq!(&buf, b"ok");
+        seen_tx.send(()).unwrap();
+        let (how, _) = wait_closed(&c, secs(5)).expect("client not closed");
+        assert_eq!(how, Ending::Reset, "the upstream's reset reached the client as {how:?}");
+        let close = fwd.wait_close_lines(1, secs(5));
+        let l = close.first().unwrap_or_else(|| panic!("no close line: {}", fwd.stderr.text()));
+        assert!(field(l, "end").is_some_and(|e| e.starts_with("upstream_reset")), "{l}");
+        assert_eq!((field(l, "bytes_up"), field(l, "bytes_down")), (Some("3"), Some("2")), "{l}");
+    }
+
     /// idle_timeout = 1s: an idle connection is closed within ~3 s; one that sends a
     /// byte every 200 ms is not.
     fn idle_timeout(mode) {

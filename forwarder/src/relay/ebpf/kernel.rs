@@ -201,13 +201,14 @@ impl Loaded {
         };
         let locked_part = LockedPart::load(&mut ebpf)
             .inspect_err(|e| {
-                // Expected without CAP_PERFMON (a tracing program): parting works as it
-                // did before the lock.
+                // Expected without CAP_PERFMON (a tracing program) or kernel BTF:
+                // parting works as it did before the lock.
                 tracing::info!(
-                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({}; the iterator needs CAP_PERFMON): a packet arriving at that moment can be lost, and its pair is then reset",
-                    brief(e)
+                    "ebpf: sockets leave the maps with a plain delete, not under their socket lock ({}; the iterator needs {}): a packet arriving at that moment can be lost, and its pair is then reset",
+                    brief(&e.why),
+                    e.needs
                 );
-                tracing::debug!("ebpf: the parting iterator's load: {e}");
+                tracing::debug!("ebpf: the parting iterator's load: {}", e.why);
             })
             .ok();
         Ok(Loaded {

@@ -705,12 +705,13 @@ impl Paired {
     /// A failing pair (a reset, say) may end before any look counted its bytes (the
     /// first is a tick away): its close line said 0 bytes each way after a 5-byte
     /// echo. What each dst accepted is still in its counters (a reset socket keeps
-    /// `bytes_acked`); counts only grow.
+    /// `bytes_acked`); counts only grow. A FIN we passed on takes a sequence number
+    /// of its own, which those counters include: it is not a byte.
     fn count_at_failure(&self, progress: &Progress) {
         let counters = [&progress.to_upstream, &progress.to_client];
         for (dir, counter) in self.dirs.iter().zip(counters) {
             if let Ok(sent) = sys::bytes_sent_into(self.socks[dir.dst].as_raw_fd()) {
-                let accepted = sent.saturating_sub(dir.sent_base);
+                let accepted = sent.saturating_sub(dir.sent_base + dir.shut as u64);
                 counter.fetch_max(dir.before + dir.carried + accepted, Ordering::Relaxed);
             }
         }

@@ -37,26 +37,45 @@ pub struct LockedPart {
     link: OwnedFd,
 }
 
+/// Why the parting iterator cannot run here, and what it would need.
+pub struct Unavailable {
+    pub why: String,
+    pub needs: &'static str,
+}
+
 impl LockedPart {
     /// Loads `part_locked` (it needs the kernel's BTF to find the TCP iterator; the
     /// parsed BTF is dropped right after).
-    pub fn load(ebpf: &mut Ebpf) -> Result<LockedPart, String> {
-        let parting: HashMap<MapData, u64, u32> = super::kernel::take(ebpf, PARTING_MAP)?;
-        let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    pub fn load(ebpf: &mut Ebpf) -> Result<LockedPart, Unavailable> {
+        // A tracing program: the kernel loads it only for a process with CAP_PERFMON.
+        let perfmon = |why: String| Unavailable {
+            why,
+            needs: "CAP_PERFMON",
+        };
+        let parting: HashMap<MapData, u64, u32> =
+            super::kernel::take(ebpf, PARTING_MAP).map_err(perfmon)?;
+        let btf = Btf::from_sys_fs().map_err(|e| Unavailable {
+            why: format!("kernel BTF: {e}"),
+            needs: "the kernel's BTF (a kernel built with CONFIG_DEBUG_INFO_BTF=y)",
+        })?;
         let prog: &mut Iter = ebpf
             .program_mut(PART_PROG)
-            .ok_or_else(|| format!("program {PART_PROG} missing from the object"))?
+            .ok_or_else(|| perfmon(format!("program {PART_PROG} missing from the object")))?
             .try_into()
-            .map_err(|e| format!("program {PART_PROG}: {e}"))?;
+            .map_err(|e| perfmon(format!("program {PART_PROG}: {e}")))?;
         let loaded = prog.load("tcp", &btf);
         drop(btf);
         // The parsed BTF was ~20 MiB of small allocations: hand them back, or the
         // process keeps them as RSS for its whole life (loaded or not).
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
-        loaded.map_err(|e| format!("the kernel rejected {PART_PROG}: {e:#}"))?;
-        let prog_fd = prog.fd().map_err(|e| e.to_string())?.as_fd().as_raw_fd();
-        let link = link_create_iter(prog_fd).map_err(|e| format!("iterator link: {e}"))?;
+        loaded.map_err(|e| perfmon(format!("the kernel rejected {PART_PROG}: {e:#}")))?;
+        let prog_fd = prog
+            .fd()
+            .map_err(|e| perfmon(e.to_string()))?
+            .as_fd()
+            .as_raw_fd();
+        let link = link_create_iter(prog_fd).map_err(|e| perfmon(format!("iterator link: {e}")))?;
         Ok(LockedPart {
             parting: Mutex::new(parting),
             link,
