@@ -162,7 +162,7 @@ fn bounded_relay<'a>(rt: &'a RuleRuntime, pair: Pair, progress: &'a Arc<Progress
     relay_bounded(
         rt.relay.relay(pair, progress.clone()),
         progress,
-        Limits::of(&rt.rule, rt.relay.progress_lag()),
+        Limits::of(&rt.rule, rt.relay.progress_lag(), progress.started()),
         &rt.abort,
         sockets,
     )
@@ -187,8 +187,13 @@ pub fn relay_bounded<'a>(
     abort: &'a Abort,
     sockets: Option<[RawFd; 2]>,
 ) -> Bounded<'a> {
-    // Set to the limits' next look; `armed` says whether there is one.
-    let next = limits.check(progress).err().flatten();
+    // Set to the limits' next look; `armed` says whether there is one. A limit
+    // already reached (max_connection_duration spent in admission and connect) is
+    // looked at on the first poll.
+    let next = match limits.check(progress) {
+        Ok(_) => Some(tokio::time::Instant::now()),
+        Err(next) => next,
+    };
     Bounded {
         relay,
         armed: next.is_some(),
@@ -235,6 +240,14 @@ impl Future for Bounded<'_> {
             // Registered before the flag is read, so a `fire` in between is not missed.
             me.aborted.as_mut().enable();
             *me.enabled = true;
+            // A limit reached before the relay started (max_connection_duration spent
+            // in admission and connect): cut before a byte moves. (The timer, set in
+            // the past, would fire only at the timer driver's next turn.)
+            if *me.armed && me.timer.deadline() <= tokio::time::Instant::now() {
+                if let Ok(why) = me.limits.check(me.progress) {
+                    return Poll::Ready(Err(cut(*me.sockets, why)));
+                }
+            }
         }
         if let Poll::Ready(end) = me.relay.as_mut().poll(cx) {
             return Poll::Ready(Ok(end));
@@ -468,12 +481,14 @@ impl Limits {
         max_at: None,
     };
 
-    fn of(rule: &Rule, lag: Duration) -> Limits {
+    /// `max_connection_duration` counts from the accept, as the close line's
+    /// duration does: admission and connect (a PROXY header's wait, failover to the
+    /// next upstream) are part of the connection's life.
+    fn of(rule: &Rule, lag: Duration, accepted: Instant) -> Limits {
+        let accepted = tokio::time::Instant::from_std(accepted);
         Limits {
             idle: rule.idle_timeout.map(|t| t + lag),
-            max_at: rule
-                .max_connection_duration
-                .map(|d| tokio::time::Instant::now() + d),
+            max_at: rule.max_connection_duration.map(|d| accepted + d),
         }
     }
 

@@ -322,6 +322,37 @@ relay_tests! {
         assert!(wait_log(&fwd, "end=max_connection_duration", Duration::from_secs(2)));
     }
 
+    /// `max_connection_duration` counts from the accept, as the close line's duration
+    /// does: a client whose front balancer sends the PROXY header 1.3 s after connect,
+    /// under a 1 s limit, is cut as soon as its pair would start (it was 1 s later,
+    /// 2.3 s after connect, its echo served in between).
+    fn max_connection_duration_counts_from_the_accept(mode) {
+        let echo_server = Server::echo();
+        let echo = echo_server.addr();
+        let fwd = local(
+            mode,
+            &format!("upstream = \"{echo}\"\naccept_proxy_protocol = true\nmax_connection_duration = \"1s\""),
+        );
+        // Cut before its relay moved a byte: the pair took no path.
+        fwd.expect_pairs(0);
+        let mut s = TcpStream::connect(fwd.addr()).unwrap();
+        let started = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        thread::sleep(Duration::from_millis(1300));
+        s.write_all(b"PROXY TCP4 127.0.0.9 127.0.0.1 5555 80\r\nping").unwrap();
+        let mut got = Vec::new();
+        let ended = s.read_to_end(&mut got);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(2100), "cut {took:?} after connect; the limit is 1 s");
+        assert!(got.is_empty(), "served {got:?} past the limit (ended {ended:?})");
+        let line = fwd
+            .stderr
+            .wait_for(Duration::from_secs(3), |l| l.contains(" close "))
+            .unwrap_or_else(|| panic!("no close line: {}", fwd.stderr.text()));
+        assert!(line.contains("end=max_connection_duration"), "{line}");
+        assert_eq!(field(&line, "path"), Some("none"), "{line}");
+    }
+
     fn per_source_connection_limit(mode) {
         let echo_server = Server::echo();
         let echo = echo_server.addr();
