@@ -144,6 +144,50 @@ relay_tests! {
         }
     }
 
+    /// A request and its FIN, then a 64 MiB answer: on the kernel path the answer
+    /// leaves for splice at the in-flight bound like any bulk stream. (A direction done
+    /// with its FIN kept the pair from leaving: past the bound the rest came through
+    /// our recv/send, 4-17 MB of 32, on `path=ebpf`.) sha256 both ways, FINs included.
+    fn bulk_answer_after_a_half_closed_request_leaves_the_kernel_path(mode) {
+        let _load = heavy();
+        let answer = Payload::new(4_242, 64 * MIB + 3);
+        let (tx, rx) = mpsc::channel::<(Vec<u8>, io::Result<()>)>();
+        let (asked_tx, asked_rx) = mpsc::channel::<()>();
+        let (tx, asked_tx) = (Mutex::new(tx), Mutex::new(asked_tx));
+        let up = Server::start(LOCALHOST, move |mut s| {
+            let mut request = vec![0u8; 10];
+            let _ = s.set_read_timeout(Some(secs(30)));
+            let read = std::io::Read::read_exact(&mut s, &mut request)
+                .inspect(|()| drop(asked_tx.lock().unwrap().send(())))
+                .and_then(|()| std::io::Read::read_to_end(&mut s, &mut request));
+            let wrote = read.and_then(|_| answer.write_to(&s, Instant::now() + secs(60)));
+            let _ = tx.lock().unwrap().send((request, wrote));
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        if mode == Mode::Ebpf {
+            fwd.expect_paths(&["ebpf>splice"]).expect_moved(1);
+            // Bytes the program passes while the forwarder is starved (past 4 x
+            // inflight_limit) come through us, each at most once.
+            fwd.expect_userspace_at_most(answer.len);
+        }
+        let c = connect(fwd.addr());
+        (&c).write_all(b"GET /big\r\n").unwrap();
+        // The FIN once the request is through: a FIN there before the pair is made
+        // keeps it off the kernel path.
+        asked_rx.recv_timeout(secs(10)).expect("the upstream got no request");
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = read_digest(&c, Instant::now() + secs(60)).expect("the answer");
+        let (request, wrote) = rx.recv_timeout(secs(10)).expect("the upstream did not report");
+        assert_eq!(request, b"GET /big\r\n", "the request at the upstream");
+        wrote.expect("the upstream's answer");
+        assert!(got == Digested::of(&answer), "the answer arrived changed: {got:?}");
+        let closes = fwd.wait_close_lines(1, secs(10));
+        let l = closes.first().unwrap_or_else(|| panic!("no close line: {}", fwd.stderr.text()));
+        assert_eq!(field(l, "end"), Some("closed"), "{l}");
+        assert_eq!((num(l, "bytes_up"), num(l, "bytes_down")), (10, answer.len), "{l}");
+    }
+
     /// Both directions at full speed at once (2-12 MiB each way), each side shutting its
     /// write side after its last byte, with in-flight bounds small enough that pairs
     /// leave the maps for splice, now and then while the FINs arrive. 32 rounds of two

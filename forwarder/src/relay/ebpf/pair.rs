@@ -752,9 +752,12 @@ impl Paired {
     /// splice, with TCP's own backpressure, serves it better), or once the program
     /// passed bytes to us (the bound was exceeded before we could raise it: to keep
     /// order, every later byte of that direction now comes through us until we catch
-    /// up).
+    /// up). Not while a FIN waits to be passed on; a direction whose FIN was passed
+    /// on is done, and its source gets nothing more to pass (a request and its FIN,
+    /// then a bulk answer: held on the kernel path, the answer past the bound came
+    /// through our recv/send, 4-17 MB of 32).
     fn maybe_start_leaving(&mut self) {
-        let fin = self.dirs.iter().any(|d| d.fin);
+        let fin = self.dirs.iter().any(|d| d.fin && !d.shut);
         for d in &self.dirs {
             if (d.inflight >= self.inflight_limit / 4 || d.pending) && (self.leaving || !fin) {
                 self.leaving = true;
