@@ -158,7 +158,9 @@ relay_tests! {
             let mut request = vec![0u8; 10];
             let _ = s.set_read_timeout(Some(secs(30)));
             let read = std::io::Read::read_exact(&mut s, &mut request)
-                .inspect(|()| drop(asked_tx.lock().unwrap().send(())))
+                .inspect(|()| {
+                    let _ = asked_tx.lock().unwrap().send(());
+                })
                 .and_then(|()| std::io::Read::read_to_end(&mut s, &mut request));
             let wrote = read.and_then(|_| answer.write_to(&s, Instant::now() + secs(60)));
             let _ = tx.lock().unwrap().send((request, wrote));
