@@ -1,6 +1,8 @@
 //! systemd's notify protocol (`Type=notify`): readiness, reloads, stop and watchdog.
 //! Every call is a no-op when `NOTIFY_SOCKET` is not set.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use sd_notify::NotifyState;
 
 fn notify(states: &[NotifyState]) {
@@ -11,10 +13,19 @@ fn notify(states: &[NotifyState]) {
         Some(name) => notify_abstract(name, states),
         None => sd_notify::notify(states),
     };
-    if let Err(e) = sent {
-        tracing::warn!("systemd: cannot notify {states:?}: {e}");
+    match sent {
+        // Once, not on every watchdog ping (twice per WATCHDOG_USEC): a socket that
+        // is gone stays gone.
+        Err(e) if !WARNED.swap(true, Ordering::Relaxed) => tracing::warn!(
+            "systemd: cannot notify {states:?}: {e} (further failures at debug level)"
+        ),
+        Err(e) => tracing::debug!("systemd: cannot notify {states:?}: {e}"),
+        Ok(()) => WARNED.store(false, Ordering::Relaxed),
     }
 }
+
+/// Whether the last notification failed and was warned of.
+static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// sd_notify(3): a `NOTIFY_SOCKET` starting with `@` names a socket in the abstract
 /// namespace, which sd-notify 0.5 takes for a path (ENOENT). The message is the

@@ -863,3 +863,32 @@ fn sd_notify_abstract_socket() {
     assert_eq!(terminate(&mut fwd), "exit 0");
     notify.expect("STOPPING=1", secs(5), |m| has_line(m, "STOPPING=1"));
 }
+
+/// A `NOTIFY_SOCKET` nobody listens on (the manager went away) does not stop the
+/// service, and is warned of once, not on every watchdog ping (here every 50 ms).
+#[test]
+fn sd_notify_unreachable_socket_warns_once() {
+    let _g = light();
+    let echo = Server::echo();
+    let dir = TempDir::new("notify-gone");
+    let gone = dir.path().join("no-such-socket");
+    let env_notify = format!("NOTIFY_SOCKET={}", gone.display());
+    let toml = rule("t", "127.0.0.1:0", echo.addr(), Mode::Splice, "");
+    let mut fwd = start_in(
+        dir,
+        &["/usr/bin/env", &env_notify, "WATCHDOG_USEC=100000"],
+        &toml,
+        &[],
+        1,
+    );
+    // READY=1 and about 20 watchdog pings fail meanwhile.
+    std::thread::sleep(secs(1));
+    echo_check_paired(fwd.addr(), Payload::new(5, 16 * KIB), secs(10));
+    let warned: Vec<String> = fwd
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("systemd: cannot notify"))
+        .collect();
+    assert_eq!(warned.len(), 1, "want one warning: {warned:#?}");
+    assert_eq!(terminate(&mut fwd), "exit 0");
+}
