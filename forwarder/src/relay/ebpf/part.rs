@@ -37,6 +37,14 @@ pub struct LockedPart {
     link: OwnedFd,
 }
 
+/// Whether the effective set allows tracing programs (CAP_PERFMON, or CAP_SYS_ADMIN,
+/// which covers it).
+fn has_perfmon() -> bool {
+    use caps::{CapSet, Capability};
+    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    has(Capability::CAP_PERFMON) || has(Capability::CAP_SYS_ADMIN)
+}
+
 /// Why the parting iterator cannot run here, and what it would need.
 pub struct Unavailable {
     pub why: String,
@@ -47,10 +55,15 @@ impl LockedPart {
     /// Loads `part_locked` (it needs the kernel's BTF to find the TCP iterator; the
     /// parsed BTF is dropped right after).
     pub fn load(ebpf: &mut Ebpf) -> Result<LockedPart, Unavailable> {
-        // A tracing program: the kernel loads it only for a process with CAP_PERFMON.
+        // A tracing program: the kernel loads it only for a process with CAP_PERFMON,
+        // and only where it has BPF iterators over TCP sockets.
         let perfmon = |why: String| Unavailable {
             why,
-            needs: "CAP_PERFMON",
+            needs: if has_perfmon() {
+                "a kernel with BPF iterators over TCP sockets (5.9 or later)"
+            } else {
+                "CAP_PERFMON"
+            },
         };
         let parting: HashMap<MapData, u64, u32> =
             super::kernel::take(ebpf, PARTING_MAP).map_err(perfmon)?;
