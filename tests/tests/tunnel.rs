@@ -1877,8 +1877,8 @@ relay_tests! {
         resume_after(mode, Fault::Reset);
     }
 
-    /// The same with a resume_buffer of 16 KiB, a quarter of one pipe: every stream
-    /// holds at most that much for replay, and every byte still arrives exactly.
+    /// The same with a resume_buffer of 16 KiB (any size is taken, not only a pipe's
+    /// 64 KiB and more): acks every 4 KiB, and every byte still arrives exactly.
     fn resume_with_a_small_resume_buffer(mode) {
         let _load = light();
         resume_after_with(mode, Fault::Reset, "resume_grace = \"150s\"\nresume_buffer = 16384");
