@@ -95,9 +95,13 @@ impl Parted {
 /// older kernels ask for) and CAP_NET_ADMIN. Not the uid: root in a container or a unit
 /// with a trimmed bounding set may lack them, and must be told so, not blame seccomp.
 fn has_kernel_path_caps() -> bool {
-    use caps::{CapSet, Capability};
-    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
-    (has(Capability::CAP_BPF) || has(Capability::CAP_SYS_ADMIN)) && has(Capability::CAP_NET_ADMIN)
+    use caps::Capability::{CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN};
+    (has_cap(CAP_BPF) || has_cap(CAP_SYS_ADMIN)) && has_cap(CAP_NET_ADMIN)
+}
+
+/// Whether the effective set holds `c`.
+pub(super) fn has_cap(c: caps::Capability) -> bool {
+    caps::has_cap(None, caps::CapSet::Effective, c).unwrap_or(false)
 }
 
 /// What a failed load means for the user, and what to do, from the errno under it.

@@ -40,9 +40,8 @@ pub struct LockedPart {
 /// Whether the effective set allows tracing programs (CAP_PERFMON, or CAP_SYS_ADMIN,
 /// which covers it).
 fn has_perfmon() -> bool {
-    use caps::{CapSet, Capability};
-    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
-    has(Capability::CAP_PERFMON) || has(Capability::CAP_SYS_ADMIN)
+    use super::kernel::has_cap;
+    has_cap(caps::Capability::CAP_PERFMON) || has_cap(caps::Capability::CAP_SYS_ADMIN)
 }
 
 /// Why the parting iterator cannot run here, and what it would need.
