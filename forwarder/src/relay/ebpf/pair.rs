@@ -19,7 +19,7 @@ use crate::relay::{Hop, Pair, Progress, RelayEnd, Side};
 const MIN_TICK: Duration = Duration::from_millis(1);
 pub const MAX_TICK: Duration = Duration::from_millis(250);
 /// A pair quiet for this long (its tick backed off to it) goes to sleep: no tick, the
-/// program wakes it on the next skb (see `fall_asleep`).
+/// program wakes it on the next skb (see `ask_for_wake_up`).
 const SLEEP_AFTER: Duration = Duration::from_millis(16);
 /// A sleeping pair still looks at its counters this often, in case a wake-up was lost
 /// (the ring buffer full, say): one task wakes every watched pair (no timer per pair).
@@ -330,7 +330,7 @@ struct Paired {
     parted: [bool; 2],
     /// Sockets held (SO_RCVLOWAT at its maximum) for parting (see `leave_maps`).
     held: [bool; 2],
-    /// Our sockets' epoll events and the program's wake-ups (see `fall_asleep`), from
+    /// Our sockets' epoll events and the program's wake-ups (see `ask_for_wake_up`), from
     /// the kernel path's shared tasks.
     signals: Arc<PairSignals>,
 }
@@ -1049,6 +1049,9 @@ impl Paired {
         self.watching = Some(watching);
         let mut tick = MIN_TICK;
         let mut quick_looks = 0;
+        // Whether the program holds our request for a wake-up on its next skb
+        // (`ask_for_wake_up`); it answers at most once per request.
+        let mut armed = false;
         let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let counters = [&progress.to_upstream, &progress.to_client];
         for (dir, counter) in self.dirs.iter_mut().zip(counters) {
@@ -1131,10 +1134,25 @@ impl Paired {
                 quick_looks = 0;
             }
             tick = if moved || waiting {
+                armed = false;
                 MIN_TICK
             } else {
                 (tick * 2).min(MAX_TICK)
             };
+            // Backing off, so the next look is 2 ms or more away: ask the program for a
+            // wake-up on the next skb, once per quiet spell. Without it, bytes that
+            // started during a long wait went unseen until its end (a request, a pause
+            // of 14-40 ms, then 64 MiB: the burst reached the program's cap before the
+            // look that would start leaving, and up to 43 MB came through our
+            // recv/send).
+            if tick > MIN_TICK && !armed {
+                if self.ask_for_wake_up()? {
+                    armed = true;
+                } else {
+                    // Bytes came in before the program saw the request: look again soon.
+                    tick = MIN_TICK;
+                }
+            }
             // Idle: ask for EPOLLIN too, which is all a socket whose skbs the program
             // consumes can raise (spuriously, so not while bytes move). On 6.18 a
             // redirected skb wakes nobody: the idle tick bounds how late we see it
@@ -1157,14 +1175,15 @@ impl Paired {
                 }
             }
             // Quiet for a while with nothing of ours in flight: sleep until the
-            // program posts a wake-up (or epoll reports an end), instead of ticking.
-            let quiet = !waiting
+            // program posts the wake-up asked for above (or epoll reports an end),
+            // instead of ticking.
+            let asleep = armed
+                && !waiting
                 && tick >= SLEEP_AFTER
                 && self
                     .dirs
                     .iter()
                     .all(|d| d.inflight == 0 && !d.pending && !d.buffered());
-            let asleep = quiet && self.fall_asleep()?;
             // Epoll events and wake-ups both arrive as a notification (a permit is
             // kept if none is awaited, so none is missed). The tick's timer is boxed,
             // and dropped while the pair sleeps: a sleeping pair, which is what 10,000
@@ -1205,10 +1224,11 @@ impl Paired {
 
     /// Asks the program to post a wake-up on either direction's next skb, then looks
     /// at the counters once more: bytes that slipped in before it saw the request are
-    /// there. Returns whether the pair may sleep. (The program updates its counters
+    /// there. Returns false if some did (the request stands, but a look is due).
+    /// (The program updates its counters
     /// before it reads the request; we write the request before we read them: one of
     /// the two sees the other.)
-    fn fall_asleep(&mut self) -> Result<bool, (usize, io::Error)> {
+    fn ask_for_wake_up(&mut self) -> Result<bool, (usize, io::Error)> {
         let k = self.entries.k;
         for dir in &mut self.dirs {
             dir.sleep += 1;
