@@ -35,8 +35,8 @@ pub struct RuleRuntime {
     pub upstreams: Arc<Upstreams>,
     /// Its table is shared with the runtimes the rule had before a reload.
     pub sources: Arc<SourceLimits>,
-    pub refused: RefusalLog,
-    /// This rule's metrics, shared with the runtimes it had before a reload.
+    /// This rule's metrics and its `refused` line's running count, shared with the
+    /// runtimes it had before a reload.
     pub stats: Arc<RuleStats>,
     /// Fired when the shutdown grace period is over: drop the pair now.
     pub abort: Arc<Abort>,
@@ -59,7 +59,6 @@ impl RuleRuntime {
             upstreams,
             stats,
             sources,
-            refused: RefusalLog::default(),
             rule,
             relay,
             global_access,
@@ -133,7 +132,9 @@ pub fn serve(
                         format!(" ({detail})")
                     };
                     rt.stats.refused(reason);
-                    rt.refused.record(&rt.rule.name, peer, reason, &shown);
+                    rt.stats
+                        .refusals
+                        .record(&rt.rule.name, peer, reason, &shown);
                 }
                 end_text(&end)
             }
@@ -615,18 +616,23 @@ impl RuleRuntime {
         self.stats.refused(reason);
         reset_on_close(&client);
         drop(client);
-        self.refused.record(&self.rule.name, peer, reason, detail);
+        self.stats
+            .refusals
+            .record(&self.rule.name, peer, reason, detail);
     }
 }
 
-#[derive(Default)]
+/// The `refused` line's running count and its once-a-second limit, per rule name
+/// (kept in [`crate::metrics::RuleStats`], so a reload that changes the rule neither
+/// restarts the count the line shows nor logs again within the second).
+#[derive(Debug, Default)]
 pub struct RefusalLog {
     pub total: AtomicU64,
     last: Mutex<Option<(Instant, u64)>>,
 }
 
 impl RefusalLog {
-    fn record(&self, rule: &str, peer: SocketAddr, reason: &str, detail: &str) {
+    pub fn record(&self, rule: &str, peer: SocketAddr, reason: &str, detail: &str) {
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self.last.lock().unwrap();
         let logged_at = last.map_or(0, |(_, n)| n);

@@ -86,6 +86,8 @@ pub struct RuleStats {
     started: [AtomicU64; Hop::ALL.len() + 1],
     live: Mutex<LivePairs>,
     refused: [AtomicU64; REFUSAL_REASONS.len()],
+    /// The `refused` log line's count (all reasons) and rate limit.
+    pub refusals: crate::connection::RefusalLog,
     connect_errors: Mutex<BTreeMap<String, u64>>,
     /// The newest runtime's upstreams (the ones new connections use).
     upstreams: Mutex<Weak<Upstreams>>,

@@ -914,6 +914,46 @@ relay_tests! {
         fwd.assert_running();
     }
 
+    /// The `refused` line's running count is the rule's, as `forwarder_refused_total`
+    /// is: a reload that changes the rule goes on from it (it restarted at 1), and the
+    /// once-a-second limit still counts what it left out.
+    fn refused_count_goes_on_across_a_reload(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let config = |idle: &str| {
+            let extra = format!("allow = [\"10.0.0.0/8\"]\nidle_timeout = \"{idle}\"");
+            rule("r", "127.0.0.1:0", echo.addr(), &extra)
+        };
+        let mut fwd = Forwarder::config(Some(mode), &config("1h"), 1);
+        fwd.expect_pairs(0);
+        let addr = fwd.rule_addr("r");
+        refused(&fwd, "r", addr, "acl", "#1");
+        // Within the second: counted, not logged.
+        for _ in 2..=3 {
+            drop(TcpStream::connect_timeout(&addr, secs(5)));
+        }
+        thread::sleep(Duration::from_millis(1100));
+        refused(&fwd, "r", addr, "acl", "#4");
+        let line = fwd.reload(&config("2h"));
+        assert_reload_ok(&line, &reload_ok("", "", "r", 0));
+        thread::sleep(Duration::from_millis(1100));
+        refused(&fwd, "r", addr, "acl", "#5 after the reload");
+        let lines: Vec<String> = fwd
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains(" refused rule=r "))
+            .collect();
+        let counts: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.split(" total_refused=").nth(1))
+            .collect();
+        assert_eq!(
+            counts,
+            ["1 (+0 not logged)", "4 (+2 not logged)", "5 (+0 not logged)"],
+            "refused lines: {lines:#?}"
+        );
+    }
+
     /// A reload that changes a limit applies the new one to all the rule's connections,
     /// those opened before it included: raised, as many more are served; lowered, no
     /// one is until the open ones are under it.
