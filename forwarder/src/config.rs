@@ -1321,6 +1321,12 @@ fn with_line(text: &str, e: ConfigError) -> ConfigError {
     }
 }
 
+/// The line of the value at `key` in the config file at `path`, read again (for
+/// errors found after parsing, such as an address that cannot be bound).
+pub fn line_in_file(path: &std::path::Path, key: &str) -> Option<usize> {
+    line_of(&std::fs::read_to_string(path).ok()?, key)
+}
+
 /// The line of the value at `key` (`rule[0].allow[1]`, `defaults.rise`) in `text`.
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let doc = toml_edit::ImDocument::parse(text).ok()?;

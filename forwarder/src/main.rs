@@ -92,7 +92,8 @@ fn start(
 
     // Everything that needs privileges beyond those kept happens here, while the
     // process has one thread (see `privileges`).
-    let listeners = match forwarder::server::bind_all(&config.rules) {
+    let file = source.as_ref().map(|s| s.path.as_path());
+    let listeners = match forwarder::server::bind_all(&config.rules, file) {
         Ok(l) => l,
         Err(e) => return failure(e),
     };

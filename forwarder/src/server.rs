@@ -62,13 +62,41 @@ pub fn bind_tunnel(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 }
 
 /// Binds every rule's listener: a bad address fails the whole start (or reload).
-pub fn bind_all(rules: &[Rule]) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    rules.iter().map(bind_rule).collect()
+/// `file`: the config file the rules came from, whose key and line a failure names.
+pub fn bind_all(
+    rules: &[Rule],
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| bind_rule(rule, i, file))
+        .collect()
 }
 
-fn bind_rule(rule: &Rule) -> anyhow::Result<std::net::TcpListener> {
-    bind(rule.listen)
-        .with_context(|| format!("cannot listen on {} (rule {:?})", rule.listen, rule.name))
+/// Binds rule `i`'s listener; a failure names the rule, and with `file` the key and
+/// line, as a config error would (`check` binds nothing, so it cannot say).
+fn bind_rule(
+    rule: &Rule,
+    i: usize,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<std::net::TcpListener> {
+    bind(rule.listen).with_context(|| {
+        let at = match file {
+            Some(path) => {
+                let key = format!("rule[{i}].listen");
+                match crate::config::line_in_file(path, &key) {
+                    Some(line) => format!(", key `{key}`, line {line}"),
+                    None => format!(", key `{key}`"),
+                }
+            }
+            None => String::new(),
+        };
+        format!(
+            "cannot listen on {} (rule {:?}{at})",
+            rule.listen, rule.name
+        )
+    })
 }
 
 /// One rule being served.
@@ -339,9 +367,10 @@ impl Server {
             plans.push(plan);
         }
         let mut fresh = Vec::new();
-        for (rule, plan) in new.rules.iter().zip(&plans) {
+        for (i, (rule, plan)) in new.rules.iter().zip(&plans).enumerate() {
             if let Plan::Start(None) = plan {
-                let bound = bind_rule(rule).map_err(|e| self.own_conflict(rule, e))?;
+                let bound = bind_rule(rule, i, Some(&source.path))
+                    .map_err(|e| self.own_conflict(rule, e))?;
                 fresh.push(Arc::new(TcpListener::from_std(bound)?));
             }
         }

@@ -607,10 +607,11 @@ relay_tests! {
                     // check does not bind; `run` on the same file fails as the reload should.
                     let (code, run_msg) = start_error(&path, mode);
                     assert_eq!(code, Some(1), "{what}: run: {run_msg}");
-                    assert!(
-                        msg.contains(&format!("cannot listen on {held_addr} (rule \"u\")")),
-                        "{what}: the error names no address/rule: {msg}"
-                    );
+                    // Named as `check` names a bad value: key and line.
+                    let at = text.find(&format!("listen = \"{held_addr}\"")).unwrap();
+                    let line = text[..at].matches('\n').count() + 1;
+                    let want = format!("cannot listen on {held_addr} (rule \"u\", key `rule[1].listen`, line {line})");
+                    assert!(msg.contains(&want), "{what}: the error names no address/rule/key/line ({want}): {msg}");
                     // Checked last, so that a wrong text does not hide the rest.
                     if msg != run_msg {
                         wrong_text = Some(format!(
