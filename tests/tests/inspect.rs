@@ -779,6 +779,29 @@ relay_tests! {
         assert_eq!(num(&close, "bytes_up"), 0, "{close}");
     }
 
+    /// A pattern not anchored with `^` holds only what may begin a match: of
+    /// "GET /ev", "GET /" goes on at once (it waited the whole 1 s hold with the
+    /// request) and "ev" waits; "il" then is refused, and the upstream got "GET /"
+    /// and nothing of the match.
+    fn unanchored_deny_pattern_holds_only_a_possible_match(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", true);
+        let fwd = Forwarder::config(None, &rule("deny", mode.as_str(), up.addr(), "deny_pattern = ['evil']"), 1);
+        fwd.assert_mode(mode);
+        fwd.expect_pairs(0);
+        let s = connect(fwd.addr());
+        (&s).write_all(b"GET /ev").unwrap();
+        let echo = read_exact_timeout(&s, 5, secs(10)).expect("the echo of GET /");
+        assert_eq!(&echo[..], b"GET /");
+        (&s).write_all(b"il").unwrap();
+        ends_with_reset(&s).unwrap_or_else(|e| panic!("denied client: {e}"));
+        let got = recorded(&rx, "denied client");
+        assert_eq!(got.bytes, b"GET /", "what the upstream got of a denied stream");
+        let close = wait_close(&fwd, "deny", 1);
+        assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
+        assert_eq!(num(&close, "bytes_up"), 5, "{close}");
+    }
+
     /// A pattern the streaming check cannot take (a Unicode word boundary) is a config
     /// error naming the key, in `check` and `run` (exit 2), not a failure per
     /// connection; the ASCII word boundary works.

@@ -102,6 +102,39 @@ impl Scanner<'_> {
         self.state.is_some() && self.at_start.is_some()
     }
 
+    /// Where in `held` (the bytes fed but not passed on yet, `behind` the last byte
+    /// passed on before them) the first match could still begin: the bytes before it
+    /// can begin none and may go on while the patterns keep looking (`evil` holds
+    /// `ev` of `GET /ev`, not `GET /`). `held.len()` if no match can begin in it.
+    pub fn first_possible_start(&mut self, behind: Option<u8>, held: &[u8]) -> usize {
+        if self.state.is_none() {
+            return held.len();
+        }
+        // The byte before as look-behind, for `^`, `(?m)^` and `(?-u:\b)`.
+        let buf: Vec<u8> = behind.into_iter().chain(held.iter().copied()).collect();
+        let skip = buf.len() - held.len();
+        for start in skip..buf.len() {
+            let input = Input::new(&buf).range(start..).anchored(Anchored::Yes);
+            let Ok(mut sid) = self.dfa.start_state_forward(&mut self.cache, &input) else {
+                // The DFA gave up: hold the rest, as an undecided pattern would.
+                return start - skip;
+            };
+            for &b in &buf[start..] {
+                match self.dfa.next_state(&mut self.cache, sid, b) {
+                    Ok(s) => sid = s,
+                    Err(_) => return start - skip,
+                }
+                if sid.is_dead() {
+                    break;
+                }
+            }
+            if !sid.is_dead() {
+                return start - skip;
+            }
+        }
+        held.len()
+    }
+
     fn give_up(&mut self) -> Verdict {
         self.state = None;
         self.at_start = None;
@@ -133,6 +166,25 @@ mod tests {
             run(&["evil"], &[b"a good ev", b"il"]),
             vec![Undecided, Deny]
         );
+    }
+
+    #[test]
+    fn only_a_possible_match_is_held() {
+        let p: Vec<String> = ["evil", "(?-u:\\B)xy", "^SSH-"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let d = DenyPatterns::new(&p).unwrap();
+        let mut s = d.scanner();
+        assert_eq!(s.feed(b"GET /"), Verdict::Undecided);
+        // `GET /` can begin no match once it is not the start of `SSH-`.
+        assert_eq!(s.first_possible_start(None, b"GET /"), 5);
+        assert_eq!(s.feed(b"ev"), Verdict::Undecided);
+        assert_eq!(s.first_possible_start(Some(b'/'), b"ev"), 0);
+        assert_eq!(s.first_possible_start(None, b"GET /ev"), 5);
+        // `x` after a word byte may begin `\Bxy`, after `/` it may not.
+        assert_eq!(s.first_possible_start(Some(b'a'), b"x"), 0);
+        assert_eq!(s.first_possible_start(Some(b'/'), b"x"), 1);
     }
 
     #[test]

@@ -129,6 +129,8 @@ struct Prelude<'a> {
     auth_pending: bool,
     /// Client bytes read but not yet passed on (a check is undecided).
     held: Vec<u8>,
+    /// The last client byte passed on before `held` (look-behind for the patterns).
+    behind: Option<u8>,
     hold_until: Option<Instant>,
     /// Client bytes read so far.
     client_seen: usize,
@@ -162,6 +164,32 @@ impl Prelude<'_> {
             self.rewriters.as_deref_mut().map(|r| &mut r[0]),
             self.sent.as_mut(),
         )
+    }
+
+    /// Client bytes the checks let go, on to the upstream (through the rewriters, and
+    /// kept for a tunnel stream's replay); `eof`: the client's FIN after them.
+    async fn pass_client_bytes(
+        &mut self,
+        pair: &mut Pair,
+        progress: &Progress,
+        out: &[u8],
+        eof: bool,
+    ) -> Result<(), RelayEnd> {
+        self.behind = out.last().copied().or(self.behind);
+        let (rewriter, keep) = self.upstream_sinks();
+        pass_on(
+            &mut pair.upstream,
+            out,
+            eof,
+            rewriter,
+            keep,
+            &progress.to_upstream,
+            progress,
+        )
+        .await
+        .map_err(|e| fail(pair, Side::Upstream, e))?;
+        self.note_rewrite_hold();
+        Ok(())
     }
 
     /// After bytes went through the rewriters: what they hold waits for the rest of a
@@ -260,6 +288,7 @@ impl InspectRelay {
             scanner: self.deny.as_ref().map(|d| d.scanner()),
             auth_pending: rule.http_auth.is_some(),
             held: Vec::new(),
+            behind: None,
             hold_until: None,
             client_seen: 0,
             eof: [false; 2],
@@ -414,11 +443,7 @@ impl InspectRelay {
                     p.hold_until = None;
                     if !p.auth_pending {
                         let held = std::mem::take(&mut p.held);
-                        let (rewriter, keep) = p.upstream_sinks();
-                        pass_on(&mut pair.upstream, &held, false, rewriter, keep, &progress.to_upstream, progress)
-                            .await
-                            .map_err(|e| fail(pair, Side::Upstream, e))?;
-                        p.note_rewrite_hold();
+                        p.pass_client_bytes(pair, progress, &held, false).await?;
                     }
                 }
                 _ = tokio::time::sleep_until(rewrite_hold.unwrap_or_else(Instant::now)), if rewrite_hold.is_some() => {
@@ -494,24 +519,27 @@ impl InspectRelay {
                 auth::Outcome::Fail(why) => return Err(unauthorized(pair, why).await),
             }
         }
-        if p.scanner.is_none() && !p.auth_pending {
-            let held = std::mem::take(&mut p.held);
+        let release = if p.scanner.is_none() && !p.auth_pending {
+            // Every check decided: all of it (and the FIN, if that came).
+            Some((std::mem::take(&mut p.held), p.eof[0]))
+        } else if let (false, None, Some(scanner)) =
+            (p.auth_pending, &rule.http_auth, &mut p.scanner)
+        {
+            // Bytes that can begin no match go on now; only a possible match's
+            // beginning waits (a request that merely holds no match must not wait for
+            // the hold). Not under `http_auth`, which holds the whole request.
+            let free = scanner.first_possible_start(p.behind, &p.held);
+            (free > 0).then(|| (p.held.drain(..free).collect(), false))
+        } else {
+            None
+        };
+        if let Some((out, eof)) = release {
+            p.pass_client_bytes(pair, progress, &out, eof).await?;
+        }
+        if p.held.is_empty() {
             p.hold_until = None;
-            let eof = p.eof[0];
-            let (rewriter, keep) = p.upstream_sinks();
-            pass_on(
-                &mut pair.upstream,
-                &held,
-                eof,
-                rewriter,
-                keep,
-                &progress.to_upstream,
-                progress,
-            )
-            .await
-            .map_err(|e| fail(pair, Side::Upstream, e))?;
-            p.note_rewrite_hold();
-        } else if !p.held.is_empty()
+        }
+        if !p.held.is_empty()
             && p.hold_until.is_none()
             && !p.scanner.as_ref().is_some_and(|s| s.may_match_from_start())
         {
