@@ -151,6 +151,29 @@ relay_tests! {
         assert!((179..=181).contains(&counts[0]) && (59..=61).contains(&counts[1]), "{counts:?}");
     }
 
+    /// `least_conn` over short connections (all upstreams at 0 open, or nearly):
+    /// the ties follow the weights, 3:1:1 of 300 (it spread them 1:1:1).
+    fn least_conn_ties_follow_the_weights(mode) {
+        let (a, b, c) = (named_server("a", local_listener()), named_server("b", local_listener()), named_server("c", local_listener()));
+        let weighted = format!(
+            "balance = \"least_conn\"\nupstream = [{{ addr = \"{}\", weight = 3 }}, \"{}\", \"{}\"]",
+            a.addr, b.addr, c.addr
+        );
+        let fwd = local(mode, &weighted);
+        // One at a time, each closed at the forwarder (its close line) before the next:
+        // every pick is a tie at 0 open.
+        let answers: Vec<String> = (0..300)
+            .map(|i| {
+                let answer = ask(fwd.addr(), None).unwrap();
+                fwd.wait_close_lines(i + 1, Duration::from_secs(10));
+                answer
+            })
+            .collect();
+        let counts = tally(&answers, &["a", "b", "c"]);
+        eprintln!("least_conn, weights 3:1:1, 300 connections: {counts:?}");
+        assert!((175..=185).contains(&counts[0]) && counts[1..].iter().all(|n| (55..=65).contains(n)), "{counts:?}");
+    }
+
     fn source_hash_sticky_and_consistent(mode) {
         // source_hash is a function of the source address and the upstream list (the
         // `addr` strings), so fixed upstream addresses make the assignment, and so its

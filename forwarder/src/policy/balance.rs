@@ -130,28 +130,17 @@ impl Upstreams {
             (_, []) => None,
             (_, [only]) => Some(*only),
             (Balance::First, c) => c.first().copied(),
-            (Balance::RoundRobin, c) => {
-                let mut rr = self.rr.lock().unwrap();
-                let total: i64 = c.iter().map(|&i| weight(i) as i64).sum();
-                for &i in c {
-                    rr[i] += weight(i) as i64;
-                }
-                let best = *c
-                    .iter()
-                    .max_by_key(|&&i| (rr[i], std::cmp::Reverse(i)))
-                    .unwrap();
-                rr[best] -= total;
-                Some(best)
-            }
-            // Fewest open connections per unit of weight; ties go round robin.
+            (Balance::RoundRobin, c) => self.smooth_round_robin(c.iter().copied()),
+            // Fewest open connections per unit of weight; ties go weighted round robin,
+            // as nginx's do (short connections all tie at 0 open: a plain pick among
+            // them spread 3:1:1 weights 1:1:1).
             (Balance::LeastConn, c) => {
-                let start = fastrand::usize(..c.len());
-                c.iter()
-                    .cycle()
-                    .skip(start)
-                    .take(c.len())
-                    .min_by(|&&a, &&b| (load(a) * weight(b)).cmp(&(load(b) * weight(a))))
+                let fewest = c
+                    .iter()
                     .copied()
+                    .min_by(|&a, &b| (load(a) * weight(b)).cmp(&(load(b) * weight(a))))?;
+                let tied = move |&i: &usize| load(i) * weight(fewest) == load(fewest) * weight(i);
+                self.smooth_round_robin(c.iter().copied().filter(tied))
             }
             (Balance::Random, c) => {
                 let total: u64 = c.iter().map(|&i| weight(i)).sum();
@@ -177,6 +166,20 @@ impl Upstreams {
                 .copied()
                 .min_by(|&a, &b| self.score(client, a).total_cmp(&self.score(client, b))),
         }
+    }
+
+    /// Smooth weighted round robin (nginx's) over `candidates`: each gains its weight,
+    /// the richest is picked and pays the total.
+    fn smooth_round_robin(&self, candidates: impl Iterator<Item = usize> + Clone) -> Option<usize> {
+        let weight = |i: usize| self.list[i].cfg.weight as i64;
+        let mut rr = self.rr.lock().unwrap();
+        let total: i64 = candidates.clone().map(weight).sum();
+        for i in candidates.clone() {
+            rr[i] += weight(i);
+        }
+        let best = candidates.max_by_key(|&i| (rr[i], std::cmp::Reverse(i)))?;
+        rr[best] -= total;
+        Some(best)
     }
 
     /// Weighted rendezvous hashing: the lowest score wins. Adding or removing an
@@ -263,6 +266,15 @@ mod tests {
         let u = upstreams("round_robin", r#"[{ addr = "a:1", weight = 2 }, "b:1"]"#);
         let seq: Vec<usize> = (0..6).map(|k| u.order(ip(k))[0]).collect();
         assert_eq!(seq, vec![0, 1, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn least_conn_ties_follow_the_weights() {
+        let u = upstreams(
+            "least_conn",
+            r#"[{ addr = "a:1", weight = 3 }, "b:1", "c:1"]"#,
+        );
+        assert_eq!(counts(&u, 300), vec![180, 60, 60]);
     }
 
     #[test]
