@@ -495,5 +495,15 @@ relay_tests! {
         let _ = s.read_to_end(&mut out);
         assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
         assert!(wait_log(&fwd, "reason=bad_proxy_header", Duration::from_secs(2)));
+        // So does a v2 header whose TLV runs past the header's length (a 600-byte value
+        // announced, none there): it was taken, its address used.
+        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0f".to_vec();
+        v2.extend_from_slice(&[203, 0, 113, 7, 127, 0, 0, 1, 0x10, 0x92, 0, 80, 0xee, 0x02, 0x58]);
+        let mut s = TcpStream::connect(fwd.addr()).unwrap();
+        s.write_all(&[&v2[..], b"GET / HTTP/1.0\r\n\r\n"].concat()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty(), "a TLV past the header: {}", String::from_utf8_lossy(&out));
     }
 }

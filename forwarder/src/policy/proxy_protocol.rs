@@ -210,6 +210,31 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, String> {
         }
         (c, _) => return Err(format!("v2 header: unknown command {c}")),
     };
+    // After the address block, TLVs (type, 2-byte length, value) fill the rest exactly:
+    // one that runs past the header is malformed (HAProxy refuses it too).
+    let block = match (ver_cmd & 0xf, fam) {
+        (1, 0x11 | 0x12) => 12,
+        (1, 0x21 | 0x22) => 36,
+        (1, 0x31 | 0x32) => 216,
+        _ => len,
+    };
+    let mut tlvs = &body[block..];
+    while !tlvs.is_empty() {
+        let [kind, hi, lo, rest @ ..] = tlvs else {
+            return Err(format!(
+                "v2 header: a TLV head cut short ({} bytes)",
+                tlvs.len()
+            ));
+        };
+        let n = u16::from_be_bytes([*hi, *lo]) as usize;
+        if n > rest.len() {
+            return Err(format!(
+                "v2 header: TLV 0x{kind:02x} of {n} bytes runs past the header ({} left)",
+                rest.len()
+            ));
+        }
+        tlvs = &rest[n..];
+    }
     Ok(Parse::Complete {
         header,
         len: 16 + len,
@@ -328,6 +353,26 @@ mod tests {
                 parse(&v)
             );
         }
+    }
+
+    #[test]
+    fn v2_tlvs_must_fit_the_header() {
+        let tcp4 = |tlvs: &[u8]| {
+            let mut v = V2_SIGNATURE.to_vec();
+            v.extend_from_slice(&[0x21, 0x11, 0, (12 + tlvs.len()) as u8]);
+            v.extend_from_slice(&[10, 2, 0, 1, 10, 2, 0, 2, 0, 7, 0, 8]);
+            v.extend_from_slice(tlvs);
+            parse(&v)
+        };
+        // A NOOP of 2 bytes and an empty one: fine.
+        assert!(matches!(
+            tcp4(&[0x04, 0, 2, 9, 9, 0x04, 0, 0]),
+            Ok(Parse::Complete { .. })
+        ));
+        // A value longer than what is left, a head cut short.
+        assert!(tcp4(&[0xee, 0x02, 0x58]).is_err());
+        assert!(tcp4(&[0x04, 0, 3, 9, 9]).is_err());
+        assert!(tcp4(&[0x04, 0]).is_err());
     }
 
     fn any_addr() -> impl Strategy<Value = SocketAddr> {
