@@ -929,7 +929,7 @@ fn validate_agent(
         }
         return Ok(None);
     };
-    check_host_port(&a.server).map_err(|e| {
+    check_dial_addr(&a.server).map_err(|e| {
         err(format!(
             "config error at key `agent.server`: {:?}: {e}",
             a.server
@@ -957,7 +957,7 @@ fn validate_agent(
                 s.name
             )));
         }
-        check_host_port(&s.target)
+        check_dial_addr(&s.target)
             .map_err(|e| err(format!("{}: {:?}: {e}", at("target"), s.target)))?;
         list.push(Service {
             name: s.name.clone(),
@@ -1009,6 +1009,13 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             at("name")
         )));
     }
+    // `rule=NAME` must stay one `key=value` field.
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(err(format!(
+            "{}: {name:?}: must be non-empty, without spaces",
+            at("name")
+        )));
+    }
 
     let listen = resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
     let upstreams: Vec<Upstream> = match &r.upstream {
@@ -1054,7 +1061,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             }
             continue;
         }
-        check_host_port(&u.addr).map_err(bad)?;
+        check_dial_addr(&u.addr).map_err(bad)?;
         if u.weight == 0 {
             return Err(bad("weight must be at least 1".into()));
         }
@@ -1218,6 +1225,15 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
                 return Err(err(format!(
                     "{}: the header name and the token must not be empty",
                     at("http_auth")
+                )));
+            }
+            // An HTTP field name is a token (RFC 9110 5.1): no client could send another.
+            let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if !a.header.chars().all(tchar) {
+                return Err(err(format!(
+                    "{}: {:?} is not an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)",
+                    at("http_auth.header"),
+                    a.header
                 )));
             }
             Some(HttpAuth {
@@ -1457,6 +1473,18 @@ fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// `host:port` or `[v6]:port`, with a numeric port; the host is resolved later.
+/// An address we connect to (an upstream, an agent's server or target): port 0 can be
+/// listened on, never connected to (every connect would fail).
+fn check_dial_addr(s: &str) -> Result<(), String> {
+    check_host_port(s)?;
+    if s.rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse() == Ok(0u16))
+    {
+        return Err("port 0 cannot be connected to".into());
+    }
+    Ok(())
+}
+
 fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(());

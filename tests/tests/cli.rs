@@ -66,6 +66,28 @@ mod cli {
         assert_config_error(&toml, &["defaults.allow[0]", "10.0.0.0/33", "(line 2)"]);
     }
 
+    /// Values that parse but could never work: an upstream on port 0 (every connect
+    /// fails), an `http_auth` header no client can send, a rule name that would split
+    /// the `rule=` field of its log lines. Each names its key and line.
+    #[test]
+    fn values_that_cannot_work_exit_2_naming_the_key() {
+        let toml = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:0\"\n";
+        assert_config_error(toml, &["rule[0].upstream[0]", "port 0", "(line 3)"]);
+        let toml = format!("{RULE}http_auth = {{ header = \"X-A:\", token = \"t\" }}\n");
+        assert_config_error(
+            &toml,
+            &[
+                "rule[0].http_auth.header",
+                "not an HTTP header name",
+                "(line 4)",
+            ],
+        );
+        for name in ["", "a b"] {
+            let toml = format!("{RULE}name = \"{name}\"\n");
+            assert_config_error(&toml, &["rule[0].name", "without spaces", "(line 4)"]);
+        }
+    }
+
     #[test]
     fn unknown_key_exits_2_naming_the_key() {
         let toml = format!("[defaults]\nmode = \"splice\"\nconect_timeout = \"1s\"\n{RULE}");
