@@ -350,8 +350,9 @@ relay_tests! {
         let (up, rx) = Urgent::server();
         let fwd = Forwarder::cli(mode, &[up.addr()]);
         fwd.assert_mode(mode);
-        // splice reads what follows the mark with recv, once: through our memory.
-        fwd.expect_userspace_at_most(Urgent::TAIL as u64);
+        // splice reads the urgent byte and what follows the mark with recv, once:
+        // through our memory.
+        fwd.expect_userspace_at_most(Urgent::TAIL as u64 + 1);
         for round in 0..3 {
             let s = connect(fwd.addr());
             Urgent::send(&s);
@@ -376,6 +377,11 @@ relay_tests! {
             closes.len() == 3 && closes.iter().all(|l| field(l, "end") == Some("closed")),
             "{closes:#?}"
         );
+        // The urgent byte counts as one of the bytes relayed, on both paths (splice
+        // left it out).
+        for l in &closes {
+            assert_eq!(field(l, "bytes_up"), Some((want.len() + 1).to_string().as_str()), "{l}");
+        }
     }
 
     /// The only upstream refuses: each client is closed promptly; the forwarder lives on.

@@ -548,7 +548,12 @@ impl Pump {
                 continue;
             }
             if std::mem::take(&mut self.urgent) {
-                match past_urgent_mark(src, Some(dst), p, p.size).map_err(PumpError::Read)? {
+                let to = UrgentTo {
+                    dst,
+                    moved,
+                    userspace: &progress.via_userspace,
+                };
+                match past_urgent_mark(src, Some(to), p, p.size).map_err(PumpError::Read)? {
                     None => self.eof = true,
                     Some(n) => {
                         self.in_pipe = n;
@@ -784,15 +789,23 @@ pub(crate) fn show(
     Ok(Fill::Bytes { n, drained: false })
 }
 
+/// Where [`past_urgent_mark`] passes the urgent byte: to `dst`, as urgent, counted in
+/// `moved` (its direction's bytes) and `userspace` (it crossed our memory).
+pub(crate) struct UrgentTo<'a> {
+    pub dst: &'a TcpStream,
+    pub moved: &'a AtomicU64,
+    pub userspace: &'a AtomicU64,
+}
+
 /// At `src`'s urgent mark, with the pipe `p` empty (every byte before the mark is in
-/// `dst`'s send queue): passes the urgent byte on as urgent to `dst` (MSG_OOB, as a
-/// direct connection would have it; with no `dst` it is dropped), then reads up to
+/// `dst`'s send queue): passes the urgent byte on as urgent to `to` (MSG_OOB, as a
+/// direct connection would have it; with no `to` it is dropped), then reads up to
 /// `max` bytes of what follows it with recv, which skips the urgent byte where splice
 /// stops, into `p`. Returns the bytes put in the pipe (they crossed our memory), or
 /// None at EOF. Rare: telnet and FTP's ABOR send urgent data.
 pub(crate) fn past_urgent_mark(
     src: &TcpStream,
-    dst: Option<&TcpStream>,
+    to: Option<UrgentTo<'_>>,
     p: &Pipe,
     max: usize,
 ) -> io::Result<Option<usize>> {
@@ -802,11 +815,15 @@ pub(crate) fn past_urgent_mark(
         &mut urgent,
         libc::MSG_OOB | libc::MSG_DONTWAIT,
     );
-    if let (Ok(1), Some(dst)) = (got, dst) {
-        if let Err(e) = sys::send_urgent(dst.as_raw_fd(), &urgent) {
+    if let (Ok(1), Some(to)) = (got, to) {
+        match sys::send_urgent(to.dst.as_raw_fd(), &urgent) {
+            Ok(n) => {
+                to.moved.fetch_add(n as u64, Ordering::Relaxed);
+                to.userspace.fetch_add(n as u64, Ordering::Relaxed);
+            }
             // dst's send queue is full to the byte: the urgent byte is dropped, as
             // socat and HAProxy always do; the stream goes on.
-            tracing::debug!("urgent byte not passed on: {e}");
+            Err(e) => tracing::debug!("urgent byte not passed on: {e}"),
         }
     }
     let mut buf = vec![0u8; p.size.min(max).min(64 * 1024)];
