@@ -2432,6 +2432,41 @@ relay_tests! {
         let l = close_of(&server.p, held.local_addr().unwrap(), secs(5));
         assert_ne!(field(&l, "end"), Some("closed"), "server: {l}");
     }
+
+    /// After resume_grace (3.5 s) of a blackholed link, the agent resets its target
+    /// when the server resets the visitor, not when its connect attempt under way
+    /// (3 s each) gives up: that was 1.6-3.6 s later.
+    fn agent_grace_expiry_is_on_time_while_dialing(mode) {
+        let _load = light();
+        let InNetns { _dir, ns, target, server, agent, session: _ } =
+            in_netns(mode, "resume_grace = \"3500ms\"", "");
+        let held = hold_visitors(&server, 1, 220, b"before the blackhole");
+        let bh = ns.blackhole();
+        let t0 = Instant::now();
+        let (visitor_at, target_at) = thread::scope(|sc| {
+            let t = sc.spawn(|| {
+                let r = target.report(secs(20));
+                (r, t0.elapsed())
+            });
+            let (ending, _) = wait_closed(&held[0], secs(20)).unwrap_or_else(|e| panic!("visitor: {e}"));
+            let visitor_at = t0.elapsed();
+            assert_eq!(ending, Ending::Reset, "visitor after the grace period");
+            let (r, target_at) = t.join().expect("target thread panicked");
+            assert_eq!(r.seen, Seen::Ended(Ending::Reset), "target connection after the grace period");
+            (visitor_at, target_at)
+        });
+        println!("visitor reset {visitor_at:.2?}, target {target_at:.2?} after the blackhole began");
+        let l = agent.expect_line("grace expired", secs(1), |l| is_line(l, "grace expired"));
+        let gap = target_at.as_secs_f64() - visitor_at.as_secs_f64();
+        assert!(
+            gap.abs() < 1.3,
+            "the target was reset {gap:.2} s after the visitor (each side detects the loss \
+             within 1 s of the other, and both wait resume_grace); agent: {l}"
+        );
+        drop(bh);
+    }
+
+
 }
 
 /// 1,000 times the agent's link is reset (`ss -K` on its sockets to the agent port)

@@ -224,8 +224,20 @@ async fn run(session: Arc<AgentSession>) {
                 lost_since = None;
             }
         }
-        let attempt =
-            tokio::time::timeout(CONTROL_TIMEOUT, connect_control(&session, &services)).await;
+        let attempt = tokio::time::timeout(CONTROL_TIMEOUT, connect_control(&session, &services));
+        // The grace runs out on time, not when an attempt under way gives up (a
+        // blackholed link makes each one wait out CONTROL_TIMEOUT): the attempt is
+        // dropped, and the session ended, as the server ends its own.
+        let grace_end = lost_since
+            .filter(|_| session.current.lock().unwrap().is_some())
+            .map(|(since, grace)| since + grace);
+        let attempt = match grace_end {
+            Some(end) => tokio::select! {
+                a = attempt => a,
+                _ = tokio::time::sleep_until(end.into()) => continue,
+            },
+            None => attempt.await,
+        };
         let (conn, welcome) = match attempt {
             Ok(Ok(c)) => c,
             Ok(Err(Refusal::UnknownSession)) => {
