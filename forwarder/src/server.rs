@@ -195,7 +195,7 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     let global = server.global.clone();
     server.stop_accepting().await;
     if let Some(agent) = &agent {
-        agent.stop_accepting();
+        agent.stop_accepting().await;
     }
     let active = config.max_connections - global.available_permits();
     tracing::info!(

@@ -795,6 +795,18 @@ fn agent_config(server: SocketAddr, target: SocketAddr, token: &Path, ns: Option
     Proc::spawn("agent", &args, ns, &[], Some(dir))
 }
 
+/// `forwarder run -c FILE` with `[agent]`, `[[service]]` and `[global] shutdown_grace`.
+fn agent_with_grace(server: SocketAddr, token: &Path, target: SocketAddr, grace: &str) -> Proc {
+    let dir = TempDir::new("tunnel-agent");
+    let toml = format!(
+        "[global]\nshutdown_grace = \"{grace}\"\n\n{}",
+        agent_toml(server, token, target)
+    );
+    let mut args = osv(&["run", "-c"]);
+    args.push(dir.write("agent.toml", &toml).into());
+    Proc::spawn("agent", &args, None, &[], Some(dir))
+}
+
 /// Waits until both sides log `agent connected` (the `n`th time on the server) with
 /// the same session; returns the session id.
 fn wait_connected(server: &TunnelServer, agent: &Proc, n: usize) -> String {
@@ -2380,14 +2392,7 @@ relay_tests! {
         let _load = light();
         let dir = TempDir::new("tunnel");
         let (token, target, server) = on_loopback(mode, &dir, "", "");
-        let agent_dir = TempDir::new("tunnel-agent");
-        let toml = format!(
-            "[global]\nshutdown_grace = \"4s\"\n\n{}",
-            agent_toml(server.tunnel, &token, target.addr())
-        );
-        let mut args = osv(&["run", "-c"]);
-        args.push(agent_dir.write("agent.toml", &toml).into());
-        let mut agent = Proc::spawn("agent", &args, None, &[], Some(agent_dir));
+        let mut agent = agent_with_grace(server.tunnel, &token, target.addr(), "4s");
         wait_connected(&server, &agent, 1);
         let held = open(server.visitors, &Job::new(HOLD, Payload::new(120, 0), Payload::new(0, 0)));
         ping(&held, b"before the signal", secs(10)).expect("round trip");
@@ -2466,7 +2471,63 @@ relay_tests! {
         drop(bh);
     }
 
+    /// A rolling restart: two agents offer `web`, and the first gets SIGTERM while it
+    /// still carries a stream. It tells the server, which sends every new visitor to
+    /// the second (with round_robin it sent every other one to the draining agent,
+    /// which refused them: `end=upstream_reset`). With no other agent left, a visitor
+    /// waits as with none (`end=no_agent`); the draining stream is served to its end.
+    fn draining_agent_gets_no_new_visitors(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(
+            mode,
+            &dir,
+            "",
+            "balance = \"round_robin\"\nconnect_timeout = \"2s\"",
+        );
+        let mut first = agent_with_grace(server.tunnel, &token, target.addr(), "30s");
+        wait_connected(&server, &first, 1);
+        let held = open(server.visitors, &Job::new(HOLD, Payload::new(230, 0), Payload::new(0, 0)));
+        ping(&held, b"before the signal", secs(10)).expect("round trip");
+        let target2 = Target::start();
+        let mut second = agent_cli(server.tunnel, target2.addr(), Token::File(&token), None);
+        wait_connected(&server, &second, 2);
 
+        first.proc.signal(libc::SIGTERM);
+        let l = first.expect_line("shutdown", secs(5), |l| l.contains("shutdown: stopped accepting"));
+        assert!(l.contains("draining 1 connection(s)"), "{l}");
+        for i in 0..6 {
+            let job = Job::new(BOTH, Payload::new(240 + 2 * i, 64 * KIB), Payload::new(241 + 2 * i, 64 * KIB));
+            let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+            let out = visit(server.visitors, job, Instant::now() + secs(20), &a, &b)
+                .unwrap_or_else(|e| panic!("visitor #{i} while the first agent drains: {e}\nserver:\n{}", link_events(&server.p).join("\n")));
+            assert_eq!(out.down, Digested::of(&job.down));
+            assert_got(&target2.report(secs(10)).seen, &job.up, "through the agent not draining");
+            let l = close_of(&server.p, out.local, secs(5));
+            assert_eq!(field(&l, "end"), Some("closed"), "{l}");
+        }
+        server.p.expect_line("agent draining", secs(1), |l| is_line(l, "agent draining"));
+        ping(&held, b"during the drain", secs(5)).expect("round trip during the drain");
+
+        // The second agent gone too: a visitor waits for an agent, as with none.
+        second.kill();
+        let gone = server.p.wait_n(1, secs(10), |l| is_line(l, "link lost"));
+        assert!(!gone.is_empty(), "server: the killed agent's link was not lost");
+        let s = connect(server.visitors);
+        let visitor = s.local_addr().unwrap();
+        wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor with only a draining agent: {e}"));
+        let l = close_of(&server.p, visitor, secs(5));
+        assert_eq!(field(&l, "end"), Some("no_agent"), "{l}");
+
+        // The draining stream ends cleanly, and the first agent exits.
+        held.shutdown(Shutdown::Write).unwrap();
+        wait_closed(&held, secs(10)).unwrap_or_else(|e| panic!("held visitor: {e}"));
+        let status = first.proc.wait_timeout(secs(10)).expect("the draining agent did not exit");
+        assert_eq!(status.code(), Some(0), "agent: {}", describe_status(&status));
+        let l = close_of(&first, held.local_addr().unwrap(), secs(1));
+        assert_eq!(field(&l, "end"), Some("closed"), "agent: {l}");
+        assert_eq!(first.matching(|l| is_line(l, "close")).len(), 1, "the draining agent served a new visitor");
+    }
 }
 
 /// 1,000 times the agent's link is reset (`ss -K` on its sockets to the agent port)

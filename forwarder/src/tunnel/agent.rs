@@ -11,13 +11,13 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::auth;
@@ -38,6 +38,9 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// link is back the agent notices within its back-off, not a SYN retransmit later.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the shutdown waits for the server to close our pooled data connections
+/// after `Draining` (a round trip, normally).
+const DRAIN_NOTICE: Duration = Duration::from_secs(1);
 
 struct AgentSession {
     cfg: AgentConfig,
@@ -61,6 +64,11 @@ struct AgentSession {
     draining: AtomicBool,
     /// Shutdown is over: the link is closed, and not dialed again.
     finished: AtomicBool,
+    /// Pool slots running, and told when one ends: the drain waits for them (each
+    /// either reads an `Open` the server wrote before it heard `Draining`, or sees
+    /// the server close its connection).
+    pool_slots: AtomicUsize,
+    pool_slot_ended: Notify,
 }
 
 /// How long, and how many, early frames are kept for a stream not (yet) opened.
@@ -161,10 +169,28 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Shutdown begins: an `Open` is refused and the pool is not refilled; the live
-    /// streams drain with the process's other connections (they hold its slots).
-    pub fn stop_accepting(&self) {
-        self.session.draining.store(true, Ordering::SeqCst);
+    /// Shutdown begins: the server is told (`Draining`: it sends new visitors to
+    /// other agents, and closes our pooled data connections), and the pool is not
+    /// refilled. Returns once every pool slot has ended (within [`DRAIN_NOTICE`]):
+    /// a visitor the server sent before it heard is served, and holds its slot, so
+    /// the drain that follows counts it. The live streams drain with the process's
+    /// other connections (they hold its slots).
+    pub async fn stop_accepting(&self) {
+        let s = &self.session;
+        s.draining.store(true, Ordering::SeqCst);
+        s.table.send(Frame::Draining);
+        let deadline = tokio::time::Instant::now() + DRAIN_NOTICE;
+        loop {
+            let ended = s.pool_slot_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if s.pool_slots.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Shutdown is over (streams ended, or reset at the end of the grace period):
@@ -198,6 +224,8 @@ pub fn start(cfg: AgentConfig, global: Arc<Semaphore>, abort: Arc<Abort>) -> Age
         abort,
         draining: AtomicBool::new(false),
         finished: AtomicBool::new(false),
+        pool_slots: AtomicUsize::new(0),
+        pool_slot_ended: Notify::new(),
     });
     let task = tokio::spawn(run(session.clone()));
     Agent { session, task }
@@ -287,6 +315,10 @@ async fn run(session: Arc<AgentSession>) {
             event!(info, "link resumed", text = ("link resumed server={server} session={sid_text} streams={n}"), server = %server, session = %sid_text, streams = n,);
         } else {
             event!(info, "agent connected", text = ("agent connected server={server} session={sid_text} services={}", services.join(",")), server = %server, session = %sid_text, services = %services.join(","),);
+        }
+        if session.draining.load(Ordering::SeqCst) {
+            // Shutting down while the link was lost: the server hears it now.
+            session.table.send(Frame::Draining);
         }
         let pool = tokio::spawn(keep_pool(session.clone()));
         let why = control::run(conn, rx, &*session).await;
@@ -432,6 +464,8 @@ async fn keep_pool(session: Arc<AgentSession>) {
 }
 
 async fn pool_slot(session: Arc<AgentSession>) {
+    session.pool_slots.fetch_add(1, Ordering::SeqCst);
+    let _counted = SlotCount(&session);
     let mut backoff = BACKOFF_FIRST;
     loop {
         let Some((id, key)) = *session.current.lock().unwrap() else {
@@ -452,20 +486,14 @@ async fn pool_slot(session: Arc<AgentSession>) {
         };
         backoff = BACKOFF_FIRST;
         match read_frame(&mut conn).await {
-            Ok(Frame::Open {
-                stream,
-                service,
-                visitor,
-                proxy_header,
-            }) => {
-                tokio::spawn(serve_stream(
-                    session.clone(),
-                    conn,
-                    stream,
-                    service,
-                    visitor,
-                    proxy_header,
-                ));
+            Ok(open @ Frame::Open { stream, .. }) => {
+                // Registered, and a connection slot taken if one is free, before this
+                // slot can end: a resume lists the stream, and a drain counts it. (The
+                // server may send its FIN, or acks, right after the Open, while the
+                // target is still being connected.)
+                let rx = session.register(stream);
+                let slot = session.global.clone().try_acquire_owned().ok();
+                tokio::spawn(serve_stream(session.clone(), conn, open, rx, slot));
             }
             Ok(Frame::Refused { reason }) => {
                 tracing::warn!("agent: data connection refused: {reason}");
@@ -478,19 +506,36 @@ async fn pool_slot(session: Arc<AgentSession>) {
     }
 }
 
-/// One visitor: connect the target and relay until the stream ends.
+/// Counts a running pool slot (see `AgentSession::pool_slots`), also when aborted.
+struct SlotCount<'a>(&'a AgentSession);
+
+impl Drop for SlotCount<'_> {
+    fn drop(&mut self) {
+        self.0.pool_slots.fetch_sub(1, Ordering::SeqCst);
+        self.0.pool_slot_ended.notify_waiters();
+    }
+}
+
+/// One visitor (`open`, its `Open`; `rx`, its control frames; `slot`, its connection
+/// slot if one was free): connect the target and relay until the stream ends. (While
+/// shutting down too: the server sent it before it heard `Draining`.)
 async fn serve_stream(
     session: Arc<AgentSession>,
     data: TcpStream,
-    stream: u64,
-    service: String,
-    visitor: String,
-    proxy_header: Vec<u8>,
+    open: Frame,
+    rx: mpsc::UnboundedReceiver<Event>,
+    slot: Option<OwnedSemaphorePermit>,
 ) {
     let started = Instant::now();
-    // Registered before anything is awaited: the server may send this stream's FIN
-    // (or acks) right after Open, while the target is still being connected.
-    let rx = session.register(stream);
+    let Frame::Open {
+        stream,
+        service,
+        visitor,
+        proxy_header,
+    } = open
+    else {
+        unreachable!("serve_stream is given an Open");
+    };
     let target = session
         .cfg
         .services
@@ -506,14 +551,16 @@ async fn serve_stream(
         refuse_stream(&session, &data, stream);
         return log("none", "unknown_service", &progress);
     };
-    if session.draining.load(Ordering::SeqCst) {
-        refuse_stream(&session, &data, stream);
-        return log(&target, "shutdown", &progress);
-    }
     // A slot like any connection's, so the shutdown drain waits for this one too.
-    let Ok(_slot) = session.global.clone().acquire_owned().await else {
-        refuse_stream(&session, &data, stream);
-        return log(&target, "shutdown", &progress);
+    let _slot = match slot {
+        Some(slot) => slot,
+        None => match session.global.clone().acquire_owned().await {
+            Ok(slot) => slot,
+            Err(_) => {
+                refuse_stream(&session, &data, stream);
+                return log(&target, "shutdown", &progress);
+            }
+        },
     };
     let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect(&target)).await;
     let mut local = match connected {

@@ -19,6 +19,8 @@ pub trait Streams: Send + Sync {
     fn deliver(&self, stream: u64, event: Event);
     /// A `Pong` arrived: the peer process is alive and answering now.
     fn answered(&self) {}
+    /// Server side: the agent is shutting down (`Draining`).
+    fn draining(&self) {}
 }
 
 /// Runs the link until it fails, or until every sender of `outgoing` is gone (the
@@ -68,6 +70,7 @@ pub async fn run(
                 Frame::Reset { stream } => streams.deliver(stream, Event::Reset),
                 Frame::Ping => pong.notify_one(),
                 Frame::Pong => streams.answered(),
+                Frame::Draining => streams.draining(),
                 other => return format!("unexpected frame {other:?}"),
             }
         }

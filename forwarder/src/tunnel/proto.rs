@@ -91,6 +91,10 @@ pub enum Frame {
     },
     Ping,
     Pong,
+    /// Agent → server, control: shutting down. No new stream for this agent: the
+    /// server closes its pooled data connections (an `Open` already written on one
+    /// is still served) and chooses other agents.
+    Draining,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -205,6 +209,7 @@ mod tests {
             (any::<u64>(), any::<u64>()).prop_map(|(stream, at)| Frame::Fin { stream, at }),
             any::<u64>().prop_map(|stream| Frame::Reset { stream }),
             Just(Frame::Ping),
+            Just(Frame::Draining),
         ]
     }
 

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -113,6 +113,8 @@ pub struct ServerSession {
     agent: Mutex<SocketAddr>,
     /// Pongs heard, to tell a live agent from a dead link that still looks open.
     pongs: AtomicU64,
+    /// The agent is shutting down (`Draining`): no new stream goes to it.
+    draining: AtomicBool,
 }
 
 impl stream::Session for ServerSession {
@@ -143,11 +145,27 @@ impl control::Streams for ServerSession {
     fn answered(&self) {
         self.pongs.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn draining(&self) {
+        // Under the pool's lock, as `Registry::data` checks it: no connection is
+        // pooled after this. Closing the pooled ones tells the agent that no `Open`
+        // is coming on them (one already written is read first, and served).
+        let mut pool = self.pool.lock().unwrap();
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            event!(info, "agent draining", text = ("agent draining session={:x}: the agent is shutting down; new visitors go to other agents", self.id), session = %format!("{:x}", self.id),);
+        }
+        pool.clear();
+    }
 }
 
 impl ServerSession {
     fn live(&self) -> bool {
         self.table.control.lock().unwrap().is_some()
+    }
+
+    /// Live and not shutting down: new visitors may go to it.
+    fn serving(&self) -> bool {
+        self.live() && !self.draining.load(Ordering::SeqCst)
     }
 
     /// Whether the agent behind the link answers a ping within [`PROBE_TIMEOUT`]. A
@@ -192,7 +210,7 @@ impl Registry {
             .lock()
             .unwrap()
             .values()
-            .any(|s| s.live() && s.services.iter().any(|n| n == service))
+            .any(|s| s.serving() && s.services.iter().any(|n| n == service))
     }
 
     pub fn set_known(&self, known: HashSet<String>) {
@@ -255,7 +273,7 @@ impl Registry {
         let mut offering: Vec<&Arc<ServerSession>> = sessions
             .values()
             .filter(|s| {
-                s.live()
+                s.serving()
                     && s.services.iter().any(|n| n == service)
                     && !s.pool.lock().unwrap().is_empty()
             })
@@ -436,6 +454,7 @@ impl Registry {
                     limit: self.cfg.resume_buffer,
                     agent: Mutex::new(peer),
                     pongs: AtomicU64::new(0),
+                    draining: AtomicBool::new(false),
                 });
                 self.sessions
                     .lock()
@@ -553,8 +572,10 @@ impl Registry {
         }
         match attach {
             None => {
-                if s.live() {
-                    s.pool.lock().unwrap().push(conn);
+                let mut pool = s.pool.lock().unwrap();
+                if s.live() && !s.draining.load(Ordering::SeqCst) {
+                    pool.push(conn);
+                    drop(pool);
                     self.arrived.notify_waiters();
                 }
             }
