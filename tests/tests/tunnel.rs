@@ -288,6 +288,17 @@ fn second_session_carries_visitors(
     assert_got(&target.report(secs(10)).seen, &job.up, what);
 }
 
+/// A 64 KiB visit both ways (payload seeds `seed`, `seed + 1`), byte-exact.
+fn warm_up(server: &TunnelServer, target: &Target, seed: u64) {
+    let job = Job::new(
+        BOTH,
+        Payload::new(seed, 64 * KIB),
+        Payload::new(seed + 1, 64 * KIB),
+    );
+    visit_ok(server.visitors, job, secs(20));
+    assert_got(&target.report(secs(10)).seen, &job.up, "warm-up");
+}
+
 /// `n` visitors held open (the target echoes), each proved by a round trip.
 fn hold_visitors(server: &TunnelServer, n: u64, seed: u64, msg: &[u8]) -> Vec<TcpStream> {
     (0..n)
@@ -1909,9 +1920,7 @@ relay_tests! {
         let InNetns { _dir, ns, target, server, agent, session } =
             in_netns(mode, "resume_grace = \"3s\"", "");
         // A warm-up visitor, so lazily made things exist before the baseline.
-        let job = Job::new(BOTH, Payload::new(40, 64 * KIB), Payload::new(41, 64 * KIB));
-        visit_ok(server.visitors, job, secs(20));
-        assert_got(&target.report(secs(10)).seen, &job.up, "warm-up");
+        warm_up(&server, &target, 40);
         thread::sleep(secs(1));
         let baseline = server.p.fd_count();
 
@@ -2436,6 +2445,67 @@ relay_tests! {
         assert_eq!(field(&l, "end"), Some("shutdown"), "agent: {l}");
         let l = close_of(&server.p, held.local_addr().unwrap(), secs(5));
         assert_ne!(field(&l, "end"), Some("closed"), "server: {l}");
+    }
+
+    /// Visitors that arrive 1 s into a blackhole of the link, before either side has
+    /// noticed it (4 s of silence), go on pooled data connections whose `Open` never
+    /// reaches the agent. When the link comes back the agent's resume does not list
+    /// them, so the server opens them again, and every byte arrives exactly both ways
+    /// (they were reset instead, `end=upstream_reset`, with `link resumed ...
+    /// streams=0`, and the target never saw them).
+    fn visitors_in_an_unnoticed_blackhole_are_served_after_it(mode) {
+        let _load = light();
+        let InNetns { _dir, ns, target, server, agent, session } =
+            in_netns(mode, "resume_grace = \"60s\"", "");
+        warm_up(&server, &target, 200);
+        let jobs = [
+            Job::new(BOTH, Payload::new(210, 300 * KIB), Payload::new(211, 200 * KIB)),
+            Job::new(UPLOAD_FIRST, Payload::new(212, 100 * KIB), Payload::new(213, 50 * KIB)),
+        ];
+        let bh = ns.blackhole();
+        let t0 = Instant::now();
+        thread::sleep(secs(1));
+        let outs: Vec<Result<VisitOut, String>> = thread::scope(|sc| {
+            let visitors: Vec<_> = jobs
+                .iter()
+                .map(|&job| {
+                    sc.spawn(move || {
+                        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+                        visit(server.visitors, job, Instant::now() + secs(45), &a, &b)
+                    })
+                })
+                .collect();
+            // Both sides notice the loss, then the link comes back.
+            let lost = server.p.wait_n(1, secs(10), |l| is_line(l, "link lost"));
+            assert!(!lost.is_empty(), "server: no `link lost` within 10 s");
+            agent.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
+            thread::sleep(ms(500));
+            println!("link back {:.1?} after the blackhole began", t0.elapsed());
+            bh.restore();
+            visitors.into_iter().map(|v| v.join().expect("visitor panicked")).collect()
+        });
+        let events = || link_events(&server.p).join("\n");
+        let lost = server.p.expect_line("link lost", secs(1), |l| is_line(l, "link lost"));
+        assert_eq!(field(&lost, "session"), Some(session.as_str()), "{lost}");
+        assert_eq!(field(&lost, "streams_waiting"), Some("2"), "{lost}");
+        let resumed = server.p.expect_line("link resumed", secs(10), |l| is_line(l, "link resumed"));
+        assert_eq!(field(&resumed, "streams"), Some("2"), "the visitors were not kept: {resumed}\n{}", events());
+        let reports = target.reports(2, secs(20));
+        for (job, out) in jobs.iter().zip(outs) {
+            let out = out.unwrap_or_else(|e| {
+                panic!("visitor {} during the blackhole: {e}\nserver:\n{}", job.up.seed, server.p.text())
+            });
+            assert_eq!(out.down, Digested::of(&job.down), "visitor {}: what it received", job.up.seed);
+            if job.op == UPLOAD_FIRST {
+                assert_eq!(out.answer, Some(Digested::of(&job.up)), "what the target says it received");
+            }
+            assert_got(&report_for(&reports, job.up.seed).seen, &job.up, "what the target received");
+            let l = close_of(&server.p, out.local, secs(10));
+            check_close(&l, "web", "agent:web", HEADER_LEN as u64 + job.up.len, out.down_wire, "closed");
+            let l = close_of(&agent, out.local, secs(10));
+            assert_eq!(field(&l, "end"), Some("closed"), "agent: {l}");
+        }
+        println!("both visitors done {:.1?} after the blackhole began", t0.elapsed());
     }
 
     /// After resume_grace (3.5 s) of a blackholed link, the agent resets its target

@@ -81,7 +81,9 @@ impl stream::Session for AgentSession {
     }
 
     fn forget(&self, stream: u64) {
-        self.table.forget(stream);
+        // Remembered a while: the resume lists it, so the server does not take it
+        // for one whose `Open` never arrived (and it hears of the reset again).
+        self.table.forget_ended(stream);
     }
 
     fn finished(&self, stream: u64, sent: u64, received: u64) {
@@ -409,6 +411,7 @@ async fn connect_control(
                 if n > 0 {
                     tracing::warn!("agent: new session, streams_reset={n}");
                 }
+                session.table.finished.lock().unwrap().clear();
                 let key = auth::session_key(&session.cfg.token, &nonce, &agent_nonce);
                 *session.current.lock().unwrap() = Some((id, key));
             }
@@ -591,6 +594,7 @@ async fn serve_stream(
         session: session.clone(),
         limit: session.limit.load(Ordering::Relaxed) as usize,
         local_side: Side::Upstream,
+        open: None,
     };
     let pair = Pair {
         client: data,

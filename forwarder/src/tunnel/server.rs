@@ -254,6 +254,9 @@ impl Registry {
                     session,
                     limit,
                     local_side: Side::Client,
+                    // Kept until the agent shows it has the stream: a blackhole not yet
+                    // noticed swallows it, and the resume then sends it again.
+                    open: Some(Box::new(open)),
                 };
                 return Some((conn, Box::new(link)));
             }
@@ -408,28 +411,24 @@ impl Registry {
         resume: Option<(u64, Vec<u64>)>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (session, resumed) = match resume {
+        let (session, unknown) = match resume {
             Some((id, agent_streams)) => {
                 let found = self.sessions.lock().unwrap().get(&id).cloned();
                 let Some(session) = found.filter(|s| s.identity == identity) else {
                     return refused(peer, "unknown_session", &format!("session {id:x}"), conn)
                         .await;
                 };
-                // Streams the agent no longer holds cannot resume.
+                // The agent lists every stream it holds or ended lately. One it does
+                // not list never reached it: its `Open` went into a link already lost
+                // (a blackhole not yet noticed here). It is opened again once the
+                // agent has pooled a data connection (`reopen`, below).
                 let keep: HashSet<u64> = agent_streams.into_iter().collect();
-                let gone: Vec<_> = {
-                    let mut streams = session.table.map.lock().unwrap();
-                    let ids: Vec<u64> = streams
-                        .keys()
-                        .filter(|s| !keep.contains(s))
-                        .copied()
-                        .collect();
-                    ids.iter().filter_map(|s| streams.remove(s)).collect()
+                let unknown: Vec<u64> = {
+                    let streams = session.table.map.lock().unwrap();
+                    let ids = streams.keys().filter(|s| !keep.contains(s));
+                    ids.copied().collect()
                 };
-                for tx in gone {
-                    let _ = tx.send(Event::Reset);
-                }
-                (session, true)
+                (session, Some(unknown))
             }
             None => {
                 for s in self.replaced_sessions(&identity).await {
@@ -460,9 +459,10 @@ impl Registry {
                     .lock()
                     .unwrap()
                     .insert(session.id, session.clone());
-                (session, false)
+                (session, None)
             }
         };
+        let (resumed, unknown) = (unknown.is_some(), unknown.unwrap_or_default());
         let sid = session.id.to_be_bytes();
         let welcome = Frame::Welcome {
             session: session.id,
@@ -497,6 +497,9 @@ impl Registry {
             (generation, control.replace(tx).is_some(), old_agent)
         };
         session.taken_over.notify_waiters();
+        for stream in unknown {
+            tokio::spawn(self.clone().reopen(session.clone(), generation, stream));
+        }
         let sid = format!("{:x}", session.id);
         let services = session.services.join(",");
         if resumed {
@@ -544,6 +547,31 @@ impl Registry {
         }
         let n = session.expire_streams();
         event!(warn, "grace expired", text = ("grace expired session={sid} streams_reset={n} after {:.1}s", since.elapsed().as_secs_f64()), session = %sid, streams_reset = n,);
+    }
+
+    /// Gives `stream`, which the resumed agent did not know, a pooled data connection
+    /// of its session to send its `Open` on again (`Event::Reopen`), as soon as the
+    /// agent has pooled one. Given up when the link is lost again (the next resume
+    /// tries again: the agent will not know the stream then either) or the stream ends.
+    async fn reopen(self: Arc<Self>, session: Arc<ServerSession>, generation: u64, stream: u64) {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if session.generation.load(Ordering::Relaxed) != generation || !session.live() {
+                return;
+            }
+            let Some(tx) = session.table.map.lock().unwrap().get(&stream).cloned() else {
+                return;
+            };
+            let conn = session.pool.lock().unwrap().pop();
+            if let Some(conn) = conn {
+                let _ = tx.send(Event::Reopen(conn));
+                return;
+            }
+            // Looked at again at least once a second: a lost link notifies nobody here.
+            let _ = tokio::time::timeout(Duration::from_secs(1), arrived).await;
+        }
     }
 
     async fn data(

@@ -43,6 +43,11 @@ use crate::relay::{reset_on_close, Handover, Hop, Progress, RelayEnd, Side};
 pub enum Event {
     /// A new data connection for this stream, authenticated, before `Resume`.
     Attach(TcpStream),
+    /// Server side: a pooled data connection on which this stream's `Open` is sent
+    /// again (by the stream, `Link::open`), because the agent's resume showed that
+    /// the first one never reached it: the agent starts the stream afresh, so
+    /// everything retained goes again from byte 0.
+    Reopen(TcpStream),
     /// The peer received this many bytes of ours.
     Ack(u64),
     /// The peer's source ended after this many bytes.
@@ -88,25 +93,31 @@ pub struct Table {
     pub finished: Mutex<Finished>,
 }
 
-/// Streams that ended complete here, remembered in case their last frames were lost
-/// with the link. A stream is complete once the peer has acknowledged every byte we
-/// sent and we delivered its FIN; our own `Fin` frame may still have gone into a link
-/// that was dying (or down: frames are dropped then). So the agent's resume lists
-/// them too (the server keeps its streams the agent lists), and then sends their last
-/// ack and `Fin` again; the server answers the agent's reattach of such a stream with
-/// what it lacks: that we have all its bytes, and where ours end. Kept
-/// while the link is down (the session itself ends at the grace), and
-/// [`FINISHED_KEEP`] while it is up, which is longer than a frame can wait in a link
-/// before the link is called lost; at most [`FINISHED_MAX`].
+/// Streams that ended here, remembered in case their last frames were lost with the
+/// link: complete ones, and (agent side) reset ones, so that the agent's resume lists
+/// every stream it knew (the server opens again a stream the agent does not list: its
+/// `Open` never arrived) and then sends their `Reset` again. A stream is complete once
+/// the peer has acknowledged every byte we sent and we delivered its FIN; our own
+/// `Fin` frame may still have gone into a link that was dying (or down: frames are
+/// dropped then). So the agent's resume lists them too (the server keeps its streams
+/// the agent lists), and then sends their last ack and `Fin` again; the server answers
+/// the agent's reattach of such a stream with what it lacks: that we have all its
+/// bytes, and where ours end. Kept while the link is down (the session itself ends at
+/// the grace), and [`FINISHED_KEEP`] while it is up, which is longer than a frame can
+/// wait in a link before the link is called lost; at most [`FINISHED_MAX`].
 #[derive(Default)]
-pub struct Finished(std::collections::VecDeque<(Instant, u64, u64, u64)>);
+pub struct Finished(std::collections::VecDeque<(Instant, u64, Ended)>);
+
+/// How a stream ended: (sent, received) when complete, `None` when reset.
+type Ended = Option<(u64, u64)>;
 
 const FINISHED_KEEP: Duration = Duration::from_secs(super::control::DEAD_AFTER.as_secs() + 2);
 /// (A resume lists them: 8,192 ids of at most 10 bytes fit a frame, 256 KiB.)
 const FINISHED_MAX: usize = 1 << 13;
 
 impl Finished {
-    fn note(&mut self, live: bool, stream: u64, sent: u64, received: u64) {
+    /// `counts`: (sent, received) of a stream that ended complete; `None`: reset.
+    fn note(&mut self, live: bool, stream: u64, counts: Ended) {
         let now = Instant::now();
         while let Some(&(at, ..)) = self.0.front() {
             if self.0.len() < FINISHED_MAX && !(live && now - at > FINISHED_KEEP) {
@@ -114,29 +125,39 @@ impl Finished {
             }
             self.0.pop_front();
         }
-        self.0.push_back((now, stream, sent, received));
+        self.0.push_back((now, stream, counts));
     }
 
     /// (sent, received) of a stream remembered as complete.
     pub fn of(&self, stream: u64) -> Option<(u64, u64)> {
         let found = self.0.iter().rev().find(|e| e.1 == stream);
-        found.map(|&(_, _, sent, received)| (sent, received))
+        found.and_then(|e| e.2)
     }
 
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.0.iter().map(|e| e.1)
     }
 
+    /// A new session: the ids of the old one mean nothing to it (a restarted server
+    /// numbers its streams from 1 again).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
     /// The last frames each stream remembered sent: its ack of every byte it
-    /// received, and its `Fin`.
+    /// received and its `Fin`, or its `Reset`.
     pub fn last_frames(&self) -> Vec<Frame> {
-        let frames = |&(_, stream, sent, received): &(Instant, u64, u64, u64)| {
-            [
-                Frame::Ack { stream, received },
-                Frame::Fin { stream, at: sent },
-            ]
-        };
-        self.0.iter().flat_map(frames).collect()
+        let mut out = Vec::with_capacity(2 * self.0.len());
+        for &(_, stream, counts) in &self.0 {
+            match counts {
+                Some((sent, received)) => out.extend([
+                    Frame::Ack { stream, received },
+                    Frame::Fin { stream, at: sent },
+                ]),
+                None => out.push(Frame::Reset { stream }),
+            }
+        }
+        out
     }
 }
 
@@ -152,11 +173,25 @@ impl Table {
         self.map.lock().unwrap().remove(&stream);
     }
 
-    /// [`Session::finished`]: remembered (see [`Finished`]).
+    /// [`Session::finished`]: forgotten as live, remembered as complete (see
+    /// [`Finished`]).
     pub fn finished(&self, stream: u64, sent: u64, received: u64) {
+        self.forget(stream);
+        self.note(stream, Some((sent, received)));
+    }
+
+    /// Agent side: a stream that ended otherwise (reset, refused) is forgotten as live
+    /// and remembered as reset (see [`Finished`]); one already forgotten is not.
+    pub fn forget_ended(&self, stream: u64) {
+        if self.map.lock().unwrap().remove(&stream).is_some() {
+            self.note(stream, None);
+        }
+    }
+
+    fn note(&self, stream: u64, counts: Ended) {
         let live = self.control.lock().unwrap().is_some();
         let mut finished = self.finished.lock().unwrap();
-        finished.note(live, stream, sent, received);
+        finished.note(live, stream, counts);
     }
 
     /// Resets every stream now (grace over, or a new session); returns how many.
@@ -178,6 +213,9 @@ pub struct Link {
     pub limit: usize,
     /// Which side of the close line the local socket is.
     pub local_side: Side,
+    /// Server side: the stream's `Open`, kept to send again (`Event::Reopen`) until
+    /// the agent shows it has the stream (an ack, or bytes from it).
+    pub open: Option<Box<Frame>>,
 }
 
 impl Link {
@@ -415,8 +453,11 @@ struct Engine {
 impl Engine {
     /// With what the prelude passed on (server side, a rule that inspects) counted as
     /// sent, received, and, for what it sent, retained.
-    fn new(link: Box<Link>, side: Side, handover: Handover) -> io::Result<Engine> {
+    fn new(mut link: Box<Link>, side: Side, handover: Handover) -> io::Result<Engine> {
         let passed = handover.passed.map(|p| *p).unwrap_or_default();
+        if passed.received > 0 {
+            link.open = None; // the agent has the stream: it sent bytes
+        }
         let sent = passed.sent.len();
         let want = link.limit.max(sent);
         let keep = if want <= crate::relay::splice::PIPE_SIZE {
@@ -636,7 +677,10 @@ impl Engine {
             match woke {
                 Woke::Io => {}
                 Woke::Event(None) => return Err(End::Lost),
-                Woke::Event(Some(Event::Ack(n))) => self.acked(n).map_err(End::Protocol)?,
+                Woke::Event(Some(Event::Ack(n))) => {
+                    self.link.open = None;
+                    self.acked(n).map_err(End::Protocol)?
+                }
                 Woke::Event(Some(Event::Fin(at))) => {
                     tracing::debug!(
                         "tunnel stream {}: peer FIN at {at}, received {}",
@@ -650,6 +694,10 @@ impl Engine {
                 Woke::Event(Some(Event::Attach(conn))) => {
                     drop_data(&mut data);
                     data = self.reattach(conn).await?;
+                }
+                Woke::Event(Some(Event::Reopen(conn))) => {
+                    drop_data(&mut data);
+                    data = self.reopen(conn).await?;
                 }
                 Woke::Local(e) => return Err(End::Local(e)),
                 Woke::DataFailed => {
@@ -884,6 +932,8 @@ impl Engine {
                     i.in_pipe += n;
                     moved = true;
                     quiet |= drained;
+                    // The agent has the stream: its `Open` is not needed again.
+                    self.link.open = None;
                     // Delivered in the same call (one pass per message).
                     self.deliver(local, progress)?;
                 }
@@ -972,6 +1022,7 @@ impl Engine {
     /// the replay of what it lacks. `Ok(None)` when the connection failed (try
     /// another); an error when the peer no longer knows the stream.
     async fn reattach(&mut self, mut conn: TcpStream) -> Result<Option<TcpStream>, End> {
+        self.link.open = None; // the agent reattaches it: it has the stream
         let _ = conn.set_nodelay(true);
         let peer_received = match resume_exchange(&mut conn, self.inn.received).await {
             Ok(Ok(Frame::Resume { received })) => received,
@@ -999,6 +1050,40 @@ impl Engine {
             }
         };
         self.acked(peer_received).map_err(End::Protocol)?;
+        self.replay_from_acked()?;
+        Ok(Some(conn))
+    }
+
+    /// Sends the stream's `Open` again on a pooled data connection (`Event::Reopen`):
+    /// the agent never had the stream, so it has received nothing and sent nothing,
+    /// and everything read from the visitor goes again from byte 0 (it is all
+    /// retained: nothing was acknowledged). `Ok(None)` when the connection failed
+    /// (the next resume sends it again).
+    async fn reopen(&mut self, mut conn: TcpStream) -> Result<Option<TcpStream>, End> {
+        // The agent had the stream (it acknowledged bytes or sent some), yet no longer
+        // lists it: it ended there, and the news was lost (an agent of an older version
+        // does not list the streams it reset).
+        let Some(open) = self.link.open.as_deref() else {
+            reset_on_close(&conn);
+            return Err(End::PeerReset);
+        };
+        debug_assert!(self.out.acked == 0 && self.inn.received == 0);
+        let _ = conn.set_nodelay(true);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, write_frame(&mut conn, open)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                reset_on_close(&conn);
+                return Ok(None);
+            }
+        }
+        tracing::debug!("tunnel stream {}: opened again", self.link.stream);
+        self.replay_from_acked()?;
+        Ok(Some(conn))
+    }
+
+    /// After a new data connection's handshake: what is in flight is dropped, and
+    /// [acked, teed) is queued for replay from the retention pipe.
+    fn replay_from_acked(&mut self) -> Result<(), End> {
         let o = &mut self.out;
         // What was teed but not sent is in both pipes: keep the retention copy.
         let dup = (o.teed - o.head) as usize;
@@ -1024,7 +1109,7 @@ impl Engine {
         o.fin_told = false;
         o.read_blocked = false;
         self.inn.read_blocked = false;
-        Ok(Some(conn))
+        Ok(())
     }
 }
 
