@@ -1863,6 +1863,54 @@ relay_tests! {
         wait_for("forwarder_upstream_up", 0.0);
     }
 
+    /// An agent with `[global] metrics` counts its target connections as a rule's,
+    /// under `rule` = the service, as its close lines name them: the pair and its
+    /// bytes each way (its /metrics had none of them).
+    fn agent_metrics_count_its_target_connections(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let server = TunnelServer::cli(mode, "127.0.0.1:0", &token);
+        let maddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let toml = format!(
+            "[global]\nmetrics = \"{maddr}\"\n\n{}",
+            agent_toml(server.tunnel, &token, target.addr())
+        );
+        let agent_dir = TempDir::new("tunnel-agent");
+        let mut args = osv(&["run", "-c"]);
+        args.push(agent_dir.write("agent.toml", &toml).into());
+        let agent = Proc::spawn("agent", &args, None, &[], Some(agent_dir));
+        wait_connected(&server, &agent, 1);
+
+        let job = Job::new(BOTH, Payload::new(7, 300 * KIB + 5), Payload::new(8, 200 * KIB + 3));
+        let out = visit_ok(server.visitors, job, secs(60));
+        assert_eq!(out.down, Digested::of(&job.down), "visitor received");
+        let l = close_of(&agent, out.local, secs(10));
+        let text = {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "--max-time", "5", &format!("http://{maddr}/metrics")])
+                .output()
+                .expect("curl runs");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let metric = |name: &str, labels: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l.contains(labels))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        };
+        assert_eq!(metric("forwarder_connections_total", "rule=\"web\""), 1.0, "{text}");
+        assert_eq!(metric("forwarder_connections_active", "rule=\"web\""), 0.0, "{text}");
+        for (direction, key) in [("to_upstream", "bytes_up"), ("to_client", "bytes_down")] {
+            let labels = format!("rule=\"web\",direction=\"{direction}\"");
+            assert_eq!(metric("forwarder_bytes_total", &labels) as u64, num(&l, key), "{l}\n{text}");
+        }
+    }
+
     /// An agent with the wrong token is refused and logged; visitors get `no_agent`
     /// and nothing reaches the target.
     fn wrong_token_refused(mode) {

@@ -69,6 +69,9 @@ struct AgentSession {
     /// the server close its connection).
     pool_slots: AtomicUsize,
     pool_slot_ended: Notify,
+    /// Each service's metrics (`rule` = the service, as in its close lines), kept for
+    /// the process's life as a rule's are by its runtime.
+    stats: HashMap<String, Arc<crate::metrics::RuleStats>>,
 }
 
 /// How long, and how many, early frames are kept for a stream not (yet) opened.
@@ -215,7 +218,13 @@ impl Agent {
 /// `global` slots and end at `abort`, as a rule's connections do.
 pub fn start(cfg: AgentConfig, global: Arc<Semaphore>, abort: Arc<Abort>) -> Agent {
     let (link, _) = watch::channel(0u64);
+    let stats = cfg
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), crate::metrics::global().rule(&s.name)))
+        .collect();
     let session = Arc::new(AgentSession {
+        stats,
         cfg,
         current: Mutex::new(None),
         table: stream::Table::default(),
@@ -546,7 +555,14 @@ async fn serve_stream(
         .find(|s| s.name == service)
         .map(|s| s.target.clone());
     let visitor_addr: SocketAddr = visitor.parse().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-    let progress = Arc::new(Progress::default());
+    // Counted in the service's metrics like a rule's pair (an unknown service, which
+    // is refused, has none).
+    let stats = session.stats.get(&service);
+    let open = stats.map(|s| s.open(started));
+    let progress = match &open {
+        Some(open) => open.progress().clone(),
+        None => Arc::new(Progress::default()),
+    };
     let log = |upstream: &str, end: &str, progress: &Progress| {
         crate::connection::log_close(&service, visitor_addr, upstream, started, progress, end)
     };
@@ -570,10 +586,16 @@ async fn serve_stream(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             refuse_stream(&session, &data, stream);
+            if let Some(s) = stats {
+                s.connect_error(&target);
+            }
             return log(&target, &format!("connect_failed ({e})"), &progress);
         }
         Err(_) => {
             refuse_stream(&session, &data, stream);
+            if let Some(s) = stats {
+                s.connect_error(&target);
+            }
             return log(&target, "connect_failed (timed out)", &progress);
         }
     };
