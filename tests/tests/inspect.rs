@@ -782,7 +782,7 @@ relay_tests! {
     /// A pattern not anchored with `^` holds only what may begin a match: of
     /// "GET /ev", "GET /" goes on at once (it waited the whole 1 s hold with the
     /// request) and "ev" waits; "il" then is refused, and the upstream got "GET /"
-    /// and nothing of the match.
+    /// and nothing of the match. An "ev" at the stream's start goes on after the hold.
     fn unanchored_deny_pattern_holds_only_a_possible_match(mode) {
         let _load = light();
         let (up, rx) = recording_server(b"", true);
@@ -800,6 +800,13 @@ relay_tests! {
         let close = wait_close(&fwd, "deny", 1);
         assert_eq!(field(&close, "end"), Some("refused_pattern"), "{close}");
         assert_eq!(num(&close, "bytes_up"), 5, "{close}");
+
+        // At the stream's very start too, what may begin an unanchored match waits
+        // the 1 s hold only (`ev` waited for the patterns to decide, without a limit).
+        let s = connect(fwd.addr());
+        (&s).write_all(b"ev").unwrap();
+        let echo = read_exact_timeout(&s, 2, secs(10)).expect("the echo of ev, after the hold");
+        assert_eq!(&echo[..], b"ev");
     }
 
     /// A pattern the streaming check cannot take (a Unicode word boundary) is a config

@@ -129,8 +129,6 @@ struct Prelude<'a> {
     auth_pending: bool,
     /// Client bytes read but not yet passed on (a check is undecided).
     held: Vec<u8>,
-    /// The last client byte passed on before `held` (look-behind for the patterns).
-    behind: Option<u8>,
     hold_until: Option<Instant>,
     /// Client bytes read so far.
     client_seen: usize,
@@ -175,7 +173,6 @@ impl Prelude<'_> {
         out: &[u8],
         eof: bool,
     ) -> Result<(), RelayEnd> {
-        self.behind = out.last().copied().or(self.behind);
         let (rewriter, keep) = self.upstream_sinks();
         pass_on(
             &mut pair.upstream,
@@ -288,7 +285,6 @@ impl InspectRelay {
             scanner: self.deny.as_ref().map(|d| d.scanner()),
             auth_pending: rule.http_auth.is_some(),
             held: Vec::new(),
-            behind: None,
             hold_until: None,
             client_seen: 0,
             eof: [false; 2],
@@ -528,7 +524,7 @@ impl InspectRelay {
             // Bytes that can begin no match go on now; only a possible match's
             // beginning waits (a request that merely holds no match must not wait for
             // the hold). Not under `http_auth`, which holds the whole request.
-            let free = scanner.first_possible_start(p.behind, &p.held);
+            let free = scanner.first_possible_start(p.held.len());
             (free > 0).then(|| (p.held.drain(..free).collect(), false))
         } else {
             None
