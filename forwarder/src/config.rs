@@ -1472,7 +1472,6 @@ fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?}: resolves to no address"))
 }
 
-/// `host:port` or `[v6]:port`, with a numeric port; the host is resolved later.
 /// An address we connect to (an upstream, an agent's server or target): port 0 can be
 /// listened on, never connected to (every connect would fail).
 fn check_dial_addr(s: &str) -> Result<(), String> {
@@ -1485,6 +1484,7 @@ fn check_dial_addr(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `host:port` or `[v6]:port`, with a numeric port; the host is resolved later.
 fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(());
