@@ -806,16 +806,26 @@ fn agent_config(server: SocketAddr, target: SocketAddr, token: &Path, ns: Option
     Proc::spawn("agent", &args, ns, &[], Some(dir))
 }
 
-/// `forwarder run -c FILE` with `[agent]`, `[[service]]` and `[global] shutdown_grace`.
-fn agent_with_grace(server: SocketAddr, token: &Path, target: SocketAddr, grace: &str) -> Proc {
+/// `forwarder run -c FILE` with `[agent]`, `[[service]]` and `[global]` lines `global`.
+fn agent_with_global(server: SocketAddr, token: &Path, target: SocketAddr, global: &str) -> Proc {
     let dir = TempDir::new("tunnel-agent");
     let toml = format!(
-        "[global]\nshutdown_grace = \"{grace}\"\n\n{}",
+        "[global]\n{global}\n\n{}",
         agent_toml(server, token, target)
     );
     let mut args = osv(&["run", "-c"]);
     args.push(dir.write("agent.toml", &toml).into());
     Proc::spawn("agent", &args, None, &[], Some(dir))
+}
+
+/// [`agent_with_global`] with `shutdown_grace`.
+fn agent_with_grace(server: SocketAddr, token: &Path, target: SocketAddr, grace: &str) -> Proc {
+    agent_with_global(
+        server,
+        token,
+        target,
+        &format!("shutdown_grace = \"{grace}\""),
+    )
 }
 
 /// Waits until both sides log `agent connected` (the `n`th time on the server) with
@@ -1876,14 +1886,7 @@ relay_tests! {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let toml = format!(
-            "[global]\nmetrics = \"{maddr}\"\n\n{}",
-            agent_toml(server.tunnel, &token, target.addr())
-        );
-        let agent_dir = TempDir::new("tunnel-agent");
-        let mut args = osv(&["run", "-c"]);
-        args.push(agent_dir.write("agent.toml", &toml).into());
-        let agent = Proc::spawn("agent", &args, None, &[], Some(agent_dir));
+        let agent = agent_with_global(server.tunnel, &token, target.addr(), &format!("metrics = \"{maddr}\""));
         wait_connected(&server, &agent, 1);
 
         let job = Job::new(BOTH, Payload::new(7, 300 * KIB + 5), Payload::new(8, 200 * KIB + 3));

@@ -155,19 +155,25 @@ impl Scanner<'_> {
                 Ok(sid) => self.probes.push((self.fed, sid)),
                 Err(_) => self.probes_lost = true,
             }
-            let mut kept: Vec<(u64, LazyStateID)> = Vec::with_capacity(self.probes.len());
-            for &(at, sid) in &self.probes {
+            // Filtered in place (this runs for every byte): the first `kept` entries
+            // are the live probes so far.
+            let mut kept = 0;
+            for i in 0..self.probes.len() {
+                let (at, sid) = self.probes[i];
                 match self.dfa.next_state(&mut self.cache, sid, b) {
                     Ok(next) if next.is_dead() => {}
-                    Ok(next) if kept.iter().any(|&(_, k)| k == next) => {}
-                    Ok(next) => kept.push((at, next)),
+                    Ok(next) if self.probes[..kept].iter().any(|&(_, k)| k == next) => {}
+                    Ok(next) => {
+                        self.probes[kept] = (at, next);
+                        kept += 1;
+                    }
                     Err(_) => {
                         self.probes_lost = true;
                         break;
                     }
                 }
             }
-            self.probes = kept;
+            self.probes.truncate(kept);
         }
         self.prev = Some(b);
         self.fed += 1;
