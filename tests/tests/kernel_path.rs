@@ -654,7 +654,11 @@ relay_tests! {
             // A moment for bytes to pile up in flight, as behind a slower reader.
             thread::sleep(Duration::from_millis(2));
             let r = read_checked(&s, p, None, Instant::now() + secs(20));
-            assert!(r.intact && r.got <= SENT, "pair {i}: {r:?}");
+            assert!(
+                r.intact && r.got <= SENT,
+                "pair {i}: {r:?}\n{}",
+                r.first_bad.as_deref().unwrap_or("")
+            );
             assert!(
                 matches!(&r.end, End::Error(e) if e.kind() == io::ErrorKind::ConnectionReset),
                 "pair {i}: the upstream's reset reached the client as {:?}",

@@ -291,6 +291,8 @@ pub struct Checked {
     pub sha: Sha,
     /// Every byte received so far is the payload's byte at that offset.
     pub intact: bool,
+    /// Where the first wrong byte arrived and what came there (see [`describe_bad`]).
+    pub first_bad: Option<String>,
     pub end: End,
     pub at: Instant,
 }
@@ -330,7 +332,14 @@ struct CheckedReader {
     h: Hasher,
     buf: Vec<u8>,
     want: Vec<u8>,
+    /// The offset of the first wrong byte, and what arrived from there (up to
+    /// [`BAD_KEPT`] bytes).
+    bad: Option<(u64, Vec<u8>)>,
 }
+
+/// How much of the stream from its first wrong byte a [`CheckedReader`] keeps: enough
+/// to meet two payload block headers.
+const BAD_KEPT: usize = 3 * 4096;
 
 impl CheckedReader {
     fn new(p: Payload) -> CheckedReader {
@@ -341,6 +350,7 @@ impl CheckedReader {
             h: Hasher::new(),
             buf: vec![0u8; 256 * KIB as usize],
             want: vec![0u8; 256 * KIB as usize],
+            bad: None,
         }
     }
 
@@ -361,8 +371,17 @@ impl CheckedReader {
                 Ok(n) => {
                     let expect = (self.p.len.saturating_sub(self.got)).min(n as u64) as usize;
                     self.p.fill(self.got, &mut self.want[..expect]);
-                    if expect < n || self.buf[..n] != self.want[..n] {
+                    let mut from = 0;
+                    if self.intact && (expect < n || self.buf[..n] != self.want[..n]) {
                         self.intact = false;
+                        from = (0..n)
+                            .find(|&i| i >= expect || self.buf[i] != self.want[i])
+                            .unwrap_or(0);
+                        self.bad = Some((self.got + from as u64, Vec::new()));
+                    }
+                    if let Some((_, kept)) = &mut self.bad {
+                        let take = (n - from).min(BAD_KEPT - kept.len());
+                        kept.extend_from_slice(&self.buf[from..from + take]);
                     }
                     self.h.update(&self.buf[..n]);
                     self.got += n as u64;
@@ -378,10 +397,41 @@ impl CheckedReader {
             got: self.got,
             sha: self.h.finish(),
             intact: self.intact,
+            first_bad: self.bad.map(|(at, kept)| describe_bad(self.p, at, &kept)),
             end,
             at: Instant::now(),
         }
     }
+}
+
+/// What arrived at offset `at`, the first wrong byte of a stream that should be `p`:
+/// the payload is made of 4 KiB blocks, each opening with a header of the seed and the
+/// block's number, so the next header in `kept` tells which payload offset the stream
+/// went on from (bytes skipped or repeated), or that what came was no payload at all.
+fn describe_bad(p: Payload, at: u64, kept: &[u8]) -> String {
+    let seed = p.seed.to_le_bytes();
+    let head: String = kept.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let mut expected = [0u8; 16];
+    p.fill(at, &mut expected);
+    let expected: String = expected.iter().map(|b| format!("{b:02x}")).collect();
+    let mut out = format!("first wrong byte at offset {at}: got {head}.., expected {expected}..");
+    let header = kept.windows(16).position(|w| w[..8] == seed);
+    match header {
+        Some(i) => {
+            let block = u64::from_le_bytes(kept[i + 8..i + 16].try_into().unwrap());
+            let stream_at = at + i as u64;
+            let payload_at = block * 4096;
+            let shift = payload_at as i128 - stream_at as i128;
+            let what = match shift {
+                0 => "in step with the stream (the bytes before it were wrong)".to_string(),
+                s if s > 0 => format!("{s} bytes skipped"),
+                s => format!("{} bytes repeated", -s),
+            };
+            out += &format!("; the next block header, at stream offset {stream_at}, is block {block} (payload offset {payload_at}): {what}");
+        }
+        None => out += &format!("; no block header in the {} bytes kept", kept.len()),
+    }
+    out
 }
 
 /// Echoes `p` through `s` with the write side shut after its last byte, like
@@ -483,4 +533,34 @@ pub fn leave_free_fds(pid: i32, free: usize) -> u64 {
     let o = run_to_exit(cmd, secs(10));
     assert_eq!(o.code(), Some(0), "prlimit --pid failed: {}", o.stderr);
     limit
+}
+
+/// [`read_checked`] says where a stream first went wrong and how: 1,000 bytes skipped
+/// at offset 10,000, then 500 repeated (the checker itself, over a real loopback
+/// connection).
+#[test]
+fn read_checked_names_skipped_and_repeated_bytes() {
+    let p = Payload::new(42, 64 * KIB);
+    for (cut, resume, what) in [
+        (10_000u64, 11_000u64, "1000 bytes skipped"),
+        (10_000, 9_500, "500 bytes repeated"),
+    ] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let writer = thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let all = p.to_vec();
+            s.write_all(&all[..cut as usize]).unwrap();
+            s.write_all(&all[resume as usize..]).unwrap();
+        });
+        let s = TcpStream::connect(addr).unwrap();
+        let r = read_checked(&s, p, None, Instant::now() + Duration::from_secs(10));
+        writer.join().unwrap();
+        let bad = r.first_bad.expect("a wrong byte was sent");
+        assert!(
+            !r.intact && bad.starts_with(&format!("first wrong byte at offset {cut}")),
+            "{bad}"
+        );
+        assert!(bad.contains(what), "{bad}");
+    }
 }
