@@ -857,8 +857,9 @@ fn wait_connected(server: &TunnelServer, agent: &Proc, n: usize) -> String {
 
 /// The tunnel's session and link lines so far.
 fn link_events(p: &Proc) -> Vec<String> {
-    const EVENTS: [&str; 7] = [
+    const EVENTS: [&str; 8] = [
         "agent connected",
+        "agent left",
         "link lost",
         "link resumed",
         "grace expired",
@@ -2648,6 +2649,10 @@ relay_tests! {
         let l = close_of(&first, held.local_addr().unwrap(), secs(1));
         assert_eq!(field(&l, "end"), Some("closed"), "agent: {l}");
         assert_eq!(first.matching(|l| is_line(l, "close")).len(), 1, "the draining agent served a new visitor");
+        // Gone, not lost: the server does not wait resume_grace for it.
+        server.p.expect_line("agent left", secs(5), |l| is_line(l, "agent left"));
+        let lost = server.p.matching(|l| is_line(l, "link lost"));
+        assert_eq!(lost.len(), 1, "only the killed agent's link was lost: {lost:#?}");
     }
 }
 

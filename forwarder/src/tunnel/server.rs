@@ -23,6 +23,11 @@ use crate::config::{Balance, TunnelServerConfig};
 use crate::event;
 use crate::relay::{reset_on_close, Side};
 
+/// How long the server gives a draining agent's streams to end after its link closed
+/// (looks, and the time between them) before it counts the link as lost.
+const DRAINED_WAIT_LOOKS: u32 = 100;
+const DRAINED_WAIT_STEP: Duration = Duration::from_millis(10);
+
 /// A new connection must say what it is within this long.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -531,7 +536,29 @@ impl Registry {
         if !self.sessions.lock().unwrap().contains_key(&session.id) {
             return;
         }
-        let waiting = session.table.map.lock().unwrap().len();
+        let mut waiting = session.table.map.lock().unwrap().len();
+        if session.draining.load(Ordering::SeqCst) {
+            // A drained agent exits once its streams are done on its side; here their
+            // ends may still be on their way (seen: the last one 0.1 ms after the link).
+            for _ in 0..DRAINED_WAIT_LOOKS {
+                if waiting == 0 {
+                    break;
+                }
+                tokio::time::sleep(DRAINED_WAIT_STEP).await;
+                if session.generation.load(Ordering::Relaxed) != generation {
+                    return; // it resumed meanwhile (its link had failed mid-drain)
+                }
+                waiting = session.table.map.lock().unwrap().len();
+            }
+        }
+        if waiting == 0 && session.draining.load(Ordering::SeqCst) {
+            // A drained agent that closes its link is gone, not lost: it has nothing to
+            // resume, and waiting resume_grace for it would only say "link lost".
+            if self.sessions.lock().unwrap().remove(&session.id).is_some() {
+                event!(info, "agent left", text = ("agent left session={sid} agent={peer}: it drained and closed its link ({why})"), session = %sid, agent = %peer, reason = %why,);
+            }
+            return;
+        }
         event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={waiting} ({why}); waiting up to {:?} for it to resume", self.cfg.resume_grace), session = %sid, agent = %peer, streams_waiting = waiting, reason = %why,);
         let since = Instant::now();
         tokio::select! {
