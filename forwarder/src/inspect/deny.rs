@@ -145,6 +145,13 @@ impl Scanner<'_> {
         }
     }
 
+    /// For a stream whose bytes all wait until a decision anyway (an `http_auth` rule
+    /// holds the whole request): no probe is stepped, and nothing is said to be free.
+    pub fn holding_all(mut self) -> Self {
+        self.probes_lost = true;
+        self
+    }
+
     /// A match may begin at this byte: a probe joins, then every probe takes the byte.
     fn step_probes(&mut self, b: u8) {
         if !self.probes_lost {
@@ -302,5 +309,16 @@ mod tests {
         assert_eq!(s.feed(b"ev"), Verdict::Undecided);
         assert!(!s.may_match_from_start(), "ev of evil at the start");
         assert_eq!(s.first_possible_start(2), 0);
+    }
+
+    #[test]
+    fn holding_all_steps_no_probe_and_still_decides() {
+        let p: Vec<String> = ["evil"].iter().map(|s| s.to_string()).collect();
+        let d = DenyPatterns::new(&p).unwrap();
+        let mut s = d.scanner().holding_all();
+        assert_eq!(s.feed(b"GET /e"), Verdict::Undecided);
+        assert!(s.probes.is_empty());
+        assert_eq!(s.first_possible_start(6), 0);
+        assert_eq!(s.feed(b"vil"), Verdict::Deny);
     }
 }

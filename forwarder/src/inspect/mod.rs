@@ -282,7 +282,11 @@ impl InspectRelay {
         });
         let mut p = Prelude {
             dump,
-            scanner: self.deny.as_ref().map(|d| d.scanner()),
+            scanner: self.deny.as_ref().map(|d| match rule.http_auth {
+                // The whole request waits for the credentials: nothing to free early.
+                Some(_) => d.scanner().holding_all(),
+                None => d.scanner(),
+            }),
             auth_pending: rule.http_auth.is_some(),
             held: Vec::new(),
             hold_until: None,
