@@ -453,6 +453,22 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> Output {
     }
 }
 
+/// A loopback address whose port was free a moment ago (for a listener the forwarder
+/// binds itself, such as `metrics`).
+pub fn free_loopback_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// GET /metrics from `addr`: the exposition's text (the answer must be a 200).
+pub fn metrics_text(addr: SocketAddr) -> String {
+    let (status, body, err) = curl(&format!("http://{addr}/metrics"), &[]);
+    assert_eq!(status, 200, "GET http://{addr}/metrics: {err}");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// curl `url` with `args`; returns (HTTP status, body, curl's stderr).
 pub fn curl(url: &str, args: &[&str]) -> (u16, Vec<u8>, String) {
     let dir = TempDir::new("curl");

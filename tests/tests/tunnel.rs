@@ -1835,10 +1835,7 @@ relay_tests! {
         let dir = TempDir::new("tunnel");
         let token = token_file(&dir, "token", TOKEN);
         let target = Target::start();
-        let maddr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let maddr = free_loopback_addr();
         let server = TunnelServer::config(
             mode,
             &format!(
@@ -1847,11 +1844,7 @@ relay_tests! {
             ),
         );
         let scrape = |name: &str| -> f64 {
-            let out = std::process::Command::new("curl")
-                .args(["-sS", "--max-time", "5", &format!("http://{maddr}/metrics")])
-                .output()
-                .expect("curl runs");
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let text = metrics_text(maddr);
             text.lines()
                 .find(|l| l.starts_with(name) && l.contains("upstream=\"agent:web\""))
                 .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
@@ -1883,10 +1876,7 @@ relay_tests! {
         let token = token_file(&dir, "token", TOKEN);
         let target = Target::start();
         let server = TunnelServer::cli(mode, "127.0.0.1:0", &token);
-        let maddr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let maddr = free_loopback_addr();
         let agent = agent_with_global(server.tunnel, &token, target.addr(), &format!("metrics = \"{maddr}\""));
         wait_connected(&server, &agent, 1);
 
@@ -1894,13 +1884,7 @@ relay_tests! {
         let out = visit_ok(server.visitors, job, secs(60));
         assert_eq!(out.down, Digested::of(&job.down), "visitor received");
         let l = close_of(&agent, out.local, secs(10));
-        let text = {
-            let out = std::process::Command::new("curl")
-                .args(["-sS", "--max-time", "5", &format!("http://{maddr}/metrics")])
-                .output()
-                .expect("curl runs");
-            String::from_utf8_lossy(&out.stdout).to_string()
-        };
+        let text = metrics_text(maddr);
         let metric = |name: &str, labels: &str| -> f64 {
             text.lines()
                 .filter(|l| l.starts_with(name) && l.contains(labels))
