@@ -43,16 +43,22 @@ pub struct RuleRuntime {
 }
 
 impl RuleRuntime {
+    /// `before`: the upstreams of the runtime this one replaces on a reload, whose
+    /// health it carries on.
     pub fn new(
         rule: Rule,
         relay: Arc<dyn Relay>,
         sources: Arc<SourceLimits>,
         global_access: Arc<RwLock<Access>>,
         abort: Arc<Abort>,
+        before: Option<&Upstreams>,
     ) -> Self {
         // Set before any accept: a pair's start is kept relative to it.
         crate::relay::epoch();
         let upstreams = Upstreams::new(&rule);
+        if let Some(old) = before {
+            upstreams.carry_health(old);
+        }
         let stats = crate::metrics::global().rule(&rule.name);
         stats.serve_upstreams(&upstreams);
         RuleRuntime {
@@ -762,6 +768,7 @@ mod tests {
             SourceLimits::new(None, None),
             Arc::new(RwLock::new(Access::default())),
             Arc::new(Abort::default()),
+            None,
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())

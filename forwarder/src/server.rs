@@ -18,6 +18,7 @@ use crate::config::{Access, Config, Mode, Rule, RunAs};
 use crate::connection::{serve, Abort, Permits, RuleRuntime};
 use crate::inspect::InspectRelay;
 use crate::logging::List;
+use crate::policy::balance::Upstreams;
 use crate::policy::health;
 use crate::policy::slots::RuleSlots;
 use crate::policy::sources::SourceLimits;
@@ -111,6 +112,8 @@ struct Running {
     /// replaces this one on a reload: the connections open now keep counting.
     slots: Arc<RuleSlots>,
     sources: Arc<SourceLimits>,
+    /// Its upstreams' health, carried on by the runtime that replaces this one.
+    upstreams: Arc<Upstreams>,
 }
 
 impl Running {
@@ -275,7 +278,8 @@ impl Server {
         );
         // A changed rule keeps the limits of the one it replaces (resized in `apply`
         // once the reload cannot fail any more); a new rule starts with its own.
-        let (slots, sources) = match self.rules.iter().find(|r| r.rule.name == rule.name) {
+        let old = self.rules.iter().find(|r| r.rule.name == rule.name);
+        let (slots, sources) = match old {
             Some(old) => (
                 old.slots.clone(),
                 old.sources
@@ -292,11 +296,13 @@ impl Server {
             sources.clone(),
             self.access.clone(),
             self.abort.clone(),
+            old.map(|o| &*o.upstreams),
         ));
         let health = rule
             .check_interval
             .is_some()
             .then(|| tokio::spawn(health::run(rule.clone(), rt.upstreams.clone())));
+        let rt_upstreams = rt.upstreams.clone();
         let (stop, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(
             listener.clone(),
@@ -313,6 +319,7 @@ impl Server {
             health,
             slots,
             sources,
+            upstreams: rt_upstreams,
         })
     }
 

@@ -955,6 +955,58 @@ relay_tests! {
         );
     }
 
+    /// A reload that changes a rule (here only its idle_timeout) keeps what it knew of
+    /// its upstreams' health: one marked down stays down (`forwarder_upstream_up` 0, no
+    /// client sent to it, no second `is DOWN` line). It came back up at once, and the
+    /// next `fall` clients each tried it first again.
+    fn upstream_health_holds_across_a_reload(mode) {
+        let _load = light();
+        let echo = Server::echo();
+        let dead = free_loopback_addr();
+        let metrics = free_loopback_addr();
+        let config = |idle: &str| {
+            format!(
+                "[global]\nmetrics = \"{metrics}\"\n\n[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n\
+                 upstream = [\"{dead}\", \"{}\"]\nfall = 2\nidle_timeout = \"{idle}\"\n",
+                echo.addr()
+            )
+        };
+        let mut fwd = Forwarder::config(Some(mode), &config("1h"), 1);
+        let addr = fwd.rule_addr("r");
+        let down_lines = |fwd: &Forwarder| {
+            let down = format!(" upstream rule=r addr={dead} is DOWN");
+            fwd.log_lines().into_iter().filter(|l| l.contains(&down)).count()
+        };
+        let series = |name: &str| -> f64 {
+            let text = metrics_text(metrics);
+            let labels = format!("upstream=\"{dead}\"");
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(&labels))
+                .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} for {dead} in:\n{text}"))
+        };
+        // `first` tries the dead upstream first: two failed connects (fall = 2) mark it down.
+        for seed in 0..2 {
+            echo_check_paired(addr, Payload::new(seed, 100), secs(10));
+        }
+        assert_eq!(down_lines(&fwd), 1, "{:#?}", fwd.log_lines());
+        assert_eq!(series("forwarder_upstream_up"), 0.0);
+        let errors = series("forwarder_upstream_connect_errors_total");
+
+        let line = fwd.reload(&config("2h"));
+        assert_reload_ok(&line, &reload_ok("", "", "r", 0));
+        assert_eq!(series("forwarder_upstream_up"), 0.0, "the dead upstream is up again after the reload");
+        for seed in 2..5 {
+            echo_check_paired(addr, Payload::new(seed, 100), secs(10));
+        }
+        assert_eq!(
+            series("forwarder_upstream_connect_errors_total"),
+            errors,
+            "clients were sent to the dead upstream after the reload"
+        );
+        assert_eq!(down_lines(&fwd), 1, "{:#?}", fwd.log_lines());
+    }
+
     /// A reload that changes a limit applies the new one to all the rule's connections,
     /// those opened before it included: raised, as many more are served; lowered, no
     /// one is until the open ones are under it.

@@ -69,6 +69,25 @@ impl Upstreams {
         })
     }
 
+    /// Takes over what `old` (the same rule before a reload) knew of each upstream it
+    /// shares with this one, by address: a down upstream stays down, its counts towards
+    /// `rise` and `fall` go on. A fresh start marked every upstream up, so a reload that
+    /// changed any setting of the rule sent clients to dead upstreams again (`fall` of
+    /// them waiting `connect_timeout` each) and showed them up in the metrics.
+    pub fn carry_health(&self, old: &Upstreams) {
+        for u in &self.list {
+            let Some(o) = old.list.iter().find(|o| o.cfg.addr == u.cfg.addr) else {
+                continue;
+            };
+            u.up.store(o.up.load(Ordering::Relaxed), Ordering::Relaxed);
+            u.successes
+                .store(o.successes.load(Ordering::Relaxed), Ordering::Relaxed);
+            u.failures
+                .store(o.failures.load(Ordering::Relaxed), Ordering::Relaxed);
+            *u.down_since.lock().unwrap() = *o.down_since.lock().unwrap();
+        }
+    }
+
     /// Whether health checks or traffic last marked the upstream up (what metrics
     /// show); [`Upstreams::is_up`] also lets a passively failed one take a trial.
     pub fn marked_up(&self, i: usize) -> bool {
