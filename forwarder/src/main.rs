@@ -89,6 +89,8 @@ fn start(
     };
     logging::init(log_format.unwrap_or(config.log_format));
     forwarder::sys::raise_fd_limit();
+    // From the first bind on, a stop or reload signal waits for its handler.
+    forwarder::sys::hold_handled_signals();
 
     // Everything that needs privileges beyond those kept happens here, while the
     // process has one thread (see `privileges`).

@@ -152,6 +152,8 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    // Held since before the listeners were bound (see `hold_handled_signals`).
+    crate::sys::release_handled_signals();
     if let Some(l) = metrics_listener {
         tokio::spawn(metrics::serve(l, metrics::global().clone()));
     }

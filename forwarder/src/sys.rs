@@ -28,3 +28,34 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// SIGTERM, SIGINT and SIGHUP: the signals the server handles (stop, reload).
+fn handled_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Holds the signals the server handles (blocked, so they wait as pending) from before
+/// the first listener is bound until [`release_handled_signals`], once their handlers
+/// are in place. Until then their default action ends the process: a SIGHUP or SIGTERM
+/// sent as soon as a client could connect killed it (up to 80 ms with the kernel path
+/// and a privilege drop), resetting the client. Called while the process has one
+/// thread: every thread made later (the runtime's) starts with them blocked, so they
+/// reach only the thread that releases them.
+pub fn hold_handled_signals() {
+    if let Err(e) = handled_signals().thread_block() {
+        tracing::warn!("cannot hold SIGTERM/SIGINT/SIGHUP during startup: {e}");
+    }
+}
+
+/// Lets the held signals in on this thread: those that came meanwhile are delivered
+/// now, to the handlers installed before this call.
+pub fn release_handled_signals() {
+    if let Err(e) = handled_signals().thread_unblock() {
+        tracing::warn!("cannot unblock SIGTERM/SIGINT/SIGHUP: {e}");
+    }
+}
