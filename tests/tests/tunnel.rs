@@ -856,6 +856,69 @@ fn wait_connected(server: &TunnelServer, agent: &Proc, n: usize) -> String {
 }
 
 /// The tunnel's session and link lines so far.
+/// Aborts (`ss -K`) the established connection to `port` on loopback that has
+/// carried the most bytes, which must be more than 1 MiB (a data connection under
+/// way, not the control connection or a pooled one); returns its local address.
+fn kill_busiest_connection_to(port: u16) -> String {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let counter = |info: &str, key: &str| -> u64 {
+        info.split_whitespace()
+            .find_map(|f| f.strip_prefix(key)?.parse().ok())
+            .unwrap_or(0)
+    };
+    // Each socket is a line with its addresses, then a line of TCP info.
+    let lines: Vec<&str> = text.lines().collect();
+    let busiest = lines
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| {
+            let local = c[0].split_whitespace().nth(2).unwrap_or("").to_string();
+            (
+                counter(c[1], "bytes_acked:") + counter(c[1], "bytes_received:"),
+                local,
+            )
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no connection to :{port}:\n{text}"));
+    assert!(
+        busiest.0 > MIB,
+        "no connection to :{port} carried 1 MiB yet:\n{text}"
+    );
+    let (ip, sport) = busiest.1.rsplit_once(':').expect("an address");
+    let out = std::process::Command::new("ss")
+        .args([
+            "-K",
+            "-tH",
+            "src",
+            ip,
+            "sport",
+            "=",
+            &format!(":{sport}"),
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss runs");
+    assert!(
+        out.status.success(),
+        "ss -K: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    busiest.1
+}
+
 fn link_events(p: &Proc) -> Vec<String> {
     const EVENTS: [&str; 8] = [
         "agent connected",
@@ -2425,6 +2488,40 @@ relay_tests! {
         for p in [&server.p, &agent] {
             let l = p.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
             assert_eq!(field(&l, "streams_waiting"), Some("0"), "{}: {l}", p.label);
+        }
+    }
+
+    /// A reset of one stream's data connection alone (`ss -K` on it; the control
+    /// connection stays up), mid-way through 8 MiB each way: the agent dials another,
+    /// the stream reattaches, and both directions arrive exactly, with no link event.
+    /// The streams of an agent's first link never dialed again (they read its
+    /// generation as 0, "no link"): the visitor and the target hung, silent, until
+    /// `idle_timeout` (audit).
+    fn data_connection_reset_alone_is_redialed(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "", "");
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        let mut job = Job::new(BOTH, Payload::new(130, 8 * MIB), Payload::new(131, 8 * MIB));
+        job.rate = 4 * MIB;
+        let (up_sent, down_seen) = (AtomicU64::new(0), AtomicU64::new(0));
+        let out = thread::scope(|sc| {
+            let visitor = sc.spawn(|| visit(server.visitors, job, Instant::now() + secs(30), &down_seen, &up_sent));
+            assert!(wait_until(secs(10), || up_sent.load(Ordering::SeqCst) >= MIB), "the upload did not start");
+            let killed = kill_busiest_connection_to(server.tunnel.port());
+            println!("reset the data connection {killed}");
+            visitor.join().expect("visitor panicked")
+        });
+        let out = out.unwrap_or_else(|e| panic!("the stream whose data connection was reset: {e}"));
+        assert_eq!(out.down, Digested::of(&job.down), "what the visitor received");
+        let reports = target.reports(1, secs(10));
+        assert_got(&report_for(&reports, 130).seen, &job.up, "what the target received");
+        let l = close_of(&server.p, out.local, secs(5));
+        assert_eq!(field(&l, "end"), Some("closed"), "{l}");
+        for p in [&server.p, &agent] {
+            let lost = p.matching(|l| is_line(l, "link lost"));
+            assert!(lost.is_empty(), "{}: the control link was not touched: {lost:?}", p.label);
         }
     }
 

@@ -309,7 +309,10 @@ async fn run(session: Arc<AgentSession>) {
         let (tx, rx) = mpsc::unbounded_channel();
         *session.table.control.lock().unwrap() = Some(tx);
         let gen_now = generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let _ = session.link.send(gen_now);
+        // `send_replace`, not `send`: with no stream watching yet (the first link),
+        // `send` changes nothing, and the streams of that link, finding generation 0
+        // ("no link"), never dialed again when their data connection failed.
+        session.link.send_replace(gen_now);
         let server = conn
             .peer_addr()
             .map_or(session.cfg.server.clone(), |a| a.to_string());
@@ -335,7 +338,7 @@ async fn run(session: Arc<AgentSession>) {
         let why = control::run(conn, rx, &*session).await;
         pool.abort();
         *session.table.control.lock().unwrap() = None;
-        let _ = session.link.send(0);
+        session.link.send_replace(0);
         if session.finished.load(Ordering::SeqCst) {
             return;
         }
