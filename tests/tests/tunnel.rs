@@ -855,7 +855,22 @@ fn wait_connected(server: &TunnelServer, agent: &Proc, n: usize) -> String {
     session
 }
 
-/// The tunnel's session and link lines so far.
+/// `ss -K FILTER...`: aborts the matching sockets (a reset to their peers). Its stderr
+/// is kept out of the test log (a socket already gone makes it say "RTNETLINK answers:
+/// Invalid argument") unless it fails.
+fn ss_kill(filter: &[&str]) {
+    let out = std::process::Command::new("ss")
+        .arg("-K")
+        .args(filter)
+        .output()
+        .expect("ss runs");
+    assert!(
+        out.status.success(),
+        "ss -K {filter:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Aborts (`ss -K`) the established connection to `port` on loopback that has
 /// carried the most bytes, which must be more than 1 MiB (a data connection under
 /// way, not the control connection or a pooled one); returns its local address.
@@ -896,29 +911,21 @@ fn kill_busiest_connection_to(port: u16) -> String {
         "no connection to :{port} carried 1 MiB yet:\n{text}"
     );
     let (ip, sport) = busiest.1.rsplit_once(':').expect("an address");
-    let out = std::process::Command::new("ss")
-        .args([
-            "-K",
-            "-tH",
-            "src",
-            ip,
-            "sport",
-            "=",
-            &format!(":{sport}"),
-            "dport",
-            "=",
-            &format!(":{port}"),
-        ])
-        .output()
-        .expect("ss runs");
-    assert!(
-        out.status.success(),
-        "ss -K: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ss_kill(&[
+        "-tH",
+        "src",
+        ip,
+        "sport",
+        "=",
+        &format!(":{sport}"),
+        "dport",
+        "=",
+        &format!(":{port}"),
+    ]);
     busiest.1
 }
 
+/// The tunnel's session and link lines so far.
 fn link_events(p: &Proc) -> Vec<String> {
     const EVENTS: [&str; 8] = [
         "agent connected",
@@ -2480,11 +2487,7 @@ relay_tests! {
         }
         // Neither side still counts them.
         let port = server.tunnel.port().to_string();
-        let out = std::process::Command::new("ss")
-            .args(["-K", "dport", "=", &format!(":{port}")])
-            .output()
-            .expect("ss runs");
-        assert!(out.status.success(), "ss -K: {}", String::from_utf8_lossy(&out.stderr));
+        ss_kill(&["dport", "=", &format!(":{port}")]);
         for p in [&server.p, &agent] {
             let l = p.expect_line("link lost", secs(10), |l| is_line(l, "link lost"));
             assert_eq!(field(&l, "streams_waiting"), Some("0"), "{}: {l}", p.label);
@@ -2752,17 +2755,7 @@ fn link_churn_leaks_nothing() {
     wait_connected(&server, &agent, 1);
     let port = server.tunnel.port().to_string();
     let cycle = |i: usize| {
-        // Its stderr is kept out of the test log (a socket already gone makes it say
-        // "RTNETLINK answers: Invalid argument") unless it fails.
-        let out = std::process::Command::new("ss")
-            .args(["-K", "dport", "=", &format!(":{port}")])
-            .output()
-            .expect("ss runs");
-        assert!(
-            out.status.success(),
-            "ss -K failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ss_kill(&["dport", "=", &format!(":{port}")]);
         let resumed = server.p.wait_n(i, secs(10), |l| is_line(l, "link resumed"));
         assert!(
             resumed.len() >= i,
