@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -367,18 +368,31 @@ async fn admit_and_connect(
             _active: None,
         });
     }
-    let Some((mut upstream, upstream_addr, active)) = connect_upstream(&rt, peer).await else {
-        // Closing without reading: the client sees the connection end at once.
-        let progress = Progress::default();
-        log_close(
-            &rule.name,
-            peer,
-            "none",
-            started,
-            &progress,
-            "connect_failed",
-        );
-        return None;
+    let (mut upstream, upstream_addr, active) = match connect_upstream(&rt, peer).await {
+        Dialed::Connected(stream, addr, active) => (stream, addr, active),
+        Dialed::Reset(addr, error) => {
+            // Passed on as any upstream reset is: the client is reset too.
+            reset_on_close(&client);
+            let end = end_text(&RelayEnd::Failed {
+                side: crate::relay::Side::Upstream,
+                error,
+            });
+            log_close(&rule.name, peer, &addr, started, &Progress::default(), &end);
+            return None;
+        }
+        Dialed::Failed => {
+            // Closing without reading: the client sees the connection end at once.
+            let progress = Progress::default();
+            log_close(
+                &rule.name,
+                peer,
+                "none",
+                started,
+                &progress,
+                "connect_failed",
+            );
+            return None;
+        }
     };
     let _ = upstream.set_nodelay(true);
     if let Some(version) = rule.proxy_protocol {
@@ -663,15 +677,23 @@ impl RefusalLog {
 /// Tries the upstreams in the balancer's order (each resolved address in turn), with
 /// connect_timeout per attempt. Names are resolved here, per connection, so DNS
 /// changes are followed. Failures feed passive health detection.
-async fn connect_upstream(
-    rt: &Arc<RuleRuntime>,
-    peer: SocketAddr,
-) -> Option<(TcpStream, SocketAddr, ActiveGuard)> {
+async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
     for i in ups.order(peer.ip()) {
         let upstream = &ups.list[i].cfg.addr;
-        let result = connect_one(upstream, rule.connect_timeout).await;
+        let result = match connect_one(upstream, rule.connect_timeout).await {
+            Err(ConnectError {
+                reset: Some((addr, error)),
+                ..
+            }) => {
+                // The connect succeeded (the upstream is there): no failed connect,
+                // and no other upstream is tried, as for a reset right after it.
+                let _ = ups.report(i, true);
+                return Dialed::Reset(addr, error);
+            }
+            other => other,
+        };
         // Out of fds or memory here says nothing about the upstream: passive health
         // hears only of failures the upstream (or the way to it) caused.
         let local = matches!(&result, Err(e) if e.local);
@@ -689,7 +711,7 @@ async fn connect_upstream(
             }
         }
         match result {
-            Ok((stream, addr)) => return Some((stream, addr, ups.connected(i))),
+            Ok((stream, addr)) => return Dialed::Connected(stream, addr, ups.connected(i)),
             Err(e) => event!(
                 warn,
                 "connect failed",
@@ -701,20 +723,37 @@ async fn connect_upstream(
             ),
         }
     }
-    None
+    Dialed::Failed
+}
+
+/// How [`connect_upstream`] ended.
+enum Dialed {
+    Connected(TcpStream, SocketAddr, ActiveGuard),
+    /// The upstream accepted and reset the connection at once (see [`ConnectError`]).
+    Reset(SocketAddr, io::Error),
+    /// Every upstream failed (each failure logged).
+    Failed,
 }
 
 struct ConnectError {
     why: String,
     /// The failure is ours (EMFILE, ENOMEM, ...), not the upstream's.
     local: bool,
+    /// The upstream accepted and then reset the connection before we saw the connect
+    /// complete: not a failed connect but a pair its upstream reset, as when the reset
+    /// comes a moment later (then the relay reports it).
+    reset: Option<(SocketAddr, io::Error)>,
 }
 
 async fn connect_one(
     upstream: &str,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let remote = |why: String| ConnectError { why, local: false };
+    let remote = |why: String| ConnectError {
+        why,
+        local: false,
+        reset: None,
+    };
     // A literal address needs no resolver: tokio's runs on the blocking pool, a
     // thread hop per connection that costs connection rate.
     let addrs = match upstream.parse::<SocketAddr>() {
@@ -730,6 +769,13 @@ async fn connect_one(
     for addr in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => return Ok((stream, addr)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(ConnectError {
+                    why: format!("{addr}: {e}"),
+                    local: false,
+                    reset: Some((addr, e)),
+                })
+            }
             Ok(Err(e)) => {
                 local &= crate::server::is_resource_exhaustion(&e);
                 errors.push(format!("{addr}: {e}"));
@@ -743,6 +789,7 @@ async fn connect_one(
     Err(ConnectError {
         why: errors.join("; "),
         local: local && !errors.is_empty(),
+        reset: None,
     })
 }
 

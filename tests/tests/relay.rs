@@ -593,6 +593,34 @@ relay_tests! {
         assert!(close.first().is_some_and(|l| l.contains("end=upstream_")), "{close:?}");
     }
 
+    /// An upstream that resets each connection as soon as it accepts it: every client
+    /// is reset too, and its close line says `upstream_reset`. A reset that came
+    /// before the forwarder saw its connect complete was taken for a failed connect,
+    /// and the client got a clean, empty EOF (`end=connect_failed`): 6 to 15 of 30
+    /// (audit).
+    fn upstream_reset_on_accept_resets_the_client(mode) {
+        let _load = light();
+        let up = Server::start(LOCALHOST, |s| {
+            socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+        });
+        let fwd = Forwarder::cli(mode, &[up.addr()]);
+        fwd.assert_mode(mode);
+        // No pair is ever relayed: each ends before (or as) its relay starts.
+        fwd.expect_pairs(0);
+        const CLIENTS: usize = 30;
+        for i in 0..CLIENTS {
+            let c = connect(fwd.addr());
+            let (how, _) = wait_closed(&c, secs(5)).unwrap_or_else(|e| panic!("client {i}: {e}"));
+            assert_eq!(how, Ending::Reset, "client {i}: the upstream's reset reached it as {how:?}");
+        }
+        let close = fwd.wait_close_lines(CLIENTS, secs(5));
+        assert_eq!(close.len(), CLIENTS, "{close:#?}");
+        for l in &close {
+            assert!(field(l, "end").is_some_and(|e| e.starts_with("upstream_reset")), "{l}");
+        }
+    }
+
     /// A pair that resets after one direction's FIN was passed on counts the bytes
     /// that moved, not the FIN (which takes a sequence number of its own in TCP's
     /// counters): the client says 1 byte, the upstream answers 2 bytes and FIN, the
