@@ -1157,8 +1157,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     }
     let deny_patterns = s.deny_pattern.clone().unwrap_or_default();
     for (j, p) in deny_patterns.iter().enumerate() {
-        regex::bytes::Regex::new(p)
-            .map_err(|e| e.to_string())
+        crate::inspect::byte_regex(p)
             .and_then(|_| crate::inspect::lazy_dfa(&[p]).map(drop))
             .map_err(|e| err(format!("{}: {e}", at(&format!("deny_pattern[{j}]")))))?;
     }
@@ -1177,13 +1176,12 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         .into_iter()
         .enumerate()
     {
-        let (pattern, dfa) = regex::bytes::Regex::new(&r.pattern)
-            .map_err(|e| e.to_string())
+        let (pattern, dfa) = crate::inspect::byte_regex(&r.pattern)
             .and_then(|re| Ok((re, crate::inspect::lazy_dfa(&[&r.pattern])?)))
             .map_err(|e| err(format!("{}: {e}", at(&format!("rewrite[{j}].match")))))?;
         // A match that can be empty (`x?`, `a*`, `^`) has no bytes to replace: the
         // rewriter would pass such matches by unchanged, so say so instead.
-        let can_be_empty = regex_syntax::parse(&r.pattern)
+        let can_be_empty = crate::inspect::parse_pattern(&r.pattern)
             .is_ok_and(|hir| hir.properties().minimum_len() == Some(0));
         if can_be_empty {
             return Err(err(format!(

@@ -32,13 +32,12 @@ pub enum Verdict {
 }
 
 impl DenyPatterns {
-    /// Same syntax as `regex::bytes::Regex` (Unicode classes, but any byte may match).
+    /// Patterns over bytes (see `inspect::syntax`).
     pub fn new(patterns: &[String]) -> Result<DenyPatterns, String> {
         let all: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let mut anchored = Vec::new();
         for p in &all {
-            let mut parser = regex_syntax::ParserBuilder::new().utf8(false).build();
-            let hir = parser.parse(p).map_err(|e| e.to_string())?;
+            let hir = super::parse_pattern(p)?;
             if hir
                 .properties()
                 .look_set_prefix()

@@ -41,19 +41,49 @@ use rewrite::Rewriter;
 /// ends, or the client does).
 const HOLD_MAX: Duration = Duration::from_secs(1);
 
-/// The lazy DFA that `deny_pattern` and `rewrite` step over a stream as it arrives:
-/// the syntax of `regex::bytes` (any byte may match). It cannot take what only a
-/// backtracking search can: Unicode word boundaries (`\b`, `\B`), which `check`
-/// therefore refuses with a hint (the ASCII ones, `(?-u:\b)`, work).
+/// How `deny_pattern` and `rewrite` patterns read: the syntax of `regex::bytes` with
+/// Unicode mode off by default, so they match bytes, as a TCP stream is. `\xff` is the
+/// byte ff and `.` any byte but `\n` (in Unicode mode `\xff` is U+00FF, the bytes c3 bf,
+/// and `.` matches no byte of invalid UTF-8: `^\xff\xfb` never refused a telnet IAC
+/// WILL, and one 0x80 byte in front got `(?s)^.{0,8}EVIL` past the filter). Classes and
+/// `(?i)` are ASCII; `(?u:...)` asks for Unicode.
+fn syntax() -> regex_automata::util::syntax::Config {
+    regex_automata::util::syntax::Config::new()
+        .unicode(false)
+        .utf8(false)
+}
+
+/// A pattern as [`syntax`] reads it, for a search over bytes already in hand.
+pub fn byte_regex(pattern: &str) -> Result<regex::bytes::Regex, String> {
+    regex::bytes::RegexBuilder::new(pattern)
+        .unicode(false)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A pattern's syntax tree as [`syntax`] reads it.
+pub fn parse_pattern(pattern: &str) -> Result<regex_syntax::hir::Hir, String> {
+    regex_syntax::ParserBuilder::new()
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(pattern)
+        .map_err(|e| e.to_string())
+}
+
+/// The lazy DFA that `deny_pattern` and `rewrite` step over a stream as it arrives
+/// (see [`syntax`]). It cannot take what only a backtracking search can: Unicode word
+/// boundaries (`(?u:\b)`), which `check` therefore refuses with a hint (the ASCII `\b`
+/// works).
 pub fn lazy_dfa(patterns: &[&str]) -> Result<regex_automata::hybrid::dfa::DFA, String> {
-    use regex_automata::{nfa::thompson, util::syntax};
+    use regex_automata::nfa::thompson;
     regex_automata::hybrid::dfa::DFA::builder()
-        .syntax(syntax::Config::new().utf8(false))
+        .syntax(syntax())
         .thompson(thompson::Config::new().utf8(false))
         .build_many(patterns)
         .map_err(|e| match e.to_string() {
             m if m.contains("word boundar") => format!(
-                "{m} (Unicode \\b and \\B cannot be checked as bytes arrive; write (?-u:\\b) for an ASCII word boundary)"
+                "{m} (Unicode \\b and \\B cannot be checked as bytes arrive; a plain \\b is the ASCII word boundary)"
             ),
             m => m,
         })

@@ -217,7 +217,7 @@ mod tests {
     fn rule(p: &str, r: &str) -> Rewrite {
         Rewrite {
             direction: Direction::ToUpstream,
-            pattern: Regex::new(p).unwrap(),
+            pattern: crate::inspect::byte_regex(p).unwrap(),
             replace: r.as_bytes().to_vec(),
             dfa: crate::inspect::lazy_dfa(&[p]).unwrap(),
         }
