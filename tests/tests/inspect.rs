@@ -188,6 +188,18 @@ fn http_server(dir: &Path) -> (ChildGuard, SocketAddr, Lines) {
     python_http_server(dir, &["--protocol", "HTTP/1.1"])
 }
 
+/// Sends `sent` through the forwarder at `addr` to an echoing upstream, reads as many
+/// bytes as `want` holds (the echo of what the upstream got), ends the stream and waits
+/// for its end; returns the echo.
+fn send_echoed_and_end(addr: SocketAddr, sent: &[u8], want: &[u8]) -> Vec<u8> {
+    let s = connect(addr);
+    (&s).write_all(sent).unwrap();
+    let echo = read_exact_timeout(&s, want.len(), secs(10)).expect("the echo");
+    s.shutdown(Shutdown::Write).unwrap();
+    wait_closed(&s, secs(10)).expect("the stream ends");
+    echo
+}
+
 /// A loopback address whose port was free a moment ago (for `metrics`).
 fn free_addr() -> SocketAddr {
     let ip = Ipv4Addr::new(127, 93, (std::process::id() % 250) as u8 + 1, 7);
@@ -832,14 +844,8 @@ relay_tests! {
             assert_eq!(field(&close, "end"), Some("refused_pattern"), "{refused:x?}: {close}");
         }
         let passing: &[u8] = b"\xc3\xbf\xc3\xbb not telnet, and no EVIL in its first 8 bytes";
-        let s = connect(fwd.addr());
-        (&s).write_all(passing).unwrap();
-        let echo = read_exact_timeout(&s, passing.len(), secs(10)).expect("echo of the passing stream");
-        assert_eq!(&echo[..], passing);
-        s.shutdown(Shutdown::Write).unwrap();
-        wait_closed(&s, secs(10)).expect("the passing stream ends");
-        let got = recorded(&rx, "passing client");
-        assert_eq!(got.bytes, passing);
+        assert_eq!(send_echoed_and_end(fwd.addr(), passing, passing), passing);
+        assert_eq!(recorded(&rx, "passing client").bytes, passing);
     }
 
     /// A rewrite of `\xff` replaces the byte ff, and leaves c3 bf (U+00FF in UTF-8)
@@ -853,12 +859,7 @@ relay_tests! {
         let want: &[u8] = b"aXb \xc3\xbf";
         // The copy path: every byte through userspace, rewritten up and echoed back.
         fwd.expect_userspace_at_most(2 * want.len() as u64);
-        let s = connect(fwd.addr());
-        (&s).write_all(sent).unwrap();
-        let echo = read_exact_timeout(&s, want.len(), secs(10)).expect("echo");
-        assert_eq!(&echo[..], want);
-        s.shutdown(Shutdown::Write).unwrap();
-        wait_closed(&s, secs(10)).expect("the stream ends");
+        assert_eq!(send_echoed_and_end(fwd.addr(), sent, want), want);
         assert_eq!(recorded(&rx, "rewritten client").bytes, want);
     }
 
