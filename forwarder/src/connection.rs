@@ -45,7 +45,7 @@ pub struct RuleRuntime {
 
 impl RuleRuntime {
     /// `before`: the upstreams of the runtime this one replaces on a reload, whose
-    /// health it carries on.
+    /// health it shares.
     pub fn new(
         rule: Rule,
         relay: Arc<dyn Relay>,
@@ -56,10 +56,7 @@ impl RuleRuntime {
     ) -> Self {
         // Set before any accept: a pair's start is kept relative to it.
         crate::relay::epoch();
-        let upstreams = Upstreams::new(&rule);
-        if let Some(old) = before {
-            upstreams.carry_health(old);
-        }
+        let upstreams = Upstreams::new(&rule, before);
         let stats = crate::metrics::global().rule(&rule.name);
         stats.serve_upstreams(&upstreams);
         RuleRuntime {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use forwarder_tests::netns::{NetNs, Proc};
 use forwarder_tests::*;
 
 fn secs(s: u64) -> Duration {
@@ -1102,4 +1103,72 @@ relay_tests! {
         drop((c5, p6));
         fwd.assert_running();
     }
+}
+
+/// A connect still under way on a rule's old runtime when a reload replaces it (its
+/// upstream blackholed: the SYN is dropped) reports to the new runtime too: when it
+/// times out, that upstream is down for the new one (no client sent to it, one `is
+/// DOWN` line). Copied once at the reload, the health was up again for the new runtime,
+/// and the next client waited `connect_timeout` on the dead upstream (audit).
+#[test]
+fn health_learnt_by_a_connect_across_a_reload_holds() {
+    let _load = light();
+    let ns = NetNs::new();
+    const DEAD_PORT: u16 = 4999;
+    // Inside the namespace, SYNs to the dead upstream go nowhere.
+    ns.nft_rule("output", &["tcp", "dport", "4999", "drop"]);
+    let good = Server::echo_on(std::net::IpAddr::V4(ns.host_ip()));
+    let dead = SocketAddr::new(std::net::IpAddr::V4(ns.host_ip()), DEAD_PORT);
+    let listen = SocketAddr::new(std::net::IpAddr::V4(ns.ns_ip()), 4000);
+    let metrics = SocketAddr::new(std::net::IpAddr::V4(ns.ns_ip()), 4001);
+    let config = |idle: &str| {
+        format!(
+            "[global]\nmetrics = \"{metrics}\"\n\n[[rule]]\nname = \"r\"\nlisten = \"{listen}\"\n\
+             upstream = [\"{dead}\", \"{}\"]\nfall = 1\nconnect_timeout = \"1s\"\nidle_timeout = \"{idle}\"\n",
+            good.addr()
+        )
+    };
+    let dir = TempDir::new("reload-health");
+    let path = dir.write("forwarder.toml", &config("1h"));
+    let args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), path.clone().into()];
+    let fwd = Proc::spawn("forwarder", &args, Some(&ns), &[], None);
+    fwd.expect_line("listening", secs(10), |l| l.contains(" listening "));
+    // A client whose connect to the dead upstream is under way during the reload.
+    let first = thread::spawn(move || echo_check_paired(listen, Payload::new(1, 100), secs(10)));
+    thread::sleep(Duration::from_millis(300));
+    std::fs::write(&path, config("2h")).unwrap();
+    // SAFETY: kill(2) on the forwarder we started.
+    unsafe { libc::kill(fwd.pid(), libc::SIGHUP) };
+    fwd.expect_line("reload ok", secs(5), |l| l.contains(" reload ok"));
+    first
+        .join()
+        .expect("the first client, served by the good upstream after 1 s");
+    let down = format!(" upstream rule=r addr={dead} is DOWN");
+    fwd.expect_line("DOWN", secs(5), |l| l.contains(&down));
+    let errors = || {
+        let text = metrics_text(metrics);
+        let labels = format!("upstream=\"{dead}\"");
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(&labels))
+                .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} for {dead} in:\n{text}"))
+        };
+        (
+            value("forwarder_upstream_up"),
+            value("forwarder_upstream_connect_errors_total"),
+        )
+    };
+    assert_eq!(errors(), (0.0, 1.0), "after the first client");
+    for seed in 2..4 {
+        echo_check_paired(listen, Payload::new(seed, 100), secs(10));
+    }
+    assert_eq!(
+        errors(),
+        (0.0, 1.0),
+        "clients were sent to the dead upstream after the reload"
+    );
+    thread::sleep(Duration::from_millis(200));
+    let downs = fwd.matching(|l| l.contains(&down));
+    assert_eq!(downs.len(), 1, "{downs:#?}");
 }

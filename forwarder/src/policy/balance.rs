@@ -29,12 +29,32 @@ pub struct Upstreams {
 
 pub struct UpstreamState {
     pub cfg: Upstream,
+    /// What checks and traffic learnt of it. Shared, by address, with the runtime this
+    /// one replaced on a reload and with the one that replaces it: a connect still
+    /// under way on the old runtime reports to the new one too. (Copied once at the
+    /// reload, an upstream that such a connect then found dead read up again, and the
+    /// next `fall` clients each waited `connect_timeout` on it.)
+    health: Arc<Health>,
+    /// Open connections, for least_conn and random.
+    active: AtomicUsize,
+}
+
+struct Health {
     up: AtomicBool,
     successes: AtomicU32,
     failures: AtomicU32,
     down_since: Mutex<Option<Instant>>,
-    /// Open connections, for least_conn and random.
-    active: AtomicUsize,
+}
+
+impl Health {
+    fn new() -> Arc<Health> {
+        Arc::new(Health {
+            up: AtomicBool::new(true),
+            successes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            down_since: Mutex::new(None),
+        })
+    }
 }
 
 /// Counts a connection against its upstream while it lives.
@@ -47,17 +67,21 @@ impl Drop for ActiveGuard {
 }
 
 impl Upstreams {
-    pub fn new(rule: &Rule) -> Arc<Upstreams> {
+    /// `before`: the same rule's upstreams before a reload, whose health (by address)
+    /// these share.
+    pub fn new(rule: &Rule, before: Option<&Upstreams>) -> Arc<Upstreams> {
+        let health = |addr: &str| {
+            before
+                .and_then(|b| b.list.iter().find(|o| o.cfg.addr == addr))
+                .map_or_else(Health::new, |o| o.health.clone())
+        };
         Arc::new(Upstreams {
             list: rule
                 .upstreams
                 .iter()
                 .map(|u| UpstreamState {
                     cfg: u.clone(),
-                    up: AtomicBool::new(true),
-                    successes: AtomicU32::new(0),
-                    failures: AtomicU32::new(0),
-                    down_since: Mutex::new(None),
+                    health: health(&u.addr),
                     active: AtomicUsize::new(0),
                 })
                 .collect(),
@@ -69,36 +93,18 @@ impl Upstreams {
         })
     }
 
-    /// Takes over what `old` (the same rule before a reload) knew of each upstream it
-    /// shares with this one, by address: a down upstream stays down, its counts towards
-    /// `rise` and `fall` go on. A fresh start marked every upstream up, so a reload that
-    /// changed any setting of the rule sent clients to dead upstreams again (`fall` of
-    /// them waiting `connect_timeout` each) and showed them up in the metrics.
-    pub fn carry_health(&self, old: &Upstreams) {
-        for u in &self.list {
-            let Some(o) = old.list.iter().find(|o| o.cfg.addr == u.cfg.addr) else {
-                continue;
-            };
-            u.up.store(o.up.load(Ordering::Relaxed), Ordering::Relaxed);
-            u.successes
-                .store(o.successes.load(Ordering::Relaxed), Ordering::Relaxed);
-            u.failures
-                .store(o.failures.load(Ordering::Relaxed), Ordering::Relaxed);
-            *u.down_since.lock().unwrap() = *o.down_since.lock().unwrap();
-        }
-    }
-
     /// Whether health checks or traffic last marked the upstream up (what metrics
     /// show); [`Upstreams::is_up`] also lets a passively failed one take a trial.
     pub fn marked_up(&self, i: usize) -> bool {
-        self.list[i].up.load(Ordering::Relaxed)
+        self.list[i].health.up.load(Ordering::Relaxed)
     }
 
     pub fn is_up(&self, i: usize) -> bool {
         let u = &self.list[i];
-        u.up.load(Ordering::Relaxed)
+        u.health.up.load(Ordering::Relaxed)
             || (!self.active_checks
-                && u.down_since
+                && u.health
+                    .down_since
                     .lock()
                     .unwrap()
                     .is_some_and(|t| t.elapsed() >= PASSIVE_RETRY))
@@ -220,29 +226,29 @@ impl Upstreams {
     /// Records a connect or check result; returns the new state when it changed.
     pub fn report(&self, i: usize, ok: bool) -> Option<bool> {
         let u = &self.list[i];
-        let was_up = u.up.load(Ordering::Relaxed);
+        let was_up = u.health.up.load(Ordering::Relaxed);
         let trial = !was_up && self.is_up(i);
         if ok {
-            u.failures.store(0, Ordering::Relaxed);
+            u.health.failures.store(0, Ordering::Relaxed);
             if was_up {
                 return None;
             }
             // A passive trial that worked is as good as `rise` checks.
-            if trial || u.successes.fetch_add(1, Ordering::Relaxed) + 1 >= self.rise {
-                u.successes.store(0, Ordering::Relaxed);
-                u.up.store(true, Ordering::Relaxed);
-                *u.down_since.lock().unwrap() = None;
+            if trial || u.health.successes.fetch_add(1, Ordering::Relaxed) + 1 >= self.rise {
+                u.health.successes.store(0, Ordering::Relaxed);
+                u.health.up.store(true, Ordering::Relaxed);
+                *u.health.down_since.lock().unwrap() = None;
                 return Some(true);
             }
         } else {
-            u.successes.store(0, Ordering::Relaxed);
+            u.health.successes.store(0, Ordering::Relaxed);
             if trial {
-                *u.down_since.lock().unwrap() = Some(Instant::now());
+                *u.health.down_since.lock().unwrap() = Some(Instant::now());
             }
-            if was_up && u.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.fall {
-                u.failures.store(0, Ordering::Relaxed);
-                u.up.store(false, Ordering::Relaxed);
-                *u.down_since.lock().unwrap() = Some(Instant::now());
+            if was_up && u.health.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.fall {
+                u.health.failures.store(0, Ordering::Relaxed);
+                u.health.up.store(false, Ordering::Relaxed);
+                *u.health.down_since.lock().unwrap() = Some(Instant::now());
                 return Some(false);
             }
         }
@@ -260,7 +266,7 @@ mod tests {
             "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = {list}\nbalance = \"{balance}\"\nrise = 2\nfall = 2\ncheck_interval = \"1s\"\n"
         ))
         .unwrap();
-        Upstreams::new(&c.rules[0])
+        Upstreams::new(&c.rules[0], None)
     }
 
     fn ip(n: u32) -> IpAddr {
