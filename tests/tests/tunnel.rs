@@ -2528,6 +2528,61 @@ relay_tests! {
         }
     }
 
+    /// A draining agent whose link is reset (its streams still open) resumes, and the
+    /// server says so in order: `link lost`, then `link resumed`. It logged only the
+    /// resume (it waits a moment for a drained agent's last streams before it calls a
+    /// link lost, and the resume came first) (audit).
+    fn draining_agent_link_reset_is_lost_then_resumed(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let (token, target, server) = on_loopback(mode, &dir, "", "");
+        let mut agent = agent_with_grace(server.tunnel, &token, target.addr(), "30s");
+        wait_connected(&server, &agent, 1);
+        let held = open(server.visitors, &Job::new(HOLD, Payload::new(250, 0), Payload::new(0, 0)));
+        ping(&held, b"before the signal", secs(10)).expect("round trip");
+        agent.proc.signal(libc::SIGTERM);
+        server.p.expect_line("agent draining", secs(5), |l| is_line(l, "agent draining"));
+        ss_kill(&["dport", "=", &format!(":{}", server.tunnel.port())]);
+        server.p.expect_line("link resumed", secs(15), |l| is_line(l, "link resumed"));
+        ping(&held, b"after the resume", secs(10)).expect("round trip after the resume");
+        let events = link_events(&server.p);
+        let lost = events.iter().position(|l| is_line(l, "link lost"));
+        let resumed = events.iter().position(|l| is_line(l, "link resumed"));
+        assert!(lost.is_some() && lost < resumed, "server link events: {events:#?}");
+        held.shutdown(Shutdown::Write).unwrap();
+        wait_closed(&held, secs(10)).unwrap_or_else(|e| panic!("held visitor: {e}"));
+    }
+
+    /// A target that accepts and resets at once: each visitor is reset, and both sides'
+    /// close lines say `upstream_reset`. The agent took a reset that came before it saw
+    /// its connect complete for a failed connect (`end=connect_failed`, 4 to 10 of 20,
+    /// and a connect error counted) (audit).
+    fn target_reset_on_accept_is_an_upstream_reset(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Server::start(LOCALHOST, |s| {
+            socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+        });
+        let server = TunnelServer::cli(mode, "127.0.0.1:0", &token);
+        let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+        wait_connected(&server, &agent, 1);
+        const VISITORS: usize = 20;
+        for i in 0..VISITORS {
+            let s = connect(server.visitors);
+            let (how, _) = wait_closed(&s, secs(10)).unwrap_or_else(|e| panic!("visitor {i}: {e}"));
+            assert_eq!(how, Ending::Reset, "visitor {i}");
+        }
+        for (p, side) in [(&server.p, "server"), (&agent, "agent")] {
+            let lines = p.wait_close_lines(VISITORS, secs(10));
+            assert_eq!(lines.len(), VISITORS, "{side}: {lines:#?}");
+            for l in &lines {
+                assert!(field(l, "end").is_some_and(|e| e.starts_with("upstream_reset")), "{side}: {l}");
+            }
+        }
+    }
+
     /// SIGTERM to the agent (shutdown_grace 4 s) with two streams: an upload under
     /// way, which can finish within the grace period, finishes byte-exact both ways
     /// (`end=closed`); the other, an echo, is still served during the drain, and

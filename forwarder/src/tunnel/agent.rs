@@ -587,6 +587,16 @@ async fn serve_stream(
     let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect(&target)).await;
     let mut local = match connected {
         Ok(Ok(s)) => s,
+        // Accepted and reset at once: the target reset the pair, as a plain rule's
+        // upstream that does so (not a failed connect; the visitor is reset).
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            refuse_stream(&session, &data, stream);
+            let end = crate::connection::end_text(&crate::relay::RelayEnd::Failed {
+                side: crate::relay::Side::Upstream,
+                error: e,
+            });
+            return log(&target, &end, &progress);
+        }
         Ok(Err(e)) => {
             refuse_stream(&session, &data, stream);
             if let Some(s) = stats {

@@ -120,6 +120,9 @@ pub struct ServerSession {
     pongs: AtomicU64,
     /// The agent is shutting down (`Draining`): no new stream goes to it.
     draining: AtomicBool,
+    /// A draining agent's link ended and its loss is not logged yet (its last streams
+    /// may end in a moment, then it left): a resume meanwhile logs it first.
+    loss_unsaid: AtomicBool,
 }
 
 impl stream::Session for ServerSession {
@@ -459,6 +462,7 @@ impl Registry {
                     agent: Mutex::new(peer),
                     pongs: AtomicU64::new(0),
                     draining: AtomicBool::new(false),
+                    loss_unsaid: AtomicBool::new(false),
                 });
                 self.sessions
                     .lock()
@@ -499,7 +503,9 @@ impl Registry {
             let mut control = session.table.control.lock().unwrap();
             let generation = session.generation.fetch_add(1, Ordering::Relaxed) + 1;
             let old_agent = std::mem::replace(&mut *session.agent.lock().unwrap(), peer);
-            (generation, control.replace(tx).is_some(), old_agent)
+            let unseen_loss =
+                control.replace(tx).is_some() || session.loss_unsaid.swap(false, Ordering::SeqCst);
+            (generation, unseen_loss, old_agent)
         };
         session.taken_over.notify_waiters();
         for stream in unknown {
@@ -540,15 +546,17 @@ impl Registry {
         if session.draining.load(Ordering::SeqCst) {
             // A drained agent exits once its streams are done on its side; here their
             // ends may still be on their way (seen: the last one 0.1 ms after the link).
+            // A resume meanwhile (the link failed mid-drain) logs this loss itself.
+            session.loss_unsaid.store(true, Ordering::SeqCst);
             for _ in 0..DRAINED_WAIT_LOOKS {
-                if waiting == 0 {
+                if waiting == 0 || session.generation.load(Ordering::Relaxed) != generation {
                     break;
                 }
                 tokio::time::sleep(DRAINED_WAIT_STEP).await;
-                if session.generation.load(Ordering::Relaxed) != generation {
-                    return; // it resumed meanwhile (its link had failed mid-drain)
-                }
                 waiting = session.table.map.lock().unwrap().len();
+            }
+            if !session.loss_unsaid.swap(false, Ordering::SeqCst) {
+                return; // resumed, and said so
             }
         }
         if waiting == 0 && session.draining.load(Ordering::SeqCst) {
