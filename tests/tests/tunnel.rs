@@ -819,6 +819,25 @@ fn agent_with_global(server: SocketAddr, token: &Path, target: SocketAddr, globa
 }
 
 /// [`agent_with_global`] with `shutdown_grace`.
+/// A tunnel on loopback with one agent (its `shutdown_grace` is `grace`) and a visitor
+/// through it held open (a [`HOLD`] job, payload seed `seed`) that has made a round trip.
+fn held_through_an_agent(
+    mode: Mode,
+    dir: &TempDir,
+    grace: &str,
+    seed: u64,
+) -> (Target, TunnelServer, Proc, TcpStream) {
+    let (token, target, server) = on_loopback(mode, dir, "", "");
+    let agent = agent_with_grace(server.tunnel, &token, target.addr(), grace);
+    wait_connected(&server, &agent, 1);
+    let held = open(
+        server.visitors,
+        &Job::new(HOLD, Payload::new(seed, 0), Payload::new(0, 0)),
+    );
+    ping(&held, b"before the signal", secs(10)).expect("round trip");
+    (target, server, agent, held)
+}
+
 fn agent_with_grace(server: SocketAddr, token: &Path, target: SocketAddr, grace: &str) -> Proc {
     agent_with_global(
         server,
@@ -2535,11 +2554,7 @@ relay_tests! {
     fn draining_agent_link_reset_is_lost_then_resumed(mode) {
         let _load = light();
         let dir = TempDir::new("tunnel");
-        let (token, target, server) = on_loopback(mode, &dir, "", "");
-        let mut agent = agent_with_grace(server.tunnel, &token, target.addr(), "30s");
-        wait_connected(&server, &agent, 1);
-        let held = open(server.visitors, &Job::new(HOLD, Payload::new(250, 0), Payload::new(0, 0)));
-        ping(&held, b"before the signal", secs(10)).expect("round trip");
+        let (_target, server, mut agent, held) = held_through_an_agent(mode, &dir, "30s", 250);
         agent.proc.signal(libc::SIGTERM);
         server.p.expect_line("agent draining", secs(5), |l| is_line(l, "agent draining"));
         ss_kill(&["dport", "=", &format!(":{}", server.tunnel.port())]);
@@ -2591,11 +2606,7 @@ relay_tests! {
     fn agent_sigterm_drains_its_streams(mode) {
         let _load = light();
         let dir = TempDir::new("tunnel");
-        let (token, target, server) = on_loopback(mode, &dir, "", "");
-        let mut agent = agent_with_grace(server.tunnel, &token, target.addr(), "4s");
-        wait_connected(&server, &agent, 1);
-        let held = open(server.visitors, &Job::new(HOLD, Payload::new(120, 0), Payload::new(0, 0)));
-        ping(&held, b"before the signal", secs(10)).expect("round trip");
+        let (target, server, mut agent, held) = held_through_an_agent(mode, &dir, "4s", 120);
         // 4 MiB each way at 2 MiB/s: about 2 s, so the signal comes mid-way.
         let mut job = Job::new(BOTH, Payload::new(121, 4 * MIB), Payload::new(122, 4 * MIB));
         job.rate = 2 * MIB;
