@@ -260,6 +260,13 @@ impl Server {
     /// Starts serving `rule` on `listener`, logging its `listening` line.
     async fn start(&self, rule: &Rule, listener: Arc<TcpListener>) -> anyhow::Result<Running> {
         let (relay, why) = choose_relay(rule).await?;
+        // The startup line names the rule's mode, `splice` or `ebpf` (issues 2 and 3):
+        // a rewrite rule's copy relay is splice mode's userspace variant, and its
+        // pairs say `path=copy` in their close lines.
+        let mode = match relay.path() {
+            "copy" => "splice",
+            path => path,
+        };
         let local = listener.local_addr()?;
         event!(
             info,
@@ -269,13 +276,13 @@ impl Server {
                 rule.name,
                 local,
                 rule.upstream_list(),
-                relay.path(),
+                mode,
                 why
             ),
             rule = %rule.name,
             listen = %local,
             upstream = %rule.upstream_list(),
-            mode = relay.path(),
+            mode = mode,
             detail = %why,
         );
         // A changed rule keeps the limits of the one it replaces (resized in `apply`
@@ -609,7 +616,7 @@ async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
     } else if rule.rewrite.is_empty() {
         choose_path(rule).await?
     } else {
-        let why = "rewrite: every byte through userspace".to_string();
+        let why = "rewrite: the copy path, every byte through userspace (path=copy)".to_string();
         (Arc::new(CopyRelay::new(rule)) as Arc<dyn Relay>, why)
     };
     if !rule.inspects() {

@@ -809,7 +809,11 @@ impl Forwarder {
             .rev()
             .filter_map(|l| parse_listening(l))
             .find(|l| l.rule == rule)
-            .map(|l| l.mode)
+            // A rewrite rule runs in splice mode on the copy path, which its pairs name.
+            .map(|l| match l.line.contains("(path=copy)") {
+                true => "copy".to_string(),
+                false => l.mode,
+            })
     }
 
     /// The config file given with `--config` (for tests that rewrite it and reload).

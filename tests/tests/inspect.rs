@@ -200,6 +200,14 @@ fn send_echoed_and_end(addr: SocketAddr, sent: &[u8], want: &[u8]) -> Vec<u8> {
     echo
 }
 
+/// A rewrite rule's startup line: its mode is `splice` (issues 2 and 3 allow only
+/// `splice` or `ebpf` there), and it says its pairs take the copy path.
+fn assert_copy_path_listening(fwd: &Forwarder) {
+    let l = &fwd.listening[0];
+    assert_eq!(l.mode, "splice", "{}", l.line);
+    assert!(l.line.contains("(path=copy)"), "{}", l.line);
+}
+
 /// A loopback address whose port was free a moment ago (for `metrics`).
 fn free_addr() -> SocketAddr {
     let ip = Ipv4Addr::new(127, 93, (std::process::id() % 250) as u8 + 1, 7);
@@ -635,7 +643,7 @@ relay_tests! {
         let (up, rx) = recording_server(b"", true);
         let extra = r#"rewrite = [{ direction = "to_upstream", match = 'Host: old\.example', replace = "Host: new.example" }]"#;
         let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), up.addr(), extra), 1);
-        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        assert_copy_path_listening(&fwd);
         let part1: &[u8] = b"GET / HTTP/1.1\r\nHost: ol";
         let part2: &[u8] = b"d.example\r\nAccept: */*\r\nX-Host: old.example\r\n\r\nbody Host: old.example!";
         let want: &[u8] = b"GET / HTTP/1.1\r\nHost: new.example\r\nAccept: */*\r\nX-Host: new.example\r\n\r\nbody Host: new.example!";
@@ -703,7 +711,7 @@ relay_tests! {
             { direction = "to_upstream", match = 'foo$', replace = "bar" },
         ]"#;
         let fwd = Forwarder::config(None, &rule("rwa", rewrite_mode(mode), up.addr(), extra), 1);
-        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        assert_copy_path_listening(&fwd);
         let want: &[u8] = b"Z0\nA1\nM2Afoo bar";
         // The copy path moves every byte through userspace (none comes back).
         fwd.expect_userspace_at_most(want.len() as u64);
@@ -741,7 +749,7 @@ relay_tests! {
             dumps.path().display()
         );
         let fwd = Forwarder::config(None, &rule("rwd", rewrite_mode(mode), up.addr(), &extra), 1);
-        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        assert_copy_path_listening(&fwd);
         let part1: &[u8] = b"GET / HTTP/1.1\r\nHost: ol";
         let part2: &[u8] = b"d.example\r\nAccept: */*\r\n\r\nHost: old.example!";
         let want: &[u8] = b"GET / HTTP/1.1\r\nHost: new.example\r\nAccept: */*\r\n\r\nHost: new.example!";
@@ -901,7 +909,7 @@ relay_tests! {
         let (raw, raw_rx) = raw_http_recorder();
         let extra = r#"rewrite = [{ direction = "to_upstream", match = 'Host: old\.example', replace = "Host: new.example" }]"#;
         let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), raw.addr(), extra), 1);
-        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        assert_copy_path_listening(&fwd);
         // The copy path moves every byte (request and answer) through userspace.
         fwd.expect_userspace_at_most(1024);
         let url = format!("http://{}/r", fwd.addr());
@@ -923,7 +931,7 @@ relay_tests! {
         let up = Server::echo();
         let extra = r#"rewrite = [{ direction = "to_upstream", match = 'never in the payload', replace = "x" }]"#;
         let fwd = Forwarder::config(None, &rule("cp", rewrite_mode(mode), up.addr(), extra), 1);
-        assert_eq!(fwd.listening[0].mode, "copy", "{}", fwd.listening[0].line);
+        assert_copy_path_listening(&fwd);
         let p = Payload::new(64, 64 * MIB);
         fwd.expect_userspace_at_most(2 * (p.len + 1));
         echo_check_paired(fwd.addr(), p, secs(120));
