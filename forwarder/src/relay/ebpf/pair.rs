@@ -158,7 +158,12 @@ where
 async fn not_paired(refused: Setup, progress: &Progress, allow_fallback: bool) -> RelayEnd {
     match refused {
         Setup::Fallback { pair, moved, why } if allow_fallback => {
-            tracing::warn!("ebpf: cannot pair sockets ({why}); this pair uses splice");
+            // The client's address ties the warning to the pair's close line.
+            let client = pair
+                .client
+                .peer_addr()
+                .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+            crate::event!(warn, "cannot pair sockets", text = ("ebpf: cannot pair sockets client={client} ({why}); this pair uses splice"), client = %client, reason = %why,);
             progress
                 .to_upstream
                 .fetch_add(moved[CLIENT], Ordering::Relaxed);
