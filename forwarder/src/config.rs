@@ -88,6 +88,34 @@ fn err(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
+/// A config error in what command-line flags made, said with the flag the user wrote
+/// rather than the file key it became (`rule[0].listen` is `--listen`): `keys` maps
+/// whole keys, and `listed` a key prefix whose index follows (`rule[0].upstream[1]`
+/// is the second `--upstream`, `--upstream[1]`).
+fn named_by_flags(
+    e: ConfigError,
+    keys: &[(&str, String)],
+    listed: &str,
+    flag: &str,
+) -> ConfigError {
+    let mut msg = e.0;
+    for (key, flag) in keys {
+        msg = msg.replace(&format!("at key {key}"), &format!("in `{flag}`"));
+    }
+    if let Some(at) = msg.find(&format!("at key {listed}")) {
+        let index_at = at + "at key ".len() + listed.len();
+        let index: String = msg[index_at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Some(end) = msg[index_at..].find('`').map(|i| index_at + i + 1) {
+            let rest = msg[end..].trim_start_matches(" (rule \"cli\")").to_string();
+            msg = format!("{}in `{flag}[{index}]`{rest}", &msg[..at]);
+        }
+    }
+    ConfigError(msg)
+}
+
 // ---- the file format, as written by users ----
 
 #[derive(Debug, Default, Deserialize)]
@@ -638,6 +666,7 @@ impl Config {
             ..toml::from_str("listen = \"\"\nupstream = []").expect("an empty rule parses")
         };
         file.rule.push(rule);
+        let tunnel_flags = rule_tunnel_listen.is_some();
         if let Some(listen) = rule_tunnel_listen {
             let (token_file, token) = token.keys();
             file.tunnel_server = Some(FileTunnelServer {
@@ -647,7 +676,18 @@ impl Config {
                 ..Default::default()
             });
         }
+        let mut flags = vec![
+            ("`rule[0].listen` (rule \"cli\")", "--listen".to_string()),
+            (
+                "`rule[0]` (rule \"cli\")",
+                "--listen/--upstream".to_string(),
+            ),
+        ];
+        if tunnel_flags {
+            flags.push(("`tunnel_server.listen`", "--tunnel-listen".to_string()));
+        }
         Self::validate(file)
+            .map_err(|e| named_by_flags(e, &flags, "`rule[0].upstream[", "--upstream"))
     }
 
     /// `forwarder agent --server ... --service NAME=ADDR ...`.
@@ -674,7 +714,8 @@ impl Config {
             token_file,
             token,
         });
-        Self::validate(file)
+        let flags = [("`agent.server`", "--server".to_string())];
+        Self::validate(file).map_err(|e| named_by_flags(e, &flags, "`service[", "--service"))
     }
 
     /// Forces every rule onto one mode (the `--mode` flag); as in the file, `ebpf`

@@ -88,6 +88,79 @@ mod cli {
         }
     }
 
+    /// A bad value given as a flag is named by the flag the user wrote, not by the
+    /// file key it became (`rule[0].listen`, `agent.server`: keys of no file) (audit).
+    #[test]
+    fn bad_flag_values_exit_2_naming_the_flag() {
+        let dir = TempDir::new("flags");
+        let token = dir.write("token", "a-tunnel-token-of-some-length\n");
+        let token = token.to_str().unwrap();
+        let cases: [(&[&str], &str); 4] = [
+            (
+                &[
+                    "run",
+                    "--listen",
+                    "127.0.0.1:x",
+                    "--upstream",
+                    "127.0.0.1:9",
+                ],
+                "`--listen`",
+            ),
+            (
+                &[
+                    "run",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--upstream",
+                    "127.0.0.1:9",
+                    "--upstream",
+                    "bad",
+                ],
+                "`--upstream[1]`",
+            ),
+            (
+                &[
+                    "agent",
+                    "--server",
+                    "127.0.0.1",
+                    "--service",
+                    "web=127.0.0.1:9",
+                    "--token-file",
+                    token,
+                ],
+                "`--server`",
+            ),
+            (
+                &[
+                    "agent",
+                    "--server",
+                    "127.0.0.1:1",
+                    "--service",
+                    "web",
+                    "--token-file",
+                    token,
+                ],
+                "--service[0]",
+            ),
+        ];
+        for (args, flag) in cases {
+            let mut cmd = forwarder_command();
+            cmd.args(args);
+            let o = run_to_exit(cmd, TIMEOUT);
+            assert_eq!(o.code(), Some(2), "{args:?}: {}", o.stderr);
+            assert!(
+                o.stderr.contains(flag),
+                "{args:?}: stderr does not name {flag}:\n{}",
+                o.stderr
+            );
+            assert!(
+                !o.stderr.contains("rule[0]") && !o.stderr.contains("agent.server"),
+                "{args:?}: {}",
+                o.stderr
+            );
+        }
+    }
+
     #[test]
     fn unknown_key_exits_2_naming_the_key() {
         let toml = format!("[defaults]\nmode = \"splice\"\nconect_timeout = \"1s\"\n{RULE}");
