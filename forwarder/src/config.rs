@@ -90,30 +90,28 @@ fn err(msg: impl Into<String>) -> ConfigError {
 
 /// A config error in what command-line flags made, said with the flag the user wrote
 /// rather than the file key it became (`rule[0].listen` is `--listen`): `keys` maps
-/// whole keys, and `listed` a key prefix whose index follows (`rule[0].upstream[1]`
-/// is the second `--upstream`, `--upstream[1]`).
-fn named_by_flags(
-    e: ConfigError,
-    keys: &[(&str, String)],
-    listed: &str,
-    flag: &str,
-) -> ConfigError {
-    let mut msg = e.0;
-    for (key, flag) in keys {
-        msg = msg.replace(&format!("at key {key}"), &format!("in `{flag}`"));
-    }
-    if let Some(at) = msg.find(&format!("at key {listed}")) {
-        let index_at = at + "at key ".len() + listed.len();
+/// whole keys (the longest that fits wins), and `listed` a key prefix whose index
+/// follows (`rule[0].upstream[1]` is the second `--upstream`, `--upstream[1]`).
+fn named_by_flags(e: ConfigError, keys: &[(&str, &str)], listed: (&str, &str)) -> ConfigError {
+    let mut msg = e.0.replace(" (rule \"cli\")", "");
+    let (prefix, flag) = listed;
+    while let Some(at) = msg.find(&format!("`{prefix}")) {
+        let index_at = at + 1 + prefix.len();
         let index: String = msg[index_at..]
             .chars()
             .take_while(char::is_ascii_digit)
             .collect();
-        if let Some(end) = msg[index_at..].find('`').map(|i| index_at + i + 1) {
-            let rest = msg[end..].trim_start_matches(" (rule \"cli\")").to_string();
-            msg = format!("{}in `{flag}[{index}]`{rest}", &msg[..at]);
-        }
+        let Some(end) = msg[index_at..].find('`').map(|i| index_at + i + 1) else {
+            break;
+        };
+        msg = format!("{}`{flag}[{index}]`{}", &msg[..at], &msg[end..]);
     }
-    ConfigError(msg)
+    let mut keys = keys.to_vec();
+    keys.sort_by_key(|(key, _)| std::cmp::Reverse(key.len()));
+    for (key, flag) in keys {
+        msg = msg.replace(&format!("`{key}`"), &format!("`{flag}`"));
+    }
+    ConfigError(msg.replace("config error at key `", "config error in `"))
 }
 
 // ---- the file format, as written by users ----
@@ -677,17 +675,20 @@ impl Config {
             });
         }
         let mut flags = vec![
-            ("`rule[0].listen` (rule \"cli\")", "--listen".to_string()),
-            (
-                "`rule[0]` (rule \"cli\")",
-                "--listen/--upstream".to_string(),
-            ),
+            ("rule[0].listen", "--listen"),
+            ("rule[0].upstream", "--upstream"),
+            ("rule[0]", "--listen/--upstream"),
         ];
         if tunnel_flags {
-            flags.push(("`tunnel_server.listen`", "--tunnel-listen".to_string()));
+            flags.extend([
+                ("tunnel_server.listen", "--tunnel-listen"),
+                ("tunnel_server.token_file", "--token-file"),
+                ("tunnel_server.token", "--token-file/FORWARDER_TOKEN"),
+                ("tunnel_server", "--token-file/FORWARDER_TOKEN"),
+            ]);
         }
         Self::validate(file)
-            .map_err(|e| named_by_flags(e, &flags, "`rule[0].upstream[", "--upstream"))
+            .map_err(|e| named_by_flags(e, &flags, ("rule[0].upstream[", "--upstream")))
     }
 
     /// `forwarder agent --server ... --service NAME=ADDR ...`.
@@ -714,8 +715,13 @@ impl Config {
             token_file,
             token,
         });
-        let flags = [("`agent.server`", "--server".to_string())];
-        Self::validate(file).map_err(|e| named_by_flags(e, &flags, "`service[", "--service"))
+        let flags = [
+            ("agent.server", "--server"),
+            ("agent.token_file", "--token-file"),
+            ("agent.token", "--token-file/FORWARDER_TOKEN"),
+            ("agent", "--token-file/FORWARDER_TOKEN"),
+        ];
+        Self::validate(file).map_err(|e| named_by_flags(e, &flags, ("service[", "--service")))
     }
 
     /// Forces every rule onto one mode (the `--mode` flag); as in the file, `ebpf`

@@ -95,7 +95,9 @@ mod cli {
         let dir = TempDir::new("flags");
         let token = dir.write("token", "a-tunnel-token-of-some-length\n");
         let token = token.to_str().unwrap();
-        let cases: [(&[&str], &str); 4] = [
+        let missing = dir.path().join("no-such-token");
+        let missing = missing.to_str().unwrap();
+        let cases: [(&[&str], &str); 6] = [
             (
                 &[
                     "run",
@@ -142,6 +144,32 @@ mod cli {
                 ],
                 "--service[0]",
             ),
+            (
+                &[
+                    "agent",
+                    "--server",
+                    "127.0.0.1:1",
+                    "--service",
+                    "web=127.0.0.1:9",
+                    "--token-file",
+                    missing,
+                ],
+                "`--token-file`",
+            ),
+            (
+                &[
+                    "run",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--upstream",
+                    "agent:web",
+                    "--tunnel-listen",
+                    "127.0.0.1:0",
+                    "--token-file",
+                    missing,
+                ],
+                "`--token-file`",
+            ),
         ];
         for (args, flag) in cases {
             let mut cmd = forwarder_command();
@@ -153,11 +181,13 @@ mod cli {
                 "{args:?}: stderr does not name {flag}:\n{}",
                 o.stderr
             );
-            assert!(
-                !o.stderr.contains("rule[0]") && !o.stderr.contains("agent.server"),
-                "{args:?}: {}",
-                o.stderr
-            );
+            for key in ["rule[0]", "agent.", "tunnel_server."] {
+                assert!(
+                    !o.stderr.contains(key),
+                    "{args:?} names file key {key}: {}",
+                    o.stderr
+                );
+            }
         }
     }
 
