@@ -97,83 +97,19 @@ mod cli {
         let token = token.to_str().unwrap();
         let missing = dir.path().join("no-such-token");
         let missing = missing.to_str().unwrap();
-        let cases: [(&[&str], &str); 6] = [
-            (
-                &[
-                    "run",
-                    "--listen",
-                    "127.0.0.1:x",
-                    "--upstream",
-                    "127.0.0.1:9",
-                ],
-                "`--listen`",
-            ),
-            (
-                &[
-                    "run",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--upstream",
-                    "127.0.0.1:9",
-                    "--upstream",
-                    "bad",
-                ],
-                "`--upstream[1]`",
-            ),
-            (
-                &[
-                    "agent",
-                    "--server",
-                    "127.0.0.1",
-                    "--service",
-                    "web=127.0.0.1:9",
-                    "--token-file",
-                    token,
-                ],
-                "`--server`",
-            ),
-            (
-                &[
-                    "agent",
-                    "--server",
-                    "127.0.0.1:1",
-                    "--service",
-                    "web",
-                    "--token-file",
-                    token,
-                ],
-                "--service[0]",
-            ),
-            (
-                &[
-                    "agent",
-                    "--server",
-                    "127.0.0.1:1",
-                    "--service",
-                    "web=127.0.0.1:9",
-                    "--token-file",
-                    missing,
-                ],
-                "`--token-file`",
-            ),
-            (
-                &[
-                    "run",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--upstream",
-                    "agent:web",
-                    "--tunnel-listen",
-                    "127.0.0.1:0",
-                    "--token-file",
-                    missing,
-                ],
-                "`--token-file`",
-            ),
+        // Each command line, words split at spaces.
+        let cases = [
+            ("run --listen 127.0.0.1:x --upstream 127.0.0.1:9".to_string(), "`--listen`"),
+            ("run --listen 127.0.0.1:0 --upstream 127.0.0.1:9 --upstream bad".to_string(), "`--upstream[1]`"),
+            (format!("agent --server 127.0.0.1 --service web=127.0.0.1:9 --token-file {token}"), "`--server`"),
+            (format!("agent --server 127.0.0.1:1 --service web --token-file {token}"), "--service[0]"),
+            (format!("agent --server 127.0.0.1:1 --service web=127.0.0.1:9 --token-file {missing}"), "`--token-file`"),
+            (format!("run --listen 127.0.0.1:0 --upstream agent:web --tunnel-listen 127.0.0.1:0 --token-file {missing}"), "`--token-file`"),
         ];
-        for (args, flag) in cases {
+        for (line, flag) in cases {
+            let args: Vec<&str> = line.split(' ').collect();
             let mut cmd = forwarder_command();
-            cmd.args(args);
+            cmd.args(&args);
             let o = run_to_exit(cmd, TIMEOUT);
             assert_eq!(o.code(), Some(2), "{args:?}: {}", o.stderr);
             assert!(
