@@ -1792,6 +1792,19 @@ mod tests {
 
     const RULE: &str = "[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"a:1\"\n";
 
+    /// Patterns match bytes: a Unicode class (valid in regex's Unicode mode) is an
+    /// error that says how to ask for Unicode; with `(?u:...)` it is accepted.
+    #[test]
+    fn unicode_class_in_a_byte_pattern_says_how() {
+        let e = error_of(&format!("{RULE}deny_pattern = ['\\pL']\n"));
+        assert!(
+            e.contains("rule[0].deny_pattern[0]") && e.contains("(?u:...)"),
+            "{e}"
+        );
+        let ok = format!("{RULE}deny_pattern = ['(?u:\\pL)']\n");
+        assert!(Config::from_toml(&ok).is_ok());
+    }
+
     #[test]
     fn errors_name_the_key_and_line() {
         let e = error_of(&format!("[defaults]\nconnect_timeout = \"5x\"\n{RULE}"));

@@ -58,7 +58,13 @@ pub fn byte_regex(pattern: &str) -> Result<regex::bytes::Regex, String> {
     regex::bytes::RegexBuilder::new(pattern)
         .unicode(false)
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e.to_string() {
+            // `[é]`, `\pL`: Unicode in a byte pattern (valid in Unicode mode).
+            m if m.contains("Unicode not allowed") => {
+                format!("{m} (patterns match bytes; write (?u:...) around what should match Unicode characters)")
+            }
+            m => m,
+        })
 }
 
 /// A pattern's syntax tree as [`syntax`] reads it.
