@@ -454,9 +454,20 @@ pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> Output {
 }
 
 /// A loopback address whose port was free a moment ago (for a listener the forwarder
-/// binds itself, such as `metrics`).
+/// binds itself, such as `metrics`). On an address of its own (127.101+.P.N), not
+/// 127.0.0.1: there, a port bound and released can be taken meanwhile as the source
+/// port of another test's connection, and the forwarder's bind fails (CI saw it for a
+/// metrics address, "Address already in use").
 pub fn free_loopback_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = Ipv4Addr::new(
+        127,
+        101 + (n / 250 % 50) as u8,
+        (std::process::id() % 250) as u8 + 1,
+        (n % 250) as u8 + 1,
+    );
+    std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()

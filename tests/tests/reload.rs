@@ -175,10 +175,10 @@ fn round_len(seed: u64, round: u64) -> usize {
 }
 
 /// `forwarder_config_reloads_total{result=...}` from /metrics, fetched with curl.
-fn reloads_metric(port: u16, result: &str) -> f64 {
+fn reloads_metric(metrics: SocketAddr, result: &str) -> f64 {
     let mut curl = command("curl");
     curl.args(["-sS", "--fail", "--max-time", "10"])
-        .arg(format!("http://127.0.0.1:{port}/metrics"));
+        .arg(format!("http://{metrics}/metrics"));
     let o = run_to_exit(curl, secs(20));
     assert_eq!(o.code(), Some(0), "curl /metrics: {}", o.stderr);
     let series = format!("forwarder_config_reloads_total{{result=\"{result}\"}} ");
@@ -556,8 +556,8 @@ relay_tests! {
     fn broken_file_changes_nothing(mode) {
         let _load = light();
         let echo = Server::echo();
-        let port = free_port();
-        let global = format!("[global]\nmetrics = \"127.0.0.1:{port}\"\n");
+        let port = free_loopback_addr();
+        let global = format!("[global]\nmetrics = \"{port}\"\n");
         let good = format!("{global}{}", rule("t", "127.0.0.1:0", echo.addr(), "idle_timeout = \"60s\""));
         let mut fwd = Forwarder::config(Some(mode), &good, 1);
         let addr = fwd.addr();
@@ -647,7 +647,7 @@ relay_tests! {
     fn reload_refuses_two_rules_on_one_address(mode) {
         let _load = light();
         let echo = Server::echo();
-        let listen = format!("127.0.0.1:{}", free_port());
+        let listen = free_loopback_addr().to_string();
         let good = rule("t", &listen, echo.addr(), "");
         let mut fwd = Forwarder::config(Some(mode), &good, 1);
         let addr = fwd.addr();
