@@ -370,10 +370,7 @@ async fn admit_and_connect(
         Dialed::Reset(addr, error) => {
             // Passed on as any upstream reset is: the client is reset too.
             reset_on_close(&client);
-            let end = end_text(&RelayEnd::Failed {
-                side: crate::relay::Side::Upstream,
-                error,
-            });
+            let end = upstream_reset_at_connect(error);
             log_close(&rule.name, peer, &addr, started, &Progress::default(), &end);
             return None;
         }
@@ -723,6 +720,22 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     Dialed::Failed
 }
 
+/// A connect error that means the upstream accepted and at once reset the connection,
+/// before we saw the connect complete: a pair the upstream reset, not a failed connect
+/// (a reset a moment later reaches the relay instead). A rule's upstream and a tunnel
+/// agent's target alike.
+pub fn reset_at_connect(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::ConnectionReset
+}
+
+/// The close line's `end=` for [`reset_at_connect`]: as any upstream reset reads.
+pub fn upstream_reset_at_connect(error: io::Error) -> Cow<'static, str> {
+    end_text(&RelayEnd::Failed {
+        side: crate::relay::Side::Upstream,
+        error,
+    })
+}
+
 /// How [`connect_upstream`] ended.
 enum Dialed {
     Connected(TcpStream, SocketAddr, ActiveGuard),
@@ -766,7 +779,7 @@ async fn connect_one(
     for addr in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => return Ok((stream, addr)),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+            Ok(Err(e)) if reset_at_connect(&e) => {
                 return Err(ConnectError {
                     why: format!("{addr}: {e}"),
                     local: false,

@@ -260,13 +260,6 @@ impl Server {
     /// Starts serving `rule` on `listener`, logging its `listening` line.
     async fn start(&self, rule: &Rule, listener: Arc<TcpListener>) -> anyhow::Result<Running> {
         let (relay, why) = choose_relay(rule).await?;
-        // The startup line names the rule's mode, `splice` or `ebpf` (issues 2 and 3):
-        // a rewrite rule's copy relay is splice mode's userspace variant, and its
-        // pairs say `path=copy` in their close lines.
-        let mode = match relay.path() {
-            "copy" => "splice",
-            path => path,
-        };
         let local = listener.local_addr()?;
         event!(
             info,
@@ -276,13 +269,13 @@ impl Server {
                 rule.name,
                 local,
                 rule.upstream_list(),
-                mode,
+                relay.path(),
                 why
             ),
             rule = %rule.name,
             listen = %local,
             upstream = %rule.upstream_list(),
-            mode = mode,
+            mode = relay.path(),
             detail = %why,
         );
         // A changed rule keeps the limits of the one it replaces (resized in `apply`

@@ -26,8 +26,10 @@ impl CopyRelay {
 }
 
 impl Relay for CopyRelay {
+    /// Splice mode's userspace variant, as the rule's startup line says it (issues 2
+    /// and 3: `splice` or `ebpf`); its pairs' close lines say `path=copy` (`Hop::Copy`).
     fn path(&self) -> &'static str {
-        "copy"
+        "splice"
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {

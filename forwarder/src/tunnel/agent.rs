@@ -589,12 +589,9 @@ async fn serve_stream(
         Ok(Ok(s)) => s,
         // Accepted and reset at once: the target reset the pair, as a plain rule's
         // upstream that does so (not a failed connect; the visitor is reset).
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+        Ok(Err(e)) if crate::connection::reset_at_connect(&e) => {
             refuse_stream(&session, &data, stream);
-            let end = crate::connection::end_text(&crate::relay::RelayEnd::Failed {
-                side: crate::relay::Side::Upstream,
-                error: e,
-            });
+            let end = crate::connection::upstream_reset_at_connect(e);
             return log(&target, &end, &progress);
         }
         Ok(Err(e)) => {
