@@ -480,6 +480,24 @@ pub fn metrics_text(addr: SocketAddr) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// The value of the first series `name{labels...}` in exposition `text` that carries
+/// every label in `labels` (each written `key="value"`).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        (rest.starts_with('{') && labels.iter().all(|lb| rest.contains(lb)))
+            .then(|| value.parse().ok())?
+    })
+}
+
+/// [`metric`] from a scrape of `/metrics` at `addr` now; panics (with the scrape) if
+/// the series is not there.
+pub fn scraped(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let text = metrics_text(addr);
+    metric(&text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"))
+}
+
 /// curl `url` with `args`; returns (HTTP status, body, curl's stderr).
 pub fn curl(url: &str, args: &[&str]) -> (u16, Vec<u8>, String) {
     let dir = TempDir::new("curl");

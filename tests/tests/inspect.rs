@@ -7,7 +7,7 @@
 //! (`mode = "splice"` / `"auto"`; their listening line says `mode=copy`).
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::mpsc;
@@ -206,22 +206,6 @@ fn assert_copy_path_listening(fwd: &Forwarder) {
     let l = &fwd.listening[0];
     assert_eq!(l.mode, "splice", "{}", l.line);
     assert!(l.line.contains("(path=copy)"), "{}", l.line);
-}
-
-/// A loopback address whose port was free a moment ago (for `metrics`).
-fn free_addr() -> SocketAddr {
-    let ip = Ipv4Addr::new(127, 93, (std::process::id() % 250) as u8 + 1, 7);
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
-
-/// The value of the first series `name{labels...}` matching every label in `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let rest = series.strip_prefix(name)?;
-        (rest.starts_with('{') && labels.iter().all(|lb| rest.contains(lb)))
-            .then(|| value.parse().ok())?
-    })
 }
 
 relay_tests! {
@@ -1006,7 +990,7 @@ relay_tests! {
             "http_auth = {{ header = \"X-Forwarder-Auth\", token_file = \"{}\" }}",
             token_file.display()
         );
-        let maddr = free_addr();
+        let maddr = free_loopback_addr();
         let toml = format!(
             "[global]\nmetrics = \"{maddr}\"\n{}{}",
             rule("web", mode.as_str(), http_addr, &auth),

@@ -1022,14 +1022,8 @@ relay_tests! {
         };
         let mut fwd = Forwarder::config(Some(mode), &config("1h"), 1);
         let addr = fwd.rule_addr("r");
-        let series = |name: &str| -> f64 {
-            let text = metrics_text(metrics);
-            let labels = format!("upstream=\"{dead}\"");
-            text.lines()
-                .find(|l| l.starts_with(name) && l.contains(&labels))
-                .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} for {dead} in:\n{text}"))
-        };
+        let labels = format!("upstream=\"{dead}\"");
+        let series = |name: &str| scraped(metrics, name, &[&labels]);
         // `first` tries the dead upstream first: two failed connects (fall = 2) mark it down.
         for seed in 0..2 {
             echo_check_paired(addr, Payload::new(seed, 100), secs(10));
@@ -1116,7 +1110,7 @@ fn health_learnt_by_a_connect_across_a_reload_holds() {
     let ns = NetNs::new();
     const DEAD_PORT: u16 = 4999;
     // Inside the namespace, SYNs to the dead upstream go nowhere.
-    ns.nft_rule("output", &["tcp", "dport", "4999", "drop"]);
+    ns.nft_rule("output", &["tcp", "dport", &DEAD_PORT.to_string(), "drop"]);
     let good = Server::echo_on(std::net::IpAddr::V4(ns.host_ip()));
     let dead = SocketAddr::new(std::net::IpAddr::V4(ns.host_ip()), DEAD_PORT);
     let listen = SocketAddr::new(std::net::IpAddr::V4(ns.ns_ip()), 4000);
@@ -1145,18 +1139,15 @@ fn health_learnt_by_a_connect_across_a_reload_holds() {
         .expect("the first client, served by the good upstream after 1 s");
     let down = format!(" upstream rule=r addr={dead} is DOWN");
     fwd.expect_line("DOWN", secs(5), |l| l.contains(&down));
+    let labels = format!("upstream=\"{dead}\"");
     let errors = || {
-        let text = metrics_text(metrics);
-        let labels = format!("upstream=\"{dead}\"");
-        let value = |name: &str| -> f64 {
-            text.lines()
-                .find(|l| l.starts_with(name) && l.contains(&labels))
-                .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} for {dead} in:\n{text}"))
-        };
         (
-            value("forwarder_upstream_up"),
-            value("forwarder_upstream_connect_errors_total"),
+            scraped(metrics, "forwarder_upstream_up", &[&labels]),
+            scraped(
+                metrics,
+                "forwarder_upstream_connect_errors_total",
+                &[&labels],
+            ),
         )
     };
     assert_eq!(errors(), (0.0, 1.0), "after the first client");

@@ -1932,13 +1932,7 @@ relay_tests! {
                 server_toml("127.0.0.1:0", &token, "resume_grace = \"1s\"", "connect_timeout = \"1s\"")
             ),
         );
-        let scrape = |name: &str| -> f64 {
-            let text = metrics_text(maddr);
-            text.lines()
-                .find(|l| l.starts_with(name) && l.contains("upstream=\"agent:web\""))
-                .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} for agent:web in:\n{text}"))
-        };
+        let scrape = |name: &str| scraped(maddr, name, &["upstream=\"agent:web\""]);
         let wait_for = |name: &str, want: f64| {
             let deadline = Instant::now() + secs(10);
             while scrape(name) != want && Instant::now() < deadline {
