@@ -192,6 +192,15 @@ macro_rules! rule_settings {
             $($(#[$attr])* $field: Option<$ty>,)*
         }
 
+        impl RuleSettingsFile {
+            /// The keys this section sets.
+            fn keys_set(&self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $(if self.$field.is_some() { keys.push(stringify!($field)); })*
+                keys
+            }
+        }
+
         impl FileRule {
             /// This rule's settings, falling back to `[defaults]` key by key.
             fn settings(&self, defaults: &RuleSettingsFile) -> RuleSettingsFile {
@@ -769,6 +778,15 @@ impl Config {
                 format!("config error at key `global.deny[{j}]`")
             })?,
         };
+        // A file with no rule (an agent's) has nothing `[defaults]` could apply to: its
+        // streams follow the server rule's keys. Accepted, they would read as in force.
+        if let (true, Some(key)) = (file.rule.is_empty(), file.defaults.keys_set().first()) {
+            return Err(err(format!(
+                "config error at key `defaults.{key}`: this file has no [[rule]] to apply it \
+                 to; an agent's streams follow the settings of the server's rule (its \
+                 connect_timeout too, which the server sends with each stream)"
+            )));
+        }
         // Checked even when no rule has a schedule to use it with.
         if let Some(tz) = &file.defaults.timezone {
             tz.parse::<chrono_tz::Tz>().map_err(|_| {
@@ -1297,6 +1315,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         )));
     }
 
+    let agent = upstreams[0].addr.starts_with(AGENT_PREFIX);
     Ok(Rule {
         name: name.clone(),
         listen,
@@ -1307,7 +1326,9 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         max_connections,
         inflight_limit,
         balance: s.balance.unwrap_or(Balance::First),
-        check_interval: nonzero(s.check_interval),
+        // An agent's link has its own heartbeat (a lost one is `link lost`): there is
+        // no address to connect to, and `agent:NAME` is up while an agent offers NAME.
+        check_interval: nonzero(s.check_interval).filter(|_| !agent),
         rise,
         fall,
         access: Access {
@@ -1920,6 +1941,20 @@ mod tests {
         let agent_only = &TUNNEL[TUNNEL.find("[agent]").unwrap()..];
         let c = Config::from_toml(agent_only).unwrap();
         assert!(c.rules.is_empty() && c.agent.is_some());
+        // ... and takes no `[defaults]`: nothing there would apply to its streams (an
+        // empty section is harmless). With rules, the same keys are theirs.
+        let e = error_of(&format!("[defaults]\nidle_timeout = \"1s\"\n{agent_only}"));
+        assert!(
+            e.contains("`defaults.idle_timeout`") && e.contains("no [[rule]]"),
+            "{e}"
+        );
+        Config::from_toml(&format!("[defaults]\n{agent_only}")).unwrap();
+        Config::from_toml(&format!("[defaults]\nidle_timeout = \"1s\"\n{TUNNEL}")).unwrap();
+        // A rule served by agents has no address to health-check: the link has its own
+        // heartbeat.
+        let c =
+            Config::from_toml(&format!("[defaults]\ncheck_interval = \"2s\"\n{TUNNEL}")).unwrap();
+        assert_eq!(c.rules[0].check_interval, None);
     }
 
     #[test]

@@ -169,10 +169,21 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         let services = crate::tunnel::server::services_of(&config.rules);
         crate::tunnel::server::start(cfg.clone(), TcpListener::from_std(l)?, services);
     }
-    let agent = config
-        .agent
-        .as_ref()
-        .map(|a| crate::tunnel::agent::start(a.clone(), server.global.clone(), abort.clone()));
+    // Connection slots: the rules' pairs hold `global`'s. In one process holding both
+    // sections, a tunnelled visitor holds one of those and its target connection would
+    // need another: visitors could take every slot while their targets wait for one.
+    // So there the agent's target connections have `max_connections` of their own.
+    let mut slot_pools = vec![server.global.clone()];
+    let agent = config.agent.as_ref().map(|a| {
+        let slots = match config.tunnel_server {
+            Some(_) => Arc::new(Semaphore::new(config.max_connections)),
+            None => server.global.clone(),
+        };
+        if !Arc::ptr_eq(&slots, &server.global) {
+            slot_pools.push(slots.clone());
+        }
+        crate::tunnel::agent::start(a.clone(), slots, abort.clone())
+    });
     for (rule, listener) in config.rules.iter().zip(listeners) {
         let listener = Arc::new(TcpListener::from_std(listener)?);
         let running = server.start(rule, listener).await?;
@@ -197,12 +208,19 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     }
     systemd::stopping();
     let config = server.config.clone();
-    let global = server.global.clone();
     server.stop_accepting().await;
     if let Some(agent) = &agent {
         agent.stop_accepting().await;
     }
-    let active = config.max_connections - global.available_permits();
+    let max = config.max_connections;
+    let in_use = || -> usize { slot_pools.iter().map(|p| max - p.available_permits()).sum() };
+    // Every connection holds a slot until it is fully closed.
+    let all_closed = || async {
+        for pool in &slot_pools {
+            let _all = pool.acquire_many(max as u32).await;
+        }
+    };
+    let active = in_use();
     tracing::info!(
         "shutdown: stopped accepting, draining {active} connection(s) for up to {:?}",
         config.shutdown_grace
@@ -213,24 +231,20 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     // upload would read as complete), then lets the cut pairs log their close lines
     // and give their permits back, for at most `wait`.
     let cut_open = |wait: Duration| {
-        let (abort, global) = (&abort, &global);
-        let all = config.max_connections as u32;
+        let abort = &abort;
         async move {
             abort.fire();
-            let _ = tokio::time::timeout(wait, global.acquire_many(all)).await;
+            let _ = tokio::time::timeout(wait, all_closed()).await;
         }
     };
-    let drained = async {
-        // Every connection holds one global permit until it is fully closed.
-        let _all = global.acquire_many(config.max_connections as u32).await;
-    };
+    let drained = all_closed();
     let now = tokio::select! {
         _ = drained => {
             tracing::info!("shutdown: all connections closed");
             false
         }
         _ = tokio::time::sleep_until(deadline.into()) => {
-            let left = config.max_connections - global.available_permits();
+            let left = in_use();
             tracing::info!("shutdown: grace period over, closing {left} connection(s)");
             cut_open(Duration::from_secs(1)).await;
             false

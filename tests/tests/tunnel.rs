@@ -2887,3 +2887,156 @@ fn link_churn_leaks_nothing() {
     let l = close_of(&server.p, out.local, secs(10));
     assert_eq!(field(&l, "end"), Some("closed"), "{l}");
 }
+
+// ---------------------------------------------------------------------------------
+// Rule policy on an `agent:` upstream (audit: keys that did not apply as on a plain rule)
+// ---------------------------------------------------------------------------------
+
+/// `least_conn` over two agents: short visitors one after another all tie at no open
+/// stream, and ties take turns as on a plain rule (each agent had them all, or none:
+/// the first of the tied agents always won).
+#[test]
+fn least_conn_takes_turns_among_idle_agents() {
+    const VISITS: u64 = 20;
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let (token, first, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"least_conn\"");
+    // Each agent its own target: two identities, two sessions.
+    let second = Target::start();
+    let agents =
+        [&first, &second].map(|t| agent_cli(server.tunnel, t.addr(), Token::File(&token), None));
+    wait_connected(&server, &agents[0], 1);
+    wait_connected(&server, &agents[1], 2);
+    for i in 0..VISITS {
+        let job = Job::new(
+            BOTH,
+            Payload::new(500 + 2 * i, 4 * KIB),
+            Payload::new(501 + 2 * i, 4 * KIB),
+        );
+        let out = visit_ok(server.visitors, job, secs(20));
+        assert_eq!(out.down, Digested::of(&job.down));
+        close_of(&server.p, out.local, secs(10));
+    }
+    let served = |a: &Proc| a.matching(|l| is_line(l, "close")).len() as u64;
+    assert!(
+        wait_until(secs(10), || agents.iter().map(served).sum::<u64>()
+            == VISITS),
+        "close lines on the agents: {} and {}, want {VISITS} in all",
+        served(&agents[0]),
+        served(&agents[1])
+    );
+    let split = agents.each_ref().map(served);
+    assert!(
+        split.iter().all(|&n| n.abs_diff(VISITS / 2) <= 1),
+        "{VISITS} short visitors one after another split {split:?} over two idle agents, \
+         want turns (10 each, give or take one)"
+    );
+}
+
+/// `check_interval` (the README's own `[defaults]` sets it) on a rule served by agents:
+/// an agent's link has its heartbeat, and `agent:web` is no address to connect to. It
+/// was checked as one, and logged DOWN (`check: invalid port value`) while agents served.
+#[test]
+fn check_interval_leaves_an_agent_upstream_alone() {
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let (token, target, server) = on_loopback(
+        Mode::Splice,
+        &dir,
+        "",
+        "check_interval = \"100ms\"\nfall = 1",
+    );
+    let agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+    wait_connected(&server, &agent, 1);
+    // Five check intervals and more.
+    thread::sleep(ms(700));
+    warm_up(&server, &target, 520);
+    let health = server
+        .p
+        .matching(|l| l.contains(" is DOWN") || l.contains("check:"));
+    assert!(
+        health.is_empty(),
+        "an agent upstream was health-checked: {health:#?}"
+    );
+}
+
+/// One process holding both sections with `max_connections = 2`: two visitors held
+/// open at once are both served. A visitor holds a slot on the server's side and its
+/// target connection one on the agent's; sharing the process's two, the visitors took
+/// both and their targets waited for ever.
+#[test]
+fn one_process_with_both_sides_serves_max_connections_visitors() {
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let token = token_file(&dir, "token", TOKEN);
+    let target = Target::start();
+    let tunnel = free_loopback_addr();
+    let toml = format!(
+        "[global]\nmax_connections = 2\n\n{}\n{}",
+        server_toml(&tunnel.to_string(), &token, "", ""),
+        agent_toml(tunnel, &token, target.addr())
+    );
+    let server = TunnelServer::config(Mode::Splice, &toml);
+    // Both sides log `agent connected`, in the one process.
+    let both = server
+        .p
+        .wait_n(2, secs(20), |l| is_line(l, "agent connected"));
+    assert_eq!(both.len(), 2, "{}", server.p.text());
+    let held = hold_visitors(&server, 2, 530, b"both sides in one process");
+    drop(held);
+}
+
+/// The agent's connect to its target is bounded by the server rule's
+/// `connect_timeout`, as a plain rule's connect to its upstream is (it was a fixed
+/// 5 s): a target whose SYNs are dropped ends the visitor after 1 s, and the agent's
+/// close line says `connect_failed (timed out)`. Server and agent in one process, in a
+/// namespace whose nftables drop the SYNs to the target.
+#[test]
+fn agent_target_connect_takes_the_rule_connect_timeout() {
+    let _load = light();
+    const DEAD_PORT: u16 = 4999;
+    let ns = NetNs::new();
+    ns.nft_rule("output", &["tcp", "dport", &DEAD_PORT.to_string(), "drop"]);
+    let dir = TempDir::new("tunnel");
+    let token = token_file(&dir, "token", TOKEN);
+    let at = |port: u16| SocketAddr::new(std::net::IpAddr::V4(ns.ns_ip()), port);
+    let (visitors, tunnel) = (at(4000), at(4002));
+    let dead = SocketAddr::new(std::net::IpAddr::V4(ns.host_ip()), DEAD_PORT);
+    let toml = format!(
+        "[tunnel_server]\nlisten = \"{tunnel}\"\ntoken_file = \"{}\"\n\n\
+         [[rule]]\nname = \"web\"\nlisten = \"{visitors}\"\nupstream = \"agent:web\"\nconnect_timeout = \"1s\"\n\n{}",
+        token.display(),
+        agent_toml(tunnel, &token, dead)
+    );
+    let path = dir.write("both.toml", &toml);
+    let args: Vec<OsString> = vec!["run".into(), "-c".into(), path.into()];
+    let p = Proc::spawn("forwarder", &args, Some(&ns), &[], None);
+    let both = p.wait_n(2, secs(20), |l| is_line(l, "agent connected"));
+    assert_eq!(both.len(), 2, "{}", p.text());
+    let t0 = Instant::now();
+    let mut s = connect(visitors);
+    s.write_all(b"hello").unwrap();
+    s.set_read_timeout(Some(secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    let got = s.read(&mut buf);
+    let waited = t0.elapsed();
+    assert!(
+        matches!(got, Ok(0) | Err(_)) && waited > ms(800) && waited < ms(3500),
+        "the visitor got {got:?} after {waited:?}; want its end after connect_timeout (1 s), \
+         not the 5 s default"
+    );
+    let local = s.local_addr().unwrap();
+    let agent_close = p.expect_line("the agent's close line", secs(5), |l| {
+        is_line(l, "close") && field(l, "upstream") == Some(dead.to_string().as_str())
+    });
+    assert!(
+        agent_close.contains("end=connect_failed (timed out)"),
+        "{agent_close}"
+    );
+    let c = local.to_string();
+    p.expect_line("the server's close line", secs(5), |l| {
+        is_line(l, "close")
+            && field(l, "client") == Some(c.as_str())
+            && field(l, "upstream") == Some("agent:web")
+    });
+}

@@ -547,6 +547,7 @@ async fn serve_stream(
         service,
         visitor,
         proxy_header,
+        connect_timeout_ms,
     } = open
     else {
         unreachable!("serve_stream is given an Open");
@@ -584,7 +585,12 @@ async fn serve_stream(
             }
         },
     };
-    let connected = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, connect(&target)).await;
+    // The server rule's connect_timeout (0 from nothing but a bad frame: the default).
+    let connect_timeout = match connect_timeout_ms {
+        0 => TARGET_CONNECT_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    };
+    let connected = tokio::time::timeout(connect_timeout, connect(&target)).await;
     let mut local = match connected {
         Ok(Ok(s)) => s,
         // Accepted and reset at once: the target reset the pair, as a plain rule's

@@ -70,6 +70,9 @@ pub enum Frame {
         /// The rule's PROXY protocol header, for the agent to write to the target
         /// first (bytes written into the data connection would not be counted).
         proxy_header: Vec<u8>,
+        /// The rule's `connect_timeout` (ms), which bounds the agent's connect to the
+        /// target as it bounds a plain rule's connect to its upstream.
+        connect_timeout_ms: u64,
     },
     /// Both ways, first on a reattached data connection: bytes received so far.
     Resume {
@@ -196,14 +199,20 @@ mod tests {
                 any::<u64>(),
                 ".{0,20}",
                 ".{0,40}",
-                proptest::collection::vec(any::<u8>(), 0..64)
+                proptest::collection::vec(any::<u8>(), 0..64),
+                any::<u64>()
             )
-                .prop_map(|(stream, service, visitor, proxy_header)| Frame::Open {
-                    stream,
-                    service,
-                    visitor,
-                    proxy_header
-                }),
+                .prop_map(
+                    |(stream, service, visitor, proxy_header, connect_timeout_ms)| {
+                        Frame::Open {
+                            stream,
+                            service,
+                            visitor,
+                            proxy_header,
+                            connect_timeout_ms,
+                        }
+                    }
+                ),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(stream, received)| Frame::Ack { stream, received }),
             (any::<u64>(), any::<u64>()).prop_map(|(stream, at)| Frame::Fin { stream, at }),

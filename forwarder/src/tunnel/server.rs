@@ -249,6 +249,7 @@ impl Registry {
                     service: service.to_string(),
                     visitor: visitor.to_string(),
                     proxy_header: proxy_header.clone(),
+                    connect_timeout_ms: timeout.as_millis() as u64,
                 };
                 if write_frame(&mut conn, &open).await.is_err() {
                     session.table.map.lock().unwrap().remove(&id);
@@ -305,9 +306,16 @@ impl Registry {
                 match balance {
                     Balance::Random if load(&offering[a]) <= load(&offering[b]) => a,
                     Balance::Random => b,
-                    _ => (0..offering.len())
-                        .min_by_key(|i| load(&offering[*i]))
-                        .unwrap_or(0),
+                    // Fewest streams; ties (short visitors all tie at 0) take turns,
+                    // as a plain rule's least_conn does, or one agent would get them all.
+                    _ => {
+                        let loads: Vec<usize> = offering.iter().map(load).collect();
+                        let fewest = loads.iter().copied().min().unwrap_or(0);
+                        let tied: Vec<usize> = (0..offering.len())
+                            .filter(|&i| loads[i] == fewest)
+                            .collect();
+                        tied[self.turn.fetch_add(1, Ordering::Relaxed) % tied.len()]
+                    }
                 }
             }
             Balance::SourceHash => {
