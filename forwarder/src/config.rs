@@ -1566,6 +1566,11 @@ fn check_host_port(s: &str) -> Result<(), String> {
     }
     port.parse::<u16>()
         .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
+    // Brackets hold an IPv6 address, never a name (the port is fine, so the address
+    // is what failed to parse): `[::g]` was accepted, and every connect then failed.
+    if host.contains(['[', ']']) {
+        return Err(format!("{host} is not an IPv6 address in brackets"));
+    }
     Ok(())
 }
 
@@ -1839,6 +1844,22 @@ mod tests {
         assert!(e.contains("upstream"), "{e}");
         let e = error_of("[[rule]\n");
         assert!(e.contains("line 1"), "{e}");
+        // Brackets hold an IPv6 address: these were accepted, and every connect failed.
+        for bad in [
+            "[::g]:1",
+            "[1:2:3:4:5:6:7:8:9]:1",
+            "[[::1]]:1",
+            "[::ffff:1.2.3.300]:1",
+            "a[b]:1",
+        ] {
+            let e = error_of(&format!(
+                "[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"{bad}\"\n"
+            ));
+            assert!(
+                e.contains("rule[0].upstream") && e.contains("line 3") && e.contains("brackets"),
+                "{bad}: {e}"
+            );
+        }
         let e = error_of("[[rule]]\nlisten=\"127.0.0.1:99999\"\nupstream=\"a:1\"\n");
         assert!(e.contains("listen"), "{e}");
         let e = error_of(&format!("{RULE}allow=[\"10.0.0.0/33\"]\n"));

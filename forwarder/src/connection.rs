@@ -20,7 +20,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use crate::config::{Access, Rule};
 use crate::event;
 use crate::metrics::RuleStats;
-use crate::policy::balance::{ActiveGuard, Upstreams};
+use crate::policy::balance::{Attempt, Upstreams};
 use crate::policy::slots::RuleSlot;
 use crate::policy::sources::{Refusal, SourceLimits, SourceSlot};
 use crate::policy::{clock, health, proxy_protocol};
@@ -301,7 +301,7 @@ struct Connected {
     /// When the client was accepted.
     started: Instant,
     _source_slot: SourceSlot,
-    _active: Option<ActiveGuard>,
+    _active: Option<Attempt>,
 }
 
 /// Admission, then the upstream (or an agent's data connection), then any PROXY
@@ -675,6 +675,10 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
     for i in ups.order(peer.ip()) {
+        // A downed upstream whose trial another client is making is not tried.
+        let Some(mut attempt) = ups.attempt(i) else {
+            continue;
+        };
         let upstream = &ups.list[i].cfg.addr;
         let result = match connect_one(upstream, rule.connect_timeout).await {
             Err(ConnectError {
@@ -683,7 +687,7 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
             }) => {
                 // The connect succeeded (the upstream is there): no failed connect,
                 // and no other upstream is tried, as for a reset right after it.
-                let _ = ups.report(i, true);
+                let _ = ups.report_connect(i, &mut attempt, true);
                 return Dialed::Reset(addr, error);
             }
             other => other,
@@ -700,12 +704,12 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
                 .err()
                 .map(|e| e.why.clone())
                 .unwrap_or_default();
-            if let Some(up) = ups.report(i, result.is_ok()) {
+            if let Some(up) = ups.report_connect(i, &mut attempt, result.is_ok()) {
                 health::log_transition(&rule.name, upstream, up, "traffic", &why);
             }
         }
         match result {
-            Ok((stream, addr)) => return Dialed::Connected(stream, addr, ups.connected(i)),
+            Ok((stream, addr)) => return Dialed::Connected(stream, addr, attempt),
             Err(e) => event!(
                 warn,
                 "connect failed",
@@ -738,7 +742,7 @@ pub fn upstream_reset_at_connect(error: io::Error) -> Cow<'static, str> {
 
 /// How [`connect_upstream`] ended.
 enum Dialed {
-    Connected(TcpStream, SocketAddr, ActiveGuard),
+    Connected(TcpStream, SocketAddr, Attempt),
     /// The upstream accepted and reset the connection at once (see [`ConnectError`]).
     Reset(SocketAddr, io::Error),
     /// Every upstream failed (each failure logged).

@@ -35,8 +35,6 @@ pub struct UpstreamState {
     /// reload, an upstream that such a connect then found dead read up again, and the
     /// next `fall` clients each waited `connect_timeout` on it.)
     health: Arc<Health>,
-    /// Open connections, for least_conn and random.
-    active: AtomicUsize,
 }
 
 struct Health {
@@ -44,6 +42,15 @@ struct Health {
     successes: AtomicU32,
     failures: AtomicU32,
     down_since: Mutex<Option<Instant>>,
+    /// A passively downed upstream's trial connection is under way: the one client it
+    /// is, and no other meanwhile (every client that came during it went first to the
+    /// dead upstream and waited `connect_timeout` there).
+    trial: AtomicBool,
+    /// Connections open to it or connecting, for least_conn and random: counted from
+    /// the attempt on (a slow connect counted nothing, and a burst piled onto the
+    /// slowest upstream), and across a reload (a kept upstream's open connections
+    /// still count for the rule's new runtime).
+    active: AtomicUsize,
 }
 
 impl Health {
@@ -53,16 +60,37 @@ impl Health {
             successes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             down_since: Mutex::new(None),
+            trial: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
         })
     }
 }
 
-/// Counts a connection against its upstream while it lives.
-pub struct ActiveGuard(Arc<Upstreams>, usize);
+/// One connection to an upstream, from its connect attempt on: counted against the
+/// upstream while it lives, and holding its passive trial, if it is that, until the
+/// result is reported (or it ends).
+pub struct Attempt {
+    health: Arc<Health>,
+    trial: bool,
+}
 
-impl Drop for ActiveGuard {
+impl Attempt {
+    /// Whether this connect is the passive trial of a downed upstream.
+    pub fn is_trial(&self) -> bool {
+        self.trial
+    }
+
+    fn end_trial(&mut self) {
+        if std::mem::take(&mut self.trial) {
+            self.health.trial.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Attempt {
     fn drop(&mut self) {
-        self.0.list[self.1].active.fetch_sub(1, Ordering::Relaxed);
+        self.end_trial();
+        self.health.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -82,7 +110,6 @@ impl Upstreams {
                 .map(|u| UpstreamState {
                     cfg: u.clone(),
                     health: health(&u.addr),
-                    active: AtomicUsize::new(0),
                 })
                 .collect(),
             balance: rule.balance,
@@ -100,14 +127,38 @@ impl Upstreams {
     }
 
     pub fn is_up(&self, i: usize) -> bool {
-        let u = &self.list[i];
-        u.health.up.load(Ordering::Relaxed)
-            || (!self.active_checks
-                && u.health
-                    .down_since
-                    .lock()
-                    .unwrap()
-                    .is_some_and(|t| t.elapsed() >= PASSIVE_RETRY))
+        let h = &self.list[i].health;
+        h.up.load(Ordering::Relaxed) || (self.trial_due(h) && !h.trial.load(Ordering::Relaxed))
+    }
+
+    /// A passively downed upstream has been down long enough for a trial connection.
+    fn trial_due(&self, h: &Health) -> bool {
+        !self.active_checks
+            && !h.up.load(Ordering::Relaxed)
+            && h.down_since
+                .lock()
+                .unwrap()
+                .is_some_and(|t| t.elapsed() >= PASSIVE_RETRY)
+    }
+
+    /// Starts a connect to upstream `i` (from [`Upstreams::order`]); `None` when it is
+    /// a downed upstream whose trial another client is making now: not tried.
+    pub fn attempt(&self, i: usize) -> Option<Attempt> {
+        let health = &self.list[i].health;
+        let trial = self.trial_due(health);
+        if trial
+            && health
+                .trial
+                .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        health.active.fetch_add(1, Ordering::Relaxed);
+        Some(Attempt {
+            health: health.clone(),
+            trial,
+        })
     }
 
     /// The upstreams to try for this client, best first.
@@ -150,7 +201,7 @@ impl Upstreams {
 
     fn pick(&self, candidates: &[usize], client: IpAddr) -> Option<usize> {
         let weight = |i: usize| self.list[i].cfg.weight as u64;
-        let load = |i: usize| self.list[i].active.load(Ordering::Relaxed) as u64;
+        let load = |i: usize| self.list[i].health.active.load(Ordering::Relaxed) as u64;
         match (self.balance, candidates) {
             (_, []) => None,
             (_, [only]) => Some(*only),
@@ -218,16 +269,21 @@ impl Upstreams {
         -u.ln() / self.list[i].cfg.weight as f64
     }
 
-    pub fn connected(self: &Arc<Self>, i: usize) -> ActiveGuard {
-        self.list[i].active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(self.clone(), i)
+    /// Records a connect's result; returns the new state when it changed.
+    pub fn report_connect(&self, i: usize, attempt: &mut Attempt, ok: bool) -> Option<bool> {
+        let changed = self.record(i, ok, attempt.is_trial());
+        attempt.end_trial();
+        changed
     }
 
-    /// Records a connect or check result; returns the new state when it changed.
+    /// Records a check's result; returns the new state when it changed.
     pub fn report(&self, i: usize, ok: bool) -> Option<bool> {
+        self.record(i, ok, false)
+    }
+
+    fn record(&self, i: usize, ok: bool, trial: bool) -> Option<bool> {
         let u = &self.list[i];
         let was_up = u.health.up.load(Ordering::Relaxed);
-        let trial = !was_up && self.is_up(i);
         if ok {
             u.health.failures.store(0, Ordering::Relaxed);
             if was_up {
@@ -306,7 +362,7 @@ mod tests {
     fn least_conn_and_random_follow_load() {
         for balance in ["least_conn", "random"] {
             let u = upstreams(balance, r#"["a:1", "b:1"]"#);
-            let _busy: Vec<ActiveGuard> = (0..10).map(|_| u.connected(0)).collect();
+            let _busy: Vec<Attempt> = (0..10).map(|_| u.attempt(0).unwrap()).collect();
             let c = counts(&u, 100);
             assert!(c[1] > 60, "{balance}: {c:?}");
         }
@@ -346,5 +402,79 @@ mod tests {
         assert_eq!(u.report(0, true), None);
         assert_eq!(u.report(0, true), Some(true));
         assert_eq!(u.order(ip(0))[0], 0);
+    }
+
+    /// Passive detection only (no `check_interval`), `fall = 1`.
+    fn passive(balance: &str, list: &str, before: Option<&Upstreams>) -> Arc<Upstreams> {
+        let c = Config::from_toml(&format!(
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = {list}\nbalance = \"{balance}\"\nfall = 1\n"
+        ))
+        .unwrap();
+        Upstreams::new(&c.rules[0], before)
+    }
+
+    /// least_conn counts a connection from its attempt on: a burst of clients while
+    /// the first connect is still under way does not all go to that upstream (a slow
+    /// one drew them all); and a reload's new runtime counts the kept upstreams'
+    /// connections too.
+    #[test]
+    fn least_conn_counts_connects_under_way_and_across_a_reload() {
+        let u = passive("least_conn", r#"["a:1", "b:1"]"#, None);
+        let mut held = Vec::new();
+        for k in 0..6 {
+            let first = u.order(ip(k))[0];
+            held.push((first, u.attempt(first).unwrap()));
+        }
+        let on_a = held.iter().filter(|(i, _)| *i == 0).count();
+        assert_eq!(on_a, 3, "6 attempts under way split {on_a}/{}", 6 - on_a);
+        // A reload adds c: the next three go to it, a and b still have three each.
+        let v = passive("least_conn", r#"["a:1", "b:1", "c:1"]"#, Some(&u));
+        let next: Vec<usize> = (0..3)
+            .map(|k| {
+                let first = v.order(ip(k))[0];
+                held.push((first, v.attempt(first).unwrap()));
+                first
+            })
+            .collect();
+        assert_eq!(next, [2, 2, 2]);
+    }
+
+    /// A passively downed upstream's trial is one connection: while it is under way,
+    /// other clients are not sent there (each waited connect_timeout on it); a trial
+    /// that works brings it back at once, one that fails starts the wait again.
+    #[test]
+    fn a_passive_trial_is_one_connection() {
+        let u = passive("first", r#"["a:1", "b:1"]"#, None);
+        let mut first = u.attempt(0).unwrap();
+        assert_eq!(u.report_connect(0, &mut first, false), Some(false));
+        drop(first);
+        assert_eq!(u.order(ip(0)), vec![1, 0]);
+        let due = Instant::now() - PASSIVE_RETRY - Duration::from_secs(1);
+        *u.list[0].health.down_since.lock().unwrap() = Some(due);
+        assert_eq!(u.order(ip(0))[0], 0, "the trial is due");
+        let mut trial = u.attempt(0).unwrap();
+        assert!(trial.is_trial());
+        assert_eq!(
+            u.order(ip(1)),
+            vec![1, 0],
+            "a second client during the trial"
+        );
+        assert!(u.attempt(0).is_none(), "a second trial at once");
+        // Failed: down again for PASSIVE_RETRY.
+        assert_eq!(u.report_connect(0, &mut trial, false), None);
+        drop(trial);
+        assert_eq!(u.order(ip(2)), vec![1, 0]);
+        let mut again = u.attempt(0).unwrap();
+        assert!(!again.is_trial(), "a last resort, not a trial");
+        drop(again);
+        *u.list[0].health.down_since.lock().unwrap() = Some(due);
+        again = u.attempt(0).unwrap();
+        assert!(again.is_trial());
+        // A trial given up (the client went away) lets the next client make one.
+        drop(again);
+        let mut next = u.attempt(0).unwrap();
+        assert!(next.is_trial());
+        assert_eq!(u.report_connect(0, &mut next, true), Some(true));
+        assert_eq!(u.order(ip(3))[0], 0);
     }
 }

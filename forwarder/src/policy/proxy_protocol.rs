@@ -12,8 +12,9 @@ use crate::config::ProxyProtocol;
 
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 const V1_MAX: usize = 107;
-/// Addresses and a few TLVs; anything bigger from a front balancer is refused.
-const V2_MAX_PAYLOAD: usize = 1024;
+/// Addresses and TLVs (a front balancer's SSL fields and certificate names can pass
+/// 1 KiB): 16 KiB, HAProxy's buffer size, which it accepts; bigger is refused.
+const V2_MAX_PAYLOAD: usize = 16 * 1024;
 
 /// The header to write to an upstream for a client `src` that connected to `dst`.
 pub fn encode(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
@@ -327,6 +328,30 @@ mod tests {
         let mut v3 = h.clone();
         v3[12] = 0x31;
         assert!(parse(&v3).is_err());
+        // TLVs are skipped, up to 16 KiB of payload (front balancers' SSL fields and
+        // certificate names pass 1 KiB, which was the limit); more is refused.
+        for (tlvs, ok) in [
+            (2000, true),
+            (16 * 1024 - 12, true),
+            (16 * 1024 - 11, false),
+        ] {
+            let mut big = h.clone();
+            big[14..16].copy_from_slice(&((12 + tlvs) as u16).to_be_bytes());
+            // One PP2_TYPE_NOOP TLV filling them.
+            big.push(0x04);
+            big.extend_from_slice(&((tlvs - 3) as u16).to_be_bytes());
+            big.extend(std::iter::repeat_n(0u8, tlvs - 3));
+            let Ok(Parse::Complete { header: plain, .. }) = parse(&h) else {
+                unreachable!()
+            };
+            match parse(&big) {
+                Ok(Parse::Complete { header, len }) if ok => {
+                    assert_eq!((header, len), (plain, big.len()))
+                }
+                Err(e) if !ok => assert!(e.contains("too long"), "{e}"),
+                other => panic!("{tlvs} bytes of TLVs: {other:?}"),
+            }
+        }
         // UDP and UNIX addresses fall back to the connection's own (UNSPEC); unknown
         // families and short address blocks stay malformed.
         for (fam, len, ok) in [
