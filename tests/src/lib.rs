@@ -670,6 +670,10 @@ struct PathCheck {
     min_pairs: usize,
     /// Close lines that must show a path other than the mode alone (`ebpf>splice`).
     min_moved: usize,
+    /// The relay the test asked for (`--mode`, or [`Forwarder::expect_mode`] for a
+    /// rule's `mode =` key): every rule must say it runs it. (Pairs are checked against
+    /// their rule's own line: a rule that said splice where ebpf was asked for passed.)
+    requested: Option<Mode>,
 }
 
 impl Default for PathCheck {
@@ -679,6 +683,7 @@ impl Default for PathCheck {
             max_userspace: 0,
             min_pairs: 1,
             min_moved: 0,
+            requested: None,
         }
     }
 }
@@ -794,11 +799,24 @@ impl Forwarder {
                 );
             }
         };
+        let requested = args
+            .iter()
+            .position(|a| a == "--mode")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|m| {
+                [Mode::Splice, Mode::Ebpf]
+                    .into_iter()
+                    .find(|k| m == k.as_str())
+            });
+        let paths = Mutex::new(PathCheck {
+            requested,
+            ..PathCheck::default()
+        });
         Forwarder {
             proc,
             stderr,
             listening,
-            paths: Mutex::new(PathCheck::default()),
+            paths,
             _dir: dir,
         }
     }
@@ -826,6 +844,12 @@ impl Forwarder {
     /// At least `n` pairs must have switched paths (a `>` in `path=`).
     pub fn expect_moved(&self, n: usize) -> &Self {
         self.paths.lock().unwrap().min_moved = n;
+        self
+    }
+
+    /// Every rule must run `mode` (its rules' `mode =` key: `--mode` is noted by itself).
+    pub fn expect_mode(&self, mode: Mode) -> &Self {
+        self.paths.lock().unwrap().requested = Some(mode);
         self
     }
 
@@ -890,6 +914,20 @@ impl Forwarder {
     /// for the pairs it requires). Runs on drop; call it earlier to check mid-test.
     pub fn check_paths(&self) {
         let check = self.paths.lock().unwrap().clone();
+        if let Some(want) = check.requested {
+            for l in self.log_lines().iter().filter_map(|l| parse_listening(l)) {
+                // A rewrite rule runs the copy path, a tunnel rule splice with
+                // retention, whatever the mode (their lines say so).
+                let own_path = l.line.contains("(path=copy)")
+                    || l.line.contains("tunnel: splice with retention");
+                assert!(
+                    own_path || l.mode == want.as_str(),
+                    "the test asked for mode {}, the rule runs another: {}",
+                    want.as_str(),
+                    l.line
+                );
+            }
+        }
         let relayed = |l: &str| l.contains(" close rule=") && field(l, "path") != Some("none");
         self.stderr.wait_for_n(
             check.min_pairs.max(check.min_moved),

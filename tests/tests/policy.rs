@@ -29,12 +29,14 @@ fn start(mode: Mode, listen: &str, body: &str, env: &[(&str, &str)]) -> Forwarde
         prefix.push("/usr/bin/env".into());
         prefix.extend(env.iter().map(|(k, v)| OsString::from(format!("{k}={v}"))));
     }
-    Forwarder::spawn(
+    let fwd = Forwarder::spawn(
         &prefix,
         vec!["run".into(), "-c".into(), path.into()],
         1,
         Some(dir),
-    )
+    );
+    fwd.expect_mode(mode);
+    fwd
 }
 
 fn local(mode: Mode, body: &str) -> Forwarder {
@@ -66,7 +68,7 @@ fn named_server(name: &'static str, listener: TcpListener) -> NamedServer {
     let count = accepted.clone();
     let stop = StopOnDrop::new(addr);
     let flag = stop.flag();
-    thread::spawn(move || {
+    let server = thread::spawn(move || {
         for conn in listener.incoming() {
             if flag.load(Ordering::Relaxed) {
                 break;
@@ -88,7 +90,7 @@ fn named_server(name: &'static str, listener: TcpListener) -> NamedServer {
     NamedServer {
         addr,
         accepted,
-        _stop: stop,
+        _stop: stop.thread(server),
     }
 }
 
@@ -312,6 +314,21 @@ relay_tests! {
         closed.expect_pairs(0);
         assert!(ask(closed.addr(), None).is_err(), "served on a Saturday");
         assert!(wait_log(&closed, "reason=schedule", Duration::from_secs(2)));
+        // The window is Berlin's (UTC+1 in November), not UTC's: the two hours where
+        // they differ say so. 08:30 UTC is 09:30 in Berlin: open.
+        let berlin_open = start(mode, "127.0.0.1:0", &rule, &[("FORWARDER_FAKE_NOW", "2026-11-23T08:30:00Z")]);
+        assert_eq!(ask(berlin_open.addr(), None).unwrap(), "up", "09:30 in Berlin");
+        // 16:30 UTC is 17:30 in Berlin: closed.
+        let berlin_closed = start(mode, "127.0.0.1:0", &rule, &[("FORWARDER_FAKE_NOW", "2026-11-23T16:30:00Z")]);
+        berlin_closed.expect_pairs(0);
+        assert!(ask(berlin_closed.addr(), None).is_err(), "served at 17:30 in Berlin");
+        assert!(wait_log(&berlin_closed, "reason=schedule", Duration::from_secs(2)));
+        // With no timezone, UTC: 08:30 UTC is before 09:00.
+        let utc = format!("upstream = \"{}\"\nschedule = [\"Mon-Fri 09:00-17:00\"]", up.addr);
+        let utc_closed = start(mode, "127.0.0.1:0", &utc, &[("FORWARDER_FAKE_NOW", "2026-11-23T08:30:00Z")]);
+        utc_closed.expect_pairs(0);
+        assert!(ask(utc_closed.addr(), None).is_err(), "served at 08:30 UTC with no timezone");
+        assert!(wait_log(&utc_closed, "reason=schedule", Duration::from_secs(2)));
     }
 
     fn max_connection_duration(mode) {
@@ -490,20 +507,33 @@ relay_tests! {
         // A malformed header closes the connection without reaching nginx.
         let mut s = TcpStream::connect(fwd.addr()).unwrap();
         s.write_all(b"PROXY TCP4 203.0.113.7 nonsense\r\nGET / HTTP/1.0\r\n\r\n").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+        refused_at_once(s, "a malformed v1 header");
         assert!(wait_log(&fwd, "reason=bad_proxy_header", Duration::from_secs(2)));
         // So does a v2 header whose TLV runs past the header's length (a 600-byte value
         // announced, none there): it was taken, its address used.
         let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0f".to_vec();
         v2.extend_from_slice(&[203, 0, 113, 7, 127, 0, 0, 1, 0x10, 0x92, 0, 80, 0xee, 0x02, 0x58]);
+        // (The refused line is written at most once a second per rule.)
+        thread::sleep(Duration::from_millis(1100));
         let mut s = TcpStream::connect(fwd.addr()).unwrap();
         s.write_all(&[&v2[..], b"GET / HTTP/1.0\r\n\r\n"].concat()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        assert!(out.is_empty(), "a TLV past the header: {}", String::from_utf8_lossy(&out));
+        refused_at_once(s, "a TLV past the header");
+        let refused = fwd.stderr.wait_for_n(2, Duration::from_secs(2), |l| {
+            as_text(l).contains("reason=bad_proxy_header")
+        });
+        assert_eq!(refused.len(), 2, "two bad headers, two refusals");
     }
+}
+
+/// The forwarder closes `s` (a reset or an empty EOF) within 1 s, having sent nothing:
+/// a read that timed out (a forwarder still waiting for more header) is a failure too.
+fn refused_at_once(mut s: TcpStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: not closed within 1 s ({e})"),
+    }
+    assert!(out.is_empty(), "{what}: {}", String::from_utf8_lossy(&out));
 }

@@ -62,13 +62,20 @@ fn reload_lines(fwd: &Forwarder) -> Vec<String> {
         .collect()
 }
 
-/// A free loopback port (bound and released: nothing else here takes fixed ports).
+/// A port free on every address (for a wildcard listen), below the kernel's ephemeral
+/// range (32768-60999): one the kernel handed out and took back could be another
+/// test's source port, or listener, before the forwarder binds it (a CI failure, as
+/// 48be62a saw for 127.0.0.1). Tried from a per-process start.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    for _ in 0..1000 {
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20000 + ((std::process::id() * 97 + n * 13) % 12000) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999 after 1000 tries");
 }
 
 /// A server that answers a `?` with its name, then echoes. It speaks only after the

@@ -3,7 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,15 +12,21 @@ use std::time::{Duration, Instant};
 
 use forwarder_tests::{ChildGuard, TempDir};
 
-/// Stops an accept loop thread: sets its flag and wakes it with a connection.
-pub struct StopOnDrop(SocketAddr, Arc<AtomicBool>);
+/// Stops an accept loop thread: sets its flag, wakes it with a connection, and waits
+/// for it to end (so its listener is closed and the port refuses when this returns).
+pub struct StopOnDrop(SocketAddr, Arc<AtomicBool>, Option<thread::JoinHandle<()>>);
 
 impl StopOnDrop {
     pub fn new(addr: SocketAddr) -> StopOnDrop {
-        StopOnDrop(addr, Arc::new(AtomicBool::new(false)))
+        StopOnDrop(addr, Arc::new(AtomicBool::new(false)), None)
     }
     pub fn flag(&self) -> Arc<AtomicBool> {
         self.1.clone()
+    }
+    /// The accept loop's thread, to wait for.
+    pub fn thread(mut self, t: thread::JoinHandle<()>) -> StopOnDrop {
+        self.2 = Some(t);
+        self
     }
 }
 
@@ -28,8 +34,19 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.1.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect_timeout(&self.0, Duration::from_secs(1));
-        // Give the thread time to drop the listener so the port refuses.
-        thread::sleep(Duration::from_millis(50));
+        // The loop may be serving a client (reads time out after 5 s) before it takes
+        // the wake-up connection: waited for that long, and a little more.
+        let deadline = Instant::now() + Duration::from_secs(7);
+        while let Some(t) = self.2.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            } else if Instant::now() < deadline {
+                self.2 = Some(t);
+                thread::sleep(Duration::from_millis(5));
+            } else if !thread::panicking() {
+                panic!("the server on {} did not stop within 7 s", self.0);
+            }
+        }
     }
 }
 
@@ -113,17 +130,15 @@ impl Nginx {
             .find(|p| std::path::Path::new(p).exists())
             .expect("nginx is not installed (/usr/sbin/nginx): `cargo xtask test` installs it, or `apt-get install nginx`");
         let dir = TempDir::new("nginx");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // An address of its own: a port released on 127.0.0.1 can be another test's
+        // before nginx binds it, and the readiness check below would find that one.
+        let addr = forwarder_tests::free_loopback_addr();
         let d = dir.path().display();
         let conf = format!(
             "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;\n\
              events {{ worker_connections 64; }}\n\
              http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-               server {{ listen 127.0.0.1:{port} proxy_protocol;\n\
+               server {{ listen {addr} proxy_protocol;\n\
                  location / {{ default_type text/plain; return 200 \"$proxy_protocol_addr:$proxy_protocol_port\"; }} }} }}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
@@ -137,7 +152,6 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
         let mut child = ChildGuard::spawn(cmd, "nginx");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
             let why = match child.try_status() {
