@@ -709,7 +709,22 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
             }
         }
         match result {
-            Ok((stream, addr)) => return Dialed::Connected(stream, addr, attempt),
+            Ok((stream, addr, failed)) => {
+                // A name's other addresses that failed first: said, since the client
+                // waited for them (connect_timeout each), though the upstream answered.
+                for error in failed {
+                    event!(
+                        warn,
+                        "upstream address failed",
+                        text = ("connect rule={} client={peer} upstream={upstream} address failed: {error}; the next one answered", rule.name),
+                        rule = %rule.name,
+                        client = %peer,
+                        upstream = %upstream,
+                        error = %error,
+                    );
+                }
+                return Dialed::Connected(stream, addr, attempt);
+            }
             Err(e) => event!(
                 warn,
                 "connect failed",
@@ -759,10 +774,11 @@ struct ConnectError {
     reset: Option<(SocketAddr, io::Error)>,
 }
 
-async fn connect_one(
-    upstream: &str,
-    timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), ConnectError> {
+/// A connect that worked, and what failed on the way: addresses of the name tried
+/// before the one that answered (`ADDR: error` each).
+type Answered = (TcpStream, SocketAddr, Vec<String>);
+
+async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, ConnectError> {
     let remote = |why: String| ConnectError {
         why,
         local: false,
@@ -782,7 +798,7 @@ async fn connect_one(
     let mut local = true;
     for addr in addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok((stream, addr)),
+            Ok(Ok(stream)) => return Ok((stream, addr, errors)),
             Ok(Err(e)) if reset_at_connect(&e) => {
                 return Err(ConnectError {
                     why: format!("{addr}: {e}"),

@@ -51,6 +51,24 @@ impl Mode {
     }
 }
 
+/// A [`Forwarder::spawn`] prefix: the forwarder runs in a mount namespace of its own
+/// (private: nothing leaks to the host's), after the shell command `mount` ran there.
+pub fn in_mount_namespace(mount: &str) -> Vec<OsString> {
+    let script = format!("{mount} && exec \"$0\" \"$@\"");
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect()
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

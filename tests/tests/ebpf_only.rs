@@ -260,18 +260,7 @@ mod ebpf {
         }
         let _load = light();
         let up = Server::echo();
-        let prefix: Vec<OsString> = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount -t tmpfs none /sys/kernel/btf && exec \"$0\" \"$@\"",
-        ]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
+        let prefix = in_mount_namespace("mount -t tmpfs none /sys/kernel/btf");
         let args = [
             "run",
             "--listen",

@@ -537,3 +537,51 @@ fn refused_at_once(mut s: TcpStream, what: &str) {
     }
     assert!(out.is_empty(), "{what}: {}", String::from_utf8_lossy(&out));
 }
+
+/// An upstream named by a host name with two addresses, the first refusing: the
+/// client is served by the second, and the forwarder says the first failed (the client
+/// waited for it: `connect_timeout` where it is blackholed; nothing was said) and names
+/// the address that answered in the close line. The name comes from a hosts file
+/// bind-mounted over /etc/hosts in a mount namespace of the forwarder's own.
+#[test]
+fn a_names_failed_address_is_said() {
+    let up = named_server("up", local_listener());
+    let port = up.addr.port();
+    let dir = TempDir::new("hosts");
+    // ::1 first (getaddrinfo sorts loopback IPv6 before IPv4); nothing listens there.
+    let hosts = dir.write(
+        "hosts",
+        "::1 two-addresses.test\n127.0.0.1 two-addresses.test\n",
+    );
+    let prefix = in_mount_namespace(&format!("mount --bind {} /etc/hosts", hosts.display()));
+    let args = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("two-addresses.test:{port}"),
+        "--mode",
+        "splice",
+    ];
+    let fwd = Forwarder::spawn(&prefix, args.iter().map(OsString::from).collect(), 1, None);
+    assert_eq!(ask(fwd.addr(), None).unwrap(), "up");
+    let failed = fwd.stderr.wait_for_n(1, Duration::from_secs(5), |l| {
+        as_text(l).contains(" address failed: ")
+    });
+    let line = failed
+        .first()
+        .map(|l| as_text(l))
+        .unwrap_or_else(|| panic!("no `address failed` line:\n{}", fwd.stderr.text()));
+    assert!(
+        line.contains(&format!("upstream=two-addresses.test:{port}"))
+            && line.contains(&format!("[::1]:{port}")),
+        "{line}"
+    );
+    let close = fwd.wait_close_lines(1, Duration::from_secs(5));
+    assert_eq!(
+        field(&close[0], "upstream"),
+        Some(up.addr.to_string().as_str()),
+        "{}",
+        close[0]
+    );
+}

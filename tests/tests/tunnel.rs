@@ -3040,3 +3040,27 @@ fn agent_target_connect_takes_the_rule_connect_timeout() {
             && field(l, "upstream") == Some("agent:web")
     });
 }
+
+/// A service target given by name: the agent's close line names the address it
+/// reached, as a rule's does (it said the name as written).
+#[test]
+fn agent_close_line_names_the_address_reached() {
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let (token, target, server) = on_loopback(Mode::Splice, &dir, "", "");
+    let by_name: SocketAddr = target.addr();
+    let mut args = osv(&["agent", "--server", &server.tunnel.to_string(), "--service"]);
+    args.push(format!("web=localhost:{}", by_name.port()).into());
+    args.push("--token-file".into());
+    args.push(token.clone().into());
+    let agent = Proc::spawn("agent", &args, None, &[], None);
+    wait_connected(&server, &agent, 1);
+    let job = Job::new(BOTH, Payload::new(540, 4 * KIB), Payload::new(541, 4 * KIB));
+    let out = visit_ok(server.visitors, job, secs(20));
+    let l = close_of(&agent, out.local, secs(10));
+    assert_eq!(
+        field(&l, "upstream"),
+        Some(by_name.to_string().as_str()),
+        "{l}"
+    );
+}

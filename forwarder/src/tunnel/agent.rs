@@ -615,6 +615,9 @@ async fn serve_stream(
             return log(&target, "connect_failed (timed out)", &progress);
         }
     };
+    // The close line names the address reached, as a rule's does (a name as written
+    // says nothing of which of its addresses answered).
+    let target = local.peer_addr().map_or(target, |a| a.to_string());
     let _ = local.set_nodelay(true);
     if !proxy_header.is_empty() {
         if let Err(e) = local.write_all(&proxy_header).await {
