@@ -140,6 +140,9 @@ pub fn serve(
                         .refusals
                         .record(&rt.rule.name, peer, reason, &shown);
                 }
+                if let RelayEnd::ConnectFailed(_) = &end {
+                    rt.stats.connect_error(&upstream);
+                }
                 end_text(&end)
             }
             Err(why) => Cow::Borrowed(why),
@@ -544,6 +547,7 @@ pub fn end_text(end: &RelayEnd) -> Cow<'static, str> {
             )
         }
         RelayEnd::Ended(why) => return Cow::Borrowed(why),
+        RelayEnd::ConnectFailed(why) => format!("connect_failed ({why})"),
         RelayEnd::Refused { reason, detail } => {
             let shown = if detail.is_empty() {
                 String::new()

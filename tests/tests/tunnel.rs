@@ -3064,3 +3064,75 @@ fn agent_close_line_names_the_address_reached() {
         "{l}"
     );
 }
+
+/// Two agents offer `web`; one's target refuses. Its first visitors end
+/// `connect_failed (at the agent: ...)` on the server (counted as the failed connects
+/// they are, not `upstream_reset`), and after 3 in a row it gets no new visitor while
+/// the other agent serves (`agent target failing`): as a rule's passively downed
+/// upstream. It got every other visitor, for as long as it ran, and each was reset.
+#[test]
+fn an_agent_whose_target_refuses_is_passed_over() {
+    const VISITS: u64 = 16;
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let (token, good, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"round_robin\"");
+    // Nothing listens there.
+    let dead = free_loopback_addr();
+    let healthy = agent_cli(server.tunnel, good.addr(), Token::File(&token), None);
+    wait_connected(&server, &healthy, 1);
+    let failing = agent_cli(server.tunnel, dead, Token::File(&token), None);
+    wait_connected(&server, &failing, 2);
+    let mut failed = Vec::new();
+    for i in 0..VISITS {
+        let job = Job::new(
+            BOTH,
+            Payload::new(560 + 2 * i, 4 * KIB),
+            Payload::new(561 + 2 * i, 4 * KIB),
+        );
+        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+        match visit(server.visitors, job, Instant::now() + secs(20), &a, &b) {
+            Ok(out) => {
+                assert_eq!(out.down, Digested::of(&job.down));
+                assert_got(
+                    &good.report(secs(10)).seen,
+                    &job.up,
+                    "through the healthy agent",
+                );
+            }
+            Err(e) => failed.push(format!("visitor {i}: {e}")),
+        }
+    }
+    assert!(
+        (1..=3).contains(&failed.len()),
+        "{} of {VISITS} visitors failed, want 1 to 3 (round robin tries the failing agent, \
+         then passes it over): {failed:#?}",
+        failed.len()
+    );
+    let ends: Vec<String> = server
+        .p
+        .wait_close_lines(VISITS as usize, secs(10))
+        .iter()
+        .filter_map(|l| field(l, "end").map(str::to_string))
+        .filter(|e| e != "closed")
+        .collect();
+    assert!(
+        ends.len() == failed.len() && ends.iter().all(|e| e == "connect_failed"),
+        "the failed visitors' ends on the server: {ends:?}; {:#?}",
+        server.p.close_lines()
+    );
+    assert!(
+        server
+            .p
+            .close_lines()
+            .iter()
+            .filter(|l| field(l, "end") == Some("connect_failed"))
+            .all(|l| l.contains("(at the agent: ")),
+        "{:#?}",
+        server.p.close_lines()
+    );
+    if failed.len() == 3 {
+        server.p.expect_line("agent target failing", secs(5), |l| {
+            is_line(l, "agent target failing")
+        });
+    }
+}

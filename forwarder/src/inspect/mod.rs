@@ -246,6 +246,10 @@ impl Prelude<'_> {
                 reset_both_on_close(&pair.client, &pair.upstream);
                 Err(RelayEnd::Ended("agent_lost"))
             }
+            Some(Event::Unreachable(why)) => {
+                reset_both_on_close(&pair.client, &pair.upstream);
+                Err(RelayEnd::ConnectFailed(format!("at the agent: {why}")))
+            }
             Some(Event::Reset) => {
                 let e = std::io::Error::new(
                     std::io::ErrorKind::ConnectionReset,

@@ -189,6 +189,10 @@ pub enum RelayEnd {
     /// Ended for a reason of its own, named as the close line's `end=` (a tunnel
     /// stream whose agent did not come back: `agent_lost`). Both sides were reset.
     Ended(&'static str),
+    /// The upstream could not be connected after all: a tunnel agent's target
+    /// (`why`, as the agent says it). Named `connect_failed` as a rule's refused
+    /// upstream is, and counted as a connect error.
+    ConnectFailed(String),
     /// An inspection check refused the client (`reason` as in the `refused` line).
     Refused {
         reason: &'static str,

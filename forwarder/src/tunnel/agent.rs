@@ -600,19 +600,16 @@ async fn serve_stream(
             let end = crate::connection::upstream_reset_at_connect(e);
             return log(&target, &end, &progress);
         }
-        Ok(Err(e)) => {
-            refuse_stream(&session, &data, stream);
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            unreachable_stream(&session, &data, stream, &why);
             if let Some(s) = stats {
                 s.connect_error(&target);
             }
-            return log(&target, &format!("connect_failed ({e})"), &progress);
-        }
-        Err(_) => {
-            refuse_stream(&session, &data, stream);
-            if let Some(s) = stats {
-                s.connect_error(&target);
-            }
-            return log(&target, "connect_failed (timed out)", &progress);
+            return log(&target, &format!("connect_failed ({why})"), &progress);
         }
     };
     // The close line names the address reached, as a rule's does (a name as written
@@ -657,6 +654,17 @@ fn refuse_stream(session: &AgentSession, data: &TcpStream, stream: u64) {
     reset_on_close(data);
     stream::Session::forget(session, stream);
     stream::Session::send(session, Frame::Reset { stream });
+}
+
+/// A stream whose target could not be connected: ended as a refused one is, and the
+/// server told why (its close line says `connect_failed`, and it counts the failure
+/// against this agent). Should the frame be lost with the link, the resume sends a
+/// `Reset` for the stream, as for any this agent ended.
+fn unreachable_stream(session: &AgentSession, data: &TcpStream, stream: u64, why: &str) {
+    reset_on_close(data);
+    stream::Session::forget(session, stream);
+    let why = why.to_string();
+    stream::Session::send(session, Frame::Unreachable { stream, why });
 }
 
 /// Connects to `HOST:PORT`. A literal address skips tokio's resolver, which runs on

@@ -74,6 +74,13 @@ pub enum Frame {
         /// target as it bounds a plain rule's connect to its upstream.
         connect_timeout_ms: u64,
     },
+    /// Agent → server, control: the stream's target could not be connected (`why`,
+    /// refused or timed out): the stream is gone, as with `Reset`, and the server
+    /// counts it against the agent.
+    Unreachable {
+        stream: u64,
+        why: String,
+    },
     /// Both ways, first on a reattached data connection: bytes received so far.
     Resume {
         received: u64,
@@ -217,6 +224,7 @@ mod tests {
                 .prop_map(|(stream, received)| Frame::Ack { stream, received }),
             (any::<u64>(), any::<u64>()).prop_map(|(stream, at)| Frame::Fin { stream, at }),
             any::<u64>().prop_map(|stream| Frame::Reset { stream }),
+            (any::<u64>(), ".{0,40}").prop_map(|(stream, why)| Frame::Unreachable { stream, why }),
             Just(Frame::Ping),
             Just(Frame::Draining),
         ]

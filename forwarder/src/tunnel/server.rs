@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -123,7 +123,20 @@ pub struct ServerSession {
     /// A draining agent's link ended and its loss is not logged yet (its last streams
     /// may end in a moment, then it left): a resume meanwhile logs it first.
     loss_unsaid: AtomicBool,
+    /// Passive health, as a rule's upstream has: targets this agent could not connect
+    /// in a row, and since when it has failed [`TARGET_FALL`] times (new visitors go
+    /// to other agents offering the service for [`TARGET_RETRY`], then it gets them
+    /// again as a trial).
+    target_failures: AtomicU32,
+    failing_since: Mutex<Option<Instant>>,
 }
+
+/// Target connects failing in a row that take an agent out of the balancing while
+/// others offer the service (a rule's `fall` default).
+const TARGET_FALL: u32 = 3;
+/// How long such an agent gets no new visitor while others can take them (as a
+/// passively downed upstream waits for its trial).
+const TARGET_RETRY: Duration = Duration::from_secs(10);
 
 impl stream::Session for ServerSession {
     fn send(&self, frame: Frame) {
@@ -141,6 +154,13 @@ impl stream::Session for ServerSession {
     fn dialer(&self) -> Option<(tokio::sync::watch::Receiver<u64>, stream::Dial)> {
         None
     }
+
+    fn target_reached(&self) {
+        self.target_failures.store(0, Ordering::Relaxed);
+        if self.failing_since.lock().unwrap().take().is_some() {
+            event!(info, "agent target reached", text = ("agent target reached session={:x}: its target answers again; it takes new visitors", self.id), session = %format!("{:x}", self.id),);
+        }
+    }
 }
 
 impl control::Streams for ServerSession {
@@ -152,6 +172,16 @@ impl control::Streams for ServerSession {
 
     fn answered(&self) {
         self.pongs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn target_failed(&self) {
+        let n = self.target_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut since = self.failing_since.lock().unwrap();
+        // Counted again from the trial on: a failed trial starts the wait afresh.
+        if n >= TARGET_FALL && since.is_none_or(|t| t.elapsed() >= TARGET_RETRY) {
+            *since = Some(Instant::now());
+            event!(warn, "agent target failing", text = ("agent target failing session={:x}: {n} target connects failed in a row; other agents offering its services take new visitors for {TARGET_RETRY:?}", self.id), session = %format!("{:x}", self.id), failures = n,);
+        }
     }
 
     fn draining(&self) {
@@ -174,6 +204,14 @@ impl ServerSession {
     /// Live and not shutting down: new visitors may go to it.
     fn serving(&self) -> bool {
         self.live() && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Its targets failed lately (see `target_failures`): others are chosen first.
+    fn failing(&self) -> bool {
+        self.failing_since
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t.elapsed() < TARGET_RETRY)
     }
 
     /// Whether the agent behind the link answers a ping within [`PROBE_TIMEOUT`]. A
@@ -292,6 +330,10 @@ impl Registry {
             .collect();
         if offering.is_empty() {
             return None;
+        }
+        // Agents whose targets fail go last resort: only when every one does.
+        if offering.iter().any(|s| !s.failing()) {
+            offering.retain(|s| !s.failing());
         }
         offering.sort_by_key(|s| s.id);
         let pick = match balance {
@@ -471,6 +513,8 @@ impl Registry {
                     pongs: AtomicU64::new(0),
                     draining: AtomicBool::new(false),
                     loss_unsaid: AtomicBool::new(false),
+                    target_failures: AtomicU32::new(0),
+                    failing_since: Mutex::new(None),
                 });
                 self.sessions
                     .lock()

@@ -54,6 +54,8 @@ pub enum Event {
     Fin(u64),
     /// The peer's end was reset, or the peer no longer knows the stream.
     Reset,
+    /// Server side: the agent could not connect the target (why).
+    Unreachable(String),
     /// The link was not back within resume_grace.
     GraceExpired,
 }
@@ -72,6 +74,9 @@ pub trait Session: Send + Sync {
     /// connection to reattach `stream` (the `Data` header sent). The server waits for
     /// `Event::Attach` instead.
     fn dialer(&self) -> Option<(watch::Receiver<u64>, Dial)>;
+    /// Server side: the agent has a stream of this session (it acknowledged or sent a
+    /// byte of it): its target was reached.
+    fn target_reached(&self) {}
 }
 
 pub type Dial = Arc<
@@ -219,6 +224,14 @@ pub struct Link {
 }
 
 impl Link {
+    /// The agent has the stream (an ack, a byte, a reattach): its `Open` need not be
+    /// sent again, and its target was reached.
+    pub fn agent_has_it(&mut self) {
+        if self.open.take().is_some() {
+            self.session.target_reached();
+        }
+    }
+
     /// Tells the peer we have received `received` bytes of the stream, so it can let
     /// its retained copy of them go (and read on: it holds at most resume_buffer).
     pub fn acknowledge(&self, received: u64) {
@@ -371,6 +384,7 @@ pub async fn run(
                     }
                 }
                 End::Lost => RelayEnd::Ended("agent_lost"),
+                End::Unreachable(why) => RelayEnd::ConnectFailed(format!("at the agent: {why}")),
                 End::Done => unreachable!("matched above"),
             }
         }
@@ -433,6 +447,8 @@ enum End {
     Done,
     Local(io::Error),
     PeerReset,
+    /// The agent could not connect the target.
+    Unreachable(String),
     Protocol(String),
     Lost,
 }
@@ -456,7 +472,7 @@ impl Engine {
     fn new(mut link: Box<Link>, side: Side, handover: Handover) -> io::Result<Engine> {
         let passed = handover.passed.map(|p| *p).unwrap_or_default();
         if passed.received > 0 {
-            link.open = None; // the agent has the stream: it sent bytes
+            link.agent_has_it(); // it sent bytes
         }
         let sent = passed.sent.len();
         let want = link.limit.max(sent);
@@ -678,7 +694,7 @@ impl Engine {
                 Woke::Io => {}
                 Woke::Event(None) => return Err(End::Lost),
                 Woke::Event(Some(Event::Ack(n))) => {
-                    self.link.open = None;
+                    self.link.agent_has_it();
                     self.acked(n).map_err(End::Protocol)?
                 }
                 Woke::Event(Some(Event::Fin(at))) => {
@@ -690,6 +706,7 @@ impl Engine {
                     self.inn.peer_fin = Some(at);
                 }
                 Woke::Event(Some(Event::Reset)) => return Err(End::PeerReset),
+                Woke::Event(Some(Event::Unreachable(why))) => return Err(End::Unreachable(why)),
                 Woke::Event(Some(Event::GraceExpired)) => return Err(End::Lost),
                 Woke::Event(Some(Event::Attach(conn))) => {
                     drop_data(&mut data);
@@ -933,7 +950,7 @@ impl Engine {
                     moved = true;
                     quiet |= drained;
                     // The agent has the stream: its `Open` is not needed again.
-                    self.link.open = None;
+                    self.link.agent_has_it();
                     // Delivered in the same call (one pass per message).
                     self.deliver(local, progress)?;
                 }
@@ -1022,7 +1039,7 @@ impl Engine {
     /// the replay of what it lacks. `Ok(None)` when the connection failed (try
     /// another); an error when the peer no longer knows the stream.
     async fn reattach(&mut self, mut conn: TcpStream) -> Result<Option<TcpStream>, End> {
-        self.link.open = None; // the agent reattaches it: it has the stream
+        self.link.agent_has_it(); // it reattaches the stream
         let _ = conn.set_nodelay(true);
         let peer_received = match resume_exchange(&mut conn, self.inn.received).await {
             Ok(Ok(Frame::Resume { received })) => received,

@@ -245,5 +245,6 @@ async fn probe_pair(k: &'static Kernel) -> Result<(), String> {
         RelayEnd::Failed { side, error } => Err(format!("{} side: {error}", side.as_str())),
         RelayEnd::Refused { reason, .. } => Err(format!("refused: {reason}")),
         RelayEnd::Ended(why) => Err(why.to_string()),
+        RelayEnd::ConnectFailed(why) => Err(format!("connect failed: {why}")),
     }
 }
