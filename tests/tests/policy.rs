@@ -303,6 +303,62 @@ relay_tests! {
         assert_eq!(up.accepted.load(Ordering::Relaxed), before, "the upstream saw a denied client");
     }
 
+    /// `backup = true` upstreams get clients only while every primary is down: none
+    /// while the primary answers, all once its port refuses (passive detection, fall 1).
+    fn backup_upstreams_only_when_the_primaries_are_down(mode) {
+        let a = named_server("a", local_listener());
+        let b = named_server("b", local_listener());
+        let fwd = local(mode, &format!("upstream = [\"{}\", {{ addr = \"{}\", backup = true }}]\nbalance = \"round_robin\"\nfall = 1", a.addr, b.addr));
+        let answers: Vec<String> = (0..6).map(|_| ask(fwd.addr(), None).unwrap()).collect();
+        assert!(answers.iter().all(|x| x == "a"), "the backup got clients while the primary answered: {answers:?}");
+        assert_eq!(b.accepted.load(Ordering::Relaxed), 0);
+        drop(a); // its port now refuses
+        let answers: Vec<String> = (0..6).map(|_| ask(fwd.addr(), None).unwrap()).collect();
+        assert!(answers.iter().all(|x| x == "b"), "with the primary down: {answers:?}");
+        assert!(wait_log(&fwd, "is DOWN", Duration::from_secs(2)), "the primary never marked down");
+    }
+
+    /// `random` (power of two choices by load): 60 short clients one after another
+    /// reach each of 3 upstreams (at equal load the pick is uniform: fewer than 5 of
+    /// 60 is a 1-in-50,000 event).
+    fn random_reaches_every_upstream(mode) {
+        let (a, b, c) = (named_server("a", local_listener()), named_server("b", local_listener()), named_server("c", local_listener()));
+        let fwd = local(mode, &format!("balance = \"random\"\nupstream = {}", upstream_list(&[&a, &b, &c])));
+        let answers: Vec<String> = (0..60).map(|_| ask(fwd.addr(), None).unwrap()).collect();
+        for name in ["a", "b", "c"] {
+            let n = answers.iter().filter(|x| *x == name).count();
+            assert!(n >= 5, "{name} got {n} of 60: {answers:?}");
+        }
+    }
+
+    /// `deny` wins over `allow`: a client both name is refused, one only `allow`
+    /// names is served.
+    fn deny_wins_over_allow(mode) {
+        let up = named_server("up", local_listener());
+        let fwd = local(mode, &format!("upstream = \"{}\"\nallow = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.2\"]", up.addr));
+        assert_eq!(ask(fwd.addr(), Some([127, 0, 0, 1].into())).unwrap(), "up");
+        let before = up.accepted.load(Ordering::Relaxed);
+        assert!(ask(fwd.addr(), Some([127, 0, 0, 2].into())).is_err(), "127.0.0.2, allowed and denied, was served");
+        assert!(wait_log(&fwd, "reason=acl", Duration::from_secs(2)));
+        assert_eq!(up.accepted.load(Ordering::Relaxed), before, "the upstream saw a denied client");
+    }
+
+    /// `proxy_protocol_timeout` bounds the wait for a front balancer's header: a
+    /// client that sends none is refused after it (1 s here, not the 5 s default),
+    /// `reason=bad_proxy_header`, and no upstream connection is made.
+    fn proxy_protocol_timeout_bounds_the_header_wait(mode) {
+        let up = named_server("up", local_listener());
+        let fwd = local(mode, &format!("upstream = \"{}\"\naccept_proxy_protocol = true\nproxy_protocol_timeout = \"1s\"", up.addr));
+        fwd.expect_pairs(0);
+        let s = TcpStream::connect(fwd.addr()).unwrap();
+        let t0 = Instant::now();
+        let (_, _) = wait_closed(&s, Duration::from_secs(4)).unwrap_or_else(|e| panic!("not closed within 4 s: {e}"));
+        let waited = t0.elapsed();
+        assert!(waited > Duration::from_millis(800) && waited < Duration::from_millis(2500), "closed after {waited:?}");
+        assert!(wait_log(&fwd, "reason=bad_proxy_header", Duration::from_secs(2)));
+        assert_eq!(up.accepted.load(Ordering::Relaxed), 0, "the upstream saw a client with no header");
+    }
+
     fn schedule_with_injected_clock(mode) {
         let up = named_server("up", local_listener());
         let rule = format!("upstream = \"{}\"\nschedule = [\"Mon-Fri 09:00-17:00\"]\ntimezone = \"Europe/Berlin\"", up.addr);
