@@ -1256,6 +1256,22 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
                 r.pattern
             )));
         }
+        if let Some(name) = missing_group(&pattern, &r.replace) {
+            let hint = match name.find(|c: char| !c.is_ascii_digit()) {
+                Some(i) if i > 0 => format!(
+                    " (`${name}` names a group `{name}`: write `${{{}}}{}` for group {} followed by `{}`)",
+                    &name[..i],
+                    &name[i..],
+                    &name[..i],
+                    &name[i..]
+                ),
+                _ => String::new(),
+            };
+            return Err(err(format!(
+                "{}: refers to group `{name}`, which the pattern does not have{hint}",
+                at(&format!("rewrite[{j}].replace"))
+            )));
+        }
         rewrite.push(Rewrite {
             direction: r.direction,
             pattern,
@@ -1550,6 +1566,43 @@ fn check_dial_addr(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A group that `replace` refers to (regex's expansion syntax: `$name`, the longest
+/// run of letters, digits and `_`, or `${name}`; `$$` is a `$`) and `pattern` lacks:
+/// the expansion would put nothing there, and say nothing.
+fn missing_group(pattern: &regex::bytes::Regex, replace: &str) -> Option<String> {
+    let has = |name: &str| match name.parse::<usize>() {
+        Ok(i) => i < pattern.captures_len(),
+        Err(_) => pattern.capture_names().any(|n| n == Some(name)),
+    };
+    let mut rest = replace;
+    while let Some(at) = rest.find('$') {
+        rest = &rest[at + 1..];
+        let name = if let Some(braced) = rest.strip_prefix('{') {
+            match braced.find('}') {
+                Some(end) => {
+                    rest = &braced[end + 1..];
+                    &braced[..end]
+                }
+                None => continue, // not a reference: written as it is
+            }
+        } else if let Some(after) = rest.strip_prefix('$') {
+            rest = after;
+            continue;
+        } else {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            rest = &rest[end..];
+            name
+        };
+        if !name.is_empty() && !has(name) {
+            return Some(name.to_string());
+        }
+    }
+    None
+}
+
 /// `host:port` or `[v6]:port`, with a numeric port; the host is resolved later.
 fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
@@ -1564,8 +1617,11 @@ fn check_host_port(s: &str) -> Result<(), String> {
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
         return Err("IPv6 addresses must be written [addr]:port".into());
     }
+    // Digits only: `+1` parses as a u16, and the address was then blamed.
     port.parse::<u16>()
-        .map_err(|_| format!("port {port:?} is not a number from 0 to 65535"))?;
+        .ok()
+        .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| format!("port {port:?} is not a number from 0 to 65535"))?;
     // Brackets hold an IPv6 address, never a name (the port is fine, so the address
     // is what failed to parse): `[::g]` was accepted, and every connect then failed.
     if host.contains(['[', ']']) {
@@ -1818,6 +1874,38 @@ mod tests {
 
     const RULE: &str = "[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"a:1\"\n";
 
+    /// A rewrite's replacement that names a group the pattern lacks is an error (the
+    /// expansion puts nothing there): `$1Y` is a group named `1Y`, and the message
+    /// says how to write group 1 then `Y`. Groups it has, `$$` and a `$` with no name
+    /// are fine.
+    #[test]
+    fn rewrite_replacement_names_only_groups_the_pattern_has() {
+        let rule = |replace: &str| {
+            format!(
+                "{RULE}mode = \"splice\"\nrewrite = [{{ direction = \"to_upstream\", match = '(?P<n>\\d+)-(\\d+)', replace = '{replace}' }}]\n"
+            )
+        };
+        for ok in [
+            "X${1}Y", "$1 Y", "$2$n", "${n}x", "$$1", "a$ b", "$0", "${2",
+        ] {
+            Config::from_toml(&rule(ok)).unwrap_or_else(|e| panic!("{ok}: {}", e.0));
+        }
+        let e = error_of(&rule("X$1Y"));
+        assert!(
+            e.contains("rule[0].rewrite[0].replace")
+                && e.contains("group `1Y`")
+                && e.contains("`${1}Y`"),
+            "{e}"
+        );
+        for bad in ["$3", "${nn}", "$m"] {
+            let e = error_of(&rule(bad));
+            assert!(
+                e.contains("rewrite[0].replace") && e.contains("does not have"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     /// Patterns match bytes: a Unicode class (valid in regex's Unicode mode) is an
     /// error that says how to ask for Unicode; with `(?u:...)` it is accepted.
     #[test]
@@ -1844,6 +1932,9 @@ mod tests {
         assert!(e.contains("upstream"), "{e}");
         let e = error_of("[[rule]\n");
         assert!(e.contains("line 1"), "{e}");
+        // A port written `+1` is the port's fault, not the address's.
+        let e = error_of("[[rule]]\nlisten=\"127.0.0.1:1\"\nupstream=\"[::1]:+1\"\n");
+        assert!(e.contains("port \"+1\""), "the port is what is wrong: {e}");
         // Brackets hold an IPv6 address: these were accepted, and every connect failed.
         for bad in [
             "[::g]:1",

@@ -200,6 +200,9 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => match &source {
                 Some(source) => server.reload(source).await,
+                None if server.config.rules.is_empty() => tracing::warn!(
+                    "reload: nothing to reload, the agent came from the command line (no -c FILE)"
+                ),
                 None => tracing::warn!(
                     "reload: nothing to reload, the rules came from --listen/--upstream (no -c FILE)"
                 ),

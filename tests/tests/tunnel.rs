@@ -2903,10 +2903,12 @@ fn least_conn_takes_turns_among_idle_agents() {
     let (token, first, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"least_conn\"");
     // Each agent its own target: two identities, two sessions.
     let second = Target::start();
-    let agents =
-        [&first, &second].map(|t| agent_cli(server.tunnel, t.addr(), Token::File(&token), None));
-    wait_connected(&server, &agents[0], 1);
-    wait_connected(&server, &agents[1], 2);
+    // Each connected before the next starts: wait_connected matches the server's nth.
+    let agents = [&first, &second].map(|t| {
+        let a = agent_cli(server.tunnel, t.addr(), Token::File(&token), None);
+        wait_connected(&server, &a, server.connected().len() + 1);
+        a
+    });
     for i in 0..VISITS {
         let job = Job::new(
             BOTH,
@@ -2930,6 +2932,61 @@ fn least_conn_takes_turns_among_idle_agents() {
         split.iter().all(|&n| n.abs_diff(VISITS / 2) <= 1),
         "{VISITS} short visitors one after another split {split:?} over two idle agents, \
          want turns (10 each, give or take one)"
+    );
+}
+
+/// `least_conn` over three agents, each visitor arriving while the one before is still
+/// open: the two idle agents tie, and ties go to the one chosen longest ago, so the
+/// visitors take turns over all three (a counter over tie sets that changed gave one
+/// of them none of 30).
+#[test]
+fn least_conn_counts_held_streams_over_three_agents() {
+    const VISITS: u64 = 30;
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let (token, first, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"least_conn\"");
+    let targets = [Target::start(), Target::start()];
+    // Each connected before the next starts: wait_connected matches the server's nth.
+    let agents: Vec<Proc> = [first.addr(), targets[0].addr(), targets[1].addr()]
+        .iter()
+        .enumerate()
+        .map(|(n, t)| {
+            let a = agent_cli(server.tunnel, *t, Token::File(&token), None);
+            wait_connected(&server, &a, n + 1);
+            a
+        })
+        .collect();
+    let mut before: Option<TcpStream> = None;
+    for i in 0..VISITS {
+        let held = open(
+            server.visitors,
+            &Job::new(HOLD, Payload::new(600 + i, 0), Payload::new(0, 0)),
+        );
+        ping(&held, b"held", secs(10)).expect("round trip");
+        drop(before.replace(held));
+        // The one before has ended on the server (its close line): the next visitor
+        // finds exactly one agent busy and two tied.
+        let ended = server
+            .p
+            .wait_n(i as usize, secs(10), |l| is_line(l, "close"));
+        assert_eq!(
+            ended.len(),
+            i as usize,
+            "visitor {i}: the one before did not end"
+        );
+    }
+    drop(before);
+    let served = |a: &Proc| a.matching(|l| is_line(l, "close")).len() as u64;
+    assert!(
+        wait_until(secs(10), || agents.iter().map(served).sum::<u64>()
+            == VISITS),
+        "close lines on the agents: {:?}, want {VISITS} in all",
+        agents.iter().map(served).collect::<Vec<_>>()
+    );
+    let split: Vec<u64> = agents.iter().map(served).collect();
+    assert!(
+        split.iter().all(|&n| n.abs_diff(VISITS / 3) <= 1),
+        "{VISITS} visitors, each while the one before was open, split {split:?} over three agents"
     );
 }
 
@@ -3135,4 +3192,24 @@ fn an_agent_whose_target_refuses_is_passed_over() {
             is_line(l, "agent target failing")
         });
     }
+}
+
+/// SIGHUP to `forwarder agent` (no -c FILE): a warning that names what it came from,
+/// the command line (it named --listen/--upstream, which an agent has not), and the
+/// agent goes on serving.
+#[test]
+fn sighup_to_a_command_line_agent_says_what_it_came_from() {
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let (token, target, server) = on_loopback(Mode::Splice, &dir, "", "");
+    let mut agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
+    wait_connected(&server, &agent, 1);
+    // SAFETY: kill(2) on the agent we started.
+    unsafe { libc::kill(agent.pid(), libc::SIGHUP) };
+    let l = agent.expect_line("nothing to reload", secs(10), |l| {
+        l.contains("nothing to reload")
+    });
+    assert!(l.contains("the agent came from the command line"), "{l}");
+    agent.assert_running();
+    warm_up(&server, &target, 620);
 }

@@ -44,6 +44,8 @@ pub struct Registry {
     arrived: Notify,
     next_stream: AtomicU64,
     turn: AtomicUsize,
+    /// Visitors given to agents so far (see `ServerSession::picked`).
+    picks: AtomicU64,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -63,6 +65,7 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
         arrived: Notify::new(),
         next_stream: AtomicU64::new(1),
         turn: AtomicUsize::new(0),
+        picks: AtomicU64::new(0),
         accept: Mutex::new(None),
     });
     let _ = REGISTRY.set(reg.clone());
@@ -129,6 +132,9 @@ pub struct ServerSession {
     /// again as a trial).
     target_failures: AtomicU32,
     failing_since: Mutex<Option<Instant>>,
+    /// When it was last chosen for a visitor (`Registry::picks`): least_conn's ties go
+    /// to the one chosen longest ago.
+    picked: AtomicU64,
 }
 
 /// Target connects failing in a row that take an agent out of the balancing while
@@ -348,15 +354,16 @@ impl Registry {
                 match balance {
                     Balance::Random if load(&offering[a]) <= load(&offering[b]) => a,
                     Balance::Random => b,
-                    // Fewest streams; ties (short visitors all tie at 0) take turns,
-                    // as a plain rule's least_conn does, or one agent would get them all.
+                    // Fewest streams; ties (short visitors all tie at 0) go to the one
+                    // picked longest ago, as a plain rule's least_conn takes turns (a
+                    // counter over tie sets that change starved one of three).
                     _ => {
                         let loads: Vec<usize> = offering.iter().map(load).collect();
                         let fewest = loads.iter().copied().min().unwrap_or(0);
-                        let tied: Vec<usize> = (0..offering.len())
+                        (0..offering.len())
                             .filter(|&i| loads[i] == fewest)
-                            .collect();
-                        tied[self.turn.fetch_add(1, Ordering::Relaxed) % tied.len()]
+                            .min_by_key(|&i| offering[i].picked.load(Ordering::Relaxed))
+                            .unwrap_or(0)
                     }
                 }
             }
@@ -372,6 +379,8 @@ impl Registry {
             }
         };
         let session = offering[pick].clone();
+        let turn = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
+        session.picked.store(turn, Ordering::Relaxed);
         let conn = session.pool.lock().unwrap().pop()?;
         Some((session, conn))
     }
@@ -514,6 +523,7 @@ impl Registry {
                     draining: AtomicBool::new(false),
                     loss_unsaid: AtomicBool::new(false),
                     target_failures: AtomicU32::new(0),
+                    picked: AtomicU64::new(0),
                     failing_since: Mutex::new(None),
                 });
                 self.sessions
