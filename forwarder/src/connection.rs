@@ -679,10 +679,7 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
     for i in ups.order(peer.ip()) {
-        // A downed upstream whose trial another client is making is not tried.
-        let Some(mut attempt) = ups.attempt(i) else {
-            continue;
-        };
+        let mut attempt = ups.attempt(i);
         let upstream = &ups.list[i].cfg.addr;
         let result = match connect_one(upstream, rule.connect_timeout).await {
             Err(ConnectError {

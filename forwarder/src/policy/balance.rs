@@ -141,24 +141,22 @@ impl Upstreams {
                 .is_some_and(|t| t.elapsed() >= PASSIVE_RETRY)
     }
 
-    /// Starts a connect to upstream `i` (from [`Upstreams::order`]); `None` when it is
-    /// a downed upstream whose trial another client is making now: not tried.
-    pub fn attempt(&self, i: usize) -> Option<Attempt> {
+    /// Starts a connect to upstream `i` (from [`Upstreams::order`]): the downed
+    /// upstream's trial if one is due and no other client makes it now. (While one
+    /// does, `order` puts the upstream last, as any downed one: tried only as a last
+    /// resort, when every healthy one failed, or there is none.)
+    pub fn attempt(&self, i: usize) -> Attempt {
         let health = &self.list[i].health;
-        let trial = self.trial_due(health);
-        if trial
+        let trial = self.trial_due(health)
             && health
                 .trial
                 .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return None;
-        }
+                .is_ok();
         health.active.fetch_add(1, Ordering::Relaxed);
-        Some(Attempt {
+        Attempt {
             health: health.clone(),
             trial,
-        })
+        }
     }
 
     /// The upstreams to try for this client, best first.
@@ -362,7 +360,7 @@ mod tests {
     fn least_conn_and_random_follow_load() {
         for balance in ["least_conn", "random"] {
             let u = upstreams(balance, r#"["a:1", "b:1"]"#);
-            let _busy: Vec<Attempt> = (0..10).map(|_| u.attempt(0).unwrap()).collect();
+            let _busy: Vec<Attempt> = (0..10).map(|_| u.attempt(0)).collect();
             let c = counts(&u, 100);
             assert!(c[1] > 60, "{balance}: {c:?}");
         }
@@ -423,7 +421,7 @@ mod tests {
         let mut held = Vec::new();
         for k in 0..6 {
             let first = u.order(ip(k))[0];
-            held.push((first, u.attempt(first).unwrap()));
+            held.push((first, u.attempt(first)));
         }
         let on_a = held.iter().filter(|(i, _)| *i == 0).count();
         assert_eq!(on_a, 3, "6 attempts under way split {on_a}/{}", 6 - on_a);
@@ -432,7 +430,7 @@ mod tests {
         let next: Vec<usize> = (0..3)
             .map(|k| {
                 let first = v.order(ip(k))[0];
-                held.push((first, v.attempt(first).unwrap()));
+                held.push((first, v.attempt(first)));
                 first
             })
             .collect();
@@ -445,34 +443,37 @@ mod tests {
     #[test]
     fn a_passive_trial_is_one_connection() {
         let u = passive("first", r#"["a:1", "b:1"]"#, None);
-        let mut first = u.attempt(0).unwrap();
+        let mut first = u.attempt(0);
         assert_eq!(u.report_connect(0, &mut first, false), Some(false));
         drop(first);
         assert_eq!(u.order(ip(0)), vec![1, 0]);
         let due = Instant::now() - PASSIVE_RETRY - Duration::from_secs(1);
         *u.list[0].health.down_since.lock().unwrap() = Some(due);
         assert_eq!(u.order(ip(0))[0], 0, "the trial is due");
-        let mut trial = u.attempt(0).unwrap();
+        let mut trial = u.attempt(0);
         assert!(trial.is_trial());
         assert_eq!(
             u.order(ip(1)),
             vec![1, 0],
             "a second client during the trial"
         );
-        assert!(u.attempt(0).is_none(), "a second trial at once");
+        assert!(
+            !u.attempt(0).is_trial(),
+            "a second trial at once (a last resort only)"
+        );
         // Failed: down again for PASSIVE_RETRY.
         assert_eq!(u.report_connect(0, &mut trial, false), None);
         drop(trial);
         assert_eq!(u.order(ip(2)), vec![1, 0]);
-        let mut again = u.attempt(0).unwrap();
+        let mut again = u.attempt(0);
         assert!(!again.is_trial(), "a last resort, not a trial");
         drop(again);
         *u.list[0].health.down_since.lock().unwrap() = Some(due);
-        again = u.attempt(0).unwrap();
+        again = u.attempt(0);
         assert!(again.is_trial());
         // A trial given up (the client went away) lets the next client make one.
         drop(again);
-        let mut next = u.attempt(0).unwrap();
+        let mut next = u.attempt(0);
         assert!(next.is_trial());
         assert_eq!(u.report_connect(0, &mut next, true), Some(true));
         assert_eq!(u.order(ip(3))[0], 0);
