@@ -711,19 +711,7 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
         }
         match result {
             Ok((stream, addr, failed)) => {
-                // A name's other addresses that failed first: said, since the client
-                // waited for them (connect_timeout each), though the upstream answered.
-                for error in failed {
-                    event!(
-                        warn,
-                        "upstream address failed",
-                        text = ("connect rule={} client={peer} upstream={upstream} address failed: {error}; the next one answered", rule.name),
-                        rule = %rule.name,
-                        client = %peer,
-                        upstream = %upstream,
-                        error = %error,
-                    );
-                }
+                say_failed_addresses(&rule.name, peer, upstream, &failed);
                 return Dialed::Connected(stream, addr, attempt);
             }
             Err(e) => event!(
@@ -765,21 +753,40 @@ enum Dialed {
     Failed,
 }
 
-struct ConnectError {
-    why: String,
+pub struct ConnectError {
+    pub why: String,
     /// The failure is ours (EMFILE, ENOMEM, ...), not the upstream's.
-    local: bool,
+    pub local: bool,
     /// The upstream accepted and then reset the connection before we saw the connect
     /// complete: not a failed connect but a pair its upstream reset, as when the reset
     /// comes a moment later (then the relay reports it).
-    reset: Option<(SocketAddr, io::Error)>,
+    pub reset: Option<(SocketAddr, io::Error)>,
+}
+
+/// A name's other addresses that failed before one answered: said, since the client
+/// waited for them (connect_timeout each), though the upstream answered. A rule's
+/// upstream and a tunnel agent's target alike.
+pub fn say_failed_addresses(rule: &str, peer: SocketAddr, upstream: &str, failed: &[String]) {
+    for error in failed {
+        event!(
+            warn,
+            "upstream address failed",
+            text = ("connect rule={rule} client={peer} upstream={upstream} address failed: {error}; the next one answered"),
+            rule = %rule,
+            client = %peer,
+            upstream = %upstream,
+            error = %error,
+        );
+    }
 }
 
 /// A connect that worked, and what failed on the way: addresses of the name tried
 /// before the one that answered (`ADDR: error` each).
-type Answered = (TcpStream, SocketAddr, Vec<String>);
+pub type Answered = (TcpStream, SocketAddr, Vec<String>);
 
-async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, ConnectError> {
+/// Connects to `upstream` (an address, or a name: each of its addresses in turn,
+/// `timeout` each).
+pub async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, ConnectError> {
     let remote = |why: String| ConnectError {
         why,
         local: false,

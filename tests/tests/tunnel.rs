@@ -3087,7 +3087,7 @@ fn agent_target_connect_takes_the_rule_connect_timeout() {
         is_line(l, "close") && field(l, "upstream") == Some(dead.to_string().as_str())
     });
     assert!(
-        agent_close.contains("end=connect_failed (timed out)"),
+        agent_close.contains("end=connect_failed (") && agent_close.contains("timed out after 1s"),
         "{agent_close}"
     );
     let c = local.to_string();
@@ -3212,4 +3212,90 @@ fn sighup_to_a_command_line_agent_says_what_it_came_from() {
     assert!(l.contains("the agent came from the command line"), "{l}");
     agent.assert_running();
     warm_up(&server, &target, 620);
+}
+
+/// An agent's target health is per service: agent A's `web` target refuses, its `api`
+/// target answers. Once A is passed over for `web`, it still gets its share of `api`
+/// visitors (it got none for 10 s: the health was the agent's), and its `api` streams
+/// do not make its `web` failures count as "not in a row".
+#[test]
+fn target_health_is_per_service() {
+    let _load = light();
+    let dir = TempDir::new("tunnel");
+    let token = token_file(&dir, "token", TOKEN);
+    let api_rule = "\n[[rule]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nupstream = \"agent:api\"\nbalance = \"round_robin\"\n";
+    let toml = server_toml("127.0.0.1:0", &token, "", "balance = \"round_robin\"") + api_rule;
+    let server = TunnelServer::config(Mode::Splice, &toml);
+    let api_addr: SocketAddr = server
+        .p
+        .matching(|l| l.contains(" listening rule=api "))
+        .first()
+        .and_then(|l| field(l, "listen").map(str::to_string))
+        .and_then(|a| a.parse().ok())
+        .expect("rule api's listening line");
+    let (good_web, a_api, b_api) = (Target::start(), Target::start(), Target::start());
+    let dead = free_loopback_addr();
+    let agent = |web: SocketAddr, api: SocketAddr| {
+        let mut args = osv(&[
+            "agent",
+            "--server",
+            &server.tunnel.to_string(),
+            "--token-file",
+        ]);
+        args.push(token.clone().into());
+        for s in [format!("web={web}"), format!("api={api}")] {
+            args.push("--service".into());
+            args.push(s.into());
+        }
+        Proc::spawn("agent", &args, None, &[], None)
+    };
+    let a = agent(dead, a_api.addr());
+    server
+        .p
+        .wait_n(1, secs(20), |l| is_line(l, "agent connected"));
+    let b = agent(good_web.addr(), b_api.addr());
+    let both = server
+        .p
+        .wait_n(2, secs(20), |l| is_line(l, "agent connected"));
+    assert_eq!(both.len(), 2, "{}", server.p.text());
+    // Interleaved: an `api` visitor (A's succeed) between `web` ones.
+    let mut web_failed = 0;
+    for i in 0..8u64 {
+        for (addr, seed) in [(server.visitors, 700 + 4 * i), (api_addr, 702 + 4 * i)] {
+            let job = Job::new(
+                BOTH,
+                Payload::new(seed, 4 * KIB),
+                Payload::new(seed + 1, 4 * KIB),
+            );
+            let (x, y) = (AtomicU64::new(0), AtomicU64::new(0));
+            match visit(addr, job, Instant::now() + secs(20), &x, &y) {
+                Ok(out) => assert_eq!(out.down, Digested::of(&job.down)),
+                Err(e) if addr == server.visitors => {
+                    web_failed += 1;
+                    println!("web visitor {i}: {e}");
+                }
+                Err(e) => panic!("api visitor {i}: {e}"),
+            }
+        }
+    }
+    assert!(
+        (1..=3).contains(&web_failed),
+        "{web_failed} of 8 web visitors failed: A's api streams between them must not reset \
+         the count of its web failures"
+    );
+    let api_on = |p: &Proc| {
+        p.matching(|l| is_line(l, "close") && field(l, "rule") == Some("api"))
+            .len()
+    };
+    // Close lines come a few ms after the streams' ends.
+    wait_until(secs(5), || api_on(&a) + api_on(&b) == 8);
+    let api_on_a = api_on(&a);
+    assert!(
+        api_on_a >= 3,
+        "A served {api_on_a} of 8 api visitors: its failing web target must not take it out for api; \
+         server:\n{}\nA:\n{}",
+        server.p.text(),
+        a.text()
+    );
+    drop(b);
 }

@@ -590,26 +590,28 @@ async fn serve_stream(
         0 => TARGET_CONNECT_TIMEOUT,
         ms => Duration::from_millis(ms),
     };
-    let connected = tokio::time::timeout(connect_timeout, connect(&target)).await;
-    let mut local = match connected {
-        Ok(Ok(s)) => s,
+    // As a rule's upstream: each address of a name in turn, connect_timeout each.
+    let mut local = match crate::connection::connect_one(&target, connect_timeout).await {
+        Ok((s, _, failed)) => {
+            crate::connection::say_failed_addresses(&service, visitor_addr, &target, &failed);
+            s
+        }
         // Accepted and reset at once: the target reset the pair, as a plain rule's
         // upstream that does so (not a failed connect; the visitor is reset).
-        Ok(Err(e)) if crate::connection::reset_at_connect(&e) => {
+        Err(crate::connection::ConnectError {
+            reset: Some((_, e)),
+            ..
+        }) => {
             refuse_stream(&session, &data, stream);
             let end = crate::connection::upstream_reset_at_connect(e);
             return log(&target, &end, &progress);
         }
-        failed => {
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".to_string(),
-            };
-            unreachable_stream(&session, &data, stream, &why);
+        Err(e) => {
+            unreachable_stream(&session, &data, stream, &service, &e.why);
             if let Some(s) = stats {
                 s.connect_error(&target);
             }
-            return log(&target, &format!("connect_failed ({why})"), &progress);
+            return log(&target, &format!("connect_failed ({})", e.why), &progress);
         }
     };
     // The close line names the address reached, as a rule's does (a name as written
@@ -660,11 +662,24 @@ fn refuse_stream(session: &AgentSession, data: &TcpStream, stream: u64) {
 /// server told why (its close line says `connect_failed`, and it counts the failure
 /// against this agent). Should the frame be lost with the link, the resume sends a
 /// `Reset` for the stream, as for any this agent ended.
-fn unreachable_stream(session: &AgentSession, data: &TcpStream, stream: u64, why: &str) {
+fn unreachable_stream(
+    session: &AgentSession,
+    data: &TcpStream,
+    stream: u64,
+    service: &str,
+    why: &str,
+) {
     reset_on_close(data);
     stream::Session::forget(session, stream);
-    let why = why.to_string();
-    stream::Session::send(session, Frame::Unreachable { stream, why });
+    let (service, why) = (service.to_string(), why.to_string());
+    stream::Session::send(
+        session,
+        Frame::Unreachable {
+            stream,
+            service,
+            why,
+        },
+    );
 }
 
 /// Connects to `HOST:PORT`. A literal address skips tokio's resolver, which runs on

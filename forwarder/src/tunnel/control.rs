@@ -21,8 +21,8 @@ pub trait Streams: Send + Sync {
     fn answered(&self) {}
     /// Server side: the agent is shutting down (`Draining`).
     fn draining(&self) {}
-    /// Server side: the agent could not connect a stream's target (`Unreachable`).
-    fn target_failed(&self) {}
+    /// Server side: the agent could not connect a target of `service` (`Unreachable`).
+    fn target_failed(&self, _service: &str) {}
 }
 
 /// Runs the link until it fails, or until every sender of `outgoing` is gone (the
@@ -70,8 +70,12 @@ pub async fn run(
                 Frame::Ack { stream, received } => streams.deliver(stream, Event::Ack(received)),
                 Frame::Fin { stream, at } => streams.deliver(stream, Event::Fin(at)),
                 Frame::Reset { stream } => streams.deliver(stream, Event::Reset),
-                Frame::Unreachable { stream, why } => {
-                    streams.target_failed();
+                Frame::Unreachable {
+                    stream,
+                    service,
+                    why,
+                } => {
+                    streams.target_failed(&service);
                     streams.deliver(stream, Event::Unreachable(why))
                 }
                 Frame::Ping => pong.notify_one(),

@@ -79,6 +79,7 @@ pub enum Frame {
     /// counts it against the agent.
     Unreachable {
         stream: u64,
+        service: String,
         why: String,
     },
     /// Both ways, first on a reattached data connection: bytes received so far.
@@ -224,7 +225,13 @@ mod tests {
                 .prop_map(|(stream, received)| Frame::Ack { stream, received }),
             (any::<u64>(), any::<u64>()).prop_map(|(stream, at)| Frame::Fin { stream, at }),
             any::<u64>().prop_map(|stream| Frame::Reset { stream }),
-            (any::<u64>(), ".{0,40}").prop_map(|(stream, why)| Frame::Unreachable { stream, why }),
+            (any::<u64>(), ".{0,20}", ".{0,40}").prop_map(|(stream, service, why)| {
+                Frame::Unreachable {
+                    stream,
+                    service,
+                    why,
+                }
+            }),
             Just(Frame::Ping),
             Just(Frame::Draining),
         ]

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,6 @@ pub struct Registry {
     /// A data connection was pooled, or an agent arrived.
     arrived: Notify,
     next_stream: AtomicU64,
-    turn: AtomicUsize,
     /// Visitors given to agents so far (see `ServerSession::picked`).
     picks: AtomicU64,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -64,7 +63,6 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
         sessions: Mutex::new(HashMap::new()),
         arrived: Notify::new(),
         next_stream: AtomicU64::new(1),
-        turn: AtomicUsize::new(0),
         picks: AtomicU64::new(0),
         accept: Mutex::new(None),
     });
@@ -126,15 +124,24 @@ pub struct ServerSession {
     /// A draining agent's link ended and its loss is not logged yet (its last streams
     /// may end in a moment, then it left): a resume meanwhile logs it first.
     loss_unsaid: AtomicBool,
-    /// Passive health, as a rule's upstream has: targets this agent could not connect
-    /// in a row, and since when it has failed [`TARGET_FALL`] times (new visitors go
-    /// to other agents offering the service for [`TARGET_RETRY`], then it gets them
-    /// again as a trial).
-    target_failures: AtomicU32,
-    failing_since: Mutex<Option<Instant>>,
-    /// When it was last chosen for a visitor (`Registry::picks`): least_conn's ties go
-    /// to the one chosen longest ago.
-    picked: AtomicU64,
+    /// Passive health per service, as a rule's upstream has: the service's targets
+    /// this agent could not connect in a row, and since when it has failed
+    /// [`TARGET_FALL`] times (new visitors of that service go to other agents offering
+    /// it for [`TARGET_RETRY`], then it gets them again as a trial). Per service: an
+    /// agent whose `web` target refuses serves its `api` as before, and its `api`
+    /// streams do not clear `web`'s count.
+    targets: Mutex<HashMap<String, TargetHealth>>,
+    /// When it was last chosen for a visitor of each service (`Registry::picks`):
+    /// round_robin takes the agent chosen longest ago, and so do least_conn's ties.
+    /// Per service: with one counter for every service, visitors of two services
+    /// arriving in turn each went to the same agent every time.
+    picked: Mutex<HashMap<String, u64>>,
+}
+
+#[derive(Default)]
+struct TargetHealth {
+    failures: u32,
+    since: Option<Instant>,
 }
 
 /// Target connects failing in a row that take an agent out of the balancing while
@@ -161,10 +168,14 @@ impl stream::Session for ServerSession {
         None
     }
 
-    fn target_reached(&self) {
-        self.target_failures.store(0, Ordering::Relaxed);
-        if self.failing_since.lock().unwrap().take().is_some() {
-            event!(info, "agent target reached", text = ("agent target reached session={:x}: its target answers again; it takes new visitors", self.id), session = %format!("{:x}", self.id),);
+    fn target_reached(&self, service: &str) {
+        let mut targets = self.targets.lock().unwrap();
+        let Some(h) = targets.get_mut(service) else {
+            return;
+        };
+        h.failures = 0;
+        if h.since.take().is_some() {
+            event!(info, "agent target reached", text = ("agent target reached session={:x} service={service}: its target answers again; it takes new visitors", self.id), session = %format!("{:x}", self.id), service = %service,);
         }
     }
 }
@@ -180,13 +191,15 @@ impl control::Streams for ServerSession {
         self.pongs.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn target_failed(&self) {
-        let n = self.target_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut since = self.failing_since.lock().unwrap();
+    fn target_failed(&self, service: &str) {
+        let mut targets = self.targets.lock().unwrap();
+        let h = targets.entry(service.to_string()).or_default();
+        h.failures += 1;
+        let n = h.failures;
         // Counted again from the trial on: a failed trial starts the wait afresh.
-        if n >= TARGET_FALL && since.is_none_or(|t| t.elapsed() >= TARGET_RETRY) {
-            *since = Some(Instant::now());
-            event!(warn, "agent target failing", text = ("agent target failing session={:x}: {n} target connects failed in a row; other agents offering its services take new visitors for {TARGET_RETRY:?}", self.id), session = %format!("{:x}", self.id), failures = n,);
+        if n >= TARGET_FALL && h.since.is_none_or(|t| t.elapsed() >= TARGET_RETRY) {
+            h.since = Some(Instant::now());
+            event!(warn, "agent target failing", text = ("agent target failing session={:x} service={service}: {n} target connects failed in a row; for {TARGET_RETRY:?} new visitors go to other agents offering it, if any", self.id), session = %format!("{:x}", self.id), service = %service, failures = n,);
         }
     }
 
@@ -212,11 +225,23 @@ impl ServerSession {
         self.live() && !self.draining.load(Ordering::SeqCst)
     }
 
-    /// Its targets failed lately (see `target_failures`): others are chosen first.
-    fn failing(&self) -> bool {
-        self.failing_since
+    /// When it was last chosen for a visitor of `service` (0: never).
+    fn picked(&self, service: &str) -> u64 {
+        self.picked
             .lock()
             .unwrap()
+            .get(service)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Its targets of `service` failed lately (see `targets`): others are chosen first.
+    fn failing(&self, service: &str) -> bool {
+        self.targets
+            .lock()
+            .unwrap()
+            .get(service)
+            .and_then(|h| h.since)
             .is_some_and(|t| t.elapsed() < TARGET_RETRY)
     }
 
@@ -338,13 +363,15 @@ impl Registry {
             return None;
         }
         // Agents whose targets fail go last resort: only when every one does.
-        if offering.iter().any(|s| !s.failing()) {
-            offering.retain(|s| !s.failing());
+        if offering.iter().any(|s| !s.failing(service)) {
+            offering.retain(|s| !s.failing(service));
         }
         offering.sort_by_key(|s| s.id);
         let pick = match balance {
             Balance::First => 0,
-            Balance::RoundRobin => self.turn.fetch_add(1, Ordering::Relaxed) % offering.len(),
+            Balance::RoundRobin => (0..offering.len())
+                .min_by_key(|&i| offering[i].picked(service))
+                .unwrap_or(0),
             Balance::LeastConn | Balance::Random => {
                 let load = |s: &&Arc<ServerSession>| s.table.map.lock().unwrap().len();
                 let (a, b) = (
@@ -362,7 +389,7 @@ impl Registry {
                         let fewest = loads.iter().copied().min().unwrap_or(0);
                         (0..offering.len())
                             .filter(|&i| loads[i] == fewest)
-                            .min_by_key(|&i| offering[i].picked.load(Ordering::Relaxed))
+                            .min_by_key(|&i| offering[i].picked(service))
                             .unwrap_or(0)
                     }
                 }
@@ -380,7 +407,11 @@ impl Registry {
         };
         let session = offering[pick].clone();
         let turn = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
-        session.picked.store(turn, Ordering::Relaxed);
+        session
+            .picked
+            .lock()
+            .unwrap()
+            .insert(service.to_string(), turn);
         let conn = session.pool.lock().unwrap().pop()?;
         Some((session, conn))
     }
@@ -522,9 +553,8 @@ impl Registry {
                     pongs: AtomicU64::new(0),
                     draining: AtomicBool::new(false),
                     loss_unsaid: AtomicBool::new(false),
-                    target_failures: AtomicU32::new(0),
-                    picked: AtomicU64::new(0),
-                    failing_since: Mutex::new(None),
+                    targets: Mutex::new(HashMap::new()),
+                    picked: Mutex::new(HashMap::new()),
                 });
                 self.sessions
                     .lock()

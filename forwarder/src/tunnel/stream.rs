@@ -76,7 +76,7 @@ pub trait Session: Send + Sync {
     fn dialer(&self) -> Option<(watch::Receiver<u64>, Dial)>;
     /// Server side: the agent has a stream of this session (it acknowledged or sent a
     /// byte of it): its target was reached.
-    fn target_reached(&self) {}
+    fn target_reached(&self, _service: &str) {}
 }
 
 pub type Dial = Arc<
@@ -227,8 +227,8 @@ impl Link {
     /// The agent has the stream (an ack, a byte, a reattach): its `Open` need not be
     /// sent again, and its target was reached.
     pub fn agent_has_it(&mut self) {
-        if self.open.take().is_some() {
-            self.session.target_reached();
+        if let Some(Frame::Open { service, .. }) = self.open.take().map(|o| *o) {
+            self.session.target_reached(&service);
         }
     }
 
