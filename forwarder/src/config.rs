@@ -435,6 +435,9 @@ pub const DEFAULT_RESUME_BUFFER: usize = 1 << 20;
 /// The prefix of an upstream served by tunnel agents.
 pub const AGENT_PREFIX: &str = "agent:";
 
+/// Failures in a row that mark an upstream down (`fall`), unless the rule says.
+pub const DEFAULT_FALL: u32 = 3;
+
 /// `[global] user`/`group`, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
@@ -1176,7 +1179,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         )));
     }
     let nonzero = |d: Option<Duration>| d.filter(|d| !d.is_zero());
-    let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(3));
+    let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
     if rise == 0 || fall == 0 {
         let k = if rise == 0 { "rise" } else { "fall" };
         return Err(err(format!("{}: must be at least 1", at(k))));
@@ -1258,13 +1261,13 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         }
         if let Some(name) = missing_group(&pattern, &r.replace) {
             let hint = match name.find(|c: char| !c.is_ascii_digit()) {
-                Some(i) if i > 0 => format!(
-                    " (`${name}` names a group `{name}`: write `${{{}}}{}` for group {} followed by `{}`)",
-                    &name[..i],
-                    &name[i..],
-                    &name[..i],
-                    &name[i..]
-                ),
+                Some(i) if i > 0 => {
+                    let (group, then) = name.split_at(i);
+                    format!(
+                        " (`${name}` names a group `{name}`: write `${{{group}}}{then}` for \
+                         group {group} followed by `{then}`)"
+                    )
+                }
                 _ => String::new(),
             };
             return Err(err(format!(

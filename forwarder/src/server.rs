@@ -176,12 +176,13 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
     let mut slot_pools = vec![server.global.clone()];
     let agent = config.agent.as_ref().map(|a| {
         let slots = match config.tunnel_server {
-            Some(_) => Arc::new(Semaphore::new(config.max_connections)),
+            Some(_) => {
+                let own = Arc::new(Semaphore::new(config.max_connections));
+                slot_pools.push(own.clone());
+                own
+            }
             None => server.global.clone(),
         };
-        if !Arc::ptr_eq(&slots, &server.global) {
-            slot_pools.push(slots.clone());
-        }
         crate::tunnel::agent::start(a.clone(), slots, abort.clone())
     });
     for (rule, listener) in config.rules.iter().zip(listeners) {

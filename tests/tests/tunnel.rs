@@ -847,6 +847,20 @@ fn agent_with_grace(server: SocketAddr, token: &Path, target: SocketAddr, grace:
     )
 }
 
+/// `forwarder agent` for each target in turn (`--service web=TARGET`, so each its own
+/// identity), each connected before the next starts: [`wait_connected`] matches the
+/// server's nth `agent connected` line.
+fn agents_one_by_one(server: &TunnelServer, token: &Path, targets: &[SocketAddr]) -> Vec<Proc> {
+    targets
+        .iter()
+        .map(|t| {
+            let a = agent_cli(server.tunnel, *t, Token::File(token), None);
+            wait_connected(server, &a, server.connected().len() + 1);
+            a
+        })
+        .collect()
+}
+
 /// Waits until both sides log `agent connected` (the `n`th time on the server) with
 /// the same session; returns the session id.
 fn wait_connected(server: &TunnelServer, agent: &Proc, n: usize) -> String {
@@ -2903,12 +2917,7 @@ fn least_conn_takes_turns_among_idle_agents() {
     let (token, first, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"least_conn\"");
     // Each agent its own target: two identities, two sessions.
     let second = Target::start();
-    // Each connected before the next starts: wait_connected matches the server's nth.
-    let agents = [&first, &second].map(|t| {
-        let a = agent_cli(server.tunnel, t.addr(), Token::File(&token), None);
-        wait_connected(&server, &a, server.connected().len() + 1);
-        a
-    });
+    let agents = agents_one_by_one(&server, &token, &[first.addr(), second.addr()]);
     for i in 0..VISITS {
         let job = Job::new(
             BOTH,
@@ -2927,7 +2936,7 @@ fn least_conn_takes_turns_among_idle_agents() {
         served(&agents[0]),
         served(&agents[1])
     );
-    let split = agents.each_ref().map(served);
+    let split: Vec<u64> = agents.iter().map(served).collect();
     assert!(
         split.iter().all(|&n| n.abs_diff(VISITS / 2) <= 1),
         "{VISITS} short visitors one after another split {split:?} over two idle agents, \
@@ -2946,16 +2955,11 @@ fn least_conn_counts_held_streams_over_three_agents() {
     let dir = TempDir::new("tunnel");
     let (token, first, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"least_conn\"");
     let targets = [Target::start(), Target::start()];
-    // Each connected before the next starts: wait_connected matches the server's nth.
-    let agents: Vec<Proc> = [first.addr(), targets[0].addr(), targets[1].addr()]
-        .iter()
-        .enumerate()
-        .map(|(n, t)| {
-            let a = agent_cli(server.tunnel, *t, Token::File(&token), None);
-            wait_connected(&server, &a, n + 1);
-            a
-        })
-        .collect();
+    let agents = agents_one_by_one(
+        &server,
+        &token,
+        &[first.addr(), targets[0].addr(), targets[1].addr()],
+    );
     let mut before: Option<TcpStream> = None;
     for i in 0..VISITS {
         let held = open(
@@ -3135,10 +3139,8 @@ fn an_agent_whose_target_refuses_is_passed_over() {
     let (token, good, server) = on_loopback(Mode::Splice, &dir, "", "balance = \"round_robin\"");
     // Nothing listens there.
     let dead = free_loopback_addr();
-    let healthy = agent_cli(server.tunnel, good.addr(), Token::File(&token), None);
-    wait_connected(&server, &healthy, 1);
-    let failing = agent_cli(server.tunnel, dead, Token::File(&token), None);
-    wait_connected(&server, &failing, 2);
+    // The healthy agent, then the failing one.
+    let _agents = agents_one_by_one(&server, &token, &[good.addr(), dead]);
     let mut failed = Vec::new();
     for i in 0..VISITS {
         let job = Job::new(

@@ -248,7 +248,7 @@ impl Prelude<'_> {
             }
             Some(Event::Unreachable(why)) => {
                 reset_both_on_close(&pair.client, &pair.upstream);
-                Err(RelayEnd::ConnectFailed(format!("at the agent: {why}")))
+                Err(RelayEnd::ConnectFailed(why))
             }
             Some(Event::Reset) => {
                 let e = std::io::Error::new(

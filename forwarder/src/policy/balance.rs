@@ -15,7 +15,7 @@ use crate::config::{Balance, Rule, Upstream};
 
 /// Without active checks nothing would ever bring a passively failed upstream back:
 /// after this long it gets real traffic again as a trial.
-const PASSIVE_RETRY: Duration = Duration::from_secs(10);
+pub const PASSIVE_RETRY: Duration = Duration::from_secs(10);
 
 pub struct Upstreams {
     pub list: Vec<UpstreamState>,

@@ -76,7 +76,7 @@ pub async fn run(
                     why,
                 } => {
                     streams.target_failed(&service);
-                    streams.deliver(stream, Event::Unreachable(why))
+                    streams.deliver(stream, Event::Unreachable(format!("at the agent: {why}")))
                 }
                 Frame::Ping => pong.notify_one(),
                 Frame::Pong => streams.answered(),

@@ -145,11 +145,11 @@ struct TargetHealth {
 }
 
 /// Target connects failing in a row that take an agent out of the balancing while
-/// others offer the service (a rule's `fall` default).
-const TARGET_FALL: u32 = 3;
-/// How long such an agent gets no new visitor while others can take them (as a
-/// passively downed upstream waits for its trial).
-const TARGET_RETRY: Duration = Duration::from_secs(10);
+/// others offer the service: a rule's `fall` default.
+const TARGET_FALL: u32 = crate::config::DEFAULT_FALL;
+/// How long such an agent gets no new visitor while others can take them: as long as
+/// a passively downed upstream waits for its trial.
+const TARGET_RETRY: Duration = crate::policy::balance::PASSIVE_RETRY;
 
 impl stream::Session for ServerSession {
     fn send(&self, frame: Frame) {

@@ -54,7 +54,8 @@ pub enum Event {
     Fin(u64),
     /// The peer's end was reset, or the peer no longer knows the stream.
     Reset,
-    /// Server side: the agent could not connect the target (why).
+    /// Server side: the agent could not connect the target (`at the agent: why`, as the
+    /// close line's `connect_failed (...)` says it).
     Unreachable(String),
     /// The link was not back within resume_grace.
     GraceExpired,
@@ -384,7 +385,7 @@ pub async fn run(
                     }
                 }
                 End::Lost => RelayEnd::Ended("agent_lost"),
-                End::Unreachable(why) => RelayEnd::ConnectFailed(format!("at the agent: {why}")),
+                End::Unreachable(why) => RelayEnd::ConnectFailed(why),
                 End::Done => unreachable!("matched above"),
             }
         }
