@@ -253,7 +253,7 @@ impl Future for Bounded<'_> {
             // the past, would fire only at the timer driver's next turn.)
             if *me.armed && me.timer.deadline() <= tokio::time::Instant::now() {
                 if let Ok(why) = me.limits.check(me.progress) {
-                    return Poll::Ready(Err(cut(*me.sockets, why)));
+                    return Poll::Ready(Err(cut(*me.sockets, me.progress, why)));
                 }
             }
         }
@@ -262,7 +262,7 @@ impl Future for Bounded<'_> {
         }
         while *me.armed && me.timer.as_mut().poll(cx).is_ready() {
             match me.limits.check(me.progress) {
-                Ok(why) => return Poll::Ready(Err(cut(*me.sockets, why))),
+                Ok(why) => return Poll::Ready(Err(cut(*me.sockets, me.progress, why))),
                 Err(at) => {
                     *me.armed = at.is_some();
                     if let Some(at) = at {
@@ -272,19 +272,20 @@ impl Future for Bounded<'_> {
             }
         }
         if me.abort.fired.load(Ordering::SeqCst) || me.aborted.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(cut(*me.sockets, "shutdown")));
+            return Poll::Ready(Err(cut(*me.sockets, me.progress, "shutdown")));
         }
         Poll::Pending
     }
 }
 
 /// A pair cut for `why`, while its relay (which owns both sockets) is alive: so each
-/// fd is still that socket. See [`relay_bounded`] for which cuts reset.
-fn cut(sockets: Option<[RawFd; 2]>, why: &'static str) -> &'static str {
+/// fd is still that socket. See [`relay_bounded`] for which cuts reset: bytes in
+/// flight are in a socket's queues, or in our memory (`Progress::holds_bytes`).
+fn cut(sockets: Option<[RawFd; 2]>, progress: &Progress, why: &'static str) -> &'static str {
     use crate::relay::ebpf::sys::{inq, outq};
     let in_flight = |fd| !matches!((inq(fd), outq(fd)), (Ok(0), Ok(0)));
     if let Some(fds) = sockets {
-        if fds.into_iter().any(in_flight) {
+        if progress.holds_bytes() || fds.into_iter().any(in_flight) {
             for fd in fds {
                 // SAFETY: see above: fd is open and the pair's own.
                 crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });

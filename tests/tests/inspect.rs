@@ -813,6 +813,107 @@ relay_tests! {
         assert_eq!(&echo[..], b"ev");
     }
 
+    /// A limit that cuts a pair while a check holds client bytes in our memory resets
+    /// both ends, as it does with bytes in the socket queues: the held bytes are lost
+    /// and neither end may read a clean FIN after a cut-short stream. Before (audit),
+    /// `SS` of `^SSH-` and `ab` of a rewrite of `abc` were dropped and both ends got a
+    /// FIN (the upstream saw `12` then a clean end).
+    fn a_limit_cutting_held_bytes_resets_both_ends(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", false);
+        // Half the rewrite's 1 s hold: the cut comes while `ab` waits.
+        let limit = "max_connection_duration = \"500ms\"";
+        let deny = format!("deny_pattern = ['^SSH-']\n{limit}");
+        let rewrite = format!("rewrite = [{{ direction = \"to_upstream\", match = 'abc', replace = \"X\" }}]\n{limit}");
+        let rules = rule("deny", mode.as_str(), up.addr(), &deny) + &rule("rw", rewrite_mode(mode), up.addr(), &rewrite);
+        let fwd = Forwarder::config(None, &rules, 2);
+        // The rewrite rule's copy path passed `12` through our memory.
+        fwd.expect_userspace_at_most(2);
+        for (name, sent, passed) in [("deny", &b"SS"[..], &b""[..]), ("rw", b"12ab", b"12")] {
+            let at = fwd.listening.iter().find(|l| l.rule == name).expect("its listening line");
+            let s = connect(at.addr);
+            (&s).write_all(sent).unwrap();
+            ends_with_reset(&s).unwrap_or_else(|e| panic!("{name}: the client of a cut pair: {e}"));
+            let got = recorded(&rx, name);
+            assert_eq!(got.bytes, passed, "{name}: what the upstream got");
+            assert!(got.end.is_err(), "{name}: the upstream read a clean end of a cut stream: {got:?}");
+            let close = wait_close(&fwd, name, 1);
+            assert_eq!(field(&close, "end"), Some("max_connection_duration"), "{close}");
+        }
+    }
+
+    /// A rewrite's hold is bounded from when it began: `a` written every 400 ms into
+    /// `a+c` (each one extending a possible match) starts coming back about 1 s after
+    /// the first, well before the last is written. Before (audit) every read put the
+    /// hold off again, and all of them waited until 1 s after the last.
+    fn rewrite_hold_is_not_put_off_by_each_read(mode) {
+        let _load = light();
+        let (up, _rx) = recording_server(b"", true);
+        let extra = r#"rewrite = [{ direction = "to_upstream", match = 'a+c', replace = "X" }]"#;
+        let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), up.addr(), extra), 1);
+        assert_copy_path_listening(&fwd);
+        fwd.expect_userspace_at_most(16);
+        let s = connect(fwd.addr());
+        s.set_nonblocking(true).unwrap();
+        let (mut back, mut first) = (Vec::new(), None);
+        let t0 = Instant::now();
+        for i in 0..8u32 {
+            (&s).write_all(b"a").unwrap();
+            let next = t0 + Duration::from_millis(400) * (i + 1);
+            while Instant::now() < next {
+                let mut b = [0u8; 16];
+                match (&s).read(&mut b) {
+                    Ok(n) => {
+                        assert!(n > 0, "the upstream ended the stream");
+                        first.get_or_insert(t0.elapsed());
+                        back.extend_from_slice(&b[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
+                    Err(e) => panic!("reading the echo: {e}"),
+                }
+            }
+        }
+        let first = first.expect("no held `a` came back while the writes went on (the hold was put off)");
+        assert!(first < Duration::from_millis(2000), "the first `a` came back after {first:?}");
+        assert!(back.iter().all(|&b| b == b'a'), "{back:?}");
+    }
+
+    /// Bytes a check holds are activity: a client that writes one byte every 300 ms
+    /// into a `deny_pattern` that stays undecided for 3 s, under `idle_timeout = "1s"`,
+    /// is not cut as idle, and every byte then reaches the upstream and comes back.
+    /// Before (audit) it was closed `end=idle_timeout` after 1 s, its bytes dropped.
+    fn a_client_trickling_into_a_check_is_not_idle(mode) {
+        let _load = light();
+        let (up, rx) = recording_server(b"", true);
+        let extra = "deny_pattern = ['^x{20}']\nidle_timeout = \"1s\"";
+        let fwd = Forwarder::config(None, &rule("trickle", mode.as_str(), up.addr(), extra), 1);
+        fwd.assert_mode(mode);
+        // The prelude reads what it checks, and the echo comes back through it (the
+        // checks decide only at the `y`).
+        fwd.expect_userspace_at_most(22);
+        let s = connect(fwd.addr());
+        for _ in 0..10 {
+            (&s).write_all(b"x").unwrap_or_else(|e| panic!("a write while trickling: {e}"));
+            thread::sleep(Duration::from_millis(300));
+        }
+        assert!(
+            !fwd.stderr.text().contains(" close rule=trickle "),
+            "a trickling client was closed:\n{}",
+            fwd.stderr.text()
+        );
+        (&s).write_all(b"y").unwrap();
+        let echo = read_exact_timeout(&s, 11, secs(10)).expect("the echo of every byte");
+        assert_eq!(&echo[..], b"xxxxxxxxxxy");
+        s.shutdown(Shutdown::Write).unwrap();
+        let rest = read_to_end(&s, 64, Instant::now() + secs(10)).expect("the upstream's FIN");
+        assert!(rest.is_empty(), "bytes after the echo: {rest:?}");
+        let got = recorded(&rx, "trickling client");
+        assert_eq!(got.bytes, b"xxxxxxxxxxy");
+        assert_eq!(got.end, Ok(()));
+        let close = wait_close(&fwd, "trickle", 1);
+        assert_eq!(field(&close, "end"), Some("closed"), "{close}");
+    }
+
     /// Patterns match bytes, as a TCP stream is made of: `\xff\xfb` (telnet's IAC
     /// WILL) refuses a stream opening with the bytes ff fb, and `.` takes a byte that is
     /// no UTF-8, so one 0x80 in front does not get `EVIL` past `(?s)^.{0,8}EVIL`; the

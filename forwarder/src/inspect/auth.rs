@@ -30,9 +30,20 @@ pub enum Outcome {
 /// Judges the bytes held so far (the start of the client's stream), whose request
 /// head must end within `window` bytes.
 pub fn check(held: &[u8], auth: &HttpAuth, window: usize) -> Outcome {
-    let mut headers = [httparse::EMPTY_HEADER; 100];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(held) {
+    // Room for 100 headers on the stack; a head with more (the window allows one per
+    // 4 bytes, `a:` and CRLF) is parsed again with room for every header it can hold,
+    // rather than refused as not HTTP (HAProxy takes 101 by default, nginx any number
+    // within its buffer).
+    let mut few = [httparse::EMPTY_HEADER; 100];
+    let mut many;
+    let mut req = httparse::Request::new(&mut few);
+    let mut parsed = req.parse(held);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        many = vec![httparse::EMPTY_HEADER; window / 4 + 1];
+        req = httparse::Request::new(&mut many);
+        parsed = req.parse(held);
+    }
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if held.len() < window => return Outcome::NeedMore,
         Ok(httparse::Status::Partial) => return Outcome::Fail("request headers too long"),
@@ -105,5 +116,33 @@ mod tests {
             check(b"\x16\x03\x01", &a, 4096),
             Outcome::Fail("not an HTTP/1.x request")
         );
+    }
+
+    /// A head with more headers than the first parse has room for (100) is judged
+    /// like any other, not refused as "not an HTTP/1.x request" (audit: 101 headers
+    /// with the right token got a 401). The smallest header lines fill the window.
+    #[test]
+    fn many_headers_within_the_window() {
+        let a = auth();
+        let window = 16 * 1024;
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        let filler = |head: &mut Vec<u8>, n| (0..n).for_each(|_| head.extend_from_slice(b"a:\r\n"));
+        filler(&mut head, 150);
+        head.extend_from_slice(b"x-forwarder-auth: s3cret\r\n");
+        let rest = b"\r\n";
+        let mut want = b"GET / HTTP/1.1\r\n".to_vec();
+        filler(&mut want, 150);
+        want.extend_from_slice(rest);
+        assert_eq!(
+            check(&[&head[..], rest].concat(), &a, window),
+            Outcome::Pass(want)
+        );
+        // As many as the window holds.
+        let mut full = b"GET / HTTP/1.1\r\nx-forwarder-auth: s3cret\r\n".to_vec();
+        let room = (window - full.len() - 2) / 4;
+        filler(&mut full, room);
+        full.extend_from_slice(rest);
+        assert!(full.len() <= window);
+        assert!(matches!(check(&full, &a, window), Outcome::Pass(_)));
     }
 }

@@ -142,7 +142,9 @@ impl Relay for InspectRelay {
             if tell.is_some() {
                 reset_on_close(&pair.client);
             }
-            match self.prelude(&mut pair, &progress).await {
+            let prelude = self.prelude(&mut pair, &progress).await;
+            progress.hold(Progress::HELD_BY_PRELUDE, false);
+            match prelude {
                 Ok(handover) => {
                     if let Some(tell) = &mut tell {
                         tell.disarm();
@@ -232,7 +234,12 @@ impl Prelude<'_> {
             .rewriters
             .as_ref()
             .is_some_and(|r| r.iter().any(Rewriter::holding));
-        self.rewrite_hold = holding.then(|| Instant::now() + rewrite::HOLD_MAX);
+        // From when holding began: a read that extends a possible match does not put
+        // the deadline off.
+        self.rewrite_hold = holding.then(|| {
+            self.rewrite_hold
+                .unwrap_or_else(|| Instant::now() + rewrite::HOLD_MAX)
+        });
     }
 
     /// A tunnel stream's event while its checks wait. The stream's ends travel as
@@ -344,6 +351,11 @@ impl InspectRelay {
         // have decided, and its relay shows what the dump still wants.
         let tunnel = p.sent.is_some();
         loop {
+            // Held bytes make a cut a reset (see `connection::relay_bounded`).
+            progress.hold(
+                Progress::HELD_BY_PRELUDE,
+                !p.held.is_empty() || p.rewrite_hold.is_some(),
+            );
             let wants = |d: usize, p: &Prelude| p.dump.as_ref().map_or(0, |x| x.wants(d));
             let checking = p.scanner.is_some() || p.auth_pending || !p.held.is_empty();
             // Once the checks have decided, a direction reads only for its dump, and a
@@ -512,6 +524,10 @@ impl InspectRelay {
         let rule = &self.rule;
         if data.is_empty() {
             p.eof[0] = true;
+        } else {
+            // Bytes a check holds are activity too: a client trickling its request
+            // is not idle (`idle_timeout`).
+            progress.touch();
         }
         if let Some(d) = &mut p.dump {
             d.record(0, data);

@@ -109,6 +109,7 @@ async fn pump(
     let mut hold_until = rewriter.holding().then(hold);
     let mut showing = true;
     loop {
+        progress.hold(Progress::held_by_rewriter(d), rewriter.holding());
         // Wait for bytes holding no buffer, so an idle pair holds none (a 64 KiB one
         // kept across the wait cost 15 KB of RSS per idle pair, the pages bytes had
         // touched). A held beginning of a match waits a while for the rest, not
@@ -142,8 +143,15 @@ async fn pump(
                 let out = if rewriter.is_empty() {
                     Cow::Borrowed(&buf[..n])
                 } else {
+                    let held_before = rewriter.holding();
                     let out = rewriter.push(&buf[..n], n == 0).into();
-                    hold_until = rewriter.holding().then(hold);
+                    // Bounded from when holding began, not put off by each read that
+                    // extends a possible match (`a+c` fed one `a` at a time).
+                    hold_until = match (held_before, rewriter.holding()) {
+                        (_, false) => None,
+                        (true, true) => hold_until.or_else(|| Some(hold())),
+                        (false, true) => Some(hold()),
+                    };
                     out
                 };
                 (Some(n), out)

@@ -32,6 +32,10 @@ pub struct Progress {
     pub via_userspace: AtomicU64,
     /// The ways bytes actually moved, in order (see [`Progress::enter`]).
     hops: AtomicU32,
+    /// Who holds bytes read from one socket and not yet written to the other (a
+    /// check's undecided prefix, a rewrite's possible match), one bit each: a pair cut
+    /// meanwhile must be reset, its socket queues may well be empty.
+    held: std::sync::atomic::AtomicU8,
     /// When bytes last moved, in ms since [`epoch`] (see [`Progress::touch`]).
     last_active_ms: AtomicU64,
     /// When the client was accepted, in µs since [`epoch`] (kept here, in an
@@ -100,6 +104,29 @@ impl Progress {
         let now = epoch().elapsed().as_millis() as u64;
         self.last_active_ms.store(now, Ordering::Relaxed);
         now
+    }
+
+    /// [`Progress::hold`]'s `who` for the inspection prelude.
+    pub const HELD_BY_PRELUDE: u8 = 1;
+
+    /// [`Progress::hold`]'s `who` for the copy path's rewriter of direction `d` (0: to
+    /// the upstream).
+    pub const fn held_by_rewriter(d: usize) -> u8 {
+        2 << d
+    }
+
+    /// Notes whether `who` (a bit of its own) holds bytes in our memory now.
+    pub fn hold(&self, who: u8, holding: bool) {
+        if holding {
+            self.held.fetch_or(who, Ordering::Relaxed);
+        } else {
+            self.held.fetch_and(!who, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether bytes read from one socket wait in our memory for the other.
+    pub fn holds_bytes(&self) -> bool {
+        self.held.load(Ordering::Relaxed) != 0
     }
 
     /// How long since bytes last moved (or since the pair was made).
