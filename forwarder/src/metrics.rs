@@ -391,8 +391,18 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(l)
 }
 
+/// Scrape connections open at once.
+pub const METRICS_CONNECTIONS: usize = 64;
+/// How long a scrape connection may take to send a request's head.
+pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// ... and serves `GET /metrics` (and `HEAD`) on it for the life of the process; other
 /// methods get 405, other paths 404.
+///
+/// At most [`METRICS_CONNECTIONS`] connections at once, each closed when a request's
+/// head (the first, or the next on a kept-alive connection) takes longer than
+/// [`METRICS_HEADER_TIMEOUT`], as nginx's `client_header_timeout` and HAProxy's
+/// `timeout http-request` do.
 pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
     use http_body_util::Full;
     use hyper::body::Bytes;
@@ -405,6 +415,10 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!("metrics: serving http://{addr}/metrics");
     }
+    // Scrapers at once; more are closed at once. With `header_read_timeout`, a
+    // connection that never sends its request (or its next one) cannot keep an fd:
+    // idle ones once took every fd the rules needed to accept (audit).
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -413,6 +427,10 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics: {METRICS_CONNECTIONS} connections open, closing a new one");
+            continue;
         };
         let metrics = metrics.clone();
         let handler = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -449,11 +467,14 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(io, handler)
                 .await
             {
                 tracing::debug!("metrics: connection failed: {e}");
             }
+            drop(slot);
         });
     }
 }

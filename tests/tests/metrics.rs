@@ -1136,3 +1136,44 @@ fall = {FALL}
         prom.kill();
     }
 }
+
+/// A connection to the metrics address that never sends its request is closed after
+/// the endpoint's 10 s header timeout (nginx's `client_header_timeout`, HAProxy's
+/// `timeout http-request`), and scrapes go on meanwhile. Before (audit) such
+/// connections stayed open for ever, uncapped, until they held every fd the rules
+/// needed to accept.
+#[test]
+fn idle_scrape_connections_are_closed() {
+    let _g = light();
+    let up = Server::echo();
+    let maddr = unique_addr();
+    let fwd = Forwarder::config(Some(Mode::Splice), &config(maddr, &[("r", up.addr())]), 1);
+    let t0 = Instant::now();
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            TcpStream::connect_timeout(&maddr, Duration::from_secs(5)).expect("connect to /metrics")
+        })
+        .collect();
+    // One that sent half a request head is no different.
+    (&idle[2]).write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    let s = scrape(maddr);
+    assert!(
+        s.get("forwarder_connections_active", &[("rule", "r")])
+            .is_some(),
+        "a scrape while idle ones wait"
+    );
+    for (i, c) in idle.iter().enumerate() {
+        wait_closed(c, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("idle scrape connection {i}: {e}"));
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(9),
+        "closed after {took:?}, before the 10 s timeout"
+    );
+    echo_from(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        fwd.addr(),
+        Payload::new(7, 1024),
+    );
+}
