@@ -378,7 +378,7 @@ async fn admit_and_connect(
             log_close(&rule.name, peer, &addr, started, &Progress::default(), &end);
             return None;
         }
-        Dialed::Failed => {
+        Dialed::Failed | Dialed::OutOfResources(..) => {
             // Closing without reading: the client sees the connection end at once.
             let progress = Progress::default();
             log_close(
@@ -673,10 +673,44 @@ impl RefusalLog {
     }
 }
 
+/// How often a connect that failed for want of our own fds or memory is tried again.
+const LOCAL_RETRY: Duration = Duration::from_millis(50);
+
 /// Tries the upstreams in the balancer's order (each resolved address in turn), with
 /// connect_timeout per attempt. Names are resolved here, per connection, so DNS
 /// changes are followed. Failures feed passive health detection.
+///
+/// Out of fds or memory is ours, not the upstreams': the client waits for some to come
+/// back (as accepting does, README "fd exhaustion"), up to connect_timeout, and no
+/// upstream is charged a connect error. Before (audit), every upstream was "tried" at
+/// once, each counted a failed connect, and the client was dropped.
 async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
+    let until = tokio::time::Instant::now() + rt.rule.connect_timeout;
+    loop {
+        match dial_in_order(rt, peer).await {
+            Dialed::OutOfResources(_, _) if tokio::time::Instant::now() + LOCAL_RETRY < until => {
+                tokio::time::sleep(LOCAL_RETRY).await
+            }
+            Dialed::OutOfResources(upstream, why) => {
+                let rule = &rt.rule.name;
+                event!(
+                    warn,
+                    "connect failed",
+                    text = ("connect rule={rule} client={peer} upstream={upstream} failed: {why} (ours, not the upstream's: tried for connect_timeout)"),
+                    rule = %rule,
+                    client = %peer,
+                    upstream = %upstream,
+                    error = %why,
+                );
+                return Dialed::Failed;
+            }
+            dialed => return dialed,
+        }
+    }
+}
+
+/// One pass of [`connect_upstream`] over the upstreams.
+async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
     for i in ups.order(peer.ip()) {
@@ -694,21 +728,21 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
             }
             other => other,
         };
-        // Out of fds or memory here says nothing about the upstream: passive health
-        // hears only of failures the upstream (or the way to it) caused.
-        let local = matches!(&result, Err(e) if e.local);
-        if result.is_err() {
+        // Out of fds or memory here says nothing about the upstream (nor would the next
+        // one fare better): neither its health nor its counters hear of it.
+        if let Err(e) = &result {
+            if e.local {
+                return Dialed::OutOfResources(upstream.clone(), e.why.clone());
+            }
             rt.stats.connect_error(upstream);
         }
-        if !local {
-            let why = result
-                .as_ref()
-                .err()
-                .map(|e| e.why.clone())
-                .unwrap_or_default();
-            if let Some(up) = ups.report_connect(i, &mut attempt, result.is_ok()) {
-                health::log_transition(&rule.name, upstream, up, "traffic", &why);
-            }
+        let why = result
+            .as_ref()
+            .err()
+            .map(|e| e.why.clone())
+            .unwrap_or_default();
+        if let Some(up) = ups.report_connect(i, &mut attempt, result.is_ok()) {
+            health::log_transition(&rule.name, upstream, up, "traffic", &why);
         }
         match result {
             Ok((stream, addr, failed)) => {
@@ -752,6 +786,8 @@ enum Dialed {
     Reset(SocketAddr, io::Error),
     /// Every upstream failed (each failure logged).
     Failed,
+    /// A connect failed for want of our own fds or memory: (the upstream, why).
+    OutOfResources(String, String),
 }
 
 pub struct ConnectError {

@@ -469,6 +469,19 @@ relay_tests! {
         // Backing off on EMFILE costs a wake-up per 100 ms; a spin would use the core.
         assert!(busy < 0.05, "forwarder used {busy:.3} CPU s in 1 s while out of fds: spinning");
         println!("{served} of 60 clients served while out of fds; {busy:.3} CPU s in 1 s");
+        // A client accepted with the last fd waits for one for its upstream, up to
+        // connect_timeout (5 s), as those in the backlog wait: it is not dropped at
+        // once, and the upstream is not blamed for our EMFILE. (Here the held pairs
+        // keep every fd, so such a client's wait ends after connect_timeout.)
+        for l in fwd.log_lines() {
+            if l.contains("WARN connect ") {
+                assert!(l.contains("ours, not the upstream's"), "the upstream blamed for our EMFILE: {l}");
+            }
+            if l.contains("end=connect_failed") {
+                let waited: f64 = field(&l, "duration").and_then(|d| d.trim_end_matches('s').parse().ok()).unwrap();
+                assert!(waited >= 4.5, "a client dropped after {waited} s, not connect_timeout: {l}");
+            }
+        }
         drop(held);
         // Recovered: new clients are served in full.
         let deadline = Instant::now() + secs(10);
