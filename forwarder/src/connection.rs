@@ -692,16 +692,8 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
                 tokio::time::sleep(LOCAL_RETRY).await
             }
             Dialed::OutOfResources(upstream, why) => {
-                let rule = &rt.rule.name;
-                event!(
-                    warn,
-                    "connect failed",
-                    text = ("connect rule={rule} client={peer} upstream={upstream} failed: {why} (ours, not the upstream's: tried for connect_timeout)"),
-                    rule = %rule,
-                    client = %peer,
-                    upstream = %upstream,
-                    error = %why,
-                );
+                let why = format!("{why} (ours, not the upstream's: tried for connect_timeout)");
+                say_connect_failed(&rt.rule.name, peer, &upstream, &why);
                 return Dialed::Failed;
             }
             dialed => return dialed,
@@ -749,18 +741,23 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
                 say_failed_addresses(&rule.name, peer, upstream, &failed);
                 return Dialed::Connected(stream, addr, attempt);
             }
-            Err(e) => event!(
-                warn,
-                "connect failed",
-                text = ("connect rule={} client={peer} upstream={upstream} failed: {}", rule.name, e.why),
-                rule = %rule.name,
-                client = %peer,
-                upstream = %upstream,
-                error = %e.why,
-            ),
+            Err(e) => say_connect_failed(&rule.name, peer, upstream, &e.why),
         }
     }
     Dialed::Failed
+}
+
+/// The `connect failed` warning: every address of `upstream` failed.
+fn say_connect_failed(rule: &str, peer: SocketAddr, upstream: &str, why: &str) {
+    event!(
+        warn,
+        "connect failed",
+        text = ("connect rule={rule} client={peer} upstream={upstream} failed: {why}"),
+        rule = %rule,
+        client = %peer,
+        upstream = %upstream,
+        error = %why,
+    );
 }
 
 /// A connect error that means the upstream accepted and at once reset the connection,
