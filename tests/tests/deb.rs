@@ -171,9 +171,24 @@ fn deb_installs_checks_and_purges() {
     );
     drop(fwd);
 
+    assert!(
+        Path::new("/usr/share/doc/forwarder/changelog.Debian.gz").is_file(),
+        "no changelog.Debian.gz (lintian: no-changelog)"
+    );
+
+    // Enabled as `systemctl enable` does (systemd need not run here): purge removes
+    // the link, or a later install would start enabled (audit).
+    let wants = "/etc/systemd/system/multi-user.target.wants";
+    let link = format!("{wants}/forwarder.service");
+    std::fs::create_dir_all(wants).unwrap();
+    std::os::unix::fs::symlink(UNIT, &link).unwrap();
     dpkg(&["--purge", PACKAGE]);
     drop(purge);
     assert!(!installed());
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "{link} left after purge"
+    );
     for gone in ["/usr/bin/forwarder", UNIT, CONFIG] {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
     }
