@@ -378,7 +378,7 @@ async fn admit_and_connect(
             log_close(&rule.name, peer, &addr, started, &Progress::default(), &end);
             return None;
         }
-        Dialed::Failed | Dialed::OutOfResources(..) => {
+        Dialed::Failed => {
             // Closing without reading: the client sees the connection end at once.
             let progress = Progress::default();
             log_close(
@@ -688,21 +688,27 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     let until = tokio::time::Instant::now() + rt.rule.connect_timeout;
     loop {
         match dial_in_order(rt, peer).await {
-            Dialed::OutOfResources(_, _) if tokio::time::Instant::now() + LOCAL_RETRY < until => {
+            Ok(dialed) => return dialed,
+            Err(_) if tokio::time::Instant::now() + LOCAL_RETRY < until => {
                 tokio::time::sleep(LOCAL_RETRY).await
             }
-            Dialed::OutOfResources(upstream, why) => {
+            Err(OutOfResources { upstream, why }) => {
                 let why = format!("{why} (ours, not the upstream's: tried for connect_timeout)");
                 say_connect_failed(&rt.rule.name, peer, &upstream, &why);
                 return Dialed::Failed;
             }
-            dialed => return dialed,
         }
     }
 }
 
+/// A connect of [`dial_in_order`] failed for want of our own fds or memory.
+struct OutOfResources {
+    upstream: String,
+    why: String,
+}
+
 /// One pass of [`connect_upstream`] over the upstreams.
-async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
+async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed, OutOfResources> {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
     for i in ups.order(peer.ip()) {
@@ -716,7 +722,7 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
                 // The connect succeeded (the upstream is there): no failed connect,
                 // and no other upstream is tried, as for a reset right after it.
                 let _ = ups.report_connect(i, &mut attempt, true);
-                return Dialed::Reset(addr, error);
+                return Ok(Dialed::Reset(addr, error));
             }
             other => other,
         };
@@ -724,7 +730,10 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
         // one fare better): neither its health nor its counters hear of it.
         if let Err(e) = &result {
             if e.local {
-                return Dialed::OutOfResources(upstream.clone(), e.why.clone());
+                return Err(OutOfResources {
+                    upstream: upstream.clone(),
+                    why: e.why.clone(),
+                });
             }
             rt.stats.connect_error(upstream);
         }
@@ -739,12 +748,12 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
         match result {
             Ok((stream, addr, failed)) => {
                 say_failed_addresses(&rule.name, peer, upstream, &failed);
-                return Dialed::Connected(stream, addr, attempt);
+                return Ok(Dialed::Connected(stream, addr, attempt));
             }
             Err(e) => say_connect_failed(&rule.name, peer, upstream, &e.why),
         }
     }
-    Dialed::Failed
+    Ok(Dialed::Failed)
 }
 
 /// The `connect failed` warning: every address of `upstream` failed.
@@ -783,8 +792,6 @@ enum Dialed {
     Reset(SocketAddr, io::Error),
     /// Every upstream failed (each failure logged).
     Failed,
-    /// A connect failed for want of our own fds or memory: (the upstream, why).
-    OutOfResources(String, String),
 }
 
 pub struct ConnectError {
