@@ -19,6 +19,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::config::{Access, Rule};
 use crate::event;
+use crate::fd_waiters;
 use crate::metrics::RuleStats;
 use crate::policy::balance::{Attempt, Upstreams};
 use crate::policy::slots::RuleSlot;
@@ -683,21 +684,29 @@ const LOCAL_RETRY: Duration = Duration::from_millis(50);
 /// Out of fds or memory is ours, not the upstreams': the client waits for some to come
 /// back (as accepting does, README "fd exhaustion"), up to connect_timeout, and no
 /// upstream is charged a connect error. Before (audit), every upstream was "tried" at
-/// once, each counted a failed connect, and the client was dropped.
+/// once, each counted a failed connect, and the client was dropped. Waiting clients
+/// hold fds themselves: when they hold all there are, the newest gives its up
+/// ([`fd_waiters`]).
 async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     let until = tokio::time::Instant::now() + rt.rule.connect_timeout;
+    let mut waiter = None;
     loop {
-        match dial_in_order(rt, peer).await {
+        let OutOfResources { upstream, why } = match dial_in_order(rt, peer).await {
             Ok(dialed) => return dialed,
-            Err(_) if tokio::time::Instant::now() + LOCAL_RETRY < until => {
-                tokio::time::sleep(LOCAL_RETRY).await
-            }
-            Err(OutOfResources { upstream, why }) => {
-                let why = format!("{why} (ours, not the upstream's: tried for connect_timeout)");
-                say_connect_failed(&rt.rule.name, peer, &upstream, &why);
-                return Dialed::Failed;
-            }
-        }
+            Err(e) => e,
+        };
+        let waiter = waiter.get_or_insert_with(fd_waiters::Waiter::join);
+        let gave_up = if let Some(n) = waiter.should_yield() {
+            format!("the {n} clients waiting held every fd; the newest gave its up")
+        } else if tokio::time::Instant::now() + LOCAL_RETRY < until {
+            tokio::time::sleep(LOCAL_RETRY).await;
+            continue;
+        } else {
+            "tried for connect_timeout".to_string()
+        };
+        let why = format!("{why} (ours, not the upstream's: {gave_up})");
+        say_connect_failed(&rt.rule.name, peer, &upstream, &why);
+        return Dialed::Failed;
     }
 }
 

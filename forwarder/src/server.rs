@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Access, Config, Mode, Rule, RunAs};
 use crate::connection::{serve, Abort, Permits, RuleRuntime};
+use crate::fd_waiters;
 use crate::inspect::InspectRelay;
 use crate::logging::List;
 use crate::policy::balance::Upstreams;
@@ -701,6 +702,15 @@ async fn accept_loop(
                 None => return,
             },
         };
+        // A client accepted earlier waits for an fd for its upstream: the next fd
+        // to free is its, not a new client's (which would only wait too).
+        while fd_waiters::any() {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(fd_waiters::STUCK) => {}
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
