@@ -17,7 +17,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -403,16 +402,85 @@ struct Pump {
     drained: bool,
     /// Bytes moved since this direction last went quiet (saturating).
     burst: u32,
-    /// Out of fds (rare, so out of line): since when no pipe could be made, and the
-    /// pause before the next try.
+    /// Out of fds for a pipe (rare, so out of line): bytes copied through our memory
+    /// instead, not yet written.
     no_pipe: Option<Box<NoPipe>>,
     /// The source stopped at TCP urgent data: moved past once the pipe is empty.
     urgent: bool,
 }
 
+/// A direction that could not have a pipe (out of fds) moves its bytes through a
+/// buffer of ours meanwhile, as HAProxy does without pipes, and takes a pipe again
+/// once one can be had. Before, it waited a second for one, and then the pair ended
+/// `client_error (Too many open files)`: a pair cut for fds that new clients took.
 struct NoPipe {
-    since: Instant,
-    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    buf: Box<[u8]>,
+    /// `buf[start..end]` is still to be written.
+    start: usize,
+    end: usize,
+}
+
+/// The most a direction without a pipe reads at once.
+const NO_PIPE_READ: usize = 16 * 1024;
+
+impl NoPipe {
+    fn new() -> NoPipe {
+        NoPipe {
+            buf: vec![0u8; NO_PIPE_READ].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Writes what the buffer holds to `dst`: ready once it is all written.
+    fn drain(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &TcpStream,
+        moved: &AtomicU64,
+    ) -> Poll<Result<(), PumpError>> {
+        while self.start < self.end {
+            match dst.try_write(&self.buf[self.start..self.end]) {
+                Ok(n) => {
+                    self.start += n;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(dst.poll_write_ready(cx)).map_err(PumpError::Write)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(PumpError::Write(e))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads the next bytes of `src` into the empty buffer (shown to the dump if it
+    /// wants them). At an urgent mark the urgent byte is passed on first, as
+    /// [`past_urgent_mark`] does for a pipe.
+    fn fill(
+        &mut self,
+        src: &TcpStream,
+        to: UrgentTo<'_>,
+        dump: &mut Option<Box<Dump>>,
+        d: usize,
+    ) -> io::Result<Fill> {
+        if sys::at_urgent_mark(src.as_raw_fd()) {
+            pass_urgent_byte(src, Some(to));
+        }
+        let n = match src.try_read(&mut self.buf) {
+            Ok(0) => return Ok(Fill::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::Empty),
+            Err(e) => return Err(e),
+        };
+        if let Some(dump) = dump {
+            dump.record(d, &self.buf[..n]);
+        }
+        to.userspace.fetch_add(n as u64, Ordering::Relaxed);
+        (self.start, self.end) = (0, n);
+        Ok(Fill::Bytes { n, drained: false })
+    }
 }
 
 impl Pump {
@@ -440,11 +508,9 @@ impl Pump {
         let moved = [&progress.to_upstream, &progress.to_client][d];
         loop {
             if self.pipe.is_none() {
+                // Bytes read without a pipe go on before any other.
                 if let Some(no_pipe) = self.no_pipe.as_deref_mut() {
-                    if let Some(pause) = &mut no_pipe.pause {
-                        ready!(pause.as_mut().poll(cx));
-                        no_pipe.pause = None;
-                    }
+                    ready!(no_pipe.drain(cx, dst, moved))?;
                 }
                 quiet.waiting[d].store(self.drained, Ordering::Relaxed);
                 ready!(src.poll_read_ready(cx)).map_err(PumpError::Read)?;
@@ -455,26 +521,20 @@ impl Pump {
                         self.pipe = Some(p);
                     }
                     Err(e) if crate::server::is_resource_exhaustion(&e) => {
-                        // Out of fds: an EOF needs no pipe, and bytes wait in the
-                        // socket (TCP's backpressure) a while for one to free up. Not
-                        // for ever: pairs that all wait, each holding its sockets,
-                        // would keep every fd taken.
-                        let mut byte = [0u8; 1];
-                        let mut peek = tokio::io::ReadBuf::new(&mut byte);
-                        let n = ready!(src.poll_peek(cx, &mut peek)).map_err(PumpError::Read)?;
-                        if n == 0 {
-                            return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof));
+                        let to = UrgentTo {
+                            dst,
+                            moved,
+                            userspace: &progress.via_userspace,
+                        };
+                        let no_pipe = self.no_pipe.get_or_insert_with(|| Box::new(NoPipe::new()));
+                        match no_pipe.fill(src, to, dump, d).map_err(PumpError::Read)? {
+                            Fill::Eof => return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof)),
+                            Fill::Bytes { n, .. } => {
+                                self.burst = self.burst.saturating_add(n as u32);
+                                ACTIVITY.note(&quiet.window, progress.touch());
+                            }
+                            _ => self.drained = true,
                         }
-                        let no_pipe = self.no_pipe.get_or_insert_with(|| {
-                            Box::new(NoPipe {
-                                since: Instant::now(),
-                                pause: None,
-                            })
-                        });
-                        if no_pipe.since.elapsed() >= NO_PIPE_PATIENCE {
-                            return Poll::Ready(Err(PumpError::Read(e)));
-                        }
-                        no_pipe.pause = Some(Box::pin(tokio::time::sleep(NO_PIPE_RETRY)));
                         continue;
                     }
                     Err(e) => return Poll::Ready(Err(PumpError::Read(e))),
@@ -583,11 +643,6 @@ impl Pump {
         }
     }
 }
-
-/// How often, and how long, a direction that needs a pipe tries again while none can
-/// be made (out of fds).
-const NO_PIPE_RETRY: Duration = Duration::from_millis(50);
-const NO_PIPE_PATIENCE: Duration = Duration::from_secs(1);
 
 fn pass_fin(dst: &TcpStream) -> Result<(), PumpError> {
     super::pass_fin(dst).map_err(PumpError::Write)
@@ -791,6 +846,7 @@ pub(crate) fn show(
 
 /// Where [`past_urgent_mark`] passes the urgent byte: to `dst`, as urgent, counted in
 /// `moved` (its direction's bytes) and `userspace` (it crossed our memory).
+#[derive(Clone, Copy)]
 pub(crate) struct UrgentTo<'a> {
     pub dst: &'a TcpStream,
     pub moved: &'a AtomicU64,
@@ -809,6 +865,26 @@ pub(crate) fn past_urgent_mark(
     p: &Pipe,
     max: usize,
 ) -> io::Result<Option<usize>> {
+    pass_urgent_byte(src, to);
+    let mut buf = vec![0u8; p.size.min(max).min(64 * 1024)];
+    // Through tokio's readiness, which the read that found the mark kept: an EAGAIN
+    // (nothing behind the mark yet) clears it, and bytes that come later raise it.
+    let r = src.try_io(Interest::READABLE, || {
+        sys::recv(src.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)
+    });
+    let n = match r {
+        Ok(0) => return Ok(None),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+        Err(e) => return Err(e),
+    };
+    into_empty_pipe(p, &buf[..n])?;
+    Ok(Some(n))
+}
+
+/// At `src`'s urgent mark: reads the urgent byte and passes it on as urgent to `to`
+/// (MSG_OOB, as a direct connection would have it; with no `to` it is dropped).
+fn pass_urgent_byte(src: &TcpStream, to: Option<UrgentTo<'_>>) {
     let mut urgent = [0u8; 1];
     let got = sys::recv(
         src.as_raw_fd(),
@@ -826,20 +902,6 @@ pub(crate) fn past_urgent_mark(
             Err(e) => tracing::debug!("urgent byte not passed on: {e}"),
         }
     }
-    let mut buf = vec![0u8; p.size.min(max).min(64 * 1024)];
-    // Through tokio's readiness, which the read that found the mark kept: an EAGAIN
-    // (nothing behind the mark yet) clears it, and bytes that come later raise it.
-    let r = src.try_io(Interest::READABLE, || {
-        sys::recv(src.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)
-    });
-    let n = match r {
-        Ok(0) => return Ok(None),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-        Err(e) => return Err(e),
-    };
-    into_empty_pipe(p, &buf[..n])?;
-    Ok(Some(n))
 }
 
 /// Puts bytes read into our memory into the empty pipe `p`, which holds at least that
