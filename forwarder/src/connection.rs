@@ -94,6 +94,14 @@ pub struct Permits {
     pub _rule: RuleSlot,
 }
 
+/// Dropped as a connection ends, its sockets closed: clients waiting for an fd are
+/// not stuck ([`fd_waiters`]).
+impl Drop for Permits {
+    fn drop(&mut self) {
+        fd_waiters::freed();
+    }
+}
+
 /// Serves one accepted client to its end and logs the close line.
 ///
 /// Written as one `async` block over plain values rather than nested `async fn`s
@@ -697,7 +705,10 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
         };
         let waiter = waiter.get_or_insert_with(fd_waiters::Waiter::join);
         let gave_up = if let Some(n) = waiter.should_yield() {
-            format!("the {n} clients waiting held every fd; the newest gave its up")
+            format!(
+                "no fd came free for {:?} while {n} clients waited for one; the newest gave its up",
+                fd_waiters::STUCK
+            )
         } else if tokio::time::Instant::now() + LOCAL_RETRY < until {
             tokio::time::sleep(LOCAL_RETRY).await;
             continue;

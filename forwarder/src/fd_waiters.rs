@@ -6,22 +6,27 @@
 //!   not to a new one that would only wait too;
 //! - when waiting clients hold every fd, nothing frees and they would all wait out
 //!   connect_timeout together (a burst accepted before the first EMFILE did exactly
-//!   that: CI, no client of 60 served). So when no waiter has left for [`STUCK`], the
-//!   newest gives up its client, and its fd serves an older one: oldest first, as the
-//!   backlog serves.
+//!   that: CI, no client of 60 served). So when no fd has come free for [`STUCK`] (no
+//!   waiter left, no connection ended), the newest gives up its client, and its fd
+//!   serves an older one: oldest first, as the backlog serves. Not sooner: open pairs
+//!   that end a moment later would have served it (audit: 100 ms reset clients that
+//!   pairs ending 0.5 s later had room for).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long the waiters may all stand still before the newest gives up its fd.
-pub const STUCK: Duration = Duration::from_millis(100);
+/// How long no fd may come free while clients wait before the newest gives its up.
+pub const STUCK: Duration = Duration::from_secs(1);
+/// How often accepting looks again while clients wait.
+pub const RECHECK: Duration = Duration::from_millis(100);
 
 struct Queue {
     /// Tickets of the clients waiting, oldest (smallest) first.
     tickets: BTreeSet<u64>,
-    /// When a waiter last left (served or not), or the first one came.
+    /// When an fd last came free (a waiter left, a connection ended), or the first
+    /// waiter came.
     last_left: Option<Instant>,
 }
 
@@ -32,6 +37,13 @@ static QUEUE: Mutex<Queue> = Mutex::new(Queue {
 static NEXT: AtomicU64 = AtomicU64::new(0);
 /// `QUEUE.tickets.len()`, read by every accept without the lock.
 static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// A connection ended: its fds are free, so the waiters are not stuck.
+pub fn freed() {
+    if any() {
+        QUEUE.lock().unwrap().last_left = Some(Instant::now());
+    }
+}
 
 /// Whether any client waits for an fd: accepting waits until none does.
 pub fn any() -> bool {
@@ -56,14 +68,13 @@ impl Waiter {
         Waiter { ticket }
     }
 
-    /// This client should give up its fd: it is the newest of several waiters, and
-    /// none has left for [`STUCK`] (the fds they hold are all there are). Returns how
-    /// many were waiting, for the warning.
+    /// This client should give up its fd: it is the newest of several waiters, and no
+    /// fd has come free for [`STUCK`]. Returns how many were waiting, for the warning.
     pub fn should_yield(&self) -> Option<usize> {
         let q = QUEUE.lock().unwrap();
         let newest = q.tickets.last() == Some(&self.ticket);
-        (newest && q.tickets.len() >= 2 && q.last_left.is_some_and(|t| t.elapsed() >= STUCK))
-            .then_some(q.tickets.len())
+        let stuck = q.last_left.is_some_and(|t| t.elapsed() >= STUCK);
+        (newest && q.tickets.len() >= 2 && stuck).then_some(q.tickets.len())
     }
 }
 

@@ -708,7 +708,7 @@ async fn accept_loop(
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(fd_waiters::STUCK) => {}
+                _ = tokio::time::sleep(fd_waiters::RECHECK) => {}
             }
         }
         let accepted = tokio::select! {

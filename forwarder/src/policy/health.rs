@@ -25,6 +25,9 @@ pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
             checks.spawn(async move { (i, check(&addr, timeout).await) });
         }
         while let Some(Ok((i, result))) = checks.join_next().await {
+            // Out of fds or memory ourselves: the check says nothing of the upstream
+            // (audit: every upstream, backups too, went DOWN while we were out of fds).
+            let Some(result) = result else { continue };
             let why = result.as_ref().err().cloned().unwrap_or_default();
             if let Some(up) = upstreams.report(i, result.is_ok()) {
                 log_transition(&rule.name, &upstreams.list[i].cfg.addr, up, "check", &why);
@@ -58,10 +61,13 @@ pub fn log_transition(rule: &str, addr: &str, up: bool, by: &str, why: &str) {
     }
 }
 
-async fn check(addr: &str, timeout: Duration) -> Result<(), String> {
+/// One check: whether `addr` answered, or None when the failure was ours (out of fds
+/// or memory), which tells nothing about the upstream.
+async fn check(addr: &str, timeout: Duration) -> Option<Result<(), String>> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("timed out after {timeout:?}")),
+        Ok(Ok(_)) => Some(Ok(())),
+        Ok(Err(e)) if crate::server::is_resource_exhaustion(&e) => None,
+        Ok(Err(e)) => Some(Err(e.to_string())),
+        Err(_) => Some(Err(format!("timed out after {timeout:?}"))),
     }
 }

@@ -79,13 +79,19 @@ pub fn start(cfg: TunnelServerConfig, listener: TcpListener, known: HashSet<Stri
     let accepting = reg.clone();
     let task = tokio::spawn(async move {
         let reg = accepting;
+        // Said at most once per 5 s, as a rule's accept failure is: out of fds, every
+        // retry fails alike (audit: 10 lines a second).
+        let mut last_warning: Option<std::time::Instant> = None;
         loop {
             match listener.accept().await {
                 Ok((conn, peer)) => {
                     tokio::spawn(reg.clone().handle(conn, peer));
                 }
                 Err(e) => {
-                    tracing::warn!("tunnel accept failed: {e}");
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        tracing::warn!("tunnel accept failed: {e}; backing off");
+                        last_warning = Some(std::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

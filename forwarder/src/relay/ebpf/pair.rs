@@ -598,7 +598,13 @@ async fn relay_queued(
             }
             let p = match pipe {
                 Some(p) => &*p,
-                None => &*pipe.insert(Pipe::take().map_err(|e| (SIDES[i], e))?),
+                None => match Pipe::take() {
+                    Ok(p) => &*pipe.insert(p),
+                    // Out of fds for a pipe: the pair goes to splice, which copies
+                    // through a buffer of ours until it can have one.
+                    Err(e) if crate::server::is_resource_exhaustion(&e) => return Ok(false),
+                    Err(e) => return Err((SIDES[i], e)),
+                },
             };
             // At most 64 KiB, a pooled pipe's least size; a pipe out of slots (many
             // small skbs) splices short, and the next round takes the rest.
