@@ -52,22 +52,7 @@ fn rule(name: &str, upstream: SocketAddr, extra: &str) -> String {
 /// even the hard limit (up to fs.nr_open): without CAP_SYS_RESOURCE it cannot, and 64
 /// is what it gets.
 fn forwarder_with_64_fds(mode: Mode, upstream: SocketAddr, wrapper: &[&str]) -> Forwarder {
-    let up = upstream.to_string();
-    let args = [
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up,
-        "--mode",
-        mode.as_str(),
-    ];
-    Forwarder::spawn(
-        &fd_limit_64(wrapper),
-        args.iter().map(OsString::from).collect(),
-        1,
-        None,
-    )
+    Forwarder::cli_under(&fd_limit_64(wrapper), mode, upstream)
 }
 
 /// [`forwarder_with_64_fds`] with a config file of one rule.
@@ -81,10 +66,11 @@ fn config_with_64_fds(mode: Mode, toml: &str) -> Forwarder {
         "--mode".into(),
         mode.as_str().into(),
     ];
-    Forwarder::spawn(&fd_limit_64(&[]), args, 1, Some(dir))
+    let prefix: Vec<OsString> = fd_limit_64(&[]).into_iter().map(OsString::from).collect();
+    Forwarder::spawn(&prefix, args, 1, Some(dir))
 }
 
-fn fd_limit_64(wrapper: &[&str]) -> Vec<OsString> {
+fn fd_limit_64<'a>(wrapper: &[&'a str]) -> Vec<&'a str> {
     let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -99,7 +85,7 @@ fn fd_limit_64(wrapper: &[&str]) -> Vec<OsString> {
         "--",
     ];
     prefix.extend_from_slice(wrapper);
-    prefix.into_iter().map(OsString::from).collect()
+    prefix
 }
 
 /// Opens idle echo pairs through `fwd` (each checked with a round trip) until one is
