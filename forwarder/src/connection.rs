@@ -721,6 +721,23 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     }
 }
 
+/// [`connect_one`], waiting out a shortage of our own fds or memory as a rule's client
+/// does (tried every 50 ms, up to `timeout` in all): a tunnel agent's target.
+pub async fn connect_one_patiently(
+    upstream: &str,
+    timeout: Duration,
+) -> Result<Answered, ConnectError> {
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        match connect_one(upstream, timeout).await {
+            Err(e) if e.local && tokio::time::Instant::now() + LOCAL_RETRY < until => {
+                tokio::time::sleep(LOCAL_RETRY).await
+            }
+            r => return r,
+        }
+    }
+}
+
 /// A connect of [`dial_in_order`] failed for want of our own fds or memory.
 struct OutOfResources {
     upstream: String,

@@ -1449,7 +1449,57 @@ fn refused_with(server: &TunnelServer, body: &[u8], reason: &str, what: &str) {
 // The tests
 // ---------------------------------------------------------------------------------
 
+/// The number of fds process `pid` holds.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Sets the soft RLIMIT_NOFILE of the running process `pid` (up to its hard limit).
+fn set_nofile(pid: i32, n: usize) {
+    let out = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+        .output()
+        .expect("prlimit (util-linux) is required");
+    assert!(
+        out.status.success(),
+        "prlimit --pid {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 relay_tests! {
+    /// A new stream out of fds for its pipes waits for them, on the server and on the
+    /// agent alike, and is served exactly once fds come back. Before, the visitor was
+    /// reset at once: `end=client_error (Too many open files)` on the server, the
+    /// target blamed (`upstream_error`) on the agent (audit). Each side in turn gets
+    /// room for the sockets the visit needs and no pipe, for 600 ms.
+    fn a_stream_out_of_fds_waits_for_pipes(mode) {
+        let _load = light();
+        for (i, side) in ["server", "agent"].into_iter().enumerate() {
+            // Fresh processes: pipes an earlier visit pooled would serve this one.
+            let dir = TempDir::new("tunnel-fds");
+            let (token, target, server) = on_loopback(mode, &dir, "", "");
+            let agent = agent_config(server.tunnel, target.addr(), &token, None);
+            wait_connected(&server, &agent, 1);
+            let pid = if side == "server" { server.p.pid() } else { agent.pid() };
+            // The visitor's (or target's) socket, a data connection to replace the
+            // pooled one the stream takes, and one more: a pipe takes two.
+            set_nofile(pid, fd_count(pid) + 3);
+            let seed = 730 + 10 * i as u64;
+            let job = Job::new(BOTH, Payload::new(seed, 64 * KIB), Payload::new(seed + 1, 64 * KIB));
+            let addr = server.visitors;
+            let visitor = thread::spawn(move || visit_ok(addr, job, secs(20)));
+            thread::sleep(ms(600));
+            set_nofile(pid, 4096);
+            visitor.join().unwrap_or_else(|_| panic!("{side} out of fds: the visitor failed: {}", server.p.text()));
+            assert_got(&target.report(secs(10)).seen, &job.up, side);
+            let closes = [server.p.wait_close_lines(1, secs(5)), agent.wait_close_lines(1, secs(5))];
+            for l in closes.iter().flatten() {
+                assert!(field(l, "end") == Some("closed"), "{side} out of fds: {l}");
+            }
+        }
+    }
+
     /// Bytes exact both ways at once, and half-close through both hops each way:
     /// the visitor's EOF reaches the target while the target still answers, and the
     /// target's EOF reaches the visitor while the visitor still sends. Server started

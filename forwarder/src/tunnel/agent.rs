@@ -591,7 +591,7 @@ async fn serve_stream(
         ms => Duration::from_millis(ms),
     };
     // As a rule's upstream: each address of a name in turn, connect_timeout each.
-    let mut local = match crate::connection::connect_one(&target, connect_timeout).await {
+    let mut local = match crate::connection::connect_one_patiently(&target, connect_timeout).await {
         Ok((s, _, failed)) => {
             crate::connection::say_failed_addresses(&service, visitor_addr, &target, &failed);
             s
@@ -608,7 +608,8 @@ async fn serve_stream(
         }
         Err(e) => {
             unreachable_stream(&session, &data, stream, &service, &e.why);
-            if let Some(s) = stats {
+            // Out of our own fds or memory says nothing of the target.
+            if let Some(s) = stats.filter(|_| !e.local) {
                 s.connect_error(&target);
             }
             return log(&target, &format!("connect_failed ({})", e.why), &progress);

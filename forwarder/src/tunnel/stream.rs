@@ -317,6 +317,56 @@ enum Fault {
     Protocol(String),
 }
 
+/// A stream's three pipes: retention (`want` bytes, at least a pooled pipe's size),
+/// and one each way.
+struct Pipes {
+    keep: Pipe,
+    out: Pipe,
+    inn: Pipe,
+}
+
+/// How long a new stream waits for its pipes while the process is out of fds, as a
+/// rule's client waits for an fd for its upstream (connect_timeout's default).
+const PIPES_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a reattaching stream waits for a pipe for its replay while the process is
+/// out of fds: the stream already waited for its link; a pipe is what it lacks.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(30);
+
+impl Pipes {
+    /// Out of fds, tried again every 50 ms for [`PIPES_PATIENCE`]: the visitor or target
+    /// waits (its bytes in TCP's buffers) instead of being reset at once (audit).
+    async fn take(want: usize) -> io::Result<Pipes> {
+        let until = Instant::now() + PIPES_PATIENCE;
+        loop {
+            match Self::try_take(want) {
+                Err(e) if crate::server::is_resource_exhaustion(&e) && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) if crate::server::is_resource_exhaustion(&e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("{e} (ours: no pipe for the stream within {PIPES_PATIENCE:?})"),
+                    ))
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn try_take(want: usize) -> io::Result<Pipes> {
+        let keep = if want <= crate::relay::splice::PIPE_SIZE {
+            Pipe::take()?
+        } else {
+            Pipe::with_size(want)?
+        };
+        Ok(Pipes {
+            keep,
+            out: Pipe::take()?,
+            inn: Pipe::take()?,
+        })
+    }
+}
+
 /// Runs a stream to its end. `handover`: what the inspection prelude (server side,
 /// a rule that inspects) leaves to do: a dump to finish, and what it passed on.
 pub async fn run(
@@ -338,7 +388,19 @@ pub async fn run(
         local: &local,
         peer: TellPeerReset::new(&link),
     };
-    let mut engine = match Engine::new(link, side, handover) {
+    let pipes = match Pipes::take(
+        link.limit
+            .max(handover.passed.as_ref().map_or(0, |p| p.sent.len())),
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(error) => {
+            reset_on_close(&first);
+            return RelayEnd::Failed { side, error };
+        }
+    };
+    let mut engine = match Engine::new(link, side, handover, pipes) {
         Ok(e) => e,
         Err(error) => {
             reset_on_close(&first);
@@ -470,18 +532,18 @@ struct Engine {
 impl Engine {
     /// With what the prelude passed on (server side, a rule that inspects) counted as
     /// sent, received, and, for what it sent, retained.
-    fn new(mut link: Box<Link>, side: Side, handover: Handover) -> io::Result<Engine> {
+    fn new(
+        mut link: Box<Link>,
+        side: Side,
+        handover: Handover,
+        pipes: Pipes,
+    ) -> io::Result<Engine> {
         let passed = handover.passed.map(|p| *p).unwrap_or_default();
         if passed.received > 0 {
             link.agent_has_it(); // it sent bytes
         }
         let sent = passed.sent.len();
-        let want = link.limit.max(sent);
-        let keep = if want <= crate::relay::splice::PIPE_SIZE {
-            Pipe::take()?
-        } else {
-            Pipe::with_size(want)?
-        };
+        let Pipes { keep, out, inn } = pipes;
         if sent > 0 {
             if sent > keep.size {
                 return Err(io::Error::other(format!(
@@ -497,7 +559,7 @@ impl Engine {
         let limit = (link.limit.min(keep.size)) as u64;
         Ok(Engine {
             out: Out {
-                pipe: Pipe::take()?,
+                pipe: out,
                 keep,
                 head: sent,
                 in_pipe: 0,
@@ -511,7 +573,7 @@ impl Engine {
                 fin_told: false,
             },
             inn: In {
-                pipe: Pipe::take()?,
+                pipe: inn,
                 in_pipe: 0,
                 received: passed.received,
                 // The prelude acknowledged what it received.
@@ -1068,7 +1130,8 @@ impl Engine {
             }
         };
         self.acked(peer_received).map_err(End::Protocol)?;
-        self.replay_from_acked()?;
+        let scratch = self.replay_pipe().await?;
+        self.replay_from_acked(scratch)?;
         Ok(Some(conn))
     }
 
@@ -1095,26 +1158,49 @@ impl Engine {
             }
         }
         tracing::debug!("tunnel stream {}: opened again", self.link.stream);
-        self.replay_from_acked()?;
+        let scratch = self.replay_pipe().await?;
+        self.replay_from_acked(scratch)?;
         Ok(Some(conn))
     }
 
-    /// After a new data connection's handshake: what is in flight is dropped, and
-    /// [acked, teed) is queued for replay from the retention pipe.
-    fn replay_from_acked(&mut self) -> Result<(), End> {
+    /// A pipe for [`Engine::replay_from_acked`] when there is anything to replay: the
+    /// last reattach's, emptied, or a new one. Out of fds, tried every 50 ms for
+    /// [`REPLAY_PATIENCE`], the new data connection held meanwhile (before, the stream
+    /// ended `client_error` at once: audit).
+    async fn replay_pipe(&mut self) -> Result<Option<Pipe>, End> {
         let o = &mut self.out;
+        if let Some((scratch, _)) = o.replay.take() {
+            drain(&scratch);
+            return Ok(Some(scratch));
+        }
+        if o.teed == o.acked {
+            return Ok(None);
+        }
+        let until = Instant::now() + REPLAY_PATIENCE;
+        loop {
+            match Pipe::with_size(o.keep.size) {
+                Ok(p) => return Ok(Some(p)),
+                Err(e) if crate::server::is_resource_exhaustion(&e) && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => return Err(End::Local(e)),
+            }
+        }
+    }
+
+    /// After a new data connection's handshake: what is in flight is dropped, and
+    /// [acked, teed) is queued for replay from the retention pipe, through `scratch`
+    /// (from [`Engine::replay_pipe`]).
+    fn replay_from_acked(&mut self, scratch: Option<Pipe>) -> Result<(), End> {
+        let o = &mut self.out;
+        let replay = (o.teed - o.acked) as usize;
         // What was teed but not sent is in both pipes: keep the retention copy.
         let dup = (o.teed - o.head) as usize;
         discard(&o.pipe, dup).map_err(|e| End::Protocol(format!("pipe: {e}")))?;
         o.in_pipe -= dup;
         o.head = o.teed;
         o.sent = o.acked;
-        let replay = (o.teed - o.acked) as usize;
-        if let Some((scratch, _)) = o.replay.take() {
-            drain(&scratch);
-        }
-        if replay > 0 {
-            let scratch = Pipe::with_size(o.keep.size).map_err(End::Local)?;
+        if let Some(scratch) = scratch.filter(|_| replay > 0) {
             match tee(o.keep.r.as_raw_fd(), scratch.w.as_raw_fd(), replay) {
                 Ok(n) if n == replay => o.replay = Some((scratch, n)),
                 r => {
