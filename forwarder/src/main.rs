@@ -88,6 +88,9 @@ fn start(
         Err(e) => return config_error(e),
     };
     logging::init(log_format.unwrap_or(config.log_format));
+    // The schedule clock (and FORWARDER_FAKE_NOW's) starts with the process, not at
+    // the first connection that asks it (audit).
+    let _ = forwarder::policy::clock::now();
     forwarder::sys::raise_fd_limit();
     // From the first bind on, a stop or reload signal waits for its handler.
     forwarder::sys::hold_handled_signals();

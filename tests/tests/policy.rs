@@ -387,6 +387,19 @@ relay_tests! {
         assert!(wait_log(&utc_closed, "reason=schedule", Duration::from_secs(2)));
     }
 
+    /// The injected clock runs from the process start, as README says, not from the
+    /// first client: started 1 s before the window closes, a first client 2 s later is
+    /// refused (audit: it was served, the clock starting at its connect).
+    fn injected_clock_runs_from_the_start(mode) {
+        let up = named_server("up", local_listener());
+        let rule = format!("upstream = \"{}\"\nschedule = [\"Mon 09:00-10:00\"]", up.addr);
+        let fwd = start(mode, "127.0.0.1:0", &rule, &[("FORWARDER_FAKE_NOW", "2026-11-23T09:59:59Z")]);
+        fwd.expect_pairs(0);
+        thread::sleep(Duration::from_secs(2));
+        assert!(ask(fwd.addr(), None).is_err(), "served at 10:00:01 by a Mon 09:00-10:00 schedule");
+        assert!(wait_log(&fwd, "reason=schedule", Duration::from_secs(2)));
+    }
+
     fn max_connection_duration(mode) {
         let echo_server = Server::echo();
         let echo = echo_server.addr();

@@ -429,7 +429,30 @@ fn describe_bad(p: Payload, at: u64, kept: &[u8]) -> String {
             };
             out += &format!("; the next block header, at stream offset {stream_at}, is block {block} (payload offset {payload_at}): {what}");
         }
-        None => out += &format!("; no block header in the {} bytes kept", kept.len()),
+        None => {
+            out += &format!("; no block header in the {} bytes kept", kept.len());
+            // Another stream's bytes? A header of any payload: a small seed (high 4
+            // bytes zero) and block number (high 5 bytes zero), which random bytes
+            // match once in 2^72.
+            let looks = |w: &[u8]| w[4..8] == [0; 4] && w[11..16] == [0; 5];
+            let foreign = kept.windows(16).position(looks).map(|mut i| {
+                // Windows up to 2 bytes before a header match too (a small seed's
+                // zeros): the header is the last of the run.
+                while kept.get(i + 1..i + 17).is_some_and(looks) {
+                    i += 1;
+                }
+                i
+            });
+            if let Some(i) = foreign {
+                let other = u64::from_le_bytes(kept[i..i + 8].try_into().unwrap());
+                let block = u64::from_le_bytes(kept[i + 8..i + 16].try_into().unwrap());
+                out += &format!(
+                    "; at stream offset {} a header of payload seed {other}, block {block} (payload offset {}): another stream's bytes",
+                    at + i as u64,
+                    block * 4096
+                );
+            }
+        }
     }
     out
 }
@@ -563,4 +586,21 @@ fn read_checked_names_skipped_and_repeated_bytes() {
         );
         assert!(bad.contains(what), "{bad}");
     }
+    // Another payload's bytes in the stream: named by their seed.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let writer = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&p.to_vec()[..10_000]).unwrap();
+        s.write_all(&Payload::new(77, 64 * KIB).to_vec()[100..20_000])
+            .unwrap();
+    });
+    let s = TcpStream::connect(addr).unwrap();
+    let r = read_checked(&s, p, None, Instant::now() + Duration::from_secs(10));
+    writer.join().unwrap();
+    let bad = r.first_bad.expect("a wrong byte was sent");
+    assert!(
+        bad.contains("a header of payload seed 77, block 1 (payload offset 4096)"),
+        "{bad}"
+    );
 }
