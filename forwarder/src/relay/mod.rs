@@ -115,6 +115,12 @@ impl Progress {
         2 << d
     }
 
+    /// [`Progress::hold`]'s `who` for the splice path's direction `d` copying through
+    /// its own buffer for want of a pipe.
+    pub const fn held_without_pipe(d: usize) -> u8 {
+        8 << d
+    }
+
     /// Notes whether `who` (a bit of its own) holds bytes in our memory now.
     pub fn hold(&self, who: u8, holding: bool) {
         if holding {

@@ -432,18 +432,26 @@ impl NoPipe {
         }
     }
 
-    /// Writes what the buffer holds to `dst`: ready once it is all written.
+    /// Writes what the buffer holds to `dst`: ready once it is all written. Bytes in
+    /// the buffer are held in our memory (a cut then resets, see `Progress::hold`);
+    /// each write is activity, as each splice is.
     fn drain(
         &mut self,
         cx: &mut Context<'_>,
         dst: &TcpStream,
         moved: &AtomicU64,
+        progress: &Progress,
+        d: usize,
     ) -> Poll<Result<(), PumpError>> {
         while self.start < self.end {
             match dst.try_write(&self.buf[self.start..self.end]) {
                 Ok(n) => {
                     self.start += n;
                     moved.fetch_add(n as u64, Ordering::Relaxed);
+                    progress.touch();
+                    if self.start == self.end {
+                        progress.hold(Progress::held_without_pipe(d), false);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready!(dst.poll_write_ready(cx)).map_err(PumpError::Write)?
@@ -463,6 +471,7 @@ impl NoPipe {
         src: &TcpStream,
         to: UrgentTo<'_>,
         dump: &mut Option<Box<Dump>>,
+        progress: &Progress,
         d: usize,
     ) -> io::Result<Fill> {
         if sys::at_urgent_mark(src.as_raw_fd()) {
@@ -478,6 +487,7 @@ impl NoPipe {
             dump.record(d, &self.buf[..n]);
         }
         to.userspace.fetch_add(n as u64, Ordering::Relaxed);
+        progress.hold(Progress::held_without_pipe(d), true);
         (self.start, self.end) = (0, n);
         Ok(Fill::Bytes { n, drained: false })
     }
@@ -510,7 +520,7 @@ impl Pump {
             if self.pipe.is_none() {
                 // Bytes read without a pipe go on before any other.
                 if let Some(no_pipe) = self.no_pipe.as_deref_mut() {
-                    ready!(no_pipe.drain(cx, dst, moved))?;
+                    ready!(no_pipe.drain(cx, dst, moved, progress, d))?;
                 }
                 quiet.waiting[d].store(self.drained, Ordering::Relaxed);
                 ready!(src.poll_read_ready(cx)).map_err(PumpError::Read)?;
@@ -527,7 +537,10 @@ impl Pump {
                             userspace: &progress.via_userspace,
                         };
                         let no_pipe = self.no_pipe.get_or_insert_with(|| Box::new(NoPipe::new()));
-                        match no_pipe.fill(src, to, dump, d).map_err(PumpError::Read)? {
+                        match no_pipe
+                            .fill(src, to, dump, progress, d)
+                            .map_err(PumpError::Read)?
+                        {
                             Fill::Eof => return Poll::Ready(pass_fin(dst).map(|()| PumpEnd::Eof)),
                             Fill::Bytes { n, .. } => {
                                 self.burst = self.burst.saturating_add(n as u32);
