@@ -654,3 +654,51 @@ fn a_names_failed_address_is_said() {
         close[0]
     );
 }
+
+/// An upstream's host name is resolved at every connect (README: "DNS changes are
+/// followed"): the name moves from one server to another (the hosts file, bind-mounted
+/// over /etc/hosts in a mount namespace of the forwarder's own, rewritten in place), and
+/// the next client reaches the new address, with no reload; each close line names the
+/// address it reached.
+#[test]
+fn an_upstream_name_follows_dns_changes() {
+    let first = named_server("first", TcpListener::bind("127.63.0.1:0").unwrap());
+    let port = first.addr.port();
+    let second = named_server("second", TcpListener::bind(("127.63.0.2", port)).unwrap());
+    let dir = TempDir::new("hosts");
+    let hosts = dir.write("hosts", "127.63.0.1 moving.test\n");
+    let prefix = in_mount_namespace(&format!("mount --bind {} /etc/hosts", hosts.display()));
+    let args = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("moving.test:{port}"),
+        "--mode",
+        "splice",
+    ];
+    let fwd = Forwarder::spawn(&prefix, args.iter().map(OsString::from).collect(), 1, None);
+    for _ in 0..2 {
+        assert_eq!(ask(fwd.addr(), None).unwrap(), "first");
+    }
+    // In place (same inode): the bind mount shows the file, not the name.
+    std::fs::write(&hosts, "127.63.0.2 moving.test\n").unwrap();
+    for _ in 0..2 {
+        assert_eq!(ask(fwd.addr(), None).unwrap(), "second");
+    }
+    let closes = fwd.wait_close_lines(4, Duration::from_secs(5));
+    let mut reached: Vec<_> = closes
+        .iter()
+        .map(|l| field(l, "upstream").unwrap_or("?"))
+        .collect();
+    reached.sort();
+    let (a, b) = (first.addr.to_string(), second.addr.to_string());
+    assert_eq!(reached, [&a, &a, &b, &b], "{closes:#?}");
+    assert_eq!(
+        (
+            first.accepted.load(Ordering::Relaxed),
+            second.accepted.load(Ordering::Relaxed)
+        ),
+        (2, 2)
+    );
+}
