@@ -334,17 +334,19 @@ relay_tests! {
         }
     }
 
-    /// Out of fds while pairing (RLIMIT_NOFILE lowered on the running forwarder with
+    /// Out of fds around pairing (RLIMIT_NOFILE lowered on the running forwarder with
     /// `prlimit --pid`). With room for just the two sockets of one more pair, each new
-    /// client is accepted and connected; a pair needs no other fd on either path (the
-    /// kernel path's shared epoll set, splice's pooled pipes), so it may be served, and
-    /// one that fails for want of an fd anyway (a pipe the pool did not have) must be
-    /// refused with a reset, never cut with a clean EOF. With no room at all, accept fails (logged) and clients wait in the
+    /// client is accepted and connected; pairing itself needs no other fd on either path
+    /// (the kernel path's shared epoll set, splice's pooled pipes), so it is usually
+    /// served, and one that fails for want of an fd anyway (a pipe the pool did not
+    /// have) must be refused with a reset, never cut with a clean EOF. (Named for what
+    /// it checks: it was `emfile_while_pairing`, although pairing no longer needs an fd
+    /// it could fail to get.) With no room at all, accept fails (logged) and clients wait in the
     /// backlog. Nobody gets a wrong byte or a clean EOF on a cut stream, pairs already
     /// open are unaffected (they still echo, and finish with clean half-closes), the
     /// forwarder does not spin or exit, and once fds are free again the waiting
     /// clients are served and so is everyone after.
-    fn emfile_while_pairing(mode) {
+    fn out_of_fds_around_pairing(mode) {
         let _load = heavy();
         let up = Server::echo();
         // Started under a modest limit (the forwarder may raise it at startup); the
