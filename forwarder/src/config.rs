@@ -4,7 +4,7 @@
 //! (`defaults.connect_timeout`), and through `toml` so it also names the line.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
@@ -1545,10 +1545,39 @@ fn v6_wildcard_is_dual_stack() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
 }
 
+/// A literal socket address, an IPv6 link-local one scoped by interface name
+/// included (`[fe80::1%eth0]:80`, the form `ip addr` and `ping` use; std parses only
+/// a numeric scope, `%2`). None for a host name, or an interface that is not there.
+pub fn literal_addr(s: &str) -> Option<SocketAddr> {
+    match s.parse() {
+        Ok(a) => Some(a),
+        Err(_) => scoped_by_name(s)?.ok(),
+    }
+}
+
+/// `[ADDR%NAME]:PORT`: the interface's index as the scope, or why it has none. None
+/// when `s` is not of that form.
+fn scoped_by_name(s: &str) -> Option<Result<SocketAddr, String>> {
+    let (host, port) = s.strip_prefix('[')?.rsplit_once("]:")?;
+    let (ip, name) = host.split_once('%')?;
+    let ip: Ipv6Addr = ip.parse().ok()?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))?;
+    Some(match nix::net::if_::if_nametoindex(name) {
+        Ok(index) => Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, index))),
+        Err(e) => Err(format!("no network interface {name:?} ({e})")),
+    })
+}
+
 /// Listen addresses are resolved once, at startup (`localhost:80` is fine).
 fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
+    }
+    if let Some(scoped) = scoped_by_name(s) {
+        return scoped.map_err(|e| format!("{s:?}: {e}"));
     }
     check_host_port(s)?;
     s.to_socket_addrs()
@@ -1611,6 +1640,9 @@ fn check_host_port(s: &str) -> Result<(), String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
+    if let Some(scoped) = scoped_by_name(s) {
+        return scoped.map(drop);
+    }
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| "expected HOST:PORT".to_string())?;
@@ -1653,6 +1685,33 @@ mod tests {
         let allow = &c.rules[0].access.allow;
         let shown: Vec<String> = allow.iter().map(|n| n.to_string()).collect();
         assert_eq!(shown, ["10.0.0.0/8", "0.0.0.0/0", "::1/128"]);
+    }
+
+    /// A link-local address takes its interface by name (`ip addr`'s form) as well as by
+    /// index; a name that is no interface is an error that says so.
+    #[test]
+    fn link_local_addresses_take_an_interface_name() {
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let by_name = literal_addr("[fe80::1%lo]:80").unwrap();
+        assert_eq!(by_name, format!("[fe80::1%{lo}]:80").parse().unwrap());
+        assert_eq!(
+            literal_addr("[fe80::1%1]:80"),
+            "[fe80::1%1]:80".parse().ok()
+        );
+        assert_eq!(literal_addr("[fe80::1%nosuch0]:80"), None);
+        assert_eq!(
+            resolve_listen("[fe80::1%lo]:8080"),
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                "fe80::1".parse().unwrap(),
+                8080,
+                0,
+                lo
+            )))
+        );
+        let e = check_dial_addr("[fe80::1%nosuch0]:80").unwrap_err();
+        assert!(e.contains("no network interface \"nosuch0\""), "{e}");
+        assert!(check_dial_addr("[fe80::1%lo]:+80").is_err());
+        assert!(check_dial_addr("[fe80::1%lo]:0").is_err(), "port 0");
     }
 
     /// A value that parses but fails validation names its line too, as TOML's own

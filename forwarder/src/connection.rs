@@ -721,6 +721,16 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
     }
 }
 
+/// Connects to `HOST:PORT` (the first of a name's addresses that answers). A literal
+/// address skips tokio's resolver, which runs on the blocking pool: a thread hop per
+/// connection, a large share of a short one.
+pub async fn connect_addr(addr: &str) -> io::Result<TcpStream> {
+    match crate::config::literal_addr(addr) {
+        Some(a) => TcpStream::connect(a).await,
+        None => TcpStream::connect(addr).await,
+    }
+}
+
 /// [`connect_one`], waiting out a shortage of our own fds or memory as a rule's client
 /// does (tried every 50 ms, up to `timeout` in all): a tunnel agent's target.
 pub async fn connect_one_patiently(
@@ -872,9 +882,9 @@ pub async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, 
     };
     // A literal address needs no resolver: tokio's runs on the blocking pool, a
     // thread hop per connection that costs connection rate.
-    let addrs = match upstream.parse::<SocketAddr>() {
-        Ok(addr) => vec![addr],
-        Err(_) => match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
+    let addrs = match crate::config::literal_addr(upstream) {
+        Some(addr) => vec![addr],
+        None => match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
             Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
             Ok(Err(e)) => return Err(remote(format!("cannot resolve: {e}"))),
             Err(_) => return Err(remote("resolve timed out".into())),

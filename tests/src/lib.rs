@@ -1701,8 +1701,12 @@ pub struct Server {
 
 impl Server {
     pub fn start(ip: IpAddr, handler: impl Fn(Conn) + Send + Sync + 'static) -> Server {
+        Self::start_at(SocketAddr::new(ip, 0), handler)
+    }
+
+    /// Like [`Server::start`], on `addr` (a link-local address needs its scope).
+    pub fn start_at(addr: SocketAddr, handler: impl Fn(Conn) + Send + Sync + 'static) -> Server {
         let handler: Handler = Arc::new(handler);
-        let addr = SocketAddr::new(ip, 0);
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,

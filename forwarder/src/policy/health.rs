@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
 use super::balance::Upstreams;
 use crate::config::Rule;
 
@@ -64,7 +62,7 @@ pub fn log_transition(rule: &str, addr: &str, up: bool, by: &str, why: &str) {
 /// One check: whether `addr` answered, or None when the failure was ours (out of fds
 /// or memory), which tells nothing about the upstream.
 async fn check(addr: &str, timeout: Duration) -> Option<Result<(), String>> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    match tokio::time::timeout(timeout, crate::connection::connect_addr(addr)).await {
         Ok(Ok(_)) => Some(Ok(())),
         Ok(Err(e)) if crate::server::is_resource_exhaustion(&e) => None,
         Ok(Err(e)) => Some(Err(e.to_string())),

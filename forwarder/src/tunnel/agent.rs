@@ -370,7 +370,9 @@ async fn connect_control(
     services: &[String],
 ) -> Result<(TcpStream, (u64, Duration, bool)), Refusal> {
     let other = |e: std::io::Error| Refusal::Other(e.to_string());
-    let mut conn = connect(&session.cfg.server).await.map_err(other)?;
+    let mut conn = crate::connection::connect_addr(&session.cfg.server)
+        .await
+        .map_err(other)?;
     let _ = conn.set_nodelay(true);
     let Frame::Challenge { nonce } = read_frame(&mut conn).await.map_err(other)? else {
         return Err(Refusal::Other("server did not send a challenge".into()));
@@ -445,7 +447,7 @@ async fn dial_data(
     attach: Option<u64>,
 ) -> std::io::Result<TcpStream> {
     let dial = async {
-        let mut conn = connect(server).await?;
+        let mut conn = crate::connection::connect_addr(server).await?;
         let _ = conn.set_nodelay(true);
         let Frame::Challenge { nonce } = read_frame(&mut conn).await? else {
             return Err(std::io::Error::other("server did not send a challenge"));
@@ -681,13 +683,4 @@ fn unreachable_stream(
             why,
         },
     );
-}
-
-/// Connects to `HOST:PORT`. A literal address skips tokio's resolver, which runs on
-/// the blocking pool: a thread hop per connection, a large share of a short stream.
-async fn connect(addr: &str) -> std::io::Result<TcpStream> {
-    match addr.parse::<SocketAddr>() {
-        Ok(a) => TcpStream::connect(a).await,
-        Err(_) => TcpStream::connect(addr).await,
-    }
 }
