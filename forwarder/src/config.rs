@@ -131,13 +131,50 @@ struct FileConfig {
     service: Vec<FileService>,
 }
 
+/// Durations as humantime writes them (`250ms`, `5s`, `1h`, `2d`), at most
+/// [`bounded_duration::MAX`]: a deadline further off overflows the clock (`check`
+/// accepted `"9000000000000000000s"`, then every connection's task panicked).
+mod bounded_duration {
+    use serde::de::Error;
+    use std::time::Duration;
+
+    /// Ten years.
+    pub const MAX: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        // humantime reads `M` as months (`1M` for a minute was a month) and `y` as
+        // years, both of no fixed length: refused, with what to write instead.
+        let units = text.split(|c: char| !c.is_ascii_alphabetic());
+        if let Some(u) = units
+            .into_iter()
+            .find(|u| matches!(*u, "M" | "month" | "months" | "y" | "year" | "years"))
+        {
+            return Err(D::Error::custom(format!(
+                "{text:?}: no unit {u:?} (months and years have no fixed length); \
+                 write days, e.g. \"30d\", or \"1m\" for a minute"
+            )));
+        }
+        let v = humantime::parse_duration(&text)
+            .map_err(|e| D::Error::custom(format!("{text:?}: {e}")))?;
+        if v > MAX {
+            return Err(D::Error::custom(format!(
+                "{text:?} is longer than a duration may be here (at most 3650d)"
+            )));
+        }
+        Ok(Some(v))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileTunnelServer {
     listen: String,
     token_file: Option<String>,
     token: Option<String>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     resume_grace: Option<Duration>,
     resume_buffer: Option<usize>,
 }
@@ -160,7 +197,7 @@ struct FileService {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileGlobal {
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     shutdown_grace: Option<Duration>,
     max_connections: Option<usize>,
     allow: Option<Vec<String>>,
@@ -221,14 +258,14 @@ macro_rules! rule_settings {
 
 rule_settings! {
     mode: Mode,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     connect_timeout: Duration,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     idle_timeout: Duration,
     max_connections: usize,
     inflight_limit: u64,
     balance: Balance,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     check_interval: Duration,
     rise: u32,
     fall: u32,
@@ -236,13 +273,13 @@ rule_settings! {
     deny: Vec<String>,
     schedule: Vec<String>,
     timezone: String,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     max_connection_duration: Duration,
     max_connections_per_source: usize,
     rate_per_source: String,
     proxy_protocol: ProxyProtocol,
     accept_proxy_protocol: bool,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "bounded_duration")]
     proxy_protocol_timeout: Duration,
     inspect: FileInspect,
     deny_pattern: Vec<String>,
@@ -644,9 +681,29 @@ impl CliToken {
     }
 }
 
+/// Reads a config file. Opened without blocking: a FIFO with no writer blocked `check`
+/// for ever, and a reload on the main thread with it (SIGTERM was then ignored); now it
+/// reads as empty. A pipe with a writer (`-c <(...)`, `/dev/stdin`) is read to its end.
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    // Blocking reads from here on (a writer that is there finishes its file).
+    let flags = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = read_config(path)
             .map_err(|e| err(format!("cannot read config {}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| err(format!("{}: {}", path.display(), e.0)))
     }
@@ -736,6 +793,29 @@ impl Config {
         Self::validate(file).map_err(|e| named_by_flags(e, &flags, ("service[", "--service")))
     }
 
+    /// Every `inspect.to` directory must take this process's files (checked after the
+    /// privilege drop, and on reload): one the `user` cannot write passed `check` and
+    /// startup, and then every connection's dump failed.
+    pub fn check_dump_dirs(&self) -> Result<(), ConfigError> {
+        use nix::unistd::{access, AccessFlags};
+        for (i, rule) in self.rules.iter().enumerate() {
+            let Some(dir) = rule.inspect.as_ref().and_then(|d| d.dir.as_ref()) else {
+                continue;
+            };
+            if let Err(e) = access(dir.as_path(), AccessFlags::W_OK | AccessFlags::X_OK) {
+                return Err(err(format!(
+                    "config error at key `rule[{i}].inspect.to` (rule {:?}): {}: this process \
+                     (uid {}) cannot write there: {}",
+                    rule.name,
+                    dir.display(),
+                    nix::unistd::geteuid(),
+                    e.desc()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Forces every rule onto one mode (the `--mode` flag); as in the file, `ebpf`
     /// cannot apply to a rule that rewrites.
     pub fn override_mode(&mut self, mode: Mode) -> Result<(), ConfigError> {
@@ -762,10 +842,10 @@ impl Config {
             .global
             .max_connections
             .unwrap_or(DEFAULT_GLOBAL_MAX_CONNECTIONS);
-        if max_connections == 0 {
-            return Err(err(
-                "config error at key `global.max_connections`: must be at least 1",
-            ));
+        if max_connections == 0 || max_connections > MAX_PERMITS {
+            return Err(err(format!(
+                "config error at key `global.max_connections`: must be from 1 to {MAX_PERMITS}"
+            )));
         }
         let threads = file
             .global
@@ -938,6 +1018,13 @@ fn read_token_file(f: &str) -> std::io::Result<String> {
     }
 }
 
+/// The shortest `check_interval`.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The most connections a limit may count: what a tokio semaphore can hold (more
+/// passed `check`, then `run` panicked making the semaphore).
+const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 /// A secret from `KEY.token_file` (trimmed) or `KEY.token`: exactly one of them.
 fn secret(section: &str, file: Option<&str>, inline: Option<&str>) -> Result<Secret, ConfigError> {
     let token = match (file, inline) {
@@ -954,9 +1041,14 @@ fn secret(section: &str, file: Option<&str>, inline: Option<&str>) -> Result<Sec
             )))
         }
     };
-    if token.is_empty() {
+    if token.trim().is_empty() {
+        let key = if file.is_some() {
+            "token_file"
+        } else {
+            "token"
+        };
         return Err(err(format!(
-            "config error at key `{section}.token`: the token must not be empty"
+            "config error at key `{section}.{key}`: the token must not be empty"
         )));
     }
     Ok(Secret(token.into_bytes()))
@@ -1077,10 +1169,11 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             at("name")
         )));
     }
-    // `rule=NAME` must stay one `key=value` field.
-    if name.is_empty() || name.contains(char::is_whitespace) {
+    // `rule=NAME` must stay one `key=value` field, and `NAME-CONN.log` one file in
+    // the dump directory (a `/` wrote outside it, or nowhere).
+    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '/') {
         return Err(err(format!(
-            "{}: {name:?}: must be non-empty, without spaces",
+            "{}: {name:?}: must be non-empty, without spaces or `/`",
             at("name")
         )));
     }
@@ -1144,6 +1237,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     let positive = |v: Option<usize>, k: &str, default: usize| -> Result<usize, ConfigError> {
         match v.unwrap_or(default) {
             0 => Err(err(format!("{}: must be at least 1", at(k)))),
+            n if n > MAX_PERMITS => Err(err(format!("{}: must be at most {MAX_PERMITS}", at(k)))),
             n => Ok(n),
         }
     };
@@ -1179,6 +1273,14 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         )));
     }
     let nonzero = |d: Option<Duration>| d.filter(|d| !d.is_zero());
+    // Each check is a connect to every upstream, and waits at most the interval:
+    // at 1ns the upstream took 14,000 connects a second and healthy ones flapped DOWN.
+    if nonzero(s.check_interval).is_some_and(|d| d < MIN_CHECK_INTERVAL) {
+        return Err(err(format!(
+            "{}: must be at least {MIN_CHECK_INTERVAL:?} (0s or unset: no active checks)",
+            at("check_interval")
+        )));
+    }
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
     if rise == 0 || fall == 0 {
         let k = if rise == 0 { "rise" } else { "fall" };
@@ -1303,11 +1405,19 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
                     )))
                 }
             };
-            if token.is_empty() || a.header.is_empty() {
+            if a.header.is_empty() {
                 return Err(err(format!(
-                    "{}: the header name and the token must not be empty",
-                    at("http_auth")
+                    "{}: must not be empty",
+                    at("http_auth.header")
                 )));
+            }
+            if token.trim().is_empty() {
+                let key = if a.token_file.is_some() {
+                    "http_auth.token_file"
+                } else {
+                    "http_auth.token"
+                };
+                return Err(err(format!("{}: the token must not be empty", at(key))));
             }
             // An HTTP field name is a token (RFC 9110 5.1): no client could send another.
             let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
@@ -1503,8 +1613,9 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
         "h" | "hour" => 3600.0,
         u => return Err(format!("{s:?}: unknown unit {u:?}, expected s, m or h")),
     };
-    if n.is_nan() || n <= 0.0 {
-        return Err(format!("{s:?}: must be more than 0"));
+    // `inf` (or `1e400`, which parses as it) would turn the limit off unsaid.
+    if !n.is_finite() || n <= 0.0 {
+        return Err(format!("{s:?}: must be a number more than 0"));
     }
     Ok(Rate {
         per_second: n / secs,

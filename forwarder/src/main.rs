@@ -127,6 +127,10 @@ fn start(
             return failure(e.context(format!("cannot drop privileges to user {:?}", who.user)));
         }
     }
+    if let Err(e) = config.check_dump_dirs() {
+        failure(e.into());
+        return ExitCode::from(2);
+    }
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads.or(config.threads) {

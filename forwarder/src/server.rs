@@ -362,6 +362,7 @@ impl Server {
 
     async fn apply(&mut self, source: &ConfigSource) -> anyhow::Result<()> {
         let mut new = source.load()?;
+        new.check_dump_dirs()?;
         // Said only once the reload is applied: a file that fails keeps nothing.
         let kept_globals = self.keep_fixed_globals(&mut new);
         // `[tunnel_server]` keeps its running value: `check`'s rule again, against it.

@@ -400,4 +400,118 @@ idle_timeout = "1h"
             );
         }
     }
+
+    /// Values `check` used to pass and `run` could not live with (audit cfz): a limit
+    /// beyond what a semaphore holds (run panicked), a duration beyond the clock
+    /// (every connection's task panicked), `M` (months, where a minute was meant), a
+    /// check every nanosecond (14,000 connects a second at the upstream), a rate of
+    /// `inf` (no limit, unsaid), a rule name with `/` (its dump files written outside
+    /// `inspect.to`), an empty token file blamed on `token`. Each exits 2 naming its key.
+    #[test]
+    fn values_that_could_not_run_exit_2_naming_the_key() {
+        let too_many = "2305843009213693952";
+        let toml = format!("[global]\nmax_connections = {too_many}\n{RULE}");
+        assert_config_error(&toml, &["global.max_connections", "must be from 1 to"]);
+        let toml = format!("{RULE}max_connections = {too_many}\n");
+        assert_config_error(&toml, &["rule[0].max_connections", "at most", "(line 4)"]);
+        for key in ["idle_timeout", "connect_timeout", "max_connection_duration"] {
+            let toml = format!("{RULE}{key} = \"9000000000000000000s\"\n");
+            assert_config_error(
+                &toml,
+                &[&format!("rule[0].{key}"), "at most 3650d", "line 4"],
+            );
+        }
+        let toml = format!("[global]\nshutdown_grace = \"3651d\"\n{RULE}");
+        assert_config_error(&toml, &["global.shutdown_grace", "at most 3650d", "line 2"]);
+        let toml = format!("{RULE}idle_timeout = \"1M\"\n");
+        assert_config_error(
+            &toml,
+            &["rule[0].idle_timeout", "\"1m\" for a minute", "line 4"],
+        );
+        let toml = format!("{RULE}check_interval = \"1ns\"\n");
+        assert_config_error(
+            &toml,
+            &["rule[0].check_interval", "at least 10ms", "(line 4)"],
+        );
+        let toml = format!("{RULE}rate_per_source = \"inf/s\"\n");
+        assert_config_error(&toml, &["rule[0].rate_per_source", "more than 0"]);
+        let toml = RULE.replace("[[rule]]\n", "[[rule]]\nname = \"../escape\"\n");
+        assert_config_error(&toml, &["rule[0].name", "`/`", "(line 2)"]);
+        let dir = TempDir::new("token");
+        let empty = dir.write("empty.token", " \n");
+        let toml = format!(
+            "[tunnel_server]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n\
+             [[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"agent:web\"\n",
+            empty.display().to_string()
+        );
+        assert_config_error(&toml, &["tunnel_server.token_file", "must not be empty"]);
+        // Still accepted: what README shows, combined units, 0s for no active checks.
+        let toml = format!("{RULE}idle_timeout = \"1h 30m\"\ncheck_interval = \"0s\"\n");
+        assert_eq!(check(&toml).code(), Some(0), "{}", check(&toml).stderr);
+    }
+
+    /// A config path that is a FIFO nobody writes to is read as empty (exit 2 at once),
+    /// where `check` and `run` blocked in open() for ever.
+    #[test]
+    fn a_fifo_with_no_writer_does_not_block() {
+        let dir = TempDir::new("fifo");
+        let fifo = dir.path().join("c.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        for verb in ["check", "run"] {
+            let mut cmd = forwarder_command();
+            cmd.arg(verb).arg("-c").arg(&fifo);
+            let o = run_to_exit(cmd, TIMEOUT);
+            assert_eq!(
+                o.code(),
+                Some(2),
+                "{verb}: {}; stderr:\n{}",
+                describe_status(&o.status),
+                o.stderr
+            );
+            assert!(
+                o.stderr.contains("at least one [[rule]]"),
+                "{verb}: {}",
+                o.stderr
+            );
+        }
+    }
+
+    /// An `inspect.to` directory the `user` cannot write: the forwarder refuses to start
+    /// (exit 2, naming the key), where it started and every connection's dump then
+    /// failed with EACCES (audit cfz). Root before the drop could write it, so the
+    /// check runs after it.
+    #[test]
+    fn a_dump_directory_the_user_cannot_write_exits_2() {
+        let dir = TempDir::new("dumps");
+        let only_root = dir.path().join("only-root");
+        std::fs::create_dir(&only_root).unwrap();
+        let toml = format!(
+            "[global]\nuser = \"nobody\"\n{RULE}inspect = {{ bytes = 64, to = {:?} }}\n",
+            only_root.display().to_string()
+        );
+        let o = check(&toml);
+        assert_eq!(
+            o.code(),
+            Some(0),
+            "check cannot know the user's rights: {}",
+            o.stderr
+        );
+        let o = run_config(&toml);
+        assert_eq!(
+            o.code(),
+            Some(2),
+            "{}; stderr:\n{}",
+            describe_status(&o.status),
+            o.stderr
+        );
+        for n in ["rule[0].inspect.to", "cannot write there"] {
+            assert!(
+                o.stderr.contains(n),
+                "stderr does not mention {n:?}:\n{}",
+                o.stderr
+            );
+        }
+    }
 }
