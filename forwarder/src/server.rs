@@ -148,6 +148,7 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         tunnel,
     } = startup;
     crate::logging::start_flusher();
+    tokio::spawn(crate::relay::splice::trim_pool_forever());
     // Before anything is announced: a SIGHUP sent as soon as a listening line (or
     // READY=1) appears must find its handler, not the default action (exit).
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;

@@ -671,23 +671,70 @@ pub(crate) struct Pipe {
 /// size and close, a large share of a short connection's cost. One pool for the
 /// process, not one per worker thread: how many pipes sit idle then depends on how
 /// many were in use at once, not on which thread a connection happened to run on.
+/// Pipes that sat unused for a whole [`POOL_TRIM_EVERY`] are closed: a burst of tunnel
+/// streams left 128 idle 1 MiB pipes (256 fds) for good, and an unprivileged user's
+/// pipe quota (`fs.pipe-user-pages-soft`, 64 MiB) with them, so later pipes came at
+/// 8 KiB and a tunnel stream's throughput fell 280-fold (audit).
 const POOL_MAX: usize = 128;
+/// How often the pool closes the pipes that no one took since the last time.
+pub const POOL_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-static POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+struct Pool {
+    pipes: Vec<Pipe>,
+    /// The fewest pipes the pool held since the last trim: that many sat unused.
+    low: usize,
+}
+
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
+    pipes: Vec::new(),
+    low: 0,
+});
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Closes, every [`POOL_TRIM_EVERY`], the pooled pipes that no one took meanwhile.
+pub async fn trim_pool_forever() {
+    loop {
+        tokio::time::sleep(POOL_TRIM_EVERY).await;
+        let unused = {
+            let mut pool = pool();
+            let keep = pool.pipes.len() - pool.low.min(pool.pipes.len());
+            let unused = pool.pipes.split_off(keep);
+            pool.low = pool.pipes.len();
+            unused
+        };
+        drop(unused); // closed outside the lock
+    }
+}
 
 impl Pipe {
     pub(crate) fn take() -> io::Result<Pipe> {
-        match POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        let taken = {
+            let mut pool = pool();
+            let p = pool.pipes.pop();
+            pool.low = pool.low.min(pool.pipes.len());
+            p
+        };
+        match taken {
             Some(pipe) => Ok(pipe),
             None => Pipe::new(),
         }
     }
 
-    /// Only for an empty pipe: whatever it held would reach the next connection.
+    /// Only for an empty pipe: whatever it held would reach the next connection. A
+    /// pipe under the kernel's default 64 KiB (its answer to a user over the pipe
+    /// quota: 8 KiB) or over [`PIPE_SIZE`] (a tunnel's retention) is closed instead:
+    /// kept, a small one would hold every later stream to its size, and a large one
+    /// the quota.
     pub(crate) fn give_back(self) {
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOL_MAX {
-            pool.push(self);
+        if !(64 * 1024..=PIPE_SIZE).contains(&self.size) {
+            return;
+        }
+        let mut pool = pool();
+        if pool.pipes.len() < POOL_MAX {
+            pool.pipes.push(self);
         }
     }
 
