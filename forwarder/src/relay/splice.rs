@@ -694,9 +694,16 @@ fn pool() -> std::sync::MutexGuard<'static, Pool> {
     POOL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Told when a pipe goes into an empty pool: the trim wakes only while there is
+/// something to trim (a forwarder with nothing pooled, idle pairs or none, sleeps).
+static POOL_FILLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// Closes, every [`POOL_TRIM_EVERY`], the pooled pipes that no one took meanwhile.
 pub async fn trim_pool_forever() {
     loop {
+        if pool().pipes.is_empty() {
+            POOL_FILLED.notified().await;
+        }
         tokio::time::sleep(POOL_TRIM_EVERY).await;
         let unused = {
             let mut pool = pool();
@@ -735,6 +742,10 @@ impl Pipe {
         let mut pool = pool();
         if pool.pipes.len() < POOL_MAX {
             pool.pipes.push(self);
+            if pool.pipes.len() == 1 {
+                // A permit is kept if the trim is not waiting yet.
+                POOL_FILLED.notify_one();
+            }
         }
     }
 
