@@ -696,9 +696,16 @@ fn read_config(path: &Path) -> std::io::Result<String> {
     let flags = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
     let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
-    Ok(text)
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 (byte {:#04x} on line {line})", e.as_bytes()[at]),
+        )
+    })
 }
 
 impl Config {

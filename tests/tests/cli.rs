@@ -514,4 +514,23 @@ idle_timeout = "1h"
             );
         }
     }
+
+    /// A byte that is not UTF-8, even in a comment, names its line (it named none).
+    #[test]
+    fn a_file_that_is_not_utf8_names_the_line() {
+        let dir = TempDir::new("utf8");
+        let path = dir.path().join("c.toml");
+        let mut bytes = format!("{RULE}# caf").into_bytes();
+        bytes.extend_from_slice(b"\xe9\n"); // Latin-1's é
+        std::fs::write(&path, bytes).unwrap();
+        let mut cmd = forwarder_command();
+        cmd.arg("check").arg("-c").arg(&path);
+        let o = run_to_exit(cmd, TIMEOUT);
+        assert_eq!(o.code(), Some(2), "{}", o.stderr);
+        assert!(
+            o.stderr.contains("not UTF-8 (byte 0xe9 on line 4)"),
+            "{}",
+            o.stderr
+        );
+    }
 }
