@@ -210,13 +210,16 @@ relay_tests! {
 
     /// Both directions at full speed at once (2-12 MiB each way), each side shutting its
     /// write side after its last byte, with in-flight bounds small enough that pairs
-    /// leave the maps for splice, now and then while the FINs arrive. 32 rounds of two
+    /// leave the maps for splice, now and then while the FINs arrive. 64 rounds of two
     /// pairs (one per bound); every pair ends sha256-exact both ways, or reset on both
     /// sides (the forwarder's own checks refuse to go on with counts it cannot trust),
     /// never cut or corrupted with a clean close. Resets are counted and bounded.
     fn leave_for_splice_during_fin_bidirectional(mode) {
         let _load = heavy();
-        const ROUNDS: u64 = 32;
+        // 64: on a host where most pairs relay through us past the program's cap
+        // (SK_PASS) rather than leave, 32 rounds now and then had no pair leave with a
+        // FIN seen (1 run in about 15 here; 7-20 handoffs of 64 pairs in the others).
+        const ROUNDS: u64 = 64;
         fn down(seed: u64) -> Payload {
             Payload::new(seed ^ 0xD0_0000, 2 * MIB + (seed * 1_299_709) % (10 * MIB) + seed % 7)
         }
@@ -321,7 +324,7 @@ relay_tests! {
                 closes.iter().any(|l| field(l, "path") == Some("ebpf>splice")),
                 "no pair left the kernel path: {closes:#?}"
             );
-            // 5-10 of 64 here: the case the name promises happened.
+            // 7-20 of 64 pairs here: the case the name promises happened.
             assert!(fin_handoffs > 0, "no pair left the kernel path with a FIN already seen");
             // Every socket of a pair that left parted under its socket lock (or once
             // closed): a plain map delete races the verdict, which then drops an skb.
