@@ -145,16 +145,18 @@ mod bounded_duration {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         let text: String = serde::Deserialize::deserialize(d)?;
-        // humantime reads `M` as months (`1M` for a minute was a month) and `y` as
-        // years, both of no fixed length: refused, with what to write instead.
-        let units = text.split(|c: char| !c.is_ascii_alphabetic());
-        if let Some(u) = units
-            .into_iter()
-            .find(|u| matches!(*u, "M" | "month" | "months" | "y" | "year" | "years"))
-        {
+        // humantime also reads `M` as months (`1M` for a minute was a month) and `y`,
+        // `yr` as years, both of no fixed length: only these units are taken.
+        const UNITS: &[&str] = &[
+            "nsec", "ns", "usec", "us", "msec", "ms", "seconds", "second", "sec", "s", "minutes",
+            "minute", "min", "m", "hours", "hour", "hr", "h", "days", "day", "d", "weeks", "week",
+            "w",
+        ];
+        let mut units = text.split(|c: char| !c.is_ascii_alphabetic());
+        if let Some(u) = units.find(|u| !u.is_empty() && !UNITS.contains(u)) {
             return Err(D::Error::custom(format!(
-                "{text:?}: no unit {u:?} (months and years have no fixed length); \
-                 write days, e.g. \"30d\", or \"1m\" for a minute"
+                "{text:?}: no unit {u:?} (units: ns us ms s m h d w; months and years \
+                 have no fixed length: write days, e.g. \"30d\", or \"1m\" for a minute)"
             )));
         }
         let v = humantime::parse_duration(&text)
@@ -681,13 +683,14 @@ impl CliToken {
     }
 }
 
-/// Reads a config file. Opened without blocking: a FIFO with no writer blocked `check`
-/// for ever, and a reload on the main thread with it (SIGTERM was then ignored); now it
-/// reads as empty. A pipe with a writer (`-c <(...)`, `/dev/stdin`) is read to its end.
-fn read_config(path: &Path) -> std::io::Result<String> {
+/// Reads a config or token file. Opened without blocking: a FIFO with no writer
+/// blocked `check` for ever, and a reload on the main thread with it (SIGTERM was then
+/// ignored); now it is an error that says so. A pipe with a writer (`-c <(...)`,
+/// `/dev/stdin`) is read to its end.
+fn read_text_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -698,6 +701,9 @@ fn read_config(path: &Path) -> std::io::Result<String> {
     nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes)?;
+    if bytes.is_empty() && f.metadata()?.file_type().is_fifo() {
+        return Err(std::io::Error::other("a FIFO with no writer"));
+    }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -710,7 +716,7 @@ fn read_config(path: &Path) -> std::io::Result<String> {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = read_config(path)
+        let text = read_text_file(path)
             .map_err(|e| err(format!("cannot read config {}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| err(format!("{}: {}", path.display(), e.0)))
     }
@@ -1009,7 +1015,7 @@ static TOKENS_READ: std::sync::Mutex<std::collections::BTreeMap<String, String>>
 /// A token file's content, trimmed (see [`TOKENS_READ`]).
 fn read_token_file(f: &str) -> std::io::Result<String> {
     let mut read = TOKENS_READ.lock().unwrap_or_else(|e| e.into_inner());
-    match std::fs::read_to_string(f) {
+    match read_text_file(Path::new(f)) {
         Ok(t) => {
             let t = t.trim().to_string();
             read.insert(f.to_string(), t.clone());
@@ -1028,9 +1034,10 @@ fn read_token_file(f: &str) -> std::io::Result<String> {
 /// The shortest `check_interval`.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The most connections a limit may count: what a tokio semaphore can hold (more
-/// passed `check`, then `run` panicked making the semaphore).
-const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// The most connections `max_connections` may count: more than a tokio semaphore
+/// holds passed `check`, then `run` panicked making it; and draining takes every
+/// permit back at once, counted in a u32 (review: 2^32 drained nothing).
+const MAX_PERMITS: usize = u32::MAX as usize;
 
 /// A secret from `KEY.token_file` (trimmed) or `KEY.token`: exactly one of them.
 fn secret(section: &str, file: Option<&str>, inline: Option<&str>) -> Result<Secret, ConfigError> {
@@ -1244,7 +1251,6 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     let positive = |v: Option<usize>, k: &str, default: usize| -> Result<usize, ConfigError> {
         match v.unwrap_or(default) {
             0 => Err(err(format!("{}: must be at least 1", at(k)))),
-            n if n > MAX_PERMITS => Err(err(format!("{}: must be at most {MAX_PERMITS}", at(k)))),
             n => Ok(n),
         }
     };
@@ -1253,6 +1259,12 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         "max_connections",
         DEFAULT_RULE_MAX_CONNECTIONS,
     )?;
+    if max_connections > MAX_PERMITS {
+        return Err(err(format!(
+            "{}: must be at most {MAX_PERMITS}",
+            at("max_connections")
+        )));
+    }
     let max_connections_per_source = s
         .max_connections_per_source
         .map(|v| positive(Some(v), "max_connections_per_source", 1))
@@ -1665,17 +1677,20 @@ fn v6_wildcard_is_dual_stack() -> bool {
 
 /// A literal socket address, an IPv6 link-local one scoped by interface name
 /// included (`[fe80::1%eth0]:80`, the form `ip addr` and `ping` use; std parses only
-/// a numeric scope, `%2`). None for a host name, or an interface that is not there.
-pub fn literal_addr(s: &str) -> Option<SocketAddr> {
+/// a numeric scope, `%2`). None for a host name; an error when the interface cannot
+/// be looked up (not there, or we are out of fds: the lookup opens a socket), which no
+/// resolver could do better (review: it fell back to DNS, and an fd shortage of ours
+/// was blamed on the upstream as "cannot resolve").
+pub fn literal_addr(s: &str) -> Option<std::io::Result<SocketAddr>> {
     match s.parse() {
-        Ok(a) => Some(a),
-        Err(_) => scoped_by_name(s)?.ok(),
+        Ok(a) => Some(Ok(a)),
+        Err(_) => scoped_by_name(s),
     }
 }
 
 /// `[ADDR%NAME]:PORT`: the interface's index as the scope, or why it has none. None
 /// when `s` is not of that form.
-fn scoped_by_name(s: &str) -> Option<Result<SocketAddr, String>> {
+fn scoped_by_name(s: &str) -> Option<std::io::Result<SocketAddr>> {
     let (host, port) = s.strip_prefix('[')?.rsplit_once("]:")?;
     let (ip, name) = host.split_once('%')?;
     let ip: Ipv6Addr = ip.parse().ok()?;
@@ -1685,7 +1700,11 @@ fn scoped_by_name(s: &str) -> Option<Result<SocketAddr, String>> {
         .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))?;
     Some(match nix::net::if_::if_nametoindex(name) {
         Ok(index) => Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, index))),
-        Err(e) => Err(format!("no network interface {name:?} ({e})")),
+        Err(nix::errno::Errno::ENODEV) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no network interface {name:?}"),
+        )),
+        Err(e) => Err(e.into()),
     })
 }
 
@@ -1759,7 +1778,7 @@ fn check_host_port(s: &str) -> Result<(), String> {
         return Ok(());
     }
     if let Some(scoped) = scoped_by_name(s) {
-        return scoped.map(drop);
+        return scoped.map(drop).map_err(|e| e.to_string());
     }
     let (host, port) = s
         .rsplit_once(':')
@@ -1810,13 +1829,13 @@ mod tests {
     #[test]
     fn link_local_addresses_take_an_interface_name() {
         let lo = nix::net::if_::if_nametoindex("lo").unwrap();
-        let by_name = literal_addr("[fe80::1%lo]:80").unwrap();
+        let by_name = literal_addr("[fe80::1%lo]:80").unwrap().unwrap();
         assert_eq!(by_name, format!("[fe80::1%{lo}]:80").parse().unwrap());
-        assert_eq!(
-            literal_addr("[fe80::1%1]:80"),
-            "[fe80::1%1]:80".parse().ok()
-        );
-        assert_eq!(literal_addr("[fe80::1%nosuch0]:80"), None);
+        let numeric = literal_addr("[fe80::1%1]:80").unwrap().unwrap();
+        assert_eq!(numeric, "[fe80::1%1]:80".parse().unwrap());
+        let gone = literal_addr("[fe80::1%nosuch0]:80").unwrap().unwrap_err();
+        assert_eq!(gone.to_string(), "no network interface \"nosuch0\"");
+        assert!(literal_addr("example.com:80").is_none());
         assert_eq!(
             resolve_listen("[fe80::1%lo]:8080"),
             Ok(SocketAddr::V6(SocketAddrV6::new(

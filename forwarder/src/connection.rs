@@ -726,7 +726,7 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
 /// connection, a large share of a short one.
 pub async fn connect_addr(addr: &str) -> io::Result<TcpStream> {
     match crate::config::literal_addr(addr) {
-        Some(a) => TcpStream::connect(a).await,
+        Some(a) => TcpStream::connect(a?).await,
         None => TcpStream::connect(addr).await,
     }
 }
@@ -883,7 +883,14 @@ pub async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, 
     // A literal address needs no resolver: tokio's runs on the blocking pool, a
     // thread hop per connection that costs connection rate.
     let addrs = match crate::config::literal_addr(upstream) {
-        Some(addr) => vec![addr],
+        Some(Ok(addr)) => vec![addr],
+        Some(Err(e)) => {
+            return Err(ConnectError {
+                why: e.to_string(),
+                local: crate::server::is_resource_exhaustion(&e),
+                reset: None,
+            })
+        }
         None => match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
             Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
             Ok(Err(e)) => return Err(remote(format!("cannot resolve: {e}"))),

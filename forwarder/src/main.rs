@@ -12,7 +12,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => {
             logging::init(LogFormat::Text);
-            match Config::from_file(&args.config) {
+            // Dump directories are checked as `run` checks them when it keeps its own
+            // user; with `user`, only `run` (after the drop) can tell.
+            let checked = Config::from_file(&args.config).and_then(|c| {
+                c.user
+                    .is_none()
+                    .then(|| c.check_dump_dirs())
+                    .transpose()
+                    .map(|_| c)
+            });
+            match checked {
                 Ok(c) => {
                     let extra = match (&c.tunnel_server, &c.agent) {
                         (Some(_), Some(a)) => format!(

@@ -409,7 +409,9 @@ idle_timeout = "1h"
     /// `inspect.to`), an empty token file blamed on `token`. Each exits 2 naming its key.
     #[test]
     fn values_that_could_not_run_exit_2_naming_the_key() {
-        let too_many = "2305843009213693952";
+        // 2^32: draining counts the permits in a u32 (it drained nothing); more than
+        // 2^61 panicked making the semaphore.
+        let too_many = "4294967296";
         let toml = format!("[global]\nmax_connections = {too_many}\n{RULE}");
         assert_config_error(&toml, &["global.max_connections", "must be from 1 to"]);
         let toml = format!("{RULE}max_connections = {too_many}\n");
@@ -423,6 +425,8 @@ idle_timeout = "1h"
         }
         let toml = format!("[global]\nshutdown_grace = \"3651d\"\n{RULE}");
         assert_config_error(&toml, &["global.shutdown_grace", "at most 3650d", "line 2"]);
+        let toml = format!("{RULE}idle_timeout = \"1yr\"\n");
+        assert_config_error(&toml, &["rule[0].idle_timeout", "no unit \"yr\"", "line 4"]);
         let toml = format!("{RULE}idle_timeout = \"1M\"\n");
         assert_config_error(
             &toml,
@@ -445,13 +449,17 @@ idle_timeout = "1h"
             empty.display().to_string()
         );
         assert_config_error(&toml, &["tunnel_server.token_file", "must not be empty"]);
-        // Still accepted: what README shows, combined units, 0s for no active checks.
-        let toml = format!("{RULE}idle_timeout = \"1h 30m\"\ncheck_interval = \"0s\"\n");
+        // Still accepted: what README shows, combined units, 0s for no active checks,
+        // TOML's largest integer as a per-source limit ("no limit": no semaphore).
+        let toml = format!(
+            "{RULE}idle_timeout = \"1h 30m\"\ncheck_interval = \"0s\"\n\
+             max_connections_per_source = 9223372036854775807\n"
+        );
         assert_eq!(check(&toml).code(), Some(0), "{}", check(&toml).stderr);
     }
 
-    /// A config path that is a FIFO nobody writes to is read as empty (exit 2 at once),
-    /// where `check` and `run` blocked in open() for ever.
+    /// A config path that is a FIFO nobody writes to is an error that says so (exit 2
+    /// at once), where `check` and `run` blocked in open() for ever; a token file too.
     #[test]
     fn a_fifo_with_no_writer_does_not_block() {
         let dir = TempDir::new("fifo");
@@ -471,11 +479,21 @@ idle_timeout = "1h"
                 o.stderr
             );
             assert!(
-                o.stderr.contains("at least one [[rule]]"),
+                o.stderr.contains("a FIFO with no writer"),
                 "{verb}: {}",
                 o.stderr
             );
         }
+        // A token file that is such a FIFO likewise (it blocked a reload too).
+        let toml = format!(
+            "[tunnel_server]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n\
+             [[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"agent:web\"\n",
+            fifo.display().to_string()
+        );
+        assert_config_error(
+            &toml,
+            &["tunnel_server.token_file", "a FIFO with no writer"],
+        );
     }
 
     /// An `inspect.to` directory the `user` cannot write: the forwarder refuses to start
