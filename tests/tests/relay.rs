@@ -70,6 +70,26 @@ fn config_with_64_fds(mode: Mode, toml: &str) -> Forwarder {
     Forwarder::spawn(&prefix, args, 1, Some(dir))
 }
 
+/// Out of fds for 2 s ([`fill_fds`]), neither the active checks (every 200 ms, fall
+/// 2) of `fwd`'s one rule nor the waiting clients' connects blame the upstream: it is
+/// not marked DOWN, and no connect says its name cannot be resolved.
+fn checks_out_of_fds_say_nothing(mode: Mode, fwd: &Forwarder) {
+    fwd.assert_mode(mode);
+    fwd.expect_paths(&["splice"]).expect_userspace_at_most(2);
+    let (held, waiting) = fill_fds(fwd);
+    thread::sleep(secs(2));
+    let log = fwd.stderr.text();
+    assert!(
+        !log.contains(" is DOWN"),
+        "a check out of fds marked the upstream down: {log}"
+    );
+    assert!(
+        !log.contains("cannot resolve"),
+        "our fd shortage blamed on the name: {log}"
+    );
+    drop((held, waiting));
+}
+
 fn fd_limit_64<'a>(wrapper: &[&'a str]) -> Vec<&'a str> {
     let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
         .into_iter()
@@ -643,13 +663,22 @@ relay_tests! {
         let _load = light();
         let up = Server::echo();
         let fwd = config_with_64_fds(mode, &rule("r", up.addr(), "check_interval = \"200ms\"\nfall = 2"));
-        fwd.assert_mode(mode);
-        fwd.expect_paths(&["splice"]).expect_userspace_at_most(2);
-        let (held, waiting) = fill_fds(&fwd);
-        thread::sleep(secs(2));
-        let log = fwd.stderr.text();
-        assert!(!log.contains(" is DOWN"), "a check out of fds marked the upstream down: {log}");
-        drop((held, waiting));
+        checks_out_of_fds_say_nothing(mode, &fwd);
+    }
+
+    /// The same for an upstream written with an interface name (`[::1%lo]:PORT`): the
+    /// name's lookup opens a socket, so out of fds it fails too, and that is ours as
+    /// well. (Before the review's fix the waiting clients' connects fell back to DNS
+    /// and were failed as "cannot resolve", the upstream's fault.)
+    fn out_of_fds_a_scoped_upstream_is_not_blamed(mode) {
+        let _load = light();
+        let up = Server::echo_on(LOCALHOST6);
+        let scoped = format!("[::1%lo]:{}", up.addr().port());
+        let toml = rule("r", up.addr(), "check_interval = \"200ms\"\nfall = 2")
+            .replace(&format!("upstream = \"{}\"", up.addr()), &format!("upstream = \"{scoped}\""));
+        assert!(toml.contains(&scoped), "{toml}");
+        let fwd = config_with_64_fds(mode, &toml);
+        checks_out_of_fds_say_nothing(mode, &fwd);
     }
 
     /// An established pair goes on when the process runs out of fds: on splice a
