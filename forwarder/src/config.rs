@@ -855,9 +855,14 @@ impl Config {
             .global
             .max_connections
             .unwrap_or(DEFAULT_GLOBAL_MAX_CONNECTIONS);
-        if max_connections == 0 || max_connections > MAX_PERMITS {
+        if max_connections == 0 {
+            return Err(err(
+                "config error at key `global.max_connections`: must be at least 1",
+            ));
+        }
+        if max_connections > MAX_PERMITS {
             return Err(err(format!(
-                "config error at key `global.max_connections`: must be from 1 to {MAX_PERMITS}"
+                "config error at key `global.max_connections`: must be at most {MAX_PERMITS}"
             )));
         }
         let threads = file

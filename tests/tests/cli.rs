@@ -413,7 +413,10 @@ idle_timeout = "1h"
         // 2^61 panicked making the semaphore.
         let too_many = "4294967296";
         let toml = format!("[global]\nmax_connections = {too_many}\n{RULE}");
-        assert_config_error(&toml, &["global.max_connections", "must be from 1 to"]);
+        assert_config_error(
+            &toml,
+            &["global.max_connections", "must be at most 4294967295"],
+        );
         let toml = format!("{RULE}max_connections = {too_many}\n");
         assert_config_error(&toml, &["rule[0].max_connections", "at most", "(line 4)"]);
         for key in ["idle_timeout", "connect_timeout", "max_connection_duration"] {
