@@ -706,7 +706,7 @@ async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
         let waiter = waiter.get_or_insert_with(fd_waiters::Waiter::join);
         let gave_up = if let Some(n) = waiter.should_yield() {
             format!(
-                "no fd came free for {:?} while {n} clients waited for one; the newest gave its up",
+                "no fd came free for {:?} while {n} clients waited for one; the newest half gave theirs up",
                 fd_waiters::STUCK
             )
         } else if tokio::time::Instant::now() + LOCAL_RETRY < until {
