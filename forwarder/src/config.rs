@@ -1715,11 +1715,8 @@ fn scoped_by_name(s: &str) -> Option<std::io::Result<SocketAddr>> {
 
 /// Listen addresses are resolved once, at startup (`localhost:80` is fine).
 fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    if let Some(scoped) = scoped_by_name(s) {
-        return scoped.map_err(|e| format!("{s:?}: {e}"));
+    if let Some(literal) = literal_addr(s) {
+        return literal.map_err(|e| format!("{s:?}: {e}"));
     }
     check_host_port(s)?;
     s.to_socket_addrs()
@@ -1779,11 +1776,8 @@ fn missing_group(pattern: &regex::bytes::Regex, replace: &str) -> Option<String>
 
 /// `host:port` or `[v6]:port`, with a numeric port; the host is resolved later.
 fn check_host_port(s: &str) -> Result<(), String> {
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(());
-    }
-    if let Some(scoped) = scoped_by_name(s) {
-        return scoped.map(drop).map_err(|e| e.to_string());
+    if let Some(literal) = literal_addr(s) {
+        return literal.map(drop).map_err(|e| e.to_string());
     }
     let (host, port) = s
         .rsplit_once(':')

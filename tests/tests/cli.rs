@@ -49,6 +49,25 @@ mod cli {
         }
     }
 
+    /// `VERB -c PATH` (a file `check` would read) exits 2 saying `needle`.
+    fn assert_file_error(verb: &str, path: &std::path::Path, needle: &str) {
+        let mut cmd = forwarder_command();
+        cmd.arg(verb).arg("-c").arg(path);
+        let o = run_to_exit(cmd, TIMEOUT);
+        assert_eq!(
+            o.code(),
+            Some(2),
+            "{verb}: {}; stderr:\n{}",
+            describe_status(&o.status),
+            o.stderr
+        );
+        assert!(
+            o.stderr.contains(needle),
+            "{verb}: stderr does not mention {needle:?}: {}",
+            o.stderr
+        );
+    }
+
     const RULE: &str = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
 
     #[test]
@@ -471,21 +490,7 @@ idle_timeout = "1h"
         // SAFETY: a valid C string; mkfifo only creates the node.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
         for verb in ["check", "run"] {
-            let mut cmd = forwarder_command();
-            cmd.arg(verb).arg("-c").arg(&fifo);
-            let o = run_to_exit(cmd, TIMEOUT);
-            assert_eq!(
-                o.code(),
-                Some(2),
-                "{verb}: {}; stderr:\n{}",
-                describe_status(&o.status),
-                o.stderr
-            );
-            assert!(
-                o.stderr.contains("a FIFO with no writer"),
-                "{verb}: {}",
-                o.stderr
-            );
+            assert_file_error(verb, &fifo, "a FIFO with no writer");
         }
         // A token file that is such a FIFO likewise (it blocked a reload too).
         let toml = format!(
@@ -544,14 +549,6 @@ idle_timeout = "1h"
         let mut bytes = format!("{RULE}# caf").into_bytes();
         bytes.extend_from_slice(b"\xe9\n"); // Latin-1's é
         std::fs::write(&path, bytes).unwrap();
-        let mut cmd = forwarder_command();
-        cmd.arg("check").arg("-c").arg(&path);
-        let o = run_to_exit(cmd, TIMEOUT);
-        assert_eq!(o.code(), Some(2), "{}", o.stderr);
-        assert!(
-            o.stderr.contains("not UTF-8 (byte 0xe9 on line 4)"),
-            "{}",
-            o.stderr
-        );
+        assert_file_error("check", &path, "not UTF-8 (byte 0xe9 on line 4)");
     }
 }

@@ -607,6 +607,22 @@ fn refused_at_once(mut s: TcpStream, what: &str) {
     assert!(out.is_empty(), "{what}: {}", String::from_utf8_lossy(&out));
 }
 
+/// A splice forwarder to `upstream` whose /etc/hosts is `hosts` (bind-mounted in a
+/// mount namespace of its own): host names resolve as the test says.
+fn forwarder_with_hosts(hosts: &std::path::Path, upstream: &str) -> Forwarder {
+    let prefix = in_mount_namespace(&format!("mount --bind {} /etc/hosts", hosts.display()));
+    let args = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--mode",
+        "splice",
+    ];
+    Forwarder::spawn(&prefix, args.iter().map(OsString::from).collect(), 1, None)
+}
+
 /// An upstream named by a host name with two addresses, the first refusing: the
 /// client is served by the second, and the forwarder says the first failed (the client
 /// waited for it: `connect_timeout` where it is blackholed; nothing was said) and names
@@ -622,17 +638,7 @@ fn a_names_failed_address_is_said() {
         "hosts",
         "::1 two-addresses.test\n127.0.0.1 two-addresses.test\n",
     );
-    let prefix = in_mount_namespace(&format!("mount --bind {} /etc/hosts", hosts.display()));
-    let args = [
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("two-addresses.test:{port}"),
-        "--mode",
-        "splice",
-    ];
-    let fwd = Forwarder::spawn(&prefix, args.iter().map(OsString::from).collect(), 1, None);
+    let fwd = forwarder_with_hosts(&hosts, &format!("two-addresses.test:{port}"));
     assert_eq!(ask(fwd.addr(), None).unwrap(), "up");
     let failed = fwd.stderr.wait_for_n(1, Duration::from_secs(5), |l| {
         as_text(l).contains(" address failed: ")
@@ -667,17 +673,7 @@ fn an_upstream_name_follows_dns_changes() {
     let second = named_server("second", TcpListener::bind(("127.63.0.2", port)).unwrap());
     let dir = TempDir::new("hosts");
     let hosts = dir.write("hosts", "127.63.0.1 moving.test\n");
-    let prefix = in_mount_namespace(&format!("mount --bind {} /etc/hosts", hosts.display()));
-    let args = [
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("moving.test:{port}"),
-        "--mode",
-        "splice",
-    ];
-    let fwd = Forwarder::spawn(&prefix, args.iter().map(OsString::from).collect(), 1, None);
+    let fwd = forwarder_with_hosts(&hosts, &format!("moving.test:{port}"));
     for _ in 0..2 {
         assert_eq!(ask(fwd.addr(), None).unwrap(), "first");
     }
