@@ -1703,14 +1703,48 @@ fn scoped_by_name(s: &str) -> Option<std::io::Result<SocketAddr>> {
         .parse()
         .ok()
         .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))?;
-    Some(match nix::net::if_::if_nametoindex(name) {
-        Ok(index) => Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, index))),
-        Err(nix::errno::Errno::ENODEV) => Err(std::io::Error::new(
+    Some(interface_index(name).map(|index| SocketAddr::V6(SocketAddrV6::new(ip, port, 0, index))))
+}
+
+/// The index of the network interface `name`, by SIOCGIFINDEX on a socket of our own.
+/// Not glibc's if_nametoindex: when no socket can be opened it reports ENOENT, not
+/// EMFILE (CI: out of fds, a health check of `[::1%lo]` marked the upstream DOWN
+/// with "No such file or directory"), and we must tell our fd shortage from a
+/// missing interface.
+fn interface_index(name: &str) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let missing = || {
+        std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("no network interface {name:?}"),
-        )),
-        Err(e) => Err(e.into()),
-    })
+        )
+    };
+    // SAFETY: an all-zero ifreq is valid (a NUL name, a zero union).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() || name.contains('\0') {
+        return Err(missing());
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain syscall; a non-negative result is a new fd we then own.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket() and nothing else holds it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFINDEX reads ifr_name and writes ifr_ifindex of the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::ENODEV) {
+            missing()
+        } else {
+            e
+        });
+    }
+    // SAFETY: SIOCGIFINDEX succeeded, so the union holds the index.
+    Ok(unsafe { req.ifr_ifru.ifru_ifindex } as u32)
 }
 
 /// Listen addresses are resolved once, at startup (`localhost:80` is fine).
@@ -1834,6 +1868,10 @@ mod tests {
         assert_eq!(numeric, "[fe80::1%1]:80".parse().unwrap());
         let gone = literal_addr("[fe80::1%nosuch0]:80").unwrap().unwrap_err();
         assert_eq!(gone.to_string(), "no network interface \"nosuch0\"");
+        let long = literal_addr("[fe80::1%a-name-longer-than-15]:80")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(long.kind(), std::io::ErrorKind::NotFound, "{long}");
         assert!(literal_addr("example.com:80").is_none());
         assert_eq!(
             resolve_listen("[fe80::1%lo]:8080"),
