@@ -880,19 +880,23 @@ pub async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, 
         local: false,
         reset: None,
     };
+    // Out of fds or memory, which a client waits out (an interface name's lookup and
+    // the resolver open fds too).
+    let ours = |e: io::Error| ConnectError {
+        why: e.to_string(),
+        local: true,
+        reset: None,
+    };
     // A literal address needs no resolver: tokio's runs on the blocking pool, a
     // thread hop per connection that costs connection rate.
     let addrs = match crate::config::literal_addr(upstream) {
         Some(Ok(addr)) => vec![addr],
-        Some(Err(e)) => {
-            return Err(ConnectError {
-                why: e.to_string(),
-                local: crate::server::is_resource_exhaustion(&e),
-                reset: None,
-            })
-        }
+        Some(Err(e)) if crate::server::is_resource_exhaustion(&e) => return Err(ours(e)),
+        Some(Err(e)) => return Err(remote(e.to_string())),
         None => match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
             Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+            // getaddrinfo's EAI_SYSTEM with EMFILE: ours, not the name's fault.
+            Ok(Err(e)) if crate::server::is_resource_exhaustion(&e) => return Err(ours(e)),
             Ok(Err(e)) => return Err(remote(format!("cannot resolve: {e}"))),
             Err(_) => return Err(remote("resolve timed out".into())),
         },

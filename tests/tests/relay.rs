@@ -698,6 +698,19 @@ relay_tests! {
         checks_out_of_fds_say_nothing(mode, &fwd);
     }
 
+    /// And for an upstream given by name (`localhost:PORT`): out of fds, the resolver
+    /// fails with EMFILE too (getaddrinfo's EAI_SYSTEM), which is ours, not the name's.
+    fn out_of_fds_a_named_upstream_is_not_blamed(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let named = format!("localhost:{}", up.addr().port());
+        let toml = rule("r", up.addr(), "check_interval = \"200ms\"\nfall = 2")
+            .replace(&format!("upstream = \"{}\"", up.addr()), &format!("upstream = \"{named}\""));
+        assert!(toml.contains(&named), "{toml}");
+        let fwd = config_with_64_fds(mode, &toml);
+        checks_out_of_fds_say_nothing(mode, &fwd);
+    }
+
     /// An established pair goes on when the process runs out of fds: on splice a
     /// direction that cannot have a pipe copies through a buffer of ours meanwhile
     /// (before, it waited a second for one and the pair ended `client_error (Too many
