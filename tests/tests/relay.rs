@@ -97,6 +97,18 @@ fn checks_out_of_fds_say_nothing(mode: Mode, fwd: &Forwarder) {
     );
 }
 
+/// [`checks_out_of_fds_say_nothing`] for a rule whose upstream `addr` is written as
+/// `written` (an interface-scoped address, a name).
+fn checks_out_of_fds_say_nothing_of(mode: Mode, addr: SocketAddr, written: &str) {
+    let toml = rule("r", addr, "check_interval = \"200ms\"\nfall = 2").replace(
+        &format!("upstream = \"{addr}\""),
+        &format!("upstream = \"{written}\""),
+    );
+    assert!(toml.contains(written), "{toml}");
+    let fwd = config_with_64_fds(mode, &toml);
+    checks_out_of_fds_say_nothing(mode, &fwd);
+}
+
 fn fd_limit_64<'a>(wrapper: &[&'a str]) -> Vec<&'a str> {
     let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
         .into_iter()
@@ -690,12 +702,7 @@ relay_tests! {
     fn out_of_fds_a_scoped_upstream_is_not_blamed(mode) {
         let _load = light();
         let up = Server::echo_on(LOCALHOST6);
-        let scoped = format!("[::1%lo]:{}", up.addr().port());
-        let toml = rule("r", up.addr(), "check_interval = \"200ms\"\nfall = 2")
-            .replace(&format!("upstream = \"{}\"", up.addr()), &format!("upstream = \"{scoped}\""));
-        assert!(toml.contains(&scoped), "{toml}");
-        let fwd = config_with_64_fds(mode, &toml);
-        checks_out_of_fds_say_nothing(mode, &fwd);
+        checks_out_of_fds_say_nothing_of(mode, up.addr(), &format!("[::1%lo]:{}", up.addr().port()));
     }
 
     /// And for an upstream given by name (`localhost:PORT`): out of fds, the resolver
@@ -703,12 +710,7 @@ relay_tests! {
     fn out_of_fds_a_named_upstream_is_not_blamed(mode) {
         let _load = light();
         let up = Server::echo();
-        let named = format!("localhost:{}", up.addr().port());
-        let toml = rule("r", up.addr(), "check_interval = \"200ms\"\nfall = 2")
-            .replace(&format!("upstream = \"{}\"", up.addr()), &format!("upstream = \"{named}\""));
-        assert!(toml.contains(&named), "{toml}");
-        let fwd = config_with_64_fds(mode, &toml);
-        checks_out_of_fds_say_nothing(mode, &fwd);
+        checks_out_of_fds_say_nothing_of(mode, up.addr(), &format!("localhost:{}", up.addr().port()));
     }
 
     /// An established pair goes on when the process runs out of fds: on splice a
