@@ -1712,7 +1712,7 @@ fn scoped_by_name(s: &str) -> Option<std::io::Result<SocketAddr>> {
 /// with "No such file or directory"), and we must tell our fd shortage from a
 /// missing interface.
 fn interface_index(name: &str) -> std::io::Result<u32> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsRawFd;
     let missing = || {
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -1727,13 +1727,13 @@ fn interface_index(name: &str) -> std::io::Result<u32> {
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    // SAFETY: plain syscall; a non-negative result is a new fd we then own.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket() and nothing else holds it.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     // SAFETY: SIOCGIFINDEX reads ifr_name and writes ifr_ifindex of the ifreq we own.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) } < 0 {
         let e = std::io::Error::last_os_error();
