@@ -671,11 +671,18 @@ relay_tests! {
             // A moment for bytes to pile up in flight, as behind a slower reader.
             thread::sleep(Duration::from_millis(2));
             let r = read_checked(&s, p, None, Instant::now() + secs(20));
-            assert!(
-                r.intact && r.got <= SENT,
-                "pair {i}: {r:?}\n{}",
-                r.first_bad.as_deref().unwrap_or("")
-            );
+            if !(r.intact && r.got <= SENT) {
+                // What the forwarder did with this pair: its close line (path, counts)
+                // and the relay's debug lines (parting, counters) since the pair began.
+                let l = wait_close_of(&fwd, &fwd.listening[0].rule, local, secs(5));
+                let lines = fwd.log_lines();
+                let from = lines.len().saturating_sub(40);
+                panic!(
+                    "pair {i}: {r:?}\n{}\nclose line: {l}\nthe forwarder's last log lines:\n{}",
+                    r.first_bad.as_deref().unwrap_or(""),
+                    lines[from..].join("\n")
+                );
+            }
             assert!(
                 matches!(&r.end, End::Error(e) if e.kind() == io::ErrorKind::ConnectionReset),
                 "pair {i}: the upstream's reset reached the client as {:?}",

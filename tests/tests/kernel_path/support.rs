@@ -470,6 +470,76 @@ fn describe_bad(p: Payload, at: u64, kept: &[u8]) -> String {
             }
         }
     }
+    out + &origins(p, at, kept)
+}
+
+/// Where the bytes in `kept` (the stream from offset `at`) came from, piece by piece:
+/// each run that is a stretch of `p` is named by its payload offset (the longest such
+/// stretch: the payload's 4 KiB blocks share a random table, so a short window can occur
+/// more than once), bytes found nowhere in `p` as such. Bytes skipped or repeated, or
+/// pieces put in the wrong order, show as runs whose shift changes; a page of memory
+/// that was never this stream's shows as bytes found nowhere.
+fn origins(p: Payload, at: u64, kept: &[u8]) -> String {
+    // A run must match this many bytes to be placed: random bytes match 16 once in 2^128.
+    const MIN_RUN: usize = 16;
+    const PIECES: usize = 12;
+    // Large payloads would take long to index; the ones read back here are tens of MiB.
+    if p.len > 128 * MIB {
+        return String::new();
+    }
+    let all = p.to_vec();
+    // Every 8-byte-aligned 8-byte word of the payload: a run of 16 bytes holds at least
+    // one, at one of 8 alignments.
+    let mut index: std::collections::HashMap<[u8; 8], Vec<usize>> = Default::default();
+    for (k, word) in all.chunks_exact(8).enumerate() {
+        index
+            .entry(word.try_into().unwrap())
+            .or_default()
+            .push(k * 8);
+    }
+    let longest_at = |i: usize| -> Option<(usize, usize)> {
+        (0..8)
+            .filter_map(|d| kept.get(i + d..i + d + 8))
+            .enumerate()
+            .flat_map(|(d, word)| {
+                let starts = index.get(word).map(|v| v.as_slice()).unwrap_or(&[]);
+                starts.iter().filter(move |&&o| o >= d).map(move |&o| o - d)
+            })
+            .map(|o| {
+                let n = kept[i..]
+                    .iter()
+                    .zip(&all[o..])
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (o, n)
+            })
+            .filter(|&(_, n)| n >= MIN_RUN)
+            .max_by_key(|&(_, n)| n)
+    };
+    let mut out = String::from("; where the bytes kept came from:");
+    let (mut i, mut nowhere, mut pieces) = (0usize, 0usize, 0usize);
+    while i < kept.len() && pieces < PIECES {
+        match longest_at(i) {
+            Some((o, n)) => {
+                if nowhere > 0 {
+                    out += &format!(" {nowhere} bytes from no payload offset;");
+                    nowhere = 0;
+                    pieces += 1;
+                }
+                let shift = o as i128 - (at + i as u64) as i128;
+                out += &format!(" {n} bytes from payload offset {o} (shift {shift:+});");
+                i += n;
+                pieces += 1;
+            }
+            None => {
+                nowhere += 1;
+                i += 1;
+            }
+        }
+    }
+    if nowhere > 0 {
+        out += &format!(" {nowhere} bytes from no payload offset;");
+    }
     out
 }
 
@@ -601,6 +671,12 @@ fn read_checked_names_skipped_and_repeated_bytes() {
             "{bad}"
         );
         assert!(bad.contains(what), "{bad}");
+        // The kept bytes (12 KiB) are placed: all of them, from where the writer resumed.
+        let origin = format!(
+            "12288 bytes from payload offset {resume} (shift {:+})",
+            resume as i64 - cut as i64
+        );
+        assert!(bad.contains(&origin), "{bad}");
     }
     // Another payload's bytes in the stream: named by their seed.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
