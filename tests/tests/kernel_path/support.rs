@@ -483,8 +483,9 @@ fn origins(p: Payload, at: u64, kept: &[u8]) -> String {
     // A run must match this many bytes to be placed: random bytes match 16 once in 2^128.
     const MIN_RUN: usize = 16;
     const PIECES: usize = 12;
-    // Large payloads would take long to index; the ones read back here are tens of MiB.
-    if p.len > 128 * MIB {
+    // Larger payloads would take long (and hundreds of MB) to index; most read back
+    // here are 8-32 MiB.
+    if p.len > 32 * MIB {
         return String::new();
     }
     let all = p.to_vec();
