@@ -674,7 +674,11 @@ relay_tests! {
             if !(r.intact && r.got <= SENT) {
                 // What the forwarder did with this pair: its close line (path, counts)
                 // and the relay's debug lines (parting, counters) since the pair began.
-                let l = wait_close_of(&fwd, &fwd.listening[0].rule, local, secs(5));
+                let c = local.to_string();
+                let l = fwd
+                    .stderr
+                    .wait_for(secs(5), |l| l.contains(" close rule=") && field(l, "client") == Some(c.as_str()))
+                    .unwrap_or_else(|| "none within 5 s".into());
                 let lines = fwd.log_lines();
                 let from = lines.len().saturating_sub(40);
                 panic!(

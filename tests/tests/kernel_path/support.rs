@@ -717,5 +717,9 @@ fn table_run_places_a_block_body() {
     let body = &all[5 * 4096 + 16..7 * 4096];
     let (_, n) = table_run(body).expect("a block's body is in the table");
     assert_eq!(n, 4096 - 16);
-    assert_eq!(table_run(&all[5 * 4096..5 * 4096 + 16]), None, "a header is not");
+    assert_eq!(
+        table_run(&all[5 * 4096..5 * 4096 + 16]),
+        None,
+        "a header is not"
+    );
 }
