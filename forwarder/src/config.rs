@@ -900,7 +900,16 @@ impl Config {
         let mut rules: Vec<Rule> = Vec::with_capacity(file.rule.len());
         for (i, r) in file.rule.iter().enumerate() {
             let rule = validate_rule(i, r, &file.defaults)?;
-            if rules.iter().any(|o| o.name == rule.name) {
+            if let Some(j) = rules.iter().position(|o| o.name == rule.name) {
+                // A rule without `name` is `rule{i}`: the clash is then with the name
+                // another rule was given, which is the key the file has (and a line).
+                if r.name.is_none() {
+                    return Err(err(format!(
+                        "config error at key `rule[{j}].name`: duplicate rule name {:?}: it is \
+                         also the default name of rule[{i}], which has no `name`",
+                        rule.name
+                    )));
+                }
                 return Err(err(format!(
                     "config error at key `rule[{i}].name`: duplicate rule name {:?}",
                     rule.name
@@ -1886,6 +1895,30 @@ mod tests {
         assert!(e.contains("no network interface \"nosuch0\""), "{e}");
         assert!(check_dial_addr("[fe80::1%lo]:+80").is_err());
         assert!(check_dial_addr("[fe80::1%lo]:0").is_err(), "port 0");
+    }
+
+    /// Two rules with one name: the key and line named are those of a `name` the file
+    /// has, also when the other rule's is its default (`rule1` for rule[1]).
+    #[test]
+    fn a_duplicate_rule_name_names_a_line() {
+        let rule = |name: &str, port: u16| {
+            format!("[[rule]]\n{name}listen = \"127.0.0.1:{port}\"\nupstream = \"127.0.0.1:1\"\n")
+        };
+        let e = Config::from_toml(&(rule("name = \"a\"\n", 1) + &rule("name = \"a\"\n", 2)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`rule[1].name`: duplicate rule name \"a\"") && e.ends_with("(line 6)"),
+            "{e}"
+        );
+        let e = Config::from_toml(&(rule("name = \"rule1\"\n", 1) + &rule("", 2)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`rule[0].name`: duplicate rule name \"rule1\": it is also the default name of rule[1]")
+                && e.ends_with("(line 2)"),
+            "{e}"
+        );
     }
 
     /// A value that parses but fails validation names its line too, as TOML's own
