@@ -854,8 +854,12 @@ fn agents_one_by_one(server: &TunnelServer, token: &Path, targets: &[SocketAddr]
     targets
         .iter()
         .map(|t| {
+            // Counted before the agent starts: counted after, an agent quick to connect
+            // was counted too, and its line awaited as the next one (seen once in a
+            // hunt: "1 `agent connected` lines within 20 s, want 2" for the first).
+            let n = server.connected().len() + 1;
             let a = agent_cli(server.tunnel, *t, Token::File(token), None);
-            wait_connected(server, &a, server.connected().len() + 1);
+            wait_connected(server, &a, n);
             a
         })
         .collect()
