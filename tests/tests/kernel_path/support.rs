@@ -486,9 +486,10 @@ fn describe_bad(p: Payload, at: u64, kept: &[u8]) -> String {
 /// Where the bytes in `kept` (the stream from offset `at`) came from, piece by piece:
 /// each run that is a stretch of `p` is named by its payload offset (the longest such
 /// stretch: the payload's 4 KiB blocks share a random table, so a short window can occur
-/// more than once), bytes found nowhere in `p` as such. Bytes skipped or repeated, or
-/// pieces put in the wrong order, show as runs whose shift changes; a page of memory
-/// that was never this stream's shows as bytes found nowhere.
+/// more than once), and bytes that are no stretch of `p` (another stream's, or memory
+/// that was never a stream's) as from no payload offset. Bytes skipped or repeated, or
+/// pieces put in the wrong order, show as runs whose shift changes; a copy of the table
+/// shows as pieces that end where a block's header should be.
 fn origins(p: Payload, at: u64, kept: &[u8]) -> String {
     // A run must match this many bytes to be placed: random bytes match 16 once in 2^128.
     const MIN_RUN: usize = 16;
