@@ -1276,37 +1276,6 @@ fn table() -> &'static [u8] {
     })
 }
 
-/// Where `bytes` begin in the payload table, as the longest run of them that is one
-/// stretch of it: (table offset, run length), or `None` if no 8 of their first 15 bytes
-/// are a table word. No payload holds more than 4,080 such bytes in a row (each block
-/// starts with its header), so a longer run is no stream's bytes but a copy of the
-/// table itself: memory a payload's writer or checker filled, seen where a stream's
-/// bytes should be.
-pub fn table_run(bytes: &[u8]) -> Option<(usize, usize)> {
-    static WORDS: std::sync::OnceLock<std::collections::HashMap<[u8; 8], usize>> =
-        std::sync::OnceLock::new();
-    let words = WORDS.get_or_init(|| {
-        table()
-            .chunks_exact(8)
-            .enumerate()
-            .map(|(k, w)| (w.try_into().unwrap(), k * 8))
-            .collect()
-    });
-    let t = table();
-    (0..8)
-        .filter_map(|d| {
-            let at = *words.get(bytes.get(d..d + 8)?)?;
-            let start = at.checked_sub(d)?;
-            let n = bytes
-                .iter()
-                .zip(&t[start..])
-                .take_while(|(a, b)| a == b)
-                .count();
-            Some((start, n))
-        })
-        .max_by_key(|&(_, n)| n)
-}
-
 /// A deterministic pseudo-random byte stream: byte `i` of seed `s` is always the same,
 /// so senders and checkers can generate any part of it without storing it.
 ///

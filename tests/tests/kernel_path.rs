@@ -672,19 +672,14 @@ relay_tests! {
             thread::sleep(Duration::from_millis(2));
             let r = read_checked(&s, p, None, Instant::now() + secs(20));
             if !(r.intact && r.got <= SENT) {
-                // What the forwarder did with this pair: its close line (path, counts)
-                // and the relay's debug lines (parting, counters) since the pair began.
-                let c = local.to_string();
-                let l = fwd
-                    .stderr
-                    .wait_for(secs(5), |l| l.contains(" close rule=") && field(l, "client") == Some(c.as_str()))
-                    .unwrap_or_else(|| "none within 5 s".into());
-                let lines = fwd.log_lines();
-                let from = lines.len().saturating_sub(40);
+                // What the forwarder did with this pair (path, counts, end), if it has
+                // said yet; the harness prints its log's tail (the relay's debug lines,
+                // on in this test) as the test fails.
+                let l = await_close_of(&fwd, &fwd.listening[0].rule, local, secs(5));
                 panic!(
-                    "pair {i}: {r:?}\n{}\nclose line: {l}\nthe forwarder's last log lines:\n{}",
+                    "pair {i}: {r:?}\n{}\nclose line: {}",
                     r.first_bad.as_deref().unwrap_or(""),
-                    lines[from..].join("\n")
+                    l.as_deref().unwrap_or("none within 5 s")
                 );
             }
             assert!(

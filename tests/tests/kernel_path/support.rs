@@ -40,22 +40,30 @@ pub fn close_of<'a>(closes: &'a [String], rule: &str, client: SocketAddr) -> Opt
         .map(String::as_str)
 }
 
-/// Waits up to `timeout` for the close line of the pair of rule `rule` whose client
-/// is `client`.
-pub fn wait_close_of(fwd: &Forwarder, rule: &str, client: SocketAddr, timeout: Duration) -> String {
+/// The close line of the pair of rule `rule` whose client is `client`, waiting up to
+/// `timeout` for it.
+pub fn await_close_of(
+    fwd: &Forwarder,
+    rule: &str,
+    client: SocketAddr,
+    timeout: Duration,
+) -> Option<String> {
     let c = client.to_string();
-    fwd.stderr
-        .wait_for(timeout, |l| {
-            l.contains(" close rule=")
-                && field(l, "rule") == Some(rule)
-                && field(l, "client") == Some(c.as_str())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no close line for rule {rule} client {client} within {timeout:?}; close lines: {:#?}",
-                fwd.close_lines()
-            )
-        })
+    fwd.stderr.wait_for(timeout, |l| {
+        l.contains(" close rule=")
+            && field(l, "rule") == Some(rule)
+            && field(l, "client") == Some(c.as_str())
+    })
+}
+
+/// [`await_close_of`], which must come.
+pub fn wait_close_of(fwd: &Forwarder, rule: &str, client: SocketAddr, timeout: Duration) -> String {
+    await_close_of(fwd, rule, client, timeout).unwrap_or_else(|| {
+        panic!(
+            "no close line for rule {rule} client {client} within {timeout:?}; close lines: {:#?}",
+            fwd.close_lines()
+        )
+    })
 }
 
 /// What the close lines of a run say about the paths the pairs took.
@@ -470,16 +478,6 @@ fn describe_bad(p: Payload, at: u64, kept: &[u8]) -> String {
             }
         }
     }
-    if let Some((t, n)) = table_run(kept).filter(|&(_, n)| n >= 64) {
-        out += &format!(
-            "; the first {n} bytes kept are one run of the payload table (from its offset {t}){}",
-            if n > 4080 {
-                ": longer than any payload has between headers, so a copy of the table, not a stream's bytes"
-            } else {
-                ""
-            }
-        );
-    }
     out + &origins(p, at, kept)
 }
 
@@ -706,21 +704,5 @@ fn read_checked_names_skipped_and_repeated_bytes() {
     assert!(
         bad.contains("a header of payload seed 77, block 1 (payload offset 4096)"),
         "{bad}"
-    );
-}
-
-/// [`table_run`] places a block's body (the bytes after its header) in the payload
-/// table, and stops at the next block's header, which the table does not hold.
-#[test]
-fn table_run_places_a_block_body() {
-    let p = Payload::new(6_500, 64 * KIB);
-    let all = p.to_vec();
-    let body = &all[5 * 4096 + 16..7 * 4096];
-    let (_, n) = table_run(body).expect("a block's body is in the table");
-    assert_eq!(n, 4096 - 16);
-    assert_eq!(
-        table_run(&all[5 * 4096..5 * 4096 + 16]),
-        None,
-        "a header is not"
     );
 }
