@@ -297,7 +297,8 @@ fn cut(sockets: Option<[RawFd; 2]>, progress: &Progress, why: &'static str) -> &
         if progress.holds_bytes() || fds.into_iter().any(in_flight) {
             for fd in fds {
                 // SAFETY: see above: fd is open and the pair's own.
-                crate::relay::reset_on_close(&unsafe { BorrowedFd::borrow_raw(fd) });
+                // Now, not at close: on the kernel path a psock may still be sending.
+                crate::relay::reset_now(&unsafe { BorrowedFd::borrow_raw(fd) });
             }
         }
     }

@@ -322,6 +322,35 @@ pub fn close_cleanly(sock: &impl std::os::fd::AsFd) {
     let _ = socket2::SockRef::from(sock).set_linger(None);
 }
 
+/// Resets `sock` now, not at its close: connect(AF_UNSPEC) runs tcp_disconnect, which
+/// sends the RST, drops both queues and leaves the socket closed, so nothing written
+/// into it from then on goes out. The kernel path needs it: closing a socket that is in
+/// a sockmap stops its psock first and then lets the psock's redirect worker finish its
+/// run into the still open socket, and on 6.18 a worker stopped between resuming a
+/// part-sent skb and marking it done keeps that skb's offset and length
+/// (`sk_psock_skb_state` writes nothing once the psock is stopped) and sends that slice
+/// of every skb queued behind it: bytes from the wrong offsets, which a client read
+/// before its reset (three slices of 3,233 bytes, 65,483 apart, after an upstream
+/// reset). A disconnect takes the socket out of the maps under its lock and closes it
+/// in the same step: the worker's next send fails. The linger is set as well, so the
+/// close still resets should the disconnect fail.
+pub fn reset_now(sock: &impl std::os::fd::AsFd) {
+    use std::os::fd::AsRawFd;
+    reset_on_close(sock);
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid sockaddr of the length given, on an fd `sock` keeps open.
+    unsafe {
+        libc::connect(
+            sock.as_fd().as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+}
+
 /// A relay that fails resets BOTH sides when it closes them: the side it blames may
 /// not know anything went wrong (our own error: out of fds, a failed check), and a
 /// clean FIN would show it a cut stream as complete. A side whose peer already reset
@@ -329,6 +358,13 @@ pub fn close_cleanly(sock: &impl std::os::fd::AsFd) {
 pub fn reset_both_on_close(a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
     reset_on_close(a);
     reset_on_close(b);
+}
+
+/// [`reset_both_on_close`] for a pair whose sockets may be in the sockmaps: both reset
+/// now (see [`reset_now`]), `a` first.
+pub fn reset_both_now(a: &impl std::os::fd::AsFd, b: &impl std::os::fd::AsFd) {
+    reset_now(a);
+    reset_now(b);
 }
 
 /// Errors that mean "the peer is gone", as opposed to a local failure.

@@ -659,15 +659,17 @@ async fn salvage(
             break None;
         }
     };
-    drop(entries);
     if let Some(redirected) = settled {
+        drop(entries);
         return Setup::Fallback {
             moved: [carried[CLIENT] + redirected, carried[UPSTREAM]],
             pair,
             why: format!("upstream socket: {join_error}"),
         };
     }
-    crate::relay::reset_both_on_close(&pair.client, &pair.upstream);
+    // Reset before the map entries go: the upstream's psock may still be sending.
+    crate::relay::reset_both_now(&pair.client, &pair.upstream);
+    drop(entries);
     Setup::Failed {
         side: Side::Upstream,
         error: io::Error::other(format!(
@@ -706,7 +708,8 @@ impl Paired {
             Ok(None) => Ok(RelayEnd::Closed),
             Err((i, error)) => {
                 self.count_at_failure(progress);
-                crate::relay::reset_both_on_close(&self.socks[0], &self.socks[1]);
+                // Now, not at close: either socket's psock may still be sending.
+                crate::relay::reset_both_now(&self.socks[0], &self.socks[1]);
                 Ok(RelayEnd::Failed {
                     side: SIDES[i],
                     error,
