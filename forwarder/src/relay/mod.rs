@@ -407,4 +407,29 @@ mod tests {
         }
         assert_eq!(p.path().to_string().split('>').count(), MAX_HOPS as usize);
     }
+
+    /// What the kernel path relies on: after `reset_now` the peer gets what was sent
+    /// before and then the reset, while our socket is still open, and nothing written
+    /// into it afterwards goes out.
+    #[test]
+    fn reset_now_resets_at_once_and_sends_nothing_after() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut ours, _) = l.accept().unwrap();
+        ours.write_all(b"before").unwrap();
+        reset_now(&ours);
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"before");
+        let after = peer.read(&mut got);
+        assert_eq!(
+            after.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the peer must see the reset with our socket still open"
+        );
+        assert!(ours.write(b"after").is_err(), "a reset socket took bytes");
+    }
 }
