@@ -156,6 +156,15 @@ relay_tests! {
     fn bulk_answer_after_a_half_closed_request_leaves_the_kernel_path(mode) {
         let _load = heavy();
         let answer = Payload::new(4_242, 64 * MIB + 3);
+        // Paced, so that a forwarder kept off the CPU for a while still sees the bound
+        // reached before the program's cap (4 x inflight_limit, 16 MiB: 125 ms of the
+        // answer) and has answer left to move once it has caught up. Written at once,
+        // the answer reached the cap while the forwarder of the binary's first test was
+        // starting, all 48 MiB past it came through our recv/send and the pair ended on
+        // `path=ebpf` (seen once, 4 test threads as in CI; a 50 ms SIGSTOP of the forwarder as
+        // the answer starts did it 1 run in 9, and paced, 12 runs of 50 and 200 ms
+        // stops all left the kernel path).
+        const ANSWER_RATE: u64 = 128 * MIB;
         let (tx, rx) = mpsc::channel::<(Vec<u8>, io::Result<()>)>();
         let (asked_tx, asked_rx) = mpsc::channel::<()>();
         let (fin_tx, fin_rx) = mpsc::channel::<()>();
@@ -168,7 +177,7 @@ relay_tests! {
                     let _ = asked_tx.lock().unwrap().send(());
                 })
                 .and_then(|()| std::io::Read::read_to_end(&mut s, &mut request));
-            let wrote = read.and_then(|_| answer.write_to(&s, Instant::now() + secs(60)));
+            let wrote = read.and_then(|_| answer.write_paced(&s, Instant::now() + secs(60), Some(ANSWER_RATE)));
             // Our FIN once the client has it all (or the test gave up).
             let _ = fin_rx.lock().unwrap().recv_timeout(secs(60));
             let _ = tx.lock().unwrap().send((request, wrote));
