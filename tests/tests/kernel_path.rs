@@ -162,7 +162,7 @@ relay_tests! {
         // the answer reached the cap while the forwarder of the binary's first test was
         // starting, all 48 MiB past it came through our recv/send and the pair ended on
         // `path=ebpf` (seen once, 4 test threads as in CI; a 50 ms SIGSTOP of the forwarder as
-        // the answer starts did it 1 run in 9, and paced, 12 runs of 50 and 200 ms
+        // the answer starts did it 1 run in 11, and paced, 12 runs of 50 and 200 ms
         // stops all left the kernel path).
         const ANSWER_RATE: u64 = 128 * MIB;
         let (tx, rx) = mpsc::channel::<(Vec<u8>, io::Result<()>)>();
