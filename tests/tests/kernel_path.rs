@@ -161,9 +161,9 @@ relay_tests! {
         // answer) and has answer left to move once it has caught up. Written at once,
         // the answer reached the cap while the forwarder of the binary's first test was
         // starting, all 48 MiB past it came through our recv/send and the pair ended on
-        // `path=ebpf` (seen once, 4 test threads as in CI; a 50 ms SIGSTOP of the forwarder as
-        // the answer starts did it 1 run in 11, and paced, 12 runs of 50 and 200 ms
-        // stops all left the kernel path).
+        // `path=ebpf` (seen once, 4 test threads as in CI; a 50 ms SIGSTOP of the
+        // forwarder as the answer starts did it 1 run in 11, and paced, 12 runs of 50
+        // and 200 ms stops all left the kernel path).
         const ANSWER_RATE: u64 = 128 * MIB;
         let (tx, rx) = mpsc::channel::<(Vec<u8>, io::Result<()>)>();
         let (asked_tx, asked_rx) = mpsc::channel::<()>();
@@ -177,7 +177,8 @@ relay_tests! {
                     let _ = asked_tx.lock().unwrap().send(());
                 })
                 .and_then(|()| std::io::Read::read_to_end(&mut s, &mut request));
-            let wrote = read.and_then(|_| answer.write_paced(&s, Instant::now() + secs(60), Some(ANSWER_RATE)));
+            let deadline = Instant::now() + secs(60);
+            let wrote = read.and_then(|_| answer.write_paced(&s, deadline, Some(ANSWER_RATE)));
             // Our FIN once the client has it all (or the test gave up).
             let _ = fin_rx.lock().unwrap().recv_timeout(secs(60));
             let _ = tx.lock().unwrap().send((request, wrote));

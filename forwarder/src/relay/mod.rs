@@ -323,16 +323,11 @@ pub fn close_cleanly(sock: &impl std::os::fd::AsFd) {
 }
 
 /// Resets `sock` now, not at its close: connect(AF_UNSPEC) runs tcp_disconnect, which
-/// sends the RST, drops both queues and leaves the socket closed, so nothing written
-/// into it from then on goes out. The kernel path needs it: closing a socket that is in
-/// a sockmap stops its psock first and then lets the psock's redirect worker finish its
-/// run into the still open socket, and on 6.18 a worker stopped between resuming a
-/// part-sent skb and marking it done keeps that skb's offset and length
-/// (`sk_psock_skb_state` writes nothing once the psock is stopped) and sends that slice
-/// of every skb queued behind it: bytes from the wrong offsets, which a client read
-/// before its reset (three slices of 3,233 bytes, 65,483 apart, after an upstream
-/// reset). A disconnect takes the socket out of the maps under its lock and closes it
-/// in the same step: the worker's next send fails. The linger is set as well, so the
+/// sends the RST, drops both queues, takes the socket out of any sockmap and leaves it
+/// closed, all under its lock, so nothing written into it from then on goes out. The
+/// kernel path needs it: closed in a sockmap, a socket can still get bytes from the
+/// wrong offsets from its psock's redirect worker before the reset (6.18; see "Reset
+/// now, not at close" in docs/ARCHITECTURE.md). The linger is set as well, so the
 /// close still resets should the disconnect fail.
 pub fn reset_now(sock: &impl std::os::fd::AsFd) {
     use std::os::fd::AsRawFd;
