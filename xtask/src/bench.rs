@@ -95,7 +95,8 @@ pub enum Mode {
     Splice,
     /// forwarder --mode ebpf.
     Ebpf,
-    /// forwarder --mode auto (ebpf when the kernel allows it, else splice).
+    /// forwarder --mode auto (pairs start on splice and move to ebpf when they prove
+    /// interactive, where the kernel allows it).
     Auto,
     /// nginx `stream` proxy (Debian nginx + libnginx-mod-stream).
     Nginx,

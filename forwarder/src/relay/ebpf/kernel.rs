@@ -131,7 +131,7 @@ fn load_hint(e: &(dyn std::error::Error + 'static), privileged: bool) -> String 
         }
         Some(libc::EINVAL) => {
             "this kernel rejects the sockmap maps or program: it needs \
-             CONFIG_BPF_STREAM_PARSER=y and 5.13 or later is tested (see docs/ARCHITECTURE.md)"
+             CONFIG_BPF_STREAM_PARSER=y (6.1 and 6.18 are tested; see docs/ARCHITECTURE.md, Kernels)"
         }
         _ => return String::new(),
     };
