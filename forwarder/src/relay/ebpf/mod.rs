@@ -1,12 +1,12 @@
 //! The sockmap relay: the kernel moves each pair's bytes socket to socket.
 //!
 //! Both sockets of a pair go into SOCKS, keyed by socket cookie (B under cookie(A), A
-//! under cookie(B)), which gives the verdict program each socket's peer, and into
+//! under cookie(B)), which gives the verdict program each socket's peer, and then into
 //! MEMBERS, whose verdict program (`forwarder-ebpf`) runs exactly for the sockets in it
-//! and redirects every skb to the peer's egress. Userspace only watches: it raises each direction's
-//! in-flight limit as the peer socket accepts bytes, relays the bytes the program
-//! leaves behind when that limit is reached, passes FINs on once every byte is in the
-//! peer socket, and turns errors into resets. See docs/ARCHITECTURE.md.
+//! and redirects every skb to the peer's egress. Userspace only watches: it raises
+//! each direction's in-flight limit as the peer socket accepts bytes, relays the bytes
+//! the program leaves behind when that limit is reached, passes FINs on once every
+//! byte is in the peer socket, and turns errors into resets. See docs/ARCHITECTURE.md.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
