@@ -132,26 +132,67 @@ where
 
 /// The running pair. Not an `async fn`, which would keep a second copy of `paired`.
 #[allow(clippy::manual_async_fn)]
-fn run_paired<P>(mut paired: Paired, progress: P) -> impl std::future::Future<Output = RelayEnd>
+fn run_paired<P>(paired: Paired, progress: P) -> impl std::future::Future<Output = RelayEnd>
 where
     P: std::ops::Deref<Target = Progress>,
 {
+    // Wrapped out here: moved into the block, the bare pair would keep a slot of its
+    // own beside the wrapper's.
+    let mut watching = CutCheck(Some(paired));
     async move {
         progress.enter(Hop::Ebpf);
         // (`watch` awaited here and `finish` plain, not one `async fn` over both, which
         // would keep `paired` and `progress` twice in every kernel-path pair.)
-        let watched = paired.watch(&progress).await;
-        if let Ok(end) = paired.finish(watched, &progress) {
-            return end;
-        }
+        let watched = watching
+            .0
+            .as_mut()
+            .expect("set above")
+            .watch(&progress)
+            .await;
+        // In its own scope, gone before the await below: a borrowed local keeps its
+        // slot to the end of its scope (256 bytes more per kernel-path pair).
+        let handed_off = {
+            // The watch ended by itself: no cut to check.
+            let mut paired = watching.0.take().expect("set above");
+            if let Ok(end) = paired.finish(watched, &progress) {
+                return end;
+            }
+            paired.into_pair()
+        };
         // The in-flight bound was reached: the pair left the maps without loss and goes
         // on in splice, which has TCP's own backpressure.
-        match paired.into_pair() {
+        match handed_off {
             Ok(pair) => Box::pin(crate::relay::splice::relay(pair, &*progress)).await,
             Err(error) => RelayEnd::Failed {
                 side: Side::Client,
                 error,
             },
+        }
+    }
+}
+
+/// A pair whose watch is under way. Dropped with the pair still in it, the pair's
+/// future was dropped mid-watch: the pair was cut (idle timeout, a duration limit,
+/// shutdown), and `connection::cut` looked at its socket queues. Two places it cannot
+/// see hold bytes the program took from TCP: dst's psock, until the redirect worker
+/// runs, and the source socket's psock when the redirect found its target closing
+/// (src's own close then drops them, with a FIN: its sender is told nothing). Bytes
+/// kept arriving there between that look and the close: cut mid-stream, about 1
+/// pair in 25 gave its client a clean EOF one 4 KiB message short of what the
+/// forwarder had acked from the upstream (`cut_mid_stream_loses_nothing`). So the
+/// program comes off both sockets first (new bytes then wait in TCP's queue, and a
+/// close with unread bytes resets their sender, as on splice), then a fresh look at
+/// the counters, and a reset if any byte the program took has not reached its dst.
+struct CutCheck(Option<Paired>);
+
+impl Drop for CutCheck {
+    fn drop(&mut self) {
+        if let Some(paired) = &mut self.0 {
+            paired.entries.part_unlocked();
+            if paired.bytes_on_their_way() {
+                // Now, not at close: a psock may still be sending.
+                crate::relay::reset_both_now(&paired.socks[0], &paired.socks[1]);
+            }
         }
     }
 }
@@ -211,19 +252,28 @@ struct MapEntries {
     socks_closed: bool,
 }
 
+impl MapEntries {
+    /// Takes the program off both sockets without their locks (see
+    /// [`Kernel::part_unlocked`]): their new bytes stay in TCP's own queues.
+    fn part_unlocked(&mut self) {
+        let members: Vec<u64> = (0..2)
+            .filter(|&i| self.members_in[i])
+            .map(|i| self.cookies[i])
+            .collect();
+        if !members.is_empty() {
+            self.k.part_unlocked(&members);
+        }
+        self.members_in = [false; 2];
+    }
+}
+
 impl Drop for MapEntries {
     fn drop(&mut self) {
         if !self.socks_closed {
-            // Program first, so no verdict looks for a target that is gone.
-            let members: Vec<u64> = (0..2)
-                .filter(|&i| self.members_in[i])
-                .map(|i| self.cookies[i])
-                .collect();
-            if !members.is_empty() {
-                // The pair failed: a skb a racing verdict drops no longer matters, and
-                // the locked part's walk is not worth it.
-                self.k.part_unlocked(&members);
-            }
+            // Program first, so no verdict looks for a target that is gone. The pair
+            // failed: a skb a racing verdict drops no longer matters, and the locked
+            // part's walk is not worth it.
+            self.part_unlocked();
             for (i, c) in self.cookies.iter().enumerate() {
                 if self.socks_in[i] {
                     self.k.remove_sock(*c);
@@ -1343,6 +1393,24 @@ impl Paired {
         Ok(Look {
             dirs: out,
             states: tcp.map(|t| t.map(|t| t.state)),
+        })
+    }
+
+    /// Whether a byte read from one socket has not yet reached the other's queue, by a
+    /// fresh look (the last step's may be a tick old): redirected and not yet in dst,
+    /// passed to us and not yet relayed, or in our buffer or drain pipe. A look that
+    /// fails counts as yes.
+    fn bytes_on_their_way(&self) -> bool {
+        let Ok(look) = self.read_dirs() else {
+            return true;
+        };
+        self.dirs.iter().zip(look.dirs).any(|(dir, reading)| {
+            let in_ours = dir.buffered() || dir.drain.as_ref().is_some_and(|d| d.in_pipe > 0);
+            in_ours
+                || reading.is_some_and(|(st, _, accepted)| {
+                    let from_redirect = accepted.saturating_sub(dir.consumed + dir.drained());
+                    st.redirected > from_redirect || st.passed > dir.consumed
+                })
         })
     }
 
