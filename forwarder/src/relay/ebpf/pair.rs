@@ -173,13 +173,13 @@ where
 
 /// A pair whose watch is under way. Dropped with the pair still in it, the pair's
 /// future was dropped mid-watch: the pair was cut (idle timeout, a duration limit,
-/// shutdown), and `connection::cut` looked at its socket queues. Two places it cannot
-/// see hold bytes the program took from TCP: dst's psock, until the redirect worker
-/// runs, and the source socket's psock when the redirect found its target closing
-/// (src's own close then drops them, with a FIN: its sender is told nothing). Bytes
-/// kept arriving there between that look and the close: cut mid-stream, about 1
-/// pair in 25 gave its client a clean EOF one 4 KiB message short of what the
-/// forwarder had acked from the upstream (`cut_mid_stream_loses_nothing`). So the
+/// shutdown), and `connection::cut` looked at its socket queues. Bytes the program
+/// took from TCP are in none: on dst's psock until the redirect worker runs, or taken
+/// while the sockets close one after the other (redirected to a psock being torn
+/// down, or passed back to src's). Closing drops them with a FIN, so their sender is
+/// told nothing: cut mid-stream, about 1 pair in 25 gave its client a clean EOF one 4
+/// KiB message short of what the forwarder had acked from the upstream, and a last
+/// look before the close alone did not help (`cut_mid_stream_loses_nothing`). So the
 /// program comes off both sockets first (new bytes then wait in TCP's queue, and a
 /// close with unread bytes resets their sender, as on splice), then a fresh look at
 /// the counters, and a reset if any byte the program took has not reached its dst.
