@@ -884,10 +884,19 @@ relay_tests! {
                 break;
             }
         }
-        assert!(!stalled.is_empty() && stalled.len() < 40, "{} stalled downloads never ran the fds out", stalled.len());
+        assert!(
+            !stalled.is_empty() && stalled.len() < 40,
+            "{} stalled downloads never ran the fds out: {}",
+            stalled.len(),
+            fwd.stderr.text()
+        );
         fwd.stderr
             .wait_for(secs(3), |l| l.contains("Too many open files"))
             .unwrap_or_else(|| panic!("not out of fds after {} stalled downloads: {}", stalled.len(), fwd.stderr.text()));
+        // Established pairs never end for fds: not the stalled ones either (on the
+        // kernel path their leaving failed when it could not have a pipe).
+        let closes = fwd.close_lines();
+        assert!(closes.is_empty(), "pairs ended while out of fds: {closes:#?}");
         let p = Payload::new(94, 256 * KIB + 1);
         let got = exchange(&pair, p, Instant::now() + secs(20))
             .unwrap_or_else(|e| panic!("the pair, out of fds: {e}: {}", fwd.stderr.text()));

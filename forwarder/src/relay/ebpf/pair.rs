@@ -363,12 +363,26 @@ impl Dir {
 /// unread. Waiting for both before relaying anything deadlocked: a 32 MiB echo under
 /// load left 3.5 MB on the upstream's psock and 16.9 MB unread in its receive queue,
 /// for good (1 in about 20 runs beside the relay suite).
+///
+/// Out of fds for a pipe, it copies through a buffer of ours until it can have one, as
+/// the splice relay does (`splice::NoPipe`): failing the pair for it ended established
+/// pairs with `end=client_error (Too many open files)` when new clients took the fds.
 struct Drain {
-    pipe: Pipe,
+    /// `None` while no pipe could be had: bytes then go through `buf`.
+    pipe: Option<Pipe>,
+    buf: Vec<u8>,
+    /// Where what `buf` holds starts.
+    off: usize,
+    /// Bytes read from src and not yet written to dst (in the pipe, or in `buf`).
     in_pipe: usize,
     /// Bytes written to dst.
     moved: u64,
+    /// Of those, bytes that went through `buf` (our memory).
+    copied: u64,
 }
+
+/// How much a drain without a pipe reads at once (as `splice::NoPipe`).
+const DRAIN_BUF: usize = 16 * 1024;
 
 /// A running pair. Dropped (the pair finished, failed, or its future was dropped), it
 /// closes its sockets first, which takes them out of the sockmaps and the shared epoll
@@ -735,7 +749,13 @@ impl Paired {
         result: Result<Option<Handoff>, (usize, io::Error)>,
         progress: &Progress,
     ) -> Result<RelayEnd, Handoff> {
-        let copied: u64 = self.dirs.iter().map(|d| d.consumed).sum();
+        // Passed bytes we relayed, and what a drain without a pipe copied (a drain
+        // handed off counted its own).
+        let copied: u64 = self
+            .dirs
+            .iter()
+            .map(|d| d.consumed + d.drain.as_ref().map_or(0, |d| d.copied))
+            .sum();
         progress.via_userspace.fetch_add(copied, Ordering::Relaxed);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let k = self.entries.k;
@@ -1185,11 +1205,17 @@ impl Paired {
                     // Empty by now (`leave_maps` waits for that).
                     if let Some(drain) = dir.drain.take() {
                         tracing::debug!(
-                            "ebpf: {} spliced {} bytes while the pair left the sockmap",
+                            "ebpf: {} moved {} bytes ({} copied) while the pair left the sockmap",
                             SIDES[dir.src].as_str(),
-                            drain.moved
+                            drain.moved,
+                            drain.copied
                         );
-                        drain.pipe.give_back();
+                        progress
+                            .via_userspace
+                            .fetch_add(drain.copied, Ordering::Relaxed);
+                        if let Some(pipe) = drain.pipe {
+                            pipe.give_back();
+                        }
                     }
                 }
                 return Ok(Some(Handoff));
@@ -1604,21 +1630,38 @@ fn part_delay() -> Option<Duration> {
 /// empty or dst full. At src's EOF the FIN goes on from [`Paired::step`], once dst
 /// accepted every byte before it.
 fn drain_parted(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (usize, io::Error)> {
-    if dir.drain.is_none() {
-        let pipe = Pipe::take().map_err(|e| (dir.src, e))?;
-        dir.drain = Some(Box::new(Drain {
-            pipe,
+    let d = dir.drain.get_or_insert_with(|| {
+        Box::new(Drain {
+            pipe: None,
+            buf: Vec::new(),
+            off: 0,
             in_pipe: 0,
             moved: 0,
-        }));
+            copied: 0,
+        })
+    });
+    if d.pipe.is_none() && d.in_pipe == 0 {
+        match Pipe::take() {
+            Ok(pipe) => {
+                d.pipe = Some(pipe);
+                d.buf = Vec::new();
+            }
+            Err(e) if crate::server::is_resource_exhaustion(&e) => {}
+            Err(e) => return Err((dir.src, e)),
+        }
     }
-    let Some(d) = dir.drain.as_deref_mut() else {
-        return Ok(false);
-    };
     let mut moved = 0u64;
     while moved < COPY_BUDGET {
         if d.in_pipe == 0 {
-            match splice::splice(src_fd, d.pipe.w.as_raw_fd(), d.pipe.size) {
+            let read = match &d.pipe {
+                Some(pipe) => splice::splice(src_fd, pipe.w.as_raw_fd(), pipe.size),
+                None => {
+                    d.buf.resize(DRAIN_BUF, 0);
+                    d.off = 0;
+                    sys::recv(src_fd, &mut d.buf, libc::MSG_DONTWAIT)
+                }
+            };
+            match read {
                 // EOF: nothing more to move.
                 Ok(0) => break,
                 Ok(n) => d.in_pipe = n,
@@ -1630,10 +1673,18 @@ fn drain_parted(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (us
                 Err(e) => return Err((dir.src, e)),
             }
         }
-        match splice::splice(d.pipe.r.as_raw_fd(), dst_fd, d.in_pipe) {
+        let written = match &d.pipe {
+            Some(pipe) => splice::splice(pipe.r.as_raw_fd(), dst_fd, d.in_pipe),
+            None => sys::send(dst_fd, &d.buf[d.off..d.off + d.in_pipe]),
+        };
+        match written {
             Ok(n) => {
                 d.in_pipe -= n;
                 d.moved += n as u64;
+                if d.pipe.is_none() {
+                    d.off += n;
+                    d.copied += n as u64;
+                }
                 moved += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
