@@ -1655,6 +1655,9 @@ fn drain_parted(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (us
         if d.in_pipe == 0 {
             let read = match &d.pipe {
                 Some(pipe) => splice::splice(src_fd, pipe.w.as_raw_fd(), pipe.size),
+                // recv would skip an urgent byte where splice stops: stop there too
+                // (the splice relay the pair goes on in passes it on).
+                None if sys::at_urgent_mark(src_fd) => Ok(0),
                 None => {
                     d.buf.resize(DRAIN_BUF, 0);
                     d.off = 0;
@@ -1662,7 +1665,7 @@ fn drain_parted(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (us
                 }
             };
             match read {
-                // EOF: nothing more to move.
+                // EOF, or an urgent mark: nothing more to move here.
                 Ok(0) => break,
                 Ok(n) => d.in_pipe = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
