@@ -770,6 +770,20 @@ fn spawn_config_with_log(mode: Mode, toml: &str, rules: usize, extra_log: &str) 
 mod ebpf_only {
     use super::*;
 
+    /// An echo upstream that starts 300 ms late, behind an ebpf forwarder whose parts
+    /// take 300 ms (the test hook `FORWARDER_TEST_PART_DELAY_MS`), with `env` besides.
+    fn leaving_with_a_backlog(env: &[&str]) -> (Server, Forwarder) {
+        let up = Server::start(LOCALHOST, |s| {
+            thread::sleep(Duration::from_millis(300));
+            let _ = echo_stream(&s);
+        });
+        let mut prefix = vec!["env", "FORWARDER_TEST_PART_DELAY_MS=300"];
+        prefix.extend_from_slice(env);
+        let fwd = Forwarder::cli_under(&prefix, Mode::Ebpf, up.addr());
+        fwd.assert_mode(Mode::Ebpf);
+        (up, fwd)
+    }
+
     /// A pair leaving the maps while the redirect worker still owes the upstream's
     /// send queue megabytes, with an upstream that reads only while it can write (an
     /// echo): the upstream's own bytes must go on to the client meanwhile, or the echo
@@ -785,16 +799,7 @@ mod ebpf_only {
             return;
         }
         let _load = heavy();
-        let up = Server::start(LOCALHOST, |s| {
-            thread::sleep(Duration::from_millis(300));
-            let _ = echo_stream(&s);
-        });
-        let fwd = Forwarder::cli_under(
-            &["env", "FORWARDER_TEST_PART_DELAY_MS=300"],
-            Mode::Ebpf,
-            up.addr(),
-        );
-        fwd.assert_mode(Mode::Ebpf);
+        let (_up, fwd) = leaving_with_a_backlog(&[]);
         fwd.expect_paths(&["ebpf>splice"])
             .expect_userspace_at_most(0);
         let p = Payload::new(96_001, 96 * MIB);
@@ -802,6 +807,34 @@ mod ebpf_only {
             .unwrap_or_else(|e| panic!("{e}"));
         let closes = fwd.wait_close_lines(1, secs(10));
         assert_eq!(field(&closes[0], "end"), Some("closed"), "{}", closes[0]);
+    }
+
+    /// The same leaving with no pipe for the drain (the test hook
+    /// `FORWARDER_TEST_DRAIN_WITHOUT_PIPE`, as when the process is out of fds): the
+    /// upstream's bytes go on to the client through a buffer of ours, exactly, and the
+    /// close line counts them as userspace bytes.
+    #[test]
+    fn leaving_without_a_pipe_for_the_drain() {
+        if !ebpf_can_run("ebpf_only::leaving_without_a_pipe_for_the_drain") {
+            return;
+        }
+        let _load = heavy();
+        let (_up, fwd) = leaving_with_a_backlog(&["FORWARDER_TEST_DRAIN_WITHOUT_PIPE=1"]);
+        let p = Payload::new(96_002, 96 * MIB);
+        fwd.expect_paths(&["ebpf>splice"])
+            .expect_userspace_at_most(p.len);
+        drive_echo_clients(fwd.addr(), &[p], Instant::now() + secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let closes = fwd.wait_close_lines(1, secs(10));
+        assert_eq!(field(&closes[0], "end"), Some("closed"), "{}", closes[0]);
+        let userspace: u64 = field(&closes[0], "userspace_bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(
+            userspace > 0,
+            "nothing went through the drain's buffer: {}",
+            closes[0]
+        );
     }
 
     /// `inflight_limit = 65536`: the program redirects at most 256 KiB not yet taken

@@ -127,6 +127,64 @@ fn fd_limit_64<'a>(wrapper: &[&'a str]) -> Vec<&'a str> {
     prefix
 }
 
+/// Answers a first byte `A` with `A` and an echo; anything else with `bulk`, then
+/// waits for the client's EOF (the server's read timeout bounds it).
+fn echo_or_bulk(bulk: Payload) -> Server {
+    Server::start(LOCALHOST, move |c| {
+        let mut first = [0u8; 1];
+        if (&*c).read_exact(&mut first).is_err() {
+            return;
+        }
+        if &first == b"A" {
+            let _ = (&*c).write_all(b"A").and_then(|()| echo_stream(&c));
+        } else {
+            let _ = (&*c).write_all(&bulk.to_vec());
+            let _ = (&*c).read(&mut [0u8; 1]);
+        }
+    })
+}
+
+/// Starts downloads from an [`echo_or_bulk`] server through `fwd` whose clients read
+/// only the first byte, until one is not served within 1 s (the forwarder is out of
+/// fds) or 40 were; returns them all, the unserved one last.
+fn stall_downloads(fwd: &Forwarder) -> Vec<TcpStream> {
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        let s = connect(fwd.addr());
+        (&s).write_all(b"F").unwrap();
+        let served = read_exact_timeout(&s, 1, secs(1)).is_ok();
+        stalled.push(s);
+        if !served {
+            break;
+        }
+    }
+    stalled
+}
+
+/// Echoes `p` over `pair` (which has moved one byte each way) within `timeout`, closes
+/// it, and returns its close line once it says every byte moved.
+fn echo_then_close(fwd: &Forwarder, pair: TcpStream, p: Payload, timeout: Duration) -> String {
+    let got = exchange(&pair, p, Instant::now() + timeout)
+        .unwrap_or_else(|e| panic!("the pair, out of fds: {e}: {}", fwd.stderr.text()));
+    assert_eq!(got, Digested::of(&p), "echoed bytes differ");
+    let port = pair.local_addr().unwrap().port().to_string();
+    drop(pair);
+    let line = fwd
+        .stderr
+        .wait_for(secs(5), |l| {
+            l.contains(" close ")
+                && field(l, "client").is_some_and(|c| c.ends_with(&format!(":{port}")))
+        })
+        .unwrap_or_else(|| panic!("no close line for the pair: {}", fwd.stderr.text()));
+    let want = (p.len + 1).to_string();
+    assert!(
+        field(&line, "bytes_up") == Some(want.as_str())
+            && field(&line, "bytes_down") == Some(want.as_str()),
+        "{line}"
+    );
+    line
+}
+
 /// Opens idle echo pairs through `fwd` (each checked with a round trip) until one is
 /// not answered within 200 ms and the forwarder holds all its 64 fds. Returns the
 /// pairs and the client left waiting.
@@ -853,20 +911,7 @@ relay_tests! {
     /// 256 KiB with a half-close, sha256 both ways.
     fn an_established_pair_survives_running_out_of_fds(mode) {
         let _load = light();
-        let bulk = Payload::new(93, 8 * MIB);
-        let up = Server::start(LOCALHOST, move |c| {
-            let mut first = [0u8; 1];
-            if (&*c).read_exact(&mut first).is_err() {
-                return;
-            }
-            if &first == b"A" {
-                let _ = (&*c).write_all(b"A").and_then(|()| echo_stream(&c));
-            } else {
-                let _ = (&*c).write_all(&bulk.to_vec());
-                // Held until the client's EOF (the server's read timeout bounds it).
-                let _ = (&*c).read(&mut [0u8; 1]);
-            }
-        });
+        let up = echo_or_bulk(Payload::new(93, 8 * MIB));
         let fwd = forwarder_with_64_fds(mode, up.addr(), &[]);
         fwd.assert_mode(mode);
         // Stalled downloads leave the maps at the bound; once out of fds they, and
@@ -874,16 +919,7 @@ relay_tests! {
         fwd.expect_paths(&["ebpf>splice", "splice"]).expect_userspace_at_most(9 * MIB);
         let pair = connect(fwd.addr());
         ping(&pair, b"A", secs(3)).expect("the pair's first round trip");
-        let mut stalled = Vec::new();
-        for _ in 0..40 {
-            let s = connect(fwd.addr());
-            (&s).write_all(b"F").unwrap();
-            let served = read_exact_timeout(&s, 1, secs(1)).is_ok();
-            stalled.push(s);
-            if !served {
-                break;
-            }
-        }
+        let stalled = stall_downloads(&fwd);
         assert!(
             !stalled.is_empty() && stalled.len() < 40,
             "{} stalled downloads never ran the fds out: {}",
@@ -898,22 +934,44 @@ relay_tests! {
         let closes = fwd.close_lines();
         assert!(closes.is_empty(), "pairs ended while out of fds: {closes:#?}");
         let p = Payload::new(94, 256 * KIB + 1);
-        let got = exchange(&pair, p, Instant::now() + secs(20))
-            .unwrap_or_else(|e| panic!("the pair, out of fds: {e}: {}", fwd.stderr.text()));
-        assert_eq!(got, Digested::of(&p), "echoed bytes differ");
-        let port = pair.local_addr().unwrap().port().to_string();
-        drop(pair);
-        let line = fwd
-            .stderr
-            .wait_for(secs(5), |l| l.contains(" close ") && field(l, "client").is_some_and(|c| c.ends_with(&format!(":{port}"))))
-            .unwrap_or_else(|| panic!("no close line for the pair: {}", fwd.stderr.text()));
-        let want = (p.len + 1).to_string();
-        assert!(field(&line, "bytes_up") == Some(want.as_str()) && field(&line, "bytes_down") == Some(want.as_str()), "{line}");
+        let line = echo_then_close(&fwd, pair, p, secs(20));
         let userspace: u64 = field(&line, "userspace_bytes").and_then(|v| v.parse().ok()).unwrap();
         match mode {
             // Proof that no pipe was had: the bytes crossed our memory.
             Mode::Splice => assert!(userspace > 0, "the pair had pipes: not out of fds? {line}"),
             Mode::Ebpf => assert!(field(&line, "path") == Some("ebpf"), "{line}"),
+        }
+        drop(stalled);
+    }
+
+    /// A pair that moves to splice while the process is out of fds goes on exactly, and
+    /// no other pair ends for it: stalled downloads take every fd (as in
+    /// `an_established_pair_survives_running_out_of_fds`), then a 16 MiB echo with
+    /// `inflight_limit = 65536` leaves the maps at once and goes on through buffers of
+    /// ours (`splice::NoPipe`). Whether its leaving's drain found a pooled pipe is up to
+    /// timing; `ebpf_only::leaving_without_a_pipe_for_the_drain` forces the case.
+    fn a_pair_leaving_the_maps_out_of_fds_loses_nothing(mode) {
+        let _load = light();
+        let up = echo_or_bulk(Payload::new(96, 8 * MIB));
+        let fwd = config_with_64_fds(mode, &rule("tight", up.addr(), "inflight_limit = 65536"));
+        fwd.assert_mode(mode);
+        let p = Payload::new(95, 16 * MIB);
+        // Through buffers of ours: at most the whole echo, both ways.
+        fwd.expect_paths(&["ebpf>splice"]).expect_userspace_at_most(2 * p.len);
+        let pair = connect(fwd.addr());
+        ping(&pair, b"A", secs(3)).expect("the pair's first round trip");
+        let stalled = stall_downloads(&fwd);
+        assert!(stalled.len() < 40, "40 stalled downloads never ran the fds out: {}", fwd.stderr.text());
+        let line = echo_then_close(&fwd, pair, p, secs(60));
+        // The stalled downloads are all still there.
+        let closes = fwd.close_lines();
+        assert_eq!(closes.len(), 1, "pairs ended while out of fds: {closes:#?}");
+        assert_eq!(field(&line, "end"), Some("closed"), "{line}");
+        let userspace: u64 = field(&line, "userspace_bytes").and_then(|v| v.parse().ok()).unwrap();
+        // Proof that it ran without pipes: bytes crossed our memory.
+        assert!(userspace > 0, "the pair had pipes: not out of fds? {line}");
+        if mode == Mode::Ebpf {
+            assert_eq!(field(&line, "path"), Some("ebpf>splice"), "{line}");
         }
         drop(stalled);
     }

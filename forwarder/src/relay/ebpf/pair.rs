@@ -1626,6 +1626,14 @@ fn part_delay() -> Option<Duration> {
     })
 }
 
+/// For tests only: with `FORWARDER_TEST_DRAIN_WITHOUT_PIPE` set, a drain never takes a
+/// pipe, as when the process is out of fds and the pool is empty (which a test cannot
+/// arrange at the moment a pair leaves).
+fn drain_without_pipe() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| std::env::var_os("FORWARDER_TEST_DRAIN_WITHOUT_PIPE").is_some())
+}
+
 /// Splices what waits in parted src's own queue to dst (see [`Drain`]), until src is
 /// empty or dst full. At src's EOF the FIN goes on from [`Paired::step`], once dst
 /// accepted every byte before it.
@@ -1640,7 +1648,7 @@ fn drain_parted(dir: &mut Dir, src_fd: RawFd, dst_fd: RawFd) -> Result<bool, (us
             copied: 0,
         })
     });
-    if d.pipe.is_none() && d.in_pipe == 0 {
+    if d.pipe.is_none() && d.in_pipe == 0 && !drain_without_pipe() {
         match Pipe::take() {
             Ok(pipe) => {
                 d.pipe = Some(pipe);
