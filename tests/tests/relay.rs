@@ -961,7 +961,8 @@ relay_tests! {
         let pair = connect(fwd.addr());
         ping(&pair, b"A", secs(3)).expect("the pair's first round trip");
         let stalled = stall_downloads(&fwd);
-        assert!(stalled.len() < 40, "40 stalled downloads never ran the fds out: {}", fwd.stderr.text());
+        let ran_out = stalled.len() < 40;
+        assert!(ran_out, "40 stalled downloads never ran the fds out: {}", fwd.stderr.text());
         let line = echo_then_close(&fwd, pair, p, secs(60));
         // The stalled downloads are all still there.
         let closes = fwd.close_lines();
@@ -1651,7 +1652,10 @@ relay_tests! {
         let n = rounds as usize * PAIRS;
         fwd.wait_close_lines(n, secs(5));
         let closes = fwd.close_lines();
-        let cut = closes.iter().filter(|l| field(l, "end") == Some("max_connection_duration")).count();
+        let cut = closes
+            .iter()
+            .filter(|l| field(l, "end") == Some("max_connection_duration"))
+            .count();
         assert_eq!(cut, n, "{closes:?}");
     }
 
