@@ -331,6 +331,17 @@ impl Dir {
         self.off < self.buf.len()
     }
 
+    /// Whether bytes read from src wait in our memory or our drain pipe for dst.
+    fn holds_bytes(&self) -> bool {
+        self.buffered() || self.drain.as_ref().is_some_and(|d| d.in_pipe > 0)
+    }
+
+    /// Of the `accepted` bytes dst took since pairing, those the redirect put there
+    /// (the rest we wrote: passed bytes relayed, or src's queue drained).
+    fn redirected_in(&self, accepted: u64) -> u64 {
+        accepted.saturating_sub(self.consumed + self.drained())
+    }
+
     /// Bytes of src's queue this direction spliced to dst while the pair was leaving.
     fn drained(&self) -> u64 {
         self.drain.as_ref().map_or(0, |d| d.moved)
@@ -1008,13 +1019,7 @@ impl Paired {
                 self.leave_map(s)?;
             }
         }
-        if self.in_map(CLIENT)
-            || self.in_map(UPSTREAM)
-            || self
-                .dirs
-                .iter()
-                .any(|d| d.buffered() || d.drain.as_ref().is_some_and(|d| d.in_pipe > 0))
-        {
+        if self.in_map(CLIENT) || self.in_map(UPSTREAM) || self.dirs.iter().any(Dir::holds_bytes) {
             return Ok(false);
         }
         tracing::debug!(
@@ -1110,7 +1115,7 @@ impl Paired {
         let accepted = sys::bytes_sent_into(self.socks[dir.dst].as_raw_fd())
             .map_err(|e| (dir.dst, e))?
             .saturating_sub(dir.sent_base);
-        Ok(accepted.saturating_sub(dir.consumed + dir.drained()))
+        Ok(dir.redirected_in(accepted))
     }
 
     /// The watch loop: returns when both FINs are passed on, or which side failed.
@@ -1431,11 +1436,9 @@ impl Paired {
             return true;
         };
         self.dirs.iter().zip(look.dirs).any(|(dir, reading)| {
-            let in_ours = dir.buffered() || dir.drain.as_ref().is_some_and(|d| d.in_pipe > 0);
-            in_ours
+            dir.holds_bytes()
                 || reading.is_some_and(|(st, _, accepted)| {
-                    let from_redirect = accepted.saturating_sub(dir.consumed + dir.drained());
-                    st.redirected > from_redirect || st.passed > dir.consumed
+                    st.redirected > dir.redirected_in(accepted) || st.passed > dir.consumed
                 })
         })
     }
@@ -1477,7 +1480,7 @@ impl Paired {
         dir.accepted = accepted;
         dir.seen = seen;
         counter.store(dir.before + dir.carried + accepted, Ordering::Relaxed);
-        let from_redirect = accepted.saturating_sub(dir.consumed + dir.drained());
+        let from_redirect = dir.redirected_in(accepted);
         let inflight = st.redirected.saturating_sub(from_redirect);
         let consumed_before = dir.consumed;
         if st.passed > dir.consumed || dir.buffered() {
