@@ -1,16 +1,21 @@
 //! PROXY protocol v1 (text) and v2 (binary), as specified by HAProxy: written to an
 //! upstream so it sees the real client address, and read strictly from a front load
-//! balancer on listeners that ask for it.
+//! balancer on listeners that ask for it. The `ppp` crate encodes and parses; what is
+//! ours is reading exactly the header's bytes off the socket (never a payload byte:
+//! they are spliced afterwards), the payload cap, and which headers we accept.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use ppp::v2::{AddressFamily, Command, Protocol};
+use ppp::{v1, v2};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::config::ProxyProtocol;
 
-const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+const V1_PREFIX: &[u8] = b"PROXY ";
+/// The longest v1 line, CRLF included.
 const V1_MAX: usize = 107;
 /// Addresses and TLVs (a front balancer's SSL fields and certificate names can pass
 /// 1 KiB): 16 KiB, HAProxy's buffer size, which it accepts; bigger is refused.
@@ -18,39 +23,14 @@ const V2_MAX_PAYLOAD: usize = 16 * 1024;
 
 /// The header to write to an upstream for a client `src` that connected to `dst`.
 pub fn encode(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let (src, dst) = same_family(src, dst);
+    let addrs = same_family(src, dst);
     match version {
-        ProxyProtocol::V1 => {
-            let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!(
-                "PROXY {fam} {} {} {} {}\r\n",
-                src.ip(),
-                dst.ip(),
-                src.port(),
-                dst.port()
-            )
-            .into_bytes()
-        }
+        ProxyProtocol::V1 => v1::Addresses::from(addrs).to_string().into_bytes(),
         ProxyProtocol::V2 => {
-            let mut h = V2_SIGNATURE.to_vec();
-            h.push(0x21); // version 2, command PROXY
-            match (src.ip(), dst.ip()) {
-                (IpAddr::V4(s), IpAddr::V4(d)) => {
-                    h.push(0x11); // AF_INET, STREAM
-                    h.extend_from_slice(&12u16.to_be_bytes());
-                    h.extend_from_slice(&s.octets());
-                    h.extend_from_slice(&d.octets());
-                }
-                (s, d) => {
-                    h.push(0x21); // AF_INET6, STREAM
-                    h.extend_from_slice(&36u16.to_be_bytes());
-                    h.extend_from_slice(&to_v6(s).octets());
-                    h.extend_from_slice(&to_v6(d).octets());
-                }
-            }
-            h.extend_from_slice(&src.port().to_be_bytes());
-            h.extend_from_slice(&dst.port().to_be_bytes());
-            h
+            v2::Builder::with_addresses(v2::Version::Two | Command::Proxy, Protocol::Stream, addrs)
+                .build()
+                // Writes into a Vec of a known size: nothing can fail.
+                .expect("a PROXY v2 header of two addresses")
         }
     }
 }
@@ -97,44 +77,53 @@ pub enum Parse {
 
 /// Strict parser over the bytes received so far.
 pub fn parse(buf: &[u8]) -> Result<Parse, String> {
-    let v1_prefix = b"PROXY ";
-    let n = buf.len().min(12);
-    if buf[..n] == V2_SIGNATURE[..n] {
+    let sig = v2::PROTOCOL_PREFIX;
+    let n = buf.len().min(sig.len());
+    if buf[..n] == sig[..n] {
         return parse_v2(buf);
     }
-    let n = buf.len().min(v1_prefix.len());
-    if buf[..n] == v1_prefix[..n] {
+    let n = buf.len().min(V1_PREFIX.len());
+    if buf[..n] == V1_PREFIX[..n] {
         return parse_v1(buf);
     }
     Err("not a PROXY protocol header".into())
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Parse, String> {
+    // The line ends at its CRLF, within 107 bytes; until then we only wait (the crate
+    // takes a line cut between words, "... 80 ", for a malformed one).
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
         if buf.len() >= V1_MAX || buf.contains(&b'\n') {
             return Err("v1 header has no CRLF within 107 bytes".into());
         }
         return Ok(Parse::Need(1));
     };
-    let line = std::str::from_utf8(&buf[..end]).map_err(|_| "v1 header is not ASCII")?;
-    let fields: Vec<&str> = line.split(' ').collect();
-    let header = match fields.as_slice() {
-        ["PROXY", "UNKNOWN", ..] => Header::Local,
-        ["PROXY", fam @ ("TCP4" | "TCP6"), src, dst, sport, dport] => {
-            let ip = |s: &str| -> Result<IpAddr, String> {
-                let ip: IpAddr = match *fam {
-                    "TCP4" => s.parse::<Ipv4Addr>().map(IpAddr::V4),
-                    _ => s.parse::<Ipv6Addr>().map(IpAddr::V6),
-                }
-                .map_err(|_| format!("v1 header: {s:?} is not a {fam} address"))?;
-                Ok(ip)
-            };
-            Header::Proxied {
-                src: SocketAddr::new(ip(src)?, port(sport)?),
-                dst: SocketAddr::new(ip(dst)?, port(dport)?),
-            }
+    let line = &buf[..end];
+    let h = match v1::Header::try_from(&buf[..end + 2]) {
+        Ok(h) => h,
+        // The spec has a receiver ignore whatever follows UNKNOWN up to the CRLF; the
+        // crate reads at most four words there.
+        Err(_) if line == b"PROXY UNKNOWN" || line.starts_with(b"PROXY UNKNOWN ") => {
+            return Ok(Parse::Complete {
+                header: Header::Local,
+                len: end + 2,
+            });
         }
-        _ => return Err(format!("malformed v1 header {line:?}")),
+        Err(e) => {
+            let line = String::from_utf8_lossy(line);
+            return Err(format!("malformed v1 header {line:?}: {e}"));
+        }
+    };
+    let header = match h.addresses {
+        v1::Addresses::Unknown => Header::Local,
+        v1::Addresses::Tcp4(a) => Header::Proxied {
+            src: SocketAddr::new(a.source_address.into(), a.source_port),
+            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
+        },
+        v1::Addresses::Tcp6(a) => Header::Proxied {
+            src: SocketAddr::new(a.source_address.into(), a.source_port),
+            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
+        },
     };
     Ok(Parse::Complete {
         header,
@@ -142,103 +131,52 @@ fn parse_v1(buf: &[u8]) -> Result<Parse, String> {
     })
 }
 
-/// Decimal 0..=65535, no sign, no leading zeros (as the spec requires).
-fn port(s: &str) -> Result<u16, String> {
-    let ok =
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
-    s.parse::<u16>()
-        .ok()
-        .filter(|_| ok)
-        .ok_or_else(|| format!("v1 header: bad port {s:?}"))
-}
-
 fn parse_v2(buf: &[u8]) -> Result<Parse, String> {
-    if buf.len() < 16 {
-        return Ok(Parse::Need(16 - buf.len()));
-    }
-    let (ver_cmd, fam) = (buf[12], buf[13]);
-    let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
-    if ver_cmd >> 4 != 2 {
-        return Err(format!("v2 header: version {} is not 2", ver_cmd >> 4));
-    }
-    if len > V2_MAX_PAYLOAD {
-        return Err(format!("v2 header: {len} byte payload is too long"));
-    }
-    if buf.len() < 16 + len {
-        return Ok(Parse::Need(16 + len - buf.len()));
-    }
-    let body = &buf[16..16 + len];
-    let header = match (ver_cmd & 0xf, fam) {
-        (0, _) => Header::Local,
-        (1, 0x00) => Header::Local,
-        (1, 0x11) if len >= 12 => {
-            let ip = |o: usize| {
-                IpAddr::V4(Ipv4Addr::new(
-                    body[o],
-                    body[o + 1],
-                    body[o + 2],
-                    body[o + 3],
-                ))
-            };
-            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            Header::Proxied {
-                src: SocketAddr::new(ip(0), port(8)),
-                dst: SocketAddr::new(ip(4), port(10)),
-            }
+    // The payload's length is known from the first 16 bytes: cap it before waiting
+    // for it, and ask for exactly the rest of the header.
+    if buf.len() >= 16 {
+        let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+        if len > V2_MAX_PAYLOAD {
+            return Err(format!("v2 header: {len} byte payload is too long"));
         }
-        (1, 0x21) if len >= 36 => {
-            let ip = |o: usize| {
-                IpAddr::V6(Ipv6Addr::from(
-                    <[u8; 16]>::try_from(&body[o..o + 16]).unwrap(),
-                ))
-            };
-            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            Header::Proxied {
-                src: SocketAddr::new(ip(0), port(32)),
-                dst: SocketAddr::new(ip(16), port(34)),
-            }
-        }
+    }
+    let h = match v2::Header::try_from(buf) {
+        Ok(h) => h,
+        Err(v2::ParseError::Incomplete(have)) => return Ok(Parse::Need(16 - have)),
+        Err(v2::ParseError::Partial(have, len)) => return Ok(Parse::Need(len - have)),
+        Err(e) => return Err(format!("v2 header: {e}")),
+    };
+    let header = match (h.command, h.address_family(), h.protocol, &h.addresses) {
+        (Command::Local, ..) => Header::Local,
+        (_, AddressFamily::Unspecified, Protocol::Unspecified, _) => Header::Local,
+        (_, _, Protocol::Stream, v2::Addresses::IPv4(a)) => Header::Proxied {
+            src: SocketAddr::new(a.source_address.into(), a.source_port),
+            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
+        },
+        (_, _, Protocol::Stream, v2::Addresses::IPv6(a)) => Header::Proxied {
+            src: SocketAddr::new(a.source_address.into(), a.source_port),
+            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
+        },
         // Valid combinations we have no use for (UDP over IPv4 or IPv6, UNIX sockets):
         // the spec has a receiver fall back to UNSPEC, the connection's own addresses,
-        // as HAProxy does; only unknown ones and short address blocks are malformed.
-        (1, 0x12) if len >= 12 => Header::Local,
-        (1, 0x22) if len >= 36 => Header::Local,
-        (1, 0x31 | 0x32) if len >= 216 => Header::Local,
-        (1, f) => {
+        // as HAProxy does; any other family/protocol pair is malformed.
+        (_, AddressFamily::Unix, Protocol::Stream | Protocol::Datagram, _)
+        | (_, AddressFamily::IPv4 | AddressFamily::IPv6, Protocol::Datagram, _) => Header::Local,
+        _ => {
             return Err(format!(
-            "v2 header: unsupported family/protocol 0x{f:02x} or short address block ({len} bytes)"
-        ))
+                "v2 header: unsupported family/protocol 0x{:02x}",
+                buf[13]
+            ))
         }
-        (c, _) => return Err(format!("v2 header: unknown command {c}")),
     };
     // After the address block, TLVs (type, 2-byte length, value) fill the rest exactly:
     // one that runs past the header is malformed (HAProxy refuses it too).
-    let block = match (ver_cmd & 0xf, fam) {
-        (1, 0x11 | 0x12) => 12,
-        (1, 0x21 | 0x22) => 36,
-        (1, 0x31 | 0x32) => 216,
-        _ => len,
-    };
-    let mut tlvs = &body[block..];
-    while !tlvs.is_empty() {
-        let [kind, hi, lo, rest @ ..] = tlvs else {
-            return Err(format!(
-                "v2 header: a TLV head cut short ({} bytes)",
-                tlvs.len()
-            ));
-        };
-        let n = u16::from_be_bytes([*hi, *lo]) as usize;
-        if n > rest.len() {
-            return Err(format!(
-                "v2 header: TLV 0x{kind:02x} of {n} bytes runs past the header ({} left)",
-                rest.len()
-            ));
-        }
-        tlvs = &rest[n..];
+    if let Some(Err(e)) = h.tlvs().find(Result::is_err) {
+        return Err(format!("v2 header: {e}"));
     }
     Ok(Parse::Complete {
         header,
-        len: 16 + len,
+        len: h.len(),
     })
 }
 
@@ -306,17 +244,35 @@ mod tests {
         }
         assert_eq!(parse(b"PROXY TCP4 1.2"), Ok(Parse::Need(1)));
         assert!(parse(&[b'P'; 2]).is_err());
+        // Whatever follows UNKNOWN is ignored up to the CRLF, however many words.
+        let unknown = b"PROXY UNKNOWN ffff::1 ffff::2 1 2 and more\r\nGET /";
+        assert_eq!(
+            parse(unknown),
+            Ok(Parse::Complete {
+                header: Header::Local,
+                len: unknown.len() - 5
+            })
+        );
+        // A line that cannot end well is refused before it reads payload: a LF alone,
+        // a CR alone and no CRLF within 107 bytes.
+        assert!(parse(b"PROXY TCP4 1.2.3.4\n").is_err());
+        let mut cr = b"PROXY TCP4\r1.2.3.4".to_vec();
+        while let Ok(Parse::Need(n)) = parse(&cr) {
+            assert!(cr.len() < 107, "{:?}", String::from_utf8_lossy(&cr));
+            cr.extend(std::iter::repeat_n(b'1', n));
+        }
+        assert!(parse(&cr).is_err());
     }
 
     #[test]
     fn v2_known_answer() {
         let h = encode(ProxyProtocol::V2, sa("1.2.3.4:1000"), sa("5.6.7.8:80"));
-        let mut want = V2_SIGNATURE.to_vec();
+        let mut want = v2::PROTOCOL_PREFIX.to_vec();
         want.extend_from_slice(&[0x21, 0x11, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8, 0x03, 0xe8, 0, 80]);
         assert_eq!(h, want);
         assert_eq!(parse(&h[..10]), Ok(Parse::Need(6)));
         assert_eq!(parse(&h[..16]), Ok(Parse::Need(12)));
-        let mut local = V2_SIGNATURE.to_vec();
+        let mut local = v2::PROTOCOL_PREFIX.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(
             parse(&local),
@@ -364,7 +320,7 @@ mod tests {
             (0x13, 12, false),
             (0x41, 12, false),
         ] {
-            let mut v = V2_SIGNATURE.to_vec();
+            let mut v = v2::PROTOCOL_PREFIX.to_vec();
             v.extend_from_slice(&[0x21, fam, 0, len as u8]);
             v.resize(16 + len, 7);
             let want = Parse::Complete {
@@ -383,7 +339,7 @@ mod tests {
     #[test]
     fn v2_tlvs_must_fit_the_header() {
         let tcp4 = |tlvs: &[u8]| {
-            let mut v = V2_SIGNATURE.to_vec();
+            let mut v = v2::PROTOCOL_PREFIX.to_vec();
             v.extend_from_slice(&[0x21, 0x11, 0, (12 + tlvs.len()) as u8]);
             v.extend_from_slice(&[10, 2, 0, 1, 10, 2, 0, 2, 0, 7, 0, 8]);
             v.extend_from_slice(tlvs);
