@@ -546,6 +546,21 @@ relay_tests! {
         assert!((served as f64) <= expected + 1.0 && (served as f64) >= expected - 3.0, "{served}");
     }
 
+    fn proxy_protocol_from_haproxy_in_front(mode) {
+        // HAProxy as the front balancer, with its v1 header and its v2 header carrying
+        // TLVs (a unique id, a CRC32c of the header): our listener takes the client's
+        // address from it and passes it on to nginx, which answers with what it was told.
+        let nginx = Nginx::start();
+        let upstream = format!("upstream = \"{}\"", nginx.addr);
+        let fwd = local(mode, &format!("{upstream}\naccept_proxy_protocol = true\nproxy_protocol = \"v1\""));
+        for send in ["send-proxy", "send-proxy-v2 proxy-v2-options unique-id,crc32c"] {
+            let front = Haproxy::front(fwd.addr(), send);
+            let mut s = TcpStream::connect(front.addr).unwrap();
+            let me = s.local_addr().unwrap();
+            assert_eq!(http_get(&mut s), format!("{}:{}", me.ip(), me.port()), "{send}");
+        }
+    }
+
     fn proxy_protocol_to_nginx_and_from_a_client(mode) {
         let nginx = Nginx::start();
         for version in ["v1", "v2"] {

@@ -23,6 +23,8 @@ const TEST_APT: &[&str] = &[
     "nftables",
     "procps",
     "nginx",
+    // A front balancer sending PROXY headers (v1, v2 with TLVs) to our listener.
+    "haproxy",
     "util-linux",
     // promtool and a real Prometheus server for the metrics tests.
     "prometheus",

@@ -1,10 +1,10 @@
 //! Peers the policy tests need beyond the harness: clients from chosen source
-//! addresses, nginx speaking PROXY protocol.
+//! addresses, nginx speaking PROXY protocol, HAProxy sending it.
 
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -151,30 +151,82 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
-        let mut child = ChildGuard::spawn(cmd, "nginx");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            let why = match child.try_status() {
-                Some(status) => format!("it exited: {status}"),
-                None if Instant::now() >= deadline => "still not listening after 10 s".into(),
-                None => {
-                    thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-            };
-            let log = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
-            panic!(
-                "nginx did not start on {addr}: {why}; stderr:\n{}\nerror.log:\n{}",
-                log("stderr"),
-                log("error.log")
-            );
-        }
+        let child = started(cmd, "nginx", addr, &dir, &["stderr", "error.log"]);
         Nginx {
             addr,
             _child: child,
             _dir: dir,
         }
     }
+}
+
+/// HAProxy as a front balancer: `mode tcp` to `to`, sending each connection's PROXY
+/// header the way `server_options` says (`send-proxy`, `send-proxy-v2 ...`).
+pub struct Haproxy {
+    pub addr: SocketAddr,
+    _child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl Haproxy {
+    /// Starts haproxy; panics if it is not installed or does not start.
+    pub fn front(to: SocketAddr, server_options: &str) -> Haproxy {
+        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("haproxy is not installed (/usr/sbin/haproxy): `cargo xtask test` installs it, or `apt-get install haproxy`");
+        let dir = TempDir::new("haproxy");
+        let addr = forwarder_tests::free_loopback_addr();
+        let conf = [
+            "global\n  maxconn 64".to_string(),
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s".into(),
+            "  timeout server 10s".into(),
+            format!("listen front\n  bind {addr}\n  server s {to} {server_options}"),
+            // What `proxy-v2-options unique-id` sends.
+            "  unique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt\n".into(),
+        ]
+        .join("\n");
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(&cfg, conf).unwrap();
+        // -db: in the foreground, so PDEATHSIG and the guard reach it.
+        let mut cmd = forwarder_tests::command(bin);
+        cmd.arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
+        let child = started(cmd, "haproxy", addr, &dir, &["stderr"]);
+        Haproxy {
+            addr,
+            _child: child,
+            _dir: dir,
+        }
+    }
+}
+
+/// Spawns `cmd` (a server named `what`) and waits up to 10 s until it accepts on
+/// `addr`; panics with its `logs` (files in `dir`) if it exits or never listens.
+fn started(cmd: Command, what: &str, addr: SocketAddr, dir: &TempDir, logs: &[&str]) -> ChildGuard {
+    let mut child = ChildGuard::spawn(cmd, what);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        let why = match child.try_status() {
+            Some(status) => format!("it exited: {status}"),
+            None if Instant::now() >= deadline => "still not listening after 10 s".into(),
+            None => {
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let mut msg = format!("{what} did not start on {addr}: {why}");
+        for f in logs {
+            let text = std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+            msg += &format!("; {f}:\n{text}");
+        }
+        panic!("{msg}");
+    }
+    child
 }
 
 /// The upstream (index into `upstreams`, the config's `addr` strings, all of weight 1)
