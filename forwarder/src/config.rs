@@ -264,6 +264,8 @@ rule_settings! {
     connect_timeout: Duration,
     #[serde(default, with = "bounded_duration")]
     idle_timeout: Duration,
+    #[serde(default, with = "bounded_duration")]
+    tcp_keepalive: Duration,
     max_connections: usize,
     inflight_limit: u64,
     balance: Balance,
@@ -520,6 +522,9 @@ pub struct Rule {
     pub connect_timeout: Duration,
     /// `None` means never.
     pub idle_timeout: Option<Duration>,
+    /// TCP keepalive on the client's and the upstream's socket: probes start after
+    /// this long without a packet; `None` = off (the kernel's default).
+    pub tcp_keepalive: Option<Duration>,
     pub max_connections: usize,
     /// eBPF path: bytes one direction may have redirected but not yet accepted by the
     /// peer socket before that direction leaves the redirect path (the kernel applies
@@ -1045,6 +1050,9 @@ fn read_token_file(f: &str) -> std::io::Result<String> {
     }
 }
 
+/// The longest `tcp_keepalive`: the kernel's bound on TCP_KEEPIDLE (MAX_TCP_KEEPIDLE).
+const MAX_KEEPALIVE: Duration = Duration::from_secs(32767);
+
 /// The shortest `check_interval`.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -1314,6 +1322,14 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             at("check_interval")
         )));
     }
+    let tcp_keepalive = nonzero(s.tcp_keepalive);
+    if tcp_keepalive.is_some_and(|d| !(Duration::from_secs(1)..=MAX_KEEPALIVE).contains(&d)) {
+        return Err(err(format!(
+            "{}: must be from 1s to {}s (TCP_KEEPIDLE's range; 0s or unset: off)",
+            at("tcp_keepalive"),
+            MAX_KEEPALIVE.as_secs()
+        )));
+    }
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
     if rise == 0 || fall == 0 {
         let k = if rise == 0 { "rise" } else { "fall" };
@@ -1485,6 +1501,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         mode,
         connect_timeout,
         idle_timeout: nonzero(Some(s.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT))),
+        tcp_keepalive,
         max_connections,
         inflight_limit,
         balance: s.balance.unwrap_or(Balance::First),
@@ -2254,6 +2271,25 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         let root = c.user.unwrap();
         assert_eq!((root.uid, root.gid), (0, 0));
+    }
+
+    #[test]
+    fn tcp_keepalive_is_off_unless_asked_and_bounded() {
+        let rule = |extra: &str| Config::from_toml(&format!("{RULE}{extra}\n"));
+        assert_eq!(rule("").unwrap().rules[0].tcp_keepalive, None);
+        assert_eq!(
+            rule("tcp_keepalive=\"0s\"").unwrap().rules[0].tcp_keepalive,
+            None
+        );
+        let on = rule("tcp_keepalive=\"90s\"").unwrap();
+        assert_eq!(on.rules[0].tcp_keepalive, Some(Duration::from_secs(90)));
+        for bad in ["999ms", "32768s"] {
+            let e = error_of(&format!("{RULE}tcp_keepalive=\"{bad}\"\n"));
+            assert!(
+                e.contains("`rule[0].tcp_keepalive`") && e.contains("1s to 32767s"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

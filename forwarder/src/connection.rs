@@ -796,6 +796,16 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
         match result {
             Ok((stream, addr, failed)) => {
                 say_failed_addresses(&rule.name, peer, upstream, &failed);
+                if let Some(idle) = rule.tcp_keepalive {
+                    // The pair works without it; the log says it will not notice a
+                    // dead upstream this way.
+                    if let Err(e) = crate::server::set_keepalive((&stream).into(), Some(idle)) {
+                        tracing::warn!(
+                            "tcp_keepalive on rule={} upstream={addr} failed: {e}",
+                            rule.name
+                        );
+                    }
+                }
                 return Ok(Dialed::Connected(stream, addr, attempt));
             }
             Err(e) => say_connect_failed(&rule.name, peer, upstream, &e.why),

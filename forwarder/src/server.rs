@@ -280,6 +280,16 @@ impl Server {
     /// Starts serving `rule` on `listener`, logging its `listening` line.
     async fn start(&self, rule: &Rule, listener: Arc<TcpListener>) -> anyhow::Result<Running> {
         let (relay, why) = choose_relay(rule).await?;
+        // On the listener, for the clients it accepts from now on (a reload that turns
+        // it off or changes it leaves open connections as they were).
+        set_keepalive(socket2::SockRef::from(&*listener), rule.tcp_keepalive).with_context(
+            || {
+                format!(
+                    "cannot set tcp_keepalive on rule {:?}'s listener",
+                    rule.name
+                )
+            },
+        )?;
         let local = listener.local_addr()?;
         event!(
             info,
@@ -766,6 +776,25 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
+}
+
+/// Probes a silent peer gets before its connection ends (ETIMEDOUT).
+const KEEPALIVE_PROBES: u32 = 4;
+
+/// TCP keepalive as `tcp_keepalive` asks: after `idle` without a packet, a probe every
+/// quarter of it (at least 1 s); 4 unanswered end the connection, so a dead peer is
+/// noticed within twice `idle`. `None` turns it off. On a listener, the sockets it
+/// accepts inherit it (Linux copies the options and starts their timer at accept).
+pub fn set_keepalive(sock: socket2::SockRef<'_>, idle: Option<Duration>) -> io::Result<()> {
+    let Some(idle) = idle else {
+        return sock.set_keepalive(false);
+    };
+    let every = (idle / 4).max(Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(every)
+        .with_retries(KEEPALIVE_PROBES);
+    sock.set_tcp_keepalive(&ka)
 }
 
 /// Out of fds or memory: our problem, not the peer's.

@@ -2068,6 +2068,76 @@ relay_tests! {
         assert_eq!(field(&close, "path"), Some(mode.as_str()), "{close}");
     }
 
+    /// `tcp_keepalive` ends a pair whose peer went silent for good, on either side, and
+    /// resets the other side; a pair without it (and with `idle_timeout = "0s"`)
+    /// outlives the same outage and carries bytes after it. The dead peers sit in a
+    /// namespace that drops every packet in and out (nftables): an upstream, and a
+    /// client. (Not `blackhole()`: a probe dropped by our own qdisc is local congestion
+    /// to TCP, which tries again every 500 ms and never counts it.)
+    fn tcp_keepalive_ends_pairs_with_a_dead_peer(mode) {
+        let _load = light();
+        let ns = NetNs::new();
+        let far = ns.run(|| Server::echo_on(std::net::IpAddr::V4(ns.ns_ip())));
+        let near = Server::echo();
+        let (far, near, host) = (far.addr(), near.addr(), ns.host_ip());
+        let rules = [
+            ("dead_upstream", "127.0.0.1:0".to_string(), far, "tcp_keepalive = \"1s\"\n"),
+            ("no_keepalive", "127.0.0.1:0".to_string(), far, ""),
+            ("dead_client", format!("{host}:0"), near, "tcp_keepalive = \"1s\"\n"),
+        ];
+        let mut toml = "[defaults]\nidle_timeout = \"0s\"\n".to_string();
+        for (name, listen, upstream, extra) in &rules {
+            toml += &format!("[[rule]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}");
+        }
+        let fwd = Forwarder::config(Some(mode), &toml, rules.len());
+        let exchange = |s: &TcpStream, seed: u64| -> io::Result<()> {
+            let sent = Payload::new(seed, 4096).to_vec();
+            (&*s).write_all(&sent)?;
+            let mut got = vec![0; sent.len()];
+            (&*s).read_exact(&mut got)?;
+            assert!(got == sent, "the echo came back different");
+            Ok(())
+        };
+        let dead_upstream = TcpStream::connect(fwd.rule_addr("dead_upstream")).unwrap();
+        let no_keepalive = TcpStream::connect(fwd.rule_addr("no_keepalive")).unwrap();
+        let dead_client_at = fwd.rule_addr("dead_client");
+        let dead_client = ns.run(|| TcpStream::connect(dead_client_at)).unwrap();
+        for (i, s) in [&dead_upstream, &no_keepalive, &dead_client].into_iter().enumerate() {
+            s.set_read_timeout(Some(secs(10))).unwrap();
+            exchange(s, i as u64).unwrap();
+        }
+        ns.nft_rule("input", &["drop"]);
+        ns.nft_rule("output", &["drop"]);
+        let cut = Instant::now();
+        // Idle 1 s, then 4 probes a second apart: about 5 s.
+        let ended = fwd.wait_close_lines(2, secs(15));
+        let took = cut.elapsed();
+        println!("{mode:?}: keepalive ended {} pairs in {took:?}: {ended:?}", ended.len());
+        let end_of = |rule: &str| {
+            let line = ended.iter().find(|l| field(l, "rule") == Some(rule));
+            line.and_then(|l| field(l, "end")).map(str::to_string)
+        };
+        assert_eq!(end_of("dead_upstream").as_deref(), Some("upstream_timed_out"), "{ended:?}");
+        assert_eq!(end_of("dead_client").as_deref(), Some("client_timed_out"), "{ended:?}");
+        assert!(took >= secs(4), "ended before the probes could have failed: {took:?}");
+        // The dead upstream's client was reset, not given a clean EOF.
+        let mut byte = [0u8; 1];
+        let got = (&dead_upstream).read(&mut byte);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "the client of a dead upstream read {got:?}"
+        );
+        thread::sleep(secs(1));
+        ns.exec("nft", &["delete", "table", "inet", "t"]);
+        // The pair without keepalive is still there, both ways.
+        exchange(&no_keepalive, 7).unwrap();
+        assert_eq!(fwd.close_lines().len(), 2, "{:?}", fwd.close_lines());
+        drop(no_keepalive);
+        let all = fwd.wait_close_lines(3, secs(5));
+        let last = all.iter().find(|l| field(l, "rule") == Some("no_keepalive"));
+        assert_eq!(last.and_then(|l| field(l, "end")), Some("closed"), "{all:?}");
+    }
+
     /// IPv6: listen on [::1], forward to an upstream on [::1].
     fn ipv6_loopback(mode) {
         let _load = light();
