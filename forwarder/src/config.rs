@@ -266,6 +266,7 @@ rule_settings! {
     idle_timeout: Duration,
     #[serde(default, with = "bounded_duration")]
     tcp_keepalive: Duration,
+    connect_from: String,
     max_connections: usize,
     inflight_limit: u64,
     balance: Balance,
@@ -525,6 +526,8 @@ pub struct Rule {
     /// TCP keepalive on the client's and the upstream's socket: probes start after
     /// this long without a packet; `None` = off (the kernel's default).
     pub tcp_keepalive: Option<Duration>,
+    /// The local address upstream connections (and health checks) are made from.
+    pub connect_from: Option<IpAddr>,
     pub max_connections: usize,
     /// eBPF path: bytes one direction may have redirected but not yet accepted by the
     /// peer socket before that direction leaves the redirect path (the kernel applies
@@ -1330,6 +1333,35 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             MAX_KEEPALIVE.as_secs()
         )));
     }
+    let connect_from = match s.connect_from.as_deref() {
+        None => None,
+        Some(text) => {
+            let ip: IpAddr = text.parse().map_err(|_| {
+                err(format!(
+                    "{}: {text:?} is not an IP address (a port is chosen per connection)",
+                    at("connect_from")
+                ))
+            })?;
+            if upstreams[0].addr.starts_with(AGENT_PREFIX) {
+                return Err(err(format!(
+                    "{}: an agent: upstream connects nowhere from here (its agent dials out)",
+                    at("connect_from")
+                )));
+            }
+            // A literal upstream of the other family could never be reached from it.
+            let other = upstreams
+                .iter()
+                .filter_map(|u| literal_addr(&u.addr).and_then(Result::ok))
+                .find(|a| a.is_ipv4() != ip.is_ipv4());
+            if let Some(a) = other {
+                return Err(err(format!(
+                    "{}: {ip} cannot connect to {a} (another address family)",
+                    at("connect_from")
+                )));
+            }
+            Some(ip)
+        }
+    };
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
     if rise == 0 || fall == 0 {
         let k = if rise == 0 { "rise" } else { "fall" };
@@ -1502,6 +1534,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         connect_timeout,
         idle_timeout: nonzero(Some(s.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT))),
         tcp_keepalive,
+        connect_from,
         max_connections,
         inflight_limit,
         balance: s.balance.unwrap_or(Balance::First),

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -732,6 +732,31 @@ pub async fn connect_addr(addr: &str) -> io::Result<TcpStream> {
     }
 }
 
+/// Connects to `addr`, from the local address `from` when given. The port is picked
+/// at connect, per destination (IP_BIND_ADDRESS_NO_PORT): a bind to port 0 alone takes
+/// a port from the local range for good, and the range would run out after some 28k
+/// upstream connections whatever their destinations.
+async fn connect_from(addr: SocketAddr, from: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = from else {
+        return TcpStream::connect(addr).await;
+    };
+    if ip.is_ipv4() != addr.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("connect_from {ip} cannot reach an address of another family"),
+        ));
+    }
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+    sock.bind(SocketAddr::new(ip, 0))
+        .map_err(|e| io::Error::new(e.kind(), format!("connect_from {ip}: {e}")))?;
+    sock.connect(addr).await
+}
+
 /// [`connect_one`], waiting out a shortage of our own fds or memory as a rule's client
 /// does (tried every 50 ms, up to `timeout` in all): a tunnel agent's target.
 pub async fn connect_one_patiently(
@@ -740,7 +765,7 @@ pub async fn connect_one_patiently(
 ) -> Result<Answered, ConnectError> {
     let until = tokio::time::Instant::now() + timeout;
     loop {
-        match connect_one(upstream, timeout).await {
+        match connect_one(upstream, timeout, None).await {
             Err(e) if e.local && tokio::time::Instant::now() + LOCAL_RETRY < until => {
                 tokio::time::sleep(LOCAL_RETRY).await
             }
@@ -762,7 +787,7 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
     for i in ups.order(peer.ip()) {
         let mut attempt = ups.attempt(i);
         let upstream = &ups.list[i].cfg.addr;
-        let result = match connect_one(upstream, rule.connect_timeout).await {
+        let result = match connect_one(upstream, rule.connect_timeout, rule.connect_from).await {
             Err(ConnectError {
                 reset: Some((addr, error)),
                 ..
@@ -885,7 +910,12 @@ pub type Answered = (TcpStream, SocketAddr, Vec<String>);
 
 /// Connects to `upstream` (an address, or a name: each of its addresses in turn,
 /// `timeout` each).
-pub async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, ConnectError> {
+/// From `from` when given (`connect_from`).
+pub async fn connect_one(
+    upstream: &str,
+    timeout: Duration,
+    from: Option<IpAddr>,
+) -> Result<Answered, ConnectError> {
     let remote = |why: String| ConnectError {
         why,
         local: false,
@@ -915,7 +945,7 @@ pub async fn connect_one(upstream: &str, timeout: Duration) -> Result<Answered, 
     let mut errors = Vec::new();
     let mut local = true;
     for addr in addrs {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(timeout, connect_from(addr, from)).await {
             Ok(Ok(stream)) => return Ok((stream, addr, errors)),
             Ok(Err(e)) if reset_at_connect(&e) => {
                 return Err(ConnectError {

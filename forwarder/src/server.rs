@@ -83,22 +83,46 @@ fn bind_rule(
     i: usize,
     file: Option<&std::path::Path>,
 ) -> anyhow::Result<std::net::TcpListener> {
+    can_connect_from(rule, i, file)?;
     bind(rule.listen).with_context(|| {
-        let at = match file {
-            Some(path) => {
-                let key = format!("rule[{i}].listen");
-                match crate::config::line_in_file(path, &key) {
-                    Some(line) => format!(", key `{key}`, line {line}"),
-                    None => format!(", key `{key}`"),
-                }
-            }
-            None => String::new(),
-        };
+        let at = key_in_file(file, &format!("rule[{i}].listen"));
         format!(
             "cannot listen on {} (rule {:?}{at})",
             rule.listen, rule.name
         )
     })
+}
+
+/// Whether rule `i`'s `connect_from` is an address of this host: found at start (or
+/// reload), like a listen address, not as every upstream going DOWN.
+fn can_connect_from(rule: &Rule, i: usize, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(ip) = rule.connect_from else {
+        return Ok(());
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(SocketAddr::new(ip, 0)),
+        socket2::Type::STREAM,
+        None,
+    );
+    sock.and_then(|s| {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+        s.bind(&SocketAddr::new(ip, 0).into())
+    })
+    .with_context(|| {
+        let at = key_in_file(file, &format!("rule[{i}].connect_from"));
+        format!("cannot connect from {ip} (rule {:?}{at})", rule.name)
+    })
+}
+
+/// `, key `KEY`, line N` for an error about `key` of `file` (nothing without a file).
+fn key_in_file(file: Option<&std::path::Path>, key: &str) -> String {
+    let Some(path) = file else {
+        return String::new();
+    };
+    match crate::config::line_in_file(path, key) {
+        Some(line) => format!(", key `{key}`, line {line}"),
+        None => format!(", key `{key}`"),
+    }
 }
 
 /// One rule being served.
@@ -408,6 +432,10 @@ impl Server {
         }
         let mut fresh = Vec::new();
         for (i, (rule, plan)) in new.rules.iter().zip(&plans).enumerate() {
+            // A kept listener's rule is checked too (bind_rule checks the others).
+            if let Plan::Start(Some(_)) = plan {
+                can_connect_from(rule, i, Some(&source.path))?;
+            }
             if let Plan::Start(None) = plan {
                 let bound = bind_rule(rule, i, Some(&source.path))
                     .map_err(|e| self.own_conflict(rule, e))?;

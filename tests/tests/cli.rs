@@ -227,6 +227,36 @@ idle_timeout = "1h"
         assert_config_error(&rewrites, &["rule[0].rewrite", "agent:"]);
     }
 
+    /// `connect_from` must be an IP address of the upstreams' family (exit 2, naming
+    /// the key), and one of this host's: otherwise `run` stops at start (exit 1),
+    /// naming the key and line, before every upstream would go DOWN for it.
+    #[test]
+    fn connect_from_is_checked() {
+        let rule = |from: &str| {
+            format!("[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nconnect_from = \"{from}\"\n")
+        };
+        assert_config_error(
+            &rule("10.0.0.1:80"),
+            &["rule[0].connect_from", "not an IP address"],
+        );
+        assert_config_error(
+            &rule("::1"),
+            &["rule[0].connect_from", "another address family"],
+        );
+        let not_ours = rule("192.0.2.1");
+        assert_eq!(
+            check(&not_ours).code(),
+            Some(0),
+            "{}",
+            check(&not_ours).stderr
+        );
+        let o = run_config(&not_ours);
+        assert_eq!(o.code(), Some(1), "stderr:\n{}", o.stderr);
+        let want =
+            "cannot connect from 192.0.2.1 (rule \"rule0\", key `rule[0].connect_from`, line 4)";
+        assert!(o.stderr.contains(want), "stderr:\n{}", o.stderr);
+    }
+
     #[test]
     fn listen_address_in_use_exits_1_naming_it() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();

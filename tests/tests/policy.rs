@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -544,6 +544,31 @@ relay_tests! {
         let expected = 10.0 + 10.0 * started.elapsed().as_secs_f64();
         eprintln!("rate_per_source 10/s: {served} served, {refused} refused in {:?} (bucket allows {expected:.1})", started.elapsed());
         assert!((served as f64) <= expected + 1.0 && (served as f64) >= expected - 3.0, "{served}");
+    }
+
+    /// `connect_from`: the upstream sees the rule's connections, and its health checks,
+    /// come from that address (all of 127.0.0.0/8 is this host's).
+    fn connect_from_picks_the_source_address(mode) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let up = {
+            let seen = seen.clone();
+            Server::start(LOCALHOST, move |s| {
+                let ip = s.peer_addr().unwrap().ip();
+                seen.lock().unwrap().push(ip);
+                let _ = (&*s).write_all(ip.to_string().as_bytes());
+            })
+        };
+        let body = format!("upstream = \"{}\"\nconnect_from = \"127.0.0.7\"\ncheck_interval = \"100ms\"", up.addr());
+        let fwd = local(mode, &body);
+        let mut s = TcpStream::connect(fwd.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "127.0.0.7", "the address the upstream saw");
+        // The client's connection and at least three checks.
+        assert!(forwarder_tests::netns::wait_until(Duration::from_secs(5), || seen.lock().unwrap().len() >= 4));
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.iter().all(|ip| ip.to_string() == "127.0.0.7"), "{seen:?}");
     }
 
     fn proxy_protocol_from_haproxy_in_front(mode) {

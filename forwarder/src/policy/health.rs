@@ -1,5 +1,6 @@
 //! Active health checks: a TCP connect to every upstream each `check_interval`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
         let mut checks = tokio::task::JoinSet::new();
         for (i, u) in upstreams.list.iter().enumerate() {
             let addr = u.cfg.addr.clone();
-            checks.spawn(async move { (i, check(&addr, timeout).await) });
+            let from = rule.connect_from;
+            checks.spawn(async move { (i, check(&addr, timeout, from).await) });
         }
         while let Some(Ok((i, result))) = checks.join_next().await {
             // Out of fds or memory ourselves: the check says nothing of the upstream
@@ -61,11 +63,13 @@ pub fn log_transition(rule: &str, addr: &str, up: bool, by: &str, why: &str) {
 
 /// One check: whether `addr` answered, or None when the failure was ours (out of fds
 /// or memory), which tells nothing about the upstream.
-async fn check(addr: &str, timeout: Duration) -> Option<Result<(), String>> {
-    match tokio::time::timeout(timeout, crate::connection::connect_addr(addr)).await {
+/// From `connect_from`, as the rule's connections are made.
+async fn check(addr: &str, timeout: Duration, from: Option<IpAddr>) -> Option<Result<(), String>> {
+    let connect = crate::connection::connect_one(addr, timeout, from);
+    match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(_)) => Some(Ok(())),
-        Ok(Err(e)) if crate::server::is_resource_exhaustion(&e) => None,
-        Ok(Err(e)) => Some(Err(e.to_string())),
+        Ok(Err(e)) if e.local => None,
+        Ok(Err(e)) => Some(Err(e.why)),
         Err(_) => Some(Err(format!("timed out after {timeout:?}"))),
     }
 }
