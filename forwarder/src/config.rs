@@ -373,7 +373,9 @@ struct OneUpstream;
 impl<'de> serde::de::Visitor<'de> for OneUpstream {
     type Value = FileUpstream;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("\"HOST:PORT\" or a table { addr = ..., weight = ..., backup = ... }")
+        f.write_str(
+            "\"HOST:PORT\" or a table { addr = ..., weight = ..., backup = ..., max_connections = ... }",
+        )
     }
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
         Ok(FileUpstream::Addr(v.to_string()))
@@ -398,6 +400,7 @@ struct FileUpstreamFull {
     weight: u32,
     #[serde(default)]
     backup: bool,
+    max_connections: Option<usize>,
 }
 
 fn one() -> u32 {
@@ -497,6 +500,9 @@ pub struct Upstream {
     pub weight: u32,
     /// Used only when every primary upstream is down.
     pub backup: bool,
+    /// Connections open to it (or connecting) at most: one at the limit is passed over
+    /// like a down one, without counting as failed.
+    pub max_connections: Option<usize>,
 }
 
 /// Allow/deny lists of networks: with a non-empty allow list only matching clients
@@ -1228,11 +1234,13 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             addr,
             weight: 1,
             backup: false,
+            max_connections: None,
         },
         FileUpstream::Full(f) => Upstream {
             addr: f.addr,
             weight: f.weight,
             backup: f.backup,
+            max_connections: f.max_connections,
         },
     })
     .collect();
@@ -1250,7 +1258,13 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
                 u.addr
             ))
         };
+        if u.max_connections == Some(0) {
+            return Err(bad("max_connections must be at least 1".into()));
+        }
         if let Some(name) = u.addr.strip_prefix(AGENT_PREFIX) {
+            if u.max_connections.is_some() {
+                return Err(bad("an agent: upstream takes no max_connections of its own (the rule's bounds its visitors)".into()));
+            }
             if upstreams.len() > 1 {
                 return Err(bad("an agent: upstream must be the rule's only upstream (several agents offering it are balanced by `balance`)".into()));
             }
@@ -2112,6 +2126,14 @@ mod tests {
             ),
             (r#"{ addr = "a:1", backup = "yes" }"#, "expected a boolean"),
             (r#"[{ addr = "a:1", weight = -1 }]"#, "expected u32"),
+            (
+                r#"[{ addr = "a:1", max_connections = 0 }]"#,
+                "max_connections must be at least 1",
+            ),
+            (
+                r#"{ addr = "agent:web", max_connections = 5 }"#,
+                "takes no max_connections",
+            ),
         ] {
             let toml = format!("[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = {upstream}\n");
             let e = Config::from_toml(&toml).unwrap_err().to_string();
@@ -2140,7 +2162,7 @@ mod tests {
             upstream = "192.168.1.25:8005"
             [[rule]]
             listen = "[::1]:0"
-            upstream = ["a.example:1", { addr = "[::1]:2", weight = 3 }, { addr = "b:3", backup = true }]
+            upstream = ["a.example:1", { addr = "[::1]:2", weight = 3, max_connections = 9 }, { addr = "b:3", backup = true }]
             idle_timeout = "1h"
             mode = "auto"
             balance = "source_hash"
@@ -2168,10 +2190,12 @@ mod tests {
             Upstream {
                 addr: "[::1]:2".into(),
                 weight: 3,
-                backup: false
+                backup: false,
+                max_connections: Some(9),
             }
         );
         assert!(r1.upstreams[2].backup);
+        assert_eq!(r1.upstreams[2].max_connections, None);
         assert_eq!(r1.idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(r1.mode, Mode::Auto);
         assert_eq!(r1.balance, Balance::SourceHash);

@@ -784,8 +784,13 @@ struct OutOfResources {
 async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed, OutOfResources> {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
+    let mut full = 0;
     for i in ups.order(peer.ip()) {
-        let mut attempt = ups.attempt(i);
+        // At its max_connections: passed over, neither tried nor counted as failed.
+        let Some(mut attempt) = ups.try_attempt(i) else {
+            full += 1;
+            continue;
+        };
         let upstream = &ups.list[i].cfg.addr;
         let result = match connect_one(upstream, rule.connect_timeout, rule.connect_from).await {
             Err(ConnectError {
@@ -835,6 +840,10 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
             }
             Err(e) => say_connect_failed(&rule.name, peer, upstream, &e.why),
         }
+    }
+    if full > 0 {
+        let why = format!("{full} upstream(s) at their max_connections");
+        say_connect_failed(&rule.name, peer, &rule.upstream_list(), &why);
     }
     Ok(Dialed::Failed)
 }

@@ -2,7 +2,7 @@
 //! limits, PROXY protocol against nginx. Each test runs on both relay paths.
 
 use std::ffi::OsString;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -569,6 +569,39 @@ relay_tests! {
         assert!(forwarder_tests::netns::wait_until(Duration::from_secs(5), || seen.lock().unwrap().len() >= 4));
         let seen = seen.lock().unwrap().clone();
         assert!(seen.iter().all(|ip| ip.to_string() == "127.0.0.7"), "{seen:?}");
+    }
+
+    /// An upstream's `max_connections`: at the limit it is passed over, here to the
+    /// backup, and used again once a connection to it ends; with nowhere to go, a
+    /// client is closed at once (`end=connect_failed`), and no upstream is marked down.
+    fn an_upstream_at_its_max_connections_is_passed_over(mode) {
+        let (a, b) = (Server::greeting(b"A"), Server::greeting(b"B"));
+        let greeted = |addr: SocketAddr| -> io::Result<(TcpStream, u8)> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut who = [0u8; 1];
+            s.read_exact(&mut who)?;
+            Ok((s, who[0]))
+        };
+        let body = format!("upstream = [{{ addr = \"{}\", max_connections = 2 }}, {{ addr = \"{}\", backup = true }}]", a.addr(), b.addr());
+        let fwd = local(mode, &body);
+        let mut held: Vec<(TcpStream, u8)> = (0..3).map(|_| greeted(fwd.addr()).unwrap()).collect();
+        let who: Vec<u8> = held.iter().map(|(_, w)| *w).collect();
+        assert_eq!(who, b"AAB", "the third client went past the full primary");
+        drop(held.remove(0));
+        assert_eq!(fwd.wait_close_lines(1, Duration::from_secs(5)).len(), 1);
+        assert_eq!(greeted(fwd.addr()).unwrap().1, b'A', "a slot freed on the primary");
+        // Alone and full: the client is closed, nothing is marked down.
+        let body = format!("upstream = {{ addr = \"{}\", max_connections = 1 }}", a.addr());
+        let alone = local(mode, &body);
+        let (_first, w) = greeted(alone.addr()).unwrap();
+        assert_eq!(w, b'A');
+        let refused = greeted(alone.addr());
+        assert!(refused.is_err(), "a second client of a full upstream was served");
+        let close = alone.wait_close_lines(1, Duration::from_secs(5));
+        assert_eq!(close.first().and_then(|l| field(l, "end")), Some("connect_failed"), "{close:?}");
+        assert!(wait_log(&alone, "at their max_connections", Duration::from_secs(2)));
+        assert!(!alone.log_lines().iter().any(|l| l.contains("is DOWN")), "{:?}", alone.log_lines());
     }
 
     fn proxy_protocol_from_haproxy_in_front(mode) {

@@ -141,18 +141,47 @@ impl Upstreams {
                 .is_some_and(|t| t.elapsed() >= PASSIVE_RETRY)
     }
 
+    /// Whether upstream `i` is below its `max_connections`, if it has one.
+    fn has_room(&self, i: usize) -> bool {
+        let u = &self.list[i];
+        u.cfg
+            .max_connections
+            .is_none_or(|max| u.health.active.load(Ordering::Relaxed) < max)
+    }
+
+    /// [`Upstreams::attempt`], unless upstream `i` is at its `max_connections`: the
+    /// count is taken only below it, so clients racing for the last slot cannot both
+    /// have it.
+    pub fn try_attempt(&self, i: usize) -> Option<Attempt> {
+        let Some(max) = self.list[i].cfg.max_connections else {
+            return Some(self.attempt(i));
+        };
+        let active = &self.list[i].health.active;
+        active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(self.counted(i))
+    }
+
     /// Starts a connect to upstream `i` (from [`Upstreams::order`]): the downed
     /// upstream's trial if one is due and no other client makes it now. (While one
     /// does, `order` puts the upstream last, as any downed one: tried only as a last
     /// resort, when every healthy one failed, or there is none.)
     pub fn attempt(&self, i: usize) -> Attempt {
+        self.list[i].health.active.fetch_add(1, Ordering::Relaxed);
+        self.counted(i)
+    }
+
+    /// The [`Attempt`] of a connect to upstream `i` already counted in its `active`.
+    fn counted(&self, i: usize) -> Attempt {
         let health = &self.list[i].health;
         let trial = self.trial_due(health)
             && health
                 .trial
                 .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        health.active.fetch_add(1, Ordering::Relaxed);
         Attempt {
             health: health.clone(),
             trial,
@@ -168,7 +197,10 @@ impl Upstreams {
         // Sized exactly: a `collect` here (capacity 4) cost 90-130 B of RSS per idle
         // pair (its freed chunk fragments the heap the pair's long-lived allocations use).
         let mut order = Vec::with_capacity(n);
-        order.extend((0..n).filter(|&i| self.list[i].cfg.backup != primary_up && self.is_up(i)));
+        // (Those at their max_connections are passed over, as later in the order.)
+        order.extend((0..n).filter(|&i| {
+            self.list[i].cfg.backup != primary_up && self.is_up(i) && self.has_room(i)
+        }));
         let first = self.pick(&order, client);
         order.clear();
         if let Some(first) = first {
@@ -354,6 +386,20 @@ mod tests {
             r#"[{ addr = "a:1", weight = 3 }, "b:1", "c:1"]"#,
         );
         assert_eq!(counts(&u, 300), vec![180, 60, 60]);
+    }
+
+    #[test]
+    fn an_upstream_at_its_max_connections_is_passed_over() {
+        let u = upstreams("first", r#"[{ addr = "a:1", max_connections = 2 }, "b:1"]"#);
+        let ip = "10.0.0.1".parse().unwrap();
+        let held: Vec<Attempt> = (0..2).map(|_| u.try_attempt(0).unwrap()).collect();
+        assert!(u.try_attempt(0).is_none(), "a third connection to a:1");
+        assert_eq!(u.order(ip)[0], 1, "b:1 first while a:1 is full");
+        drop(held);
+        assert_eq!(u.order(ip)[0], 0);
+        // Many at once never take more than the limit.
+        let taken: Vec<Attempt> = (0..10).filter_map(|_| u.try_attempt(0)).collect();
+        assert_eq!(taken.len(), 2);
     }
 
     #[test]
