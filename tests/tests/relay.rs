@@ -1638,6 +1638,10 @@ relay_tests! {
             1,
         );
         fwd.assert_mode(mode);
+        // A client slowed by a loaded host lets the pair reach the in-flight bound and
+        // leave the maps before its cut (seen in CI): its cut is then splice's, checked
+        // the same. Most are cut on the kernel path (asserted below).
+        fwd.expect_paths(&["ebpf>splice"]);
         // Rounds until one has a clean close to check (not vacuous): most cuts fall
         // between two messages, but on a loaded host the last one is often unacked.
         let mut rounds = 0;
@@ -1657,6 +1661,8 @@ relay_tests! {
             .filter(|l| field(l, "end") == Some("max_connection_duration"))
             .count();
         assert_eq!(cut, n, "{closes:?}");
+        let on_mode = closes.iter().filter(|l| field(l, "path") == Some(mode.as_str())).count();
+        assert!(on_mode * 4 >= n, "only {on_mode} of {n} pairs were cut on {mode:?}: {closes:?}");
     }
 
     /// A second signal during the drain exits at once, even with connections open.
