@@ -1356,24 +1356,30 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
                     at("connect_from")
                 ))
             })?;
+            // An agent dials out: one written in the rule is an error, one inherited
+            // from `[defaults]` does not apply (as `check_interval`).
             if upstreams[0].addr.starts_with(AGENT_PREFIX) {
-                return Err(err(format!(
-                    "{}: an agent: upstream connects nowhere from here (its agent dials out)",
-                    at("connect_from")
-                )));
+                if r.connect_from.is_some() {
+                    return Err(err(format!(
+                        "{}: an agent: upstream connects nowhere from here (its agent dials out)",
+                        at("connect_from")
+                    )));
+                }
+                None
+            } else {
+                // A literal upstream of the other family could never be reached from it.
+                let other = upstreams
+                    .iter()
+                    .filter_map(|u| literal_addr(&u.addr).and_then(Result::ok))
+                    .find(|a| a.is_ipv4() != ip.is_ipv4());
+                if let Some(a) = other {
+                    return Err(err(format!(
+                        "{}: {ip} cannot connect to {a} (another address family)",
+                        at("connect_from")
+                    )));
+                }
+                Some(ip)
             }
-            // A literal upstream of the other family could never be reached from it.
-            let other = upstreams
-                .iter()
-                .filter_map(|u| literal_addr(&u.addr).and_then(Result::ok))
-                .find(|a| a.is_ipv4() != ip.is_ipv4());
-            if let Some(a) = other {
-                return Err(err(format!(
-                    "{}: {ip} cannot connect to {a} (another address family)",
-                    at("connect_from")
-                )));
-            }
-            Some(ip)
         }
     };
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
@@ -2429,6 +2435,22 @@ mod tests {
         let c =
             Config::from_toml(&format!("[defaults]\ncheck_interval = \"2s\"\n{TUNNEL}")).unwrap();
         assert_eq!(c.rules[0].check_interval, None);
+        // Nor a local address to connect from: inherited, it does not apply; written in
+        // the rule, it is an error.
+        let c = Config::from_toml(&format!(
+            "[defaults]\nconnect_from = \"127.0.0.1\"\n{TUNNEL}"
+        ))
+        .unwrap();
+        assert_eq!(c.rules[0].connect_from, None);
+        let own = TUNNEL.replace(
+            "upstream = \"agent:web\"",
+            "upstream = \"agent:web\"\nconnect_from = \"127.0.0.1\"",
+        );
+        let e = error_of(&own);
+        assert!(
+            e.contains("`rule[0].connect_from`") && e.contains("agent dials out"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -732,10 +732,7 @@ pub async fn connect_addr(addr: &str) -> io::Result<TcpStream> {
     }
 }
 
-/// Connects to `addr`, from the local address `from` when given. The port is picked
-/// at connect, per destination (IP_BIND_ADDRESS_NO_PORT): a bind to port 0 alone takes
-/// a port from the local range for good, and the range would run out after some 28k
-/// upstream connections whatever their destinations.
+/// Connects to `addr`, from the local address `from` when given.
 async fn connect_from(addr: SocketAddr, from: Option<IpAddr>) -> io::Result<TcpStream> {
     let Some(ip) = from else {
         return TcpStream::connect(addr).await;
@@ -746,15 +743,24 @@ async fn connect_from(addr: SocketAddr, from: Option<IpAddr>) -> io::Result<TcpS
             format!("connect_from {ip} cannot reach an address of another family"),
         ));
     }
-    let sock = if addr.is_ipv4() {
+    let sock =
+        socket_from(ip).map_err(|e| io::Error::new(e.kind(), format!("connect_from {ip}: {e}")))?;
+    sock.connect(addr).await
+}
+
+/// A TCP socket bound to `ip`, its port left to the connect, per destination
+/// (IP_BIND_ADDRESS_NO_PORT): a bind to port 0 alone takes a port from the local range
+/// for good, and the range would run out after some 28k upstream connections whatever
+/// their destinations. Needs no runtime until it connects.
+pub fn socket_from(ip: IpAddr) -> io::Result<tokio::net::TcpSocket> {
+    let sock = if ip.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
-    sock.bind(SocketAddr::new(ip, 0))
-        .map_err(|e| io::Error::new(e.kind(), format!("connect_from {ip}: {e}")))?;
-    sock.connect(addr).await
+    sock.bind(SocketAddr::new(ip, 0))?;
+    Ok(sock)
 }
 
 /// [`connect_one`], waiting out a shortage of our own fds or memory as a rule's client

@@ -99,19 +99,12 @@ fn can_connect_from(rule: &Rule, i: usize, file: Option<&std::path::Path>) -> an
     let Some(ip) = rule.connect_from else {
         return Ok(());
     };
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(SocketAddr::new(ip, 0)),
-        socket2::Type::STREAM,
-        None,
-    );
-    sock.and_then(|s| {
-        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
-        s.bind(&SocketAddr::new(ip, 0).into())
-    })
-    .with_context(|| {
-        let at = key_in_file(file, &format!("rule[{i}].connect_from"));
-        format!("cannot connect from {ip} (rule {:?}{at})", rule.name)
-    })
+    crate::connection::socket_from(ip)
+        .map(drop)
+        .with_context(|| {
+            let at = key_in_file(file, &format!("rule[{i}].connect_from"));
+            format!("cannot connect from {ip} (rule {:?}{at})", rule.name)
+        })
 }
 
 /// `, key `KEY`, line N` for an error about `key` of `file` (nothing without a file).
