@@ -66,6 +66,36 @@ pub enum Header {
     Local,
 }
 
+/// The crate's address block (one type for its v1 and v2 headers) as ours.
+impl From<v1::IPv4> for Header {
+    fn from(a: v1::IPv4) -> Header {
+        proxied(
+            a.source_address,
+            a.source_port,
+            a.destination_address,
+            a.destination_port,
+        )
+    }
+}
+
+impl From<v1::IPv6> for Header {
+    fn from(a: v1::IPv6) -> Header {
+        proxied(
+            a.source_address,
+            a.source_port,
+            a.destination_address,
+            a.destination_port,
+        )
+    }
+}
+
+fn proxied(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Header {
+    Header::Proxied {
+        src: SocketAddr::new(src.into(), sport),
+        dst: SocketAddr::new(dst.into(), dport),
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
     /// The header is `len` bytes long.
@@ -116,14 +146,8 @@ fn parse_v1(buf: &[u8]) -> Result<Parse, String> {
     };
     let header = match h.addresses {
         v1::Addresses::Unknown => Header::Local,
-        v1::Addresses::Tcp4(a) => Header::Proxied {
-            src: SocketAddr::new(a.source_address.into(), a.source_port),
-            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        },
-        v1::Addresses::Tcp6(a) => Header::Proxied {
-            src: SocketAddr::new(a.source_address.into(), a.source_port),
-            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        },
+        v1::Addresses::Tcp4(a) => a.into(),
+        v1::Addresses::Tcp6(a) => a.into(),
     };
     Ok(Parse::Complete {
         header,
@@ -149,14 +173,8 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, String> {
     let header = match (h.command, h.address_family(), h.protocol, &h.addresses) {
         (Command::Local, ..) => Header::Local,
         (_, AddressFamily::Unspecified, Protocol::Unspecified, _) => Header::Local,
-        (_, _, Protocol::Stream, v2::Addresses::IPv4(a)) => Header::Proxied {
-            src: SocketAddr::new(a.source_address.into(), a.source_port),
-            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        },
-        (_, _, Protocol::Stream, v2::Addresses::IPv6(a)) => Header::Proxied {
-            src: SocketAddr::new(a.source_address.into(), a.source_port),
-            dst: SocketAddr::new(a.destination_address.into(), a.destination_port),
-        },
+        (_, _, Protocol::Stream, v2::Addresses::IPv4(a)) => (*a).into(),
+        (_, _, Protocol::Stream, v2::Addresses::IPv6(a)) => (*a).into(),
         // Valid combinations we have no use for (UDP over IPv4 or IPv6, UNIX sockets):
         // the spec has a receiver fall back to UNSPEC, the connection's own addresses,
         // as HAProxy does; any other family/protocol pair is malformed.
