@@ -2099,21 +2099,13 @@ relay_tests! {
             toml += &format!("[[rule]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n{extra}");
         }
         let fwd = Forwarder::config(Some(mode), &toml, rules.len());
-        let exchange = |s: &TcpStream, seed: u64| -> io::Result<()> {
-            let sent = Payload::new(seed, 4096).to_vec();
-            (&*s).write_all(&sent)?;
-            let mut got = vec![0; sent.len()];
-            (&*s).read_exact(&mut got)?;
-            assert!(got == sent, "the echo came back different");
-            Ok(())
-        };
+        let round_trip = |s: &TcpStream, seed: u64| ping(s, &Payload::new(seed, 4096).to_vec(), secs(10));
         let dead_upstream = TcpStream::connect(fwd.rule_addr("dead_upstream")).unwrap();
         let no_keepalive = TcpStream::connect(fwd.rule_addr("no_keepalive")).unwrap();
         let dead_client_at = fwd.rule_addr("dead_client");
         let dead_client = ns.run(|| TcpStream::connect(dead_client_at)).unwrap();
         for (i, s) in [&dead_upstream, &no_keepalive, &dead_client].into_iter().enumerate() {
-            s.set_read_timeout(Some(secs(10))).unwrap();
-            exchange(s, i as u64).unwrap();
+            round_trip(s, i as u64).unwrap();
         }
         // From the last packet: the rules below take a moment (a probe answered then
         // only moves the end later).
@@ -2133,6 +2125,7 @@ relay_tests! {
         assert!(took >= secs(4), "ended before the probes could have failed: {took:?}");
         // The dead upstream's client was reset, not given a clean EOF.
         let mut byte = [0u8; 1];
+        dead_upstream.set_read_timeout(Some(secs(10))).unwrap();
         let got = (&dead_upstream).read(&mut byte);
         assert!(
             matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
@@ -2141,7 +2134,7 @@ relay_tests! {
         thread::sleep(secs(1));
         ns.exec("nft", &["delete", "table", "inet", "t"]);
         // The pair without keepalive is still there, both ways.
-        exchange(&no_keepalive, 7).unwrap();
+        round_trip(&no_keepalive, 7).unwrap();
         assert_eq!(fwd.close_lines().len(), 2, "{:?}", fwd.close_lines());
         drop(no_keepalive);
         let all = fwd.wait_close_lines(3, secs(5));
