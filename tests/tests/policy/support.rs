@@ -125,10 +125,7 @@ impl Nginx {
     /// Starts nginx; panics if it is not installed or does not start (the test it
     /// serves must fail, not pass without it).
     pub fn start() -> Nginx {
-        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("nginx is not installed (/usr/sbin/nginx): `cargo xtask test` installs it, or `apt-get install nginx`");
+        let bin = installed("nginx");
         let dir = TempDir::new("nginx");
         // An address of its own: a port released on 127.0.0.1 can be another test's
         // before nginx binds it, and the readiness check below would find that one.
@@ -171,10 +168,7 @@ pub struct Haproxy {
 impl Haproxy {
     /// Starts haproxy; panics if it is not installed or does not start.
     pub fn front(to: SocketAddr, server_options: &str) -> Haproxy {
-        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("haproxy is not installed (/usr/sbin/haproxy): `cargo xtask test` installs it, or `apt-get install haproxy`");
+        let bin = installed("haproxy");
         let dir = TempDir::new("haproxy");
         let addr = forwarder_tests::free_loopback_addr();
         let conf = [
@@ -203,6 +197,17 @@ impl Haproxy {
             _dir: dir,
         }
     }
+}
+
+/// The path of Debian's `/usr/sbin/NAME` (or `/usr/bin/NAME`); panics if neither
+/// exists: the test it serves must fail, not pass without it.
+fn installed(name: &str) -> String {
+    [format!("/usr/sbin/{name}"), format!("/usr/bin/{name}")]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed (/usr/sbin/{name}): `cargo xtask test` installs it, or `apt-get install {name}`")
+        })
 }
 
 /// Spawns `cmd` (a server named `what`) and waits up to 10 s until it accepts on
