@@ -919,6 +919,20 @@ pub fn say_failed_addresses(rule: &str, peer: SocketAddr, upstream: &str, failed
     }
 }
 
+/// Whether this process holds all but a few of the fds it may open (or cannot even
+/// open /proc/self/fd to count them). Only read after a failed name lookup.
+fn fds_nearly_exhausted() -> bool {
+    let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    else {
+        return false;
+    };
+    match std::fs::read_dir("/proc/self/fd") {
+        // The resolver opens a few (the hosts file, resolv.conf, a socket).
+        Ok(open) => open.count() as u64 + 8 >= soft,
+        Err(e) => crate::server::is_resource_exhaustion(&e),
+    }
+}
+
 /// A connect that worked, and what failed on the way: addresses of the name tried
 /// before the one that answered (`ADDR: error` each).
 pub type Answered = (TcpStream, SocketAddr, Vec<String>);
@@ -953,6 +967,10 @@ pub async fn connect_one(
             Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
             // getaddrinfo's EAI_SYSTEM with EMFILE: ours, not the name's fault.
             Ok(Err(e)) if crate::server::is_resource_exhaustion(&e) => return Err(ours(e)),
+            // glibc can say "Name or service not known" when it could not open
+            // /etc/hosts or a socket for want of fds (seen in CI, out of fds as pairs
+            // closed): with the process at its fd limit, the failure is ours too.
+            Ok(Err(e)) if fds_nearly_exhausted() => return Err(ours(e)),
             Ok(Err(e)) => return Err(remote(format!("cannot resolve: {e}"))),
             Err(_) => return Err(remote("resolve timed out".into())),
         },
