@@ -272,6 +272,7 @@ rule_settings! {
     balance: Balance,
     #[serde(default, with = "bounded_duration")]
     check_interval: Duration,
+    check_http: FileCheckHttp,
     rise: u32,
     fall: u32,
     allow: Vec<String>,
@@ -317,6 +318,45 @@ struct FileHttpAuth {
     header: String,
     token_file: Option<String>,
     token: Option<String>,
+}
+
+/// `check_http = "/path"` or `{ path = ..., host = ..., status = [...] }`.
+#[derive(Debug, Clone)]
+enum FileCheckHttp {
+    Path(String),
+    Full(FileCheckHttpFull),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCheckHttpFull {
+    path: String,
+    host: Option<String>,
+    status: Option<Vec<u16>>,
+}
+
+/// By hand, as [`OneUpstream`], so a table's own errors name its fields.
+impl<'de> Deserialize<'de> for FileCheckHttp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FileCheckHttp;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path \"/...\" or a table { path = ..., host = ..., status = [...] }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FileCheckHttp::Path(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                FileCheckHttpFull::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(FileCheckHttp::Full)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -542,6 +582,8 @@ pub struct Rule {
     pub balance: Balance,
     /// Active TCP connect checks; `None` = passive detection only.
     pub check_interval: Option<Duration>,
+    /// With `check_interval`: each check is an HTTP request, not only a connect.
+    pub check_http: Option<HttpCheck>,
     pub rise: u32,
     pub fall: u32,
     pub access: Access,
@@ -559,6 +601,25 @@ pub struct Rule {
     pub rewrite: Vec<Rewrite>,
     pub max_match: usize,
     pub http_auth: Option<HttpAuth>,
+}
+
+/// `check_http`: each active check sends `GET path` and wants one of `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    pub path: String,
+    /// The `Host` header; `None`: the upstream's address as written.
+    pub host: Option<String>,
+    /// The answers that mean up; empty: any 2xx or 3xx (HAProxy's `httpchk` default).
+    pub status: Vec<u16>,
+}
+
+impl HttpCheck {
+    pub fn wants(&self, status: u16) -> bool {
+        match self.status.is_empty() {
+            true => (200..400).contains(&status),
+            false => self.status.contains(&status),
+        }
+    }
 }
 
 /// `inspect = { bytes, format, to }`.
@@ -1382,6 +1443,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             }
         }
     };
+    let check_http = check_http(r, &s, &upstreams, &at)?;
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
     if rise == 0 || fall == 0 {
         let k = if rise == 0 { "rise" } else { "fall" };
@@ -1561,6 +1623,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         // An agent's link has its own heartbeat (a lost one is `link lost`): there is
         // no address to connect to, and `agent:NAME` is up while an agent offers NAME.
         check_interval: nonzero(s.check_interval).filter(|_| !agent),
+        check_http,
         rise,
         fall,
         access: Access {
@@ -1582,6 +1645,64 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         max_match,
         http_auth,
     })
+}
+
+/// `check_http`, checked: it goes into a request line and a header, so only visible
+/// ASCII; it needs active checks, and an agent's rule has none. One inherited from
+/// `[defaults]` applies only where it can (as `timezone` and `connect_from`).
+fn check_http(
+    r: &FileRule,
+    s: &RuleSettingsFile,
+    upstreams: &[Upstream],
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<HttpCheck>, ConfigError> {
+    let Some(c) = &s.check_http else {
+        return Ok(None);
+    };
+    let own = r.check_http.is_some();
+    let checks = s.check_interval.is_some_and(|d| !d.is_zero());
+    if upstreams[0].addr.starts_with(AGENT_PREFIX) || !checks {
+        if !own {
+            return Ok(None);
+        }
+        let why = match checks {
+            true => "an agent: upstream has no address to check (its link has a heartbeat)",
+            false => "needs `check_interval` (the checks it shapes)",
+        };
+        return Err(err(format!("{}: {why}", at("check_http"))));
+    }
+    let (path, host, status) = match c {
+        FileCheckHttp::Path(p) => (p, None, Vec::new()),
+        FileCheckHttp::Full(f) => (
+            &f.path,
+            f.host.clone(),
+            f.status.clone().unwrap_or_default(),
+        ),
+    };
+    let visible = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic());
+    if !path.starts_with('/') || !visible(path) {
+        return Err(err(format!(
+            "{}: {path:?}: must be a path starting with `/`, without spaces or control characters",
+            at("check_http")
+        )));
+    }
+    if let Some(h) = host.as_deref().filter(|h| !visible(h)) {
+        return Err(err(format!(
+            "{}: {h:?}: must not be empty, nor have spaces or control characters",
+            at("check_http.host")
+        )));
+    }
+    if let Some(bad) = status.iter().find(|c| !(100..600).contains(*c)) {
+        return Err(err(format!(
+            "{}: {bad} is not an HTTP status (100 to 599)",
+            at("check_http.status")
+        )));
+    }
+    Ok(Some(HttpCheck {
+        path: path.clone(),
+        host,
+        status,
+    }))
 }
 
 /// Looks the user (and group, by default the user's own) up in the system databases.
@@ -2449,6 +2570,81 @@ mod tests {
         let e = error_of(&own);
         assert!(
             e.contains("`rule[0].connect_from`") && e.contains("agent dials out"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn check_http_is_checked() {
+        let rule = |keys: &str| {
+            format!("[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n{keys}\n")
+        };
+        let c =
+            Config::from_toml(&rule("check_interval = \"1s\"\ncheck_http = \"/healthz\"")).unwrap();
+        let want = HttpCheck {
+            path: "/healthz".into(),
+            host: None,
+            status: vec![],
+        };
+        assert_eq!(c.rules[0].check_http.as_ref(), Some(&want));
+        assert!(want.wants(200) && want.wants(302) && !want.wants(404) && !want.wants(101));
+        let full = "check_interval = \"1s\"\ncheck_http = { path = \"/up?x=1\", host = \"app.example\", status = [204] }";
+        let c = Config::from_toml(&rule(full)).unwrap();
+        let h = c.rules[0].check_http.clone().unwrap();
+        assert_eq!(
+            (h.path.as_str(), h.host.as_deref()),
+            ("/up?x=1", Some("app.example"))
+        );
+        assert!(h.wants(204) && !h.wants(200));
+        for (keys, needles) in [
+            (
+                "check_http = \"/healthz\"",
+                &["`rule[0].check_http`", "needs `check_interval`"][..],
+            ),
+            (
+                "check_interval = \"1s\"\ncheck_http = \"healthz\"",
+                &["`rule[0].check_http`", "starting with `/`"],
+            ),
+            (
+                "check_interval = \"1s\"\ncheck_http = \"/a b\"",
+                &["`rule[0].check_http`", "without spaces"],
+            ),
+            (
+                "check_interval = \"1s\"\ncheck_http = { path = \"/\", host = \"a\\r\\nX: y\" }",
+                &["`rule[0].check_http.host`"],
+            ),
+            (
+                "check_interval = \"1s\"\ncheck_http = { path = \"/\", status = [700] }",
+                &["`rule[0].check_http.status`", "700"],
+            ),
+            (
+                "check_interval = \"1s\"\ncheck_http = { path = \"/\", stauts = [200] }",
+                &["stauts"],
+            ),
+        ] {
+            let e = error_of(&rule(keys));
+            assert!(needles.iter().all(|n| e.contains(n)), "{keys}: {e}");
+        }
+        // From `[defaults]`: a rule without active checks, or served by agents, has
+        // nothing for it to shape; written in an agent's rule, it is an error.
+        let c = Config::from_toml(&format!(
+            "[defaults]\ncheck_http = \"/healthz\"\n{}",
+            rule("")
+        ))
+        .unwrap();
+        assert_eq!(c.rules[0].check_http, None);
+        let c = Config::from_toml(&format!(
+            "[defaults]\ncheck_interval = \"1s\"\ncheck_http = \"/healthz\"\n{TUNNEL}"
+        ))
+        .unwrap();
+        assert_eq!(c.rules[0].check_http, None);
+        let own = TUNNEL.replace(
+            "upstream = \"agent:web\"",
+            "upstream = \"agent:web\"\ncheck_interval = \"1s\"\ncheck_http = \"/\"",
+        );
+        let e = error_of(&own);
+        assert!(
+            e.contains("`rule[0].check_http`") && e.contains("agent:"),
             "{e}"
         );
     }

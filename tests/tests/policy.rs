@@ -127,6 +127,14 @@ fn tally(answers: &[String], names: &[&str]) -> Vec<usize> {
         .collect()
 }
 
+/// `GET /name` through the forwarder at `fwd`: the body (which upstream answered).
+fn get_name(fwd: SocketAddr) -> String {
+    let mut s = TcpStream::connect(fwd).unwrap();
+    s.write_all(b"GET /name HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    read_response(&mut s)
+}
+
 fn upstream_list(servers: &[&NamedServer]) -> String {
     let list: Vec<String> = servers.iter().map(|s| format!("\"{}\"", s.addr)).collect();
     format!("[{}]", list.join(", "))
@@ -624,6 +632,61 @@ relay_tests! {
             s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
             assert_eq!(read_response(&mut s), format!("{}:{}", me.ip(), me.port()), "{send}");
         }
+    }
+
+    fn http_health_checks_follow_the_status(mode) {
+        // python3 -m http.server upstreams accept every connection: only an HTTP check
+        // tells that b has no /healthz (404). HTTP/1.1 keeps their side open after an
+        // answer until the client closes (one that closes first is relayed by splice
+        // on an ebpf rule).
+        let (a_dir, b_dir) = (TempDir::new("check-a"), TempDir::new("check-b"));
+        a_dir.write("healthz", "ok");
+        a_dir.write("name", "a");
+        b_dir.write("name", "b");
+        let (_a, a, _) = python_http_server(a_dir.path(), &["--protocol", "HTTP/1.1"]);
+        let (_b, b, b_log) = python_http_server(b_dir.path(), &["--protocol", "HTTP/1.1"]);
+        let fwd = local(mode, &format!("balance = \"round_robin\"\nupstream = [\"{a}\", \"{b}\"]\ncheck_interval = \"100ms\"\ncheck_http = \"/healthz\"\nrise = 1\nfall = 1"));
+        let down = format!("addr={b} is DOWN (check: GET /healthz answered HTTP 404 File not found)");
+        assert!(wait_log(&fwd, &down, Duration::from_secs(5)), "no line {down:?}");
+        // The check's request as b saw it: HTTP/1.1 with its Host header.
+        assert!(b_log.wait_for(Duration::from_secs(2), |l| l.contains("\"GET /healthz HTTP/1.1\" 404")).is_some(), "b's log: {}", b_log.text());
+        assert!(!fwd.stderr.text().contains(&format!("addr={a} is DOWN")), "a, which answers 200, went down");
+        let names: Vec<String> = (0..6).map(|_| get_name(fwd.addr())).collect();
+        assert!(names.iter().all(|n| n == "a"), "b served while down: {names:?}");
+        // b gets its /healthz: up at the next check, and serves again.
+        b_dir.write("healthz", "ok");
+        let up = format!("addr={b} is UP (check)");
+        assert!(wait_log(&fwd, &up, Duration::from_secs(5)), "no line {up:?}");
+        let names: Vec<String> = (0..6).map(|_| get_name(fwd.addr())).collect();
+        assert_eq!(tally(&names, &["a", "b"]), vec![3, 3], "{names:?}");
+    }
+
+    fn http_health_checks_send_a_local_proxy_header(mode) {
+        // nginx wants a PROXY header on every connection and answers nothing without
+        // one: a check on a rule that sends headers sends the spec's LOCAL (v2) or
+        // UNKNOWN (v1) header first, and nginx answers it. The rule's second upstream
+        // refuses connections: its DOWN line shows the checks ran.
+        let nginx = Nginx::start();
+        let check = "check_interval = \"100ms\"\ncheck_http = { path = \"/status\", host = \"health.example\", status = [200] }\nrise = 1\nfall = 1";
+        let refusing = local_listener().local_addr().unwrap();
+        for version in ["v1", "v2"] {
+            let fwd = local(mode, &format!("upstream = [\"{}\", \"{refusing}\"]\nproxy_protocol = \"{version}\"\n{check}", nginx.addr));
+            assert!(wait_log(&fwd, &format!("addr={refusing} is DOWN"), Duration::from_secs(5)), "{version}: no check ran");
+            // Five more rounds of checks.
+            thread::sleep(Duration::from_millis(500));
+            let log = fwd.stderr.text();
+            assert!(!log.contains(&format!("addr={} is DOWN", nginx.addr)), "{version}: nginx went down:\n{log}");
+            // And clients still get their own address through.
+            let mut s = TcpStream::connect(fwd.addr()).unwrap();
+            let me = s.local_addr().unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            assert_eq!(read_response(&mut s), format!("{}:{}", me.ip(), me.port()), "{version}");
+        }
+        // Without the header, the same check fails: nginx closes without an answer.
+        let fwd = local(mode, &format!("upstream = \"{}\"\n{check}", nginx.addr));
+        let down = format!("addr={} is DOWN (check: GET /status: closed before an HTTP answer)", nginx.addr);
+        assert!(wait_log(&fwd, &down, Duration::from_secs(5)), "no line {down:?}");
+        fwd.expect_pairs(0);
     }
 
     fn proxy_protocol_to_nginx_and_from_a_client(mode) {

@@ -35,6 +35,21 @@ pub fn encode(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Vec<u
     }
 }
 
+/// The header for a connection of our own (a health check): v2's LOCAL command, v1's
+/// UNKNOWN, which the spec gives for that case; the receiver uses the real addresses.
+pub fn encode_local(version: ProxyProtocol) -> Vec<u8> {
+    match version {
+        ProxyProtocol::V1 => v1::Addresses::Unknown.to_string().into_bytes(),
+        ProxyProtocol::V2 => v2::Builder::with_addresses(
+            v2::Version::Two | Command::Local,
+            Protocol::Unspecified,
+            v2::Addresses::Unspecified,
+        )
+        .build()
+        .expect("a PROXY v2 LOCAL header"),
+    }
+}
+
 fn to_v6(ip: IpAddr) -> Ipv6Addr {
     match ip {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
