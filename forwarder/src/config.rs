@@ -226,7 +226,7 @@ macro_rules! rule_settings {
         #[serde(deny_unknown_fields)]
         struct FileRule {
             name: Option<String>,
-            listen: String,
+            listen: FileListen,
             upstream: OneOrMany<FileUpstream>,
             $($(#[$attr])* $field: Option<$ty>,)*
         }
@@ -318,6 +318,17 @@ struct FileHttpAuth {
     header: String,
     token_file: Option<String>,
     token: Option<String>,
+}
+
+/// `listen = "ADDR"` (a port or a range of them, `HOST:P1-P2`) or a list of those.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"HOST:PORT\", \"HOST:PORT-PORT\" or a list of them"
+)]
+enum FileListen {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `check_http = "/path"` or `{ path = ..., host = ..., status = [...] }`.
@@ -535,14 +546,28 @@ pub struct RunAs {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// `host:port`, resolved at connect time so DNS changes are followed.
+    /// `host:port`, resolved at connect time so DNS changes are followed; or `host`
+    /// alone ([`Upstream::same_port`]).
     pub addr: String,
+    /// Written without a port: connected to on the port the client connected to (as
+    /// HAProxy's server without a port), so a range of ports forwards port by port.
+    pub same_port: bool,
     pub weight: u32,
     /// Used only when every primary upstream is down.
     pub backup: bool,
     /// Connections open to it (or connecting) at most: one at the limit is passed over
     /// like a down one, without counting as failed.
     pub max_connections: Option<usize>,
+}
+
+impl Upstream {
+    /// The address to dial for a client that connected to local port `port`.
+    pub fn dial_addr(&self, port: u16) -> std::borrow::Cow<'_, str> {
+        match self.same_port {
+            true => format!("{}:{port}", self.addr).into(),
+            false => self.addr.as_str().into(),
+        }
+    }
 }
 
 /// Allow/deny lists of networks: with a non-empty allow list only matching clients
@@ -563,7 +588,8 @@ pub struct Rate {
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub name: String,
-    pub listen: SocketAddr,
+    /// One address, or several (a list, a range of ports), served alike.
+    pub listen: Vec<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     pub mode: Mode,
     pub connect_timeout: Duration,
@@ -816,7 +842,7 @@ impl Config {
         let (rule_tunnel_listen, token) = (rule.tunnel_listen, rule.token);
         let rule: FileRule = FileRule {
             name: Some("cli".into()),
-            listen: rule.listen,
+            listen: FileListen::One(rule.listen),
             upstream: OneOrMany::Many(rule.upstreams.into_iter().map(FileUpstream::Addr).collect()),
             ..toml::from_str("listen = \"\"\nupstream = []").expect("an empty rule parses")
         };
@@ -990,16 +1016,16 @@ impl Config {
                     rule.name
                 )));
             }
-            if let Some((j, o)) = rules
-                .iter()
-                .enumerate()
-                .find(|(_, o)| listen_conflict(o.listen, rule.listen))
-            {
+            let clash = rules.iter().enumerate().find_map(|(j, o)| {
+                let (a, b) = first_conflict(&rule.listen, &o.listen)?;
+                Some((j, o, a, b))
+            });
+            if let Some((j, o, a, b)) = clash {
                 return Err(err(format!(
-                    "config error at key `rule[{i}].listen` (rule {:?}): {} cannot be listened \
-                     on together with {} of rule {:?} (`rule[{j}].listen`): the second bind \
+                    "config error at key `rule[{i}].listen` (rule {:?}): {a} cannot be listened \
+                     on together with {b} of rule {:?} (`rule[{j}].listen`): the second bind \
                      would fail with \"Address already in use\"",
-                    rule.name, rule.listen, o.listen, o.name
+                    rule.name, o.name
                 )));
             }
             rules.push(rule);
@@ -1029,7 +1055,10 @@ impl Config {
             let taken = rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| (format!("rule[{i}].listen` (rule {:?})", r.name), r.listen))
+                .flat_map(|(i, r)| {
+                    let what = format!("rule[{i}].listen` (rule {:?})", r.name);
+                    r.listen.iter().map(move |a| (what.clone(), *a))
+                })
                 .chain(
                     others[..k]
                         .iter()
@@ -1284,7 +1313,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         )));
     }
 
-    let listen = resolve_listen(&r.listen).map_err(|e| err(format!("{}: {e}", at("listen"))))?;
+    let listen = listen_addrs(&r.listen, &at)?;
     let upstreams: Vec<Upstream> = match &r.upstream {
         OneOrMany::One(u) => vec![u.clone()],
         OneOrMany::Many(v) => v.clone(),
@@ -1292,12 +1321,14 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     .into_iter()
     .map(|u| match u {
         FileUpstream::Addr(addr) => Upstream {
+            same_port: portless(&addr),
             addr,
             weight: 1,
             backup: false,
             max_connections: None,
         },
         FileUpstream::Full(f) => Upstream {
+            same_port: portless(&f.addr),
             addr: f.addr,
             weight: f.weight,
             backup: f.backup,
@@ -1336,7 +1367,20 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             }
             continue;
         }
-        check_dial_addr(&u.addr).map_err(bad)?;
+        // Only a rule listening on several ports may leave the port out: on one, a
+        // missing port stays the mistake it always was.
+        match u.same_port && listen.len() > 1 {
+            // The syntax of HOST as it would be with a port.
+            true => check_dial_addr(&format!("{}:1", u.addr)).map_err(bad)?,
+            false => check_dial_addr(&u.addr).map_err(bad)?,
+        }
+        if u.same_port && listen.iter().any(|a| a.port() == 0) {
+            return Err(bad(
+                "without a port it takes the port each client connected to, and a listen \
+                 address with port 0 has none fixed: write the upstream's port"
+                    .into(),
+            ));
+        }
         if u.weight == 0 {
             return Err(bad("weight must be at least 1".into()));
         }
@@ -1853,6 +1897,15 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
 /// addresses that overlap. A wildcard covers every address of its family; `[::]` is
 /// dual-stack (unless net.ipv6.bindv6only=1), so it covers IPv4 too; an IPv4-mapped
 /// IPv6 address is that IPv4 address.
+/// The first address of `a` that cannot be listened on together with one of `b`.
+fn first_conflict(a: &[SocketAddr], b: &[SocketAddr]) -> Option<(SocketAddr, SocketAddr)> {
+    a.iter().find_map(|x| {
+        b.iter()
+            .find(|y| listen_conflict(*x, **y))
+            .map(|y| (*x, *y))
+    })
+}
+
 pub fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
     if a.port() != b.port() || a.port() == 0 {
         return false;
@@ -1948,6 +2001,70 @@ fn interface_index(name: &str) -> std::io::Result<u32> {
 }
 
 /// Listen addresses are resolved once, at startup (`localhost:80` is fine).
+/// A rule's listen addresses: each written address, a range `HOST:P1-P2` giving
+/// every port from P1 to P2 (HOST resolved once). Each may appear once.
+fn listen_addrs(
+    listen: &FileListen,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    let written = match listen {
+        FileListen::One(s) => vec![(at("listen"), s)],
+        FileListen::Many(v) => v
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (at(&format!("listen[{j}]")), s))
+            .collect(),
+    };
+    if written.is_empty() {
+        return Err(err(format!(
+            "{}: at least one address is required",
+            at("listen")
+        )));
+    }
+    let mut all: Vec<SocketAddr> = Vec::new();
+    for (key, s) in written {
+        let addrs = match port_range(s) {
+            None => resolve_listen(s).map(|a| vec![a]),
+            Some(Err(e)) => Err(format!("{s:?}: {e}")),
+            Some(Ok((host, first, last))) => resolve_listen(&format!("{host}:{first}"))
+                .map(|a| (first..=last).map(|p| SocketAddr::new(a.ip(), p)).collect()),
+        }
+        .map_err(|e| err(format!("{key}: {e}")))?;
+        if let Some((a, b)) = first_conflict(&addrs, &all) {
+            return Err(err(format!(
+                "{key}: {a} is already listened on by this rule ({b})"
+            )));
+        }
+        all.extend(addrs);
+    }
+    Ok(all)
+}
+
+/// `HOST:P1-P2`: `Some((HOST, P1, P2))`, or why the range is wrong; `None` for an
+/// address without a range.
+fn port_range(s: &str) -> Option<Result<(&str, u16, u16), String>> {
+    let (host, ports) = s.rsplit_once(':')?;
+    let (first, last) = ports.split_once('-')?;
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|_| p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    Some(match (port(first), port(last)) {
+        (Some(a), Some(b)) if a >= 1 && a <= b => Ok((host, a, b)),
+        (Some(a), Some(b)) if a >= 1 => Err(format!("port range {a}-{b} runs backwards")),
+        (Some(_), Some(_)) => Err("a port range starts at 1 or more".into()),
+        _ => Err(format!(
+            "port range {ports:?} is not PORT-PORT, each from 1 to 65535"
+        )),
+    })
+}
+
+/// An upstream written without a port: `HOST`, an IPv4 address, `[IPv6]`.
+fn portless(addr: &str) -> bool {
+    (addr.starts_with('[') && addr.ends_with(']')) || !addr.contains(':')
+}
+
 fn resolve_listen(s: &str) -> Result<SocketAddr, String> {
     if let Some(literal) = literal_addr(s) {
         return literal.map_err(|e| format!("{s:?}: {e}"));
@@ -2316,6 +2433,7 @@ mod tests {
             r1.upstreams[1],
             Upstream {
                 addr: "[::1]:2".into(),
+                same_port: false,
                 weight: 3,
                 backup: false,
                 max_connections: Some(9),
@@ -2570,6 +2688,92 @@ mod tests {
         let e = error_of(&own);
         assert!(
             e.contains("`rule[0].connect_from`") && e.contains("agent dials out"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_ranges_and_lists() {
+        let rule = |listen: &str, upstream: &str| {
+            format!("[[rule]]\nlisten = {listen}\nupstream = \"{upstream}\"\n")
+        };
+        let c = Config::from_toml(&rule("\"127.0.0.1:8000-8002\"", "10.0.0.5")).unwrap();
+        let r = &c.rules[0];
+        let want: Vec<SocketAddr> = (8000..=8002)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        assert_eq!(r.listen, want);
+        // Without a port: each client's own.
+        assert!(r.upstreams[0].same_port);
+        assert_eq!(r.upstreams[0].dial_addr(8001), "10.0.0.5:8001");
+        let c = Config::from_toml(&rule("[\"127.0.0.1:80\", \"[::1]:81-82\"]", "[::1]")).unwrap();
+        assert_eq!(c.rules[0].listen.len(), 3);
+        assert_eq!(c.rules[0].upstreams[0].dial_addr(81), "[::1]:81");
+        // A port written is kept.
+        let c = Config::from_toml(&rule("\"127.0.0.1:8000-8001\"", "10.0.0.5:9000")).unwrap();
+        assert!(!c.rules[0].upstreams[0].same_port);
+        assert_eq!(c.rules[0].upstreams[0].dial_addr(8001), "10.0.0.5:9000");
+        for (listen, upstream, needles) in [
+            // One port: a missing upstream port is the mistake it always was.
+            (
+                "\"127.0.0.1:80\"",
+                "10.0.0.5",
+                &["`rule[0].upstream[0]`", "HOST:PORT"][..],
+            ),
+            (
+                "\"127.0.0.1:82-80\"",
+                "a:1",
+                &["`rule[0].listen`", "runs backwards"],
+            ),
+            (
+                "\"127.0.0.1:0-3\"",
+                "a:1",
+                &["`rule[0].listen`", "starts at 1"],
+            ),
+            (
+                "\"127.0.0.1:80-x\"",
+                "a:1",
+                &["`rule[0].listen`", "not PORT-PORT"],
+            ),
+            (
+                "\"127.0.0.1:80-70000\"",
+                "a:1",
+                &["`rule[0].listen`", "not PORT-PORT"],
+            ),
+            ("[]", "a:1", &["`rule[0].listen`", "at least one"]),
+            (
+                "[\"127.0.0.1:80-82\", \"0.0.0.0:82\"]",
+                "a:1",
+                &["`rule[0].listen[1]`", "0.0.0.0:82", "127.0.0.1:82"],
+            ),
+            (
+                "[\"127.0.0.1:0\", \"127.0.0.1:81\"]",
+                "a",
+                &["`rule[0].upstream[0]`", "port 0"],
+            ),
+            (
+                "[\"127.0.0.1:80\", \"127.0.0.1:81\"]",
+                "::1",
+                &["`rule[0].upstream[0]`", "[addr]:port"],
+            ),
+        ] {
+            let e = error_of(&rule(listen, upstream));
+            assert!(
+                needles.iter().all(|n| e.contains(n)),
+                "{listen} {upstream}: {e}"
+            );
+        }
+        // Two rules: any address of one against any of the other.
+        let two = format!(
+            "{}{}",
+            rule("\"127.0.0.1:80-90\"", "a"),
+            rule("\"0.0.0.0:85\"", "a:1")
+        );
+        let e = error_of(&two);
+        assert!(
+            e.contains("`rule[1].listen`")
+                && e.contains("0.0.0.0:85")
+                && e.contains("127.0.0.1:85"),
             "{e}"
         );
     }

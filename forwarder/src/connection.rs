@@ -379,7 +379,14 @@ async fn admit_and_connect(
             _active: None,
         });
     }
-    let (mut upstream, upstream_addr, active) = match connect_upstream(&rt, peer).await {
+    // Only an upstream written without a port needs it (a syscall).
+    let port = match rule.upstreams.iter().any(|u| u.same_port) {
+        true => client
+            .local_addr()
+            .map_or(rule.listen[0].port(), |a| a.port()),
+        false => 0,
+    };
+    let (mut upstream, upstream_addr, active) = match connect_upstream(&rt, peer, port).await {
         Dialed::Connected(stream, addr, active) => (stream, addr, active),
         Dialed::Reset(addr, error) => {
             // Passed on as any upstream reset is: the client is reset too.
@@ -406,7 +413,7 @@ async fn admit_and_connect(
     if let Some(version) = rule.proxy_protocol {
         // Written before the relay starts: on the kernel path nothing we write after
         // the pair is handed over is ordered with the redirected bytes.
-        let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen));
+        let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen[0]));
         let header = proxy_protocol::encode(version, peer, local);
         if let Err(e) = upstream.write_all(&header).await {
             let end = format!("upstream_error (writing PROXY header: {e})");
@@ -455,7 +462,7 @@ async fn through_agent(
     // The agent writes the PROXY header to the target: written here it would be
     // bytes of the data connection the stream does not count.
     let header = rule.proxy_protocol.map(|version| {
-        let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen));
+        let local = proxied_dst.unwrap_or_else(|| client.local_addr().unwrap_or(rule.listen[0]));
         proxy_protocol::encode(version, peer, local)
     });
     let opened = match crate::tunnel::server::registry() {
@@ -696,11 +703,12 @@ const LOCAL_RETRY: Duration = Duration::from_millis(50);
 /// once, each counted a failed connect, and the client was dropped. Waiting clients
 /// hold fds themselves: when they hold all there are, the newest gives its up
 /// ([`fd_waiters`]).
-async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Dialed {
+/// `port`: the one the client connected to, for upstreams written without one.
+async fn connect_upstream(rt: &Arc<RuleRuntime>, peer: SocketAddr, port: u16) -> Dialed {
     let until = tokio::time::Instant::now() + rt.rule.connect_timeout;
     let mut waiter = None;
     loop {
-        let OutOfResources { upstream, why } = match dial_in_order(rt, peer).await {
+        let OutOfResources { upstream, why } = match dial_in_order(rt, peer, port).await {
             Ok(dialed) => return dialed,
             Err(e) => e,
         };
@@ -787,7 +795,11 @@ struct OutOfResources {
 }
 
 /// One pass of [`connect_upstream`] over the upstreams.
-async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed, OutOfResources> {
+async fn dial_in_order(
+    rt: &Arc<RuleRuntime>,
+    peer: SocketAddr,
+    port: u16,
+) -> Result<Dialed, OutOfResources> {
     let rule = &rt.rule;
     let ups = &rt.upstreams;
     let mut full = 0;
@@ -797,8 +809,10 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
             full += 1;
             continue;
         };
+        // As configured (metrics, health), and as dialed (logs).
         let upstream = &ups.list[i].cfg.addr;
-        let result = match connect_one(upstream, rule.connect_timeout, rule.connect_from).await {
+        let dialed = ups.list[i].cfg.dial_addr(port);
+        let result = match connect_one(&dialed, rule.connect_timeout, rule.connect_from).await {
             Err(ConnectError {
                 reset: Some((addr, error)),
                 ..
@@ -815,7 +829,7 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
         if let Err(e) = &result {
             if e.local {
                 return Err(OutOfResources {
-                    upstream: upstream.clone(),
+                    upstream: dialed.into_owned(),
                     why: e.why.clone(),
                 });
             }
@@ -831,7 +845,7 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
         }
         match result {
             Ok((stream, addr, failed)) => {
-                say_failed_addresses(&rule.name, peer, upstream, &failed);
+                say_failed_addresses(&rule.name, peer, &dialed, &failed);
                 if let Some(idle) = rule.tcp_keepalive {
                     // The pair works without it; the log says it will not notice a
                     // dead upstream this way.
@@ -844,7 +858,7 @@ async fn dial_in_order(rt: &Arc<RuleRuntime>, peer: SocketAddr) -> Result<Dialed
                 }
                 return Ok(Dialed::Connected(stream, addr, attempt));
             }
-            Err(e) => say_connect_failed(&rule.name, peer, upstream, &e.why),
+            Err(e) => say_connect_failed(&rule.name, peer, &dialed, &e.why),
         }
     }
     if full > 0 {

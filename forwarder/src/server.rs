@@ -51,8 +51,8 @@ pub struct Startup {
     pub config: Config,
     /// `None` when the rules came from `--listen/--upstream`.
     pub source: Option<ConfigSource>,
-    /// One per rule, in the config's order.
-    pub listeners: Vec<std::net::TcpListener>,
+    /// Each rule's, one per listen address, in the config's order.
+    pub listeners: Vec<Vec<std::net::TcpListener>>,
     pub metrics: Option<std::net::TcpListener>,
     /// `[tunnel_server] listen`, bound.
     pub tunnel: Option<std::net::TcpListener>,
@@ -63,12 +63,12 @@ pub fn bind_tunnel(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     bind(addr).with_context(|| format!("cannot listen on {addr} (tunnel_server.listen)"))
 }
 
-/// Binds every rule's listener: a bad address fails the whole start (or reload).
+/// Binds every rule's listeners: a bad address fails the whole start (or reload).
 /// `file`: the config file the rules came from, whose key and line a failure names.
 pub fn bind_all(
     rules: &[Rule],
     file: Option<&std::path::Path>,
-) -> anyhow::Result<Vec<std::net::TcpListener>> {
+) -> anyhow::Result<Vec<Vec<std::net::TcpListener>>> {
     rules
         .iter()
         .enumerate()
@@ -76,20 +76,30 @@ pub fn bind_all(
         .collect()
 }
 
-/// Binds rule `i`'s listener; a failure names the rule, and with `file` the key and
-/// line, as a config error would (`check` binds nothing, so it cannot say).
+/// Binds rule `i`'s listeners.
 fn bind_rule(
     rule: &Rule,
     i: usize,
     file: Option<&std::path::Path>,
-) -> anyhow::Result<std::net::TcpListener> {
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
     can_connect_from(rule, i, file)?;
-    bind(rule.listen).with_context(|| {
+    rule.listen
+        .iter()
+        .map(|&addr| bind_listen(rule, i, addr, file))
+        .collect()
+}
+
+/// Binds one of rule `i`'s addresses; a failure names the rule, and with `file` the
+/// key and line, as a config error would (`check` binds nothing, so it cannot say).
+fn bind_listen(
+    rule: &Rule,
+    i: usize,
+    addr: SocketAddr,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<std::net::TcpListener> {
+    bind(addr).with_context(|| {
         let at = key_in_file(file, &format!("rule[{i}].listen"));
-        format!(
-            "cannot listen on {} (rule {:?}{at})",
-            rule.listen, rule.name
-        )
+        format!("cannot listen on {addr} (rule {:?}{at})", rule.name)
     })
 }
 
@@ -121,10 +131,12 @@ fn key_in_file(file: Option<&std::path::Path>, key: &str) -> String {
 /// One rule being served.
 struct Running {
     rule: Rule,
-    listener: Arc<TcpListener>,
-    /// Tells the accept loop to stop (between accepts, so no accepted client is lost).
+    /// One per address of `rule.listen`, in its order.
+    listeners: Vec<Arc<TcpListener>>,
+    /// Tells the accept loops to stop (between accepts, so no accepted client is lost).
     stop: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    /// One per listener.
+    accept: Vec<JoinHandle<()>>,
     health: Option<JoinHandle<()>>,
     /// The rule's limits, handed on by name (like its `RuleStats`) to the runtime that
     /// replaces this one on a reload: the connections open now keep counting.
@@ -135,9 +147,9 @@ struct Running {
 }
 
 impl Running {
-    /// Asks the accept loop to stop (it ends on its own; the listening socket closes
+    /// Asks the accept loops to stop (each ends on its own; a listening socket closes
     /// when no other rule uses it) and ends the health checks.
-    fn stop(self) -> JoinHandle<()> {
+    fn stop(self) -> Vec<JoinHandle<()>> {
         let _ = self.stop.send(true);
         if let Some(h) = &self.health {
             h.abort();
@@ -204,9 +216,12 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
         };
         crate::tunnel::agent::start(a.clone(), slots, abort.clone())
     });
-    for (rule, listener) in config.rules.iter().zip(listeners) {
-        let listener = Arc::new(TcpListener::from_std(listener)?);
-        let running = server.start(rule, listener).await?;
+    for (rule, listeners) in config.rules.iter().zip(listeners) {
+        let listeners = listeners
+            .into_iter()
+            .map(|l| TcpListener::from_std(l).map(Arc::new))
+            .collect::<io::Result<_>>()?;
+        let running = server.start(rule, listeners).await?;
         server.rules.push(running);
     }
     systemd::ready();
@@ -289,42 +304,52 @@ pub async fn run(startup: Startup) -> anyhow::Result<()> {
 /// What a reload will do with each rule of the new config.
 enum Plan {
     Keep,
-    /// New settings; the listener of the rule it replaces when the address is the same.
-    Start(Option<usize>),
+    /// New settings; per listen address, the running listener (rule, index) that
+    /// already has it, if any.
+    Start(Vec<Option<(usize, usize)>>),
 }
 
 impl Server {
-    /// Starts serving `rule` on `listener`, logging its `listening` line.
-    async fn start(&self, rule: &Rule, listener: Arc<TcpListener>) -> anyhow::Result<Running> {
+    /// Starts serving `rule` on `listeners` (one per listen address), logging a
+    /// `listening` line for each.
+    async fn start(
+        &self,
+        rule: &Rule,
+        listeners: Vec<Arc<TcpListener>>,
+    ) -> anyhow::Result<Running> {
         let (relay, why) = choose_relay(rule).await?;
-        // On the listener, for the clients it accepts from now on (a reload that turns
-        // it off or changes it leaves open connections as they were).
-        set_keepalive(socket2::SockRef::from(&*listener), rule.tcp_keepalive).with_context(
-            || {
-                format!(
-                    "cannot set tcp_keepalive on rule {:?}'s listener",
-                    rule.name
-                )
-            },
-        )?;
-        let local = listener.local_addr()?;
-        event!(
-            info,
-            "listening",
-            text = (
-                "listening rule={} listen={} upstream={} mode={} ({})",
-                rule.name,
-                local,
-                rule.upstream_list(),
-                relay.path(),
-                why
-            ),
-            rule = %rule.name,
-            listen = %local,
-            upstream = %rule.upstream_list(),
-            mode = relay.path(),
-            detail = %why,
-        );
+        for listener in &listeners {
+            // On the listener, for the clients it accepts from now on (a reload that
+            // turns it off or changes it leaves open connections as they were).
+            set_keepalive(socket2::SockRef::from(&**listener), rule.tcp_keepalive).with_context(
+                || {
+                    format!(
+                        "cannot set tcp_keepalive on rule {:?}'s listener",
+                        rule.name
+                    )
+                },
+            )?;
+        }
+        for listener in &listeners {
+            let local = listener.local_addr()?;
+            event!(
+                info,
+                "listening",
+                text = (
+                    "listening rule={} listen={} upstream={} mode={} ({})",
+                    rule.name,
+                    local,
+                    rule.upstream_list(),
+                    relay.path(),
+                    why
+                ),
+                rule = %rule.name,
+                listen = %local,
+                upstream = %rule.upstream_list(),
+                mode = relay.path(),
+                detail = %why,
+            );
+        }
         // A changed rule keeps the limits of the one it replaces (resized in `apply`
         // once the reload cannot fail any more); a new rule starts with its own.
         let old = self.rules.iter().find(|r| r.rule.name == rule.name);
@@ -353,16 +378,21 @@ impl Server {
             .then(|| tokio::spawn(health::run(rule.clone(), rt.upstreams.clone())));
         let rt_upstreams = rt.upstreams.clone();
         let (stop, stop_rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(
-            listener.clone(),
-            rt,
-            self.global.clone(),
-            slots.clone(),
-            stop_rx,
-        ));
+        let accept = listeners
+            .iter()
+            .map(|listener| {
+                tokio::spawn(accept_loop(
+                    listener.clone(),
+                    rt.clone(),
+                    self.global.clone(),
+                    slots.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
         Ok(Running {
             rule: rule.clone(),
-            listener,
+            listeners,
             stop,
             accept,
             health,
@@ -407,32 +437,40 @@ impl Server {
                 // The same address keeps its socket: its own rule's first, else that
                 // of a rule going away (a fixed port; port 0 means "a new one").
                 _ => Plan::Start(
-                    old.filter(|&i| self.rules[i].rule.listen == rule.listen)
-                        .or_else(|| {
-                            self.rules.iter().position(|r| {
-                                rule.listen.port() != 0
-                                    && r.rule.listen == rule.listen
-                                    && !new
+                    rule.listen
+                        .iter()
+                        .map(|want| {
+                            let own = old.and_then(|i| {
+                                let at = self.rules[i].rule.listen.iter().position(|a| a == want);
+                                at.map(|k| (i, k))
+                            });
+                            own.or_else(|| {
+                                self.rules.iter().enumerate().find_map(|(i, r)| {
+                                    let going = !new
                                         .rules
                                         .iter()
-                                        .any(|n| n.name == r.rule.name && n.same_settings(&r.rule))
+                                        .any(|n| n.name == r.rule.name && n.same_settings(&r.rule));
+                                    let at = r.rule.listen.iter().position(|a| a == want);
+                                    at.filter(|_| want.port() != 0 && going).map(|k| (i, k))
+                                })
                             })
+                            .filter(|at| claimed.insert(*at))
                         })
-                        .filter(|i| claimed.insert(*i)),
+                        .collect(),
                 ),
             };
             plans.push(plan);
         }
         let mut fresh = Vec::new();
         for (i, (rule, plan)) in new.rules.iter().zip(&plans).enumerate() {
-            // A kept listener's rule is checked too (bind_rule checks the others).
-            if let Plan::Start(Some(_)) = plan {
-                can_connect_from(rule, i, Some(&source.path))?;
-            }
-            if let Plan::Start(None) = plan {
-                let bound = bind_rule(rule, i, Some(&source.path))
-                    .map_err(|e| self.own_conflict(rule, e))?;
-                fresh.push(Arc::new(TcpListener::from_std(bound)?));
+            let Plan::Start(reuse) = plan else { continue };
+            can_connect_from(rule, i, Some(&source.path))?;
+            for (&addr, reused) in rule.listen.iter().zip(reuse) {
+                if reused.is_none() {
+                    let bound = bind_listen(rule, i, addr, Some(&source.path))
+                        .map_err(|e| self.own_conflict(addr, e))?;
+                    fresh.push(Arc::new(TcpListener::from_std(bound)?));
+                }
             }
         }
 
@@ -445,11 +483,14 @@ impl Server {
             let Plan::Start(reuse) = plan else {
                 continue;
             };
-            let listener = match reuse {
-                Some(i) => self.rules[*i].listener.clone(),
-                None => fresh.next().expect("bound above"),
-            };
-            match self.start(rule, listener).await {
+            let listeners = reuse
+                .iter()
+                .map(|at| match at {
+                    Some((i, k)) => self.rules[*i].listeners[*k].clone(),
+                    None => fresh.next().expect("bound above"),
+                })
+                .collect();
+            match self.start(rule, listeners).await {
                 Ok(r) => started.push(r),
                 Err(e) => {
                     for r in started {
@@ -478,10 +519,10 @@ impl Server {
             let still = new.rules.iter().find(|r| r.name == running.rule.name);
             match still {
                 Some(r) if r.same_settings(&running.rule) => kept.push(running),
-                Some(_) => stopping.push(running.stop()),
+                Some(_) => stopping.extend(running.stop()),
                 None => {
                     removed.push(running.rule.name.clone());
-                    stopping.push(running.stop());
+                    stopping.extend(running.stop());
                 }
             }
         }
@@ -611,22 +652,23 @@ impl Server {
     /// holds its port (a wildcard and a specific address of one port, which Linux
     /// will not listen on at once): says so, rather than leave "address in use" to
     /// send the operator looking for another process.
-    fn own_conflict(&self, rule: &Rule, e: anyhow::Error) -> anyhow::Error {
+    fn own_conflict(&self, want: SocketAddr, e: anyhow::Error) -> anyhow::Error {
         let in_use = e
             .root_cause()
             .downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::AddrInUse);
-        let want = rule.listen;
-        let ours = self.rules.iter().find(|r| {
-            let have = r.rule.listen;
-            have.port() == want.port() && (have.ip().is_unspecified() || want.ip().is_unspecified())
+        let ours = self.rules.iter().find_map(|r| {
+            let have = r.rule.listen.iter().find(|have| {
+                have.port() == want.port()
+                    && (have.ip().is_unspecified() || want.ip().is_unspecified())
+            })?;
+            Some((r, have))
         });
         match ours {
-            Some(r) if in_use => anyhow::anyhow!(
-                "{e:#}: this process listens on {} (rule {:?}) until the reload is done, and \
+            Some((r, have)) if in_use => anyhow::anyhow!(
+                "{e:#}: this process listens on {have} (rule {:?}) until the reload is done, and \
                  a port cannot have a wildcard and a specific address listening at once; \
                  moving a port between them takes a restart",
-                r.rule.listen,
                 r.rule.name
             ),
             _ => e,
@@ -642,9 +684,10 @@ impl Server {
         }
         let mut tasks = Vec::new();
         for running in std::mem::take(&mut self.rules) {
-            let accept = running.stop();
-            accept.abort();
-            tasks.push(accept);
+            for accept in running.stop() {
+                accept.abort();
+                tasks.push(accept);
+            }
         }
         for t in tasks {
             let _ = t.await;

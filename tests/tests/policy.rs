@@ -634,6 +634,44 @@ relay_tests! {
         }
     }
 
+    fn a_port_range_forwards_port_by_port(mode) {
+        // The rule listens on three ports and names its upstream without a port: each
+        // client goes to the port it came to, on the upstream's address. The ports are
+        // found free on two addresses of the test's own.
+        let (front, back) = (free_loopback_addr().ip(), free_loopback_addr().ip());
+        let (base, servers) = (0..200u32)
+            .find_map(|attempt| {
+                let base = 20000 + ((std::process::id() * 7919 + attempt * 211) % 40000) as u16;
+                let bound: Vec<TcpListener> = (0..3)
+                    .map_while(|k| TcpListener::bind((back, base + k)).ok())
+                    .collect();
+                let free = (0..3).all(|k| TcpListener::bind((front, base + k)).is_ok());
+                (bound.len() == 3 && free).then_some((base, bound))
+            })
+            .expect("three free ports in a row");
+        let names = ["p0", "p1", "p2"];
+        let _servers: Vec<NamedServer> = servers.into_iter().zip(names).map(|(l, n)| named_server(n, l)).collect();
+        let listen = format!("{front}:{base}-{}", base + 2);
+        let body = |idle: &str| format!("upstream = \"{back}\"\nidle_timeout = \"{idle}\"");
+        let mut fwd = start(mode, &listen, &body("1h"), &[]);
+        let listening = fwd.stderr.wait_for_n(3, Duration::from_secs(5), |l| l.contains("listening rule=t"));
+        assert_eq!(listening.len(), 3, "one listening line per port");
+        let port = |k: u16| SocketAddr::new(front, base + k);
+        for round in 0..2 {
+            for (k, name) in names.iter().enumerate() {
+                assert_eq!(ask(port(k as u16), None).unwrap(), *name, "round {round}, port {}", base + k as u16);
+            }
+        }
+        // A reload that changes the rule keeps its three sockets (binding any again
+        // would fail: they are open), and the ports still go where they did.
+        let text = format!("[[rule]]\nname = \"t\"\nlisten = \"{listen}\"\nmode = \"{}\"\n{}\n", mode.as_str(), body("2h"));
+        let reloaded = fwd.reload(&text);
+        assert!(reloaded.contains("reload ok") && reloaded.contains("changed=[t]"), "{reloaded}");
+        for (k, name) in names.iter().enumerate() {
+            assert_eq!(ask(port(k as u16), None).unwrap(), *name, "after the reload, port {}", base + k as u16);
+        }
+    }
+
     fn http_health_checks_follow_the_status(mode) {
         // python3 -m http.server upstreams accept every connection: only an HTTP check
         // tells that b has no /healthz (404). HTTP/1.1 keeps their side open after an

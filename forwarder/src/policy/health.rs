@@ -24,6 +24,8 @@ pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
         timeout,
         from: rule.connect_from,
         http: rule.check_http.clone(),
+        // An upstream without a port is checked on the rule's first listen port.
+        port: rule.listen[0].port(),
         proxy_protocol: rule.proxy_protocol,
     });
     loop {
@@ -31,7 +33,7 @@ pub async fn run(rule: Rule, upstreams: Arc<Upstreams>) {
         // All checks of one round run at once, so one slow upstream delays none.
         let mut checks = tokio::task::JoinSet::new();
         for (i, u) in upstreams.list.iter().enumerate() {
-            let addr = u.cfg.addr.clone();
+            let addr = u.cfg.dial_addr(how.port).into_owned();
             let how = how.clone();
             checks.spawn(async move { (i, check(&addr, &how).await) });
         }
@@ -79,6 +81,7 @@ struct How {
     /// `connect_from`, as the rule's connections are made.
     from: Option<IpAddr>,
     http: Option<HttpCheck>,
+    port: u16,
     /// The rule's PROXY header version: an HTTP check sends a LOCAL header first.
     proxy_protocol: Option<ProxyProtocol>,
 }
