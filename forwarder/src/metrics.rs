@@ -210,6 +210,7 @@ impl Collector for Collect {
         let mut refused = Vec::new();
         let mut errors = Vec::new();
         let mut up = Vec::new();
+        let mut upstream_open = Vec::new();
         let snapshots: Vec<_> = rules
             .iter()
             .map(|(name, s)| {
@@ -254,6 +255,15 @@ impl Collector for Collect {
                     up.push((
                         vec![("rule", name), ("upstream", u.cfg.addr.as_str())],
                         gauge(v),
+                    ));
+                    // An agent's visitors are not dialed: all of the rule's pairs are its.
+                    let n = match u.cfg.addr.starts_with(AGENT_PREFIX) {
+                        true => *open as i64,
+                        false => ups.open(i) as i64,
+                    };
+                    upstream_open.push((
+                        vec![("rule", name), ("upstream", u.cfg.addr.as_str())],
+                        gauge(n),
                     ));
                 }
             }
@@ -302,6 +312,13 @@ impl Collector for Collect {
             "1 if the upstream is up, 0 if it is marked down (agent:NAME: 1 while an agent offering NAME is connected)",
             MetricType::Gauge,
             up,
+        )?;
+        family(
+            &mut e,
+            "forwarder_upstream_connections_active",
+            "Connections open to the upstream or connecting (agent:NAME: the rule's open pairs)",
+            MetricType::Gauge,
+            upstream_open,
         )?;
         let ok = self.0.reloads_ok.load(Ordering::Relaxed);
         let failed = self.0.reloads_error.load(Ordering::Relaxed);

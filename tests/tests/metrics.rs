@@ -907,6 +907,38 @@ fall = {FALL}
 
     /// A rule removed by a reload keeps its series while its last connection runs;
     /// they vanish once it closes, the other rule's stay.
+    fn upstream_connections_active_counts_each_upstreams_open_pairs(mode) {
+        // Round robin over two echo upstreams: three pairs held open are two on one
+        // and one on the other, and the gauge says so per upstream until they close.
+        let (a, b) = (Server::echo(), Server::echo());
+        let maddr = unique_addr();
+        let toml = format!(
+            "[global]\nmetrics = \"{maddr}\"\n\n[[rule]]\nname = \"rr\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"{}\", \"{}\"]\nbalance = \"round_robin\"\n",
+            a.addr(),
+            b.addr()
+        );
+        let fwd = Forwarder::config(Some(mode), &toml, 1);
+        fwd.assert_mode(mode);
+        let (ua, ub) = (a.addr().to_string(), b.addr().to_string());
+        let open = |m: &Scrape, u: &str| m.u("forwarder_upstream_connections_active", &[("rule", "rr"), ("upstream", u)]);
+        let held: Vec<TcpStream> = (0..3)
+            .map(|i| {
+                let s = connect(fwd.rule_addr("rr"));
+                ping(&s, b"!", Duration::from_secs(10)).unwrap_or_else(|e| panic!("pair {i}: {e}"));
+                s
+            })
+            .collect();
+        let m = scrape(maddr);
+        let mut counts = [open(&m, &ua), open(&m, &ub)];
+        counts.sort();
+        assert_eq!(counts, [1, 2], "open pairs per upstream");
+        assert_eq!(m.u("forwarder_connections_active", &[("rule", "rr")]), 3);
+        drop(held);
+        wait_rule_closes(&fwd, "rr", 3);
+        let m = scrape_until(maddr, Duration::from_secs(3), "no pair open", |m| open(m, &ua) + open(m, &ub) == 0);
+        assert_eq!([open(&m, &ua), open(&m, &ub)], [0, 0]);
+    }
+
     fn removed_rule_series_disappear_after_last_connection(mode) {
         let _g = light();
         let up = Server::echo();

@@ -122,6 +122,11 @@ impl Upstreams {
 
     /// Whether health checks or traffic last marked the upstream up (what metrics
     /// show); [`Upstreams::is_up`] also lets a passively failed one take a trial.
+    /// Connections open to upstream `i` or connecting.
+    pub fn open(&self, i: usize) -> usize {
+        self.list[i].health.active.load(Ordering::Relaxed)
+    }
+
     pub fn marked_up(&self, i: usize) -> bool {
         self.list[i].health.up.load(Ordering::Relaxed)
     }
