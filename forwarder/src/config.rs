@@ -194,6 +194,9 @@ struct FileAgent {
 struct FileService {
     name: String,
     target: String,
+    connect_from: Option<String>,
+    #[serde(default, with = "bounded_duration")]
+    tcp_keepalive: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -524,6 +527,10 @@ pub struct AgentConfig {
 pub struct Service {
     pub name: String,
     pub target: String,
+    /// The local address target connections are made from (as a rule's).
+    pub connect_from: Option<IpAddr>,
+    /// TCP keepalive on target connections (as a rule's), `None` = off.
+    pub tcp_keepalive: Option<Duration>,
 }
 
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(90);
@@ -890,6 +897,8 @@ impl Config {
             file.service.push(FileService {
                 name: name.into(),
                 target: target.into(),
+                connect_from: None,
+                tcp_keepalive: None,
             });
         }
         let (token_file, token) = token.keys();
@@ -1254,9 +1263,20 @@ fn validate_agent(
         }
         check_dial_addr(&s.target)
             .map_err(|e| err(format!("{}: {:?}: {e}", at("target"), s.target)))?;
+        let tcp_keepalive = keepalive(s.tcp_keepalive, &at)?;
+        let targets = [Upstream {
+            addr: s.target.clone(),
+            same_port: false,
+            weight: 1,
+            backup: false,
+            max_connections: None,
+        }];
+        let connect_from = source_addr(s.connect_from.as_deref(), &targets, &at)?;
         list.push(Service {
             name: s.name.clone(),
             target: s.target.clone(),
+            connect_from,
+            tcp_keepalive,
         });
     }
     let mut sorted: Vec<String> = list
@@ -1444,48 +1464,20 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             at("check_interval")
         )));
     }
-    let tcp_keepalive = nonzero(s.tcp_keepalive);
-    if tcp_keepalive.is_some_and(|d| !(Duration::from_secs(1)..=MAX_KEEPALIVE).contains(&d)) {
-        return Err(err(format!(
-            "{}: must be from 1s to {}s (TCP_KEEPIDLE's range; 0s or unset: off)",
-            at("tcp_keepalive"),
-            MAX_KEEPALIVE.as_secs()
-        )));
-    }
-    let connect_from = match s.connect_from.as_deref() {
-        None => None,
-        Some(text) => {
-            let ip: IpAddr = text.parse().map_err(|_| {
-                err(format!(
-                    "{}: {text:?} is not an IP address (a port is chosen per connection)",
-                    at("connect_from")
-                ))
-            })?;
-            // An agent dials out: one written in the rule is an error, one inherited
-            // from `[defaults]` does not apply (as `check_interval`).
-            if upstreams[0].addr.starts_with(AGENT_PREFIX) {
-                if r.connect_from.is_some() {
-                    return Err(err(format!(
-                        "{}: an agent: upstream connects nowhere from here (its agent dials out)",
-                        at("connect_from")
-                    )));
-                }
-                None
-            } else {
-                // A literal upstream of the other family could never be reached from it.
-                let other = upstreams
-                    .iter()
-                    .filter_map(|u| literal_addr(&u.addr).and_then(Result::ok))
-                    .find(|a| a.is_ipv4() != ip.is_ipv4());
-                if let Some(a) = other {
-                    return Err(err(format!(
-                        "{}: {ip} cannot connect to {a} (another address family)",
-                        at("connect_from")
-                    )));
-                }
-                Some(ip)
-            }
+    let tcp_keepalive = keepalive(s.tcp_keepalive, &at)?;
+    // An agent dials out: one written in the rule is an error, one inherited from
+    // `[defaults]` does not apply (as `check_interval`). Its agent's `[[service]]`
+    // can have one.
+    let connect_from = match upstreams[0].addr.starts_with(AGENT_PREFIX) {
+        true if r.connect_from.is_some() => {
+            return Err(err(format!(
+                "{}: an agent: upstream connects nowhere from here (its agent dials out; \
+                 a [[service]] can have connect_from)",
+                at("connect_from")
+            )))
         }
+        true => None,
+        false => source_addr(s.connect_from.as_deref(), &upstreams, &at)?,
     };
     let check_http = check_http(r, &s, &upstreams, &at)?;
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
@@ -1689,6 +1681,51 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         max_match,
         http_auth,
     })
+}
+
+/// `tcp_keepalive` (a rule's or a service's): 0s is off.
+fn keepalive(
+    d: Option<Duration>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<Duration>, ConfigError> {
+    let d = d.filter(|d| !d.is_zero());
+    if d.is_some_and(|d| !(Duration::from_secs(1)..=MAX_KEEPALIVE).contains(&d)) {
+        return Err(err(format!(
+            "{}: must be from 1s to {}s (TCP_KEEPIDLE's range; 0s or unset: off)",
+            at("tcp_keepalive"),
+            MAX_KEEPALIVE.as_secs()
+        )));
+    }
+    Ok(d)
+}
+
+/// `connect_from` (a rule's or a service's), for connections to `targets`.
+fn source_addr(
+    text: Option<&str>,
+    targets: &[Upstream],
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<IpAddr>, ConfigError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let ip: IpAddr = text.parse().map_err(|_| {
+        err(format!(
+            "{}: {text:?} is not an IP address (a port is chosen per connection)",
+            at("connect_from")
+        ))
+    })?;
+    // A literal target of the other family could never be reached from it.
+    let other = targets
+        .iter()
+        .filter_map(|u| literal_addr(&u.addr).and_then(Result::ok))
+        .find(|a| a.is_ipv4() != ip.is_ipv4());
+    if let Some(a) = other {
+        return Err(err(format!(
+            "{}: {ip} cannot connect to {a} (another address family)",
+            at("connect_from")
+        )));
+    }
+    Ok(Some(ip))
 }
 
 /// `check_http`, checked: it goes into a request line and a header, so only visible
@@ -2887,12 +2924,36 @@ mod tests {
                 "server = \"\"",
                 "agent.server",
             ),
+            (
+                "target = \"127.0.0.1:3000\"",
+                "target = \"127.0.0.1:3000\"\nconnect_from = \"10.0.0.1:5\"",
+                "service[0].connect_from",
+            ),
+            (
+                "target = \"127.0.0.1:3000\"",
+                "target = \"127.0.0.1:3000\"\nconnect_from = \"::1\"",
+                "service[0].connect_from",
+            ),
+            (
+                "target = \"127.0.0.1:3000\"",
+                "target = \"127.0.0.1:3000\"\ntcp_keepalive = \"40000s\"",
+                "service[0].tcp_keepalive",
+            ),
         ];
         for (from, to, key) in cases {
             let text = TUNNEL.replacen(from, to, 1);
             let e = Config::from_toml(&text).unwrap_err().0;
             assert!(e.contains(&format!("`{key}")), "{key}: {e}");
         }
+        let shaped = TUNNEL.replacen(
+            "target = \"127.0.0.1:3000\"",
+            "target = \"127.0.0.1:3000\"\nconnect_from = \"127.0.0.7\"\ntcp_keepalive = \"1m\"",
+            1,
+        );
+        let c = Config::from_toml(&shaped).unwrap();
+        let service = &c.agent.unwrap().services[0];
+        assert_eq!(service.connect_from, Some(IpAddr::from([127, 0, 0, 7])));
+        assert_eq!(service.tcp_keepalive, Some(Duration::from_secs(60)));
         // agent: needs a tunnel server to be served from.
         let no_server = &TUNNEL[TUNNEL.find("[[rule]]").unwrap()..];
         let e = Config::from_toml(no_server).unwrap_err().0;

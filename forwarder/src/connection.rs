@@ -776,10 +776,11 @@ pub fn socket_from(ip: IpAddr) -> io::Result<tokio::net::TcpSocket> {
 pub async fn connect_one_patiently(
     upstream: &str,
     timeout: Duration,
+    from: Option<IpAddr>,
 ) -> Result<Answered, ConnectError> {
     let until = tokio::time::Instant::now() + timeout;
     loop {
-        match connect_one(upstream, timeout, None).await {
+        match connect_one(upstream, timeout, from).await {
             Err(e) if e.local && tokio::time::Instant::now() + LOCAL_RETRY < until => {
                 tokio::time::sleep(LOCAL_RETRY).await
             }

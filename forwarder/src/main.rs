@@ -111,6 +111,11 @@ fn start(
         Ok(l) => l,
         Err(e) => return failure(e),
     };
+    if let Some(agent) = &config.agent {
+        if let Err(e) = forwarder::server::can_connect_from_services(agent, file) {
+            return failure(e);
+        }
+    }
     let metrics = match config.metrics.map(forwarder::metrics::bind).transpose() {
         Ok(m) => m,
         Err(e) => return failure(e),

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -106,14 +106,43 @@ fn bind_listen(
 /// Whether rule `i`'s `connect_from` is an address of this host: found at start (or
 /// reload), like a listen address, not as every upstream going DOWN.
 fn can_connect_from(rule: &Rule, i: usize, file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let Some(ip) = rule.connect_from else {
-        return Ok(());
-    };
+    match rule.connect_from {
+        Some(ip) => source_is_ours(ip, file, &format!("rule[{i}].connect_from"), || {
+            format!("rule {:?}", rule.name)
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The same for each `[[service]]` of an agent, at start.
+pub fn can_connect_from_services(
+    agent: &crate::config::AgentConfig,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    for (i, service) in agent.services.iter().enumerate() {
+        if let Some(ip) = service.connect_from {
+            let key = format!("service[{i}].connect_from");
+            source_is_ours(ip, file, &key, || format!("service {:?}", service.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a socket can be bound to `ip` here; the error names `whose` `key`.
+fn source_is_ours(
+    ip: IpAddr,
+    file: Option<&std::path::Path>,
+    key: &str,
+    whose: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     crate::connection::socket_from(ip)
         .map(drop)
         .with_context(|| {
-            let at = key_in_file(file, &format!("rule[{i}].connect_from"));
-            format!("cannot connect from {ip} (rule {:?}{at})", rule.name)
+            format!(
+                "cannot connect from {ip} ({}{})",
+                whose(),
+                key_in_file(file, key)
+            )
         })
 }
 

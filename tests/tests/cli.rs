@@ -255,6 +255,14 @@ idle_timeout = "1h"
         let want =
             "cannot connect from 192.0.2.1 (rule \"rule0\", key `rule[0].connect_from`, line 4)";
         assert!(o.stderr.contains(want), "stderr:\n{}", o.stderr);
+        // An agent's [[service]] is checked the same way, at its start.
+        let agent = "[agent]\nserver = \"127.0.0.1:9\"\ntoken = \"0123456789abcdef\"\n\n\
+                     [[service]]\nname = \"web\"\ntarget = \"127.0.0.1:9\"\nconnect_from = \"192.0.2.1\"\n";
+        assert_eq!(check(agent).code(), Some(0), "{}", check(agent).stderr);
+        let o = run_config(agent);
+        assert_eq!(o.code(), Some(1), "stderr:\n{}", o.stderr);
+        let want = "cannot connect from 192.0.2.1 (service \"web\", key `service[0].connect_from`, line 8)";
+        assert!(o.stderr.contains(want), "stderr:\n{}", o.stderr);
     }
 
     #[test]

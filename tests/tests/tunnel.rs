@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -2634,6 +2634,43 @@ relay_tests! {
     /// close lines say `upstream_reset`. The agent took a reset that came before it saw
     /// its connect complete for a failed connect (`end=connect_failed`, 4 to 10 of 20,
     /// and a connect error counted) (audit).
+    /// A `[[service]]`'s `connect_from` and `tcp_keepalive` shape its target
+    /// connections, as a rule's do its upstream's: the target sees the stream come
+    /// from 127.0.0.7, and the agent's socket to it runs a keepalive timer.
+    fn service_connect_from_and_keepalive_shape_target_connections(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let (tx, peers) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let target = Server::start(LOCALHOST, move |s| {
+            let _ = tx.lock().unwrap().send(s.peer_addr().unwrap());
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = (&*s).read(&mut buf) {
+                if (&*s).write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let server = TunnelServer::cli(mode, "127.0.0.1:0", &token);
+        let toml = format!("{}connect_from = \"127.0.0.7\"\ntcp_keepalive = \"600s\"\n", agent_toml(server.tunnel, &token, target.addr()));
+        let mut args = osv(&["run", "-c"]);
+        args.push(dir.write("agent.toml", &toml).into());
+        let agent = Proc::spawn("agent", &args, None, &[], None);
+        wait_connected(&server, &agent, 1);
+        let s = connect(server.visitors);
+        ping(&s, b"!", secs(10)).expect("a round trip through the tunnel");
+        let peer = peers.recv_timeout(secs(5)).expect("the target's connection");
+        assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 7]), "the target saw {peer}");
+        // ss names the agent's end of it: from 127.0.0.7 to the target.
+        let filter = format!("src 127.0.0.7 and dst {}", target.addr());
+        let o = run_to_exit({ let mut c = command("ss"); c.args(["-tnoH", "state", "established"]).arg(&filter); c }, secs(10));
+        assert!(o.stdout.contains("timer:(keepalive"), "no keepalive timer on the agent's target socket:\n{}", o.stdout);
+        drop(s);
+        let l = agent.wait_close_lines(1, secs(10));
+        assert_eq!(l.len(), 1, "the agent's close line");
+    }
+
     fn target_reset_on_accept_is_an_upstream_reset(mode) {
         let _load = light();
         let dir = TempDir::new("tunnel");

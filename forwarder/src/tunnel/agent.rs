@@ -554,12 +554,10 @@ async fn serve_stream(
     else {
         unreachable!("serve_stream is given an Open");
     };
-    let target = session
-        .cfg
-        .services
-        .iter()
-        .find(|s| s.name == service)
-        .map(|s| s.target.clone());
+    let offered = session.cfg.services.iter().find(|s| s.name == service);
+    let target = offered.map(|s| s.target.clone());
+    // Set as a rule's are on its upstream connections.
+    let (from, keepalive) = offered.map_or((None, None), |s| (s.connect_from, s.tcp_keepalive));
     let visitor_addr: SocketAddr = visitor.parse().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
     // Counted in the service's metrics like a rule's pair (an unknown service, which
     // is refused, has none).
@@ -593,7 +591,8 @@ async fn serve_stream(
         ms => Duration::from_millis(ms),
     };
     // As a rule's upstream: each address of a name in turn, connect_timeout each.
-    let mut local = match crate::connection::connect_one_patiently(&target, connect_timeout).await {
+    let dialed = crate::connection::connect_one_patiently(&target, connect_timeout, from).await;
+    let mut local = match dialed {
         Ok((s, _, failed)) => {
             crate::connection::say_failed_addresses(&service, visitor_addr, &target, &failed);
             s
@@ -621,6 +620,12 @@ async fn serve_stream(
     // says nothing of which of its addresses answered).
     let target = local.peer_addr().map_or(target, |a| a.to_string());
     let _ = local.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        // The stream works without it; the log says a dead target goes unnoticed.
+        if let Err(e) = crate::server::set_keepalive((&local).into(), Some(idle)) {
+            tracing::warn!("tcp_keepalive on service={service} target={target} failed: {e}");
+        }
+    }
     if !proxy_header.is_empty() {
         if let Err(e) = local.write_all(&proxy_header).await {
             refuse_stream(&session, &data, stream);
