@@ -272,6 +272,8 @@ rule_settings! {
     connect_from: String,
     max_connections: usize,
     inflight_limit: u64,
+    upload_rate: u64,
+    download_rate: u64,
     balance: Balance,
     #[serde(default, with = "bounded_duration")]
     check_interval: Duration,
@@ -612,6 +614,9 @@ pub struct Rule {
     /// peer socket before that direction leaves the redirect path (the kernel applies
     /// no backpressure there).
     pub inflight_limit: u64,
+    /// Bytes per second each pair may move, `[to_upstream, to_client]`
+    /// (`upload_rate`, `download_rate`); `None` = unpaced.
+    pub rates: [Option<u64>; 2],
     pub balance: Balance,
     /// Active TCP connect checks; `None` = passive detection only.
     pub check_interval: Option<Duration>,
@@ -716,6 +721,18 @@ pub const DEFAULT_MAX_MATCH: usize = 4096;
 
 impl Rule {
     /// Whether any check or dump needs the first bytes in userspace.
+    /// Whether `upload_rate` or `download_rate` paces its pairs.
+    pub fn paced(&self) -> bool {
+        self.rates.iter().any(Option::is_some)
+    }
+
+    fn paced_key(&self) -> &'static str {
+        match self.rates[0] {
+            Some(_) => "upload_rate",
+            None => "download_rate",
+        }
+    }
+
     pub fn inspects(&self) -> bool {
         self.inspect.is_some() || !self.deny_patterns.is_empty() || self.http_auth.is_some()
     }
@@ -947,6 +964,13 @@ impl Config {
                 return Err(err(format!(
                     "config error at key `rule[{i}].rewrite` (rule {:?}): --mode ebpf cannot \
                      apply: rewriting needs every byte in userspace (path=copy)",
+                    rule.name
+                )));
+            }
+            if mode == Mode::Ebpf && rule.paced() {
+                return Err(err(format!(
+                    "config error at key `rule[{i}].{}` (rule {:?}): --mode ebpf cannot apply: {PACED_WHY}",
+                    rule.paced_key(),
                     rule.name
                 )));
             }
@@ -1590,6 +1614,21 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             at("rewrite")
         )));
     }
+    let rates = [s.upload_rate, s.download_rate].map(|r| r.filter(|&r| r > 0));
+    for (key, rate) in ["upload_rate", "download_rate"].iter().zip(rates) {
+        let why = if rate.is_none() {
+            continue;
+        } else if mode == Mode::Ebpf {
+            PACED_WHY
+        } else if !rewrite.is_empty() {
+            "the copy path of `rewrite` does not pace bytes (yet)"
+        } else if upstreams[0].addr.starts_with(AGENT_PREFIX) {
+            "tunnel streams do not pace bytes (yet)"
+        } else {
+            continue;
+        };
+        return Err(err(format!("{}: {why}", at(key))));
+    }
     let http_auth = match &s.http_auth {
         None => None,
         Some(a) => {
@@ -1655,6 +1694,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         connect_from,
         max_connections,
         inflight_limit,
+        rates,
         balance: s.balance.unwrap_or(Balance::First),
         // An agent's link has its own heartbeat (a lost one is `link lost`): there is
         // no address to connect to, and `agent:NAME` is up while an agent offers NAME.
@@ -1682,6 +1722,10 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         http_auth,
     })
 }
+
+/// Why a paced rule cannot run on the kernel path.
+const PACED_WHY: &str = "the kernel path cannot pace bytes (it moves them without us); \
+     use mode \"auto\" or \"splice\", which paced rules run on";
 
 /// `tcp_keepalive` (a rule's or a service's): 0s is off.
 fn keepalive(
@@ -2811,6 +2855,44 @@ mod tests {
             e.contains("`rule[1].listen`")
                 && e.contains("0.0.0.0:85")
                 && e.contains("127.0.0.1:85"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rates_are_checked() {
+        let rule = |keys: &str| {
+            format!("[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n{keys}\n")
+        };
+        let c = Config::from_toml(&rule("upload_rate = 1000\ndownload_rate = 0")).unwrap();
+        assert_eq!(c.rules[0].rates, [Some(1000), None]);
+        assert!(c.rules[0].paced());
+        assert!(!Config::from_toml(&rule("")).unwrap().rules[0].paced());
+        for (keys, needles) in [
+            ("mode = \"ebpf\"\ndownload_rate = 1000", &["`rule[0].download_rate`", "cannot pace"][..]),
+            (
+                "upload_rate = 1000\nrewrite = [{ direction = \"to_upstream\", match = \"a\", replace = \"b\" }]",
+                &["`rule[0].upload_rate`", "rewrite"],
+            ),
+            ("upload_rate = -1", &["upload_rate"]),
+        ] {
+            let e = error_of(&rule(keys));
+            assert!(needles.iter().all(|n| e.contains(n)), "{keys}: {e}");
+        }
+        let agent = TUNNEL.replace(
+            "upstream = \"agent:web\"",
+            "upstream = \"agent:web\"\ndownload_rate = 1000",
+        );
+        let e = error_of(&agent);
+        assert!(
+            e.contains("`rule[0].download_rate`") && e.contains("tunnel"),
+            "{e}"
+        );
+        // --mode ebpf over a paced rule: refused, naming the key.
+        let mut c = Config::from_toml(&rule("download_rate = 1000")).unwrap();
+        let e = c.override_mode(Mode::Ebpf).unwrap_err().0;
+        assert!(
+            e.contains("`rule[0].download_rate`") && e.contains("--mode ebpf"),
             "{e}"
         );
     }

@@ -1037,7 +1037,7 @@ mod tests {
         let rule = Config::from_toml(toml).unwrap().rules.remove(0);
         let rt = Arc::new(RuleRuntime::new(
             rule,
-            Arc::new(SpliceRelay),
+            Arc::new(SpliceRelay::default()),
             SourceLimits::new(None, None),
             Arc::new(RwLock::new(Access::default())),
             Arc::new(Abort::default()),

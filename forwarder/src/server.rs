@@ -758,8 +758,17 @@ async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
 /// is probed once per process (load, attach, one real pair end to end); `auto` falls
 /// back to splice when it fails, `ebpf` refuses to start.
 async fn choose_path(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
+    let splice = Arc::new(SpliceRelay { rates: rule.rates });
     if rule.mode == Mode::Splice {
-        return Ok((Arc::new(SpliceRelay), "requested".into()));
+        return Ok((splice, "requested".into()));
+    }
+    // The kernel path moves bytes without us: it cannot pace them (config refuses
+    // mode ebpf with a rate).
+    if rule.paced() {
+        return Ok((
+            splice,
+            "auto: upload_rate/download_rate, which only splice paces".into(),
+        ));
     }
     let auto = rule.mode == Mode::Auto;
     let proxy_header = rule.accept_proxy_protocol || rule.proxy_protocol.is_some();
@@ -781,7 +790,9 @@ async fn choose_path(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
             );
             Ok((Arc::new(relay), why))
         }
-        Err(why) if rule.mode == Mode::Auto => Ok((Arc::new(SpliceRelay), format!("auto: {why}"))),
+        Err(why) if rule.mode == Mode::Auto => {
+            Ok((Arc::new(SpliceRelay::default()), format!("auto: {why}")))
+        }
         Err(why) => anyhow::bail!("mode ebpf: {why}"),
     }
 }

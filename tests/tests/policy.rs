@@ -775,6 +775,99 @@ relay_tests! {
     }
 }
 
+/// The upstream of the pacing test: `D` asks it for `p`, `U` has it read to EOF and
+/// answer `LEN SHA256` of what it read.
+fn up_or_down(p: Payload) -> Server {
+    Server::start(LOCALHOST, move |s| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut what = [0u8; 1];
+        if (&*s).read_exact(&mut what).is_err() {
+            return;
+        }
+        if what[0] == b'D' {
+            let _ = p.write_to(&s, deadline);
+        } else if let Ok(d) = read_digest(&s, deadline) {
+            let _ = (&*s).write_all(format!("{} {}", d.len, hex(&d.sha)).as_bytes());
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = read_to_end(&s, usize::MAX, deadline);
+    })
+}
+
+/// `p` down from [`up_or_down`] through `fwd`, then up: how long each took, every
+/// byte checked.
+fn down_then_up(fwd: SocketAddr, p: Payload) -> [Duration; 2] {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = connect(fwd);
+    let t0 = Instant::now();
+    (&s).write_all(b"D").unwrap();
+    let got = read_digest(&s, deadline).expect("the download");
+    let down = t0.elapsed();
+    assert_eq!(got, Digested::of(&p), "downloaded bytes");
+    let s = connect(fwd);
+    let t0 = Instant::now();
+    (&s).write_all(b"U").unwrap();
+    p.write_to(&s, deadline).expect("the upload");
+    s.shutdown(Shutdown::Write).unwrap();
+    let answer = read_to_end(&s, 256, deadline).expect("the upstream's answer");
+    let up = t0.elapsed();
+    let want = format!("{} {}", p.len, hex(&p.sha256()));
+    assert_eq!(String::from_utf8_lossy(&answer), want, "uploaded bytes");
+    [down, up]
+}
+
+/// `download_rate` and `upload_rate` (nginx's proxy_download_rate/proxy_upload_rate):
+/// after a second's worth at once, a direction moves at its rate and the other is not
+/// held back; `auto` runs a paced rule on splice, which paces.
+#[test]
+fn rates_pace_each_direction() {
+    const RATE: u64 = 1024 * 1024;
+    let p = Payload::new(51, 3 * RATE);
+    let up = up_or_down(p);
+    // The first second's worth goes at once: the other two take two seconds, less the
+    // read's quantum the bucket waits for (a fiftieth of a second).
+    let paced = Duration::from_millis(1900);
+    for (key, d) in [("download_rate", 0), ("upload_rate", 1)] {
+        let fwd = local(
+            Mode::Splice,
+            &format!("upstream = \"{}\"\n{key} = {RATE}", up.addr()),
+        );
+        let times = down_then_up(fwd.addr(), p);
+        eprintln!("{key}: down {:?}, up {:?}", times[0], times[1]);
+        assert!(
+            times[d] >= paced,
+            "{key}: 3 MiB at 1 MiB/s took {:?}",
+            times[d]
+        );
+        assert!(times[d] < Duration::from_secs(10), "{key}: {:?}", times[d]);
+        assert!(
+            times[1 - d] * 2 < times[d],
+            "{key}: the other direction was held back: {times:?}"
+        );
+    }
+    // `auto`, paced: on splice, and saying why.
+    let dir = TempDir::new("policy");
+    let text = format!("[[rule]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\nmode = \"auto\"\nupstream = \"{}\"\ndownload_rate = {RATE}\n", up.addr());
+    let path = dir.write("forwarder.toml", &text);
+    let fwd = Forwarder::spawn(
+        &[],
+        vec!["run".into(), "-c".into(), path.into()],
+        1,
+        Some(dir),
+    );
+    assert!(
+        wait_log(
+            &fwd,
+            "mode=splice (auto: upload_rate/download_rate",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        fwd.stderr.text()
+    );
+    let [down, _] = down_then_up(fwd.addr(), p);
+    assert!(down >= paced, "auto: 3 MiB at 1 MiB/s took {down:?}");
+}
+
 /// The forwarder closes `s` (a reset or an empty EOF) within 1 s, having sent nothing:
 /// a read that timed out (a forwarder still waiting for more header) is a failure too.
 fn refused_at_once(mut s: TcpStream, what: &str) {

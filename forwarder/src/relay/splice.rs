@@ -31,7 +31,12 @@ use crate::inspect::dump::Dump;
 /// kernel memory. Larger pipes mean fewer syscalls per byte.
 pub const PIPE_SIZE: usize = 1 << 20;
 
-pub struct SpliceRelay;
+/// `rates`: bytes per second per direction, `[to_upstream, to_client]` (a rule's
+/// `upload_rate` and `download_rate`); `None` = unpaced.
+#[derive(Default)]
+pub struct SpliceRelay {
+    pub rates: [Option<u64>; 2],
+}
 
 impl Relay for SpliceRelay {
     fn path(&self) -> &'static str {
@@ -39,7 +44,12 @@ impl Relay for SpliceRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        Box::pin(relay(pair, progress))
+        match self.rates {
+            [None, None] => Box::pin(relay(pair, progress)),
+            rates => Box::pin(NeverPromoted {
+                inner: relay_paced(pair, progress, None, rates),
+            }),
+        }
     }
 
     fn relay_after_prelude<'a>(
@@ -53,7 +63,7 @@ impl Relay for SpliceRelay {
             "rewrite rules use the copy relay"
         );
         Box::pin(NeverPromoted {
-            inner: relay_until(pair, progress, None, handover.dump),
+            inner: relay_paced(pair, progress, handover.dump, self.rates),
         })
     }
 }
@@ -219,6 +229,33 @@ pub fn relay_until<P>(
 where
     P: Deref<Target = Progress>,
 {
+    relay_with(pair, progress, promote, dump, ())
+}
+
+/// [`relay_until`] without promotion, each direction paced to its rate.
+fn relay_paced<P>(
+    pair: Pair,
+    progress: P,
+    dump: Option<Box<Dump>>,
+    rates: [Option<u64>; 2],
+) -> impl Future<Output = Result<RelayEnd, Pair>>
+where
+    P: Deref<Target = Progress>,
+{
+    let pace: Box<Pace> = Box::new(rates.map(|r| r.map(Bucket::new)));
+    relay_with(pair, progress, None, dump, pace)
+}
+
+fn relay_with<P, T: Pacing>(
+    pair: Pair,
+    progress: P,
+    promote: Option<u32>,
+    dump: Option<Box<Dump>>,
+    pace: T,
+) -> impl Future<Output = Result<RelayEnd, Pair>>
+where
+    P: Deref<Target = Progress>,
+{
     let quiet = Quiet {
         waiting: [AtomicBool::new(false), AtomicBool::new(false)],
         bursts: AtomicU32::new(0),
@@ -227,7 +264,7 @@ where
     };
     async move {
         progress.enter(Hop::Splice);
-        match pumps(&pair, &progress, &quiet, dump).await {
+        match pumps(&pair, &progress, &quiet, dump, pace).await {
             // The other pump waited for readiness with no pipe: dropping it lost
             // nothing (bytes that just arrived stay in its socket).
             None => Err(pair),
@@ -247,28 +284,32 @@ where
 /// instead of a suspended future per await point (idle pairs are most pairs). A struct
 /// rather than an `async fn` over `poll_fn`, which would keep its arguments twice and a
 /// reference to each piece of state besides (88 bytes more per pair).
-fn pumps<'a>(
+fn pumps<'a, T: Pacing>(
     pair: &'a Pair,
     progress: &'a Progress,
     quiet: &'a Quiet,
     dump: Option<Box<Dump>>,
-) -> Pumps<'a> {
+    pace: T,
+) -> Pumps<'a, T> {
     Pumps {
         pair,
         progress,
         quiet,
         dump,
+        pace,
         dirs: [Pump::new(), Pump::new()],
         done: [false; 2],
         watch: [None, None],
     }
 }
 
-struct Pumps<'a> {
+struct Pumps<'a, T> {
     pair: &'a Pair,
     progress: &'a Progress,
     quiet: &'a Quiet,
     dump: Option<Box<Dump>>,
+    /// Paced rules only: `()` for the others, so an idle pair's future is no larger.
+    pace: T,
     dirs: [Pump; 2],
     done: [bool; 2],
     /// A side we no longer read from would only show its reset on our next write to
@@ -277,7 +318,7 @@ struct Pumps<'a> {
     watch: [Option<Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>>; 2],
 }
 
-impl Future for Pumps<'_> {
+impl<T: Pacing> Future for Pumps<'_, T> {
     type Output = Option<RelayEnd>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RelayEnd>> {
@@ -286,6 +327,7 @@ impl Future for Pumps<'_> {
             progress,
             quiet,
             dump,
+            pace,
             dirs,
             done,
             watch,
@@ -308,7 +350,8 @@ impl Future for Pumps<'_> {
                 continue;
             }
             let (src, dst, from, to) = ends[d];
-            match dirs[d].poll(cx, [src, dst], progress, quiet, d, dump) {
+            let bucket = pace.bucket(d);
+            match dirs[d].poll(cx, [src, dst], progress, quiet, d, dump, bucket) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(PumpEnd::Promote)) => return Poll::Ready(None),
                 Poll::Ready(Ok(PumpEnd::Eof)) if done[1 - d] => {
@@ -333,6 +376,93 @@ impl Future for Pumps<'_> {
             }
         }
         Poll::Pending
+    }
+}
+
+/// A paced pair's buckets, `[to_upstream, to_client]`.
+type Pace = [Option<Bucket>; 2];
+
+/// How a pair's directions are paced: not at all (`()`, taking no room in an idle
+/// pair's future), or each by its rate.
+trait Pacing: Unpin {
+    fn bucket(&mut self, d: usize) -> Option<&mut Bucket>;
+}
+
+impl Pacing for () {
+    fn bucket(&mut self, _: usize) -> Option<&mut Bucket> {
+        None
+    }
+}
+
+impl Pacing for Box<Pace> {
+    fn bucket(&mut self, d: usize) -> Option<&mut Bucket> {
+        self[d].as_mut()
+    }
+}
+
+/// A direction's rate (`upload_rate`, `download_rate`): a token bucket holding at most
+/// a second's worth, so a pair starts with a second's bytes at once and then moves at
+/// the rate, as nginx's `proxy_upload_rate`/`proxy_download_rate` do.
+struct Bucket {
+    /// Bytes per second.
+    rate: u64,
+    /// Bytes the direction may read now.
+    tokens: u64,
+    /// When `tokens` was last topped up.
+    at: tokio::time::Instant,
+    /// Wakes the direction when the bucket holds a read's worth again.
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        let now = tokio::time::Instant::now();
+        Bucket {
+            rate,
+            tokens: rate,
+            at: now,
+            sleep: Box::pin(tokio::time::sleep_until(now)),
+        }
+    }
+
+    /// The smallest read worth a wake-up: a fiftieth of a second's bytes (at most
+    /// 64 KiB), so a slow rate is not paced one byte per syscall.
+    fn quantum(&self) -> u64 {
+        (self.rate / 50).clamp(1, 64 * 1024)
+    }
+
+    /// Adds what the time since `at` earned, up to a second's worth.
+    fn refill(&mut self, now: tokio::time::Instant) {
+        let nanos = now.saturating_duration_since(self.at).as_nanos();
+        let earned = (nanos * u128::from(self.rate) / 1_000_000_000) as u64;
+        if self.tokens + earned >= self.rate {
+            (self.tokens, self.at) = (self.rate, now);
+        } else if earned > 0 {
+            self.tokens += earned;
+            // Only the time those bytes took: the remainder counts towards the next.
+            let used = u128::from(earned) * 1_000_000_000 / u128::from(self.rate);
+            self.at += std::time::Duration::from_nanos(used as u64);
+        }
+    }
+
+    /// How many bytes the direction may read now, once that is a read's worth.
+    fn poll_allowance(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        loop {
+            let now = tokio::time::Instant::now();
+            self.refill(now);
+            let quantum = self.quantum();
+            if self.tokens >= quantum {
+                return Poll::Ready(self.tokens as usize);
+            }
+            let nanos = u128::from(quantum - self.tokens) * 1_000_000_000 / u128::from(self.rate);
+            let wait = std::time::Duration::from_nanos(nanos as u64 + 1);
+            self.sleep.as_mut().reset(now + wait);
+            ready!(self.sleep.as_mut().poll(cx));
+        }
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.tokens = self.tokens.saturating_sub(n as u64);
     }
 }
 
@@ -506,6 +636,8 @@ impl Pump {
         }
     }
 
+    // Borrowed per poll rather than held in the state: idle pairs keep the state.
+    #[allow(clippy::too_many_arguments)]
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -514,6 +646,7 @@ impl Pump {
         quiet: &Quiet,
         d: usize,
         dump: &mut Option<Box<Dump>>,
+        mut bucket: Option<&mut Bucket>,
     ) -> Poll<Result<PumpEnd, PumpError>> {
         let moved = [&progress.to_upstream, &progress.to_client][d];
         loop {
@@ -521,6 +654,11 @@ impl Pump {
                 // Bytes read without a pipe go on before any other.
                 if let Some(no_pipe) = self.no_pipe.as_deref_mut() {
                     ready!(no_pipe.drain(cx, dst, moved, progress, d))?;
+                }
+                // Paced: nothing is read (and the pipe is not taken) before the rate
+                // allows a read's worth.
+                if let Some(b) = bucket.as_deref_mut() {
+                    ready!(b.poll_allowance(cx));
                 }
                 quiet.waiting[d].store(self.drained, Ordering::Relaxed);
                 ready!(src.poll_read_ready(cx)).map_err(PumpError::Read)?;
@@ -563,7 +701,13 @@ impl Pump {
             let mut moved_now = false;
             // Fill the pipe from the socket.
             while !self.eof && self.in_pipe < p.size {
-                let want = p.size - self.in_pipe;
+                let mut want = p.size - self.in_pipe;
+                if let Some(b) = bucket.as_deref_mut() {
+                    match b.tokens as usize {
+                        0 => break,
+                        tokens => want = want.min(tokens),
+                    }
+                }
                 let shows = dump.as_deref_mut().filter(|t| t.wants(d) > 0);
                 if shows.is_some() && self.in_pipe > 0 {
                     // Shown bytes go on before the next are read.
@@ -579,6 +723,9 @@ impl Pump {
                     Ok(Fill::Bytes { n, drained }) => {
                         self.in_pipe += n;
                         moved_now |= n > 0;
+                        if let Some(b) = bucket.as_deref_mut() {
+                            b.spend(n);
+                        }
                         if drained {
                             self.drained = true;
                             break;
