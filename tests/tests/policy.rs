@@ -827,11 +827,18 @@ fn rates_pace_each_direction() {
     // The first second's worth goes at once: the other two take two seconds, less the
     // read's quantum the bucket waits for (a fiftieth of a second).
     let paced = Duration::from_millis(1900);
-    for (key, d) in [("download_rate", 0), ("upload_rate", 1)] {
+    // The last also after an inspection prelude (a pattern the first byte rules out).
+    for (key, d, extra) in [
+        ("download_rate", 0, ""),
+        ("upload_rate", 1, ""),
+        ("download_rate", 0, "deny_pattern = ['^X']"),
+    ] {
         let fwd = local(
             Mode::Splice,
-            &format!("upstream = \"{}\"\n{key} = {RATE}", up.addr()),
+            &format!("upstream = \"{}\"\n{key} = {RATE}\n{extra}", up.addr()),
         );
+        // The prelude reads (at most) its window of the upload through our memory.
+        fwd.expect_userspace_at_most(if extra.is_empty() { 0 } else { 4096 });
         let times = down_then_up(fwd.addr(), p);
         eprintln!("{key}: down {:?}, up {:?}", times[0], times[1]);
         assert!(

@@ -62,9 +62,14 @@ impl Relay for SpliceRelay {
             handover.rewriters.is_none(),
             "rewrite rules use the copy relay"
         );
-        Box::pin(NeverPromoted {
-            inner: relay_paced(pair, progress, handover.dump, self.rates),
-        })
+        match self.rates {
+            [None, None] => Box::pin(NeverPromoted {
+                inner: relay_until(pair, progress, None, handover.dump),
+            }),
+            rates => Box::pin(NeverPromoted {
+                inner: relay_paced(pair, progress, handover.dump, rates),
+            }),
+        }
     }
 }
 
