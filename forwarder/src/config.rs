@@ -1288,14 +1288,7 @@ fn validate_agent(
         check_dial_addr(&s.target)
             .map_err(|e| err(format!("{}: {:?}: {e}", at("target"), s.target)))?;
         let tcp_keepalive = keepalive(s.tcp_keepalive, &at)?;
-        let targets = [Upstream {
-            addr: s.target.clone(),
-            same_port: false,
-            weight: 1,
-            backup: false,
-            max_connections: None,
-        }];
-        let connect_from = source_addr(s.connect_from.as_deref(), &targets, &at)?;
+        let connect_from = source_addr(s.connect_from.as_deref(), [s.target.as_str()], &at)?;
         list.push(Service {
             name: s.name.clone(),
             target: s.target.clone(),
@@ -1501,7 +1494,10 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             )))
         }
         true => None,
-        false => source_addr(s.connect_from.as_deref(), &upstreams, &at)?,
+        false => {
+            let addrs = upstreams.iter().map(|u| u.addr.as_str());
+            source_addr(s.connect_from.as_deref(), addrs, &at)?
+        }
     };
     let check_http = check_http(r, &s, &upstreams, &at)?;
     let (rise, fall) = (s.rise.unwrap_or(2), s.fall.unwrap_or(DEFAULT_FALL));
@@ -1743,10 +1739,11 @@ fn keepalive(
     Ok(d)
 }
 
-/// `connect_from` (a rule's or a service's), for connections to `targets`.
-fn source_addr(
+/// `connect_from` (a rule's or a service's), for connections to `targets` (addresses
+/// as written).
+fn source_addr<'t>(
     text: Option<&str>,
-    targets: &[Upstream],
+    targets: impl IntoIterator<Item = &'t str>,
     at: &dyn Fn(&str) -> String,
 ) -> Result<Option<IpAddr>, ConfigError> {
     let Some(text) = text else {
@@ -1760,8 +1757,8 @@ fn source_addr(
     })?;
     // A literal target of the other family could never be reached from it.
     let other = targets
-        .iter()
-        .filter_map(|u| literal_addr(&u.addr).and_then(Result::ok))
+        .into_iter()
+        .filter_map(|t| literal_addr(t).and_then(Result::ok))
         .find(|a| a.is_ipv4() != ip.is_ipv4());
     if let Some(a) = other {
         return Err(err(format!(
@@ -2033,10 +2030,7 @@ fn scoped_by_name(s: &str) -> Option<std::io::Result<SocketAddr>> {
     let (host, port) = s.strip_prefix('[')?.rsplit_once("]:")?;
     let (ip, name) = host.split_once('%')?;
     let ip: Ipv6Addr = ip.parse().ok()?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))?;
+    let port = port_number(port)?;
     Some(interface_index(name).map(|index| SocketAddr::V6(SocketAddrV6::new(ip, port, 0, index))))
 }
 
@@ -2126,12 +2120,7 @@ fn listen_addrs(
 fn port_range(s: &str) -> Option<Result<(&str, u16, u16), String>> {
     let (host, ports) = s.rsplit_once(':')?;
     let (first, last) = ports.split_once('-')?;
-    let port = |p: &str| {
-        p.parse::<u16>()
-            .ok()
-            .filter(|_| p.bytes().all(|b| b.is_ascii_digit()))
-    };
-    Some(match (port(first), port(last)) {
+    Some(match (port_number(first), port_number(last)) {
         (Some(a), Some(b)) if a >= 1 && a <= b => Ok((host, a, b)),
         (Some(a), Some(b)) if a >= 1 => Err(format!("port range {a}-{b} runs backwards")),
         (Some(_), Some(_)) => Err("a port range starts at 1 or more".into()),
@@ -2139,6 +2128,14 @@ fn port_range(s: &str) -> Option<Result<(&str, u16, u16), String>> {
             "port range {ports:?} is not PORT-PORT, each from 1 to 65535"
         )),
     })
+}
+
+/// A port as written: digits only (`+1` parses as a u16, and the address was then
+/// blamed).
+fn port_number(p: &str) -> Option<u16> {
+    p.parse()
+        .ok()
+        .filter(|_| p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// An upstream written without a port: `HOST`, an IPv4 address, `[IPv6]`.
@@ -2220,11 +2217,7 @@ fn check_host_port(s: &str) -> Result<(), String> {
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
         return Err("IPv6 addresses must be written [addr]:port".into());
     }
-    // Digits only: `+1` parses as a u16, and the address was then blamed.
-    port.parse::<u16>()
-        .ok()
-        .filter(|_| port.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| format!("port {port:?} is not a number from 0 to 65535"))?;
+    port_number(port).ok_or_else(|| format!("port {port:?} is not a number from 0 to 65535"))?;
     // Brackets hold an IPv6 address, never a name (the port is fine, so the address
     // is what failed to parse): `[::g]` was accepted, and every connect then failed.
     if host.contains(['[', ']']) {

@@ -44,12 +44,7 @@ impl Relay for SpliceRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        match self.rates {
-            [None, None] => Box::pin(relay(pair, progress)),
-            rates => Box::pin(NeverPromoted {
-                inner: relay_paced(pair, progress, None, rates),
-            }),
-        }
+        self.boxed(pair, progress, None)
     }
 
     fn relay_after_prelude<'a>(
@@ -62,12 +57,24 @@ impl Relay for SpliceRelay {
             handover.rewriters.is_none(),
             "rewrite rules use the copy relay"
         );
+        self.boxed(pair, progress, handover.dump)
+    }
+}
+
+impl SpliceRelay {
+    /// The relay, paced when the rule has rates (an unpaced pair carries no bucket).
+    fn boxed<'a>(
+        &self,
+        pair: Pair,
+        progress: Arc<Progress>,
+        dump: Option<Box<Dump>>,
+    ) -> RelayFuture<'a> {
         match self.rates {
             [None, None] => Box::pin(NeverPromoted {
-                inner: relay_until(pair, progress, None, handover.dump),
+                inner: relay_until(pair, progress, None, dump),
             }),
             rates => Box::pin(NeverPromoted {
-                inner: relay_paced(pair, progress, handover.dump, rates),
+                inner: relay_paced(pair, progress, dump, rates),
             }),
         }
     }
