@@ -105,6 +105,11 @@ fn local_listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").unwrap()
 }
 
+/// A listener on a loopback address no other test uses (see `free_loopback_addr`).
+fn own_listener() -> TcpListener {
+    TcpListener::bind((free_loopback_addr().ip(), 0)).unwrap()
+}
+
 /// Connects from `source` (a 127.0.0.x address), sends `REQUEST` and reads the
 /// upstream's name.
 fn ask(fwd: SocketAddr, source: Option<IpAddr>) -> Result<String, String> {
@@ -237,7 +242,9 @@ relay_tests! {
 
     fn failover_with_health_checks(mode) {
         let a = named_server("a", local_listener());
-        let b_listener = local_listener();
+        // On an address of its own: a port released on 127.0.0.1 can be another test's
+        // listener before it is bound again (or while it should refuse).
+        let b_listener = own_listener();
         let b_addr = b_listener.local_addr().unwrap();
         let b = named_server("b", b_listener);
         let fwd = local(mode, &format!("balance = \"round_robin\"\nupstream = {}\ncheck_interval = \"200ms\"\nrise = 2\nfall = 2", upstream_list(&[&a, &b])));
@@ -314,7 +321,9 @@ relay_tests! {
     /// `backup = true` upstreams get clients only while every primary is down: none
     /// while the primary answers, all once its port refuses (passive detection, fall 1).
     fn backup_upstreams_only_when_the_primaries_are_down(mode) {
-        let a = named_server("a", local_listener());
+        // On an address of its own: its port must refuse once dropped, and one
+        // released on 127.0.0.1 can be another test's listener by then.
+        let a = named_server("a", own_listener());
         let b = named_server("b", local_listener());
         let fwd = local(mode, &format!("upstream = [\"{}\", {{ addr = \"{}\", backup = true }}]\nbalance = \"round_robin\"\nfall = 1", a.addr, b.addr));
         let answers: Vec<String> = (0..6).map(|_| ask(fwd.addr(), None).unwrap()).collect();
