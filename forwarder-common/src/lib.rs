@@ -53,6 +53,13 @@ pub struct DirState {
     pub next_seq: u64,
     /// Bytes trimmed that way (each was handed to the program twice).
     pub trimmed: u64,
+    /// Overlapping bytes left in: a trim the kernel refused partway, or an skb older
+    /// than `next_seq` from end to end (which TCP should never queue). Diagnostics for
+    /// the duplication check's error line.
+    pub untrimmed: u64,
+    /// Skbs whose sequence number read inconsistently: `next_seq` was unknown after
+    /// each, so an overlap right behind one could not be trimmed. Diagnostics too.
+    pub seq_unknown: u64,
 }
 
 /// Userspace's side of the bargain for one direction.

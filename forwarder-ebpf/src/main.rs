@@ -147,6 +147,7 @@ mod prog {
     fn trim_overlap(ctx: &SkBuffContext, state: &mut DirState, len: u64) -> u64 {
         let Some(seq) = skb_seq(ctx, len) else {
             state.next_seq = 0;
+            state.seq_unknown += 1;
             return len;
         };
         let mut start = seq;
@@ -168,7 +169,10 @@ mod prog {
                 }
                 let cut = overlap - left;
                 state.trimmed += cut as u64;
+                state.untrimmed += left as u64;
                 start = seq.wrapping_add(cut);
+            } else if (overlap as i32) > 0 {
+                state.untrimmed += len;
             }
         }
         let len = ctx.len() as u64;

@@ -1986,12 +1986,12 @@ relay_tests! {
         assert_eq!(field(&close, "bytes_up"), Some("40000"), "{close}");
         if mode == Mode::Ebpf {
             // The bytes went through the program (none through userspace), which cut
-            // exactly the repeated head.
+            // exactly the repeated head, every segment's sequence number read.
             assert_eq!(field(&close, "userspace_bytes"), Some("0"), "{close}");
             // (The other pair is the startup probe's.)
             let done = fwd.matching(|l| l.contains("ebpf pair done"));
             assert!(
-                done.iter().any(|l| l.contains("up redirected=40000 passed=0 trimmed=20000,")),
+                done.iter().any(|l| l.contains("up redirected=40000 passed=0 trimmed=20000 untrimmed=0 seq_unknown=0,")),
                 "{done:?}"
             );
         }

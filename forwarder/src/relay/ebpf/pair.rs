@@ -787,16 +787,14 @@ impl Paired {
             let s = |d: &Dir| k.dir_state(d.key).unwrap_or_default();
             let (up, down) = (s(&self.dirs[0]), s(&self.dirs[1]));
             // trimmed: bytes TCP handed the program twice (overlapping retransmits),
-            // cut off before they were relayed.
-            tracing::debug!(
-                "ebpf pair done: up redirected={} passed={} trimmed={}, down redirected={} passed={} trimmed={}",
-                up.redirected,
-                up.passed,
-                up.trimmed,
-                down.redirected,
-                down.passed,
-                down.trimmed
-            );
+            // cut off before they were relayed; untrimmed, seq_unknown: see DirState.
+            let show = |d: &DirState| {
+                format!(
+                    "redirected={} passed={} trimmed={} untrimmed={} seq_unknown={}",
+                    d.redirected, d.passed, d.trimmed, d.untrimmed, d.seq_unknown
+                )
+            };
+            tracing::debug!("ebpf pair done: up {}, down {}", show(&up), show(&down));
         }
         match result {
             Ok(Some(Handoff)) => Err(Handoff),
@@ -1640,11 +1638,14 @@ fn verify_no_duplication(
     let seen = st.redirected + st.passed;
     if seen > received {
         tracing::error!(
-            "ebpf: the kernel handed the program {} bytes more than TCP received (redirected={} passed={} received={}); resetting the pair",
+            "ebpf: the kernel handed the program {} bytes more than TCP received (redirected={} passed={} received={} trimmed={} untrimmed={} seq_unknown={}); resetting the pair",
             seen - received,
             st.redirected,
             st.passed,
-            received
+            received,
+            st.trimmed,
+            st.untrimmed,
+            st.seq_unknown
         );
         return Err((
             dir.src,
