@@ -2719,6 +2719,14 @@ mod tests {
         target = "127.0.0.1:3000"
     "#;
 
+    /// The error for TUNNEL with `keys` written in its `agent:` rule.
+    fn agent_rule_error(keys: &str) -> String {
+        error_of(&TUNNEL.replace(
+            "upstream = \"agent:web\"",
+            &format!("upstream = \"agent:web\"\n{keys}"),
+        ))
+    }
+
     #[test]
     fn tunnel_sections() {
         let c = Config::from_toml(TUNNEL).unwrap();
@@ -2755,11 +2763,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.rules[0].connect_from, None);
-        let own = TUNNEL.replace(
-            "upstream = \"agent:web\"",
-            "upstream = \"agent:web\"\nconnect_from = \"127.0.0.1\"",
-        );
-        let e = error_of(&own);
+        let e = agent_rule_error("connect_from = \"127.0.0.1\"");
         assert!(
             e.contains("`rule[0].connect_from`") && e.contains("agent dials out"),
             "{e}"
@@ -2872,11 +2876,7 @@ mod tests {
             let e = error_of(&rule(keys));
             assert!(needles.iter().all(|n| e.contains(n)), "{keys}: {e}");
         }
-        let agent = TUNNEL.replace(
-            "upstream = \"agent:web\"",
-            "upstream = \"agent:web\"\ndownload_rate = 1000",
-        );
-        let e = error_of(&agent);
+        let e = agent_rule_error("download_rate = 1000");
         assert!(
             e.contains("`rule[0].download_rate`") && e.contains("tunnel"),
             "{e}"
@@ -2954,11 +2954,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.rules[0].check_http, None);
-        let own = TUNNEL.replace(
-            "upstream = \"agent:web\"",
-            "upstream = \"agent:web\"\ncheck_interval = \"1s\"\ncheck_http = \"/\"",
-        );
-        let e = error_of(&own);
+        let e = agent_rule_error("check_interval = \"1s\"\ncheck_http = \"/\"");
         assert!(
             e.contains("`rule[0].check_http`") && e.contains("agent:"),
             "{e}"

@@ -790,9 +790,7 @@ async fn choose_path(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
             );
             Ok((Arc::new(relay), why))
         }
-        Err(why) if rule.mode == Mode::Auto => {
-            Ok((Arc::new(SpliceRelay::default()), format!("auto: {why}")))
-        }
+        Err(why) if auto => Ok((splice, format!("auto: {why}"))),
         Err(why) => anyhow::bail!("mode ebpf: {why}"),
     }
 }
