@@ -23,7 +23,7 @@ mod prog {
     use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
     use aya_ebpf::programs::SkBuffContext;
     use aya_ebpf::EbpfContext;
-    use aya_log_ebpf::debug;
+    use aya_log_ebpf::{debug, warn};
     use forwarder_common::{
         DirControl, DirState, MAX_PAIRS, NEXT_SEQ_KNOWN, PARTING_ASKED, PARTING_DONE,
     };
@@ -162,7 +162,17 @@ mod prog {
                         break;
                     }
                     let step = if left < TRIM_STEP { left } else { TRIM_STEP };
-                    if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+                    if let Err(e) = ctx.adjust_room(-(step as i32), 0, 0) {
+                        // Rare, and what the duplication check needs explained.
+                        warn!(
+                            ctx,
+                            "trim refused ({}): {} of {} overlapping bytes left, skb seq {} len {}",
+                            e,
+                            left,
+                            overlap,
+                            seq,
+                            len
+                        );
                         break;
                     }
                     left -= step;
@@ -172,6 +182,13 @@ mod prog {
                 state.untrimmed += left as u64;
                 start = seq.wrapping_add(cut);
             } else if (overlap as i32) > 0 {
+                warn!(
+                    ctx,
+                    "skb older than expected: seq {} len {}, next {}",
+                    seq,
+                    len,
+                    state.next_seq as u32
+                );
                 state.untrimmed += len;
             }
         }
