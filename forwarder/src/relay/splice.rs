@@ -973,6 +973,30 @@ pub(crate) enum Fill {
 /// at a FIN, which SIOCINQ does not count and whose readiness tokio never clears.)
 /// Through `try_io`, so a read after a cleared readiness costs no syscall.
 pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io::Result<Fill> {
+    fill_from(src, p, in_pipe, want, Sender::Anyone)
+}
+
+/// Who wrote what a [`fill_from`] reads, as far as urgent data goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sender {
+    /// A client or a server: any read may stop at an urgent mark.
+    Anyone,
+    /// Our own peer on a tunnel data connection, which only splices and never sends
+    /// urgent data: a short read is taken as drained without the ioctl (one syscall
+    /// less per message and hop). A forged peer that sent some anyway would stall only
+    /// its own stream, until its next byte: the EAGAIN read that byte raises still
+    /// asks, and finds the mark.
+    OwnPeer,
+}
+
+/// [`fill`], for a socket whose sender is known.
+pub(crate) fn fill_from(
+    src: &TcpStream,
+    p: &Pipe,
+    in_pipe: usize,
+    want: usize,
+    sender: Sender,
+) -> io::Result<Fill> {
     let slots = p.size / page_size();
     // What the read proved, when more than its result says.
     let mut known = None;
@@ -986,7 +1010,7 @@ pub(crate) fn fill(src: &TcpStream, p: &Pipe, in_pipe: usize, want: usize) -> io
             Ok(n)
                 if *n > 0
                     && *n < want
-                    && !sys::at_urgent_mark(src.as_raw_fd())
+                    && (sender == Sender::OwnPeer || !sys::at_urgent_mark(src.as_raw_fd()))
                     && (in_pipe + n < slots
                         || sys::inq(src.as_raw_fd()).is_ok_and(|unread| unread == 0)) =>
             {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use super::proto::{read_frame, write_frame, Frame};
 use crate::inspect::dump::Dump;
 use crate::relay::splice::{
-    fill, into_empty_pipe, past_urgent_mark, show, socket_error, splice, Fill, Pipe,
+    fill_from, into_empty_pipe, past_urgent_mark, show, socket_error, splice, Fill, Pipe, Sender,
 };
 use crate::relay::{reset_on_close, Handover, Hop, Progress, RelayEnd, Side};
 
@@ -935,7 +935,16 @@ impl Engine {
         }
         let d = dump_direction(self.side, true);
         let (p, in_pipe) = (&self.out.pipe, self.out.in_pipe);
-        let filled = read_shown(&mut self.dump, d, local, p, in_pipe, room, progress);
+        let filled = read_shown(
+            &mut self.dump,
+            d,
+            local,
+            Sender::Anyone,
+            p,
+            in_pipe,
+            room,
+            progress,
+        );
         let o = &mut self.out;
         let n = match filled {
             Ok(Fill::Eof) => {
@@ -1000,7 +1009,16 @@ impl Engine {
             let room = self.inn.pipe.size - self.inn.in_pipe;
             let dir = dump_direction(self.side, false);
             let (p, in_pipe) = (&self.inn.pipe, self.inn.in_pipe);
-            let filled = read_shown(&mut self.dump, dir, d, p, in_pipe, room, progress);
+            let filled = read_shown(
+                &mut self.dump,
+                dir,
+                d,
+                Sender::OwnPeer,
+                p,
+                in_pipe,
+                room,
+                progress,
+            );
             let i = &mut self.inn;
             match filled {
                 // The peer closed this data connection: it is done with the stream, or
@@ -1259,10 +1277,12 @@ fn dump_direction(side: Side, from_local: bool) -> usize {
 /// Reads up to `room` bytes from `src` into `p` (which holds `in_pipe`), through the
 /// dump while its direction `d` still wants bytes (`splice::show`): what is shown goes
 /// on first, so such a read waits for the pipe to be empty (`NoSlot`).
+#[allow(clippy::too_many_arguments)]
 fn read_shown(
     dump: &mut Option<Box<Dump>>,
     d: usize,
     src: &TcpStream,
+    sender: Sender,
     p: &Pipe,
     in_pipe: usize,
     room: usize,
@@ -1271,7 +1291,7 @@ fn read_shown(
     match dump.as_deref_mut().filter(|t| t.wants(d) > 0) {
         Some(_) if in_pipe > 0 => Ok(Fill::NoSlot),
         Some(t) => show(src, p, t, d, room, progress),
-        None => fill(src, p, in_pipe, room),
+        None => fill_from(src, p, in_pipe, room, sender),
     }
 }
 
