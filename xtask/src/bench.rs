@@ -610,7 +610,9 @@ fn run_mode(
         Err(e) => note(r, "idle pairs", e),
     }
 
-    // Latency.
+    // Latency, and the relay's CPU per round trip (warm-up included): what a message
+    // costs, steadier from run to run than the percentiles it explains.
+    let cpu_before = fwd.as_ref().map(|f| f.cpu_ticks());
     let rr = if plan.runs(Phase::Latency) {
         load::ping_pong(addrs.echo, plan.rr_warmup, plan.rr_count)
     } else {
@@ -622,6 +624,16 @@ fn run_mode(
             s.insert("rr_p99_us", load::percentile(&rtts, 0.99));
             s.insert("rr_p999_us", load::percentile(&rtts, 0.999));
             s.insert("rr_max_us", rtts.last().copied().unwrap_or(f64::NAN));
+            if let (Some(Ok(a)), Some(f)) = (cpu_before, &fwd) {
+                match f.cpu_ticks() {
+                    Ok(b) => {
+                        let secs = (b - a) as f64 / procfs::clk_tck();
+                        let trips = (plan.rr_warmup + plan.rr_count) as f64;
+                        s.insert("rr_cpu_us", secs * 1e6 / trips);
+                    }
+                    Err(e) => note(r, "CPU per round trip", e),
+                }
+            }
         }
         Err(e) => note(r, "ping-pong", e),
     }

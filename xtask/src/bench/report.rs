@@ -87,6 +87,14 @@ pub const METRICS: &[Metric] = &[
     m("rr_p999_us", "64 B ping-pong p99.9", "µs", 1, true, DOWN),
     m("rr_max_us", "64 B ping-pong max", "µs", 0, true, DOWN),
     m(
+        "rr_cpu_us",
+        "relay CPU per 64 B round trip",
+        "µs",
+        1,
+        true,
+        DOWN,
+    ),
+    m(
         "conn_per_s",
         "connections/s (64 B req + resp)",
         "1/s",

@@ -130,6 +130,14 @@ const METRICS: &[Metric] = &[
     report::m("rr_p50_us", "64 B ping-pong p50", "µs", 1, true, DOWN),
     report::m("rr_p99_us", "64 B ping-pong p99", "µs", 1, true, DOWN),
     report::m(
+        "rr_cpu_us",
+        "server + agent CPU per 64 B round trip",
+        "µs",
+        1,
+        true,
+        DOWN,
+    ),
+    report::m(
         "conn_per_s",
         "connections/s (64 B req + resp)",
         "1/s",
@@ -408,10 +416,22 @@ fn run_route(r: &mut Row, ctx: &Ctx) -> std::result::Result<Sample, Unavailable>
     }
     // A ping-pong read times out after 5 s, a connection of the rate test too.
     let dog = Watchdog::new(&echo, Duration::from_secs(60) + plan.conn_rate);
+    // With server + agent CPU per round trip (warm-up included), as the main bench.
+    let cpu_before = (!echo.procs.is_empty()).then(|| echo.cpu_ticks());
     match load::ping_pong(echo.addr, plan.rr_warmup, plan.rr_count) {
         Ok(rtts) => {
             s.insert("rr_p50_us", load::percentile(&rtts, 0.50));
             s.insert("rr_p99_us", load::percentile(&rtts, 0.99));
+            if let Some(Ok(a)) = cpu_before {
+                match echo.cpu_ticks() {
+                    Ok(b) => {
+                        let secs = (b - a) as f64 / procfs::clk_tck();
+                        let trips = (plan.rr_warmup + plan.rr_count) as f64;
+                        s.insert("rr_cpu_us", secs * 1e6 / trips);
+                    }
+                    Err(e) => r.note(format!("CPU per round trip: {e:#}")),
+                }
+            }
         }
         Err(e) => r.note(format!("ping-pong failed: {e:#}")),
     }
