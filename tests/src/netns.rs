@@ -101,6 +101,14 @@ impl NetNs {
             created_ns: false,
             created_link: false,
         };
+        // A namespace or veth of these names can only be a leftover of a test process
+        // that had our PID and was killed before its Drop ran: ours to remove.
+        if std::path::Path::new(&format!("/run/netns/{}", ns.name)).exists() {
+            sh_quiet("ip", &["netns", "del", &ns.name]);
+        }
+        if std::path::Path::new(&format!("/sys/class/net/{}", ns.host_if)).exists() {
+            sh_quiet("ip", &["link", "del", &ns.host_if]);
+        }
         // From here on, Drop removes whatever was made if a step fails.
         sh("ip", &["netns", "add", &ns.name]);
         ns.created_ns = true;
