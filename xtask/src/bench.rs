@@ -579,7 +579,7 @@ fn run_mode(
                         thread::sleep(plan.idle_cpu);
                         match f.cpu_ticks() {
                             Ok(b) => {
-                                let secs = b.saturating_sub(a) as f64 / procfs::clk_tck();
+                                let secs = procfs::secs_between(a, b);
                                 s.insert("idle_cpu_cores", secs / t.elapsed().as_secs_f64());
                             }
                             Err(e) => note(r, "idle CPU", e),
@@ -627,7 +627,7 @@ fn run_mode(
             if let (Some(Ok(a)), Some(f)) = (cpu_before, &fwd) {
                 match f.cpu_ticks() {
                     Ok(b) => {
-                        let secs = b.saturating_sub(a) as f64 / procfs::clk_tck();
+                        let secs = procfs::secs_between(a, b);
                         let trips = (plan.rr_warmup + plan.rr_count) as f64;
                         s.insert("rr_cpu_us", secs * 1e6 / trips);
                     }
@@ -652,7 +652,7 @@ fn run_mode(
             if let (Some(Ok(a)), Some(f)) = (cpu_before, &fwd) {
                 match f.cpu_ticks() {
                     Ok(b) if c.ok > 0 => {
-                        let secs = b.saturating_sub(a) as f64 / procfs::clk_tck();
+                        let secs = procfs::secs_between(a, b);
                         s.insert("conn_cpu_us", secs * 1e6 / c.ok as f64);
                     }
                     Ok(_) => {}
@@ -831,6 +831,6 @@ fn background_cpu_pct(window: Duration) -> Option<f64> {
     let t = Instant::now();
     thread::sleep(window);
     let b = procfs::machine_busy_ticks().ok()?;
-    let secs = b.saturating_sub(a) as f64 / procfs::clk_tck();
+    let secs = procfs::secs_between(a, b);
     Some(100.0 * secs / (t.elapsed().as_secs_f64() * cpus))
 }

@@ -5,6 +5,12 @@ use std::fs;
 
 use anyhow::{bail, Context, Result};
 
+/// Seconds between two readings of a tick counter (/proc/PID/stat, /proc/stat); 0 when
+/// the second is lower (a process of the tree exited between the two).
+pub fn secs_between(before: u64, after: u64) -> f64 {
+    after.saturating_sub(before) as f64 / clk_tck()
+}
+
 /// Clock ticks per second of the times in /proc/PID/stat and /proc/stat.
 pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.

@@ -425,7 +425,7 @@ fn run_route(r: &mut Row, ctx: &Ctx) -> std::result::Result<Sample, Unavailable>
             if let Some(Ok(a)) = cpu_before {
                 match echo.cpu_ticks() {
                     Ok(b) => {
-                        let secs = b.saturating_sub(a) as f64 / procfs::clk_tck();
+                        let secs = procfs::secs_between(a, b);
                         let trips = (plan.rr_warmup + plan.rr_count) as f64;
                         s.insert("rr_cpu_us", secs * 1e6 / trips);
                     }
