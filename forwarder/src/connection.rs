@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::config::{Access, Rule};
+use crate::deadlines::Deadline;
 use crate::event;
 use crate::fd_waiters;
 use crate::metrics::RuleStats;
@@ -214,7 +215,7 @@ pub fn relay_bounded<'a>(
     Bounded {
         relay,
         armed: next.is_some(),
-        timer: tokio::time::sleep_until(next.unwrap_or_else(far_future)),
+        timer: Deadline::new(next.unwrap_or_else(far_future).into_std()),
         aborted: abort.notify.notified(),
         enabled: false,
         limits,
@@ -233,9 +234,8 @@ pin_project_lite::pin_project! {
     pub struct Bounded<'a> {
         relay: RelayFuture<'a>,
         // The timer fires at the limits' next deadline; only then are they read again
-        // (bytes moving do not touch it).
-        #[pin]
-        timer: tokio::time::Sleep,
+        // (bytes moving do not touch it). Off tokio's wheel: see crate::deadlines.
+        timer: Deadline,
         #[pin]
         aborted: tokio::sync::futures::Notified<'a>,
         limits: Limits,
@@ -260,7 +260,7 @@ impl Future for Bounded<'_> {
             // A limit reached before the relay started (max_connection_duration spent
             // in admission and connect): cut before a byte moves. (The timer, set in
             // the past, would fire only at the timer driver's next turn.)
-            if *me.armed && me.timer.deadline() <= tokio::time::Instant::now() {
+            if *me.armed && me.timer.deadline() <= Instant::now() {
                 if let Ok(why) = me.limits.check(me.progress) {
                     return Poll::Ready(Err(cut(*me.sockets, me.progress, why)));
                 }
@@ -269,13 +269,13 @@ impl Future for Bounded<'_> {
         if let Poll::Ready(end) = me.relay.as_mut().poll(cx) {
             return Poll::Ready(Ok(end));
         }
-        while *me.armed && me.timer.as_mut().poll(cx).is_ready() {
+        while *me.armed && me.timer.poll(cx).is_ready() {
             match me.limits.check(me.progress) {
                 Ok(why) => return Poll::Ready(Err(cut(*me.sockets, me.progress, why))),
                 Err(at) => {
                     *me.armed = at.is_some();
                     if let Some(at) = at {
-                        me.timer.as_mut().reset(at);
+                        me.timer.reset(at.into_std());
                     }
                 }
             }

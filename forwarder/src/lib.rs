@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod deadlines;
 pub mod fd_waiters;
 pub mod inspect;
 pub mod logging;

@@ -146,6 +146,10 @@ fn start(
         return ExitCode::from(2);
     }
 
+    // Started with the handled signals held, as the runtime's threads are.
+    if let Err(e) = forwarder::deadlines::start() {
+        return failure(anyhow::anyhow!("cannot start the deadlines thread: {e}"));
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads.or(config.threads) {
         builder.worker_threads(n);

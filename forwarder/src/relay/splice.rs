@@ -866,7 +866,8 @@ pub async fn trim_pool_forever() {
         if pool().pipes.is_empty() {
             POOL_FILLED.notified().await;
         }
-        tokio::time::sleep(POOL_TRIM_EVERY).await;
+        // Off tokio's wheel (crate::deadlines): the pool holds pipes nearly always.
+        crate::deadlines::sleep_until(std::time::Instant::now() + POOL_TRIM_EVERY).await;
         let unused = {
             let mut pool = pool();
             let keep = pool.pipes.len() - pool.low.min(pool.pipes.len());

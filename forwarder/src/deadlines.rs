@@ -1,0 +1,222 @@
+//! Far-off deadlines, kept off tokio's timer wheel.
+//!
+//! While any timer is armed on tokio's wheel, every park of a worker thread is an
+//! `epoll_wait` with a timeout: the kernel sets and cancels an hrtimer, and tokio reads
+//! the clock and turns its wheel, at each one. A pair's `idle_timeout` (an hour by
+//! default) and the pipe pool's trim were armed nearly always, so every message through
+//! a splice hop paid for it: 2.2 µs of CPU per 64 B round trip (6%) and 1.2 µs of p50,
+//! in 10 paired runs (docs/BENCHMARKS.md, "What a message costs"). They wait here
+//! instead: one thread sleeps until the earliest deadline and wakes its task, and the
+//! workers park without a timeout while nothing else is armed.
+//!
+//! Meant for deadlines seconds or more away that are seldom moved: arming one takes a
+//! lock, and wakes the thread when it is the earliest. Short, frequent timers (acks,
+//! retries, pacing) stay on tokio's.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+struct Waiting {
+    /// (deadline, id) -> the task to wake.
+    tasks: BTreeMap<(Instant, u64), Waker>,
+    /// When the thread wakes next (`None`: when told). A deadline added after it needs
+    /// no wake-up: one that fires late is looked at then, and the thread sleeps again.
+    wakes_at: Option<Instant>,
+}
+
+struct Shared {
+    waiting: Mutex<Waiting>,
+    /// Told when a deadline earlier than the thread's next wake-up is added.
+    earlier: Condvar,
+}
+
+/// Bumped each time the thread wakes tasks. A registered deadline that still sees the
+/// value it saw when it registered cannot have fired, so polling it reads no clock
+/// (a pair polls its deadline each time it wakes up).
+static FIRED: AtomicU64 = AtomicU64::new(0);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static SHARED: OnceLock<&'static Shared> = OnceLock::new();
+
+/// Starts the thread (at startup, so that a failure is a startup error, not a pair's).
+pub fn start() -> std::io::Result<()> {
+    if SHARED.get().is_some() {
+        return Ok(());
+    }
+    let shared: &'static Shared = Box::leak(Box::new(Shared {
+        waiting: Mutex::new(Waiting {
+            tasks: BTreeMap::new(),
+            wakes_at: None,
+        }),
+        earlier: Condvar::new(),
+    }));
+    if SHARED.set(shared).is_ok() {
+        std::thread::Builder::new()
+            .name("deadlines".into())
+            .spawn(move || run(shared))?;
+    }
+    Ok(())
+}
+
+fn shared() -> &'static Shared {
+    if SHARED.get().is_none() {
+        start().expect("cannot start the deadlines thread");
+    }
+    SHARED.get().expect("started above")
+}
+
+fn lock(s: &Shared) -> MutexGuard<'_, Waiting> {
+    s.waiting.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run(s: &'static Shared) {
+    let mut waiting = lock(s);
+    loop {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some(entry) = waiting.tasks.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        if !due.is_empty() {
+            // Under the lock: a deadline registering now reads the new value.
+            FIRED.fetch_add(1, Ordering::SeqCst);
+            drop(waiting);
+            due.into_iter().for_each(Waker::wake);
+            waiting = lock(s);
+            continue;
+        }
+        let next = waiting.tasks.first_key_value().map(|(k, _)| k.0);
+        waiting.wakes_at = next;
+        waiting = match next {
+            Some(at) => {
+                s.earlier
+                    .wait_timeout(waiting, at.saturating_duration_since(now))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => s.earlier.wait(waiting).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
+}
+
+/// A deadline: ready at `at`. Registered with the thread on the first poll that finds
+/// it still ahead, and taken off again when reset, ready or dropped.
+pub struct Deadline {
+    at: Instant,
+    /// The registered entry's id (0: not registered), the waker it wakes and the
+    /// [`FIRED`] count it saw.
+    id: u64,
+    waker: Option<Waker>,
+    seen: u64,
+}
+
+impl Deadline {
+    pub fn new(at: Instant) -> Deadline {
+        Deadline {
+            at,
+            id: 0,
+            waker: None,
+            seen: 0,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.at
+    }
+
+    pub fn reset(&mut self, at: Instant) {
+        self.unregister();
+        self.at = at;
+    }
+
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Read before the clock: the thread bumps it after taking entries off, so an
+        // entry it takes after this read shows as a changed count at the next poll
+        // (which its wake-up brings).
+        let fired = FIRED.load(Ordering::SeqCst);
+        let same_waker = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if self.id != 0 && same_waker && fired == self.seen {
+            return Poll::Pending;
+        }
+        if Instant::now() >= self.at {
+            self.unregister();
+            return Poll::Ready(());
+        }
+        if self.id != 0 && same_waker {
+            // Some other deadline fired: this one is still ahead, and still registered.
+            self.seen = fired;
+            return Poll::Pending;
+        }
+        self.unregister();
+        let s = shared();
+        let mut waiting = lock(s);
+        self.id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        self.seen = FIRED.load(Ordering::SeqCst);
+        self.waker = Some(cx.waker().clone());
+        waiting.tasks.insert((self.at, self.id), cx.waker().clone());
+        if waiting.wakes_at.is_none_or(|t| self.at < t) {
+            waiting.wakes_at = Some(self.at);
+            s.earlier.notify_one();
+        }
+        Poll::Pending
+    }
+
+    fn unregister(&mut self) {
+        if self.id != 0 {
+            lock(shared()).tasks.remove(&(self.at, self.id));
+            self.id = 0;
+            self.waker = None;
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+/// Sleeps until `at`, off tokio's wheel (see the module's comment for what for).
+pub fn sleep_until(at: Instant) -> impl Future<Output = ()> + Send {
+    let mut deadline = Deadline::new(at);
+    std::future::poll_fn(move |cx| deadline.poll(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn fires_at_its_deadline_in_order_and_not_when_dropped_or_moved() {
+        let start = Instant::now();
+        let ms = |n| start + Duration::from_millis(n);
+        // Dropped before its time: taken off, never wakes anyone.
+        drop(Box::pin(sleep_until(ms(50))));
+        let late = tokio::spawn(sleep_until(ms(300)));
+        let early = tokio::spawn(sleep_until(ms(100)));
+        early.await.unwrap();
+        let at_early = start.elapsed();
+        assert!(at_early >= Duration::from_millis(100), "{at_early:?}");
+        assert!(!late.is_finished(), "the later one fired with the earlier");
+        late.await.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        // Moved later, then polled: it waits for the new time.
+        let mut d = Deadline::new(ms(350));
+        d.reset(Instant::now() + Duration::from_millis(150));
+        let t = Instant::now();
+        std::future::poll_fn(|cx| d.poll(cx)).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(d.id, 0, "ready, and taken off");
+    }
+}
