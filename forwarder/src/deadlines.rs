@@ -4,7 +4,7 @@
 //! `epoll_wait` with a timeout: the kernel sets and cancels an hrtimer, and tokio reads
 //! the clock and turns its wheel, at each one. A pair's `idle_timeout` (an hour by
 //! default) and the pipe pool's trim were armed nearly always, so every message through
-//! a splice hop paid for it: 2.2 µs of CPU per 64 B round trip (6%) and 1.2 µs of p50,
+//! a splice hop paid for it: 3.3 µs of CPU per 64 B round trip (10%) and 1.6 µs of p50,
 //! in 10 paired runs (docs/BENCHMARKS.md, "What a message costs"). They wait here
 //! instead: one thread sleeps until the earliest deadline and wakes its task, and the
 //! workers park without a timeout while nothing else is armed.
