@@ -197,20 +197,28 @@ mod tests {
     async fn fires_at_its_deadline_in_order_and_not_when_dropped_or_moved() {
         let start = Instant::now();
         let ms = |n| start + Duration::from_millis(n);
-        // Dropped before its time: taken off, never wakes anyone.
-        drop(Box::pin(sleep_until(ms(50))));
-        let late = tokio::spawn(sleep_until(ms(300)));
+        let mut noop = Context::from_waker(Waker::noop());
+        // Registered, then dropped before its time: taken off again.
+        let mut dropped = Deadline::new(ms(50));
+        assert!(dropped.poll(&mut noop).is_pending());
+        let key = (dropped.at, dropped.id);
+        assert!(lock(shared()).tasks.contains_key(&key));
+        drop(dropped);
+        assert!(!lock(shared()).tasks.contains_key(&key));
+        // A second apart, so a stalled test machine cannot blur the order.
+        let late = tokio::spawn(sleep_until(ms(1100)));
         let early = tokio::spawn(sleep_until(ms(100)));
         early.await.unwrap();
         let at_early = start.elapsed();
         assert!(at_early >= Duration::from_millis(100), "{at_early:?}");
         assert!(!late.is_finished(), "the later one fired with the earlier");
         late.await.unwrap();
-        assert!(start.elapsed() >= Duration::from_millis(300));
-        // Moved later, then polled: it waits for the new time.
-        let mut d = Deadline::new(ms(350));
-        d.reset(Instant::now() + Duration::from_millis(150));
+        assert!(start.elapsed() >= Duration::from_millis(1100));
+        // Registered, moved later, polled: it waits for the new time.
         let t = Instant::now();
+        let mut d = Deadline::new(t + Duration::from_millis(50));
+        assert!(d.poll(&mut noop).is_pending());
+        d.reset(t + Duration::from_millis(150));
         std::future::poll_fn(|cx| d.poll(cx)).await;
         assert!(
             t.elapsed() >= Duration::from_millis(150),
