@@ -282,8 +282,6 @@ pub const METRICS: &[Metric] = &[
 ];
 
 enum Goal {
-    /// value / direct's, paired by repetition, must be at most this.
-    RatioMax(f64),
     /// value / that mode's, paired by repetition, must be at least this.
     VsMin(Mode, f64),
     /// value / that mode's, paired by repetition, must be at most this.
@@ -297,8 +295,8 @@ enum Goal {
 const AUTO_TARGETS: &[(&str, Goal)] = &[
     ("conn_per_s", Goal::VsMin(Mode::Nginx, 1.0)),
     ("conn_cpu_us", Goal::Max(100.0)),
-    ("rr_p50_us", Goal::RatioMax(1.5)),
-    ("rr_p99_us", Goal::RatioMax(3.0)),
+    ("rr_p50_us", Goal::VsMax(Mode::Direct, 1.5)),
+    ("rr_p99_us", Goal::VsMax(Mode::Direct, 3.0)),
     ("http_ka_rps", Goal::VsMin(Mode::Nginx, 1.0)),
     ("http_ka_p99_us", Goal::VsMax(Mode::Nginx, 1.0)),
     ("http_close_rps", Goal::VsMin(Mode::Nginx, 1.0)),
@@ -537,22 +535,18 @@ fn target_checks(ours: &[&ModeResult], results: &[ModeResult]) -> Vec<String> {
         for (key, goal) in targets(r.mode) {
             let m = metric(key);
             let Some(v) = r.median(key) else { continue };
-            let vs = |base: Mode| {
-                let b = find(base)?;
-                paired_ratio(r, &|rep| value(b, rep, key), key)
-            };
             // Judged as shown: a figure printed as 2.00 meets "≤ 2".
             let shown = |x: f64, decimals: usize| {
                 let scale = 10f64.powi(decimals as i32);
                 (x * scale).round() / scale
             };
             let (ok, text) = match *goal {
-                Goal::RatioMax(t) => {
-                    let Some(x) = vs(Mode::Direct) else { continue };
-                    (shown(x, 2) <= t, format!("{x:.2}× direct (target ≤ {t}×)"))
-                }
                 Goal::VsMin(base, t) | Goal::VsMax(base, t) => {
-                    let Some(x) = vs(base) else { continue };
+                    let Some(x) =
+                        find(base).and_then(|b| paired_ratio(r, &|rep| value(b, rep, key), key))
+                    else {
+                        continue;
+                    };
                     let min = matches!(goal, Goal::VsMin(..));
                     let ok = if min {
                         shown(x, 2) >= t
