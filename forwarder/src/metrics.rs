@@ -320,6 +320,7 @@ impl Collector for Collect {
             MetricType::Gauge,
             upstream_open,
         )?;
+        encode_tunnel(&mut e)?;
         let ok = self.0.reloads_ok.load(Ordering::Relaxed);
         let failed = self.0.reloads_error.load(Ordering::Relaxed);
         family(
@@ -348,6 +349,84 @@ impl Collector for Collect {
             )],
         )
     }
+}
+
+/// The tunnel's families, for each side this process runs (`side` = `server` or
+/// `agent`: one process can hold both); none when it runs neither.
+fn encode_tunnel(e: &mut DescriptorEncoder) -> std::fmt::Result {
+    use crate::tunnel::{self, LinkEvent};
+    let server = tunnel::server::registry().map(|r| r.metrics());
+    let agent = tunnel::agent::metrics();
+    let mut sides = Vec::new();
+    if let Some((_, streams)) = &server {
+        sides.push(("server", &tunnel::SERVER_LINK_EVENTS, *streams));
+    }
+    if let Some((_, streams)) = &agent {
+        sides.push(("agent", &tunnel::AGENT_LINK_EVENTS, *streams));
+    }
+    if sides.is_empty() {
+        return Ok(());
+    }
+    if let Some((agents, _)) = &server {
+        family(
+            e,
+            "forwarder_tunnel_agents",
+            "Agents connected (their link up) offering the service, for each service a rule serves",
+            MetricType::Gauge,
+            agents.iter().map(|(service, n)| {
+                (
+                    vec![("service", service.as_str())],
+                    ConstGauge::new(*n as i64),
+                )
+            }),
+        )?;
+    }
+    if let Some((up, _)) = agent {
+        family(
+            e,
+            "forwarder_tunnel_link_up",
+            "1 while this agent's link to its server is up",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(i64::from(up)))],
+        )?;
+    }
+    let mut events = Vec::new();
+    let mut streams = Vec::new();
+    for (side, counts, open) in &sides {
+        for ev in LinkEvent::ALL {
+            events.push((
+                vec![("side", *side), ("event", ev.as_str())],
+                ConstCounter::new(counts.get(ev)),
+            ));
+        }
+        for (state, n) in [("attached", open.attached), ("waiting", open.waiting)] {
+            streams.push((
+                vec![("side", *side), ("state", state)],
+                ConstGauge::new(n as i64),
+            ));
+        }
+    }
+    family(
+        e,
+        "forwarder_tunnel_link_events",
+        "Link events as logged: connected, lost, resumed, grace_expired",
+        MetricType::Counter,
+        events,
+    )?;
+    family(
+        e,
+        "forwarder_tunnel_streams",
+        "Tunnel streams open: attached (their link up) or waiting for it to resume",
+        MetricType::Gauge,
+        streams,
+    )?;
+    family(
+        e,
+        "forwarder_tunnel_retained_bytes",
+        "Bytes held until the peer acknowledges them (what a link loss would replay), every stream and side of this process",
+        MetricType::Gauge,
+        [(vec![], ConstGauge::new(tunnel::stream::retained() as i64))],
+    )
 }
 
 /// Whether `Accept` prefers OpenMetrics to the Prometheus text format: an

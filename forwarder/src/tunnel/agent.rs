@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -24,6 +24,7 @@ use super::auth;
 use super::control;
 use super::proto::{read_frame, write_frame, Frame, VERSION};
 use super::stream::{self, Event, Link};
+use super::{LinkEvent, Streams, AGENT_LINK_EVENTS};
 use crate::config::AgentConfig;
 use crate::connection::{end_text, relay_bounded, Abort, Limits};
 use crate::event;
@@ -155,6 +156,7 @@ impl AgentSession {
     fn end_session(&self, why: &str) {
         *self.current.lock().unwrap() = None;
         let n = self.expire_streams();
+        AGENT_LINK_EVENTS.count(LinkEvent::GraceExpired);
         event!(
             warn,
             "grace expired",
@@ -214,6 +216,18 @@ impl Agent {
     }
 }
 
+/// The process's agent (one at most: `[agent]` applies at start only), for `/metrics`.
+static RUNNING: OnceLock<Weak<AgentSession>> = OnceLock::new();
+
+/// For `/metrics`, when this process runs an agent: whether its link to the server is
+/// up, and its streams.
+pub fn metrics() -> Option<(bool, Streams)> {
+    let session = RUNNING.get()?.upgrade()?;
+    let streams = session.table.streams();
+    let up = session.table.control.lock().unwrap().is_some();
+    Some((up, streams))
+}
+
 /// Starts the agent; it runs until [`Agent::finish`]. Its target connections take
 /// `global` slots and end at `abort`, as a rule's connections do.
 pub fn start(cfg: AgentConfig, global: Arc<Semaphore>, abort: Arc<Abort>) -> Agent {
@@ -238,6 +252,7 @@ pub fn start(cfg: AgentConfig, global: Arc<Semaphore>, abort: Arc<Abort>) -> Age
         pool_slots: AtomicUsize::new(0),
         pool_slot_ended: Notify::new(),
     });
+    let _ = RUNNING.set(Arc::downgrade(&session));
     let task = tokio::spawn(run(session.clone()));
     Agent { session, task }
 }
@@ -326,8 +341,10 @@ async fn run(session: Arc<AgentSession>) {
             for frame in session.table.finished.lock().unwrap().last_frames() {
                 session.table.send(frame);
             }
+            AGENT_LINK_EVENTS.count(LinkEvent::Resumed);
             event!(info, "link resumed", text = ("link resumed server={server} session={sid_text} streams={n}"), server = %server, session = %sid_text, streams = n,);
         } else {
+            AGENT_LINK_EVENTS.count(LinkEvent::Connected);
             event!(info, "agent connected", text = ("agent connected server={server} session={sid_text} services={}", services.join(",")), server = %server, session = %sid_text, services = %services.join(","),);
         }
         if session.draining.load(Ordering::SeqCst) {
@@ -343,6 +360,7 @@ async fn run(session: Arc<AgentSession>) {
             return;
         }
         let waiting = session.table.map.lock().unwrap().len();
+        AGENT_LINK_EVENTS.count(LinkEvent::Lost);
         event!(warn, "link lost", text = ("link lost server={server} session={sid_text} streams_waiting={waiting} ({why}); reconnecting"), server = %server, session = %sid_text, streams_waiting = waiting, reason = %why,);
         lost_since = Some((Instant::now(), grace));
     }

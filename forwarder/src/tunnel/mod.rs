@@ -12,9 +12,71 @@ pub mod proto;
 pub mod server;
 pub mod stream;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::relay::{Handover, Pair, Progress, Relay, RelayEnd, RelayFuture, Side};
+
+/// The link events both sides log, counted for `/metrics`
+/// (`forwarder_tunnel_link_events_total{side,event}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// `agent connected`: a new session.
+    Connected,
+    /// `link lost`: its streams wait for the link to come back.
+    Lost,
+    /// `link resumed`: the session's streams carry on.
+    Resumed,
+    /// `grace expired`: the session is over, its streams were reset.
+    GraceExpired,
+}
+
+impl LinkEvent {
+    pub const ALL: [LinkEvent; 4] = [
+        LinkEvent::Connected,
+        LinkEvent::Lost,
+        LinkEvent::Resumed,
+        LinkEvent::GraceExpired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkEvent::Connected => "connected",
+            LinkEvent::Lost => "lost",
+            LinkEvent::Resumed => "resumed",
+            LinkEvent::GraceExpired => "grace_expired",
+        }
+    }
+}
+
+/// Link events seen by one side of this process (a process can hold both).
+pub struct LinkEvents([AtomicU64; 4]);
+
+impl LinkEvents {
+    const fn new() -> LinkEvents {
+        LinkEvents([const { AtomicU64::new(0) }; 4])
+    }
+
+    /// Counts `e` (next to its log line).
+    pub fn count(&self, e: LinkEvent) {
+        self.0[e as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, e: LinkEvent) -> u64 {
+        self.0[e as usize].load(Ordering::Relaxed)
+    }
+}
+
+pub static SERVER_LINK_EVENTS: LinkEvents = LinkEvents::new();
+pub static AGENT_LINK_EVENTS: LinkEvents = LinkEvents::new();
+
+/// A tunnel's streams as `/metrics` shows them: `attached` while their session's
+/// link is up, `waiting` while it is down (for at most resume_grace).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Streams {
+    pub attached: usize,
+    pub waiting: usize,
+}
 
 /// The relay of every tunnel stream, on both sides: splice with retention
 /// (`stream`). A rule with an `agent:` upstream uses it whatever its `mode`: the

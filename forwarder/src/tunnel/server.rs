@@ -6,7 +6,7 @@
 //! their visitors (and retention) for resume_grace, waiting for the agent to resume
 //! the session and reattach them. Then they are reset (`end=agent_lost`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -19,6 +19,7 @@ use super::auth;
 use super::control;
 use super::proto::{read_frame, write_frame, Frame, VERSION};
 use super::stream::{self, Event, Link};
+use super::{LinkEvent, SERVER_LINK_EVENTS};
 use crate::config::{Balance, TunnelServerConfig};
 use crate::event;
 use crate::relay::{reset_on_close, Side};
@@ -294,6 +295,30 @@ impl Registry {
             .unwrap()
             .values()
             .any(|s| s.serving() && s.services.iter().any(|n| n == service))
+    }
+
+    /// For `/metrics`: how many connected agents offer each service some rule serves
+    /// (0 for one none offers), and the streams of every session.
+    pub fn metrics(&self) -> (BTreeMap<String, usize>, super::Streams) {
+        let mut agents: BTreeMap<String, usize> = self
+            .known
+            .read()
+            .unwrap()
+            .iter()
+            .map(|s| (s.clone(), 0))
+            .collect();
+        let mut streams = super::Streams::default();
+        for s in self.sessions.lock().unwrap().values() {
+            let of = s.table.streams();
+            streams.attached += of.attached;
+            streams.waiting += of.waiting;
+            if s.live() {
+                for service in &s.services {
+                    *agents.entry(service.clone()).or_default() += 1;
+                }
+            }
+        }
+        (agents, streams)
     }
 
     pub fn set_known(&self, known: HashSet<String>) {
@@ -614,10 +639,13 @@ impl Registry {
         if resumed {
             let n = session.table.map.lock().unwrap().len();
             if unseen_loss {
+                SERVER_LINK_EVENTS.count(LinkEvent::Lost);
                 event!(warn, "link lost", text = ("link lost session={sid} agent={old_agent} streams_waiting={n} (the agent resumed before the old link failed here)"), session = %sid, agent = %old_agent, streams_waiting = n, reason = "resumed before the old link failed here",);
             }
+            SERVER_LINK_EVENTS.count(LinkEvent::Resumed);
             event!(info, "link resumed", text = ("link resumed session={sid} agent={peer} streams={n}"), session = %sid, agent = %peer, streams = n,);
         } else {
+            SERVER_LINK_EVENTS.count(LinkEvent::Connected);
             event!(info, "agent connected", text = ("agent connected session={sid} agent={peer} services={services}"), session = %sid, agent = %peer, services = %services,);
         }
         self.arrived.notify_waiters();
@@ -665,6 +693,7 @@ impl Registry {
             }
             return;
         }
+        SERVER_LINK_EVENTS.count(LinkEvent::Lost);
         event!(warn, "link lost", text = ("link lost session={sid} agent={peer} streams_waiting={waiting} ({why}); waiting up to {:?} for it to resume", self.cfg.resume_grace), session = %sid, agent = %peer, streams_waiting = waiting, reason = %why,);
         let since = Instant::now();
         tokio::select! {
@@ -679,6 +708,7 @@ impl Registry {
             return; // replaced meanwhile: its streams were reset then, and logged
         }
         let n = session.expire_streams();
+        SERVER_LINK_EVENTS.count(LinkEvent::GraceExpired);
         event!(warn, "grace expired", text = ("grace expired session={sid} streams_reset={n} after {:.1}s", since.elapsed().as_secs_f64()), session = %sid, streams_reset = n,);
     }
 

@@ -168,6 +168,24 @@ impl Finished {
 }
 
 impl Table {
+    /// Its open streams, as attached or waiting for the link.
+    pub fn streams(&self) -> super::Streams {
+        // The link first: a stream counted as waiting an instant after the link came
+        // back is truer than one counted as attached after it went.
+        let live = self.control.lock().unwrap().is_some();
+        let n = self.map.lock().unwrap().len();
+        match live {
+            true => super::Streams {
+                attached: n,
+                waiting: 0,
+            },
+            false => super::Streams {
+                attached: 0,
+                waiting: n,
+            },
+        }
+    }
+
     /// [`Session::send`]: dropped while the link is down (resume resyncs).
     pub fn send(&self, frame: Frame) {
         if let Some(tx) = &*self.control.lock().unwrap() {
@@ -253,6 +271,12 @@ impl Drop for Link {
 /// [`RETAINED_CAP`], streams stop reading their sources until acks free some.
 static RETAINED: AtomicU64 = AtomicU64::new(0);
 pub const RETAINED_CAP: u64 = 256 << 20;
+
+/// Bytes this process holds for replay now, both sides and every stream together
+/// (`forwarder_tunnel_retained_bytes`).
+pub fn retained() -> u64 {
+    RETAINED.load(Ordering::Relaxed)
+}
 
 fn room_freed() -> &'static Notify {
     static N: OnceLock<Notify> = OnceLock::new();
