@@ -504,8 +504,9 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines().find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
         let rest = series.strip_prefix(name)?;
-        (rest.starts_with('{') && labels.iter().all(|lb| rest.contains(lb)))
-            .then(|| value.parse().ok())?
+        // A series without labels matches only when none are asked for.
+        let labelled = rest.starts_with('{') && labels.iter().all(|lb| rest.contains(lb));
+        (labelled || (rest.is_empty() && labels.is_empty())).then(|| value.parse().ok())?
     })
 }
 

@@ -2050,6 +2050,86 @@ relay_tests! {
         }
     }
 
+    /// The tunnel's series follow a link loss and its resume, on both sides: the
+    /// agents and the link's state, each link event counted once as it is logged, the
+    /// held visitor's stream `waiting` while the link is down, the bytes it sent
+    /// meanwhile retained by the server (exactly those) until the agent is back and
+    /// acknowledges them (they arrive byte-exact), and no stream once the visitor left.
+    fn tunnel_metrics_follow_a_link_loss_and_resume(mode) {
+        let _load = light();
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let (sm, am) = (free_loopback_addr(), free_loopback_addr());
+        let server = TunnelServer::config(
+            mode,
+            &format!(
+                "[global]\nmetrics = \"{sm}\"\n\n{}",
+                server_toml("127.0.0.1:0", &token, "resume_grace = \"60s\"", "")
+            ),
+        );
+        let agent = agent_with_global(server.tunnel, &token, target.addr(), &format!("metrics = \"{am}\""));
+        wait_connected(&server, &agent, 1);
+        let wait_for = |addr: SocketAddr, name: &str, labels: &[&str], want: f64| {
+            let deadline = Instant::now() + secs(10);
+            while scraped(addr, name, labels) != want && Instant::now() < deadline {
+                std::thread::sleep(ms(50));
+            }
+            assert_eq!(scraped(addr, name, labels), want, "{name}{labels:?} at {addr}");
+        };
+        let sides = [(sm, "side=\"server\""), (am, "side=\"agent\"")];
+        let events = |want: [f64; 4]| {
+            for (addr, side) in sides {
+                for (event, n) in ["connected", "lost", "resumed", "grace_expired"].iter().zip(want) {
+                    let ev = format!("event=\"{event}\"");
+                    wait_for(addr, "forwarder_tunnel_link_events_total", &[side, &ev], n);
+                }
+            }
+        };
+        let streams = |attached: f64, waiting: f64, on: &[(SocketAddr, &str)]| {
+            for (addr, side) in on {
+                wait_for(*addr, "forwarder_tunnel_streams", &[side, "state=\"attached\""], attached);
+                wait_for(*addr, "forwarder_tunnel_streams", &[side, "state=\"waiting\""], waiting);
+            }
+        };
+        wait_for(sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
+        wait_for(am, "forwarder_tunnel_link_up", &[], 1.0);
+        events([1.0, 0.0, 0.0, 0.0]);
+        streams(0.0, 0.0, &sides);
+
+        let visitors = hold_visitors(&server, 1, 40, b"before the loss");
+        let mut visitor = &visitors[0];
+        streams(1.0, 0.0, &sides);
+        // Both ends acknowledged that round trip: nothing is held.
+        for (addr, _) in sides {
+            wait_for(addr, "forwarder_tunnel_retained_bytes", &[], 0.0);
+        }
+        let during: Vec<u8> = (0..10_007u32).map(|i| (i * 7 % 251) as u8).collect();
+        {
+            // The agent stopped, and every connection it has to the server reset.
+            let _stopped = Stopped::new(agent.pid());
+            ss_kill(&["-tH", "dport", "=", &format!(":{}", server.tunnel.port())]);
+            wait_for(sm, "forwarder_tunnel_link_events_total", &["side=\"server\"", "event=\"lost\""], 1.0);
+            wait_for(sm, "forwarder_tunnel_agents", &["service=\"web\""], 0.0);
+            streams(0.0, 1.0, &sides[..1]);
+            visitor.write_all(&during).expect("visitor writes during the outage");
+            wait_for(sm, "forwarder_tunnel_retained_bytes", &[], during.len() as f64);
+        }
+        // Resumed: the agent saw its link fail too, and came back.
+        events([1.0, 1.0, 1.0, 0.0]);
+        wait_for(am, "forwarder_tunnel_link_up", &[], 1.0);
+        wait_for(sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
+        streams(1.0, 0.0, &sides);
+        let echoed = read_exact_timeout(visitor, during.len(), secs(20)).expect("the echo after the resume");
+        assert!(echoed == during, "the bytes sent during the outage came back altered");
+        for (addr, _) in sides {
+            wait_for(addr, "forwarder_tunnel_retained_bytes", &[], 0.0);
+        }
+        drop(visitors);
+        streams(0.0, 0.0, &sides);
+        events([1.0, 1.0, 1.0, 0.0]);
+    }
+
     /// An agent with the wrong token is refused and logged; visitors get `no_agent`
     /// and nothing reaches the target.
     fn wrong_token_refused(mode) {
