@@ -977,6 +977,140 @@ fn link_events(p: &Proc) -> Vec<String> {
     p.matching(|l| EVENTS.iter().any(|e| l.contains(&format!(" {e} "))))
 }
 
+/// Waits up to 10 s for the series `name` with `labels` at `addr` to read `want`.
+fn wait_scraped(addr: SocketAddr, name: &str, labels: &[&str], want: f64) {
+    let deadline = Instant::now() + secs(10);
+    while scraped(addr, name, labels) != want && Instant::now() < deadline {
+        thread::sleep(ms(50));
+    }
+    assert_eq!(
+        scraped(addr, name, labels),
+        want,
+        "{name}{labels:?} at {addr}"
+    );
+}
+
+/// A tunnel on loopback whose server (metrics at `sm`) and agent (at `am`) serve
+/// `/metrics`, the agent connected.
+struct Metered {
+    _dir: TempDir,
+    _target: Target,
+    server: TunnelServer,
+    agent: Proc,
+    sm: SocketAddr,
+    am: SocketAddr,
+}
+
+impl Metered {
+    fn start(mode: Mode, resume_grace: &str) -> Metered {
+        let dir = TempDir::new("tunnel");
+        let token = token_file(&dir, "token", TOKEN);
+        let target = Target::start();
+        let (sm, am) = (free_loopback_addr(), free_loopback_addr());
+        let grace = format!("resume_grace = \"{resume_grace}\"");
+        let server = TunnelServer::config(
+            mode,
+            &format!(
+                "[global]\nmetrics = \"{sm}\"\n\n{}",
+                server_toml("127.0.0.1:0", &token, &grace, "")
+            ),
+        );
+        let agent = agent_with_global(
+            server.tunnel,
+            &token,
+            target.addr(),
+            &format!("metrics = \"{am}\""),
+        );
+        wait_connected(&server, &agent, 1);
+        wait_scraped(sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
+        wait_scraped(am, "forwarder_tunnel_link_up", &[], 1.0);
+        Metered {
+            _dir: dir,
+            _target: target,
+            server,
+            agent,
+            sm,
+            am,
+        }
+    }
+
+    fn sides(&self) -> [(SocketAddr, &'static str); 2] {
+        [(self.sm, "side=\"server\""), (self.am, "side=\"agent\"")]
+    }
+
+    /// Each side's link events: connected, lost, resumed, grace_expired.
+    fn events(&self, want: [f64; 4]) {
+        for (addr, side) in self.sides() {
+            for (event, n) in ["connected", "lost", "resumed", "grace_expired"]
+                .iter()
+                .zip(want)
+            {
+                let ev = format!("event=\"{event}\"");
+                wait_scraped(addr, "forwarder_tunnel_link_events_total", &[side, &ev], n);
+            }
+        }
+    }
+
+    fn streams(&self, attached: f64, waiting: f64, on: &[(SocketAddr, &str)]) {
+        for (addr, side) in on {
+            wait_scraped(
+                *addr,
+                "forwarder_tunnel_streams",
+                &[side, "state=\"attached\""],
+                attached,
+            );
+            wait_scraped(
+                *addr,
+                "forwarder_tunnel_streams",
+                &[side, "state=\"waiting\""],
+                waiting,
+            );
+        }
+    }
+
+    /// The link lost for as long as `meanwhile` takes: the agent stopped and every
+    /// connection it has to the server reset. The server sees the loss, and `visitor`
+    /// (held) sends bytes, which the server retains, exactly those. Returns them.
+    fn outage(&self, mut visitor: &TcpStream, meanwhile: impl FnOnce(&Metered)) -> Vec<u8> {
+        // Both ends acknowledged what the held visitor sent before: nothing is held.
+        for (addr, _) in self.sides() {
+            wait_scraped(addr, "forwarder_tunnel_retained_bytes", &[], 0.0);
+        }
+        let during: Vec<u8> = (0..10_007u32).map(|i| (i * 7 % 251) as u8).collect();
+        let _stopped = Stopped::new(self.agent.pid());
+        ss_kill(&[
+            "-tH",
+            "dport",
+            "=",
+            &format!(":{}", self.server.tunnel.port()),
+        ]);
+        wait_scraped(
+            self.sm,
+            "forwarder_tunnel_link_events_total",
+            &["side=\"server\"", "event=\"lost\""],
+            1.0,
+        );
+        wait_scraped(
+            self.sm,
+            "forwarder_tunnel_agents",
+            &["service=\"web\""],
+            0.0,
+        );
+        self.streams(0.0, 1.0, &self.sides()[..1]);
+        visitor
+            .write_all(&during)
+            .expect("visitor writes during the outage");
+        wait_scraped(
+            self.sm,
+            "forwarder_tunnel_retained_bytes",
+            &[],
+            during.len() as f64,
+        );
+        meanwhile(self);
+        during
+    }
+}
+
 /// The close line whose `client=` is `client`, waiting up to `timeout` for it.
 fn close_of(p: &Proc, client: SocketAddr, timeout: Duration) -> String {
     let c = client.to_string();
@@ -2000,15 +2134,9 @@ relay_tests! {
                 server_toml("127.0.0.1:0", &token, "resume_grace = \"1s\"", "connect_timeout = \"1s\"")
             ),
         );
-        let scrape = |name: &str| scraped(maddr, name, &["upstream=\"agent:web\""]);
-        let wait_for = |name: &str, want: f64| {
-            let deadline = Instant::now() + secs(10);
-            while scrape(name) != want && Instant::now() < deadline {
-                std::thread::sleep(ms(50));
-            }
-            assert_eq!(scrape(name), want, "{name}");
-        };
-        assert_eq!(scrape("forwarder_upstream_up"), 0.0, "no agent yet");
+        let agent_web = ["upstream=\"agent:web\""];
+        let wait_for = |name: &str, want: f64| wait_scraped(maddr, name, &agent_web, want);
+        assert_eq!(scraped(maddr, "forwarder_upstream_up", &agent_web), 0.0, "no agent yet");
         assert_no_agent_got_in(&server, &target);
         wait_for("forwarder_upstream_connect_errors_total", 1.0);
         let mut agent = agent_cli(server.tunnel, target.addr(), Token::File(&token), None);
@@ -2057,77 +2185,46 @@ relay_tests! {
     /// acknowledges them (they arrive byte-exact), and no stream once the visitor left.
     fn tunnel_metrics_follow_a_link_loss_and_resume(mode) {
         let _load = light();
-        let dir = TempDir::new("tunnel");
-        let token = token_file(&dir, "token", TOKEN);
-        let target = Target::start();
-        let (sm, am) = (free_loopback_addr(), free_loopback_addr());
-        let server = TunnelServer::config(
-            mode,
-            &format!(
-                "[global]\nmetrics = \"{sm}\"\n\n{}",
-                server_toml("127.0.0.1:0", &token, "resume_grace = \"60s\"", "")
-            ),
-        );
-        let agent = agent_with_global(server.tunnel, &token, target.addr(), &format!("metrics = \"{am}\""));
-        wait_connected(&server, &agent, 1);
-        let wait_for = |addr: SocketAddr, name: &str, labels: &[&str], want: f64| {
-            let deadline = Instant::now() + secs(10);
-            while scraped(addr, name, labels) != want && Instant::now() < deadline {
-                std::thread::sleep(ms(50));
-            }
-            assert_eq!(scraped(addr, name, labels), want, "{name}{labels:?} at {addr}");
-        };
-        let sides = [(sm, "side=\"server\""), (am, "side=\"agent\"")];
-        let events = |want: [f64; 4]| {
-            for (addr, side) in sides {
-                for (event, n) in ["connected", "lost", "resumed", "grace_expired"].iter().zip(want) {
-                    let ev = format!("event=\"{event}\"");
-                    wait_for(addr, "forwarder_tunnel_link_events_total", &[side, &ev], n);
-                }
-            }
-        };
-        let streams = |attached: f64, waiting: f64, on: &[(SocketAddr, &str)]| {
-            for (addr, side) in on {
-                wait_for(*addr, "forwarder_tunnel_streams", &[side, "state=\"attached\""], attached);
-                wait_for(*addr, "forwarder_tunnel_streams", &[side, "state=\"waiting\""], waiting);
-            }
-        };
-        wait_for(sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
-        wait_for(am, "forwarder_tunnel_link_up", &[], 1.0);
-        events([1.0, 0.0, 0.0, 0.0]);
-        streams(0.0, 0.0, &sides);
-
-        let visitors = hold_visitors(&server, 1, 40, b"before the loss");
-        let mut visitor = &visitors[0];
-        streams(1.0, 0.0, &sides);
-        // Both ends acknowledged that round trip: nothing is held.
-        for (addr, _) in sides {
-            wait_for(addr, "forwarder_tunnel_retained_bytes", &[], 0.0);
-        }
-        let during: Vec<u8> = (0..10_007u32).map(|i| (i * 7 % 251) as u8).collect();
-        {
-            // The agent stopped, and every connection it has to the server reset.
-            let _stopped = Stopped::new(agent.pid());
-            ss_kill(&["-tH", "dport", "=", &format!(":{}", server.tunnel.port())]);
-            wait_for(sm, "forwarder_tunnel_link_events_total", &["side=\"server\"", "event=\"lost\""], 1.0);
-            wait_for(sm, "forwarder_tunnel_agents", &["service=\"web\""], 0.0);
-            streams(0.0, 1.0, &sides[..1]);
-            visitor.write_all(&during).expect("visitor writes during the outage");
-            wait_for(sm, "forwarder_tunnel_retained_bytes", &[], during.len() as f64);
-        }
+        let m = Metered::start(mode, "60s");
+        m.events([1.0, 0.0, 0.0, 0.0]);
+        m.streams(0.0, 0.0, &m.sides());
+        let visitors = hold_visitors(&m.server, 1, 40, b"before the loss");
+        let visitor = &visitors[0];
+        m.streams(1.0, 0.0, &m.sides());
+        let during = m.outage(visitor, |_| {});
         // Resumed: the agent saw its link fail too, and came back.
-        events([1.0, 1.0, 1.0, 0.0]);
-        wait_for(am, "forwarder_tunnel_link_up", &[], 1.0);
-        wait_for(sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
-        streams(1.0, 0.0, &sides);
+        m.events([1.0, 1.0, 1.0, 0.0]);
+        wait_scraped(m.am, "forwarder_tunnel_link_up", &[], 1.0);
+        wait_scraped(m.sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
+        m.streams(1.0, 0.0, &m.sides());
         let echoed = read_exact_timeout(visitor, during.len(), secs(20)).expect("the echo after the resume");
         assert!(echoed == during, "the bytes sent during the outage came back altered");
-        for (addr, _) in sides {
-            wait_for(addr, "forwarder_tunnel_retained_bytes", &[], 0.0);
+        for (addr, _) in m.sides() {
+            wait_scraped(addr, "forwarder_tunnel_retained_bytes", &[], 0.0);
         }
         drop(visitors);
-        streams(0.0, 0.0, &sides);
-        events([1.0, 1.0, 1.0, 0.0]);
+        m.streams(0.0, 0.0, &m.sides());
+        m.events([1.0, 1.0, 1.0, 0.0]);
+    }
+
+    /// Past resume_grace (2 s) the series say so: the server counts `grace_expired`
+    /// once, the expired session's stream is gone (not waiting) and what it held for
+    /// replay is released; the agent, back, counts the loss and the expiry once each
+    /// and its new session as `connected`, as does the server.
+    fn tunnel_metrics_after_grace_expiry(mode) {
+        let _load = light();
+        let m = Metered::start(mode, "2s");
+        let visitors = hold_visitors(&m.server, 1, 42, b"before the loss");
+        m.streams(1.0, 0.0, &m.sides());
+        m.outage(&visitors[0], |m| {
+            wait_scraped(m.sm, "forwarder_tunnel_link_events_total", &["side=\"server\"", "event=\"grace_expired\""], 1.0);
+            m.streams(0.0, 0.0, &m.sides()[..1]);
+            wait_scraped(m.sm, "forwarder_tunnel_retained_bytes", &[], 0.0);
+        });
+        m.events([2.0, 1.0, 0.0, 1.0]);
+        wait_scraped(m.am, "forwarder_tunnel_link_up", &[], 1.0);
+        wait_scraped(m.sm, "forwarder_tunnel_agents", &["service=\"web\""], 1.0);
+        m.streams(0.0, 0.0, &m.sides());
     }
 
     /// An agent with the wrong token is refused and logged; visitors get `no_agent`
