@@ -309,10 +309,10 @@ impl Registry {
             .collect();
         let mut streams = super::Streams::default();
         for s in self.sessions.lock().unwrap().values() {
-            let of = s.table.streams();
+            let (live, of) = s.table.streams();
             streams.attached += of.attached;
             streams.waiting += of.waiting;
-            if s.live() {
+            if live {
                 for service in &s.services {
                     *agents.entry(service.clone()).or_default() += 1;
                 }

@@ -168,22 +168,14 @@ impl Finished {
 }
 
 impl Table {
-    /// Its open streams, as attached or waiting for the link.
-    pub fn streams(&self) -> super::Streams {
+    /// Whether its link is up, and its open streams, attached or waiting for it.
+    pub fn streams(&self) -> (bool, super::Streams) {
         // The link first: a stream counted as waiting an instant after the link came
         // back is truer than one counted as attached after it went.
         let live = self.control.lock().unwrap().is_some();
         let n = self.map.lock().unwrap().len();
-        match live {
-            true => super::Streams {
-                attached: n,
-                waiting: 0,
-            },
-            false => super::Streams {
-                attached: 0,
-                waiting: n,
-            },
-        }
+        let (attached, waiting) = if live { (n, 0) } else { (0, n) };
+        (live, super::Streams { attached, waiting })
     }
 
     /// [`Session::send`]: dropped while the link is down (resume resyncs).
