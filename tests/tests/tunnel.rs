@@ -979,15 +979,13 @@ fn link_events(p: &Proc) -> Vec<String> {
 
 /// Waits up to 10 s for the series `name` with `labels` at `addr` to read `want`.
 fn wait_scraped(addr: SocketAddr, name: &str, labels: &[&str], want: f64) {
-    let deadline = Instant::now() + secs(10);
-    while scraped(addr, name, labels) != want && Instant::now() < deadline {
-        thread::sleep(ms(50));
+    if !wait_until(secs(10), || scraped(addr, name, labels) == want) {
+        assert_eq!(
+            scraped(addr, name, labels),
+            want,
+            "{name}{labels:?} at {addr}"
+        );
     }
-    assert_eq!(
-        scraped(addr, name, labels),
-        want,
-        "{name}{labels:?} at {addr}"
-    );
 }
 
 /// A tunnel on loopback whose server (metrics at `sm`) and agent (at `am`) serve
