@@ -959,6 +959,7 @@ impl Paired {
             // threads. (Boxed: a pair waits here rarely, and inline this future would
             // size the one every idle pair holds.)
             let mut how = [Parted::Closed; 2];
+            let began = std::time::Instant::now();
             let mut walk = Vec::new();
             for s in 0..2 {
                 if parted_now[s].is_none() {
@@ -986,7 +987,12 @@ impl Paired {
                 if parted_now[s].is_some() {
                     self.entries.members_in[s] = false;
                     self.parted[s] = true;
-                    tracing::debug!("ebpf: {} parted {}", SIDES[s].as_str(), how[s].as_str());
+                    tracing::debug!(
+                        "ebpf: {} parted {} in {:?}",
+                        SIDES[s].as_str(),
+                        how[s].as_str(),
+                        began.elapsed()
+                    );
                 }
             }
             if how.contains(&Parted::Unlocked) {
