@@ -1355,7 +1355,7 @@ relay_tests! {
         }
         // A cut is no fault of the kernel's: no ERROR line (the look after a cut once
         // read the counters tcp_disconnect had zeroed as bytes handed over twice).
-        let errors: Vec<String> = fwd.stderr.text().lines().filter(|l| l.contains(" ERROR ")).map(String::from).collect();
+        let errors: Vec<String> = fwd.log_lines().into_iter().filter(|l| l.contains(" ERROR ")).collect();
         assert!(errors.is_empty(), "{errors:#?}");
     }
 
