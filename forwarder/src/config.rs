@@ -967,7 +967,7 @@ impl Config {
                     rule.name
                 )));
             }
-            if mode == Mode::Ebpf && rule.paced() {
+            if mode == Mode::Ebpf && rule.paced() && rule.agent_service().is_none() {
                 return Err(err(format!(
                     "config error at key `rule[{i}].{}` (rule {:?}): --mode ebpf cannot apply: {PACED_WHY}",
                     rule.paced_key(),
@@ -1612,14 +1612,13 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     }
     let rates = [s.upload_rate, s.download_rate].map(|r| r.filter(|&r| r > 0));
     for (key, rate) in ["upload_rate", "download_rate"].iter().zip(rates) {
-        let why = if rate.is_none() {
+        // Tunnel streams run on splice whatever the mode, and pace as it does.
+        let why = if rate.is_none() || upstreams[0].addr.starts_with(AGENT_PREFIX) {
             continue;
         } else if mode == Mode::Ebpf {
             PACED_WHY
         } else if !rewrite.is_empty() {
             "the copy path of `rewrite` does not pace bytes (yet)"
-        } else if upstreams[0].addr.starts_with(AGENT_PREFIX) {
-            "tunnel streams do not pace bytes (yet)"
         } else {
             continue;
         };
@@ -2876,11 +2875,17 @@ mod tests {
             let e = error_of(&rule(keys));
             assert!(needles.iter().all(|n| e.contains(n)), "{keys}: {e}");
         }
-        let e = agent_rule_error("download_rate = 1000");
-        assert!(
-            e.contains("`rule[0].download_rate`") && e.contains("tunnel"),
-            "{e}"
-        );
+        // An agent: rule paces its tunnel streams, which run on splice in any mode,
+        // also under --mode ebpf.
+        for mode in ["auto", "ebpf"] {
+            let text = TUNNEL.replace(
+                "upstream = \"agent:web\"",
+                &format!("upstream = \"agent:web\"\nmode = \"{mode}\"\ndownload_rate = 1000"),
+            );
+            let mut c = Config::from_toml(&text).unwrap_or_else(|e| panic!("{mode}: {}", e.0));
+            assert_eq!(c.rules[0].rates, [None, Some(1000)], "{mode}");
+            c.override_mode(Mode::Ebpf).unwrap();
+        }
         // --mode ebpf over a paced rule: refused, naming the key.
         let mut c = Config::from_toml(&rule("download_rate = 1000")).unwrap();
         let e = c.override_mode(Mode::Ebpf).unwrap_err().0;

@@ -729,7 +729,8 @@ impl Server {
 async fn choose_relay(rule: &Rule) -> anyhow::Result<(Arc<dyn Relay>, String)> {
     let (relay, why) = if rule.agent_service().is_some() {
         let why = "tunnel: splice with retention, so streams survive a lost link".to_string();
-        (Arc::new(crate::tunnel::TunnelRelay) as Arc<dyn Relay>, why)
+        let relay = crate::tunnel::TunnelRelay { rates: rule.rates };
+        (Arc::new(relay) as Arc<dyn Relay>, why)
     } else if rule.rewrite.is_empty() {
         choose_path(rule).await?
     } else {

@@ -2029,6 +2029,43 @@ relay_tests! {
         assert_eq!(stream(&chunks, '<'), down, "the dump of the target's bytes");
     }
 
+    /// `download_rate` and `upload_rate` on an `agent:` rule pace its tunnel streams as
+    /// they pace a splice pair (nginx's proxy_download_rate/proxy_upload_rate): a
+    /// second's worth at once, then the rate, each direction alone, every byte exact.
+    fn rates_pace_tunnel_streams(mode) {
+        let _load = light();
+        const RATE: u64 = MIB;
+        // 3 MiB: the first second's worth at once, the other two take two seconds, less
+        // the read's quantum the bucket waits for (a fiftieth of a second).
+        let paced = ms(1900);
+        for (key, d) in [("download_rate", 0), ("upload_rate", 1)] {
+            let dir = TempDir::new("tunnel");
+            let (token, target, server) = on_loopback(mode, &dir, "", &format!("{key} = {RATE}"));
+            let agent = agent_config(server.tunnel, target.addr(), &token, None);
+            wait_connected(&server, &agent, 1);
+            let download = Job::new(DOWNLOAD_FIRST, Payload::new(90, 4 * KIB), Payload::new(91, 3 * RATE));
+            let upload = Job::new(UPLOAD_FIRST, Payload::new(92, 3 * RATE), Payload::new(93, 4 * KIB));
+            let mut times = [Duration::ZERO; 2];
+            for (i, job) in [download, upload].into_iter().enumerate() {
+                let t0 = Instant::now();
+                let out = visit_ok(server.visitors, job, secs(30));
+                times[i] = t0.elapsed();
+                assert_eq!(out.down, Digested::of(&job.down), "{key}: the visitor received");
+                if let Some(a) = out.answer {
+                    assert_eq!(a, Digested::of(&job.up), "{key}: the target's answer");
+                }
+                assert_got(&target.report(secs(10)).seen, &job.up, key);
+            }
+            eprintln!("{key}: down {:?}, up {:?}", times[0], times[1]);
+            assert!(times[d] >= paced, "{key}: 3 MiB at 1 MiB/s took {:?}", times[d]);
+            assert!(times[d] < secs(10), "{key}: {:?}", times[d]);
+            assert!(times[1 - d] * 2 < times[d], "{key}: the other direction was held back: {times:?}");
+            for l in server.p.wait_close_lines(2, secs(5)) {
+                assert_eq!(field(&l, "end"), Some("closed"), "{key}: {l}");
+            }
+        }
+    }
+
     /// A visitor's reset resets the target's connection; a target's reset resets
     /// the visitor's.
     fn reset_passes_both_ways(mode) {

@@ -19,6 +19,7 @@ use crate::metrics::RuleStats;
 
 pub mod copy;
 pub mod ebpf;
+pub(crate) mod pace;
 pub mod splice;
 
 /// Byte counters a relay keeps current while it runs (read by idle timeout and logs).

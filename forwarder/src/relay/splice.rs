@@ -22,6 +22,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::ebpf::sys;
+use super::pace::Bucket;
 use super::{
     reset_both_on_close, Handover, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
 };
@@ -419,72 +420,6 @@ impl Pacing for Box<Pace> {
     }
 }
 
-/// A direction's rate (`upload_rate`, `download_rate`): a token bucket holding at most
-/// a second's worth, so a pair starts with a second's bytes at once and then moves at
-/// the rate, as nginx's `proxy_upload_rate`/`proxy_download_rate` do.
-struct Bucket {
-    /// Bytes per second.
-    rate: u64,
-    /// Bytes the direction may read now.
-    tokens: u64,
-    /// When `tokens` was last topped up.
-    at: tokio::time::Instant,
-    /// Wakes the direction when the bucket holds a read's worth again.
-    sleep: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Bucket {
-    fn new(rate: u64) -> Bucket {
-        let now = tokio::time::Instant::now();
-        Bucket {
-            rate,
-            tokens: rate,
-            at: now,
-            sleep: Box::pin(tokio::time::sleep_until(now)),
-        }
-    }
-
-    /// The smallest read worth a wake-up: a fiftieth of a second's bytes (at most
-    /// 64 KiB), so a slow rate is not paced one byte per syscall.
-    fn quantum(&self) -> u64 {
-        (self.rate / 50).clamp(1, 64 * 1024)
-    }
-
-    /// Adds what the time since `at` earned, up to a second's worth.
-    fn refill(&mut self, now: tokio::time::Instant) {
-        let nanos = now.saturating_duration_since(self.at).as_nanos();
-        let earned = (nanos * u128::from(self.rate) / 1_000_000_000) as u64;
-        if self.tokens + earned >= self.rate {
-            (self.tokens, self.at) = (self.rate, now);
-        } else if earned > 0 {
-            self.tokens += earned;
-            // Only the time those bytes took: the remainder counts towards the next.
-            let used = u128::from(earned) * 1_000_000_000 / u128::from(self.rate);
-            self.at += std::time::Duration::from_nanos(used as u64);
-        }
-    }
-
-    /// How many bytes the direction may read now, once that is a read's worth.
-    fn poll_allowance(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
-        loop {
-            let now = tokio::time::Instant::now();
-            self.refill(now);
-            let quantum = self.quantum();
-            if self.tokens >= quantum {
-                return Poll::Ready(self.tokens as usize);
-            }
-            let nanos = u128::from(quantum - self.tokens) * 1_000_000_000 / u128::from(self.rate);
-            let wait = std::time::Duration::from_nanos(nanos as u64 + 1);
-            self.sleep.as_mut().reset(now + wait);
-            ready!(self.sleep.as_mut().poll(cx));
-        }
-    }
-
-    fn spend(&mut self, n: usize) {
-        self.tokens = self.tokens.saturating_sub(n as u64);
-    }
-}
-
 /// What the two pumps of a pair tell each other for promotion.
 struct Quiet {
     /// Direction d waits for bytes with no pipe (nothing of it held by us) on a socket
@@ -722,7 +657,7 @@ impl Pump {
             while !self.eof && self.in_pipe < p.size {
                 let mut want = p.size - self.in_pipe;
                 if let Some(b) = bucket.as_deref_mut() {
-                    match b.tokens as usize {
+                    match b.tokens() {
                         0 => break,
                         tokens => want = want.min(tokens),
                     }

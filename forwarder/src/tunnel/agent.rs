@@ -666,7 +666,12 @@ async fn serve_stream(
     };
     // Run to its end, or reset when the shutdown grace period is over (the server's
     // rule has the limits).
-    let relay = Box::pin(super::TunnelRelay::run(pair, &progress, Default::default()));
+    let relay = Box::pin(super::TunnelRelay::run(
+        pair,
+        &progress,
+        Default::default(),
+        [None; 2],
+    ));
     let end = match relay_bounded(relay, &progress, Limits::NONE, &session.abort, None).await {
         Ok(end) => end_text(&end),
         Err(why) => Cow::Borrowed(why),

@@ -81,11 +81,21 @@ pub struct Streams {
 /// The relay of every tunnel stream, on both sides: splice with retention
 /// (`stream`). A rule with an `agent:` upstream uses it whatever its `mode`: the
 /// kernel path cannot keep the bytes a lost link may need again.
-pub struct TunnelRelay;
+/// `rates`: a rule's `upload_rate` and `download_rate`, `[to_upstream, to_client]`
+/// (as [`crate::relay::splice::SpliceRelay`]'s); the agent's streams are unpaced.
+#[derive(Default)]
+pub struct TunnelRelay {
+    pub rates: [Option<u64>; 2],
+}
 
 impl TunnelRelay {
     /// `handover`: what a rule's inspection prelude (server side) leaves to do.
-    pub async fn run(pair: Pair, progress: &Progress, handover: Handover) -> RelayEnd {
+    pub async fn run(
+        pair: Pair,
+        progress: &Progress,
+        handover: Handover,
+        rates: [Option<u64>; 2],
+    ) -> RelayEnd {
         let Pair {
             client,
             upstream,
@@ -96,7 +106,7 @@ impl TunnelRelay {
             Side::Client => (client, upstream),
             Side::Upstream => (upstream, client),
         };
-        stream::run(local, data, link, progress, handover).await
+        stream::run(local, data, link, progress, handover, rates).await
     }
 }
 
@@ -106,7 +116,7 @@ impl Relay for TunnelRelay {
     }
 
     fn relay<'a>(&'a self, pair: Pair, progress: Arc<Progress>) -> RelayFuture<'a> {
-        Box::pin(async move { Self::run(pair, &progress, Handover::default()).await })
+        Box::pin(async move { Self::run(pair, &progress, Handover::default(), self.rates).await })
     }
 
     fn relay_after_prelude<'a>(
@@ -116,6 +126,6 @@ impl Relay for TunnelRelay {
         handover: Handover,
     ) -> RelayFuture<'a> {
         debug_assert!(handover.rewriters.is_none(), "rewrite: refused by check");
-        Box::pin(async move { Self::run(pair, &progress, handover).await })
+        Box::pin(async move { Self::run(pair, &progress, handover, self.rates).await })
     }
 }

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use super::proto::{read_frame, write_frame, Frame};
 use crate::inspect::dump::Dump;
+use crate::relay::pace::Bucket;
 use crate::relay::splice::{
     fill_from, into_empty_pipe, past_urgent_mark, show, socket_error, splice, Fill, Pipe, Sender,
 };
@@ -391,9 +392,17 @@ pub async fn run(
     link: Box<Link>,
     progress: &Progress,
     handover: Handover,
+    rates: [Option<u64>; 2],
 ) -> RelayEnd {
     progress.enter(Hop::Splice);
     let side = link.local_side;
+    // [from local, to local]: on the server local is the visitor, whose bytes go to
+    // the upstream (rates[0], upload_rate).
+    let pace = match side {
+        Side::Client => rates,
+        Side::Upstream => [rates[1], rates[0]],
+    }
+    .map(|r| r.map(Bucket::new));
     let far = match side {
         Side::Client => Side::Upstream,
         Side::Upstream => Side::Client,
@@ -416,7 +425,7 @@ pub async fn run(
             return RelayEnd::Failed { side, error };
         }
     };
-    let mut engine = match Engine::new(link, side, handover, pipes) {
+    let mut engine = match Engine::new(link, side, handover, pipes, pace) {
         Ok(e) => e,
         Err(error) => {
             reset_on_close(&first);
@@ -543,6 +552,9 @@ struct Engine {
     dump: Option<Box<Dump>>,
     /// Events that came during the prelude, taken before any new one.
     early: std::vec::IntoIter<Event>,
+    /// The rule's rates, `[from local, to local]`: a paced direction reads no more than
+    /// its bucket allows, and waits on the bucket, not on the socket, when it is empty.
+    pace: [Option<Bucket>; 2],
 }
 
 impl Engine {
@@ -553,6 +565,7 @@ impl Engine {
         side: Side,
         handover: Handover,
         pipes: Pipes,
+        pace: [Option<Bucket>; 2],
     ) -> io::Result<Engine> {
         let passed = handover.passed.map(|p| *p).unwrap_or_default();
         if passed.received > 0 {
@@ -604,6 +617,7 @@ impl Engine {
             side,
             dump: handover.dump,
             early: passed.events.into_iter(),
+            pace,
         })
     }
 
@@ -720,7 +734,7 @@ impl Engine {
                     return Poll::Ready(Woke::Event(ev));
                 }
                 let mut io = false;
-                if out_reads && !capped {
+                if out_reads && !capped && paced_ready(&mut self.pace[0], cx) {
                     match local.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => io = true,
                         Poll::Ready(Err(e)) => return Poll::Ready(Woke::Local(e)),
@@ -741,7 +755,8 @@ impl Engine {
                     return Poll::Ready(Woke::Local(e));
                 }
                 if let Some(d) = &data {
-                    let read = in_reads.then(|| d.poll_read_ready(cx));
+                    let read = (in_reads && paced_ready(&mut self.pace[1], cx))
+                        .then(|| d.poll_read_ready(cx));
                     let write = out_sends.then(|| d.poll_write_ready(cx));
                     for r in [read, write].into_iter().flatten() {
                         match r {
@@ -944,10 +959,16 @@ impl Engine {
         if o.in_pipe == 0 {
             o.read_blocked = false;
         }
-        let room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
+        let mut room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
         if o.eof || o.read_blocked || room == 0 || RETAINED.load(Ordering::Relaxed) >= RETAINED_CAP
         {
             return Ok(false);
+        }
+        if let Some(b) = &mut self.pace[0] {
+            room = room.min(b.allowance());
+            if room == 0 {
+                return Ok(false);
+            }
         }
         let d = dump_direction(self.side, true);
         let (p, in_pipe) = (&self.out.pipe, self.out.in_pipe);
@@ -1002,6 +1023,9 @@ impl Engine {
         };
         o.read += n as u64;
         o.in_pipe += n;
+        if let Some(b) = &mut self.pace[0] {
+            b.spend(n);
+        }
         RETAINED.fetch_add(n as u64, Ordering::Relaxed);
         counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
         Ok(true)
@@ -1021,8 +1045,13 @@ impl Engine {
         let Some(d) = data else {
             return Ok((moved, quiet));
         };
-        if !self.inn.read_blocked && self.inn.in_pipe < self.inn.pipe.size {
-            let room = self.inn.pipe.size - self.inn.in_pipe;
+        let mut room = self.inn.pipe.size - self.inn.in_pipe;
+        if let Some(b) = &mut self.pace[1] {
+            room = room.min(b.allowance());
+            // Held by the rate, not by the peer: as good a moment to acknowledge.
+            quiet |= room == 0;
+        }
+        if !self.inn.read_blocked && room > 0 {
             let dir = dump_direction(self.side, false);
             let (p, in_pipe) = (&self.inn.pipe, self.inn.in_pipe);
             let filled = read_shown(
@@ -1044,6 +1073,9 @@ impl Engine {
                 Ok(Fill::Bytes { n, drained }) => {
                     i.received += n as u64;
                     i.in_pipe += n;
+                    if let Some(b) = &mut self.pace[1] {
+                        b.spend(n);
+                    }
                     moved = true;
                     quiet |= drained;
                     // The agent has the stream: its `Open` is not needed again.
@@ -1313,6 +1345,14 @@ fn read_shown(
 
 /// Resolves when the link generation changes after what `gen` has seen (a clone, so
 /// `gen` itself stays free to read).
+/// Whether a direction's bucket (if paced) allows a read now; if not, its timer wakes
+/// the stream when it does.
+fn paced_ready(bucket: &mut Option<Bucket>, cx: &mut std::task::Context<'_>) -> bool {
+    bucket
+        .as_mut()
+        .is_none_or(|b| b.poll_allowance(cx).is_ready())
+}
+
 fn watch_link(gen: &watch::Receiver<u64>) -> LinkWatch {
     let mut gen = gen.clone();
     Box::pin(async move { gen.changed().await })
