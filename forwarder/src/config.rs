@@ -1612,17 +1612,11 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
     }
     let rates = [s.upload_rate, s.download_rate].map(|r| r.filter(|&r| r > 0));
     for (key, rate) in ["upload_rate", "download_rate"].iter().zip(rates) {
-        // Tunnel streams run on splice whatever the mode, and pace as it does.
-        let why = if rate.is_none() || upstreams[0].addr.starts_with(AGENT_PREFIX) {
-            continue;
-        } else if mode == Mode::Ebpf {
-            PACED_WHY
-        } else if !rewrite.is_empty() {
-            "the copy path of `rewrite` does not pace bytes (yet)"
-        } else {
-            continue;
-        };
-        return Err(err(format!("{}: {why}", at(key))));
+        // Tunnel streams run on splice whatever the mode, and pace as it does; a rule
+        // that rewrites in mode ebpf is refused above.
+        if rate.is_some() && mode == Mode::Ebpf && !upstreams[0].addr.starts_with(AGENT_PREFIX) {
+            return Err(err(format!("{}: {PACED_WHY}", at(key))));
+        }
     }
     let http_auth = match &s.http_auth {
         None => None,
@@ -2865,16 +2859,21 @@ mod tests {
         assert!(c.rules[0].paced());
         assert!(!Config::from_toml(&rule("")).unwrap().rules[0].paced());
         for (keys, needles) in [
-            ("mode = \"ebpf\"\ndownload_rate = 1000", &["`rule[0].download_rate`", "cannot pace"][..]),
             (
-                "upload_rate = 1000\nrewrite = [{ direction = \"to_upstream\", match = \"a\", replace = \"b\" }]",
-                &["`rule[0].upload_rate`", "rewrite"],
+                "mode = \"ebpf\"\ndownload_rate = 1000",
+                &["`rule[0].download_rate`", "cannot pace"][..],
             ),
             ("upload_rate = -1", &["upload_rate"]),
         ] {
             let e = error_of(&rule(keys));
             assert!(needles.iter().all(|n| e.contains(n)), "{keys}: {e}");
         }
+        // A rule that rewrites paces its copy path.
+        let c = Config::from_toml(&rule(
+            "upload_rate = 1000\nrewrite = [{ direction = \"to_upstream\", match = \"a\", replace = \"b\" }]",
+        ))
+        .unwrap();
+        assert_eq!(c.rules[0].rates, [Some(1000), None]);
         // An agent: rule paces its tunnel streams, which run on splice in any mode,
         // also under --mode ebpf.
         for mode in ["auto", "ebpf"] {

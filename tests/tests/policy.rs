@@ -827,7 +827,8 @@ fn down_then_up(fwd: SocketAddr, p: Payload) -> [Duration; 2] {
 
 /// `download_rate` and `upload_rate` (nginx's proxy_download_rate/proxy_upload_rate):
 /// after a second's worth at once, a direction moves at its rate and the other is not
-/// held back; `auto` runs a paced rule on splice, which paces.
+/// held back, on splice and on a rewrite rule's copy path; `auto` runs a paced rule on
+/// splice, which paces.
 #[test]
 fn rates_pace_each_direction() {
     const RATE: u64 = 1024 * 1024;
@@ -836,18 +837,28 @@ fn rates_pace_each_direction() {
     // The first second's worth goes at once: the other two take two seconds, less the
     // read's quantum the bucket waits for (a fiftieth of a second).
     let paced = Duration::from_millis(1900);
-    // The last also after an inspection prelude (a pattern the first byte rules out).
+    // The third also after an inspection prelude (a pattern the first byte rules out),
+    // the last on a rewrite rule's copy path (a match the payload never has), each way.
+    let never =
+        "rewrite = [{ direction = \"to_client\", match = 'never-in-a-payload', replace = \"x\" }]";
     for (key, d, extra) in [
         ("download_rate", 0, ""),
         ("upload_rate", 1, ""),
         ("download_rate", 0, "deny_pattern = ['^X']"),
+        ("download_rate", 0, never),
+        ("upload_rate", 1, never),
     ] {
         let fwd = local(
             Mode::Splice,
             &format!("upstream = \"{}\"\n{key} = {RATE}\n{extra}", up.addr()),
         );
-        // The prelude reads (at most) its window of the upload through our memory.
-        fwd.expect_userspace_at_most(if extra.is_empty() { 0 } else { 4096 });
+        // The prelude reads (at most) its window of the upload through our memory; the
+        // copy path reads everything there.
+        fwd.expect_userspace_at_most(match extra {
+            "" => 0,
+            e if e == never => 8 * RATE,
+            _ => 4096,
+        });
         let times = down_then_up(fwd.addr(), p);
         eprintln!("{key}: down {:?}, up {:?}", times[0], times[1]);
         assert!(

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncWriteExt;
 
+use super::pace::Bucket;
 use super::{
     reset_both_on_close, Handover, Hop, Pair, Progress, Relay, RelayEnd, RelayFuture, Side,
 };
@@ -24,6 +25,9 @@ impl CopyRelay {
         CopyRelay { rule: rule.clone() }
     }
 }
+
+/// Read at most this much at once (and hold no more than it in our memory).
+const READ_MAX: usize = 64 * 1024;
 
 impl Relay for CopyRelay {
     /// Splice mode's userspace variant, as the rule's startup line says it (issues 2
@@ -57,6 +61,7 @@ impl Relay for CopyRelay {
                 mut upstream,
                 ..
             } = pair;
+            let [up_rate, down_rate] = self.rule.rates.map(|r| r.map(Bucket::new));
             let result = {
                 let (cr, cw) = client.split();
                 let (ur, uw) = upstream.split();
@@ -64,7 +69,7 @@ impl Relay for CopyRelay {
                     cr,
                     uw,
                     [Side::Client, Side::Upstream],
-                    to_upstream,
+                    (to_upstream, up_rate),
                     (&dump, 0),
                     &progress.to_upstream,
                     &progress,
@@ -73,7 +78,7 @@ impl Relay for CopyRelay {
                     ur,
                     cw,
                     [Side::Upstream, Side::Client],
-                    to_client,
+                    (to_client, down_rate),
                     (&dump, 1),
                     &progress.to_client,
                     &progress,
@@ -91,13 +96,14 @@ impl Relay for CopyRelay {
     }
 }
 
-/// One direction until EOF, which it passes on (after the rewriter's tail). `dump`:
-/// the connection's dump (shared by both directions) and this direction's index in it.
+/// One direction until EOF, which it passes on (after the rewriter's tail), reading no
+/// more than its rate's bucket allows (`upload_rate`, `download_rate`). `dump`: the
+/// connection's dump (shared by both directions) and this direction's index in it.
 async fn pump(
     src: tokio::net::tcp::ReadHalf<'_>,
     mut dst: tokio::net::tcp::WriteHalf<'_>,
     [src_side, dst_side]: [Side; 2],
-    mut rewriter: Rewriter,
+    (mut rewriter, mut bucket): (Rewriter, Option<Bucket>),
     (dump, d): (&Mutex<Option<Box<Dump>>>, usize),
     counter: &AtomicU64,
     progress: &Progress,
@@ -110,6 +116,14 @@ async fn pump(
     let mut showing = true;
     loop {
         progress.hold(Progress::held_by_rewriter(d), rewriter.holding());
+        // A paced direction waits for its bucket first (at most a fiftieth of a second
+        // once it has a read's worth, so a held match's flush is put off no longer).
+        let want = match &mut bucket {
+            Some(b) => std::future::poll_fn(|cx| b.poll_allowance(cx))
+                .await
+                .min(READ_MAX),
+            None => READ_MAX,
+        };
         // Wait for bytes holding no buffer, so an idle pair holds none (a 64 KiB one
         // kept across the wait cost 15 KB of RSS per idle pair, the pages bytes had
         // touched). A held beginning of a match waits a while for the rest, not
@@ -125,9 +139,14 @@ async fn pump(
             None => (None, rewriter.flush().into()),
             Some(r) => {
                 r.map_err(|e| (src_side, e))?;
-                buf.reserve_exact(64 * 1024);
+                buf.reserve_exact(want);
                 let n = match src.try_read_buf(&mut buf) {
-                    Ok(n) => n,
+                    Ok(n) => {
+                        if let Some(b) = &mut bucket {
+                            b.spend(n);
+                        }
+                        n
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err((src_side, e)),
                 };
