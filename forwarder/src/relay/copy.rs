@@ -116,8 +116,9 @@ async fn pump(
     let mut showing = true;
     loop {
         progress.hold(Progress::held_by_rewriter(d), rewriter.holding());
-        // A paced direction waits for its bucket first (at most a fiftieth of a second
-        // once it has a read's worth, so a held match's flush is put off no longer).
+        // A paced direction waits for its bucket first: until it holds a read's worth
+        // (a fiftieth of a second's bytes, or one byte below 50 B/s), which also puts
+        // off a held match's flush by at most that long.
         let want = match &mut bucket {
             Some(b) => std::future::poll_fn(|cx| b.poll_allowance(cx))
                 .await

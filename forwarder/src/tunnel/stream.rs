@@ -1343,8 +1343,6 @@ fn read_shown(
     }
 }
 
-/// Resolves when the link generation changes after what `gen` has seen (a clone, so
-/// `gen` itself stays free to read).
 /// Whether a direction's bucket (if paced) allows a read now; if not, its timer wakes
 /// the stream when it does.
 fn paced_ready(bucket: &mut Option<Bucket>, cx: &mut std::task::Context<'_>) -> bool {
@@ -1353,6 +1351,8 @@ fn paced_ready(bucket: &mut Option<Bucket>, cx: &mut std::task::Context<'_>) -> 
         .is_none_or(|b| b.poll_allowance(cx).is_ready())
 }
 
+/// Resolves when the link generation changes after what `gen` has seen (a clone, so
+/// `gen` itself stays free to read).
 fn watch_link(gen: &watch::Receiver<u64>) -> LinkWatch {
     let mut gen = gen.clone();
     Box::pin(async move { gen.changed().await })
