@@ -1286,9 +1286,16 @@ fn resume_after_with(mode: Mode, fault: Fault, server_keys: &str) {
                 .is_empty()
     });
     if !all_done || Instant::now() >= finish_by {
+        // Which streams stalled (bulk or chat, by the seed of what the visitor sends).
+        let unfinished: Vec<String> = visitors
+            .iter()
+            .filter(|(_, h)| !h.is_finished())
+            .map(|(j, _)| format!("{} seed {}", j.op as char, j.up.seed))
+            .collect();
         panic!(
             "transfers unfinished {:.0?} after the link resumed: visitors received {} of {} \
-             bytes, the target {} of {}; server link events: {:#?}\nagent link events: {:#?}",
+             bytes, the target {} of {}; still running: {unfinished:?}; server link events: \
+             {:#?}\nagent link events: {:#?}",
             resumed_at.elapsed(),
             down_seen.load(Ordering::SeqCst),
             total,
