@@ -53,7 +53,12 @@ impl Bucket {
     /// How many bytes the direction may read now: the tokens once they make a read's
     /// worth, else 0 (for a caller that polls [`Bucket::poll_allowance`] when it waits).
     pub(crate) fn allowance(&mut self) -> usize {
-        self.refill(tokio::time::Instant::now());
+        self.allowance_at(tokio::time::Instant::now())
+    }
+
+    /// [`Bucket::allowance`] at `now`.
+    fn allowance_at(&mut self, now: tokio::time::Instant) -> usize {
+        self.refill(now);
         if self.tokens >= self.quantum() {
             self.tokens as usize
         } else {
@@ -65,12 +70,12 @@ impl Bucket {
     pub(crate) fn poll_allowance(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
         loop {
             let now = tokio::time::Instant::now();
-            self.refill(now);
-            let quantum = self.quantum();
-            if self.tokens >= quantum {
-                return Poll::Ready(self.tokens as usize);
+            match self.allowance_at(now) {
+                0 => {}
+                n => return Poll::Ready(n),
             }
-            let nanos = u128::from(quantum - self.tokens) * 1_000_000_000 / u128::from(self.rate);
+            let nanos =
+                u128::from(self.quantum() - self.tokens) * 1_000_000_000 / u128::from(self.rate);
             let wait = std::time::Duration::from_nanos(nanos as u64 + 1);
             self.sleep.as_mut().reset(now + wait);
             ready!(self.sleep.as_mut().poll(cx));

@@ -83,7 +83,6 @@ pub struct Streams {
 /// kernel path cannot keep the bytes a lost link may need again.
 /// `rates`: a rule's `upload_rate` and `download_rate`, `[to_upstream, to_client]`
 /// (as [`crate::relay::splice::SpliceRelay`]'s); the agent's streams are unpaced.
-#[derive(Default)]
 pub struct TunnelRelay {
     pub rates: [Option<u64>; 2],
 }
