@@ -197,6 +197,8 @@ struct FileService {
     connect_from: Option<String>,
     #[serde(default, with = "bounded_duration")]
     tcp_keepalive: Option<Duration>,
+    upload_rate: Option<u64>,
+    download_rate: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -533,6 +535,10 @@ pub struct Service {
     pub connect_from: Option<IpAddr>,
     /// TCP keepalive on target connections (as a rule's), `None` = off.
     pub tcp_keepalive: Option<Duration>,
+    /// Bytes per second, `[upload_rate, download_rate]` as a rule's: toward the target
+    /// and toward the visitor; `None` = unpaced. The agent paces its own reads (frp's
+    /// client-side `bandwidthLimit`), whatever the server's rule says.
+    pub rates: [Option<u64>; 2],
 }
 
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(90);
@@ -916,6 +922,8 @@ impl Config {
                 target: target.into(),
                 connect_from: None,
                 tcp_keepalive: None,
+                upload_rate: None,
+                download_rate: None,
             });
         }
         let (token_file, token) = token.keys();
@@ -1294,6 +1302,7 @@ fn validate_agent(
             target: s.target.clone(),
             connect_from,
             tcp_keepalive,
+            rates: [s.upload_rate, s.download_rate].map(|r| r.filter(|&r| r > 0)),
         });
     }
     let mut sorted: Vec<String> = list
@@ -3014,6 +3023,11 @@ mod tests {
                 "target = \"127.0.0.1:3000\"\ntcp_keepalive = \"40000s\"",
                 "service[0].tcp_keepalive",
             ),
+            (
+                "target = \"127.0.0.1:3000\"",
+                "target = \"127.0.0.1:3000\"\nupload_rate = -1",
+                "service[0].upload_rate",
+            ),
         ];
         for (from, to, key) in cases {
             let text = TUNNEL.replacen(from, to, 1);
@@ -3022,13 +3036,15 @@ mod tests {
         }
         let shaped = TUNNEL.replacen(
             "target = \"127.0.0.1:3000\"",
-            "target = \"127.0.0.1:3000\"\nconnect_from = \"127.0.0.7\"\ntcp_keepalive = \"1m\"",
+            "target = \"127.0.0.1:3000\"\nconnect_from = \"127.0.0.7\"\ntcp_keepalive = \"1m\"\n\
+             upload_rate = 1000\ndownload_rate = 0",
             1,
         );
         let c = Config::from_toml(&shaped).unwrap();
         let service = &c.agent.unwrap().services[0];
         assert_eq!(service.connect_from, Some(IpAddr::from([127, 0, 0, 7])));
         assert_eq!(service.tcp_keepalive, Some(Duration::from_secs(60)));
+        assert_eq!(service.rates, [Some(1000), None], "0 is unpaced");
         // agent: needs a tunnel server to be served from.
         let no_server = &TUNNEL[TUNNEL.find("[[rule]]").unwrap()..];
         let e = Config::from_toml(no_server).unwrap_err().0;

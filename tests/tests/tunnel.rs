@@ -623,9 +623,19 @@ fn server_toml(tunnel_listen: &str, token: &Path, server_extra: &str, rule_extra
 
 /// The private side's config: `[agent]` and service `web`.
 fn agent_toml(server: SocketAddr, token: &Path, target: SocketAddr) -> String {
+    agent_toml_with(server, token, target, "")
+}
+
+/// `agent_toml` with these extra keys in its `[[service]]`.
+fn agent_toml_with(
+    server: SocketAddr,
+    token: &Path,
+    target: SocketAddr,
+    service_extra: &str,
+) -> String {
     format!(
         "[agent]\nserver = \"{server}\"\ntoken_file = \"{}\"\n\n\
-         [[service]]\nname = \"web\"\ntarget = \"{target}\"\n",
+         [[service]]\nname = \"web\"\ntarget = \"{target}\"\n{service_extra}\n",
         token.display()
     )
 }
@@ -799,8 +809,22 @@ fn agent_cli(server: SocketAddr, target: SocketAddr, token: Token, ns: Option<&N
 
 /// `forwarder run -c FILE` with `[agent]` and `[[service]]`, inside `ns` if given.
 fn agent_config(server: SocketAddr, target: SocketAddr, token: &Path, ns: Option<&NetNs>) -> Proc {
+    agent_config_with(server, target, token, ns, "")
+}
+
+/// `agent_config` with these extra keys in its `[[service]]`.
+fn agent_config_with(
+    server: SocketAddr,
+    target: SocketAddr,
+    token: &Path,
+    ns: Option<&NetNs>,
+    service_extra: &str,
+) -> Proc {
     let dir = TempDir::new("tunnel-agent");
-    let path = dir.write("agent.toml", &agent_toml(server, token, target));
+    let path = dir.write(
+        "agent.toml",
+        &agent_toml_with(server, token, target, service_extra),
+    );
     let mut args = osv(&["run", "-c"]);
     args.push(path.into());
     Proc::spawn("agent", &args, ns, &[], Some(dir))
@@ -2039,16 +2063,27 @@ relay_tests! {
     /// `download_rate` and `upload_rate` on an `agent:` rule pace its tunnel streams as
     /// they pace a splice pair (nginx's proxy_download_rate/proxy_upload_rate): a
     /// second's worth at once, then the rate, each direction alone, every byte exact.
+    /// The same keys on the agent's `[[service]]` pace them there (frp's client-side
+    /// bandwidthLimit), with the server's rule unpaced.
     fn rates_pace_tunnel_streams(mode) {
         let _load = light();
         const RATE: u64 = MIB;
         // 3 MiB: the first second's worth at once, the other two take two seconds, less
         // the read's quantum the bucket waits for (a fiftieth of a second).
         let paced = ms(1900);
-        for (key, d) in [("download_rate", 0), ("upload_rate", 1)] {
+        let cases = [("download_rate", 0), ("upload_rate", 1)]
+            .into_iter()
+            .flat_map(|(key, d)| [(key, d, "rule"), (key, d, "service")]);
+        for (key, d, on) in cases {
+            let keys = format!("{key} = {RATE}");
+            let (rule_keys, service_keys) = match on {
+                "rule" => (keys.as_str(), ""),
+                _ => ("", keys.as_str()),
+            };
+            let key = format!("{on} {key}");
             let dir = TempDir::new("tunnel");
-            let (token, target, server) = on_loopback(mode, &dir, "", &format!("{key} = {RATE}"));
-            let agent = agent_config(server.tunnel, target.addr(), &token, None);
+            let (token, target, server) = on_loopback(mode, &dir, "", rule_keys);
+            let agent = agent_config_with(server.tunnel, target.addr(), &token, None, service_keys);
             wait_connected(&server, &agent, 1);
             let download = Job::new(DOWNLOAD_FIRST, Payload::new(90, 4 * KIB), Payload::new(91, 3 * RATE));
             let upload = Job::new(UPLOAD_FIRST, Payload::new(92, 3 * RATE), Payload::new(93, 4 * KIB));
@@ -2061,14 +2096,16 @@ relay_tests! {
                 if let Some(a) = out.answer {
                     assert_eq!(a, Digested::of(&job.up), "{key}: the target's answer");
                 }
-                assert_got(&target.report(secs(10)).seen, &job.up, key);
+                assert_got(&target.report(secs(10)).seen, &job.up, &key);
             }
             eprintln!("{key}: down {:?}, up {:?}", times[0], times[1]);
             assert!(times[d] >= paced, "{key}: 3 MiB at 1 MiB/s took {:?}", times[d]);
             assert!(times[d] < secs(10), "{key}: {:?}", times[d]);
             assert!(times[1 - d] * 2 < times[d], "{key}: the other direction was held back: {times:?}");
-            for l in server.p.wait_close_lines(2, secs(5)) {
-                assert_eq!(field(&l, "end"), Some("closed"), "{key}: {l}");
+            for p in [&server.p, &agent] {
+                for l in p.wait_close_lines(2, secs(5)) {
+                    assert_eq!(field(&l, "end"), Some("closed"), "{key}: {l}");
+                }
             }
         }
     }

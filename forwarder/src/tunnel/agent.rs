@@ -573,6 +573,7 @@ async fn serve_stream(
     let target = offered.map(|s| s.target.clone());
     // Set as a rule's are on its upstream connections.
     let (from, keepalive) = offered.map_or((None, None), |s| (s.connect_from, s.tcp_keepalive));
+    let rates = offered.map_or([None; 2], |s| s.rates);
     let visitor_addr: SocketAddr = visitor.parse().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
     // Counted in the service's metrics like a rule's pair (an unknown service, which
     // is refused, has none).
@@ -664,13 +665,14 @@ async fn serve_stream(
         upstream: local,
         tunnel: Some(Box::new(link)),
     };
-    // Run to its end, or reset when the shutdown grace period is over (the server's
-    // rule has the limits).
+    // Run to its end, paced by the service's own rates (the server's rule paces on
+    // its side too: the slower wins), or reset when the shutdown grace period is over
+    // (the server's rule has the limits).
     let relay = Box::pin(super::TunnelRelay::run(
         pair,
         &progress,
         Default::default(),
-        [None; 2],
+        rates,
     ));
     let end = match relay_bounded(relay, &progress, Limits::NONE, &session.abort, None).await {
         Ok(end) => end_text(&end),

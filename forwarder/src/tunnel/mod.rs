@@ -82,7 +82,7 @@ pub struct Streams {
 /// (`stream`). A rule with an `agent:` upstream uses it whatever its `mode`: the
 /// kernel path cannot keep the bytes a lost link may need again.
 /// `rates`: a rule's `upload_rate` and `download_rate`, `[to_upstream, to_client]`
-/// (as [`crate::relay::splice::SpliceRelay`]'s); the agent's streams are unpaced.
+/// (as [`crate::relay::splice::SpliceRelay`]'s); on the agent, its `[[service]]`'s.
 pub struct TunnelRelay {
     pub rates: [Option<u64>; 2],
 }

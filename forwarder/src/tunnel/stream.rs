@@ -397,7 +397,8 @@ pub async fn run(
     progress.enter(Hop::Splice);
     let side = link.local_side;
     // [from local, to local]: on the server local is the visitor, whose bytes go to
-    // the upstream (rates[0], upload_rate).
+    // the upstream (rates[0], upload_rate); on the agent local is the target, whose
+    // bytes go to the visitor (rates[1], download_rate).
     let pace = match side {
         Side::Client => rates,
         Side::Upstream => [rates[1], rates[0]],
@@ -552,8 +553,9 @@ struct Engine {
     dump: Option<Box<Dump>>,
     /// Events that came during the prelude, taken before any new one.
     early: std::vec::IntoIter<Event>,
-    /// The rule's rates, `[from local, to local]`: a paced direction reads no more than
-    /// its bucket allows, and waits on the bucket, not on the socket, when it is empty.
+    /// The rule's (server) or service's (agent) rates, `[from local, to local]`: a
+    /// paced direction reads no more than its bucket allows, and waits on the bucket,
+    /// not on the socket, when it is empty.
     pace: [Option<Bucket>; 2],
 }
 
