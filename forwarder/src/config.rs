@@ -680,22 +680,19 @@ pub struct Inspect {
 #[derive(Clone)]
 pub struct Rewrite {
     pub direction: Direction,
-    pub pattern: regex::bytes::Regex,
-    pub replace: Vec<u8>,
-    /// The same pattern as the lazy DFA that finds where a match could still begin
-    /// (`inspect::lazy_dfa`): built once, when the config is checked, and cloned for
-    /// each connection (its cache is the connection's own).
-    pub dfa: regex_automata::hybrid::dfa::DFA,
+    /// Pattern and replacement, compiled once when the config is checked and shared by
+    /// every pair of the rule.
+    pub compiled: std::sync::Arc<crate::inspect::rewrite::Compiled>,
 }
 
-/// The settings only (the DFA is made from `pattern`): `Rule::same_settings` compares
+/// The settings only (the DFA is made from the pattern): `Rule::same_settings` compares
 /// this text.
 impl fmt::Debug for Rewrite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rewrite")
             .field("direction", &self.direction)
-            .field("pattern", &self.pattern)
-            .field("replace", &self.replace)
+            .field("pattern", &self.compiled.re)
+            .field("replace", &self.compiled.replace)
             .finish()
     }
 }
@@ -1607,9 +1604,11 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         }
         rewrite.push(Rewrite {
             direction: r.direction,
-            pattern,
-            replace: r.replace.into_bytes(),
-            dfa,
+            compiled: std::sync::Arc::new(crate::inspect::rewrite::Compiled::new(
+                pattern,
+                dfa,
+                r.replace.into_bytes(),
+            )),
         });
     }
     if !rewrite.is_empty() && mode == Mode::Ebpf {

@@ -142,7 +142,9 @@ impl Relay for InspectRelay {
             if tell.is_some() {
                 reset_on_close(&pair.client);
             }
-            let prelude = self.prelude(&mut pair, &progress).await;
+            // Boxed, so that what the prelude needs is freed when it ends: a pair that
+            // goes on for hours holds only this block's state and its relay's.
+            let prelude = Box::pin(self.prelude(&mut pair, &progress)).await;
             progress.hold(Progress::HELD_BY_PRELUDE, false);
             match prelude {
                 Ok(handover) => {
@@ -163,7 +165,9 @@ impl Relay for InspectRelay {
 /// Where the prelude stands.
 struct Prelude<'a> {
     dump: Option<Dump>,
-    scanner: Option<deny::Scanner<'a>>,
+    /// Boxed: its lazy DFA's cache is most of a prelude's size, and it is dropped once
+    /// the patterns have decided, which is soon for most pairs (idle ones included).
+    scanner: Option<Box<deny::Scanner<'a>>>,
     auth_pending: bool,
     /// Client bytes read but not yet passed on (a check is undecided).
     held: Vec<u8>,
@@ -329,10 +333,12 @@ impl InspectRelay {
         });
         let mut p = Prelude {
             dump,
-            scanner: self.deny.as_ref().map(|d| match rule.http_auth {
-                // The whole request waits for the credentials: nothing to free early.
-                Some(_) => d.scanner().holding_all(),
-                None => d.scanner(),
+            scanner: self.deny.as_ref().map(|d| {
+                Box::new(match rule.http_auth {
+                    // The whole request waits for the credentials: nothing to free early.
+                    Some(_) => d.scanner().holding_all(),
+                    None => d.scanner(),
+                })
             }),
             auth_pending: rule.http_auth.is_some(),
             held: Vec::new(),
@@ -749,12 +755,52 @@ async fn unauthorized(pair: &mut Pair, why: &'static str) -> RelayEnd {
     let _ = pair.client.write_all(auth::UNAUTHORIZED).await;
     let _ = pair.client.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would sit in every pair's prelude future (4 KiB
+        // of each idle inspected pair) for an answer most pairs never give.
+        let mut sink = vec![0u8; 4096];
         while matches!(pair.client.read(&mut sink).await, Ok(n) if n > 0) {}
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     RelayEnd::Refused {
         reason: "http_auth",
         detail: why.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::relay::splice::SpliceRelay;
+
+    /// What an inspected pair holds for its whole life is the relay's outer block; the
+    /// prelude's state is boxed apart and freed when the checks end. A buffer in a
+    /// rarely taken branch (a 4 KiB drain array once) would sit in every pair's.
+    #[tokio::test]
+    async fn an_inspected_pair_holds_little_before_and_after_its_prelude() {
+        let toml = "[[rule]]\nname = \"t\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:9\"\n\
+                    inspect = { bytes = 64, format = \"text\", to = \"log\" }\n\
+                    deny_pattern = ['^SSH-']\nhttp_auth = { header = \"X-Token\", token = \"t\" }\n";
+        let rule = Config::from_toml(toml).unwrap().rules.remove(0);
+        let relay = InspectRelay::new(&rule, Arc::new(SpliceRelay::default())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (upstream, _) = listener.accept().await.unwrap();
+        let mut pair = Pair {
+            client,
+            upstream,
+            tunnel: None,
+        };
+        let progress = Arc::new(Progress::default());
+        let prelude = std::mem::size_of_val(&relay.prelude(&mut pair, &progress));
+        assert!(prelude <= 1280, "the prelude's future is {prelude} bytes");
+        let whole = relay.relay(pair, progress);
+        let outer = std::mem::size_of_val(&*whole);
+        assert!(
+            outer <= 256,
+            "an inspected pair's relay future is {outer} bytes"
+        );
     }
 }

@@ -15,6 +15,7 @@
 //! change (`foo$` waits); what goes on without the rest (a flush, or past `max_match`)
 //! is replaced up to its end only if the match stands whatever follows.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use regex::bytes::Regex;
@@ -37,12 +38,45 @@ pub struct Rewriter {
     max_match: usize,
 }
 
-struct Rule {
-    re: Regex,
+/// A `rewrite` entry compiled, shared by every pair of its rule. Nothing of it is a
+/// pair's own: a cloned regex gets a search-cache pool of its own (1.4 KB), and a lazy
+/// DFA with its cache another 1.9 KB, all held by each pair while it idles.
+pub struct Compiled {
+    pub re: Regex,
+    pub replace: Vec<u8>,
     /// The same pattern, for "could a match start here?".
     dfa: DFA,
-    cache: Cache,
-    replace: Vec<u8>,
+    /// The DFA's caches: a step takes one and gives it back (no step waits), so there
+    /// are at most as many as steps at once, one per worker thread, and what one pair
+    /// taught the DFA serves the next.
+    caches: Mutex<Vec<Cache>>,
+}
+
+impl Compiled {
+    pub fn new(re: Regex, dfa: DFA, replace: Vec<u8>) -> Compiled {
+        Compiled {
+            re,
+            replace,
+            dfa,
+            caches: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn take_cache(&self) -> Cache {
+        let spare = self.caches.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        spare.unwrap_or_else(|| self.dfa.create_cache())
+    }
+
+    fn give_back(&self, cache: Cache) {
+        self.caches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cache);
+    }
+}
+
+struct Rule {
+    compiled: Arc<Compiled>,
     /// The last [`LOOK_BEHIND`] bytes passed on (fewer at the stream's start), then
     /// those held back.
     buf: Vec<u8>,
@@ -67,16 +101,10 @@ impl Rewriter {
     pub fn new(rules: &[&Rewrite], max_match: usize) -> Rewriter {
         let rules = rules
             .iter()
-            .map(|r| {
-                let dfa = r.dfa.clone();
-                Rule {
-                    re: r.pattern.clone(),
-                    cache: dfa.create_cache(),
-                    dfa,
-                    replace: r.replace.clone(),
-                    buf: Vec::new(),
-                    passed: 0,
-                }
+            .map(|r| Rule {
+                compiled: r.compiled.clone(),
+                buf: Vec::new(),
+                passed: 0,
             })
             .collect();
         Rewriter { rules, max_match }
@@ -127,9 +155,23 @@ impl Rewriter {
 
 impl Rule {
     fn step(&mut self, max_match: usize, end: End) -> Vec<u8> {
+        let c = self.compiled.clone();
+        let mut cache = c.take_cache();
+        let out = self.step_with(&c, &mut cache, max_match, end);
+        c.give_back(cache);
+        out
+    }
+
+    fn step_with(
+        &mut self,
+        c: &Compiled,
+        cache: &mut Cache,
+        max_match: usize,
+        end: End,
+    ) -> Vec<u8> {
         let len = self.buf.len();
         let commit = match end {
-            End::Open => self.first_possible_start(max_match),
+            End::Open => self.first_possible_start(&c.dfa, cache, max_match),
             End::Cut | End::Eof => len,
         };
         let mut out = Vec::with_capacity(len - self.passed);
@@ -137,7 +179,7 @@ impl Rule {
         // sees (`captures_at`) but never matches again.
         let (mut last, mut at) = (self.passed, self.passed);
         while at <= len {
-            let Some(caps) = self.re.captures_at(&self.buf, at) else {
+            let Some(caps) = c.re.captures_at(&self.buf, at) else {
                 break;
             };
             let m = caps.get(0).expect("group 0 always matches");
@@ -152,12 +194,12 @@ impl Rule {
             // for the stream's, so the match holds only if it needs nothing of it.
             if m.end() == len
                 && end != End::Eof
-                && !stands_whatever_follows(&self.dfa, &mut self.cache, &self.buf, m.start())
+                && !stands_whatever_follows(&c.dfa, cache, &self.buf, m.start())
             {
                 break;
             }
             out.extend_from_slice(&self.buf[last..m.start()]);
-            caps.expand(&self.replace, &mut out);
+            caps.expand(&c.replace, &mut out);
             (last, at) = (m.end(), m.end());
         }
         let keep_from = commit.max(last);
@@ -170,10 +212,10 @@ impl Rule {
     /// The first position (within the last `max_match` bytes) where a match could
     /// begin and still be unfinished, or complete but longer with more bytes; the
     /// end when there is none.
-    fn first_possible_start(&mut self, max_match: usize) -> usize {
+    fn first_possible_start(&self, dfa: &DFA, cache: &mut Cache, max_match: usize) -> usize {
         let len = self.buf.len();
         for i in len.saturating_sub(max_match).max(self.passed)..len {
-            let Some(sid) = walk(&self.dfa, &mut self.cache, &self.buf, i) else {
+            let Some(sid) = walk(dfa, cache, &self.buf, i) else {
                 return i;
             };
             if !sid.is_dead() {
@@ -217,10 +259,27 @@ mod tests {
     fn rule(p: &str, r: &str) -> Rewrite {
         Rewrite {
             direction: Direction::ToUpstream,
-            pattern: crate::inspect::byte_regex(p).unwrap(),
-            replace: r.as_bytes().to_vec(),
-            dfa: crate::inspect::lazy_dfa(&[p]).unwrap(),
+            compiled: Arc::new(Compiled::new(
+                crate::inspect::byte_regex(p).unwrap(),
+                crate::inspect::lazy_dfa(&[p]).unwrap(),
+                r.as_bytes().to_vec(),
+            )),
         }
+    }
+
+    /// Every pair of a rule shares its compiled pattern, and a pair between reads holds
+    /// no DFA cache: the one its step took is back for the next.
+    #[test]
+    fn an_idle_rewriter_holds_no_cache() {
+        let r = rule("secret", "XXXXXX");
+        let mut a = Rewriter::new(&[&r], 64);
+        let mut b = Rewriter::new(&[&r], 64);
+        assert!(Arc::ptr_eq(&a.rules[0].compiled, &r.compiled));
+        assert_eq!(a.push(b"a secr", false), b"a ");
+        assert_eq!(b.push(b"the secret..", false), b"the XXXXXX..");
+        assert_eq!(a.push(b"et..", false), b"XXXXXX..");
+        let spare = r.compiled.caches.lock().unwrap().len();
+        assert_eq!(spare, 1, "one cache, taken and given back by each step");
     }
 
     /// The stream in `pieces` through `rules` (EOF after the last), as a relay
@@ -240,7 +299,10 @@ mod tests {
     /// never empty.
     fn whole(rules: &[Rewrite], stream: &[u8]) -> Vec<u8> {
         rules.iter().fold(stream.to_vec(), |s, r| {
-            r.pattern.replace_all(&s, &r.replace[..]).into_owned()
+            r.compiled
+                .re
+                .replace_all(&s, &r.compiled.replace[..])
+                .into_owned()
         })
     }
 
