@@ -15,12 +15,13 @@
 //! change (`foo$` waits); what goes on without the rest (a flush, or past `max_match`)
 //! is replaced up to its end only if the match stands whatever follows.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use regex::bytes::Regex;
 use regex_automata::hybrid::dfa::{Cache, DFA};
 use regex_automata::hybrid::LazyStateID;
+use regex_automata::util::pool::Pool;
 use regex_automata::{Anchored, Input};
 
 use crate::config::{Direction, Rewrite};
@@ -48,35 +49,33 @@ pub struct Compiled {
     dfa: DFA,
     /// The DFA's caches: a step takes one and gives it back (no step waits), so there
     /// are at most as many as steps at once, one per worker thread, and what one pair
-    /// taught the DFA serves the next.
-    caches: Mutex<Vec<Cache>>,
+    /// taught the DFA serves the next. regex's own pool: the first thread to use it
+    /// takes no lock.
+    caches: Pool<Cache, CacheFn>,
 }
+
+type CacheFn = Box<dyn Fn() -> Cache + Send + Sync>;
 
 impl Compiled {
     pub fn new(re: Regex, dfa: DFA, replace: Vec<u8>) -> Compiled {
+        let for_caches = dfa.clone();
         Compiled {
             re,
             replace,
             dfa,
-            caches: Mutex::new(Vec::new()),
+            caches: Pool::new(Box::new(move || for_caches.create_cache())),
         }
-    }
-
-    fn take_cache(&self) -> Cache {
-        let spare = self.caches.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        spare.unwrap_or_else(|| self.dfa.create_cache())
-    }
-
-    fn give_back(&self, cache: Cache) {
-        self.caches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(cache);
     }
 }
 
 struct Rule {
     compiled: Arc<Compiled>,
+    held: Held,
+}
+
+/// A rule's bytes of one stream.
+#[derive(Default)]
+struct Held {
     /// The last [`LOOK_BEHIND`] bytes passed on (fewer at the stream's start), then
     /// those held back.
     buf: Vec<u8>,
@@ -103,8 +102,7 @@ impl Rewriter {
             .iter()
             .map(|r| Rule {
                 compiled: r.compiled.clone(),
-                buf: Vec::new(),
-                passed: 0,
+                held: Held::default(),
             })
             .collect();
         Rewriter { rules, max_match }
@@ -128,7 +126,7 @@ impl Rewriter {
 
     /// Whether bytes are held back waiting to see if they begin a match.
     pub fn holding(&self) -> bool {
-        self.rules.iter().any(|r| r.buf.len() > r.passed)
+        self.rules.iter().any(|r| r.held.buf.len() > r.held.passed)
     }
 
     /// The next bytes of the stream in; what may be passed on out. `eof`: the stream
@@ -146,7 +144,7 @@ impl Rewriter {
     fn run(&mut self, data: &[u8], end: End) -> Vec<u8> {
         let mut out = data.to_vec();
         for rule in &mut self.rules {
-            rule.buf.extend_from_slice(&out);
+            rule.held.buf.extend_from_slice(&out);
             out = rule.step(self.max_match, end);
         }
         out
@@ -155,20 +153,13 @@ impl Rewriter {
 
 impl Rule {
     fn step(&mut self, max_match: usize, end: End) -> Vec<u8> {
-        let c = self.compiled.clone();
-        let mut cache = c.take_cache();
-        let out = self.step_with(&c, &mut cache, max_match, end);
-        c.give_back(cache);
-        out
+        let mut cache = self.compiled.caches.get();
+        self.held.step(&self.compiled, &mut cache, max_match, end)
     }
+}
 
-    fn step_with(
-        &mut self,
-        c: &Compiled,
-        cache: &mut Cache,
-        max_match: usize,
-        end: End,
-    ) -> Vec<u8> {
+impl Held {
+    fn step(&mut self, c: &Compiled, cache: &mut Cache, max_match: usize, end: End) -> Vec<u8> {
         let len = self.buf.len();
         let commit = match end {
             End::Open => self.first_possible_start(&c.dfa, cache, max_match),
@@ -268,18 +259,19 @@ mod tests {
     }
 
     /// Every pair of a rule shares its compiled pattern, and a pair between reads holds
-    /// no DFA cache: the one its step took is back for the next.
+    /// no DFA cache (a step borrows one from the pattern's pool), whichever pair taught
+    /// it what.
     #[test]
     fn an_idle_rewriter_holds_no_cache() {
         let r = rule("secret", "XXXXXX");
         let mut a = Rewriter::new(&[&r], 64);
         let mut b = Rewriter::new(&[&r], 64);
         assert!(Arc::ptr_eq(&a.rules[0].compiled, &r.compiled));
+        // Its Arc and its bytes: no regex, DFA or cache of its own.
+        assert!(std::mem::size_of::<Rule>() <= 40);
         assert_eq!(a.push(b"a secr", false), b"a ");
         assert_eq!(b.push(b"the secret..", false), b"the XXXXXX..");
         assert_eq!(a.push(b"et..", false), b"XXXXXX..");
-        let spare = r.compiled.caches.lock().unwrap().len();
-        assert_eq!(spare, 1, "one cache, taken and given back by each step");
     }
 
     /// The stream in `pieces` through `rules` (EOF after the last), as a relay
