@@ -1007,6 +1007,35 @@ relay_tests! {
         assert_eq!(field(&close, "path"), Some("copy"), "{close}");
     }
 
+    /// A line protocol through a rewrite rule: each line ends one byte after its match
+    /// (`\n`), and no byte could lengthen the match, so the line is final as it comes
+    /// and goes on at once. It used to wait out the hold (1 s) for a next byte that
+    /// a client waiting for its answer never sends. Each echoed line must be back,
+    /// rewritten, well inside that second.
+    fn rewrite_passes_a_line_that_ends_right_after_a_match(mode) {
+        let _load = light();
+        let up = Server::echo();
+        let extra = r#"rewrite = [{ direction = "to_upstream", match = 'hunter2', replace = "*******" }]"#;
+        let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), up.addr(), extra), 1);
+        assert_copy_path_listening(&fwd);
+        // Both lines each way, every byte through userspace (the copy path).
+        fwd.expect_userspace_at_most(2 * 28);
+        let s = TcpStream::connect(fwd.addr()).unwrap();
+        s.set_nodelay(true).unwrap();
+        for line in [&b"PASS hunter2\n"[..], b"USER x hunter2\n"] {
+            let t0 = Instant::now();
+            (&s).write_all(line).unwrap();
+            let back = read_exact_timeout(&s, line.len(), secs(10)).expect("the echoed line");
+            let took = t0.elapsed();
+            let want = String::from_utf8_lossy(line).replace("hunter2", "*******");
+            assert_eq!(String::from_utf8_lossy(&back), want);
+            assert!(took < Duration::from_millis(700), "{want:?} came back after {took:?}: held for the next byte");
+        }
+        drop(s);
+        let close = wait_close(&fwd, "rw", 1);
+        assert_eq!(field(&close, "path"), Some("copy"), "{close}");
+    }
+
     /// A 64 MiB sha256-checked echo through a rewrite rule whose pattern never
     /// matches: on the copy path the upload goes through the rewriter and the download
     /// (no rule that way) is written as it was read. Both arrive exact, the client's

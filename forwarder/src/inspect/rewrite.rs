@@ -209,7 +209,7 @@ impl Held {
             let Some(sid) = walk(dfa, cache, &self.buf, i) else {
                 return i;
             };
-            if !sid.is_dead() {
+            if !sid.is_dead() && !settled(dfa, cache, sid) {
                 return i;
             }
         }
@@ -229,6 +229,15 @@ fn walk(dfa: &DFA, cache: &mut Cache, buf: &[u8], start: usize) -> Option<LazySt
         }
     }
     Some(sid)
+}
+
+/// Whether `sid` is a match that no more bytes can change: a lazy DFA shows a match one
+/// byte late, so a match ending one byte before the end of what there is (a line's `\n`
+/// after it) leaves a match state, which is not dead; when every byte from it leads
+/// nowhere, that match is final and nothing need wait for the next read.
+fn settled(dfa: &DFA, cache: &mut Cache, sid: LazyStateID) -> bool {
+    sid.is_match()
+        && (0..=255u8).all(|b| matches!(dfa.next_state(cache, sid, b), Ok(s) if s.is_dead()))
 }
 
 /// Whether a match from `start` to the end of `buf` is one whatever byte comes next:
@@ -256,6 +265,22 @@ mod tests {
                 r.as_bytes().to_vec(),
             )),
         }
+    }
+
+    /// A match that ends one byte before the read does (a line protocol's `\n` after
+    /// it) is final when no byte could make it longer: it goes on at once, not after
+    /// the hold. One that more bytes could still lengthen waits.
+    #[test]
+    fn a_finished_match_before_the_last_byte_goes_on_at_once() {
+        let r = rule("secret", "XXXXXX");
+        let mut w = Rewriter::new(&[&r], 64);
+        assert_eq!(w.push(b"AUTH secret\n", false), b"AUTH XXXXXX\n");
+        assert!(!w.holding());
+        let r = rule("secret!*", "XXXXXX");
+        let mut w = Rewriter::new(&[&r], 64);
+        assert_eq!(w.push(b"AUTH secret!", false), b"AUTH ");
+        assert!(w.holding());
+        assert_eq!(w.push(b"!.", false), b"XXXXXX.");
     }
 
     /// Every pair of a rule shares its compiled pattern, and a pair between reads holds
