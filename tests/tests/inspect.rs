@@ -1007,22 +1007,22 @@ relay_tests! {
         assert_eq!(field(&close, "path"), Some("copy"), "{close}");
     }
 
-    /// A line protocol through a rewrite rule: each line ends one byte after its match
-    /// (`\n`), and no byte could lengthen the match, so the line is final as it comes
-    /// and goes on at once. It used to wait out the hold (1 s) for a next byte that
-    /// a client waiting for its answer never sends. Each echoed line must be back,
-    /// rewritten, well inside that second.
-    fn rewrite_passes_a_line_that_ends_right_after_a_match(mode) {
+    /// A line protocol through a rewrite rule: two lines end one byte after their match
+    /// (`\n`), a last message ends with it, and no byte could lengthen the match, so
+    /// each is final as it comes and goes on at once. They used to wait out the hold (1 s)
+    /// for a next byte that a client waiting for its answer never sends. Each echoed
+    /// message must be back, rewritten, well inside that second.
+    fn rewrite_passes_a_finished_match_at_once(mode) {
         let _load = light();
         let up = Server::echo();
         let extra = r#"rewrite = [{ direction = "to_upstream", match = 'hunter2', replace = "*******" }]"#;
         let fwd = Forwarder::config(None, &rule("rw", rewrite_mode(mode), up.addr(), extra), 1);
         assert_copy_path_listening(&fwd);
-        // Both lines each way, every byte through userspace (the copy path).
-        fwd.expect_userspace_at_most(2 * 28);
+        // Every message each way, every byte through userspace (the copy path).
+        fwd.expect_userspace_at_most(2 * 35);
         let s = TcpStream::connect(fwd.addr()).unwrap();
         s.set_nodelay(true).unwrap();
-        for line in [&b"PASS hunter2\n"[..], b"USER x hunter2\n"] {
+        for line in [&b"PASS hunter2\n"[..], b"USER x hunter2\n", b"hunter2"] {
             let t0 = Instant::now();
             (&s).write_all(line).unwrap();
             let back = read_exact_timeout(&s, line.len(), secs(10)).expect("the echoed line");

@@ -231,13 +231,35 @@ fn walk(dfa: &DFA, cache: &mut Cache, buf: &[u8], start: usize) -> Option<LazySt
     Some(sid)
 }
 
-/// Whether `sid` is a match that no more bytes can change: a lazy DFA shows a match one
-/// byte late, so a match ending one byte before the end of what there is (a line's `\n`
-/// after it) leaves a match state, which is not dead; when every byte from it leads
-/// nowhere, that match is final and nothing need wait for the next read.
+/// Whether the match from a position is final, `sid` being the anchored DFA's state
+/// after the bytes from there: no byte can lengthen or undo it, so nothing need wait for
+/// the next read. A lazy DFA shows a match one byte late: a match that ended one byte
+/// before the end of what there is (a line's `\n` after it) leaves a match state,
+/// which is not dead, and is final when every byte from it leads nowhere; one that ends
+/// at the very end is final when every next byte shows it and then leads nowhere.
+/// Cautious when the cache is cleared meanwhile (earlier state ids are void then).
 fn settled(dfa: &DFA, cache: &mut Cache, sid: LazyStateID) -> bool {
-    sid.is_match()
-        && (0..=255u8).all(|b| matches!(dfa.next_state(cache, sid, b), Ok(s) if s.is_dead()))
+    let clears = cache.clear_count();
+    let answer = if sid.is_match() {
+        leads_nowhere(dfa, cache, sid)
+    } else {
+        // Most bytes lead to the same state: each distinct one is looked at once.
+        let mut seen: Vec<LazyStateID> = Vec::new();
+        (0..=255u8).all(|b| match dfa.next_state(cache, sid, b) {
+            Ok(s) if seen.contains(&s) => true,
+            Ok(s) if s.is_match() && leads_nowhere(dfa, cache, s) => {
+                seen.push(s);
+                true
+            }
+            _ => false,
+        })
+    };
+    answer && cache.clear_count() == clears
+}
+
+/// Whether every byte from `sid` leads to the dead state.
+fn leads_nowhere(dfa: &DFA, cache: &mut Cache, sid: LazyStateID) -> bool {
+    (0..=255u8).all(|b| matches!(dfa.next_state(cache, sid, b), Ok(s) if s.is_dead()))
 }
 
 /// Whether a match from `start` to the end of `buf` is one whatever byte comes next:
@@ -268,14 +290,27 @@ mod tests {
     }
 
     /// A match that ends one byte before the read does (a line protocol's `\n` after
-    /// it) is final when no byte could make it longer: it goes on at once, not after
-    /// the hold. One that more bytes could still lengthen waits.
+    /// it), or where the read does, is final when no byte could make it longer or undo
+    /// it: it goes on at once, not after the hold. One that more bytes could still
+    /// lengthen, or that needs the next byte to stand (`$`, `\b`), waits.
     #[test]
-    fn a_finished_match_before_the_last_byte_goes_on_at_once() {
+    fn a_finished_match_goes_on_at_once() {
         let r = rule("secret", "XXXXXX");
         let mut w = Rewriter::new(&[&r], 64);
         assert_eq!(w.push(b"AUTH secret\n", false), b"AUTH XXXXXX\n");
         assert!(!w.holding());
+        assert_eq!(w.push(b"AUTH secret", false), b"AUTH XXXXXX");
+        assert!(!w.holding());
+        // `$` is the stream's end only; `\b` holds after "!" but not after "s".
+        for (pattern, then) in [
+            ("secret$", &b"secret!"[..]),
+            ("secret(?-u:\\b)", b"XXXXXX!"),
+        ] {
+            let r = rule(pattern, "XXXXXX");
+            let mut w = Rewriter::new(&[&r], 64);
+            assert_eq!(w.push(b"AUTH secret", false), b"AUTH ", "{pattern}");
+            assert_eq!(w.push(b"!", false), then, "{pattern}");
+        }
         let r = rule("secret!*", "XXXXXX");
         let mut w = Rewriter::new(&[&r], 64);
         assert_eq!(w.push(b"AUTH secret!", false), b"AUTH ");
@@ -377,8 +412,8 @@ mod tests {
         let r = rule("^A", "Z");
         let pieces: Vec<&[u8]> = vec![b"A0", b"A1", b"A2", b"A3", b"A4", b"A5", b"A6", b"A7"];
         assert_eq!(chunked(&[r], 4096, &pieces), b"Z0A1A2A3A4A5A6A7");
-        // Nor after a flush.
-        let r = rule("^B", "Z");
+        // Nor after a flush (`^Bx?` waits for its next byte, then is flushed).
+        let r = rule("^Bx?", "Z");
         let mut w = Rewriter::new(&[&r], 4096);
         assert_eq!(w.push(b"B", false), b"");
         assert_eq!(w.flush(), b"Z");
@@ -403,15 +438,21 @@ mod tests {
             assert_eq!(w.push(b"foo", false), b"", "{p}");
             assert_eq!(w.flush(), b"foo", "{p}");
         }
-        // A match that needs nothing of what follows is made.
-        for p in ["foo", "fo+", "(?m)^foo", r"(?-u:\b)foo"] {
+        // A match that needs nothing of what follows is made: at once when no byte
+        // could lengthen it, else at the flush.
+        for p in ["foo", "(?m)^foo", r"(?-u:\b)foo"] {
             let r = rule(p, "Z");
             let mut w = Rewriter::new(&[&r], 4096);
-            assert_eq!(w.push(b"foo", false), b"", "{p}");
-            assert_eq!(w.flush(), b"Z", "{p}");
+            assert_eq!(w.push(b"foo", false), b"Z", "{p}");
+            assert!(!w.holding(), "{p}");
         }
-        // A line starts after a line end already passed on, also after a flush.
-        let r = rule("(?m)^x", "Z");
+        let r = rule("fo+", "Z");
+        let mut w = Rewriter::new(&[&r], 4096);
+        assert_eq!(w.push(b"foo", false), b"");
+        assert_eq!(w.flush(), b"Z");
+        // A line starts after a line end already passed on, also after a flush (`y?`
+        // keeps a lone `x` waiting for its next byte).
+        let r = rule("(?m)^xy?", "Z");
         let mut w = Rewriter::new(&[&r], 4096);
         assert_eq!(w.push(b"a\n", false), b"a\n");
         assert_eq!(w.push(b"x", false), b"");
