@@ -130,13 +130,24 @@ fn fd_limit_64<'a>(wrapper: &[&'a str]) -> Vec<&'a str> {
 /// Answers a first byte `A` with `A` and an echo; anything else with `bulk`, then
 /// waits for the client's EOF (the server's read timeout bounds it).
 fn echo_or_bulk(bulk: Payload) -> Server {
+    echo_or_bulk_pausing(bulk, Duration::ZERO)
+}
+
+/// [`echo_or_bulk`] whose echo, once the first bytes after the `A` arrive, leaves
+/// them unread for `pause` before it echoes: the pair's bytes pile up in flight.
+fn echo_or_bulk_pausing(bulk: Payload, pause: Duration) -> Server {
     Server::start(LOCALHOST, move |c| {
         let mut first = [0u8; 1];
         if (&*c).read_exact(&mut first).is_err() {
             return;
         }
         if &first == b"A" {
-            let _ = (&*c).write_all(b"A").and_then(|()| echo_stream(&c));
+            let _ = (&*c).write_all(b"A").and_then(|()| {
+                if !pause.is_zero() && c.peek(&mut [0u8; 1])? > 0 {
+                    thread::sleep(pause);
+                }
+                echo_stream(&c)
+            });
         } else {
             let _ = (&*c).write_all(&bulk.to_vec());
             let _ = (&*c).read(&mut [0u8; 1]);
@@ -164,7 +175,18 @@ fn stall_downloads(fwd: &Forwarder) -> Vec<TcpStream> {
 /// Echoes `p` over `pair` (which has moved one byte each way) within `timeout`, closes
 /// it, and returns its close line once it says every byte moved.
 fn echo_then_close(fwd: &Forwarder, pair: TcpStream, p: Payload, timeout: Duration) -> String {
-    let got = exchange(&pair, p, Instant::now() + timeout)
+    echo_then_close_by(fwd, pair, p, timeout, exchange)
+}
+
+/// [`echo_then_close`] with the echo made by `exchange_by`.
+fn echo_then_close_by(
+    fwd: &Forwarder,
+    pair: TcpStream,
+    p: Payload,
+    timeout: Duration,
+    exchange_by: fn(&TcpStream, Payload, Instant) -> io::Result<Digested>,
+) -> String {
+    let got = exchange_by(&pair, p, Instant::now() + timeout)
         .unwrap_or_else(|e| panic!("the pair, out of fds: {e}: {}", fwd.stderr.text()));
     assert_eq!(got, Digested::of(&p), "echoed bytes differ");
     let port = pair.local_addr().unwrap().port().to_string();
@@ -183,6 +205,38 @@ fn echo_then_close(fwd: &Forwarder, pair: TcpStream, p: Payload, timeout: Durati
         "{line}"
     );
     line
+}
+
+/// [`exchange`], writing the first 8 MiB at 64 KiB a millisecond (at most), then the
+/// rest at once: a burst that outruns how soon a busy forwarder looks at its pair
+/// would reach the kernel program's cap first (see the test that uses it).
+fn exchange_paced_start(s: &TcpStream, p: Payload, deadline: Instant) -> io::Result<Digested> {
+    const CHUNK: usize = 64 * KIB as usize;
+    const PACED: usize = 8 * MIB as usize;
+    thread::scope(|scope| {
+        let writer = scope.spawn(move || -> io::Result<()> {
+            let bytes = p.to_vec();
+            for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+                let mut w = s;
+                w.write_all(chunk)?;
+                if i * CHUNK < PACED {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                if Instant::now() > deadline {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "writing the echo"));
+                }
+            }
+            s.shutdown(Shutdown::Write)
+        });
+        let read = read_digest(s, deadline);
+        if read.is_err() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let wrote = writer.join().expect("writer thread panicked");
+        let got = read?;
+        wrote?;
+        Ok(got)
+    })
 }
 
 /// Opens idle echo pairs through `fwd` (each checked with a round trip) until one is
@@ -964,12 +1018,16 @@ relay_tests! {
     /// `inflight_limit = 2097152` leaves the maps at 512 KiB in flight and goes on
     /// through buffers of ours (`splice::NoPipe`). Whether its leaving's drain found a
     /// pooled pipe is up to timing; `ebpf_only::leaving_without_a_pipe_for_the_drain`
-    /// forces the case. (At 65536 the program's cap, 4 x the limit, was 256 KiB: a
-    /// forwarder busy out of fds let one run in eight pass it, and the pair was copied
-    /// through the program's last resort instead of leaving, path=ebpf.)
+    /// forces the case. The echo holds its first bytes unread for 300 ms, so they pile
+    /// up in flight, and the client writes its first 8 MiB at 64 KiB a millisecond: the
+    /// pair reaches the in-flight bound long before the program's cap (4 x the limit),
+    /// however late a busy host runs our look. Sent at once, the burst could pass the
+    /// cap first (once in CI, on a 2-CPU host running four tests): the pair was then
+    /// copied through the program's last resort instead of leaving, path=ebpf, every
+    /// byte still exact. (At 65536 the cap was 256 KiB: one run in eight.)
     fn a_pair_leaving_the_maps_out_of_fds_loses_nothing(mode) {
         let _load = light();
-        let up = echo_or_bulk(Payload::new(96, 8 * MIB));
+        let up = echo_or_bulk_pausing(Payload::new(96, 8 * MIB), Duration::from_millis(300));
         let fwd = config_with_64_fds(mode, &rule("tight", up.addr(), "inflight_limit = 2097152"));
         fwd.assert_mode(mode);
         let p = Payload::new(95, 16 * MIB);
@@ -980,7 +1038,7 @@ relay_tests! {
         let stalled = stall_downloads(&fwd);
         let ran_out = stalled.len() < 40;
         assert!(ran_out, "40 stalled downloads never ran the fds out: {}", fwd.stderr.text());
-        let line = echo_then_close(&fwd, pair, p, secs(60));
+        let line = echo_then_close_by(&fwd, pair, p, secs(60), exchange_paced_start);
         // The stalled downloads are all still there.
         let closes = fwd.close_lines();
         assert_eq!(closes.len(), 1, "pairs ended while out of fds: {closes:#?}");
