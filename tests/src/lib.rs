@@ -1582,9 +1582,18 @@ pub fn wait_closed(s: &TcpStream, timeout: Duration) -> Result<(Ending, Duration
 /// Sends `p` on a second thread (then shuts the write side) while reading to EOF here.
 /// Returns the digest of what came back.
 pub fn exchange(s: &TcpStream, p: Payload, deadline: Instant) -> io::Result<Digested> {
+    exchange_by(s, deadline, move |s| p.write_to(s, deadline))
+}
+
+/// [`exchange`] with the sending done by `write` (before the write side is shut).
+pub fn exchange_by(
+    s: &TcpStream,
+    deadline: Instant,
+    write: impl FnOnce(&TcpStream) -> io::Result<()> + Send,
+) -> io::Result<Digested> {
     thread::scope(|scope| {
         let writer = scope.spawn(move || -> io::Result<()> {
-            p.write_to(s, deadline)?;
+            write(s)?;
             s.shutdown(Shutdown::Write)
         });
         let read = read_digest(s, deadline);

@@ -213,29 +213,19 @@ fn echo_then_close_by(
 fn exchange_paced_start(s: &TcpStream, p: Payload, deadline: Instant) -> io::Result<Digested> {
     const CHUNK: usize = 64 * KIB as usize;
     const PACED: usize = 8 * MIB as usize;
-    thread::scope(|scope| {
-        let writer = scope.spawn(move || -> io::Result<()> {
-            let bytes = p.to_vec();
-            for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-                let mut w = s;
-                w.write_all(chunk)?;
-                if i * CHUNK < PACED {
-                    thread::sleep(Duration::from_millis(1));
-                }
-                if Instant::now() > deadline {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "writing the echo"));
-                }
+    exchange_by(s, deadline, move |s| {
+        let bytes = p.to_vec();
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            let mut w = s;
+            w.write_all(chunk)?;
+            if i * CHUNK < PACED {
+                thread::sleep(Duration::from_millis(1));
             }
-            s.shutdown(Shutdown::Write)
-        });
-        let read = read_digest(s, deadline);
-        if read.is_err() {
-            let _ = s.shutdown(Shutdown::Both);
+            if Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "writing the echo"));
+            }
         }
-        let wrote = writer.join().expect("writer thread panicked");
-        let got = read?;
-        wrote?;
-        Ok(got)
+        Ok(())
     })
 }
 
