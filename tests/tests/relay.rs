@@ -178,15 +178,15 @@ fn echo_then_close(fwd: &Forwarder, pair: TcpStream, p: Payload, timeout: Durati
     echo_then_close_by(fwd, pair, p, timeout, exchange)
 }
 
-/// [`echo_then_close`] with the echo made by `exchange_by`.
+/// [`echo_then_close`] with the echo made by `echo` (as [`exchange`]).
 fn echo_then_close_by(
     fwd: &Forwarder,
     pair: TcpStream,
     p: Payload,
     timeout: Duration,
-    exchange_by: fn(&TcpStream, Payload, Instant) -> io::Result<Digested>,
+    echo: fn(&TcpStream, Payload, Instant) -> io::Result<Digested>,
 ) -> String {
-    let got = exchange_by(&pair, p, Instant::now() + timeout)
+    let got = echo(&pair, p, Instant::now() + timeout)
         .unwrap_or_else(|e| panic!("the pair, out of fds: {e}: {}", fwd.stderr.text()));
     assert_eq!(got, Digested::of(&p), "echoed bytes differ");
     let port = pair.local_addr().unwrap().port().to_string();
@@ -1010,8 +1010,8 @@ relay_tests! {
     /// pooled pipe is up to timing; `ebpf_only::leaving_without_a_pipe_for_the_drain`
     /// forces the case. The echo holds its first bytes unread for 300 ms, so they pile
     /// up in flight, and the client writes its first 8 MiB at 64 KiB a millisecond: the
-    /// pair reaches the in-flight bound long before the program's cap (4 x the limit),
-    /// however late a busy host runs our look. Sent at once, the burst could pass the
+    /// pair reaches the in-flight bound about 100 ms before the program's cap (4 x the
+    /// limit) at the least, however busy the host. Sent at once, the burst could pass the
     /// cap first (once in CI, on a 2-CPU host running four tests): the pair was then
     /// copied through the program's last resort instead of leaving, path=ebpf, every
     /// byte still exact. (At 65536 the cap was 256 KiB: one run in eight.)
