@@ -1299,7 +1299,7 @@ fn validate_agent(
             target: s.target.clone(),
             connect_from,
             tcp_keepalive,
-            rates: [s.upload_rate, s.download_rate].map(|r| r.filter(|&r| r > 0)),
+            rates: rates(s.upload_rate, s.download_rate),
         });
     }
     let mut sorted: Vec<String> = list
@@ -1618,7 +1618,7 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
             at("rewrite")
         )));
     }
-    let rates = [s.upload_rate, s.download_rate].map(|r| r.filter(|&r| r > 0));
+    let rates = rates(s.upload_rate, s.download_rate);
     for (key, rate) in ["upload_rate", "download_rate"].iter().zip(rates) {
         // Tunnel streams run on splice whatever the mode, and pace as it does; a rule
         // that rewrites in mode ebpf is refused above.
@@ -1718,6 +1718,12 @@ fn validate_rule(i: usize, r: &FileRule, defaults: &RuleSettingsFile) -> Result<
         max_match,
         http_auth,
     })
+}
+
+/// `upload_rate` and `download_rate` (a rule's or a service's) as paced, `[upload,
+/// download]`: unset or 0 is unpaced.
+fn rates(upload: Option<u64>, download: Option<u64>) -> [Option<u64>; 2] {
+    [upload, download].map(|r| r.filter(|&r| r > 0))
 }
 
 /// Why a paced rule cannot run on the kernel path.

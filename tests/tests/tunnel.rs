@@ -820,26 +820,24 @@ fn agent_config_with(
     ns: Option<&NetNs>,
     service_extra: &str,
 ) -> Proc {
+    agent_from_toml(&agent_toml_with(server, token, target, service_extra), ns)
+}
+
+/// `forwarder run -c FILE` with `toml` as FILE, inside `ns` if given.
+fn agent_from_toml(toml: &str, ns: Option<&NetNs>) -> Proc {
     let dir = TempDir::new("tunnel-agent");
-    let path = dir.write(
-        "agent.toml",
-        &agent_toml_with(server, token, target, service_extra),
-    );
     let mut args = osv(&["run", "-c"]);
-    args.push(path.into());
+    args.push(dir.write("agent.toml", toml).into());
     Proc::spawn("agent", &args, ns, &[], Some(dir))
 }
 
 /// `forwarder run -c FILE` with `[agent]`, `[[service]]` and `[global]` lines `global`.
 fn agent_with_global(server: SocketAddr, token: &Path, target: SocketAddr, global: &str) -> Proc {
-    let dir = TempDir::new("tunnel-agent");
     let toml = format!(
         "[global]\n{global}\n\n{}",
         agent_toml(server, token, target)
     );
-    let mut args = osv(&["run", "-c"]);
-    args.push(dir.write("agent.toml", &toml).into());
-    Proc::spawn("agent", &args, None, &[], Some(dir))
+    agent_from_toml(&toml, None)
 }
 
 /// [`agent_with_global`] with `shutdown_grace`.
