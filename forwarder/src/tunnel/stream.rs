@@ -542,6 +542,32 @@ enum End {
     Lost,
 }
 
+/// What one direction's moves in a step did: `moved` bytes, and whether its read may
+/// have left some behind (`more`: it filled the room it had, so a next round could
+/// read again).
+#[derive(Clone, Copy)]
+struct Moves {
+    moved: bool,
+    more: bool,
+}
+
+impl Moves {
+    const NONE: Moves = Moves {
+        moved: false,
+        more: false,
+    };
+    /// Moved, and nothing is left to read (the source ended).
+    const LAST: Moves = Moves {
+        moved: true,
+        more: false,
+    };
+    /// Interrupted: try again.
+    const AGAIN: Moves = Moves {
+        moved: true,
+        more: true,
+    };
+}
+
 struct Engine {
     link: Box<Link>,
     out: Out,
@@ -665,6 +691,10 @@ impl Engine {
         // Made once and kept: the wait below polls them by hand on every pass.
         let mut local_error = std::pin::pin!(socket_error(local));
         let mut link_watch = link_gen.as_ref().map(watch_link);
+        // Passes in a row that ended at the first ready socket (see the wait below).
+        let mut hurried = 0u32;
+        // The event channel was found empty with our waker registered (see below).
+        let mut events_armed = false;
         loop {
             // Move what can move without waiting.
             let quiet = match self.step(local, data.as_ref(), progress) {
@@ -726,17 +756,39 @@ impl Engine {
             }
             let room = room_freed().notified();
             tokio::pin!(room);
+            // A pass that finds a socket ready may go to the step at once, leaving the
+            // sources after it (the error watch, the timers, the link) unpolled: the
+            // step is followed by another pass, and only a pass that polled every
+            // source waits. Not more than HURRY_MAX times in a row, so that none of
+            // them waits long behind a busy socket.
+            let hurry = hurried < HURRY_MAX;
+            let mut polled_all = true;
             // Polled by hand, not by `select!`: a message costs one pass here, and
             // `select!` would build and drop a future per branch on every pass.
             let woke = std::future::poll_fn(|cx| {
                 if let Some(ev) = self.early.next() {
                     return Poll::Ready(Woke::Event(Some(ev)));
                 }
-                if let Poll::Ready(ev) = self.link.events.poll_recv(cx) {
-                    return Poll::Ready(Woke::Event(ev));
+                // A poll that finds the channel empty registers our waker, which stays
+                // until a send takes it to wake us, and only we receive: so while the
+                // channel is still empty (and open) it needs no poll, which would
+                // register the waker anew on every pass.
+                let events = &mut self.link.events;
+                if !(events_armed && events.is_empty() && !events.is_closed()) {
+                    match events.poll_recv(cx) {
+                        Poll::Ready(ev) => {
+                            events_armed = false;
+                            return Poll::Ready(Woke::Event(ev));
+                        }
+                        // (Out of coop budget, it registers nothing and wakes us.)
+                        Poll::Pending => events_armed = tokio::task::coop::has_budget_remaining(),
+                    }
                 }
                 let mut io = false;
-                if out_reads && !capped && paced_ready(&mut self.pace[0], cx) {
+                // The local socket's read readiness also shows a reset (it ends reads);
+                // the error watch is for when it is not polled.
+                let reading_local = out_reads && !capped && paced_ready(&mut self.pace[0], cx);
+                if reading_local {
                     match local.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => io = true,
                         Poll::Ready(Err(e)) => return Poll::Ready(Woke::Local(e)),
@@ -753,8 +805,14 @@ impl Engine {
                         Poll::Pending => {}
                     }
                 }
-                if let Poll::Ready(e) = local_error.as_mut().poll(cx) {
-                    return Poll::Ready(Woke::Local(e));
+                if io && hurry {
+                    polled_all = false;
+                    return Poll::Ready(Woke::Io);
+                }
+                if !reading_local {
+                    if let Poll::Ready(e) = local_error.as_mut().poll(cx) {
+                        return Poll::Ready(Woke::Local(e));
+                    }
                 }
                 if let Some(d) = &data {
                     let read = (in_reads && paced_ready(&mut self.pace[1], cx))
@@ -767,6 +825,10 @@ impl Engine {
                             Poll::Pending => {}
                         }
                     }
+                }
+                if io && hurry {
+                    polled_all = false;
+                    return Poll::Ready(Woke::Io);
                 }
                 if ack_armed.is_some() && ack_timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::AckDue);
@@ -786,6 +848,7 @@ impl Engine {
                 }
             })
             .await;
+            hurried = if polled_all { 0 } else { hurried + 1 };
             match woke {
                 Woke::Io => {}
                 Woke::Event(None) => return Err(End::Lost),
@@ -860,7 +923,11 @@ impl Engine {
     }
 
     /// Non-blocking moves in both directions; `Ok(true)` when the data connection
-    /// was read to EAGAIN (a good moment to acknowledge).
+    /// was read to EAGAIN (a good moment to acknowledge). Goes round again only while
+    /// a read may have left bytes behind (it filled the room it had): a read that ran
+    /// dry cleared its socket's readiness, and a write that could not finish waits on
+    /// its socket's, so the wait learns of anything else at no cost, where another
+    /// round would look at every socket again to find nothing.
     fn step(
         &mut self,
         local: &TcpStream,
@@ -869,15 +936,15 @@ impl Engine {
     ) -> Result<bool, Fault> {
         let mut quiet = false;
         loop {
-            let mut moved = false;
-            moved |= self.step_out(local, data, progress)?;
-            let (m, q) = self.step_in(local, data, progress)?;
-            moved |= m;
+            let out = self.step_out(local, data, progress)?;
+            let (inn, q) = self.step_in(local, data, progress)?;
             quiet |= q;
-            if !moved {
+            if out.moved || inn.moved {
+                progress.touch();
+            }
+            if !out.more && !inn.more {
                 return Ok(quiet);
             }
-            progress.touch();
         }
     }
 
@@ -888,18 +955,21 @@ impl Engine {
         local: &TcpStream,
         data: Option<&TcpStream>,
         progress: &Progress,
-    ) -> Result<bool, Fault> {
+    ) -> Result<Moves, Fault> {
         let mut moved = false;
         if let Some(d) = data {
             moved |= self.push_out(d)?;
         }
-        if self.read_local(local, progress)? {
-            moved = true;
+        let read = self.read_local(local, progress)?;
+        if read.moved {
             if let Some(d) = data {
                 self.push_out(d)?;
             }
         }
-        Ok(moved)
+        Ok(Moves {
+            moved: moved || read.moved,
+            more: read.more,
+        })
     }
 
     /// Sends the replay, then what is retained, then retains what was read since and
@@ -956,7 +1026,7 @@ impl Engine {
 
     /// Reads from local while the pipe and the retention bound have room (also while
     /// detached: the bytes wait in the pipe).
-    fn read_local(&mut self, local: &TcpStream, progress: &Progress) -> Result<bool, Fault> {
+    fn read_local(&mut self, local: &TcpStream, progress: &Progress) -> Result<Moves, Fault> {
         let o = &mut self.out;
         if o.in_pipe == 0 {
             o.read_blocked = false;
@@ -964,12 +1034,12 @@ impl Engine {
         let mut room = (o.pipe.size - o.in_pipe).min((self.limit - (o.read - o.acked)) as usize);
         if o.eof || o.read_blocked || room == 0 || RETAINED.load(Ordering::Relaxed) >= RETAINED_CAP
         {
-            return Ok(false);
+            return Ok(Moves::NONE);
         }
         if let Some(b) = &mut self.pace[0] {
             room = room.min(b.allowance());
             if room == 0 {
-                return Ok(false);
+                return Ok(Moves::NONE);
             }
         }
         let d = dump_direction(self.side, true);
@@ -985,16 +1055,16 @@ impl Engine {
             progress,
         );
         let o = &mut self.out;
-        let n = match filled {
+        let (n, more) = match filled {
             Ok(Fill::Eof) => {
                 o.eof = true;
-                return Ok(true);
+                return Ok(Moves::LAST);
             }
-            Ok(Fill::Bytes { n, .. }) => n,
-            Ok(Fill::Empty) => return Ok(false),
+            Ok(Fill::Bytes { n, drained }) => (n, !drained),
+            Ok(Fill::Empty) => return Ok(Moves::NONE),
             Ok(Fill::NoSlot) => {
                 o.read_blocked = true;
-                return Ok(false);
+                return Ok(Moves::NONE);
             }
             // TCP urgent data: the tunnel has no way to carry urgency, so the urgent
             // byte is dropped (as socat and HAProxy do) and the stream goes on.
@@ -1002,14 +1072,14 @@ impl Engine {
                 match past_urgent_mark(local, None, &o.pipe, room) {
                     Ok(None) => {
                         o.eof = true;
-                        return Ok(true);
+                        return Ok(Moves::LAST);
                     }
-                    Ok(Some(0)) => return Ok(false),
+                    Ok(Some(0)) => return Ok(Moves::NONE),
                     Ok(Some(n)) => {
                         progress
                             .via_userspace
                             .fetch_add(n as u64, Ordering::Relaxed);
-                        n
+                        (n, true)
                     }
                     Err(e) => return Err(Fault::Local(e)),
                 }
@@ -1018,9 +1088,9 @@ impl Engine {
             // is kept, as for NoSlot).
             Ok(Fill::UrgentMark) => {
                 o.read_blocked = true;
-                return Ok(false);
+                return Ok(Moves::NONE);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(Moves::AGAIN),
             Err(e) => return Err(Fault::Local(e)),
         };
         o.read += n as u64;
@@ -1030,7 +1100,7 @@ impl Engine {
         }
         RETAINED.fetch_add(n as u64, Ordering::Relaxed);
         counter(progress, self.side, true).fetch_add(n as u64, Ordering::Relaxed);
-        Ok(true)
+        Ok(Moves { moved: true, more })
     }
 
     fn step_in(
@@ -1038,14 +1108,15 @@ impl Engine {
         local: &TcpStream,
         data: Option<&TcpStream>,
         progress: &Progress,
-    ) -> Result<(bool, bool), Fault> {
+    ) -> Result<(Moves, bool), Fault> {
         let mut moved = self.deliver(local, progress)?;
+        let mut more = false;
         let mut quiet = false;
         if self.inn.in_pipe == 0 {
             self.inn.read_blocked = false;
         }
         let Some(d) = data else {
-            return Ok((moved, quiet));
+            return Ok((Moves { moved, more }, quiet));
         };
         let mut room = self.inn.pipe.size - self.inn.in_pipe;
         if let Some(b) = &mut self.pace[1] {
@@ -1079,6 +1150,7 @@ impl Engine {
                         b.spend(n);
                     }
                     moved = true;
+                    more = !drained;
                     quiet |= drained;
                     // The agent has the stream: its `Open` is not needed again.
                     self.link.agent_has_it();
@@ -1090,11 +1162,14 @@ impl Engine {
                     i.read_blocked = true;
                     quiet = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    moved = true;
+                    more = true;
+                }
                 Err(_) => return Err(Fault::Data),
             }
         }
-        Ok((moved, quiet))
+        Ok((Moves { moved, more }, quiet))
     }
 
     /// data → local: what is in the pipe goes to the local socket.
@@ -1286,6 +1361,10 @@ impl Engine {
 }
 
 /// What ended the wait of one pass of `Engine::run`.
+/// How many waits in a row may end at the first ready socket without polling the
+/// stream's other sources.
+const HURRY_MAX: u32 = 16;
+
 enum Woke {
     /// A socket the pass waits on is ready (or the retention cap has room again).
     Io,
