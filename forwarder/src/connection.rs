@@ -439,7 +439,11 @@ async fn admit_and_connect(
         // A boxed string (one allocation): an address-or-name enum is larger, and
         // this lives in the connection task, whose size steps by 128 B (tokio's
         // alignment) on every idle pair.
-        upstream: upstream_addr.to_string().into_boxed_str(),
+        upstream: {
+            let mut text = String::with_capacity(21);
+            crate::logging::push_addr(&mut text, &upstream_addr);
+            text.into_boxed_str()
+        },
         started,
         _source_slot: source_slot,
         _active: Some(active),
@@ -602,16 +606,32 @@ pub fn log_close(
                 static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
             }
             LINE.with_borrow_mut(|line| {
+                use crate::logging::{push_addr, push_int, push_padded};
                 use std::fmt::Write;
+                // By hand rather than one `writeln!`: core::fmt pads and dispatches
+                // every integer and address octet, most of the line's cost.
                 line.clear();
                 crate::logging::write_timestamp(line, std::time::SystemTime::now());
                 let ms = (elapsed.as_micros() + 500) / 1000;
-                let _ = writeln!(
-                    line,
-                    "  INFO close rule={rule} client={peer} upstream={upstream} bytes_up={bytes_up} bytes_down={bytes_down} duration={}.{:03}s path={path} userspace_bytes={userspace} end={end}",
-                    ms / 1000,
-                    ms % 1000
-                );
+                line.push_str("  INFO close rule=");
+                line.push_str(rule);
+                line.push_str(" client=");
+                push_addr(line, &peer);
+                let _ = write!(line, " upstream={upstream}");
+                line.push_str(" bytes_up=");
+                push_int(line, bytes_up);
+                line.push_str(" bytes_down=");
+                push_int(line, bytes_down);
+                line.push_str(" duration=");
+                push_int(line, ms / 1000);
+                line.push('.');
+                push_padded(line, ms % 1000, 3);
+                let _ = write!(line, "s path={path}");
+                line.push_str(" userspace_bytes=");
+                push_int(line, userspace);
+                line.push_str(" end=");
+                line.push_str(end);
+                line.push('\n');
                 crate::logging::push_line(line.as_bytes(), false);
             });
         }
