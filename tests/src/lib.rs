@@ -1579,6 +1579,18 @@ pub fn wait_closed(s: &TcpStream, timeout: Duration) -> Result<(Ending, Duration
     }
 }
 
+/// Connects to `addr` and waits up to `timeout` for the peer to end the connection
+/// unasked: how it ended. A reset can beat connect() back to the client on loopback
+/// (accepted, passed on and reset before the client's thread runs again): connect()
+/// then returns it, and that is the reset.
+pub fn connect_and_wait_closed(addr: SocketAddr, timeout: Duration) -> Result<Ending, String> {
+    match try_connect(addr) {
+        Ok(c) => wait_closed(&c, timeout).map(|(how, _)| how),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(Ending::Reset),
+        Err(e) => Err(format!("connect: {e}")),
+    }
+}
+
 /// Sends `p` on a second thread (then shuts the write side) while reading to EOF here.
 /// Returns the digest of what came back.
 pub fn exchange(s: &TcpStream, p: Payload, deadline: Instant) -> io::Result<Digested> {

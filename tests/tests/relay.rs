@@ -1206,14 +1206,8 @@ relay_tests! {
         fwd.expect_pairs(0);
         const CLIENTS: usize = 30;
         for i in 0..CLIENTS {
-            // The reset can beat connect() back to the client on loopback (accept,
-            // connect and the upstream's RST all done before the client's thread
-            // runs again): connect() then returns it. (CI saw it once in 30 x 2.)
-            let how = match try_connect(fwd.addr()) {
-                Ok(c) => wait_closed(&c, secs(5)).unwrap_or_else(|e| panic!("client {i}: {e}")).0,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ending::Reset,
-                Err(e) => panic!("client {i}: connect: {e}"),
-            };
+            // (The reset can beat connect() back: CI saw it once in 30 x 2.)
+            let how = connect_and_wait_closed(fwd.addr(), secs(5)).unwrap_or_else(|e| panic!("client {i}: {e}"));
             assert_eq!(how, Ending::Reset, "client {i}: the upstream's reset reached it as {how:?}");
         }
         let close = fwd.wait_close_lines(CLIENTS, secs(5));
