@@ -440,6 +440,7 @@ async fn admit_and_connect(
         // this lives in the connection task, whose size steps by 128 B (tokio's
         // alignment) on every idle pair.
         upstream: {
+            // Room for the longest IPv4 one, "255.255.255.255:65535".
             let mut text = String::with_capacity(21);
             crate::logging::push_addr(&mut text, &upstream_addr);
             text.into_boxed_str()
@@ -609,7 +610,7 @@ pub fn log_close(
                 use crate::logging::{push_addr, push_int, push_padded};
                 use std::fmt::Write;
                 // By hand rather than one `writeln!`: core::fmt pads and dispatches
-                // every integer and address octet, most of the line's cost.
+                // every integer and address octet, much of the line's cost.
                 line.clear();
                 crate::logging::write_timestamp(line, std::time::SystemTime::now());
                 let ms = (elapsed.as_micros() + 500) / 1000;

@@ -179,8 +179,8 @@ pub fn write_timestamp(out: &mut String, now: SystemTime) {
 }
 
 /// Appends `n` in decimal, as `{n}` does, for lines formatted by hand on every
-/// connection: `core::fmt` pads and dispatches each integer (a quarter of the close
-/// line's cost went to `pad_integral`).
+/// connection: `core::fmt` pads and dispatches each integer (its `pad_integral` alone
+/// was 2.4k of the 40k user-space instructions a splice connection cost).
 pub fn push_int(out: &mut String, n: impl itoa::Integer) {
     out.push_str(itoa::Buffer::new().format(n));
 }
