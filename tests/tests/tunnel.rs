@@ -2908,10 +2908,8 @@ relay_tests! {
             }
         });
         let server = TunnelServer::cli(mode, "127.0.0.1:0", &token);
-        let toml = format!("{}connect_from = \"127.0.0.7\"\ntcp_keepalive = \"600s\"\n", agent_toml(server.tunnel, &token, target.addr()));
-        let mut args = osv(&["run", "-c"]);
-        args.push(dir.write("agent.toml", &toml).into());
-        let agent = Proc::spawn("agent", &args, None, &[], None);
+        let extra = "connect_from = \"127.0.0.7\"\ntcp_keepalive = \"600s\"";
+        let agent = agent_config_with(server.tunnel, target.addr(), &token, None, extra);
         wait_connected(&server, &agent, 1);
         let s = connect(server.visitors);
         ping(&s, b"!", secs(10)).expect("a round trip through the tunnel");
