@@ -4,15 +4,22 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
-use super::proto::{read_frame, write_frame, Frame};
+use super::proto::{encode, read_frame, Frame};
 use super::stream::Event;
 
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 pub const DEAD_AFTER: Duration = Duration::from_secs(4);
+/// Frames queued together go out in one write, up to this many: a stream's end is an
+/// `Ack` and a `Fin` each way, often queued in the same pass.
+const WRITE_BATCH: usize = 32;
+/// Room to read several frames in one recv (frames are small; a `Hello`, the
+/// largest, comes before this loop). Unbuffered, each frame took three reads: its
+/// length, its body, and the read that found the socket empty.
+const READ_BUFFER: usize = 4096;
 
 /// Where incoming stream frames go.
 pub trait Streams: Send + Sync {
@@ -34,11 +41,14 @@ pub async fn run(
     streams: &dyn Streams,
 ) -> String {
     let _ = conn.set_nodelay(true);
-    let (mut r, mut w) = conn.into_split();
+    let (r, mut w) = conn.into_split();
+    // Nothing but frames comes on this connection, so reading ahead is safe.
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
     // A ping heard, to be answered (pings coalesce: any frame proves the link).
     let pong = Notify::new();
     let writer = async {
         let mut ping = tokio::time::interval(PING_EVERY);
+        let mut out = Vec::new();
         loop {
             let frame = tokio::select! {
                 f = outgoing.recv() => match f {
@@ -51,7 +61,15 @@ pub async fn run(
                 _ = ping.tick() => Frame::Ping,
                 _ = pong.notified() => Frame::Pong,
             };
-            if let Err(e) = write_frame(&mut w, &frame).await {
+            out.clear();
+            out.extend_from_slice(&encode(&frame));
+            for _ in 1..WRITE_BATCH {
+                match outgoing.try_recv() {
+                    Ok(f) => out.extend_from_slice(&encode(&f)),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = w.write_all(&out).await {
                 return Some(format!("write: {e}"));
             }
         }
