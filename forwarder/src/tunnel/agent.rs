@@ -608,10 +608,10 @@ async fn serve_stream(
     };
     // As a rule's upstream: each address of a name in turn, connect_timeout each.
     let dialed = crate::connection::connect_one_patiently(&target, connect_timeout, from).await;
-    let mut local = match dialed {
-        Ok((s, _, failed)) => {
+    let (mut local, reached) = match dialed {
+        Ok((s, addr, failed)) => {
             crate::connection::say_failed_addresses(&service, visitor_addr, &target, &failed);
-            s
+            (s, addr)
         }
         // Accepted and reset at once: the target reset the pair, as a plain rule's
         // upstream that does so (not a failed connect; the visitor is reset).
@@ -634,7 +634,7 @@ async fn serve_stream(
     };
     // The close line names the address reached, as a rule's does (a name as written
     // says nothing of which of its addresses answered).
-    let target = local.peer_addr().map_or(target, |a| a.to_string());
+    let target = reached.to_string();
     let _ = local.set_nodelay(true);
     if let Some(idle) = keepalive {
         // The stream works without it; the log says a dead target goes unnoticed.
