@@ -9,9 +9,16 @@
 //! instead: one thread sleeps until the earliest deadline and wakes its task, and the
 //! workers park without a timeout while nothing else is armed.
 //!
-//! Meant for deadlines seconds or more away that are seldom moved: arming one takes a
-//! lock, and wakes the thread when it is the earliest. Short, frequent timers (acks,
-//! retries, pacing) stay on tokio's.
+//! The tunnel's steady timers wait here too: the control link's heartbeat (a ping each
+//! second, silence for 4 s) and a stream's delayed ack. On tokio's wheel they made
+//! every park of both tunnel processes a timed one: a 64 B round trip through the
+//! tunnel (server and agent, pinned to one CPU, 3 paired runs) took 29.5, 35.5 and
+//! 25.5 µs of their CPU against 33.0, 43.0 and 33.5.
+//!
+//! Arming a deadline takes a lock, and wakes the thread when it is the earliest, so
+//! it suits timers armed at most every few milliseconds (an ack is armed once per 5 ms
+//! of a stream's traffic at most). Retries and pacing stay on tokio's: they are armed
+//! only while something fails or is paced.
 
 use std::collections::BTreeMap;
 use std::future::Future;

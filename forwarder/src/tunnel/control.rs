@@ -2,7 +2,8 @@
 //! dispatched to streams, and a heartbeat that declares the link lost when nothing
 //! arrives for [`DEAD_AFTER`] (a blackholed link never errors by itself).
 
-use std::time::Duration;
+use std::future::poll_fn;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -10,6 +11,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::proto::{encode, read_frame, Frame};
 use super::stream::Event;
+use crate::deadlines::Deadline;
 
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 pub const DEAD_AFTER: Duration = Duration::from_secs(4);
@@ -47,7 +49,8 @@ pub async fn run(
     // A ping heard, to be answered (pings coalesce: any frame proves the link).
     let pong = Notify::new();
     let writer = async {
-        let mut ping = tokio::time::interval(PING_EVERY);
+        // The first ping at once, as an interval's first tick.
+        let mut ping = Deadline::new(Instant::now());
         let mut out = Vec::new();
         loop {
             let frame = tokio::select! {
@@ -58,7 +61,10 @@ pub async fn run(
                         return None;
                     }
                 },
-                _ = ping.tick() => Frame::Ping,
+                _ = poll_fn(|cx| ping.poll(cx)) => {
+                    ping.reset(Instant::now() + PING_EVERY);
+                    Frame::Ping
+                }
                 _ = pong.notified() => Frame::Pong,
             };
             out.clear();
@@ -75,14 +81,30 @@ pub async fn run(
         }
     };
     let reader = async {
+        // Moved on only when it fires: a frame just notes the time.
+        let mut heard = Instant::now();
+        let mut dead = Deadline::new(heard + DEAD_AFTER);
         loop {
-            let frame = match tokio::time::timeout(DEAD_AFTER, read_frame(&mut r)).await {
-                Err(_) => return format!("nothing heard for {DEAD_AFTER:?}"),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            let read = read_frame(&mut r);
+            tokio::pin!(read);
+            let frame = loop {
+                tokio::select! {
+                    f = &mut read => break f,
+                    _ = poll_fn(|cx| dead.poll(cx)) => {
+                        if heard.elapsed() >= DEAD_AFTER {
+                            return format!("nothing heard for {DEAD_AFTER:?}");
+                        }
+                        dead.reset(heard + DEAD_AFTER);
+                    }
+                }
+            };
+            heard = Instant::now();
+            let frame = match frame {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return "closed by peer".into()
                 }
-                Ok(Err(e)) => return format!("read: {e}"),
-                Ok(Ok(f)) => f,
+                Err(e) => return format!("read: {e}"),
+                Ok(f) => f,
             };
             match frame {
                 Frame::Ack { stream, received } => streams.deliver(stream, Event::Ack(received)),

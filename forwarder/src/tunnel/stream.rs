@@ -681,9 +681,9 @@ impl Engine {
         let mut redial_at: Option<Instant> = None;
         // One timer each, reset only when its deadline changes: a timer made anew on
         // every pass costs a wake-up of the timer driver per message.
-        let ack_timer = tokio::time::sleep(Duration::ZERO);
+        let mut ack_timer = crate::deadlines::Deadline::new(std::time::Instant::now());
         let dial_timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(ack_timer, dial_timer);
+        tokio::pin!(dial_timer);
         let (mut ack_armed, mut dial_armed) = (None, None);
         // The peer closed the data connection cleanly (it is done): dial again only
         // for a new link.
@@ -744,7 +744,7 @@ impl Engine {
             };
             if self.inn.ack_due != ack_armed {
                 if let Some(at) = self.inn.ack_due {
-                    ack_timer.as_mut().reset(at);
+                    ack_timer.reset(at.into_std());
                 }
                 ack_armed = self.inn.ack_due;
             }
@@ -830,7 +830,7 @@ impl Engine {
                     polled_all = false;
                     return Poll::Ready(Woke::Io);
                 }
-                if ack_armed.is_some() && ack_timer.as_mut().poll(cx).is_ready() {
+                if ack_armed.is_some() && ack_timer.poll(cx).is_ready() {
                     return Poll::Ready(Woke::AckDue);
                 }
                 if let Some(w) = &mut link_watch {
