@@ -16,10 +16,10 @@
 //! 25.5 µs of their CPU against 33.0, 43.0 and 33.5.
 //!
 //! Arming a deadline takes a lock, and wakes the thread when it is the earliest by more
-//! than [`LATE_OK`] (so a deadline may fire up to 5 ms late), so it suits timers armed
-//! at most every few milliseconds (an ack is armed once per 5 ms
-//! of a stream's traffic at most). Retries and pacing stay on tokio's: they are armed
-//! only while something fails or is paced.
+//! than [`LATE_OK`] (so a deadline may fire up to 5 ms late): it suits timers armed at
+//! most every few milliseconds (an ack is armed once per 5 ms of a stream's traffic at
+//! most). Retries and pacing stay on tokio's: they are armed only while something fails
+//! or is paced.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -254,7 +254,7 @@ mod tests {
         // Polled (registered) before `first` goes: the thread's wake-up, set for
         // `first`, is the only one it gets.
         tokio::pin!(second);
-        assert!(futures_poll_once(second.as_mut()).await.is_pending());
+        assert!(poll_once(second.as_mut()).await.is_pending());
         drop(first);
         tokio::time::timeout(Duration::from_secs(5), second)
             .await
@@ -263,7 +263,7 @@ mod tests {
     }
 
     /// Polls `f` once, with the task's own waker.
-    async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Poll<F::Output> {
+    async fn poll_once<F: Future + Unpin>(mut f: F) -> Poll<F::Output> {
         std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut f).poll(cx))).await
     }
 }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
-use super::proto::{encode, read_frame, Frame};
+use super::proto::{encode_into, read_frame, Frame};
 use super::stream::Event;
 use crate::deadlines::Deadline;
 
@@ -68,10 +68,10 @@ pub async fn run(
                 _ = pong.notified() => Frame::Pong,
             };
             out.clear();
-            out.extend_from_slice(&encode(&frame));
+            encode_into(&frame, &mut out);
             for _ in 1..WRITE_BATCH {
                 match outgoing.try_recv() {
-                    Ok(f) => out.extend_from_slice(&encode(&f)),
+                    Ok(f) => encode_into(&f, &mut out),
                     Err(_) => break,
                 }
             }

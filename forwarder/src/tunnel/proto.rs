@@ -145,11 +145,19 @@ pub fn decode(body: &[u8]) -> Result<Frame, DecodeError> {
 }
 
 pub fn encode(frame: &Frame) -> Vec<u8> {
-    let body = postcard::to_stdvec(frame).expect("frames always serialize");
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::new();
+    encode_into(frame, &mut out);
     out
+}
+
+/// Appends `frame`, length prefix and body, to `out` (frames written together share
+/// one buffer).
+pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    *out = postcard::to_extend(frame, std::mem::take(out)).expect("frames always serialize");
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 pub async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Frame> {
@@ -244,6 +252,20 @@ mod tests {
             let n = body_len(wire[..4].try_into().unwrap()).unwrap();
             prop_assert_eq!(n, wire.len() - 4);
             prop_assert_eq!(decode(&wire[4..]).unwrap(), frame);
+        }
+
+        #[test]
+        fn frames_written_together_read_back_in_order(a in frames(), b in frames()) {
+            let mut wire = Vec::new();
+            encode_into(&a, &mut wire);
+            encode_into(&b, &mut wire);
+            let mut rest = &wire[..];
+            for frame in [a, b] {
+                let n = body_len(rest[..4].try_into().unwrap()).unwrap();
+                prop_assert_eq!(decode(&rest[4..4 + n]).unwrap(), frame);
+                rest = &rest[4 + n..];
+            }
+            prop_assert!(rest.is_empty());
         }
 
         #[test]
